@@ -1,0 +1,183 @@
+//! Filling a run of pieces from a [`Source`]: one streaming request, resumed by range after a
+//! failure, writing each byte at its offset, checksumming pieces as they complete and hashing
+//! the whole content when the stream covers it.
+
+use std::ops::Range;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::digest::Hasher;
+use crate::meta::PieceRecord;
+use crate::source::{Source, SourceError, SourceResponse};
+use crate::task::TaskRef;
+
+/// Consecutive failed attempts (without a byte of progress) before a fetch gives up.
+const MAX_ATTEMPTS: u32 = 5;
+/// A source that sends nothing for this long is treated as broken and asked again.
+const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Readers are woken at most once per this many bytes (and at every piece end).
+const NOTIFY_EVERY: u64 = 128 << 10;
+
+struct Fill {
+    task: TaskRef,
+    id: u64,
+    /// Next offset expected from the source.
+    pos: u64,
+    end: u64,
+    /// Hash of bytes `0..pos` when this fetch streams the content from its start.
+    whole: Option<Hasher>,
+    piece_crc: u32,
+    /// Where readers were last woken; `None` until the first bytes, which wake them at once.
+    notified_at: Option<u64>,
+    shas: mpsc::Sender<usize>,
+}
+
+pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+    let layout = task.layout();
+    let start = layout.piece_range(pieces.start).start;
+    let end = layout.piece_range(pieces.end - 1).end;
+    let whole = (start == 0 && end == layout.len).then(|| Hasher::new(task.digest().algorithm()));
+    if whole.is_some() {
+        task.begin_streaming_verify();
+    }
+    let mut fill = Fill { shas: spawn_piece_hasher(&task), task, id, pos: start, end, whole, piece_crc: 0, notified_at: None };
+    let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
+    let _enter = span.enter();
+    let result = fill.run(&*source).await;
+    drop(_enter);
+    let hashing = fill.whole.is_some();
+    match result {
+        Ok(()) => {
+            if let Some(h) = fill.whole.take() {
+                if h.finish() == *fill.task.digest() {
+                    fill.task.set_verified();
+                } else {
+                    fill.task.discard("content from the source does not match its digest");
+                }
+            }
+            fill.task.finish_fetch(id, hashing, None);
+        }
+        Err(e) => {
+            tracing::warn!(digest = %fill.task.digest(), error = %e, "fetch failed");
+            fill.task.finish_fetch(id, hashing, Some(e.message));
+        }
+    }
+}
+
+impl Fill {
+    async fn run(&mut self, source: &dyn Source) -> Result<(), SourceError> {
+        let mut failures = 0;
+        loop {
+            let before = self.pos;
+            let err = match self.attempt(source).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if self.pos > before {
+                failures = 0;
+            }
+            failures += 1;
+            if !err.retryable || failures >= MAX_ATTEMPTS {
+                return Err(err);
+            }
+            self.task.metrics.fetch_retries.inc();
+            tracing::info!(error = %err, pos = self.pos, attempt = failures, "source failed; resuming by range");
+            tokio::time::sleep(Duration::from_millis(50 << failures)).await;
+        }
+    }
+
+    async fn attempt(&mut self, source: &dyn Source) -> Result<(), SourceError> {
+        let len = self.task.len();
+        let range = (self.pos != 0 || self.end != len).then_some(self.pos..self.end);
+        let SourceResponse { range_honoured, mut body } = source.fetch(range.clone()).await?;
+        // Offset of the next byte the body yields.
+        let mut at = self.pos;
+        if range.is_some() && !range_honoured {
+            at = 0;
+            if self.pos == self.task.layout().piece_range(self.task.layout().piece_of(self.pos)).start
+                && self.whole.is_none()
+            {
+                // First bytes of a range fetch from a source that ignores ranges: the whole
+                // content is coming anyway, so take all of it and verify it as one stream.
+                tracing::info!("source ignores Range; reading the whole content once");
+                self.task.claim_all_missing(self.id);
+                self.end = len;
+                self.pos = 0;
+                self.whole = Some(Hasher::new(self.task.digest().algorithm()));
+                self.task.begin_streaming_verify();
+            }
+        }
+        while self.pos < self.end {
+            let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.next()).await {
+                Err(_) => return Err(SourceError::retryable("source stalled")),
+                Ok(None) => return Err(SourceError::retryable("source ended early")),
+                Ok(Some(chunk)) => chunk?,
+            };
+            let chunk_end = at + chunk.len() as u64;
+            // Bytes before `pos` were already taken in an earlier attempt.
+            if chunk_end > self.pos {
+                let skip = (self.pos - at.min(self.pos)) as usize;
+                let take = (chunk.len() - skip).min((self.end - self.pos) as usize);
+                self.accept(&chunk[skip..skip + take])?;
+            }
+            at = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Takes bytes at `self.pos`: writes the parts of owned pieces, checksums, publishes progress.
+    fn accept(&mut self, mut data: &[u8]) -> Result<(), SourceError> {
+        let layout = self.task.layout();
+        self.task.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(data.len() as u64);
+        if let Some(h) = &mut self.whole {
+            h.update(data);
+        }
+        while !data.is_empty() {
+            let i = layout.piece_of(self.pos);
+            let piece = layout.piece_range(i);
+            let n = data.len().min((piece.end - self.pos) as usize);
+            let (part, rest) = data.split_at(n);
+            if self.task.owns(self.id, i) {
+                self.task
+                    .write_at(part, self.pos)
+                    .map_err(|e| SourceError::fatal(format!("cannot write to the cache: {e}")))?;
+                self.piece_crc = crc32c::crc32c_append(self.piece_crc, part);
+            }
+            self.pos += n as u64;
+            data = rest;
+            if self.pos == piece.end {
+                if self.task.owns(self.id, i) {
+                    self.task.advance(self.id, self.pos);
+                    self.task.piece_done(self.id, i, PieceRecord { crc32c: self.piece_crc, sha256: None });
+                    let _ = self.shas.send(i);
+                }
+                self.piece_crc = 0;
+                self.notified_at = Some(self.pos);
+            }
+        }
+        let due = self.notified_at.is_none_or(|at| self.pos - at >= NOTIFY_EVERY);
+        if due || self.pos == self.end {
+            self.task.advance(self.id, self.pos);
+            self.notified_at = Some(self.pos);
+        }
+        Ok(())
+    }
+}
+
+/// Per-piece sha256 is computed beside the stream on a blocking thread, reading each finished
+/// piece back from the page cache, so the stream itself pays only for the whole-content hash.
+fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
+    let (tx, rx) = mpsc::channel::<usize>();
+    let task = task.clone();
+    tokio::task::spawn_blocking(move || {
+        while let Ok(i) = rx.recv() {
+            let bytes = task.bytes(task.layout().piece_range(i));
+            let mut h = Hasher::new(crate::Algorithm::Sha256);
+            h.update(bytes);
+            task.set_piece_sha(i, h.finish().hex().to_owned());
+        }
+    });
+    tx
+}

@@ -1,0 +1,24 @@
+//! Damselfly's P2P core. This crate holds the local half: content-addressed tasks split into
+//! pieces, stored one file per task with crash-safe metadata, and the fetch engine that fills
+//! them from a [`Source`] while any number of readers stream the bytes as they land.
+
+pub mod digest;
+mod fetch;
+pub mod meta;
+pub mod metrics;
+pub mod passthrough;
+pub mod piece;
+pub mod reader;
+pub mod source;
+pub mod store;
+mod task;
+
+pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use metrics::Metrics;
+pub use reader::{read, ReadError};
+pub use source::{Origin, Source, SourceError, SourceResponse};
+pub use store::{Store, StoreConfig, StoreError};
+pub use task::{Task, TaskRef};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,83 @@
+//! Streaming content straight from a source to a client when it cannot be cached (quota or
+//! disk full). The same trust rule holds: the whole content is hashed on the way and the last
+//! chunk is held back until the digest matched.
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, Stream, StreamExt};
+
+use crate::digest::{Digest, Hasher};
+use crate::metrics::Metrics;
+use crate::reader::ReadError;
+use crate::source::SourceError;
+
+struct Verify {
+    body: BoxStream<'static, Result<Bytes, SourceError>>,
+    hasher: Option<Hasher>,
+    digest: Digest,
+    len: u64,
+    seen: u64,
+    held: Option<Bytes>,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+/// Wraps the whole-content `body` of `digest` (`len` bytes) so that it ends in an error, not a
+/// clean end, unless every byte arrived and matched.
+pub fn verify(
+    digest: Digest,
+    len: u64,
+    body: BoxStream<'static, Result<Bytes, SourceError>>,
+    metrics: std::sync::Arc<Metrics>,
+) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
+    metrics.passthrough.inc();
+    let hasher = Some(Hasher::new(digest.algorithm()));
+    let state = Verify { body, hasher, digest, len, seen: 0, held: None, metrics };
+    stream::unfold(Some(state), |state| async move {
+        let mut v = state?;
+        match v.next().await {
+            Ok(Some(b)) => Some((Ok(b), Some(v))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+impl Verify {
+    async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            match self.body.next().await {
+                Some(Ok(chunk)) => {
+                    self.seen += chunk.len() as u64;
+                    if self.seen > self.len {
+                        return Err(ReadError("source sent more bytes than announced".into()));
+                    }
+                    if let Some(h) = &mut self.hasher {
+                        h.update(&chunk);
+                    }
+                    self.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(chunk.len() as u64);
+                    if let Some(prev) = self.held.replace(chunk) {
+                        self.metrics.downloaded(crate::Origin::Origin, prev.len() as u64);
+                        return Ok(Some(prev));
+                    }
+                }
+                Some(Err(e)) => return Err(ReadError(e.message)),
+                None => return self.finish(),
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let Some(h) = self.hasher.take() else { return Ok(None) };
+        if self.seen != self.len {
+            return Err(ReadError(format!("source ended after {} of {} bytes", self.seen, self.len)));
+        }
+        if h.finish() != self.digest {
+            self.metrics.verify_failures.inc();
+            return Err(ReadError("content does not match its digest".into()));
+        }
+        let last = self.held.take();
+        if let Some(b) = &last {
+            self.metrics.downloaded(crate::Origin::Origin, b.len() as u64);
+        }
+        Ok(last)
+    }
+}

@@ -1,0 +1,92 @@
+//! Streaming a byte range of a task to a client: bytes on disk go out at once, missing pieces
+//! are fetched (or waited for, when another request already fetches them) and go out as they
+//! land. Frames borrow the task's memory map, so nothing is copied into anonymous memory.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::{self, Stream};
+
+use crate::source::{Origin, Source};
+use crate::task::{Step, TaskRef};
+
+/// Largest frame handed to the HTTP layer: big enough for few wake-ups, small enough that
+/// a slow client does not pin much of the map at once.
+const MAX_FRAME: u64 = 512 << 10;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReadError(pub String);
+
+/// A slice of a task's map that keeps the task pinned while the HTTP layer holds it.
+struct MapSlice {
+    task: TaskRef,
+    range: Range<u64>,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        self.task.bytes(self.range.clone())
+    }
+}
+
+struct Cursor {
+    task: TaskRef,
+    pos: u64,
+    end: u64,
+    full: bool,
+    source: Arc<dyn Source>,
+    waited_on: Option<u64>,
+}
+
+/// Streams `range` of the task. `full` marks a whole-content response, whose last byte is held
+/// back until the content matched its digest. The stream ends with an error (and the caller
+/// must abort the response) if the bytes cannot be had or fail verification.
+pub fn read(task: TaskRef, range: Range<u64>, full: bool, source: Arc<dyn Source>) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
+    let cursor = Cursor { task, pos: range.start, end: range.end, full, source, waited_on: None };
+    stream::unfold(Some(cursor), |cursor| async move {
+        let mut c = cursor?;
+        if c.pos >= c.end {
+            return None;
+        }
+        match c.next_frame().await {
+            Ok(bytes) => Some((Ok(bytes), Some(c))),
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+impl Cursor {
+    async fn next_frame(&mut self) -> Result<Bytes, ReadError> {
+        loop {
+            match self.task.task().step(self.pos, self.end, self.full, self.waited_on).map_err(ReadError)? {
+                Step::Ready { range, cached } => {
+                    let range = range.start..range.end.min(range.start + MAX_FRAME);
+                    self.pos = range.end;
+                    let n = range.end - range.start;
+                    let origin = if cached { Origin::Cache } else { self.source.origin() };
+                    self.task.metrics.downloaded(origin, n);
+                    return Ok(Bytes::from_owner(MapSlice { task: self.task.clone(), range }));
+                }
+                Step::Check(i) => {
+                    let task = self.task.clone();
+                    tokio::task::spawn_blocking(move || task.check_piece(i))
+                        .await
+                        .map_err(|e| ReadError(format!("piece check failed: {e}")))?;
+                }
+                Step::Fetch { pieces, id } => {
+                    self.waited_on = Some(id);
+                    self.task.task().spawn_fetch(id, pieces, self.source.clone());
+                }
+                Step::Wait(mut rx, fetch) => {
+                    if fetch.is_some() {
+                        self.waited_on = fetch;
+                    }
+                    // The sender lives in the task, which this cursor pins: it cannot close.
+                    let _ = rx.changed().await;
+                }
+            }
+        }
+    }
+}

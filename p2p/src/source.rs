@@ -1,0 +1,68 @@
+//! Where a task's bytes come from when they are not on disk. The mirror implements [`Source`]
+//! for a blob in an upstream registry (with the requesting client's credentials); the next
+//! source will be a parent peer.
+
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+/// Where fetched bytes came from, for the download metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Origin,
+    Cache,
+}
+
+impl Origin {
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Origin => "origin",
+            Origin::Cache => "cache",
+        }
+    }
+}
+
+pub struct SourceResponse {
+    /// `false` when a range was asked for and the whole content came back (a `200`): the body
+    /// then starts at offset 0.
+    pub range_honoured: bool,
+    pub body: BoxStream<'static, Result<Bytes, SourceError>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceError {
+    pub message: String,
+    /// Worth asking again (a reset, a timeout, a 5xx); not for a 404 or a 401.
+    pub retryable: bool,
+}
+
+impl SourceError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        SourceError { message: message.into(), retryable: true }
+    }
+
+    pub fn fatal(message: impl Into<String>) -> Self {
+        SourceError { message: message.into(), retryable: false }
+    }
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+pub trait Source: Send + Sync + 'static {
+    /// Fetches `range` of the content (`None` = all of it) as a stream of bytes.
+    fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>>;
+
+    /// Which metric label the bytes from this source count under.
+    fn origin(&self) -> Origin {
+        Origin::Origin
+    }
+}

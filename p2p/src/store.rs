@@ -1,0 +1,329 @@
+//! The piece store: one sparse file and one metadata file per task under
+//! `<data_dir>/tasks/<algorithm>/<hex>`, an index in least-recently-used order, and a quota.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lru::LruCache;
+
+use crate::digest::{Algorithm, Digest};
+use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
+use crate::metrics::Metrics;
+use crate::piece::Layout;
+use crate::task::{Task, TaskRef};
+
+/// Free disk space kept untouched: below it, downloads stream through without caching.
+const DISK_HEADROOM: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cache I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("data directory {0} is in use by another damselfly daemon")]
+    Locked(PathBuf),
+    /// Not an error for the client: the content is streamed without caching.
+    #[error("no room in the cache for {0} bytes")]
+    NoSpace(u64),
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+    pub quota: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    dir: PathBuf,
+    quota: u64,
+    index: Mutex<Index>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Held (with an exclusive flock) for the store's lifetime.
+    _lock: File,
+}
+
+struct Index {
+    lru: LruCache<Digest, Entry>,
+    used: u64,
+}
+
+struct Entry {
+    len: u64,
+    task: Option<Arc<Task>>,
+}
+
+impl Store {
+    /// Opens (creating) the store under `cfg.dir` and indexes what an earlier run left. Nothing
+    /// read back is trusted: every piece is re-checked before it is first served.
+    pub fn open(cfg: StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        for algo in [Algorithm::Sha256, Algorithm::Sha512] {
+            fs::create_dir_all(cfg.dir.join("tasks").join(algo.name()))?;
+        }
+        let lock = lock_dir(&cfg.dir)?;
+        let mut found = Vec::new();
+        for algo in [Algorithm::Sha256, Algorithm::Sha512] {
+            scan(&cfg.dir.join("tasks").join(algo.name()), &mut found)?;
+        }
+        found.sort_by_key(|m| m.last_access);
+        let mut index = Index { lru: LruCache::unbounded(), used: 0 };
+        for meta in found {
+            index.used += meta.len;
+            index.lru.put(meta.digest.clone(), Entry { len: meta.len, task: None });
+        }
+        metrics.cache_bytes.set(index.used as i64);
+        metrics.cache_tasks.set(index.lru.len() as i64);
+        tracing::info!(dir = %cfg.dir.display(), tasks = index.lru.len(), bytes = index.used, "piece store opened");
+        let inner = Inner { dir: cfg.dir, quota: cfg.quota, index: Mutex::new(index), metrics, _lock: lock };
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Bytes reserved by cached tasks (their full lengths).
+    pub fn used(&self) -> u64 {
+        self.inner.index().used
+    }
+
+    /// The task for `digest`, pinned, if the store has it (complete or not).
+    pub fn get(&self, digest: &Digest) -> Result<Option<TaskRef>, StoreError> {
+        let mut index = self.inner.index();
+        let Some(entry) = index.lru.get_mut(digest) else { return Ok(None) };
+        if let Some(task) = &entry.task {
+            return Ok(Some(TaskRef::pin(task.clone())));
+        }
+        match self.inner.load(digest) {
+            Ok(task) => {
+                let task = Arc::new(task);
+                entry.task = Some(task.clone());
+                Ok(Some(TaskRef::pin(task)))
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "dropping unreadable task");
+                let len = entry.len;
+                index.lru.pop(digest);
+                index.used -= len;
+                self.inner.delete_files(digest);
+                self.inner.publish(&index);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The task for `digest`, creating an empty one of `len` bytes if needed (evicting
+    /// least-recently-used tasks to stay under the quota). `NoSpace` means: stream it through.
+    pub fn get_or_create(&self, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<TaskRef, StoreError> {
+        if let Some(task) = self.get(digest)? {
+            if task.len() == len {
+                return Ok(task);
+            }
+            // The origin now says another length for the same digest: one of them is wrong,
+            // and the stored one has not been proven right yet unless it was verified.
+            if task.is_verified() {
+                return Ok(task);
+            }
+            task.discard("length changed");
+        }
+        let mut index = self.inner.index();
+        if let Some(entry) = index.lru.get(digest) {
+            if let Some(task) = &entry.task {
+                return Ok(TaskRef::pin(task.clone()));
+            }
+        }
+        self.inner.make_room(&mut index, len)?;
+        let task = Arc::new(self.inner.create(digest, len, media_type)?);
+        index.used += len;
+        index.lru.put(digest.clone(), Entry { len, task: Some(task.clone()) });
+        self.inner.publish(&index);
+        Ok(TaskRef::pin(task))
+    }
+
+    /// Stores small content already verified by the caller (a manifest) as a complete task.
+    pub fn put_verified(&self, digest: &Digest, bytes: &[u8], media_type: Option<&str>) -> Result<TaskRef, StoreError> {
+        let task = self.get_or_create(digest, bytes.len() as u64, media_type)?;
+        if task.is_verified() {
+            return Ok(task);
+        }
+        task.fill_verified(bytes)?;
+        Ok(task)
+    }
+
+    /// Writes every dirty task's metadata: called at shutdown so a clean restart loses nothing.
+    pub fn flush_all(&self) {
+        let tasks: Vec<Arc<Task>> = self.inner.index().lru.iter().filter_map(|(_, e)| e.task.clone()).collect();
+        for t in tasks {
+            t.flush();
+        }
+    }
+}
+
+impl Inner {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn paths(&self, digest: &Digest) -> (PathBuf, PathBuf) {
+        let base = self.dir.join("tasks").join(digest.algorithm().name()).join(digest.hex());
+        (base.with_extension("data"), base.with_extension("meta"))
+    }
+
+    fn publish(&self, index: &Index) {
+        self.metrics.cache_bytes.set(index.used as i64);
+        self.metrics.cache_tasks.set(index.lru.len() as i64);
+    }
+
+    fn load(self: &Arc<Self>, digest: &Digest) -> Result<Task, StoreError> {
+        let (data, meta_path) = self.paths(digest);
+        let meta = TaskMeta::load(&meta_path)?;
+        let file = OpenOptions::new().read(true).write(true).open(&data)?;
+        if file.metadata()?.len() != meta.len || meta.digest != *digest {
+            return Err(StoreError::Io(io::Error::new(io::ErrorKind::InvalidData, "task file does not match its metadata")));
+        }
+        Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))
+    }
+
+    fn create(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<Task, StoreError> {
+        let (data, meta_path) = self.paths(digest);
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
+        file.set_len(len)?;
+        let layout = Layout::new(len);
+        let meta = TaskMeta {
+            version: META_VERSION,
+            digest: digest.clone(),
+            len,
+            piece_size: layout.piece_size,
+            pieces: vec![None; layout.count()],
+            verified: false,
+            last_access: now_secs(),
+            media_type: media_type.map(str::to_owned),
+            public_in: Default::default(),
+        };
+        meta.store(&meta_path)?;
+        Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))
+    }
+
+    /// Evicts unpinned tasks, least recently used first, until `len` more bytes fit.
+    fn make_room(&self, index: &mut Index, len: u64) -> Result<(), StoreError> {
+        if len > self.quota || free_disk(&self.dir).is_some_and(|free| free < len + DISK_HEADROOM) {
+            return Err(StoreError::NoSpace(len));
+        }
+        while index.used + len > self.quota {
+            let victim = index
+                .lru
+                .iter()
+                .rev()
+                .find(|(_, e)| e.task.as_ref().is_none_or(|t| t.pins.load(std::sync::atomic::Ordering::SeqCst) == 0))
+                .map(|(d, _)| d.clone());
+            let Some(victim) = victim else { return Err(StoreError::NoSpace(len)) };
+            if let Some(entry) = index.lru.pop(&victim) {
+                index.used -= entry.len;
+                if let Some(task) = entry.task {
+                    task.lock().failed = Some("evicted".to_owned());
+                }
+            }
+            self.delete_files(&victim);
+            self.metrics.evictions.inc();
+            tracing::info!(digest = %victim, "evicted from the cache");
+        }
+        Ok(())
+    }
+
+    /// Forgets a discarded task (if the index still points at this very task).
+    pub(crate) fn remove_task(&self, digest: &Digest, task: &Task) {
+        let mut index = self.index();
+        let same = index.lru.peek(digest).and_then(|e| e.task.as_ref()).is_some_and(|t| std::ptr::eq(&**t, task));
+        if same {
+            if let Some(entry) = index.lru.pop(digest) {
+                index.used -= entry.len;
+            }
+            self.delete_files(digest);
+            self.publish(&index);
+        }
+    }
+
+    fn delete_files(&self, digest: &Digest) {
+        let (data, meta) = self.paths(digest);
+        // Metadata first: a crash in between leaves an orphan data file, which a scan removes.
+        let _ = fs::remove_file(meta);
+        let _ = fs::remove_file(data);
+    }
+}
+
+impl Task {
+    /// Writes all of `bytes` (already verified by the caller) and marks the task complete.
+    pub(crate) fn fill_verified(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_at(bytes, 0)?;
+        {
+            let mut st = self.lock();
+            for i in 0..self.layout.count() {
+                let r = self.layout.piece_range(i);
+                let piece = &bytes[r.start as usize..r.end as usize];
+                let record = PieceRecord {
+                    crc32c: crc32c::crc32c(piece),
+                    sha256: Some(Digest::of(Algorithm::Sha256, piece).hex().to_owned()),
+                };
+                st.pieces[i] = crate::task::Piece::Present { record, checked: Some(std::time::Instant::now()) };
+            }
+        }
+        self.set_verified();
+        Ok(())
+    }
+}
+
+/// Reads the metadata files in `dir`, removing what cannot be trusted: torn metadata, data
+/// files of the wrong length, orphans and temporaries.
+fn scan(dir: &Path, found: &mut Vec<TaskMeta>) -> Result<(), StoreError> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        match ext {
+            "meta" => match TaskMeta::load(&path) {
+                Ok(meta) if data_matches(&path.with_extension("data"), meta.len) => found.push(meta),
+                _ => {
+                    tracing::warn!(path = %path.display(), "removing an unreadable task");
+                    let _ = fs::remove_file(path.with_extension("data"));
+                    let _ = fs::remove_file(&path);
+                }
+            },
+            "data" if !path.with_extension("meta").exists() => {
+                let _ = fs::remove_file(&path);
+            }
+            "tmp" => {
+                let _ = fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn data_matches(path: &Path, len: u64) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.len() == len)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Locked(dir.to_owned()));
+    }
+    Ok(file)
+}
+
+fn free_disk(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}

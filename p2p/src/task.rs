@@ -1,0 +1,481 @@
+//! One task: a blob (or manifest) keyed by digest, held in one sparse file cut into pieces.
+//!
+//! All piece bookkeeping lives under one mutex; bytes live in the file and are read through a
+//! shared memory map, so readers never copy them into anonymous memory. Progress is published
+//! through a `watch` generation counter that readers wait on.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use memmap2::Mmap;
+use tokio::sync::watch;
+
+use crate::digest::Digest;
+use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
+use crate::metrics::Metrics;
+use crate::piece::Layout;
+use crate::source::Source;
+use crate::store::Inner as StoreInner;
+use crate::StoreError;
+
+/// A piece read from disk is re-checked against its crc32c when it was last checked longer ago
+/// than this: often enough to catch a disk that rots under us, rarely enough that a hot blob is
+/// served at memory speed.
+const RECHECK_AFTER: Duration = Duration::from_secs(60);
+/// Flushing metadata more often than this during a download buys nothing: recovery re-checks.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub(crate) enum Piece {
+    Missing,
+    Fetching(u64),
+    Present { record: PieceRecord, checked: Option<Instant> },
+}
+
+pub(crate) struct State {
+    pub(crate) pieces: Vec<Piece>,
+    pub(crate) verified: bool,
+    pub(crate) media_type: Option<String>,
+    pub(crate) public_in: BTreeSet<String>,
+    /// Contiguous write position of each running fetch.
+    pub(crate) fetch_pos: HashMap<u64, u64>,
+    /// Fetches that gave up, so that readers waiting on them fail instead of retrying forever.
+    pub(crate) failed_fetches: HashMap<u64, String>,
+    next_fetch: u64,
+    /// The task was discarded (its content failed verification): every reader must abort.
+    pub(crate) failed: Option<String>,
+    /// The source answered a range request with the whole content once; ask for all of it.
+    pub(crate) range_unsupported: bool,
+    pub(crate) verifying: bool,
+    pub(crate) dirty: bool,
+    last_flush: Instant,
+    pub(crate) last_access: u64,
+}
+
+pub struct Task {
+    pub(crate) digest: Digest,
+    pub(crate) layout: Layout,
+    pub(crate) file: File,
+    pub(crate) map: Option<Mmap>,
+    pub(crate) meta_path: PathBuf,
+    pub(crate) state: Mutex<State>,
+    pub(crate) progress: watch::Sender<u64>,
+    pub(crate) pins: AtomicUsize,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) store: Weak<StoreInner>,
+}
+
+/// What a reader at some offset can do next.
+pub(crate) enum Step {
+    /// Bytes in this range can be sent; `cached` when they were on disk before the request.
+    Ready { range: Range<u64>, cached: bool },
+    /// The piece must be checked against its crc32c before it is served.
+    Check(usize),
+    /// A fetch must be started for these pieces.
+    Fetch { pieces: Range<usize>, id: u64 },
+    /// Nothing to do until progress is published; names the fetch being waited on, if any.
+    Wait(watch::Receiver<u64>, Option<u64>),
+}
+
+impl Task {
+    pub(crate) fn from_meta(
+        meta: TaskMeta,
+        file: File,
+        meta_path: PathBuf,
+        metrics: Arc<Metrics>,
+        store: Weak<StoreInner>,
+    ) -> Result<Task, StoreError> {
+        let layout = Layout::with_piece_size(meta.len, meta.piece_size);
+        let map = map_file(&file, meta.len)?;
+        let pieces = meta
+            .pieces
+            .into_iter()
+            .map(|p| match p {
+                // Nothing read back from disk is trusted until checked again.
+                Some(record) => Piece::Present { record, checked: None },
+                None => Piece::Missing,
+            })
+            .collect();
+        let state = State {
+            pieces,
+            verified: meta.verified,
+            media_type: meta.media_type,
+            public_in: meta.public_in,
+            fetch_pos: HashMap::new(),
+            failed_fetches: HashMap::new(),
+            next_fetch: 1,
+            failed: None,
+            range_unsupported: false,
+            verifying: false,
+            dirty: false,
+            last_flush: Instant::now(),
+            last_access: meta.last_access,
+        };
+        Ok(Task {
+            digest: meta.digest,
+            layout,
+            file,
+            map,
+            meta_path,
+            state: Mutex::new(state),
+            progress: watch::channel(0).0,
+            pins: AtomicUsize::new(0),
+            metrics,
+            store,
+        })
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn len(&self) -> u64 {
+        self.layout.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layout.len == 0
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug elsewhere; the state itself stays
+        // consistent piece by piece, so keep serving rather than poisoning every reader.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_verified(&self) -> bool {
+        self.lock().verified
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.lock().pieces.iter().all(|p| matches!(p, Piece::Present { .. }))
+    }
+
+    pub fn media_type(&self) -> Option<String> {
+        self.lock().media_type.clone()
+    }
+
+    /// Remembers that the origin serves this content to anyone in `scope` (`registry/repo`).
+    pub fn mark_public(&self, scope: &str) {
+        let mut st = self.lock();
+        if st.public_in.insert(scope.to_owned()) {
+            st.dirty = true;
+        }
+    }
+
+    pub fn is_public_in(&self, scope: &str) -> bool {
+        self.lock().public_in.contains(scope)
+    }
+
+    pub(crate) fn notify(&self) {
+        self.progress.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Bytes of the task's file in `range`, backed by the shared map.
+    pub(crate) fn bytes(&self, range: Range<u64>) -> &[u8] {
+        match &self.map {
+            Some(m) => &m[range.start as usize..range.end as usize],
+            None => &[],
+        }
+    }
+
+    /// Decides what a reader at `pos` (reading up to `end`) does next. `full` readers send the
+    /// whole content and so must not receive its last byte before the digest matched.
+    pub(crate) fn step(self: &Arc<Self>, pos: u64, end: u64, full: bool, waited_on: Option<u64>) -> Result<Step, String> {
+        let mut st = self.lock();
+        if let Some(why) = &st.failed {
+            return Err(why.clone());
+        }
+        let i = self.layout.piece_of(pos);
+        let piece_end = self.layout.piece_range(i).end.min(end);
+        let mut fetch = None;
+        let (mut ready, cached) = match &st.pieces[i] {
+            Piece::Present { checked, .. } => {
+                if checked.is_none_or(|t| t.elapsed() > RECHECK_AFTER) {
+                    return Ok(Step::Check(i));
+                }
+                (piece_end, true)
+            }
+            Piece::Fetching(id) => {
+                fetch = Some(*id);
+                let written = st.fetch_pos.get(id).copied().unwrap_or(0);
+                (written.min(piece_end), false)
+            }
+            Piece::Missing => {
+                if let Some(why) = waited_on.and_then(|id| st.failed_fetches.get(&id)) {
+                    return Err(why.clone());
+                }
+                let (pieces, id) = self.plan_fetch(&mut st, i, end);
+                return Ok(Step::Fetch { pieces, id });
+            }
+        };
+        // Hold back the final byte of a whole-content response until the digest matched.
+        if full && !st.verified && ready == self.layout.len {
+            ready -= 1;
+            let complete = st.pieces.iter().all(|p| matches!(p, Piece::Present { .. }));
+            if !st.verifying && ready == pos {
+                if !complete {
+                    // A piece this reader already sent was found corrupt and dropped since.
+                    return Err("content changed while it was being read".to_owned());
+                }
+                st.verifying = true;
+                drop(st);
+                self.spawn_verify();
+                return Ok(Step::Wait(self.progress.subscribe(), None));
+            }
+        }
+        if ready > pos {
+            st.last_access = now_secs();
+            return Ok(Step::Ready { range: pos..ready, cached });
+        }
+        Ok(Step::Wait(self.progress.subscribe(), fetch))
+    }
+
+    /// Claims the run of missing pieces from `first` up to the piece holding `end - 1`; with a
+    /// source that ignores ranges, every missing piece (it will all arrive in one stream anyway).
+    fn plan_fetch(&self, st: &mut State, first: usize, end: u64) -> (Range<usize>, u64) {
+        let id = st.next_fetch;
+        st.next_fetch += 1;
+        let last = if st.range_unsupported { self.layout.count() } else { self.layout.piece_of(end - 1) + 1 };
+        let mut stop = first;
+        while stop < last && matches!(st.pieces[stop], Piece::Missing) {
+            st.pieces[stop] = Piece::Fetching(id);
+            stop += 1;
+        }
+        st.fetch_pos.insert(id, self.layout.piece_range(first).start);
+        (first..stop, id)
+    }
+
+    /// Checks piece `i` against its crc32c; a corrupt piece becomes missing (and is fetched again).
+    pub(crate) fn check_piece(&self, i: usize) {
+        let range = self.layout.piece_range(i);
+        let actual = crc32c::crc32c(self.bytes(range));
+        let mut st = self.lock();
+        if let Piece::Present { record, checked } = &mut st.pieces[i] {
+            if record.crc32c == actual {
+                *checked = Some(Instant::now());
+                return;
+            }
+            tracing::warn!(digest = %self.digest, piece = i, "piece failed its crc32c check; fetching it again");
+            self.metrics.piece_failed("corrupt");
+            st.pieces[i] = Piece::Missing;
+            st.verified = false;
+            st.dirty = true;
+        }
+    }
+
+    /// Records a fetch's contiguous progress (bytes up to `pos` are in the file).
+    pub(crate) fn advance(&self, id: u64, pos: u64) {
+        self.lock().fetch_pos.insert(id, pos);
+        self.notify();
+    }
+
+    pub(crate) fn piece_done(&self, id: u64, i: usize, record: PieceRecord) {
+        let flush = {
+            let mut st = self.lock();
+            if matches!(st.pieces[i], Piece::Fetching(f) if f == id) {
+                st.pieces[i] = Piece::Present { record, checked: Some(Instant::now()) };
+                st.dirty = true;
+            }
+            st.last_flush.elapsed() > FLUSH_EVERY
+        };
+        if flush {
+            self.flush();
+        }
+    }
+
+    pub(crate) fn set_piece_sha(&self, i: usize, sha256: String) {
+        let mut st = self.lock();
+        if let Piece::Present { record, .. } = &mut st.pieces[i] {
+            record.sha256 = Some(sha256);
+            st.dirty = true;
+        }
+    }
+
+    /// Whether piece `i` is this fetch's to write.
+    pub(crate) fn owns(&self, id: u64, i: usize) -> bool {
+        matches!(self.lock().pieces[i], Piece::Fetching(f) if f == id)
+    }
+
+    /// After a source ignored a range: claim every missing piece for the fetch that is now
+    /// reading the whole content.
+    pub(crate) fn claim_all_missing(&self, id: u64) {
+        let mut st = self.lock();
+        st.range_unsupported = true;
+        for p in st.pieces.iter_mut() {
+            if matches!(p, Piece::Missing) {
+                *p = Piece::Fetching(id);
+            }
+        }
+    }
+
+    /// Ends fetch `id`: its unclaimed pieces become missing again, and on failure the readers
+    /// that waited on it are told why.
+    pub(crate) fn finish_fetch(&self, id: u64, hashing: bool, error: Option<String>) {
+        {
+            let mut st = self.lock();
+            if hashing {
+                st.verifying = false;
+            }
+            st.fetch_pos.remove(&id);
+            for p in st.pieces.iter_mut() {
+                if matches!(p, Piece::Fetching(f) if *f == id) {
+                    *p = Piece::Missing;
+                }
+            }
+            if let Some(why) = error {
+                if st.failed_fetches.len() > 64 {
+                    st.failed_fetches.clear();
+                }
+                st.failed_fetches.insert(id, why);
+            }
+        }
+        self.flush();
+        self.notify();
+    }
+
+    /// A fetch that streams the whole content hashes it; no separate verification pass is needed.
+    pub(crate) fn begin_streaming_verify(&self) {
+        self.lock().verifying = true;
+    }
+
+    pub(crate) fn set_verified(&self) {
+        {
+            let mut st = self.lock();
+            st.verified = true;
+            st.verifying = false;
+            st.dirty = true;
+        }
+        self.flush();
+        self.notify();
+    }
+
+    /// The content does not match its digest: nothing of it may be served again.
+    pub(crate) fn discard(&self, why: &str) {
+        tracing::error!(digest = %self.digest, reason = why, "discarding task");
+        self.metrics.verify_failures.inc();
+        self.lock().failed = Some(why.to_owned());
+        if let Some(store) = self.store.upgrade() {
+            store.remove_task(&self.digest, self);
+        }
+        self.notify();
+    }
+
+    /// Hashes the whole file once every piece is present but the content was never verified
+    /// as one stream (it was assembled from ranges, or read back after a restart).
+    fn spawn_verify(self: &Arc<Self>) {
+        let task = TaskRef::pin(self.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut h = crate::Hasher::new(task.digest.algorithm());
+            for i in 0..task.layout.count() {
+                h.update(task.bytes(task.layout.piece_range(i)));
+            }
+            if h.finish() == task.digest {
+                task.set_verified();
+            } else {
+                task.discard("assembled content does not match its digest");
+            }
+        });
+    }
+
+    pub(crate) fn meta(&self) -> TaskMeta {
+        let st = self.lock();
+        TaskMeta {
+            version: META_VERSION,
+            digest: self.digest.clone(),
+            len: self.layout.len,
+            piece_size: self.layout.piece_size,
+            pieces: st
+                .pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Present { record, .. } => Some(record.clone()),
+                    _ => None,
+                })
+                .collect(),
+            verified: st.verified,
+            last_access: st.last_access,
+            media_type: st.media_type.clone(),
+            public_in: st.public_in.clone(),
+        }
+    }
+
+    /// Persists the metadata if it changed. Errors are logged: the bytes are still served and
+    /// recovery re-checks whatever the last good metadata claims.
+    pub fn flush(&self) {
+        {
+            let mut st = self.lock();
+            if !st.dirty || st.failed.is_some() {
+                return;
+            }
+            st.dirty = false;
+            st.last_flush = Instant::now();
+        }
+        if let Err(e) = self.meta().store(&self.meta_path) {
+            tracing::warn!(digest = %self.digest, error = %e, "could not persist task metadata");
+        }
+    }
+
+    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Starts fetch `id` of `pieces` from `source` in the background.
+    pub(crate) fn spawn_fetch(self: &Arc<Self>, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+        let task = TaskRef::pin(self.clone());
+        tokio::spawn(crate::fetch::run(task, id, pieces, source));
+    }
+}
+
+fn map_file(file: &File, len: u64) -> Result<Option<Mmap>, StoreError> {
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: the store never truncates a task file while it is mapped: files are created at
+    // their full length and only ever unlinked, which keeps existing mappings valid.
+    let map = unsafe { Mmap::map(file) }.map_err(StoreError::Io)?;
+    Ok(Some(map))
+}
+
+/// A pinned task: while any `TaskRef` lives, the task is not evicted.
+pub struct TaskRef(Arc<Task>);
+
+impl TaskRef {
+    pub(crate) fn pin(task: Arc<Task>) -> Self {
+        task.pins.fetch_add(1, Ordering::SeqCst);
+        TaskRef(task)
+    }
+
+    pub fn task(&self) -> &Arc<Task> {
+        &self.0
+    }
+}
+
+impl Clone for TaskRef {
+    fn clone(&self) -> Self {
+        TaskRef::pin(self.0.clone())
+    }
+}
+
+impl Drop for TaskRef {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl std::ops::Deref for TaskRef {
+    type Target = Task;
+    fn deref(&self) -> &Task {
+        &self.0
+    }
+}

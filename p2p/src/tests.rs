@@ -1,0 +1,266 @@
+//! Tests of the store and fetch engine together, against an in-memory source that can fail in
+//! the ways a real origin cannot be made to on demand.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{stream, StreamExt};
+
+use crate::*;
+
+const MIB: usize = 1 << 20;
+
+#[derive(Default)]
+struct Faults {
+    ignore_range: bool,
+    /// Cut the stream after this many bytes, this many times.
+    cut_after: Option<(usize, usize)>,
+    corrupt: bool,
+}
+
+struct MemSource {
+    data: Bytes,
+    faults: Mutex<Faults>,
+    requests: Mutex<Vec<Option<Range<u64>>>>,
+    sent: AtomicUsize,
+}
+
+impl MemSource {
+    fn new(data: Bytes, faults: Faults) -> Arc<Self> {
+        Arc::new(MemSource { data, faults: Mutex::new(faults), requests: Mutex::default(), sent: AtomicUsize::new(0) })
+    }
+}
+
+impl Source for MemSource {
+    fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>> {
+        self.requests.lock().unwrap().push(range.clone());
+        let mut f = self.faults.lock().unwrap();
+        let honoured = range.is_some() && !f.ignore_range;
+        let r = if honoured { range.unwrap() } else { 0..self.data.len() as u64 };
+        let mut body = self.data.slice(r.start as usize..r.end as usize);
+        if f.corrupt {
+            let mut v = body.to_vec();
+            let mid = v.len() / 2;
+            v[mid] ^= 1;
+            body = Bytes::from(v);
+        }
+        let mut cut = false;
+        if let Some((after, times)) = f.cut_after {
+            if times > 0 && body.len() > after {
+                body = body.slice(..after);
+                cut = true;
+                f.cut_after = Some((after, times - 1));
+            }
+        }
+        self.sent.fetch_add(body.len(), Ordering::SeqCst);
+        let chunks: Vec<Result<Bytes, SourceError>> =
+            body.chunks(64 << 10).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let mut s: Vec<_> = chunks;
+        if cut {
+            s.push(Err(SourceError::retryable("connection reset")));
+        }
+        Box::pin(async move { Ok(SourceResponse { range_honoured: honoured, body: stream::iter(s).boxed() }) })
+    }
+}
+
+fn blob(len: usize) -> (Bytes, Digest) {
+    let mut v = vec![0u8; len];
+    let mut x: u32 = 0x9e3779b9 ^ len as u32;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let d = Digest::of(Algorithm::Sha256, &v);
+    (Bytes::from(v), d)
+}
+
+fn open(dir: &std::path::Path, quota: u64) -> Store {
+    Store::open(StoreConfig { dir: dir.to_owned(), quota }, Arc::new(Metrics::default())).unwrap()
+}
+
+async fn collect(task: TaskRef, range: Range<u64>, full: bool, src: Arc<MemSource>) -> Result<Vec<u8>, ReadError> {
+    let mut out = Vec::new();
+    let mut s = Box::pin(read(task, range, full, src));
+    while let Some(b) = s.next().await {
+        out.extend_from_slice(&b?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_readers_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(10 * MIB + 123);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let mut joins = Vec::new();
+    for _ in 0..8 {
+        let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+        let (src, len) = (src.clone(), data.len() as u64);
+        joins.push(tokio::spawn(async move { collect(t, 0..len, true, src).await }));
+    }
+    for j in joins {
+        assert!(j.await.unwrap().unwrap() == data);
+    }
+    assert_eq!(src.requests.lock().unwrap().as_slice(), &[None]);
+    assert!(store.get(&d).unwrap().unwrap().is_verified());
+}
+
+#[tokio::test]
+async fn range_read_fetches_only_covered_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(20 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let r = (5 * MIB) as u64..(6 * MIB) as u64;
+    let got = collect(t.clone(), r.clone(), false, src.clone()).await.unwrap();
+    assert!(got == data[5 * MIB..6 * MIB]);
+    assert_eq!(src.sent.load(Ordering::SeqCst), 4 * MIB);
+    // The same piece again comes from disk.
+    collect(t, r, false, src.clone()).await.unwrap();
+    assert_eq!(src.requests.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn source_ignoring_range_is_read_once_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(9 * MIB);
+    let src = MemSource::new(data.clone(), Faults { ignore_range: true, ..Faults::default() });
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let got = collect(t.clone(), (5 * MIB) as u64..(5 * MIB + 10) as u64, false, src.clone()).await.unwrap();
+    assert!(got == data[5 * MIB..5 * MIB + 10]);
+    let full = collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap();
+    assert!(full == data);
+    assert_eq!(src.requests.lock().unwrap().len(), 1);
+    assert!(t.is_verified());
+}
+
+#[tokio::test]
+async fn a_cut_stream_is_resumed_by_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(9 * MIB);
+    let src = MemSource::new(data.clone(), Faults { cut_after: Some((3 * MIB + 5, 2)), ..Faults::default() });
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let got = collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap();
+    assert!(got == data);
+    let reqs = src.requests.lock().unwrap().clone();
+    assert_eq!(reqs[0], None);
+    assert_eq!(reqs[1], Some((3 * MIB + 5) as u64..data.len() as u64));
+    assert!(t.is_verified());
+}
+
+#[tokio::test]
+async fn wrong_bytes_are_never_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(6 * MIB);
+    let src = MemSource::new(data.clone(), Faults { corrupt: true, ..Faults::default() });
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let res = collect(t, 0..data.len() as u64, true, src.clone()).await;
+    assert!(res.is_err());
+    assert_eq!(store.metrics().verify_failures.get(), 1);
+    // The task is gone: the next request starts afresh.
+    assert!(store.get(&d).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn restart_keeps_the_cache_and_catches_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, d) = blob(9 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    {
+        let store = open(dir.path(), 1 << 30);
+        let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+        collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap();
+        store.flush_all();
+    }
+    {
+        let store = open(dir.path(), 1 << 30);
+        let t = store.get(&d).unwrap().expect("task survives a restart");
+        assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+        assert_eq!(src.requests.lock().unwrap().len(), 1);
+    }
+    // Flip one byte in the second piece on disk, as a failing disk would.
+    let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 * MIB] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let t = store.get(&d).unwrap().unwrap();
+    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert_eq!(src.requests.lock().unwrap().last().unwrap(), &Some((4 * MIB) as u64..(8 * MIB) as u64));
+    assert_eq!(store.metrics().piece_failures.get_or_create(&metrics::ReasonLabel { reason: "corrupt" }).get(), 1);
+}
+
+#[tokio::test]
+async fn torn_write_recovery_never_serves_unwritten_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, d) = blob(5 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    {
+        let store = open(dir.path(), 1 << 30);
+        let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+        collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap();
+        store.flush_all();
+    }
+    // Simulate a crash that kept the metadata but lost the data pages (no fsync): zero the file.
+    let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
+    std::fs::write(&path, vec![0u8; data.len()]).unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let t = store.get(&d).unwrap().unwrap();
+    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    // Each piece was found bad and fetched again: exactly one more copy of the content.
+    assert_eq!(src.sent.load(Ordering::SeqCst), 2 * data.len());
+}
+
+#[tokio::test]
+async fn quota_evicts_least_recently_used_unpinned_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), (10 * MIB) as u64);
+    let blobs: Vec<_> = (1..=3).map(|i| blob(4 * MIB + i)).collect();
+    for (data, d) in &blobs {
+        let src = MemSource::new(data.clone(), Faults::default());
+        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
+        collect(t, 0..data.len() as u64, true, src).await.unwrap();
+        assert!(store.used() <= (10 * MIB) as u64);
+    }
+    assert!(store.get(&blobs[0].1).unwrap().is_none());
+    assert!(store.get(&blobs[2].1).unwrap().is_some());
+    assert_eq!(store.metrics().evictions.get(), 1);
+    // Everything pinned: no room, which callers turn into streaming without caching.
+    let _a = store.get(&blobs[1].1).unwrap().unwrap();
+    let _b = store.get(&blobs[2].1).unwrap().unwrap();
+    let (big, bd) = blob(5 * MIB);
+    assert!(matches!(store.get_or_create(&bd, big.len() as u64, None), Err(StoreError::NoSpace(_))));
+}
+
+#[tokio::test]
+async fn passthrough_withholds_the_end_of_bad_content() {
+    let (data, d) = blob(MIB);
+    let metrics = Arc::new(Metrics::default());
+    let good = stream::iter(vec![Ok(data.slice(..1000)), Ok(data.slice(1000..))]).boxed();
+    let out: Vec<_> = passthrough::verify(d.clone(), data.len() as u64, good, metrics.clone()).collect().await;
+    assert!(out.iter().all(|r| r.is_ok()));
+    let mut bad = data.to_vec();
+    bad[10] ^= 1;
+    let bad = stream::iter(vec![Ok(Bytes::from(bad))]).boxed();
+    let out: Vec<_> = passthrough::verify(d, data.len() as u64, bad, metrics).collect().await;
+    assert_eq!(out.len(), 1);
+    assert!(out[0].is_err());
+}
+
+#[test]
+fn a_second_store_on_the_same_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = open(dir.path(), 1 << 20);
+    let b = Store::open(StoreConfig { dir: dir.path().to_owned(), quota: 1 }, Arc::new(Metrics::default()));
+    assert!(matches!(b, Err(StoreError::Locked(_))));
+}
