@@ -38,13 +38,16 @@ struct Cursor {
     full: bool,
     source: Arc<dyn Source>,
     waited_on: Option<u64>,
+    /// Bytes below this offset arrived while this reader waited for them: they count as
+    /// fetched, not cached, even if the piece is complete by the time they are sent.
+    fetched_until: u64,
 }
 
 /// Streams `range` of the task. `full` marks a whole-content response, whose last byte is held
 /// back until the content matched its digest. The stream ends with an error (and the caller
 /// must abort the response) if the bytes cannot be had or fail verification.
 pub fn read(task: TaskRef, range: Range<u64>, full: bool, source: Arc<dyn Source>) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
-    let cursor = Cursor { task, pos: range.start, end: range.end, full, source, waited_on: None };
+    let cursor = Cursor { task, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
     stream::unfold(Some(cursor), |cursor| async move {
         let mut c = cursor?;
         if c.pos >= c.end {
@@ -65,7 +68,7 @@ impl Cursor {
                     let range = range.start..range.end.min(range.start + MAX_FRAME);
                     self.pos = range.end;
                     let n = range.end - range.start;
-                    let origin = if cached { Origin::Cache } else { self.source.origin() };
+                    let origin = if cached && range.start >= self.fetched_until { Origin::Cache } else { self.source.origin() };
                     self.task.metrics.downloaded(origin, n);
                     return Ok(Bytes::from_owner(MapSlice { task: self.task.clone(), range }));
                 }
@@ -77,11 +80,14 @@ impl Cursor {
                 }
                 Step::Fetch { pieces, id } => {
                     self.waited_on = Some(id);
+                    self.fetched_until = self.task.layout().piece_range(pieces.end - 1).end;
                     self.task.task().spawn_fetch(id, pieces, self.source.clone());
                 }
                 Step::Wait(mut rx, fetch) => {
                     if fetch.is_some() {
                         self.waited_on = fetch;
+                        let piece = self.task.layout().piece_of(self.pos);
+                        self.fetched_until = self.fetched_until.max(self.task.layout().piece_range(piece).end);
                     }
                     // The sender lives in the task, which this cursor pins: it cannot close.
                     let _ = rx.changed().await;

@@ -1,0 +1,104 @@
+//! Who may read cached content. A digest is a content address, not a permission: content is
+//! served from the cache only to a client the origin would serve it to — it is public in that
+//! repository, or the client's credentials pass an upstream `HEAD` (remembered briefly).
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use damselfly_p2p::{Digest, TaskRef};
+use http::{Method, Response, StatusCode};
+use lru::LruCache;
+use sha2::Digest as _;
+
+use super::response::{bad_gateway, relay_refusal, Body};
+use super::{App, Target};
+use crate::upstream::{CredentialKind, UpstreamRequest};
+
+/// How long a successful check with a client's credentials is trusted.
+const GRANT_TTL: Duration = Duration::from_secs(300);
+const MAX_GRANTS: usize = 16 * 1024;
+
+type GrantKey = (String, Digest, String);
+
+pub struct AccessCache {
+    grants: Mutex<LruCache<GrantKey, Instant>>,
+}
+
+impl Default for AccessCache {
+    fn default() -> Self {
+        let cap = NonZeroUsize::new(MAX_GRANTS).unwrap_or(NonZeroUsize::MIN);
+        AccessCache { grants: Mutex::new(LruCache::new(cap)) }
+    }
+}
+
+impl AccessCache {
+    fn allowed(&self, key: &GrantKey) -> bool {
+        let mut g = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(key).is_some_and(|until| *until > Instant::now())
+    }
+
+    fn grant(&self, key: GrantKey) {
+        let mut g = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        g.put(key, Instant::now() + GRANT_TTL);
+    }
+}
+
+/// Identifies the credentials a request acts with, without keeping the secret itself.
+pub fn identity(client_auth: &Option<http::HeaderValue>) -> String {
+    match client_auth {
+        Some(v) => {
+            let h = sha2::Sha256::digest(v.as_bytes());
+            h.iter().take(16).map(|b| format!("{b:02x}")).collect()
+        }
+        None => "daemon".to_owned(),
+    }
+}
+
+/// Records what a successful origin fetch proved about who may read this content.
+pub fn remember(app: &App, target: &Target, task: &TaskRef, credential: CredentialKind) {
+    if credential == CredentialKind::Anonymous {
+        task.mark_public(&target.scope());
+    } else {
+        app.access.grant((target.scope(), target.digest.clone(), identity(&target.client_auth)));
+    }
+}
+
+/// `Ok` when the requester may read cached `task`; otherwise the response to send instead.
+pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: bool) -> Result<(), Response<Body>> {
+    let scope = target.scope();
+    if task.is_public_in(&scope) {
+        app.metrics.access("public");
+        return Ok(());
+    }
+    let key = (scope, target.digest.clone(), identity(&target.client_auth));
+    if app.access.allowed(&key) {
+        app.metrics.access("remembered");
+        return Ok(());
+    }
+    app.metrics.origin("access_check");
+    let kind = if manifest { "manifests" } else { "blobs" };
+    let req = UpstreamRequest {
+        registry: target.registry.clone(),
+        repo: target.repo.clone(),
+        method: Method::HEAD,
+        path: format!("{kind}/{}", target.digest),
+        headers: Default::default(),
+        client_auth: target.client_auth.clone(),
+    };
+    let reply = match app.upstream.send(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.access("unavailable");
+            return Err(bad_gateway(&format!("cannot check access with the origin: {e}")));
+        }
+    };
+    if reply.response.status() == StatusCode::OK {
+        app.metrics.access("checked");
+        remember(app, target, task, reply.credential);
+        return Ok(());
+    }
+    app.metrics.access("denied");
+    tracing::info!(digest = %target.digest, repo = %target.repo, status = %reply.response.status(), "cached content refused");
+    Err(relay_refusal(&reply.response, manifest))
+}

@@ -1,0 +1,190 @@
+//! `HEAD|GET /v2/<name>/blobs/<digest>`: through the piece store, with ranges.
+
+use std::sync::Arc;
+
+use damselfly_p2p::{passthrough, StoreError, TaskRef};
+use futures_util::StreamExt;
+use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use http::{HeaderMap, Method, Response, StatusCode};
+
+use super::access::{authorize, remember};
+use super::response::{bad_gateway, empty, oci_error, relay_refusal, stream, Body, CONTENT_DIGEST};
+use super::source::UpstreamBlob;
+use super::{App, Target};
+use crate::oci::{content_range, parse_range, unsatisfied_content_range, RangeSpec};
+use crate::upstream::{CredentialKind, UpstreamRequest};
+
+pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &HeaderMap) -> Response<Body> {
+    let range = match headers.get(RANGE).map(|v| v.to_str().map_err(|_| ()).and_then(|s| parse_range(s).map_err(|_| ()))) {
+        None => None,
+        Some(Ok(r)) => r,
+        Some(Err(())) => {
+            let (status, code) = (StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid);
+            return oci_error(status, code, "malformed Range header");
+        }
+    };
+    let task = match app.store.get(&target.digest) {
+        Ok(Some(task)) => {
+            if let Err(refusal) = authorize(&app, &target, &task, false).await {
+                return refusal;
+            }
+            task
+        }
+        Ok(None) => match cold(&app, &target).await {
+            Ok(Cold::Cached(task)) => task,
+            Ok(Cold::PassThrough(len)) => return pass_through(app, target, method, len).await,
+            Err(resp) => return resp,
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "piece store failed");
+            return pass_through_unknown(app, target, method).await;
+        }
+    };
+    serve(app, target, task, method, range)
+}
+
+enum Cold {
+    Cached(TaskRef),
+    PassThrough(u64),
+}
+
+/// A blob the store does not have: ask the origin for its length (which also proves the
+/// requester may read it) and make room for it.
+async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
+    let (len, credential) = head_len(app, target).await?;
+    match app.store.get_or_create(&target.digest, len, None) {
+        Ok(task) => {
+            remember(app, target, &task, credential);
+            Ok(Cold::Cached(task))
+        }
+        Err(StoreError::NoSpace(_)) => Ok(Cold::PassThrough(len)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot cache; streaming through");
+            Ok(Cold::PassThrough(len))
+        }
+    }
+}
+
+/// `HEAD` of the blob at the origin with the requester's credentials: its length, and with
+/// which credentials the origin agreed to serve it.
+async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), Response<Body>> {
+    app.metrics.origin("blob_head");
+    let req = UpstreamRequest {
+        registry: target.registry.clone(),
+        repo: target.repo.clone(),
+        method: Method::HEAD,
+        path: format!("blobs/{}", target.digest),
+        headers: HeaderMap::new(),
+        client_auth: target.client_auth.clone(),
+    };
+    let reply = app.upstream.send(req).await.map_err(|e| bad_gateway(&format!("origin unreachable: {e}")))?;
+    if reply.response.status() != StatusCode::OK {
+        return Err(relay_refusal(&reply.response, false));
+    }
+    let len = reply
+        .response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .ok_or_else(|| bad_gateway("origin did not say how long the blob is"))?;
+    Ok((len, reply.credential))
+}
+
+fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: Option<RangeSpec>) -> Response<Body> {
+    let len = task.len();
+    if len == 0 {
+        return zero_length(&target, method);
+    }
+    let source = Arc::new(UpstreamBlob { app: app.clone(), target: target.clone() });
+    let (status, span) = match range {
+        None => (StatusCode::OK, 0..len),
+        Some(spec) => match spec.resolve(len) {
+            Some(r) => (StatusCode::PARTIAL_CONTENT, r),
+            None => {
+                let mut resp = oci_error(StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid, "range not satisfiable");
+                insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &unsatisfied_content_range(len));
+                return resp;
+            }
+        },
+    };
+    let body = if *method == Method::HEAD {
+        empty()
+    } else {
+        if status == StatusCode::PARTIAL_CONTENT && app.background_fill {
+            fill_in_background(task.clone(), source.clone());
+        }
+        stream(damselfly_p2p::read(task, span.clone(), status == StatusCode::OK, source))
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    blob_headers(h, &target, span.end - span.start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        insert(h, CONTENT_RANGE.as_str(), &content_range(&span, len));
+    }
+    resp
+}
+
+fn blob_headers(h: &mut HeaderMap, target: &Target, content_len: u64) {
+    h.insert(CONTENT_LENGTH, HeaderValue::from(content_len));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    insert(h, CONTENT_DIGEST, &target.digest.to_string());
+}
+
+fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+fn zero_length(target: &Target, method: &Method) -> Response<Body> {
+    let empty_digest = damselfly_p2p::Digest::of(target.digest.algorithm(), b"");
+    if target.digest != empty_digest {
+        return bad_gateway("origin says a non-empty digest has zero length");
+    }
+    let _ = method;
+    let mut resp = Response::new(empty());
+    blob_headers(resp.headers_mut(), target, 0);
+    resp
+}
+
+/// After a cold range read, fetch the rest so the next reader finds the whole blob.
+fn fill_in_background(task: TaskRef, source: Arc<UpstreamBlob>) {
+    let len = task.len();
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(damselfly_p2p::read(task, 0..len, false, source));
+        while let Some(r) = s.next().await {
+            if r.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Streams straight from the origin, verified, when the blob cannot be cached.
+async fn pass_through(app: Arc<App>, target: Target, method: &Method, len: u64) -> Response<Body> {
+    if *method == Method::HEAD || len == 0 {
+        let mut resp = Response::new(empty());
+        blob_headers(resp.headers_mut(), &target, len);
+        return resp;
+    }
+    let source = UpstreamBlob { app: app.clone(), target: target.clone() };
+    use damselfly_p2p::Source as _;
+    match source.fetch(None).await {
+        Ok(r) => {
+            let body = passthrough::verify(target.digest.clone(), len, r.body, app.store.metrics().clone());
+            let mut resp = Response::new(stream(body));
+            blob_headers(resp.headers_mut(), &target, len);
+            resp
+        }
+        Err(e) => bad_gateway(&e.message),
+    }
+}
+
+async fn pass_through_unknown(app: Arc<App>, target: Target, method: &Method) -> Response<Body> {
+    match head_len(&app, &target).await {
+        Ok((len, _)) => pass_through(app, target, method, len).await,
+        Err(resp) => resp,
+    }
+}

@@ -1,0 +1,235 @@
+//! `HEAD|GET /v2/<name>/manifests/<reference>`. Tags are resolved at the origin (concurrent
+//! identical lookups share one request); manifests by digest are verified, cached and then
+//! served from the cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use damselfly_p2p::{Algorithm, Digest, TaskRef};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Method, Response, StatusCode};
+
+use super::access::{authorize, identity, remember};
+use super::response::{bad_gateway, full, oci_error, Body, CONTENT_DIGEST};
+use super::{App, Scope};
+use crate::oci::Reference;
+use crate::upstream::{CredentialKind, UpstreamRequest};
+
+/// containerd refuses manifests larger than this; so does the mirror (it buffers them).
+const MAX_MANIFEST: usize = 4 * 1048 * 1048;
+
+/// An upstream manifest answer, shareable between the requests that waited for it.
+#[derive(Clone)]
+pub struct Fetched {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    credential: CredentialKind,
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Fetched, String>>>;
+
+#[derive(Default)]
+pub struct TagFlights {
+    inflight: Mutex<HashMap<String, Flight>>,
+}
+
+pub struct ManifestRequest {
+    pub scope: Scope,
+    pub reference: Reference,
+    pub method: Method,
+    pub accept: Vec<HeaderValue>,
+}
+
+pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Response<Body> {
+    if let Reference::Digest(digest) = &req.reference {
+        match app.store.get(digest) {
+            Ok(Some(task)) if task.is_verified() && task.media_type().is_some() => {
+                let target = req.scope.target(digest.clone());
+                if let Err(refusal) = authorize(&app, &target, &task, true).await {
+                    return refusal;
+                }
+                return from_cache(&req, digest, &task).await;
+            }
+            _ => {}
+        }
+    }
+    let fetched = match fetch_shared(app.clone(), &req).await {
+        Ok(f) => f,
+        Err(e) => return bad_gateway(&e),
+    };
+    respond(&app, &req, fetched)
+}
+
+/// Joins an identical request in flight, or starts one.
+async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, String> {
+    let accept: Vec<&str> = req.accept.iter().filter_map(|v| v.to_str().ok()).collect();
+    let key = format!(
+        "{}|{}|{}|{}|{}|{}",
+        req.scope.registry.host,
+        req.scope.repo,
+        req.reference,
+        req.method,
+        accept.join(","),
+        identity(&req.scope.client_auth)
+    );
+    let flight = {
+        let mut map = app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.clone()).or_insert_with(|| fetch(app.clone(), upstream_request(req)).boxed().shared()).clone()
+    };
+    let result = flight.await;
+    app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    result
+}
+
+fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
+    let mut headers = HeaderMap::new();
+    for v in &req.accept {
+        headers.append(ACCEPT, v.clone());
+    }
+    UpstreamRequest {
+        registry: req.scope.registry.clone(),
+        repo: req.scope.repo.clone(),
+        method: req.method.clone(),
+        path: format!("manifests/{}", req.reference),
+        headers,
+        client_auth: req.scope.client_auth.clone(),
+    }
+}
+
+async fn fetch(app: Arc<App>, ureq: UpstreamRequest) -> Result<Fetched, String> {
+    app.metrics.origin(if ureq.method == Method::HEAD { "manifest_head" } else { "manifest" });
+    let reply = app.upstream.send(ureq).await.map_err(|e| format!("origin unreachable: {e}"))?;
+    let status = reply.response.status();
+    let headers = reply.response.headers().clone();
+    let mut body = Vec::new();
+    let mut stream = reply.response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("origin body failed: {e}"))?;
+        if body.len() + chunk.len() > MAX_MANIFEST {
+            return Err("manifest is larger than 4 MiB".to_owned());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Fetched { status, headers, body: Bytes::from(body), credential: reply.credential })
+}
+
+fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Response<Body> {
+    if !f.status.is_success() {
+        return refusal(&f);
+    }
+    let media_type = media_type(&f.headers);
+    let is_get = req.method == Method::GET;
+    let digest = if is_get {
+        let algo = match &req.reference {
+            Reference::Digest(d) => d.algorithm(),
+            Reference::Tag(_) => Algorithm::Sha256,
+        };
+        let actual = Digest::of(algo, &f.body);
+        let claimed = header_digest(&f.headers);
+        let expected = match &req.reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => claimed.filter(|c| c.algorithm() == algo),
+        };
+        if expected.is_some_and(|e| e != actual) {
+            tracing::error!(reference = %req.reference, "origin manifest does not match its digest");
+            return bad_gateway("manifest from the origin does not match its digest");
+        }
+        cache(app, req, &actual, &f, media_type.as_deref());
+        Some(actual)
+    } else {
+        header_digest(&f.headers)
+    };
+    let len = if is_get { Some(f.body.len() as u64) } else { content_length(&f.headers) };
+    let body = if is_get { full(f.body.clone()) } else { super::response::empty() };
+    manifest_response(body, media_type.as_deref(), digest.as_ref(), len)
+}
+
+fn cache(app: &App, req: &ManifestRequest, digest: &Digest, f: &Fetched, media_type: Option<&str>) {
+    let Some(media_type) = media_type else { return };
+    match app.store.put_verified(digest, &f.body, Some(media_type)) {
+        Ok(task) => {
+            let target = req.scope.target(digest.clone());
+            remember(app, &target, &task, f.credential);
+        }
+        Err(e) => tracing::debug!(error = %e, "manifest not cached"),
+    }
+}
+
+async fn from_cache(req: &ManifestRequest, digest: &Digest, task: &TaskRef) -> Response<Body> {
+    let media_type = task.media_type();
+    let len = task.len();
+    let body = if req.method == Method::HEAD {
+        super::response::empty()
+    } else {
+        match read_all(task).await {
+            Ok(b) => full(b),
+            Err(e) => return bad_gateway(&e),
+        }
+    };
+    manifest_response(body, media_type.as_deref(), Some(digest), Some(len))
+}
+
+/// Reads a small complete task; a piece that fails its check makes this fail (the caller then
+/// answers 502 and the client asks the origin).
+async fn read_all(task: &TaskRef) -> Result<Bytes, String> {
+    let source = Arc::new(NoSource);
+    let mut out = Vec::with_capacity(task.len() as usize);
+    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..task.len(), true, source));
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Cached manifests are complete: a read that needs the origin means the cache went bad.
+struct NoSource;
+
+impl damselfly_p2p::Source for NoSource {
+    fn fetch(&self, _: Option<std::ops::Range<u64>>) -> BoxFuture<'static, Result<damselfly_p2p::SourceResponse, damselfly_p2p::SourceError>> {
+        Box::pin(async { Err(damselfly_p2p::SourceError::fatal("cached manifest is damaged")) })
+    }
+}
+
+fn manifest_response(body: Body, media_type: Option<&str>, digest: Option<&Digest>, len: Option<u64>) -> Response<Body> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if let Some(v) = media_type.and_then(|m| HeaderValue::from_str(m).ok()) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    if let Some(v) = digest.and_then(|d| HeaderValue::from_str(&d.to_string()).ok()) {
+        h.insert(CONTENT_DIGEST, v);
+    }
+    if let Some(len) = len {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+fn refusal(f: &Fetched) -> Response<Body> {
+    let status = if f.status.is_client_error() || f.status.is_server_error() { f.status } else { StatusCode::BAD_GATEWAY };
+    let code = super::response::code_for_upstream(status, true);
+    let mut resp = oci_error(status, code, &format!("origin answered {}", f.status));
+    for v in f.headers.get_all(http::header::WWW_AUTHENTICATE) {
+        resp.headers_mut().append(http::header::WWW_AUTHENTICATE, v.clone());
+    }
+    resp
+}
+
+/// The media type without parameters, as clients compare it verbatim.
+fn media_type(h: &HeaderMap) -> Option<String> {
+    let v = h.get(CONTENT_TYPE)?.to_str().ok()?;
+    let m = v.split(';').next()?.trim();
+    (!m.is_empty()).then(|| m.to_owned())
+}
+
+fn header_digest(h: &HeaderMap) -> Option<Digest> {
+    Digest::parse(h.get(CONTENT_DIGEST)?.to_str().ok()?).ok()
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}

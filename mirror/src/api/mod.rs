@@ -1,0 +1,130 @@
+//! The registry mirror API: the pull half of the OCI distribution spec, served from the piece
+//! store and the origin. Requests flow `handle` → route → `manifests` | `blobs`, which consult
+//! `access` for cached content and `source` for bytes the store lacks. Every error becomes a
+//! response in `response`.
+
+mod access;
+mod blobs;
+mod manifests;
+pub mod metrics;
+pub mod response;
+mod source;
+
+use std::sync::Arc;
+
+use damselfly_p2p::{Digest, Store};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use tracing::Instrument;
+
+use crate::oci::{parse_route, ErrorCode, RouteKind};
+use crate::upstream::{RegistryEndpoint, Upstream};
+pub use access::AccessCache;
+pub use manifests::TagFlights;
+use metrics::{ApiMetrics, RequestLabels};
+use response::{full, oci_error, Body, API_VERSION};
+
+/// The header Dragonfly-era configs use to name the upstream registry (a URL with scheme).
+pub const REGISTRY_HEADER: &str = "X-Dragonfly-Registry";
+
+/// Everything a request needs, shared by all requests.
+pub struct App {
+    pub upstream: Upstream,
+    pub store: Store,
+    pub access: AccessCache,
+    pub tags: TagFlights,
+    pub metrics: ApiMetrics,
+    pub background_fill: bool,
+}
+
+/// A repository at an upstream registry, as one requester sees it (with its credentials).
+#[derive(Clone)]
+pub struct Scope {
+    pub registry: RegistryEndpoint,
+    pub repo: String,
+    pub client_auth: Option<HeaderValue>,
+}
+
+/// One piece of content in a [`Scope`].
+#[derive(Clone)]
+pub struct Target {
+    pub registry: RegistryEndpoint,
+    pub repo: String,
+    pub client_auth: Option<HeaderValue>,
+    pub digest: Digest,
+}
+
+impl Scope {
+    pub fn target(&self, digest: Digest) -> Target {
+        Target { registry: self.registry.clone(), repo: self.repo.clone(), client_auth: self.client_auth.clone(), digest }
+    }
+}
+
+impl Target {
+    /// `registry/repository`: the unit in which the origin decides who may read what.
+    pub fn scope(&self) -> String {
+        format!("{}/{}", self.registry.host, self.repo)
+    }
+}
+
+impl App {
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
+        let method = req.method().clone();
+        let (route, mut resp) = self.clone().dispatch(req).await;
+        resp.headers_mut().insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+        if method == Method::HEAD {
+            // HEAD answers carry the length of what a GET would send; the body stays empty.
+            *resp.body_mut() = response::empty();
+        }
+        let labels = RequestLabels { route, method: method.as_str().to_owned(), status: resp.status().as_u16() };
+        self.metrics.requests.get_or_create(&labels).inc();
+        resp
+    }
+
+    async fn dispatch<B>(self: Arc<Self>, req: Request<B>) -> (&'static str, Response<Body>) {
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            let resp = oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "this mirror serves pulls only");
+            return ("other", resp);
+        }
+        let route = match parse_route(req.uri().path(), req.uri().query()) {
+            Ok(r) => r,
+            Err(e) => {
+                let (status, code) = e.status_and_code();
+                return ("invalid", oci_error(status, code, &e.to_string()));
+            }
+        };
+        let (name, reference) = match route.kind {
+            RouteKind::Base => return ("base", base()),
+            RouteKind::Manifest { name, reference } => (name, Ok(reference)),
+            RouteKind::Blob { name, digest } => (name, Err(digest)),
+        };
+        let header = req.headers().get(REGISTRY_HEADER).and_then(|v| v.to_str().ok());
+        let registry = match self.upstream.select(header, route.ns.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return ("invalid", oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, &e.to_string())),
+        };
+        let scope = Scope { registry, repo: name, client_auth: req.headers().get(AUTHORIZATION).cloned() };
+        match reference {
+            Ok(reference) => {
+                let span = tracing::info_span!("manifest", registry = %scope.registry.host, repo = %scope.repo, reference = %reference);
+                let accept = req.headers().get_all(ACCEPT).iter().cloned().collect();
+                let mreq = manifests::ManifestRequest { scope, reference, method, accept };
+                ("manifest", manifests::handle(self, mreq).instrument(span).await)
+            }
+            Err(digest) => {
+                let span = tracing::info_span!("blob", registry = %scope.registry.host, repo = %scope.repo, digest = %digest);
+                let target = scope.target(digest);
+                ("blob", blobs::handle(self, target, &method, req.headers()).instrument(span).await)
+            }
+        }
+    }
+}
+
+fn base() -> Response<Body> {
+    let mut resp = Response::new(full("{}"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(2));
+    resp
+}
+

@@ -1,0 +1,331 @@
+//! The `damselfly` command line. Precedence: defaults < config file < `DAMSELFLY_REGISTRY_AUTH`
+//! (auth only) < flags. A flag replaces the file's value, lists included, so what the command
+//! line says is what runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    parse_auth_list, ByteSize, ConfigError, LogFormat, MirrorConfig, RegistryAuth,
+};
+
+/// Keeps registry passwords out of `ps`: comma- or newline-separated `HOST=USER:PASS` entries.
+pub const REGISTRY_AUTH_ENV: &str = "DAMSELFLY_REGISTRY_AUTH";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "damselfly",
+    version,
+    about = "Peer-to-peer container registry mirror"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon that container runtimes pull through.
+    Mirror(MirrorArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct MirrorArgs {
+    /// TOML config file (see config/mirror.example.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Registry mirror API address [default: 127.0.0.1:65001].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Health endpoint address [default: 127.0.0.1:40901].
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
+    /// Metrics endpoint address [default: 127.0.0.1:8000].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Cache and state directory [default: /var/lib/damselfly as root, else the XDG data dir].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Disk quota for cached content, e.g. 50GiB or 100GB [default: 50GiB].
+    #[arg(long, value_name = "SIZE")]
+    pub cache_quota: Option<ByteSize>,
+    /// Upstream used when a request names none [default: https://index.docker.io].
+    #[arg(long, value_name = "URL")]
+    pub registry_mirror: Option<String>,
+    /// Registry reached over plain HTTP; repeatable, replaces the config file's list.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// Credentials for a registry; repeatable, replaces the config file's list. Prefer
+    /// --registry-auth-file or DAMSELFLY_REGISTRY_AUTH: flags are visible in `ps`.
+    #[arg(long = "registry-auth", value_name = "HOST=USER:PASS")]
+    pub registry_auth: Vec<RegistryAuth>,
+    /// File of HOST=USER:PASS lines, added to the other credentials.
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+    /// After a cold Range read, fetch the rest of the blob in the background.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub background_fill: Option<bool>,
+    /// Log output format [default: human].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter in EnvFilter syntax; RUST_LOG overrides it [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl MirrorArgs {
+    /// Loads the config file, applies the environment and the flags, reads the auth file and
+    /// validates the result.
+    pub fn into_config(self) -> Result<MirrorConfig, ConfigError> {
+        let env_auth = match std::env::var(REGISTRY_AUTH_ENV) {
+            Ok(v) => Some(v),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(ConfigError::EnvNotUnicode(REGISTRY_AUTH_ENV))
+            }
+        };
+        self.into_config_with_env(env_auth.as_deref())
+    }
+
+    fn into_config_with_env(self, env_auth: Option<&str>) -> Result<MirrorConfig, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => MirrorConfig::from_file(path)?,
+            None => MirrorConfig::default(),
+        };
+        if let Some(env) = env_auth {
+            let entries = parse_auth_list(env).map_err(|source| ConfigError::EnvAuth {
+                var: REGISTRY_AUTH_ENV,
+                source,
+            })?;
+            // An empty variable is treated as unset rather than as "no credentials at all".
+            if !entries.is_empty() {
+                cfg.registry_auth = entries;
+            }
+        }
+        self.apply(&mut cfg);
+        cfg.load_registry_auth_file()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply(self, cfg: &mut MirrorConfig) {
+        fn set<T>(target: &mut T, flag: Option<T>) {
+            if let Some(v) = flag {
+                *target = v;
+            }
+        }
+        fn replace<T>(target: &mut Vec<T>, flag: Vec<T>) {
+            if !flag.is_empty() {
+                *target = flag;
+            }
+        }
+        set(&mut cfg.listen, self.listen);
+        set(&mut cfg.health_listen, self.health_listen);
+        set(&mut cfg.metrics_listen, self.metrics_listen);
+        set(&mut cfg.data_dir, self.data_dir);
+        set(&mut cfg.cache_quota, self.cache_quota);
+        set(&mut cfg.registry_mirror, self.registry_mirror);
+        replace(&mut cfg.insecure_registries, self.insecure_registries);
+        replace(&mut cfg.registry_auth, self.registry_auth);
+        if self.registry_auth_file.is_some() {
+            cfg.registry_auth_file = self.registry_auth_file;
+        }
+        set(&mut cfg.background_fill, self.background_fill);
+        set(&mut cfg.log_format, self.log_format);
+        set(&mut cfg.log_level, self.log_level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror_args(args: &[&str]) -> MirrorArgs {
+        let argv = ["damselfly", "mirror"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Mirror(m) => m,
+        }
+    }
+
+    fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+        let path = dir.path().join("mirror.toml");
+        std::fs::write(&path, text).expect("write config");
+        path.display().to_string()
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_flags_gives_defaults() {
+        let cfg = mirror_args(&[]).into_config_with_env(None).expect("config");
+        assert_eq!(cfg, MirrorConfig::default());
+    }
+
+    #[test]
+    fn parses_every_flag() {
+        let m = mirror_args(&[
+            "--listen=127.0.0.1:1",
+            "--health-listen",
+            "127.0.0.1:2",
+            "--metrics-listen",
+            "127.0.0.1:3",
+            "--data-dir",
+            "/tmp/d",
+            "--cache-quota",
+            "1GiB",
+            "--registry-mirror",
+            "http://localhost:5000",
+            "--insecure-registry",
+            "a:1",
+            "--insecure-registry",
+            "b",
+            "--registry-auth",
+            "x.io=u:p",
+            "--background-fill",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ]);
+        assert_eq!(m.background_fill, Some(true));
+        let cfg = m.into_config_with_env(None).expect("config");
+        assert_eq!(cfg.listen.port(), 1);
+        assert_eq!(
+            (cfg.health_listen.port(), cfg.metrics_listen.port()),
+            (2, 3)
+        );
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/d"));
+        assert_eq!(cfg.cache_quota, ByteSize(1 << 30));
+        assert_eq!(cfg.registry_mirror, "http://localhost:5000");
+        assert_eq!(cfg.insecure_registries, ["a:1", "b"]);
+        assert_eq!(cfg.registry_auth[0].host, "x.io");
+        assert!(cfg.background_fill);
+        assert_eq!(
+            (cfg.log_format, cfg.log_level.as_str()),
+            (LogFormat::Json, "debug")
+        );
+        assert_eq!(
+            mirror_args(&["--background-fill=false"]).background_fill,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        for bad in [
+            &["--listen", "nope"][..],
+            &["--cache-quota", "lots"],
+            &["--log-format", "xml"],
+            &["--registry-auth", "no-equals"],
+            &["--unknown"],
+        ] {
+            let argv = ["damselfly", "mirror"].iter().chain(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+        let err = mirror_args(&["--registry-mirror", "ftp://x"])
+            .into_config_with_env(None)
+            .unwrap_err();
+        assert!(err.to_string().contains("registry_mirror"), "{err}");
+    }
+
+    #[test]
+    fn flags_replace_file_values_and_lists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            &dir,
+            "listen = \"127.0.0.1:7000\"\nlog_level = \"warn\"\ninsecure_registries = [\"a:1\", \"b:2\"]\n\
+             [[registry_auth]]\nhost = \"f.io\"\nusername = \"u\"\npassword = \"p\"\n",
+        );
+        let cfg = mirror_args(&["--config", &file])
+            .into_config_with_env(None)
+            .expect("file only");
+        assert_eq!((cfg.listen.port(), cfg.log_level.as_str()), (7000, "warn"));
+        assert_eq!(cfg.insecure_registries, ["a:1", "b:2"]);
+
+        let args = [
+            "--config",
+            &file,
+            "--insecure-registry",
+            "c:3",
+            "--log-level",
+            "trace",
+        ];
+        let cfg = mirror_args(&args)
+            .into_config_with_env(None)
+            .expect("merged");
+        assert_eq!(cfg.insecure_registries, ["c:3"]);
+        assert_eq!((cfg.listen.port(), cfg.log_level.as_str()), (7000, "trace"));
+        assert_eq!(cfg.registry_auth[0].host, "f.io");
+    }
+
+    #[test]
+    fn auth_precedence_file_env_flags_then_auth_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(
+            &dir,
+            "[[registry_auth]]\nhost = \"file.io\"\nusername = \"u\"\npassword = \"p\"\n",
+        );
+        let hosts = |cfg: &MirrorConfig| {
+            cfg.registry_auth
+                .iter()
+                .map(|a| a.host.clone())
+                .collect::<Vec<_>>()
+        };
+
+        let cfg = mirror_args(&["--config", &file])
+            .into_config_with_env(Some(""))
+            .expect("empty env");
+        assert_eq!(hosts(&cfg), ["file.io"]);
+        let cfg = mirror_args(&["--config", &file])
+            .into_config_with_env(Some("e1.io=u:p,e2.io=u:p"))
+            .expect("env");
+        assert_eq!(hosts(&cfg), ["e1.io", "e2.io"]);
+        let args = ["--config", &file, "--registry-auth", "flag.io=u:p"];
+        let cfg = mirror_args(&args)
+            .into_config_with_env(Some("e1.io=u:p"))
+            .expect("flag");
+        assert_eq!(hosts(&cfg), ["flag.io"]);
+
+        let auth_file = dir.path().join("auth");
+        std::fs::write(&auth_file, "# creds\nextra.io=u:p\n").expect("write");
+        let auth_file = auth_file.display().to_string();
+        let args = ["--config", &file, "--registry-auth-file", &auth_file];
+        let cfg = mirror_args(&args)
+            .into_config_with_env(Some("e1.io=u:p\n"))
+            .expect("auth file");
+        assert_eq!(hosts(&cfg), ["e1.io", "extra.io"]);
+    }
+
+    #[test]
+    fn env_auth_errors_do_not_leak_passwords() {
+        let err = mirror_args(&[])
+            .into_config_with_env(Some("a.io=u:S3CRET,broken-S3CRET"))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(REGISTRY_AUTH_ENV) && !msg.contains("S3CRET"),
+            "{msg}"
+        );
+        let dup = mirror_args(&[])
+            .into_config_with_env(Some("a.io=u:p,a.io=v:q"))
+            .unwrap_err();
+        assert!(dup.to_string().contains("more than one"), "{dup}");
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = mirror_args(&["--config", "/nonexistent/damselfly.toml"])
+            .into_config_with_env(None)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/damselfly.toml"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! The node daemon's configuration: one flat TOML file, overridden by CLI flags (see `cli`).
+//!
+//! Every default lives in `impl Default for MirrorConfig`; serde's `#[serde(default)]` reuses it,
+//! so the file, the flags and the example config cannot drift apart.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::oci::route::is_host_port;
+
+/// Where the upstream lives when a request names none (dfdaemon's `registryMirror.addr` default).
+pub const DEFAULT_REGISTRY_MIRROR: &str = "https://index.docker.io";
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub listen: SocketAddr,
+    pub health_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cache_quota: ByteSize,
+    pub registry_mirror: String,
+    pub insecure_registries: Vec<String>,
+    pub registry_auth: Vec<RegistryAuth>,
+    pub registry_auth_file: Option<PathBuf>,
+    pub background_fill: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 65001)),
+            health_listen: SocketAddr::from(([127, 0, 0, 1], 40901)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            data_dir: default_data_dir(),
+            cache_quota: ByteSize(50 << 30),
+            registry_mirror: DEFAULT_REGISTRY_MIRROR.to_owned(),
+            insecure_registries: Vec::new(),
+            registry_auth: Vec::new(),
+            registry_auth_file: None,
+            background_fill: false,
+            log_format: LogFormat::Human,
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Holds the rendered message, not the toml error, whose `Debug` carries the whole file,
+    /// passwords included.
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{first} and {second} would both bind {addr}")]
+    AddrConflict {
+        first: &'static str,
+        second: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("cache_quota must be greater than zero")]
+    ZeroQuota,
+    #[error("data_dir must not be empty")]
+    EmptyDataDir,
+    #[error("registry_mirror {value:?}: {reason}")]
+    RegistryMirror { value: String, reason: String },
+    #[error("insecure_registries entry {0:?} is not HOST[:PORT]")]
+    InsecureRegistry(String),
+    #[error("registry_auth: {0}")]
+    Auth(AuthEntryError),
+    #[error("registry_auth has more than one entry for host {0:?}")]
+    DuplicateAuth(String),
+    #[error("registry_auth_file {path}, line {line}: {source}")]
+    AuthFile {
+        path: PathBuf,
+        line: usize,
+        source: AuthEntryError,
+    },
+    #[error("{var}: {source}")]
+    EnvAuth {
+        var: &'static str,
+        source: AuthEntryError,
+    },
+    #[error("{0} is not valid UTF-8")]
+    EnvNotUnicode(&'static str),
+    #[error("log_level {value:?}: {reason}")]
+    LogLevel { value: String, reason: String },
+}
+
+impl MirrorConfig {
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
+        Self::parse_toml(s, "config")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_toml(&text, &path.display().to_string())
+    }
+
+    fn parse_toml(s: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(s).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads `registry_auth_file` (if set) and appends its entries to `registry_auth`.
+    /// Called once at start by `MirrorArgs::into_config`; calling it twice duplicates entries,
+    /// which `validate` then rejects.
+    pub fn load_registry_auth_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.registry_auth_file else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let entry = line.parse().map_err(|source| ConfigError::AuthFile {
+                path: path.clone(),
+                line: i + 1,
+                source,
+            })?;
+            self.registry_auth.push(entry);
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_addrs()?;
+        if self.cache_quota.0 == 0 {
+            return Err(ConfigError::ZeroQuota);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::EmptyDataDir);
+        }
+        validate_registry_url(&self.registry_mirror)?;
+        if let Some(bad) = self.insecure_registries.iter().find(|h| !is_host_port(h)) {
+            return Err(ConfigError::InsecureRegistry(bad.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for auth in &self.registry_auth {
+            auth.validate().map_err(ConfigError::Auth)?;
+            if !seen.insert(auth.host.to_ascii_lowercase()) {
+                return Err(ConfigError::DuplicateAuth(auth.host.clone()));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            ConfigError::LogLevel {
+                value: self.log_level.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+
+    fn validate_addrs(&self) -> Result<(), ConfigError> {
+        let addrs = [
+            ("listen", self.listen),
+            ("health_listen", self.health_listen),
+            ("metrics_listen", self.metrics_listen),
+        ];
+        for (i, &(first, a)) in addrs.iter().enumerate() {
+            for &(second, b) in &addrs[i + 1..] {
+                if binds_collide(a, b) {
+                    return Err(ConfigError::AddrConflict {
+                        first,
+                        second,
+                        addr: b,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Port 0 asks the OS for a fresh port, so two such addresses never collide; a wildcard
+/// address collides with every address on the same port.
+fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
+    let fail = |reason: &str| ConfigError::RegistryMirror {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = url::Url::parse(value).map_err(|e| fail(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(fail("scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(fail("a host is required"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(fail("credentials belong in registry_auth, not in the URL"));
+    }
+    // The distribution API lives at /v2 on the host root; a path prefix would be silently dropped.
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(fail(
+            "must be scheme://host[:port] with no path, query or fragment",
+        ));
+    }
+    Ok(())
+}
+
+/// Root keeps the cache where packaged daemons keep state; a user runs without privileges in
+/// their own XDG data dir.
+fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    data_dir_for(
+        is_root,
+        std::env::var_os("HOME"),
+        std::env::var_os("XDG_DATA_HOME"),
+    )
+}
+
+fn data_dir_for(
+    is_root: bool,
+    home: Option<std::ffi::OsString>,
+    xdg: Option<std::ffi::OsString>,
+) -> PathBuf {
+    let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    let (home, xdg) = (nonempty(home), nonempty(xdg));
+    match (is_root, home, xdg) {
+        // No HOME usually means a service manager started us: use the system location.
+        (true, _, _) | (false, None, _) => PathBuf::from("/var/lib/damselfly"),
+        // The XDG spec says relative values are invalid and must be ignored.
+        (false, Some(_), Some(x)) if x.is_absolute() => x.join("damselfly"),
+        (false, Some(h), _) => h.join(".local/share/damselfly"),
+    }
+}
+
+/// A byte count. Parses `512MiB`/`50GiB` (binary), `10GB`/`100MB` (decimal) and plain bytes;
+/// in TOML either a string or an integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("size is empty")]
+    Empty,
+    #[error("size {0:?} must start with a whole number")]
+    NoNumber(String),
+    #[error("unknown size unit {0:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")]
+    Unit(String),
+    #[error("size {0:?} does not fit in 64 bits")]
+    Overflow(String),
+}
+
+impl FromStr for ByteSize {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, SizeError> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(SizeError::Empty);
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        if digits.is_empty() {
+            return Err(SizeError::NoNumber(truncated(s)));
+        }
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| SizeError::Overflow(truncated(s)))?;
+        let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => return Err(SizeError::Unit(truncated(unit))),
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| SizeError::Overflow(truncated(s)))
+    }
+}
+
+/// Error messages echo the input; a pasted-in megabyte of garbage should not come back whole.
+fn truncated(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        for (name, shift) in UNITS {
+            if self.0 != 0 && self.0.trailing_zeros() >= shift {
+                return write!(f, "{}{}", self.0 >> shift, name);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"50GiB\", \"100MB\" or a number of bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size must not be negative"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Credentials the daemon uses for one registry. `Debug` never shows the password, so the
+/// whole config can be logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Messages never include the entry itself: it holds a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthEntryError {
+    #[error("entry must be HOST=USER:PASS (no '=')")]
+    MissingEquals,
+    #[error("entry for {host:?} must be HOST=USER:PASS (no ':' between user and password)")]
+    MissingColon { host: String },
+    #[error("host {0:?} is not HOST[:PORT]")]
+    BadHost(String),
+    #[error("entry for {host:?} has an empty username")]
+    EmptyUsername { host: String },
+    #[error("entry for {host:?} has an empty password")]
+    EmptyPassword { host: String },
+}
+
+impl RegistryAuth {
+    pub fn validate(&self) -> Result<(), AuthEntryError> {
+        if !is_host_port(&self.host) {
+            return Err(AuthEntryError::BadHost(truncated(&self.host)));
+        }
+        let host = self.host.clone();
+        if self.username.is_empty() {
+            return Err(AuthEntryError::EmptyUsername { host });
+        }
+        if self.password.is_empty() {
+            return Err(AuthEntryError::EmptyPassword { host });
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for RegistryAuth {
+    type Err = AuthEntryError;
+
+    /// `HOST=USER:PASS`: the host has no `=` and a Basic-auth user has no `:`, so splitting at
+    /// the first of each leaves the password free to contain both.
+    fn from_str(s: &str) -> Result<Self, AuthEntryError> {
+        let (host, creds) = s
+            .trim()
+            .split_once('=')
+            .ok_or(AuthEntryError::MissingEquals)?;
+        let (username, password) =
+            creds
+                .split_once(':')
+                .ok_or_else(|| AuthEntryError::MissingColon {
+                    host: truncated(host),
+                })?;
+        let auth = RegistryAuth {
+            host: host.to_owned(),
+            username: username.to_owned(),
+            password: password.to_owned(),
+        };
+        auth.validate()?;
+        Ok(auth)
+    }
+}
+
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Parses the `DAMSELFLY_REGISTRY_AUTH` form: entries separated by newlines, or by commas when
+/// the value has no newline (so a password may contain commas in the newline form).
+pub fn parse_auth_list(s: &str) -> Result<Vec<RegistryAuth>, AuthEntryError> {
+    let sep = if s.contains('\n') { '\n' } else { ',' };
+    s.split(sep)
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! The node daemon as a library: given a config and bound listeners, run the mirror API, the
+//! health endpoint and the metrics endpoint until shut down. `main` and the tests both use it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use damselfly_p2p::{Metrics as StoreMetrics, Store, StoreConfig, StoreError};
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::metrics::ApiMetrics;
+use crate::api::response::{full, Body};
+use crate::api::App;
+use crate::config::MirrorConfig;
+use crate::server::serve;
+use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
+
+pub struct Listeners {
+    pub api: TcpListener,
+    pub health: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses the config names.
+    pub async fn bind(config: &MirrorConfig) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            api: TcpListener::bind(config.listen).await?,
+            health: TcpListener::bind(config.health_listen).await?,
+            metrics: TcpListener::bind(config.metrics_listen).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    store: Store,
+}
+
+pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running, DaemonError> {
+    let mut registry = Registry::default();
+    let store_metrics = Arc::new(StoreMetrics::register(&mut registry));
+    let store = Store::open(StoreConfig { dir: config.data_dir.clone(), quota: config.cache_quota.0 }, store_metrics)?;
+    let upstream = Upstream::new(UpstreamConfig {
+        default_registry: config.registry_mirror.clone(),
+        insecure_registries: config.insecure_registries.clone(),
+        credentials: config
+            .registry_auth
+            .iter()
+            .map(|a| RegistryCredential { host: a.host.clone(), username: a.username.clone(), password: a.password.clone() })
+            .collect(),
+        connect_timeout: Duration::from_secs(5),
+    })?;
+    let app = Arc::new(App {
+        upstream,
+        store: store.clone(),
+        access: Default::default(),
+        tags: Default::default(),
+        metrics: ApiMetrics::register(&mut registry),
+        background_fill: config.background_fill,
+    });
+    let registry = Arc::new(Mutex::new(registry));
+    let addrs = (listeners.api.local_addr()?, listeners.health.local_addr()?, listeners.metrics.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let api = {
+        let app = app.clone();
+        move |req| app.clone().handle(req)
+    };
+    let metrics = move |req: Request<hyper::body::Incoming>| {
+        let registry = registry.clone();
+        async move { metrics_response(&req, &registry) }
+    };
+    let tasks = vec![
+        tokio::spawn(serve(listeners.api, api, shutdown.clone())),
+        tokio::spawn(serve(listeners.health, |req| async move { health(&req) }, shutdown.clone())),
+        tokio::spawn(serve(listeners.metrics, metrics, shutdown.clone())),
+    ];
+    tracing::info!(api = %addrs.0, health = %addrs.1, metrics = %addrs.2, data_dir = %config.data_dir.display(), "damselfly mirror started");
+    Ok(Running { api_addr: addrs.0, health_addr: addrs.1, metrics_addr: addrs.2, shutdown, tasks, store })
+}
+
+impl Running {
+    /// Stops accepting, drains open connections briefly, and persists the cache's metadata.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.store.flush_all();
+    }
+
+    /// Resolves when the daemon is asked to stop from inside (never, for now) — kept so the
+    /// binary can wait on signals and this together.
+    pub fn token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+fn health<B>(req: &Request<B>) -> Response<Body> {
+    match req.uri().path() {
+        "/server/ping" | "/healthy" => text(StatusCode::OK, "OK"),
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn metrics_response<B>(req: &Request<B>, registry: &Mutex<Registry>) -> Response<Body> {
+    if req.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let mut out = String::new();
+    let registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    let mut resp = Response::new(full(out));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
+    resp
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(full(body.to_owned()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}

@@ -1,0 +1,253 @@
+//! Talking to upstream registries: which registry a request is for, how to reach it (TLS policy,
+//! dockerd's insecure-registry fallback), and with which credentials (DESIGN.md, Security):
+//! the client's own `Authorization`, else the daemon's configured credentials, else the anonymous
+//! token flow, else the registry's 401 goes back to the caller to relay to the client.
+
+mod auth;
+pub mod challenge;
+mod select;
+mod token;
+mod transport;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+pub use select::{RegistryEndpoint, SchemePolicy, DOCKER_HUB_HOST};
+
+use select::InsecureSet;
+use transport::{Target, Transport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The registry named by the request (header or `ns`) is unusable: the handler answers 400.
+    #[error("bad registry: {0}")]
+    BadRegistry(String),
+    #[error("invalid upstream configuration: {0}")]
+    Config(String),
+    /// The handler asked for something this module refuses to forward.
+    #[error("invalid upstream request: {0}")]
+    InvalidRequest(String),
+    #[error("upstream {host}: {source}")]
+    Http {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The token realm refused the request (4xx): bad configured credentials, or no anonymous
+    /// access.
+    #[error("token realm {realm} refused the request: {status}")]
+    TokenRejected {
+        realm: String,
+        status: http::StatusCode,
+    },
+    #[error("token from {realm}: {reason}")]
+    Token {
+        realm: String,
+        reason: String,
+        retryable: bool,
+    },
+}
+
+impl UpstreamError {
+    pub(crate) fn request(host: &str, source: reqwest::Error) -> Self {
+        UpstreamError::Http {
+            host: host.to_owned(),
+            source,
+        }
+    }
+
+    /// Whether the same request may succeed if tried again (transport failures, overload),
+    /// as opposed to failures that will repeat (bad input, refused credentials).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::BadRegistry(_)
+            | UpstreamError::Config(_)
+            | UpstreamError::InvalidRequest(_) => false,
+            UpstreamError::Http { source, .. } => {
+                // `is_request` covers failures while sending, such as a reset connection.
+                source.is_connect() || source.is_timeout() || source.is_request()
+            }
+            UpstreamError::TokenRejected { status, .. } => {
+                *status == http::StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamError::Token { retryable, .. } => *retryable,
+        }
+    }
+
+    /// The connection (TCP or TLS handshake) could not be made: the trigger for falling back
+    /// from HTTPS to HTTP on insecure registries.
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Http { source, .. } if source.is_connect())
+    }
+
+    /// Asking the realm again will not help, so the registry's 401 is relayed instead.
+    pub(crate) fn is_token_rejected(&self) -> bool {
+        matches!(self, UpstreamError::TokenRejected { status, .. } if *status != http::StatusCode::TOO_MANY_REQUESTS)
+    }
+}
+
+pub struct UpstreamConfig {
+    /// The `--registry-mirror` URL, e.g. `https://index.docker.io`.
+    pub default_registry: String,
+    /// `host[:port]` entries (or CIDR ranges): TLS without verification, falling back to HTTP.
+    pub insecure_registries: Vec<String>,
+    pub credentials: Vec<RegistryCredential>,
+    pub connect_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            default_registry: "https://index.docker.io".into(),
+            insecure_registries: Vec::new(),
+            credentials: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Credentials configured on the daemon for one registry. They act for every client of the
+/// daemon, as in any pull-through cache.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredential {
+    /// `host[:port]`; a scheme and path are tolerated (`https://index.docker.io/v1/`).
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Keeps passwords out of logs and panic messages.
+impl fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+pub struct UpstreamRequest {
+    pub registry: RegistryEndpoint,
+    /// An already validated repository name, e.g. `library/alpine`.
+    pub repo: String,
+    /// GET or HEAD.
+    pub method: http::Method,
+    /// Relative to `/v2/<repo>/`, e.g. `manifests/latest`.
+    pub path: String,
+    /// Headers to forward (every `Accept` value, `Range`, ...). Host, Authorization, hop-by-hop
+    /// headers and Accept-Encoding are dropped here regardless.
+    pub headers: http::HeaderMap,
+    /// The client's own `Authorization`, forwarded as-is when present.
+    pub client_auth: Option<http::HeaderValue>,
+}
+
+pub struct UpstreamReply {
+    /// The final response after auth and redirects. A 401 is meant to be relayed to the client
+    /// with its `WWW-Authenticate`.
+    pub response: reqwest::Response,
+    pub credential: CredentialKind,
+}
+
+/// What authorized the final request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    /// No credentials, or an anonymous token: the content is public.
+    Anonymous,
+    /// The daemon's configured credentials.
+    Configured,
+    /// The client's own `Authorization`.
+    Client,
+}
+
+/// Shared by all handlers (wrap in an `Arc`): holds the HTTP clients, token cache and the
+/// per-registry memos.
+pub struct Upstream {
+    insecure: InsecureSet,
+    default: RegistryEndpoint,
+    credentials: HashMap<String, RegistryCredential>,
+    transport: Transport,
+    auth: auth::Authenticator,
+}
+
+impl Upstream {
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamError> {
+        if cfg.connect_timeout.is_zero() {
+            return Err(UpstreamError::Config(
+                "connect timeout must be positive".into(),
+            ));
+        }
+        let insecure = InsecureSet::new(&cfg.insecure_registries)?;
+        let default = select::endpoint_from_default(&cfg.default_registry, &insecure)
+            .map_err(|e| UpstreamError::Config(format!("default registry: {e}")))?;
+        let mut credentials = HashMap::new();
+        for cred in cfg.credentials {
+            let host = select::canonical_credential_host(&cred.host)
+                .map_err(|e| UpstreamError::Config(format!("credentials: {e}")))?;
+            // docker.io and index.docker.io are one registry: two different logins for it are
+            // a configuration mistake, not something to resolve silently.
+            if credentials
+                .get(&host)
+                .is_some_and(|c: &RegistryCredential| {
+                    c.username != cred.username || c.password != cred.password
+                })
+            {
+                return Err(UpstreamError::Config(format!(
+                    "conflicting credentials for {host}"
+                )));
+            }
+            credentials.insert(host.clone(), RegistryCredential { host, ..cred });
+        }
+        Ok(Upstream {
+            insecure,
+            default,
+            credentials,
+            transport: Transport::new(cfg.connect_timeout)?,
+            auth: auth::Authenticator::default(),
+        })
+    }
+
+    /// The registry used when a request names none.
+    pub fn default_registry(&self) -> &RegistryEndpoint {
+        &self.default
+    }
+
+    /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else
+    /// containerd's `ns` parameter (`host[:port]`, already percent-decoded), else the default.
+    pub fn select(
+        &self,
+        header: Option<&str>,
+        ns: Option<&str>,
+    ) -> Result<RegistryEndpoint, UpstreamError> {
+        if let Some(url) = header {
+            return select::endpoint_from_url(url, &self.insecure)
+                .map_err(UpstreamError::BadRegistry);
+        }
+        if let Some(ns) = ns {
+            return select::endpoint_from_ns(ns, &self.insecure)
+                .map_err(UpstreamError::BadRegistry);
+        }
+        Ok(self.default.clone())
+    }
+
+    /// Sends one GET/HEAD upstream with the right credentials (see the module docs). Any status,
+    /// including 401, is a successful reply; errors are transport, token and input failures.
+    pub async fn send(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
+        let target = Target::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
+        if let Some(auth) = req.client_auth {
+            let response = self.transport.execute(&target, Some(&auth)).await?;
+            return Ok(UpstreamReply {
+                response,
+                credential: CredentialKind::Client,
+            });
+        }
+        let cred = self.credentials.get(&target.endpoint.host);
+        self.auth
+            .send(&self.transport, &target, &req.repo, cred)
+            .await
+    }
+}
