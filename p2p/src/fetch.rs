@@ -166,12 +166,14 @@ impl Fill {
     }
 }
 
-/// Per-piece sha256 is computed beside the stream on a blocking thread, reading each finished
-/// piece back from the page cache, so the stream itself pays only for the whole-content hash.
+/// Per-piece sha256 is computed beside the stream, reading each finished piece back from the
+/// page cache on a thread of its own at idle priority: the stream pays only for the
+/// whole-content hash, and the piece hashes use whatever CPU the stream leaves over.
 fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
     let (tx, rx) = mpsc::channel::<usize>();
     let task = task.clone();
-    tokio::task::spawn_blocking(move || {
+    let spawned = std::thread::Builder::new().name("piece-sha256".into()).spawn(move || {
+        lower_priority();
         while let Ok(i) = rx.recv() {
             let bytes = task.bytes(task.layout().piece_range(i));
             let mut h = Hasher::new(crate::Algorithm::Sha256);
@@ -179,5 +181,17 @@ fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
             task.set_piece_sha(i, h.finish().hex().to_owned());
         }
     });
+    if let Err(e) = spawned {
+        // Without the thread the pieces simply keep no sha256 until a later pass computes it.
+        tracing::warn!(error = %e, "cannot start the piece hasher");
+    }
     tx
+}
+
+fn lower_priority() {
+    // SAFETY: plain syscall on the calling thread with a valid, zeroed sched_param.
+    unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
 }
