@@ -19,6 +19,8 @@ const MAX_ATTEMPTS: u32 = 5;
 const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Readers are woken at most once per this many bytes (and at every piece end).
 const NOTIFY_EVERY: u64 = 128 << 10;
+/// Buffer of the piece hasher thread.
+const HASH_BUF: usize = 1 << 20;
 
 struct Fill {
     task: TaskRef,
@@ -171,14 +173,17 @@ impl Fill {
 /// whole-content hash, and the piece hashes use whatever CPU the stream leaves over.
 fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
     let (tx, rx) = mpsc::channel::<usize>();
-    let task = task.clone();
+    // Unpinned: a lagging hasher must not keep the task from being evicted.
+    let task = task.task().clone();
     let spawned = std::thread::Builder::new().name("piece-sha256".into()).spawn(move || {
         lower_priority();
+        // Read with pread, not through the map: this thread may outlive the daemon that
+        // started it, and a file changed under a map is a SIGBUS, under pread a short read.
+        let mut buf = vec![0u8; HASH_BUF];
         while let Ok(i) = rx.recv() {
-            let bytes = task.bytes(task.layout().piece_range(i));
-            let mut h = Hasher::new(crate::Algorithm::Sha256);
-            h.update(bytes);
-            task.set_piece_sha(i, h.finish().hex().to_owned());
+            if let Some(sha) = hash_piece(&task, i, &mut buf) {
+                task.set_piece_sha(i, sha);
+            }
         }
     });
     if let Err(e) = spawned {
@@ -186,6 +191,20 @@ fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
         tracing::warn!(error = %e, "cannot start the piece hasher");
     }
     tx
+}
+
+fn hash_piece(task: &crate::Task, i: usize, buf: &mut [u8]) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let range = task.layout().piece_range(i);
+    let mut h = Hasher::new(crate::Algorithm::Sha256);
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = buf.len().min((range.end - pos) as usize);
+        task.file.read_exact_at(&mut buf[..n], pos).ok()?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Some(h.finish().hex().to_owned())
 }
 
 fn lower_priority() {

@@ -79,6 +79,14 @@ fn blob(len: usize) -> (Bytes, Digest) {
     (Bytes::from(v), d)
 }
 
+/// Changes bytes in place, as a failing disk or a lost write would; never truncates, because a
+/// piece hasher of the previous store may still be reading the file through its map.
+fn overwrite(path: &std::path::Path, offset: usize, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset as u64).unwrap();
+}
+
 fn open(dir: &std::path::Path, quota: u64) -> Store {
     Store::open(StoreConfig { dir: dir.to_owned(), quota }, Arc::new(Metrics::default())).unwrap()
 }
@@ -190,9 +198,8 @@ async fn restart_keeps_the_cache_and_catches_corruption() {
     }
     // Flip one byte in the second piece on disk, as a failing disk would.
     let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[5 * MIB] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    overwrite(&path, 5 * MIB, &[bytes[5 * MIB] ^ 0xff]);
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().unwrap();
     assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
@@ -213,7 +220,7 @@ async fn torn_write_recovery_never_serves_unwritten_bytes() {
     }
     // Simulate a crash that kept the metadata but lost the data pages (no fsync): zero the file.
     let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
-    std::fs::write(&path, vec![0u8; data.len()]).unwrap();
+    overwrite(&path, 0, &vec![0u8; data.len()]);
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().unwrap();
     assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);

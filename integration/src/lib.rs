@@ -1,0 +1,41 @@
+//! Test harness for Damselfly's end-to-end tests.
+//!
+//! Every piece runs something real on loopback and cleans up on `Drop` (child processes are
+//! killed and reaped, temporary directories removed):
+//!
+//! - [`Registry`]: a real `docker-registry` (CNCF distribution) on a free port, with an access-log
+//!   parser ([`AccessLog`]) to count what actually reached the origin;
+//! - [`Containerd`]: a private containerd whose `ctr` pulls through a `hosts.toml` mirror entry;
+//! - [`skopeo_copy_via_mirror`]: skopeo with a `registries.conf` mirror;
+//! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
+//!   binary ([`Mirror::spawn_binary`]);
+//! - [`Metrics`]: a Prometheus text scraper;
+//! - [`FaultProxy`]: a TCP proxy that cuts or corrupts upstream responses;
+//! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry.
+//!
+//! The one lesson (see the shared reference docs): every client silently falls back to the
+//! origin when the mirror fails, so tests assert on the origin's access log and on the daemon's
+//! metrics, never only on "the pull succeeded".
+
+pub mod containerd;
+pub mod fault_proxy;
+pub mod http;
+pub mod metrics;
+pub mod mirror;
+pub mod registry;
+pub mod skopeo;
+pub mod token_auth;
+pub mod util;
+
+pub use containerd::Containerd;
+pub use fault_proxy::{FaultProxy, Times};
+pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
+pub use metrics::Metrics;
+pub use mirror::{Mirror, MirrorOpts, MirrorProcess};
+pub use registry::{AccessEntry, AccessLog, Image, Registry};
+pub use skopeo::skopeo_copy_via_mirror;
+pub use token_auth::TokenAuthFront;
+pub use util::{
+    covered_pieces, disk_usage, http_client, piece_size, pieces_total_bytes, poll_until,
+    random_bytes, random_token, sha256_digest, walk_files, MIB,
+};

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The one test command of the project (README and .ci/run call exactly this).
+#   1. installs the external test dependencies (real registry, containerd, skopeo, ...);
+#   2. builds the `damselfly` binary, which the CLI smoke test runs as a child process;
+#   3. runs every unit test, then the end-to-end tests in integration/.
+# Exits non-zero if anything failed.
+#
+# Environment knobs:
+#   DAMSELFLY_UNIT_TEST_THREADS         test threads for unit tests (default 2: the CI box has 2 cores)
+#   DAMSELFLY_INTEGRATION_TEST_THREADS  test threads per integration test binary (default 1: each test
+#                                       starts real registries, containerd and 100 MiB transfers, and
+#                                       several at once on 2 cores only makes timing-sensitive paths flaky)
+#   extra arguments are passed to both `cargo test` runs before `--` (e.g. `--release`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+unit_threads=${DAMSELFLY_UNIT_TEST_THREADS:-2}
+integration_threads=${DAMSELFLY_INTEGRATION_TEST_THREADS:-1}
+
+echo "==> cargo build -p damselfly-mirror --bin damselfly"
+cargo build --locked "$@" -p damselfly-mirror --bin damselfly
+
+# Both phases always run, so one failing unit test does not hide the end-to-end picture.
+status=0
+echo "==> unit tests"
+cargo test --workspace --locked "$@" --exclude damselfly-integration -- --test-threads="$unit_threads" || status=1
+
+echo "==> integration tests"
+cargo test --locked "$@" -p damselfly-integration -- --test-threads="$integration_threads" || status=1
+
+if ((status != 0)); then
+  echo "==> TESTS FAILED" >&2
+  exit "$status"
+fi
+echo "==> all tests passed"
