@@ -6,9 +6,11 @@ use std::ops::Range;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use tracing::Instrument;
 
-use crate::digest::Hasher;
+use crate::digest::{Algorithm, Digest, Hasher};
 use crate::meta::PieceRecord;
 use crate::source::{Source, SourceError, SourceResponse};
 use crate::task::TaskRef;
@@ -29,7 +31,7 @@ struct Fill {
     pos: u64,
     end: u64,
     /// Hash of bytes `0..pos` when this fetch streams the content from its start.
-    whole: Option<Hasher>,
+    whole: Option<StreamHasher>,
     piece_crc: u32,
     /// Where readers were last woken; `None` until the first bytes, which wake them at once.
     notified_at: Option<u64>,
@@ -40,20 +42,18 @@ pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Ar
     let layout = task.layout();
     let start = layout.piece_range(pieces.start).start;
     let end = layout.piece_range(pieces.end - 1).end;
-    let whole = (start == 0 && end == layout.len).then(|| Hasher::new(task.digest().algorithm()));
+    let whole = (start == 0 && end == layout.len).then(|| StreamHasher::start(task.digest().algorithm()));
     if whole.is_some() {
         task.begin_streaming_verify();
     }
     let mut fill = Fill { shas: spawn_piece_hasher(&task), task, id, pos: start, end, whole, piece_crc: 0, notified_at: None };
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
-    let _enter = span.enter();
-    let result = fill.run(&*source).await;
-    drop(_enter);
+    let result = fill.run(&*source).instrument(span).await;
     let hashing = fill.whole.is_some();
     match result {
         Ok(()) => {
             if let Some(h) = fill.whole.take() {
-                if h.finish() == *fill.task.digest() {
+                if h.finish().await.as_ref() == Some(fill.task.digest()) {
                     fill.task.set_verified();
                 } else {
                     fill.task.discard("content from the source does not match its digest");
@@ -107,7 +107,7 @@ impl Fill {
                 self.task.claim_all_missing(self.id);
                 self.end = len;
                 self.pos = 0;
-                self.whole = Some(Hasher::new(self.task.digest().algorithm()));
+                self.whole = Some(StreamHasher::start(self.task.digest().algorithm()));
                 self.task.begin_streaming_verify();
             }
         }
@@ -122,7 +122,7 @@ impl Fill {
             if chunk_end > self.pos {
                 let skip = (self.pos - at.min(self.pos)) as usize;
                 let take = (chunk.len() - skip).min((self.end - self.pos) as usize);
-                self.accept(&chunk[skip..skip + take])?;
+                self.accept(chunk.slice(skip..skip + take)).await?;
             }
             at = chunk_end;
         }
@@ -130,12 +130,13 @@ impl Fill {
     }
 
     /// Takes bytes at `self.pos`: writes the parts of owned pieces, checksums, publishes progress.
-    fn accept(&mut self, mut data: &[u8]) -> Result<(), SourceError> {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), SourceError> {
         let layout = self.task.layout();
-        self.task.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(data.len() as u64);
-        if let Some(h) = &mut self.whole {
-            h.update(data);
+        self.task.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(chunk.len() as u64);
+        if let Some(h) = &self.whole {
+            h.update(chunk.clone()).await?;
         }
+        let mut data = &chunk[..];
         while !data.is_empty() {
             let i = layout.piece_of(self.pos);
             let piece = layout.piece_range(i);
@@ -165,6 +166,39 @@ impl Fill {
             self.notified_at = Some(self.pos);
         }
         Ok(())
+    }
+}
+
+/// Hashes the whole content on a blocking thread, so that receiving, writing and serving never
+/// wait for SHA rounds: the stream costs max(network, hash) instead of their sum. The bounded
+/// queue keeps memory flat when the network outruns the hash.
+struct StreamHasher {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    done: tokio::task::JoinHandle<Digest>,
+}
+
+const HASH_QUEUE: usize = 64;
+
+impl StreamHasher {
+    fn start(algorithm: Algorithm) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut h = Hasher::new(algorithm);
+            while let Some(b) = rx.blocking_recv() {
+                h.update(&b);
+            }
+            h.finish()
+        });
+        StreamHasher { tx, done }
+    }
+
+    async fn update(&self, bytes: Bytes) -> Result<(), SourceError> {
+        self.tx.send(bytes).await.map_err(|_| SourceError::fatal("content hasher stopped"))
+    }
+
+    async fn finish(self) -> Option<Digest> {
+        drop(self.tx);
+        self.done.await.ok()
     }
 }
 
