@@ -25,9 +25,7 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with everything under a temp dir and waits until `ctr version` works.
     pub async fn start() -> Result<Containerd> {
-        let dir = tempfile::Builder::new()
-            .prefix("damselfly-ctd-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("damselfly-ctd-").tempdir()?;
         let d = dir.path();
         std::fs::create_dir_all(d.join("certs.d"))?;
         // The CRI plugin is disabled: ctr does not use it, and it only adds start-up time and CNI
@@ -58,10 +56,7 @@ disabled_plugins = [
                 d = d.display()
             ),
         )?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("containerd.log"))?;
+        let log = OpenOptions::new().create(true).append(true).open(d.join("containerd.log"))?;
         let child = Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
@@ -75,34 +70,27 @@ disabled_plugins = [
         let sock = ctd.socket();
         let log_path = ctd.log_path();
         let child = &mut ctd.child;
-        poll_until(
-            "containerd to answer `ctr version`",
-            Duration::from_secs(30),
-            || {
-                let exited = child.try_wait();
-                let sock = &sock;
-                let log_path = &log_path;
-                async move {
-                    if let Ok(Some(status)) = exited {
-                        bail!(
-                            "containerd exited with {status}: {}",
-                            std::fs::read_to_string(log_path).unwrap_or_default()
-                        );
-                    }
-                    if !sock.exists() {
-                        return Ok(None);
-                    }
-                    let out = tokio::process::Command::new("ctr")
-                        .arg("-a")
-                        .arg(sock)
-                        .arg("version")
-                        .kill_on_drop(true)
-                        .output()
-                        .await?;
-                    Ok(out.status.success().then_some(()))
+        poll_until("containerd to answer `ctr version`", Duration::from_secs(30), || {
+            let exited = child.try_wait();
+            let sock = &sock;
+            let log_path = &log_path;
+            async move {
+                if let Ok(Some(status)) = exited {
+                    bail!("containerd exited with {status}: {}", std::fs::read_to_string(log_path).unwrap_or_default());
                 }
-            },
-        )
+                if !sock.exists() {
+                    return Ok(None);
+                }
+                let out = tokio::process::Command::new("ctr")
+                    .arg("-a")
+                    .arg(sock)
+                    .arg("version")
+                    .kill_on_drop(true)
+                    .output()
+                    .await?;
+                Ok(out.status.success().then_some(()))
+            }
+        })
         .await?;
         Ok(ctd)
     }
@@ -129,12 +117,7 @@ disabled_plugins = [
 
     /// Writes `certs.d/<registry_host>/hosts.toml`: `server = server_url`, plus the mirror as a
     /// pull+resolve host tried first.
-    pub fn write_hosts_toml(
-        &self,
-        registry_host: &str,
-        server_url: &str,
-        mirror_url: &str,
-    ) -> Result<()> {
+    pub fn write_hosts_toml(&self, registry_host: &str, server_url: &str, mirror_url: &str) -> Result<()> {
         self.write_hosts(
             registry_host,
             &format!(
@@ -157,44 +140,20 @@ disabled_plugins = [
 
     /// `ctr images pull --hosts-dir` (fetch and unpack). `Err` carries ctr's output.
     pub async fn pull(&self, image_ref: &str) -> Result<String> {
-        self.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &self.hosts_dir().to_string_lossy(),
-            image_ref,
-        ])
-        .await
+        self.ctr(&["images", "pull", "--hosts-dir", &self.hosts_dir().to_string_lossy(), image_ref]).await
     }
 
     /// `ctr content fetch --hosts-dir` (fetch only, no snapshotter involved).
     pub async fn fetch_content(&self, image_ref: &str) -> Result<String> {
-        self.ctr(&[
-            "content",
-            "fetch",
-            "--hosts-dir",
-            &self.hosts_dir().to_string_lossy(),
-            image_ref,
-        ])
-        .await
+        self.ctr(&["content", "fetch", "--hosts-dir", &self.hosts_dir().to_string_lossy(), image_ref]).await
     }
 
     /// Runs `ctr -a SOCK -n NS ARGS...`; `Ok(stdout)` or `Err` with stdout and stderr.
     pub async fn ctr(&self, args: &[&str]) -> Result<String> {
         let mut cmd = tokio::process::Command::new("ctr");
-        cmd.arg("-a")
-            .arg(self.socket())
-            .args(["-n", NAMESPACE])
-            .args(args);
+        cmd.arg("-a").arg(self.socket()).args(["-n", NAMESPACE]).args(args);
         // Proxies from the environment must not capture loopback test traffic.
-        for var in [
-            "http_proxy",
-            "HTTP_PROXY",
-            "https_proxy",
-            "HTTPS_PROXY",
-            "all_proxy",
-            "ALL_PROXY",
-        ] {
+        for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
             cmd.env_remove(var);
         }
         cmd.kill_on_drop(true);

@@ -85,11 +85,7 @@ impl FaultProxy {
                 }
             }
         });
-        Ok(FaultProxy {
-            addr,
-            state,
-            _tasks: tasks,
-        })
+        Ok(FaultProxy { addr, state, _tasks: tasks })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -133,10 +129,7 @@ impl FaultProxy {
 
     /// How many times faults fired on requests whose target contains `target_contains`.
     pub fn fired(&self, target_contains: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|r| r.fault.is_some() && r.target.contains(target_contains))
-            .count()
+        self.requests().iter().filter(|r| r.fault.is_some() && r.target.contains(target_contains)).count()
     }
 
     pub fn requests(&self) -> Vec<ProxiedRequest> {
@@ -148,11 +141,7 @@ async fn handle(mut client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<St
     let _ = proxy_one(&mut client, upstream, &state).await;
 }
 
-async fn proxy_one(
-    client: &mut TcpStream,
-    upstream: SocketAddr,
-    state: &Mutex<State>,
-) -> std::io::Result<()> {
+async fn proxy_one(client: &mut TcpStream, upstream: SocketAddr, state: &Mutex<State>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 64 * 1024];
     // Read the request head.
@@ -183,12 +172,7 @@ async fn proxy_one(
     // One exchange per connection: the body then simply ends at the upstream's close.
     let mut new_head = format!("{request_line}\r\n");
     for line in lines.filter(|l| !l.is_empty()) {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
         if name != "connection" && name != "keep-alive" && name != "proxy-connection" {
             new_head.push_str(line);
             new_head.push_str("\r\n");
@@ -199,9 +183,7 @@ async fn proxy_one(
     let fault = {
         let mut st = state.lock().unwrap();
         let rule = st.rules.iter_mut().find(|r| {
-            method == "GET"
-                && target.contains(&r.target_contains)
-                && (r.times == Times::Always || r.fired == 0)
+            method == "GET" && target.contains(&r.target_contains) && (r.times == Times::Always || r.fired == 0)
         });
         rule.map(|r| {
             r.fired += 1;

@@ -48,18 +48,8 @@ impl Fetched {
 
     /// Asserts a clean 200 whose body is exactly the blob `digest` of `size` bytes.
     pub fn assert_blob(&self, digest: &str, size: u64) {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "status for {digest}: headers {:?}",
-            self.headers
-        );
-        assert_eq!(
-            self.outcome,
-            BodyOutcome::Complete,
-            "body of {digest} broke after {} bytes",
-            self.received
-        );
+        assert_eq!(self.status, StatusCode::OK, "status for {digest}: headers {:?}", self.headers);
+        assert_eq!(self.outcome, BodyOutcome::Complete, "body of {digest} broke after {} bytes", self.received);
         assert_eq!(self.received, size, "body length of {digest}");
         assert_eq!(self.digest, digest, "body hash");
     }
@@ -67,9 +57,7 @@ impl Fetched {
     /// True when this response is a clean, complete body with the wrong content or length: the
     /// one outcome a mirror must never produce (a broken connection is fine, the client retries).
     pub fn is_clean_but_wrong(&self, digest: &str, size: u64) -> bool {
-        self.status.is_success()
-            && self.is_complete()
-            && (self.received != size || self.digest != digest)
+        self.status.is_success() && self.is_complete() && (self.received != size || self.digest != digest)
     }
 }
 
@@ -100,14 +88,7 @@ pub async fn fetch(request: reqwest::RequestBuilder, keep_body: bool) -> Result<
             }
         }
     }
-    Ok(Fetched {
-        status,
-        headers,
-        received,
-        digest: format!("sha256:{}", hex(&hasher.finalize())),
-        outcome,
-        body,
-    })
+    Ok(Fetched { status, headers, received, digest: format!("sha256:{}", hex(&hasher.finalize())), outcome, body })
 }
 
 /// A response read off a raw socket.
@@ -120,20 +101,13 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// `errors[0].code` of an OCI distribution error body.
     pub fn oci_error_code(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v.get("errors")?
-            .get(0)?
-            .get("code")?
-            .as_str()
-            .map(str::to_owned)
+        v.get("errors")?.get(0)?.get("code")?.as_str().map(str::to_owned)
     }
 }
 
@@ -141,9 +115,7 @@ impl RawResponse {
 /// announced body is complete. `Ok(None)` when the server closed without answering (acceptable
 /// for abusive requests such as a 64 KiB header). Send `Connection: close` in `request`.
 pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> Result<Option<RawResponse>> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
+    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
     // The server may answer and close before reading an oversized request; a failed write is not
     // a test failure by itself, what matters is what comes back.
     let _ = stream.write_all(request).await;
@@ -172,9 +144,7 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> Result<Option<RawResp
 }
 
 fn find_head_end(data: &[u8]) -> Option<usize> {
-    data.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
+    data.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
 fn response_complete(data: &[u8]) -> bool {
@@ -185,14 +155,10 @@ fn response_complete(data: &[u8]) -> bool {
         return false;
     };
     let body = &data[head_end..];
-    if let Some(len) =
-        header_of(&resp.1, "content-length").and_then(|v| v.trim().parse::<usize>().ok())
-    {
+    if let Some(len) = header_of(&resp.1, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
         return body.len() >= len;
     }
-    if header_of(&resp.1, "transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    {
+    if header_of(&resp.1, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         return decode_chunked(body).is_some();
     }
     // No framing: read until close. Status codes without a body are complete at the head.
@@ -200,10 +166,7 @@ fn response_complete(data: &[u8]) -> bool {
 }
 
 fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 fn parse_head(head: &[u8]) -> Result<(u16, Vec<(String, String)>)> {
@@ -217,9 +180,7 @@ fn parse_head(head: &[u8]) -> Result<(u16, Vec<(String, String)>)> {
     if !proto.starts_with("HTTP/") {
         bail!("bad status line {status_line:?}");
     }
-    let status = code
-        .parse()
-        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let status = code.parse().with_context(|| format!("bad status line {status_line:?}"))?;
     let headers = lines
         .filter(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
@@ -250,22 +211,14 @@ fn parse_response(data: &[u8]) -> Result<RawResponse> {
     let head_end = find_head_end(data).context("response without a complete head")?;
     let (status, headers) = parse_head(&data[..head_end])?;
     let raw_body = &data[head_end..];
-    let body = if header_of(&headers, "transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    {
+    let body = if header_of(&headers, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         decode_chunked(raw_body).unwrap_or_else(|| raw_body.to_vec())
-    } else if let Some(len) =
-        header_of(&headers, "content-length").and_then(|v| v.trim().parse::<usize>().ok())
-    {
+    } else if let Some(len) = header_of(&headers, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
         raw_body[..len.min(raw_body.len())].to_vec()
     } else {
         raw_body.to_vec()
     };
-    Ok(RawResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(RawResponse { status, headers, body })
 }
 
 #[cfg(test)]
@@ -286,9 +239,7 @@ mod tests {
     fn content_length_bounds_body() {
         let data = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}";
         assert!(response_complete(data));
-        assert!(!response_complete(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\n{}"
-        ));
+        assert!(!response_complete(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\n{}"));
         assert_eq!(parse_response(data).unwrap().body, b"{}");
     }
 }

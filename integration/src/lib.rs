@@ -36,6 +36,6 @@ pub use registry::{AccessEntry, AccessLog, Image, Registry};
 pub use skopeo::skopeo_copy_via_mirror;
 pub use token_auth::TokenAuthFront;
 pub use util::{
-    covered_pieces, disk_usage, http_client, piece_size, pieces_total_bytes, poll_until,
-    random_bytes, random_token, sha256_digest, walk_files, MIB,
+    covered_pieces, disk_usage, http_client, piece_size, pieces_total_bytes, poll_until, random_bytes, random_token,
+    sha256_digest, walk_files, MIB,
 };

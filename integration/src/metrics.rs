@@ -34,19 +34,11 @@ impl Metrics {
             // The series ends at the closing brace of the label set (label values may contain
             // spaces), or at the first whitespace when there are no labels.
             let series_end = match (line.find('{'), line.rfind('}')) {
-                (Some(open), Some(close))
-                    if close > open && !line[..open].contains(char::is_whitespace) =>
-                {
-                    close + 1
-                }
+                (Some(open), Some(close)) if close > open && !line[..open].contains(char::is_whitespace) => close + 1,
                 _ => line.find(char::is_whitespace).unwrap_or(line.len()),
             };
             let (series, rest) = line.split_at(series_end);
-            if let Some(value) = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-            {
+            if let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
                 map.insert(series.to_owned(), value);
             }
         }
@@ -65,10 +57,7 @@ impl Metrics {
             .iter()
             .filter(|(series, _)| {
                 let (n, labels) = split_series(series);
-                n == name
-                    && filter
-                        .iter()
-                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+                n == name && filter.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
             })
             .map(|(_, v)| v)
             .sum()
@@ -82,12 +71,8 @@ impl Metrics {
 
     /// Series whose metric name starts with `prefix`, for failure messages.
     pub fn with_prefix(&self, prefix: &str) -> Vec<(String, f64)> {
-        let mut v: Vec<_> = self
-            .0
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let mut v: Vec<_> =
+            self.0.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), *v)).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -99,9 +84,7 @@ fn split_series(series: &str) -> (&str, Vec<(String, String)>) {
         return (series, Vec::new());
     };
     let name = &series[..open];
-    let body = series[open + 1..]
-        .strip_suffix('}')
-        .unwrap_or(&series[open + 1..]);
+    let body = series[open + 1..].strip_suffix('}').unwrap_or(&series[open + 1..]);
     let mut labels = Vec::new();
     let mut chars = body.chars().peekable();
     loop {
@@ -147,18 +130,9 @@ mod tests {
              damselfly_cache_bytes 4.5e3\n\
              # EOF\n",
         );
-        assert_eq!(
-            m.value("damselfly_download_bytes_total{source=\"origin\"}"),
-            100.0
-        );
-        assert_eq!(
-            m.sum("damselfly_download_bytes_total", &[("source", "cache")]),
-            30.0
-        );
-        assert_eq!(
-            m.sum("damselfly_download_bytes_total", &[("registry", "a b\"c")]),
-            25.0
-        );
+        assert_eq!(m.value("damselfly_download_bytes_total{source=\"origin\"}"), 100.0);
+        assert_eq!(m.sum("damselfly_download_bytes_total", &[("source", "cache")]), 30.0);
+        assert_eq!(m.sum("damselfly_download_bytes_total", &[("registry", "a b\"c")]), 25.0);
         assert_eq!(m.sum("damselfly_download_bytes_total", &[]), 130.0);
         assert_eq!(m.sum("damselfly_cache_bytes", &[]), 4500.0);
         assert_eq!(m.value("absent"), 0.0);

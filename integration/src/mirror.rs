@@ -34,10 +34,7 @@ impl MirrorOpts {
             insecure_registries: vec![host_of(upstream_url).to_owned()],
             ..MirrorConfig::default()
         };
-        MirrorOpts {
-            config,
-            data_dir: None,
-        }
+        MirrorOpts { config, data_dir: None }
     }
 
     /// Another registry reachable over plain HTTP (a token-auth front, a fault proxy).
@@ -93,32 +90,21 @@ pub struct Mirror {
 impl Mirror {
     /// Binds the API, health and metrics listeners on `127.0.0.1:0` and starts the daemon on them.
     pub async fn start(opts: MirrorOpts) -> Result<Mirror> {
-        let MirrorOpts {
-            mut config,
-            data_dir,
-        } = opts;
+        let MirrorOpts { mut config, data_dir } = opts;
         let (data_dir, temp) = match data_dir {
             Some(dir) => (dir, None),
             None => {
-                let t = tempfile::Builder::new()
-                    .prefix("damselfly-data-")
-                    .tempdir()?;
+                let t = tempfile::Builder::new().prefix("damselfly-data-").tempdir()?;
                 (t.path().to_owned(), Some(t))
             }
         };
         let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let listeners = Listeners {
-            api: bind().await?,
-            health: bind().await?,
-            metrics: bind().await?,
-        };
+        let listeners = Listeners { api: bind().await?, health: bind().await?, metrics: bind().await? };
         config.listen = listeners.api.local_addr()?;
         config.health_listen = listeners.health.local_addr()?;
         config.metrics_listen = listeners.metrics.local_addr()?;
         config.data_dir = data_dir.clone();
-        let running = daemon::start(config, listeners)
-            .await
-            .map_err(|e| anyhow!("daemon::start: {e}"))?;
+        let running = daemon::start(config, listeners).await.map_err(|e| anyhow!("daemon::start: {e}"))?;
         Ok(Mirror {
             api_addr: running.api_addr,
             health_addr: running.health_addr,
@@ -173,24 +159,16 @@ impl Mirror {
     /// on free loopback ports, and waits until its health endpoint answers.
     pub async fn spawn_binary(args: &[&str]) -> Result<MirrorProcess> {
         let binary = damselfly_binary()?;
-        let dir = tempfile::Builder::new()
-            .prefix("damselfly-bin-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("damselfly-bin-").tempdir()?;
         let mut last_err = anyhow!("no attempt");
         // The ports are free when picked; another process may take one before the daemon binds
         // it, in which case the daemon exits and we retry on new ports.
         for attempt in 0..3 {
-            let (api, health, metrics) = (
-                loopback(free_loopback_port()),
-                loopback(free_loopback_port()),
-                loopback(free_loopback_port()),
-            );
+            let (api, health, metrics) =
+                (loopback(free_loopback_port()), loopback(free_loopback_port()), loopback(free_loopback_port()));
             let data_dir = dir.path().join(format!("data-{attempt}"));
             let log_path = dir.path().join(format!("damselfly-{attempt}.log"));
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)?;
+            let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
             let mut child = Command::new(&binary)
                 .arg("mirror")
                 .args(["--listen", &api.to_string()])
@@ -206,28 +184,19 @@ impl Mirror {
                 .with_context(|| format!("spawning {}", binary.display()))?;
             let client = http_client();
             let ping = format!("http://{health}/server/ping");
-            let ready = poll_until(
-                "damselfly binary health /server/ping",
-                Duration::from_secs(30),
-                || {
-                    let exited = child.try_wait();
-                    let (client, ping, log_path) = (&client, &ping, &log_path);
-                    async move {
-                        if let Ok(Some(status)) = exited {
-                            bail!(
-                                "damselfly exited with {status}: {}",
-                                std::fs::read_to_string(log_path).unwrap_or_default()
-                            );
-                        }
-                        Ok(client
-                            .get(ping)
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success())
-                            .then_some(()))
+            let ready = poll_until("damselfly binary health /server/ping", Duration::from_secs(30), || {
+                let exited = child.try_wait();
+                let (client, ping, log_path) = (&client, &ping, &log_path);
+                async move {
+                    if let Ok(Some(status)) = exited {
+                        bail!(
+                            "damselfly exited with {status}: {}",
+                            std::fs::read_to_string(log_path).unwrap_or_default()
+                        );
                     }
-                },
-            )
+                    Ok(client.get(ping).send().await.is_ok_and(|r| r.status().is_success()).then_some(()))
+                }
+            })
             .await;
             match ready {
                 Ok(()) => {
@@ -255,10 +224,7 @@ impl Mirror {
 /// `target/<profile>/damselfly`: the test executable is `target/<profile>/deps/<test>-<hash>`.
 fn damselfly_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable location")?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable location")?;
     let binary = profile_dir.join("damselfly");
     if !binary.is_file() {
         bail!(

@@ -11,9 +11,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
 use tempfile::TempDir;
 
-use crate::util::{
-    free_loopback_port, http_client, loopback, poll_until, random_token, scripts_dir,
-};
+use crate::util::{free_loopback_port, http_client, loopback, poll_until, random_token, scripts_dir};
 
 /// A running `docker-registry` with its own storage, config and append-mode log in a temp dir.
 pub struct Registry {
@@ -40,33 +38,21 @@ pub struct Image {
 impl Image {
     /// The largest blob (the big random layer when one was asked for).
     pub fn largest_blob(&self) -> (String, u64) {
-        self.blobs
-            .iter()
-            .max_by_key(|(_, s)| *s)
-            .cloned()
-            .expect("image has blobs")
+        self.blobs.iter().max_by_key(|(_, s)| *s).cloned().expect("image has blobs")
     }
 }
 
 impl Registry {
     /// Starts a registry on a free loopback port and waits until `GET /v2/` answers 200.
     pub async fn start() -> Result<Registry> {
-        let dir = tempfile::Builder::new()
-            .prefix("damselfly-registry-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("damselfly-registry-").tempdir()?;
         let mut last_err = anyhow!("no attempt");
         // The port is free when picked but another process may grab it before the registry
         // binds; the registry then exits, and we retry with another port.
         for _attempt in 0..5 {
             match Self::try_start(&dir).await {
                 Ok((child, addr, log_path)) => {
-                    return Ok(Registry {
-                        child,
-                        addr,
-                        dir,
-                        log_path,
-                        client: http_client(),
-                    });
+                    return Ok(Registry { child, addr, dir, log_path, client: http_client() });
                 }
                 Err(e) => last_err = e,
             }
@@ -95,10 +81,7 @@ impl Registry {
         )?;
         // Append mode: truncating a log a live process writes leaves NUL padding.
         let log_path = dir.path().join(format!("registry-{port}.log"));
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
+        let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config_path)
@@ -111,31 +94,24 @@ impl Registry {
         let client = http_client();
         let url = format!("http://{addr}/v2/");
         let listening = format!("listening on {addr}");
-        let ready = poll_until(
-            "docker-registry to answer GET /v2/",
-            Duration::from_secs(20),
-            || {
-                let exited = child.try_wait();
-                let client = &client;
-                let url = &url;
-                let log_path = &log_path;
-                let listening = &listening;
-                async move {
-                    if let Ok(Some(status)) = exited {
-                        bail!(
-                            "docker-registry exited with {status}: {}",
-                            read_lossy(log_path)
-                        );
-                    }
-                    // Our own process must have bound the port, not somebody else answering on it.
-                    if !read_lossy(log_path).contains(listening.as_str()) {
-                        return Ok(None);
-                    }
-                    let resp = client.get(url).send().await?;
-                    Ok((resp.status() == 200).then_some(()))
+        let ready = poll_until("docker-registry to answer GET /v2/", Duration::from_secs(20), || {
+            let exited = child.try_wait();
+            let client = &client;
+            let url = &url;
+            let log_path = &log_path;
+            let listening = &listening;
+            async move {
+                if let Ok(Some(status)) = exited {
+                    bail!("docker-registry exited with {status}: {}", read_lossy(log_path));
                 }
-            },
-        )
+                // Our own process must have bound the port, not somebody else answering on it.
+                if !read_lossy(log_path).contains(listening.as_str()) {
+                    return Ok(None);
+                }
+                let resp = client.get(url).send().await?;
+                Ok((resp.status() == 200).then_some(()))
+            }
+        })
         .await;
         match ready {
             Ok(()) => Ok((child, addr, log_path)),
@@ -180,11 +156,7 @@ impl Registry {
     pub async fn settled_access_log(&self) -> AccessLog {
         let quiet = Duration::from_millis(300);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let len = || {
-            std::fs::metadata(&self.log_path)
-                .map(|m| m.len())
-                .unwrap_or(0)
-        };
+        let len = || std::fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0);
         let mut last_len = len();
         let mut last_change = Instant::now();
         while Instant::now() < deadline && last_change.elapsed() < quiet {
@@ -211,11 +183,7 @@ impl Registry {
             .output()
             .await
             .context("running mkoci.py")?;
-        ensure!(
-            out.status.success(),
-            "mkoci.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ensure!(out.status.success(), "mkoci.py failed: {}", String::from_utf8_lossy(&out.stderr));
         let manifest_digest = String::from_utf8(out.stdout)?.trim().to_owned();
 
         let reference = format!("{}/{repo}:{tag}", self.host());
@@ -229,23 +197,14 @@ impl Registry {
             .output()
             .await
             .context("running skopeo copy")?;
-        ensure!(
-            out.status.success(),
-            "skopeo push of {reference} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ensure!(out.status.success(), "skopeo push of {reference} failed: {}", String::from_utf8_lossy(&out.stderr));
 
-        let hex = manifest_digest
-            .strip_prefix("sha256:")
-            .context("manifest digest")?;
+        let hex = manifest_digest.strip_prefix("sha256:").context("manifest digest")?;
         let manifest_bytes = std::fs::read(layout.join("blobs/sha256").join(hex))?;
         let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)?;
         let descriptor = |d: &serde_json::Value| -> Result<(String, u64)> {
             Ok((
-                d["digest"]
-                    .as_str()
-                    .context("descriptor digest")?
-                    .to_owned(),
+                d["digest"].as_str().context("descriptor digest")?.to_owned(),
                 d["size"].as_u64().context("descriptor size")?,
             ))
         };
@@ -263,10 +222,7 @@ impl Registry {
             .header("Accept", "application/vnd.oci.image.manifest.v1+json")
             .send()
             .await?;
-        let served = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok());
+        let served = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok());
         ensure!(
             served == Some(manifest_digest.as_str()),
             "registry serves {reference} as {served:?}, layout said {manifest_digest}"
@@ -287,23 +243,11 @@ impl Registry {
     pub async fn push_blob(&self, repo: &str, data: impl Into<Bytes>) -> Result<String> {
         let data: Bytes = data.into();
         let digest = crate::util::sha256_digest(&data);
-        let resp = self
-            .client
-            .post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))
-            .send()
-            .await?;
+        let resp = self.client.post(format!("{}/v2/{repo}/blobs/uploads/", self.url())).send().await?;
         ensure!(resp.status() == 202, "start upload: {}", resp.status());
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .context("upload Location")?
-            .to_owned();
-        let location = if location.starts_with('/') {
-            format!("{}{location}", self.url())
-        } else {
-            location
-        };
+        let location =
+            resp.headers().get("location").and_then(|v| v.to_str().ok()).context("upload Location")?.to_owned();
+        let location = if location.starts_with('/') { format!("{}{location}", self.url()) } else { location };
         let sep = if location.contains('?') { '&' } else { '?' };
         // Without an explicit octet-stream Content-Type the registry parses the body as a form
         // and answers 400 DIGEST_INVALID.
@@ -314,12 +258,7 @@ impl Registry {
             .body(data)
             .send()
             .await?;
-        ensure!(
-            resp.status() == 201,
-            "finish upload: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
+        ensure!(resp.status() == 201, "finish upload: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         Ok(digest)
     }
 }
@@ -362,9 +301,7 @@ impl AccessLog {
     /// Picks the access lines out of the mixed registry output (the logrus lines around them
     /// are ignored).
     pub fn parse(text: &str) -> AccessLog {
-        AccessLog {
-            entries: text.lines().filter_map(parse_access_line).collect(),
-        }
+        AccessLog { entries: text.lines().filter_map(parse_access_line).collect() }
     }
 
     /// Sum of body bytes of successful (200/206) GETs of `/blobs/<digest>`.
@@ -372,9 +309,7 @@ impl AccessLog {
         let needle = format!("/blobs/{digest}");
         self.entries
             .iter()
-            .filter(|e| {
-                e.method == "GET" && (e.status == 200 || e.status == 206) && e.uri.contains(&needle)
-            })
+            .filter(|e| e.method == "GET" && (e.status == 200 || e.status == 206) && e.uri.contains(&needle))
             .map(|e| e.bytes)
             .sum()
     }
@@ -399,18 +334,12 @@ impl AccessLog {
 
     /// Number of requests with this method whose URI contains `path_substring`.
     pub fn count(&self, method: &str, path_substring: &str) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.method == method && e.uri.contains(path_substring))
-            .count()
+        self.entries.iter().filter(|e| e.method == method && e.uri.contains(path_substring)).count()
     }
 
     /// Requests whose URI contains `path_substring`, for failure messages.
     pub fn matching(&self, path_substring: &str) -> Vec<&AccessEntry> {
-        self.entries
-            .iter()
-            .filter(|e| e.uri.contains(path_substring))
-            .collect()
+        self.entries.iter().filter(|e| e.uri.contains(path_substring)).collect()
     }
 }
 
@@ -430,13 +359,7 @@ fn parse_access_line(line: &str) -> Option<AccessEntry> {
     let bytes = fields.next()?.parse().unwrap_or(0);
     // Then "referer" "user-agent".
     let user_agent = rest.rsplit('"').nth(1).unwrap_or_default().to_owned();
-    Some(AccessEntry {
-        method: method.to_owned(),
-        uri: uri.to_owned(),
-        status,
-        bytes,
-        user_agent,
-    })
+    Some(AccessEntry { method: method.to_owned(), uri: uri.to_owned(), status, bytes, user_agent })
 }
 
 #[cfg(test)]

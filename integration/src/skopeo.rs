@@ -29,33 +29,15 @@ pub async fn skopeo_copy_via_mirror(
              [[registry.mirror]]\nlocation = \"{mirror_location}\"\ninsecure = true\n"
         ),
     )?;
-    let src = if src_ref.starts_with("docker://") {
-        src_ref.to_owned()
-    } else {
-        format!("docker://{src_ref}")
-    };
-    skopeo(&[
-        "--registries-conf",
-        &conf.to_string_lossy(),
-        "copy",
-        &src,
-        &format!("dir:{}", dest_dir.display()),
-    ])
-    .await
+    let src = if src_ref.starts_with("docker://") { src_ref.to_owned() } else { format!("docker://{src_ref}") };
+    skopeo(&["--registries-conf", &conf.to_string_lossy(), "copy", &src, &format!("dir:{}", dest_dir.display())]).await
 }
 
 /// Runs skopeo with `args`; `Err` carries its stderr.
 pub async fn skopeo(args: &[&str]) -> Result<()> {
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.args(args).kill_on_drop(true);
-    for var in [
-        "http_proxy",
-        "HTTP_PROXY",
-        "https_proxy",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
+    for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
         cmd.env_remove(var);
     }
     let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
@@ -63,11 +45,7 @@ pub async fn skopeo(args: &[&str]) -> Result<()> {
         .with_context(|| format!("skopeo {args:?} timed out"))?
         .context("running skopeo")?;
     if !out.status.success() {
-        bail!(
-            "skopeo {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("skopeo {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }

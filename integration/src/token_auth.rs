@@ -101,11 +101,7 @@ impl TokenAuthFront {
                 }
             }
         });
-        Ok(TokenAuthFront {
-            addr,
-            state,
-            _tasks: tasks,
-        })
+        Ok(TokenAuthFront { addr, state, _tasks: tasks })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -135,9 +131,7 @@ impl TokenAuthFront {
     /// Client side of the token flow, as a test client would do it: `GET realm?service&scope`
     /// with optional Basic credentials; returns the token.
     pub async fn fetch_token(&self, scope: &str, creds: Option<(&str, &str)>) -> Result<String> {
-        let mut req = http_client()
-            .get(self.realm())
-            .query(&[("service", SERVICE), ("scope", scope)]);
+        let mut req = http_client().get(self.realm()).query(&[("service", SERVICE), ("scope", scope)]);
         if let Some((user, pass)) = creds {
             req = req.basic_auth(user, Some(pass));
         }
@@ -149,52 +143,29 @@ impl TokenAuthFront {
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
     resp
 }
 
-async fn handle(
-    state: Arc<FrontState>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+async fn handle(state: Arc<FrontState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().to_string();
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
-    let user_agent = req
-        .headers()
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let user_agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let path = req.uri().path().to_owned();
     let resp = if path == "/token" {
         token_endpoint(&state, req).await
     } else if path == "/v2" || path.starts_with("/v2/") {
         registry_endpoint(&state, req).await
     } else {
-        json_response(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"errors": [{"code": "NOT_FOUND"}]}),
-        )
+        json_response(StatusCode::NOT_FOUND, serde_json::json!({"errors": [{"code": "NOT_FOUND"}]}))
     };
-    state.log.lock().unwrap().push(FrontRequest {
-        method,
-        path_and_query,
-        user_agent,
-        status: resp.status().as_u16(),
-    });
+    state.log.lock().unwrap().push(FrontRequest { method, path_and_query, user_agent, status: resp.status().as_u16() });
     Ok(resp)
 }
 
@@ -248,12 +219,8 @@ fn percent_decode(s: &str) -> String {
 /// `Basic base64(user:pass)` → Some(Ok(user)) if right, Some(Err) if wrong, None if absent.
 fn basic_user(header: Option<&str>) -> Option<Result<String, ()>> {
     let value = header?;
-    let encoded = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok();
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok();
     let decoded = decoded.and_then(|d| String::from_utf8(d).ok());
     Some(match decoded.as_deref().and_then(|d| d.split_once(':')) {
         Some((u, p)) if u == USER && p == PASSWORD => Ok(u.to_owned()),
@@ -267,17 +234,10 @@ async fn token_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}),
         );
-        r.headers_mut().insert(
-            "www-authenticate",
-            HeaderValue::from_static("Basic realm=\"test-registry\""),
-        );
+        r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Basic realm=\"test-registry\""));
         r
     };
-    let auth = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut user = match basic_user(auth.as_deref()) {
         Some(Ok(u)) => Some(u),
         Some(Err(())) => return unauthorized(),
@@ -294,30 +254,18 @@ async fn token_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<
         // OAuth2 password grant, as containerd and nydusd send it.
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": "body"}),
-                )
-            }
+            Err(_) => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "body"})),
         };
         let form = url_decode_pairs(&String::from_utf8_lossy(&body));
         let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         match get("grant_type").as_deref() {
             Some("password") => {
-                if get("username").as_deref() != Some(USER)
-                    || get("password").as_deref() != Some(PASSWORD)
-                {
+                if get("username").as_deref() != Some(USER) || get("password").as_deref() != Some(PASSWORD) {
                     return unauthorized();
                 }
                 user = Some(USER.to_owned());
             }
-            _ => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": "unsupported_grant_type"}),
-                )
-            }
+            _ => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "unsupported_grant_type"})),
         }
         for (k, v) in &form {
             if k == "scope" {
@@ -325,19 +273,14 @@ async fn token_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<
             }
         }
     } else if req.method() != Method::GET {
-        return json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "method"}),
-        );
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "method"}));
     }
 
     // Grant the subset of requested scopes this user may have (possibly none).
     let mut granted = HashSet::new();
     for scope in scopes.iter().filter(|s| !s.is_empty()) {
         let mut parts = scope.splitn(3, ':');
-        let (Some("repository"), Some(repo), Some(actions)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some("repository"), Some(repo), Some(actions)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
         let allowed = allowed_actions(repo, user.as_deref());
@@ -348,13 +291,7 @@ async fn token_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<
         }
     }
     let token = random_token();
-    state.tokens.lock().unwrap().insert(
-        token.clone(),
-        Grant {
-            scopes: granted,
-            expires: Instant::now() + TOKEN_TTL,
-        },
-    );
+    state.tokens.lock().unwrap().insert(token.clone(), Grant { scopes: granted, expires: Instant::now() + TOKEN_TTL });
     json_response(
         StatusCode::OK,
         serde_json::json!({"token": token, "access_token": token, "expires_in": TOKEN_TTL.as_secs()}),
@@ -364,11 +301,7 @@ async fn token_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<
 /// `/v2/<name>/(manifests|blobs|tags)/...` → `<name>`; `None` for `/v2/` itself and oddities.
 fn repository_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v2/")?;
-    ["/manifests/", "/blobs/", "/tags/"]
-        .iter()
-        .filter_map(|m| rest.find(m))
-        .min()
-        .map(|i| &rest[..i])
+    ["/manifests/", "/blobs/", "/tags/"].iter().filter_map(|m| rest.find(m)).min().map(|i| &rest[..i])
 }
 
 async fn registry_endpoint(state: &FrontState, req: Request<Incoming>) -> Response<Body> {
@@ -377,24 +310,14 @@ async fn registry_endpoint(state: &FrontState, req: Request<Incoming>) -> Respon
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(|t| t.trim().to_owned());
     let grant_scopes = bearer.as_ref().and_then(|t| {
         let tokens = state.tokens.lock().unwrap();
-        tokens
-            .get(t)
-            .filter(|g| g.expires > Instant::now())
-            .map(|g| g.scopes.clone())
+        tokens.get(t).filter(|g| g.expires > Instant::now()).map(|g| g.scopes.clone())
     });
     let repo = repository_of(&path).map(str::to_owned);
-    let action = if req.method() == Method::GET || req.method() == Method::HEAD {
-        "pull"
-    } else {
-        "push"
-    };
+    let action = if req.method() == Method::GET || req.method() == Method::HEAD { "pull" } else { "push" };
 
     let authorized = match (&repo, &grant_scopes) {
         (_, None) => false,
@@ -421,14 +344,8 @@ async fn registry_endpoint(state: &FrontState, req: Request<Incoming>) -> Respon
         } else {
             json_response(StatusCode::UNAUTHORIZED, body)
         };
-        resp.headers_mut().insert(
-            "www-authenticate",
-            HeaderValue::from_str(&challenge).expect("ascii challenge"),
-        );
-        resp.headers_mut().insert(
-            "docker-distribution-api-version",
-            HeaderValue::from_static("registry/2.0"),
-        );
+        resp.headers_mut().insert("www-authenticate", HeaderValue::from_str(&challenge).expect("ascii challenge"));
+        resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
         return resp;
     }
     match proxy(state, req).await {
@@ -454,15 +371,7 @@ const HOP_BY_HOP: &[&str] = &[
 
 async fn proxy(state: &FrontState, req: Request<Incoming>) -> Result<Response<Body>> {
     let (parts, body) = req.into_parts();
-    let url = format!(
-        "{}{}",
-        state.upstream,
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-    );
+    let url = format!("{}{}", state.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())?;
     let mut upstream = state.client.request(method, url);
     for (name, value) in &parts.headers {
@@ -478,16 +387,11 @@ async fn proxy(state: &FrontState, req: Request<Incoming>) -> Result<Response<Bo
     let mut out = Response::builder().status(resp.status().as_u16());
     for (name, value) in resp.headers() {
         if !HOP_BY_HOP.contains(&name.as_str()) {
-            out = out.header(
-                HeaderName::from_bytes(name.as_str().as_bytes())?,
-                HeaderValue::from_bytes(value.as_bytes())?,
-            );
+            out = out
+                .header(HeaderName::from_bytes(name.as_str().as_bytes())?, HeaderValue::from_bytes(value.as_bytes())?);
         }
     }
-    let stream = resp
-        .bytes_stream()
-        .map_ok(Frame::data)
-        .map_err(|e| Box::new(e) as BoxError);
+    let stream = resp.bytes_stream().map_ok(Frame::data).map_err(|e| Box::new(e) as BoxError);
     Ok(out.body(BodyExt::boxed(StreamBody::new(stream)))?)
 }
 
@@ -497,10 +401,7 @@ mod tests {
 
     #[test]
     fn repository_names() {
-        assert_eq!(
-            repository_of("/v2/private/app/blobs/sha256:ab"),
-            Some("private/app")
-        );
+        assert_eq!(repository_of("/v2/private/app/blobs/sha256:ab"), Some("private/app"));
         assert_eq!(repository_of("/v2/a/b/c/manifests/v1"), Some("a/b/c"));
         assert_eq!(repository_of("/v2/x/blobs/uploads/"), Some("x"));
         assert_eq!(repository_of("/v2/"), None);
@@ -509,10 +410,7 @@ mod tests {
     #[test]
     fn decodes_scope_query() {
         let q = parse_query("service=test-registry&scope=repository%3Aprivate%2Fapp%3Apull&x");
-        assert_eq!(
-            q[1],
-            ("scope".to_owned(), "repository:private/app:pull".to_owned())
-        );
+        assert_eq!(q[1], ("scope".to_owned(), "repository:private/app:pull".to_owned()));
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
     }
 
@@ -520,9 +418,6 @@ mod tests {
     fn public_is_anonymous_private_needs_alice() {
         assert_eq!(allowed_actions("public/app", None), &["pull"]);
         assert!(allowed_actions("private/app", None).is_empty());
-        assert_eq!(
-            allowed_actions("private/app", Some(USER)),
-            &["pull", "push"]
-        );
+        assert_eq!(allowed_actions("private/app", Some(USER)), &["pull", "push"]);
     }
 }

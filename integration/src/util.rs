@@ -14,9 +14,7 @@ use sha2::{Digest, Sha256};
 /// client's content store) can hide a miss.
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("read /dev/urandom");
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("read /dev/urandom");
     buf
 }
 
@@ -27,12 +25,10 @@ pub fn random_token() -> String {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// `sha256:<hex>` of `data`.
@@ -43,10 +39,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
 /// A loopback port that was free a moment ago (bind :0, read, release). Callers that hand it to
 /// another process must retry on collision.
 pub fn free_loopback_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -55,9 +48,7 @@ pub fn loopback(port: u16) -> SocketAddr {
 
 /// `scripts/` at the repository root.
 pub fn scripts_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("scripts")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("scripts")
 }
 
 /// A reqwest client for test traffic: never uses a proxy from the environment, never
@@ -89,10 +80,7 @@ where
         }
         if Instant::now() >= deadline {
             match last_err {
-                Some(e) => {
-                    return Err(e)
-                        .context(format!("timed out after {timeout:?} waiting for {what}"))
-                }
+                Some(e) => return Err(e).context(format!("timed out after {timeout:?} waiting for {what}")),
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -104,11 +92,7 @@ where
 /// only what they use).
 pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    walk_files(dir)
-        .iter()
-        .filter_map(|p| std::fs::symlink_metadata(p).ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
+    walk_files(dir).iter().filter_map(|p| std::fs::symlink_metadata(p).ok()).map(|m| m.blocks() * 512).sum()
 }
 
 /// Every regular file under `dir`, recursively (symlinks are not followed).
@@ -148,10 +132,7 @@ pub fn piece_size(len: u64) -> u64 {
 
 /// Indices of the pieces touched by the inclusive byte ranges `ranges`.
 pub fn covered_pieces(ranges: &[(u64, u64)], piece: u64) -> BTreeSet<u64> {
-    ranges
-        .iter()
-        .flat_map(|&(first, last)| (first / piece)..=(last / piece))
-        .collect()
+    ranges.iter().flat_map(|&(first, last)| (first / piece)..=(last / piece)).collect()
 }
 
 /// Total bytes of the given pieces of a blob of `len` bytes (the last piece may be short).
@@ -177,19 +158,13 @@ mod tests {
     fn covered_pieces_counts_partial_tail() {
         let len = 24 * MIB + 2000;
         let piece = 4 * MIB;
-        let set = covered_pieces(
-            &[(len - 4100, len - 1), (0, MIB - 1), (4 * MIB, 5 * MIB - 1)],
-            piece,
-        );
+        let set = covered_pieces(&[(len - 4100, len - 1), (0, MIB - 1), (4 * MIB, 5 * MIB - 1)], piece);
         assert_eq!(set.iter().copied().collect::<Vec<_>>(), vec![0, 1, 5, 6]);
         assert_eq!(pieces_total_bytes(&set, len, piece), 12 * MIB + 2000);
     }
 
     #[test]
     fn digest_of_empty() {
-        assert_eq!(
-            sha256_digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(sha256_digest(b""), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 }

@@ -6,10 +6,7 @@ use damselfly_integration::{fetch, http_client, random_bytes, Mirror, MirrorOpts
 async fn sixteen_concurrent_cold_gets_of_a_100_mib_blob_cost_origin_one_copy() {
     let origin = Registry::start().await.unwrap();
     let size = 100 * MIB;
-    let digest = origin
-        .push_blob("test/big", random_bytes(size as usize))
-        .await
-        .unwrap();
+    let digest = origin.push_blob("test/big", random_bytes(size as usize)).await.unwrap();
     let mirror = Mirror::start(MirrorOpts::new(&origin.url())).await.unwrap();
     let url = mirror.blob_url_ns("test/big", &digest, &origin.host());
 

@@ -13,9 +13,7 @@ async fn two_containerd_pulls_through_mirror_cost_origin_one_copy_of_each_blob()
     // the mirror with ?ns=<origin host> and silently falls back to the origin if it fails, so
     // only the origin's log can tell whether the mirror did its job.
     let first = Containerd::start().await.unwrap();
-    first
-        .write_hosts_toml(&origin.host(), &origin.url(), &mirror.url())
-        .unwrap();
+    first.write_hosts_toml(&origin.host(), &origin.url(), &mirror.url()).unwrap();
     first.pull(&image.reference).await.unwrap();
     // A second node: fresh content store, same hosts.toml.
     let second = first.fresh().await.unwrap();
@@ -26,17 +24,9 @@ async fn two_containerd_pulls_through_mirror_cost_origin_one_copy_of_each_blob()
     // The manifest fetched by digest is cached: the second pull must not fetch it again. (Zero
     // is fine too: a daemon may cache the bytes it got when resolving the tag.)
     let by_digest = log.count("GET", &format!("/manifests/{}", image.manifest_digest));
-    assert!(
-        by_digest <= 1,
-        "manifest by digest fetched {by_digest} times: {:#?}",
-        log.matching("/manifests/")
-    );
+    assert!(by_digest <= 1, "manifest by digest fetched {by_digest} times: {:#?}", log.matching("/manifests/"));
 
     let metrics = mirror.metrics().await.unwrap();
     let from_cache = metrics.sum("damselfly_download_bytes_total", &[("source", "cache")]);
-    assert!(
-        from_cache > 0.0,
-        "no bytes served from cache: {:#?}",
-        metrics.with_prefix("damselfly_")
-    );
+    assert!(from_cache > 0.0, "no bytes served from cache: {:#?}", metrics.with_prefix("damselfly_"));
 }

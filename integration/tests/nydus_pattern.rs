@@ -3,8 +3,7 @@
 //! range must fetch only the pieces it covers.
 
 use damselfly_integration::{
-    covered_pieces, fetch, http_client, piece_size, pieces_total_bytes, random_bytes, Mirror,
-    MirrorOpts, Registry, MIB,
+    covered_pieces, fetch, http_client, piece_size, pieces_total_bytes, random_bytes, Mirror, MirrorOpts, Registry, MIB,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,9 +14,7 @@ async fn nydus_tail_then_1mib_ranges_are_exact_and_fetch_only_covered_pieces() {
     let data = random_bytes(len as usize);
     let digest = origin.push_blob("test/nydus", data.clone()).await.unwrap();
     // No background fill: the origin byte count must reflect only what the ranges need.
-    let mirror = Mirror::start(MirrorOpts::new(&origin.url()).background_fill(false))
-        .await
-        .unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&origin.url()).background_fill(false)).await.unwrap();
     // nydusd in mirror mode sends no `ns`; it names the upstream with this header.
     let url = format!("{}/v2/test/nydus/blobs/{digest}", mirror.url());
 
@@ -35,16 +32,10 @@ async fn nydus_tail_then_1mib_ranges_are_exact_and_fetch_only_covered_pieces() {
         .await
         .unwrap();
         assert_eq!(got.status, 206, "bytes={first}-{last}: {:?}", got.headers);
-        assert_eq!(
-            got.header("content-range"),
-            Some(format!("bytes {first}-{last}/{len}").as_str())
-        );
+        assert_eq!(got.header("content-range"), Some(format!("bytes {first}-{last}/{len}").as_str()));
         assert!(got.is_complete(), "bytes={first}-{last}: {:?}", got.outcome);
         let body = got.body.unwrap();
-        assert!(
-            body == data[first as usize..=last as usize],
-            "wrong bytes for bytes={first}-{last}"
-        );
+        assert!(body == data[first as usize..=last as usize], "wrong bytes for bytes={first}-{last}");
     }
 
     let piece = piece_size(len);

@@ -18,40 +18,24 @@ async fn cache_stays_within_quota_and_evicts_least_recently_used_blobs() {
         let size = data.len() as u64;
         blobs.push((origin.push_blob("test/quota", data).await.unwrap(), size));
     }
-    let mirror = Mirror::start(MirrorOpts::new(&origin.url()).cache_quota(quota))
-        .await
-        .unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&origin.url()).cache_quota(quota)).await.unwrap();
     let client = http_client();
-    let get = |digest: &str| {
-        fetch(
-            client.get(mirror.blob_url_ns("test/quota", digest, &origin.host())),
-            false,
-        )
-    };
+    let get = |digest: &str| fetch(client.get(mirror.blob_url_ns("test/quota", digest, &origin.host())), false);
 
     for (i, (digest, size)) in blobs.iter().enumerate() {
         get(digest).await.unwrap().assert_blob(digest, *size);
         // Eviction may finish just after the response; give it a moment, not forever.
-        poll_until(
-            &format!("cache within quota after blob {i}"),
-            Duration::from_secs(10),
-            || async {
-                let metrics = mirror.metrics().await?;
-                anyhow::ensure!(
-                    metrics.has("damselfly_cache_bytes"),
-                    "no damselfly_cache_bytes metric"
-                );
-                let reported = metrics.sum("damselfly_cache_bytes", &[]);
-                let on_disk = disk_usage(mirror.data_dir());
-                if reported <= quota as f64 && on_disk <= quota + slack {
-                    Ok(Some(()))
-                } else {
-                    Err(anyhow::anyhow!(
-                        "damselfly_cache_bytes = {reported}, on disk {on_disk}, quota {quota}"
-                    ))
-                }
-            },
-        )
+        poll_until(&format!("cache within quota after blob {i}"), Duration::from_secs(10), || async {
+            let metrics = mirror.metrics().await?;
+            anyhow::ensure!(metrics.has("damselfly_cache_bytes"), "no damselfly_cache_bytes metric");
+            let reported = metrics.sum("damselfly_cache_bytes", &[]);
+            let on_disk = disk_usage(mirror.data_dir());
+            if reported <= quota as f64 && on_disk <= quota + slack {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("damselfly_cache_bytes = {reported}, on disk {on_disk}, quota {quota}"))
+            }
+        })
         .await
         .unwrap();
     }

@@ -12,22 +12,10 @@ async fn two_skopeo_copies_through_mirror_cost_origin_one_copy_of_each_blob() {
 
     for out in ["out1", "out2"] {
         let dest = work.path().join(out);
-        skopeo_copy_via_mirror(
-            work.path(),
-            &origin.host(),
-            &mirror.host(),
-            &image.reference,
-            &dest,
-        )
-        .await
-        .unwrap();
+        skopeo_copy_via_mirror(work.path(), &origin.host(), &mirror.host(), &image.reference, &dest).await.unwrap();
         for (digest, size) in &image.blobs {
             let file = std::fs::read(dest.join(digest.trim_start_matches("sha256:"))).unwrap();
-            assert_eq!(
-                (file.len() as u64, sha256_digest(&file)),
-                (*size, digest.clone()),
-                "{out}: {digest}"
-            );
+            assert_eq!((file.len() as u64, sha256_digest(&file)), (*size, digest.clone()), "{out}: {digest}");
         }
     }
 
@@ -36,9 +24,5 @@ async fn two_skopeo_copies_through_mirror_cost_origin_one_copy_of_each_blob() {
     log.assert_copies_at_most(&image.blobs, 1.05);
     let metrics = mirror.metrics().await.unwrap();
     let from_cache = metrics.sum("damselfly_download_bytes_total", &[("source", "cache")]);
-    assert!(
-        from_cache > 0.0,
-        "no bytes served from cache: {:#?}",
-        metrics.with_prefix("damselfly_")
-    );
+    assert!(from_cache > 0.0, "no bytes served from cache: {:#?}", metrics.with_prefix("damselfly_"));
 }

@@ -1,9 +1,7 @@
 //! Upstream failures mid-body: the client gets the right bytes or a broken connection, never a
 //! clean short or wrong body, and nothing bad is cached.
 
-use damselfly_integration::{
-    fetch, http_client, random_bytes, FaultProxy, Mirror, MirrorOpts, Registry, Times, MIB,
-};
+use damselfly_integration::{fetch, http_client, random_bytes, FaultProxy, Mirror, MirrorOpts, Registry, Times, MIB};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_cut_mid_blob_yields_correct_body_or_broken_connection() {
@@ -19,25 +17,14 @@ async fn upstream_cut_mid_blob_yields_correct_body_or_broken_connection() {
     // whole blob or fetches it piece by piece.
     proxy.cut_after(&digest, 3 * MIB, Times::Once);
     let first = fetch(http_client().get(&url), false).await.unwrap();
-    assert_eq!(
-        proxy.fired(&digest),
-        1,
-        "the fault never hit: {:#?}",
-        proxy.requests()
-    );
-    assert!(
-        !first.is_clean_but_wrong(&digest, size),
-        "clean but short/wrong body after an upstream cut: {first:?}"
-    );
+    assert_eq!(proxy.fired(&digest), 1, "the fault never hit: {:#?}", proxy.requests());
+    assert!(!first.is_clean_but_wrong(&digest, size), "clean but short/wrong body after an upstream cut: {first:?}");
     if first.is_complete() {
         // The daemon resumed upstream (by range) and delivered everything.
         first.assert_blob(&digest, size);
     }
     // Either way the blob is fine afterwards.
-    fetch(http_client().get(&url), false)
-        .await
-        .unwrap()
-        .assert_blob(&digest, size);
+    fetch(http_client().get(&url), false).await.unwrap().assert_blob(&digest, size);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,35 +39,18 @@ async fn upstream_serving_wrong_bytes_breaks_the_client_connection_and_is_not_ca
 
     proxy.corrupt(&digest, Times::Always);
     let bad = fetch(http_client().get(&url), false).await.unwrap();
-    assert!(
-        proxy.fired(&digest) >= 1,
-        "the fault never hit: {:#?}",
-        proxy.requests()
-    );
+    assert!(proxy.fired(&digest) >= 1, "the fault never hit: {:#?}", proxy.requests());
     // Bytes stream while being hashed and the last ones are held back until the digest matches,
     // so the client sees its connection break before the end. (An error status without a body
     // would also be safe, if slower.)
     if bad.status.is_success() {
-        assert!(
-            !bad.is_complete(),
-            "a body with the wrong digest ended cleanly: {bad:?}"
-        );
-        assert!(
-            bad.received < size,
-            "all {size} bytes delivered before the digest mismatch was signalled"
-        );
+        assert!(!bad.is_complete(), "a body with the wrong digest ended cleanly: {bad:?}");
+        assert!(bad.received < size, "all {size} bytes delivered before the digest mismatch was signalled");
     } else {
-        assert!(
-            bad.status.is_server_error(),
-            "unexpected status {}",
-            bad.status
-        );
+        assert!(bad.status.is_server_error(), "unexpected status {}", bad.status);
     }
 
     // The wrong bytes were not kept: a clean upstream now yields the right blob.
     proxy.clear();
-    fetch(http_client().get(&url), false)
-        .await
-        .unwrap()
-        .assert_blob(&digest, size);
+    fetch(http_client().get(&url), false).await.unwrap().assert_blob(&digest, size);
 }

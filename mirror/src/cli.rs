@@ -7,19 +7,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{
-    parse_auth_list, ByteSize, ConfigError, LogFormat, MirrorConfig, RegistryAuth,
-};
+use crate::config::{parse_auth_list, ByteSize, ConfigError, LogFormat, MirrorConfig, RegistryAuth};
 
 /// Keeps registry passwords out of `ps`: comma- or newline-separated `HOST=USER:PASS` entries.
 pub const REGISTRY_AUTH_ENV: &str = "DAMSELFLY_REGISTRY_AUTH";
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "damselfly",
-    version,
-    about = "Peer-to-peer container registry mirror"
-)]
+#[command(name = "damselfly", version, about = "Peer-to-peer container registry mirror")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -82,9 +76,7 @@ impl MirrorArgs {
         let env_auth = match std::env::var(REGISTRY_AUTH_ENV) {
             Ok(v) => Some(v),
             Err(std::env::VarError::NotPresent) => None,
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(ConfigError::EnvNotUnicode(REGISTRY_AUTH_ENV))
-            }
+            Err(std::env::VarError::NotUnicode(_)) => return Err(ConfigError::EnvNotUnicode(REGISTRY_AUTH_ENV)),
         };
         self.into_config_with_env(env_auth.as_deref())
     }
@@ -95,10 +87,8 @@ impl MirrorArgs {
             None => MirrorConfig::default(),
         };
         if let Some(env) = env_auth {
-            let entries = parse_auth_list(env).map_err(|source| ConfigError::EnvAuth {
-                var: REGISTRY_AUTH_ENV,
-                source,
-            })?;
+            let entries =
+                parse_auth_list(env).map_err(|source| ConfigError::EnvAuth { var: REGISTRY_AUTH_ENV, source })?;
             // An empty variable is treated as unset rather than as "no credentials at all".
             if !entries.is_empty() {
                 cfg.registry_auth = entries;
@@ -196,24 +186,15 @@ mod tests {
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
         assert_eq!(cfg.listen.port(), 1);
-        assert_eq!(
-            (cfg.health_listen.port(), cfg.metrics_listen.port()),
-            (2, 3)
-        );
+        assert_eq!((cfg.health_listen.port(), cfg.metrics_listen.port()), (2, 3));
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/d"));
         assert_eq!(cfg.cache_quota, ByteSize(1 << 30));
         assert_eq!(cfg.registry_mirror, "http://localhost:5000");
         assert_eq!(cfg.insecure_registries, ["a:1", "b"]);
         assert_eq!(cfg.registry_auth[0].host, "x.io");
         assert!(cfg.background_fill);
-        assert_eq!(
-            (cfg.log_format, cfg.log_level.as_str()),
-            (LogFormat::Json, "debug")
-        );
-        assert_eq!(
-            mirror_args(&["--background-fill=false"]).background_fill,
-            Some(false)
-        );
+        assert_eq!((cfg.log_format, cfg.log_level.as_str()), (LogFormat::Json, "debug"));
+        assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
     }
 
     #[test]
@@ -228,9 +209,7 @@ mod tests {
             let argv = ["damselfly", "mirror"].iter().chain(bad);
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
-        let err = mirror_args(&["--registry-mirror", "ftp://x"])
-            .into_config_with_env(None)
-            .unwrap_err();
+        let err = mirror_args(&["--registry-mirror", "ftp://x"]).into_config_with_env(None).unwrap_err();
         assert!(err.to_string().contains("registry_mirror"), "{err}");
     }
 
@@ -242,23 +221,12 @@ mod tests {
             "listen = \"127.0.0.1:7000\"\nlog_level = \"warn\"\ninsecure_registries = [\"a:1\", \"b:2\"]\n\
              [[registry_auth]]\nhost = \"f.io\"\nusername = \"u\"\npassword = \"p\"\n",
         );
-        let cfg = mirror_args(&["--config", &file])
-            .into_config_with_env(None)
-            .expect("file only");
+        let cfg = mirror_args(&["--config", &file]).into_config_with_env(None).expect("file only");
         assert_eq!((cfg.listen.port(), cfg.log_level.as_str()), (7000, "warn"));
         assert_eq!(cfg.insecure_registries, ["a:1", "b:2"]);
 
-        let args = [
-            "--config",
-            &file,
-            "--insecure-registry",
-            "c:3",
-            "--log-level",
-            "trace",
-        ];
-        let cfg = mirror_args(&args)
-            .into_config_with_env(None)
-            .expect("merged");
+        let args = ["--config", &file, "--insecure-registry", "c:3", "--log-level", "trace"];
+        let cfg = mirror_args(&args).into_config_with_env(None).expect("merged");
         assert_eq!(cfg.insecure_registries, ["c:3"]);
         assert_eq!((cfg.listen.port(), cfg.log_level.as_str()), (7000, "trace"));
         assert_eq!(cfg.registry_auth[0].host, "f.io");
@@ -267,65 +235,37 @@ mod tests {
     #[test]
     fn auth_precedence_file_env_flags_then_auth_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = write_config(
-            &dir,
-            "[[registry_auth]]\nhost = \"file.io\"\nusername = \"u\"\npassword = \"p\"\n",
-        );
-        let hosts = |cfg: &MirrorConfig| {
-            cfg.registry_auth
-                .iter()
-                .map(|a| a.host.clone())
-                .collect::<Vec<_>>()
-        };
+        let file = write_config(&dir, "[[registry_auth]]\nhost = \"file.io\"\nusername = \"u\"\npassword = \"p\"\n");
+        let hosts = |cfg: &MirrorConfig| cfg.registry_auth.iter().map(|a| a.host.clone()).collect::<Vec<_>>();
 
-        let cfg = mirror_args(&["--config", &file])
-            .into_config_with_env(Some(""))
-            .expect("empty env");
+        let cfg = mirror_args(&["--config", &file]).into_config_with_env(Some("")).expect("empty env");
         assert_eq!(hosts(&cfg), ["file.io"]);
-        let cfg = mirror_args(&["--config", &file])
-            .into_config_with_env(Some("e1.io=u:p,e2.io=u:p"))
-            .expect("env");
+        let cfg = mirror_args(&["--config", &file]).into_config_with_env(Some("e1.io=u:p,e2.io=u:p")).expect("env");
         assert_eq!(hosts(&cfg), ["e1.io", "e2.io"]);
         let args = ["--config", &file, "--registry-auth", "flag.io=u:p"];
-        let cfg = mirror_args(&args)
-            .into_config_with_env(Some("e1.io=u:p"))
-            .expect("flag");
+        let cfg = mirror_args(&args).into_config_with_env(Some("e1.io=u:p")).expect("flag");
         assert_eq!(hosts(&cfg), ["flag.io"]);
 
         let auth_file = dir.path().join("auth");
         std::fs::write(&auth_file, "# creds\nextra.io=u:p\n").expect("write");
         let auth_file = auth_file.display().to_string();
         let args = ["--config", &file, "--registry-auth-file", &auth_file];
-        let cfg = mirror_args(&args)
-            .into_config_with_env(Some("e1.io=u:p\n"))
-            .expect("auth file");
+        let cfg = mirror_args(&args).into_config_with_env(Some("e1.io=u:p\n")).expect("auth file");
         assert_eq!(hosts(&cfg), ["e1.io", "extra.io"]);
     }
 
     #[test]
     fn env_auth_errors_do_not_leak_passwords() {
-        let err = mirror_args(&[])
-            .into_config_with_env(Some("a.io=u:S3CRET,broken-S3CRET"))
-            .unwrap_err();
+        let err = mirror_args(&[]).into_config_with_env(Some("a.io=u:S3CRET,broken-S3CRET")).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains(REGISTRY_AUTH_ENV) && !msg.contains("S3CRET"),
-            "{msg}"
-        );
-        let dup = mirror_args(&[])
-            .into_config_with_env(Some("a.io=u:p,a.io=v:q"))
-            .unwrap_err();
+        assert!(msg.contains(REGISTRY_AUTH_ENV) && !msg.contains("S3CRET"), "{msg}");
+        let dup = mirror_args(&[]).into_config_with_env(Some("a.io=u:p,a.io=v:q")).unwrap_err();
         assert!(dup.to_string().contains("more than one"), "{dup}");
     }
 
     #[test]
     fn missing_config_file_is_an_error() {
-        let err = mirror_args(&["--config", "/nonexistent/damselfly.toml"])
-            .into_config_with_env(None)
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("/nonexistent/damselfly.toml"),
-            "{err}"
-        );
+        let err = mirror_args(&["--config", "/nonexistent/damselfly.toml"]).into_config_with_env(None).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/damselfly.toml"), "{err}");
     }
 }

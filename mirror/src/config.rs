@@ -62,20 +62,13 @@ pub enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// Holds the rendered message, not the toml error, whose `Debug` carries the whole file,
     /// passwords included.
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{first} and {second} would both bind {addr}")]
-    AddrConflict {
-        first: &'static str,
-        second: &'static str,
-        addr: SocketAddr,
-    },
+    AddrConflict { first: &'static str, second: &'static str, addr: SocketAddr },
     #[error("cache_quota must be greater than zero")]
     ZeroQuota,
     #[error("data_dir must not be empty")]
@@ -89,16 +82,9 @@ pub enum ConfigError {
     #[error("registry_auth has more than one entry for host {0:?}")]
     DuplicateAuth(String),
     #[error("registry_auth_file {path}, line {line}: {source}")]
-    AuthFile {
-        path: PathBuf,
-        line: usize,
-        source: AuthEntryError,
-    },
+    AuthFile { path: PathBuf, line: usize, source: AuthEntryError },
     #[error("{var}: {source}")]
-    EnvAuth {
-        var: &'static str,
-        source: AuthEntryError,
-    },
+    EnvAuth { var: &'static str, source: AuthEntryError },
     #[error("{0} is not valid UTF-8")]
     EnvNotUnicode(&'static str),
     #[error("log_level {value:?}: {reason}")]
@@ -111,18 +97,13 @@ impl MirrorConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse_toml(&text, &path.display().to_string())
     }
 
     fn parse_toml(s: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(s).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
-        })
+        toml::from_str(s).map_err(|e| ConfigError::Parse { origin: origin.to_owned(), message: e.to_string() })
     }
 
     /// Reads `registry_auth_file` (if set) and appends its entries to `registry_auth`.
@@ -132,20 +113,14 @@ impl MirrorConfig {
         let Some(path) = &self.registry_auth_file else {
             return Ok(());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let entry = line.parse().map_err(|source| ConfigError::AuthFile {
-                path: path.clone(),
-                line: i + 1,
-                source,
-            })?;
+            let entry =
+                line.parse().map_err(|source| ConfigError::AuthFile { path: path.clone(), line: i + 1, source })?;
             self.registry_auth.push(entry);
         }
         Ok(())
@@ -170,29 +145,18 @@ impl MirrorConfig {
                 return Err(ConfigError::DuplicateAuth(auth.host.clone()));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
-            ConfigError::LogLevel {
-                value: self.log_level.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| ConfigError::LogLevel { value: self.log_level.clone(), reason: e.to_string() })?;
         Ok(())
     }
 
     fn validate_addrs(&self) -> Result<(), ConfigError> {
-        let addrs = [
-            ("listen", self.listen),
-            ("health_listen", self.health_listen),
-            ("metrics_listen", self.metrics_listen),
-        ];
+        let addrs =
+            [("listen", self.listen), ("health_listen", self.health_listen), ("metrics_listen", self.metrics_listen)];
         for (i, &(first, a)) in addrs.iter().enumerate() {
             for &(second, b) in &addrs[i + 1..] {
                 if binds_collide(a, b) {
-                    return Err(ConfigError::AddrConflict {
-                        first,
-                        second,
-                        addr: b,
-                    });
+                    return Err(ConfigError::AddrConflict { first, second, addr: b });
                 }
             }
         }
@@ -203,16 +167,11 @@ impl MirrorConfig {
 /// Port 0 asks the OS for a fresh port, so two such addresses never collide; a wildcard
 /// address collides with every address on the same port.
 fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
-    let fail = |reason: &str| ConfigError::RegistryMirror {
-        value: value.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let fail = |reason: &str| ConfigError::RegistryMirror { value: value.to_owned(), reason: reason.to_owned() };
     let url = url::Url::parse(value).map_err(|e| fail(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(fail("scheme must be http or https"));
@@ -225,9 +184,7 @@ fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
     }
     // The distribution API lives at /v2 on the host root; a path prefix would be silently dropped.
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err(fail(
-            "must be scheme://host[:port] with no path, query or fragment",
-        ));
+        return Err(fail("must be scheme://host[:port] with no path, query or fragment"));
     }
     Ok(())
 }
@@ -237,18 +194,10 @@ fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
 fn default_data_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
-    data_dir_for(
-        is_root,
-        std::env::var_os("HOME"),
-        std::env::var_os("XDG_DATA_HOME"),
-    )
+    data_dir_for(is_root, std::env::var_os("HOME"), std::env::var_os("XDG_DATA_HOME"))
 }
 
-fn data_dir_for(
-    is_root: bool,
-    home: Option<std::ffi::OsString>,
-    xdg: Option<std::ffi::OsString>,
-) -> PathBuf {
+fn data_dir_for(is_root: bool, home: Option<std::ffi::OsString>, xdg: Option<std::ffi::OsString>) -> PathBuf {
     let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
     let (home, xdg) = (nonempty(home), nonempty(xdg));
     match (is_root, home, xdg) {
@@ -290,9 +239,7 @@ impl FromStr for ByteSize {
         if digits.is_empty() {
             return Err(SizeError::NoNumber(truncated(s)));
         }
-        let number: u64 = digits
-            .parse()
-            .map_err(|_| SizeError::Overflow(truncated(s)))?;
+        let number: u64 = digits.parse().map_err(|_| SizeError::Overflow(truncated(s)))?;
         let multiplier: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "kb" => 1_000,
@@ -305,10 +252,7 @@ impl FromStr for ByteSize {
             "tib" => 1 << 40,
             _ => return Err(SizeError::Unit(truncated(unit))),
         };
-        number
-            .checked_mul(multiplier)
-            .map(ByteSize)
-            .ok_or_else(|| SizeError::Overflow(truncated(s)))
+        number.checked_mul(multiplier).map(ByteSize).ok_or_else(|| SizeError::Overflow(truncated(s)))
     }
 }
 
@@ -344,9 +288,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("size must not be negative"))
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("size must not be negative"))
             }
         }
         d.deserialize_any(Visitor)
@@ -400,21 +342,10 @@ impl FromStr for RegistryAuth {
     /// `HOST=USER:PASS`: the host has no `=` and a Basic-auth user has no `:`, so splitting at
     /// the first of each leaves the password free to contain both.
     fn from_str(s: &str) -> Result<Self, AuthEntryError> {
-        let (host, creds) = s
-            .trim()
-            .split_once('=')
-            .ok_or(AuthEntryError::MissingEquals)?;
+        let (host, creds) = s.trim().split_once('=').ok_or(AuthEntryError::MissingEquals)?;
         let (username, password) =
-            creds
-                .split_once(':')
-                .ok_or_else(|| AuthEntryError::MissingColon {
-                    host: truncated(host),
-                })?;
-        let auth = RegistryAuth {
-            host: host.to_owned(),
-            username: username.to_owned(),
-            password: password.to_owned(),
-        };
+            creds.split_once(':').ok_or_else(|| AuthEntryError::MissingColon { host: truncated(host) })?;
+        let auth = RegistryAuth { host: host.to_owned(), username: username.to_owned(), password: password.to_owned() };
         auth.validate()?;
         Ok(auth)
     }
@@ -434,11 +365,7 @@ impl fmt::Debug for RegistryAuth {
 /// the value has no newline (so a password may contain commas in the newline form).
 pub fn parse_auth_list(s: &str) -> Result<Vec<RegistryAuth>, AuthEntryError> {
     let sep = if s.contains('\n') { '\n' } else { ',' };
-    s.split(sep)
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(str::parse)
-        .collect()
+    s.split(sep).map(str::trim).filter(|e| !e.is_empty()).map(str::parse).collect()
 }
 
 #[cfg(test)]

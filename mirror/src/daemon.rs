@@ -66,7 +66,11 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         credentials: config
             .registry_auth
             .iter()
-            .map(|a| RegistryCredential { host: a.host.clone(), username: a.username.clone(), password: a.password.clone() })
+            .map(|a| RegistryCredential {
+                host: a.host.clone(),
+                username: a.username.clone(),
+                password: a.password.clone(),
+            })
             .collect(),
         connect_timeout: Duration::from_secs(5),
     })?;

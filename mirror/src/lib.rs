@@ -1,8 +1,7 @@
-
+pub mod api;
 pub mod cli;
 pub mod config;
-pub mod oci;
-pub mod upstream;
-pub mod api;
 pub mod daemon;
+pub mod oci;
 pub mod server;
+pub mod upstream;

@@ -13,7 +13,8 @@ fn main() -> anyhow::Result<()> {
     let Command::Mirror(args) = cli.command;
     let config = args.into_config().context("invalid configuration")?;
     init_tracing(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(run_mirror(config))
 }
 

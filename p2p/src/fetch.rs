@@ -46,7 +46,8 @@ pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Ar
     if whole.is_some() {
         task.begin_streaming_verify();
     }
-    let mut fill = Fill { shas: spawn_piece_hasher(&task), task, id, pos: start, end, whole, piece_crc: 0, notified_at: None };
+    let mut fill =
+        Fill { shas: spawn_piece_hasher(&task), task, id, pos: start, end, whole, piece_crc: 0, notified_at: None };
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
     let result = fill.run(&*source).instrument(span).await;
     let hashing = fill.whole.is_some();
@@ -132,7 +133,11 @@ impl Fill {
     /// Takes bytes at `self.pos`: writes the parts of owned pieces, checksums, publishes progress.
     async fn accept(&mut self, chunk: Bytes) -> Result<(), SourceError> {
         let layout = self.task.layout();
-        self.task.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(chunk.len() as u64);
+        self.task
+            .metrics
+            .fetched_bytes
+            .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
+            .inc_by(chunk.len() as u64);
         if let Some(h) = &self.whole {
             h.update(chunk.clone()).await?;
         }

@@ -41,7 +41,11 @@ impl Metrics {
             "Bytes sent to clients, by where they came from",
             m.download_bytes.clone(),
         );
-        registry.register("damselfly_fetched_bytes", "Bytes received into the store, by source", m.fetched_bytes.clone());
+        registry.register(
+            "damselfly_fetched_bytes",
+            "Bytes received into the store, by source",
+            m.fetched_bytes.clone(),
+        );
         registry.register("damselfly_cache_bytes", "Bytes reserved by cached tasks", m.cache_bytes.clone());
         registry.register("damselfly_cache_tasks", "Tasks in the cache", m.cache_tasks.clone());
         registry.register(
@@ -56,7 +60,11 @@ impl Metrics {
             "Downloads streamed without caching (quota or disk full)",
             m.passthrough.clone(),
         );
-        registry.register("damselfly_fetch_retries", "Source requests retried after a failure", m.fetch_retries.clone());
+        registry.register(
+            "damselfly_fetch_retries",
+            "Source requests retried after a failure",
+            m.fetch_retries.clone(),
+        );
         m
     }
 

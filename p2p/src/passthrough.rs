@@ -53,7 +53,10 @@ impl Verify {
                     if let Some(h) = &mut self.hasher {
                         h.update(&chunk);
                     }
-                    self.metrics.fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "origin" }).inc_by(chunk.len() as u64);
+                    self.metrics
+                        .fetched_bytes
+                        .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
+                        .inc_by(chunk.len() as u64);
                     if let Some(prev) = self.held.replace(chunk) {
                         self.metrics.downloaded(crate::Origin::Origin, prev.len() as u64);
                         return Ok(Some(prev));

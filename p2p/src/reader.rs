@@ -46,7 +46,12 @@ struct Cursor {
 /// Streams `range` of the task. `full` marks a whole-content response, whose last byte is held
 /// back until the content matched its digest. The stream ends with an error (and the caller
 /// must abort the response) if the bytes cannot be had or fail verification.
-pub fn read(task: TaskRef, range: Range<u64>, full: bool, source: Arc<dyn Source>) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
+pub fn read(
+    task: TaskRef,
+    range: Range<u64>,
+    full: bool,
+    source: Arc<dyn Source>,
+) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
     let cursor = Cursor { task, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
     stream::unfold(Some(cursor), |cursor| async move {
         let mut c = cursor?;
@@ -68,7 +73,8 @@ impl Cursor {
                     let range = range.start..range.end.min(range.start + MAX_FRAME);
                     self.pos = range.end;
                     let n = range.end - range.start;
-                    let origin = if cached && range.start >= self.fetched_until { Origin::Cache } else { self.source.origin() };
+                    let origin =
+                        if cached && range.start >= self.fetched_until { Origin::Cache } else { self.source.origin() };
                     self.task.metrics.downloaded(origin, n);
                     return Ok(Bytes::from_owner(MapSlice { task: self.task.clone(), range }));
                 }

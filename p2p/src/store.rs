@@ -185,7 +185,10 @@ impl Inner {
         let meta = TaskMeta::load(&meta_path)?;
         let file = OpenOptions::new().read(true).write(true).open(&data)?;
         if file.metadata()?.len() != meta.len || meta.digest != *digest {
-            return Err(StoreError::Io(io::Error::new(io::ErrorKind::InvalidData, "task file does not match its metadata")));
+            return Err(StoreError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "task file does not match its metadata",
+            )));
         }
         Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))
     }

@@ -191,7 +191,13 @@ impl Task {
 
     /// Decides what a reader at `pos` (reading up to `end`) does next. `full` readers send the
     /// whole content and so must not receive its last byte before the digest matched.
-    pub(crate) fn step(self: &Arc<Self>, pos: u64, end: u64, full: bool, waited_on: Option<u64>) -> Result<Step, String> {
+    pub(crate) fn step(
+        self: &Arc<Self>,
+        pos: u64,
+        end: u64,
+        full: bool,
+        waited_on: Option<u64>,
+    ) -> Result<Step, String> {
         let mut st = self.lock();
         if let Some(why) = &st.failed {
             return Err(why.clone());

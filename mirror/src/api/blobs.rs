@@ -15,14 +15,15 @@ use crate::oci::{content_range, parse_range, unsatisfied_content_range, RangeSpe
 use crate::upstream::{CredentialKind, UpstreamRequest};
 
 pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &HeaderMap) -> Response<Body> {
-    let range = match headers.get(RANGE).map(|v| v.to_str().map_err(|_| ()).and_then(|s| parse_range(s).map_err(|_| ()))) {
-        None => None,
-        Some(Ok(r)) => r,
-        Some(Err(())) => {
-            let (status, code) = (StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid);
-            return oci_error(status, code, "malformed Range header");
-        }
-    };
+    let range =
+        match headers.get(RANGE).map(|v| v.to_str().map_err(|_| ()).and_then(|s| parse_range(s).map_err(|_| ()))) {
+            None => None,
+            Some(Ok(r)) => r,
+            Some(Err(())) => {
+                let (status, code) = (StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid);
+                return oci_error(status, code, "malformed Range header");
+            }
+        };
     let task = match app.store.get(&target.digest) {
         Ok(Some(task)) => {
             if let Err(refusal) = authorize(&app, &target, &task, false).await {
@@ -101,7 +102,11 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
         Some(spec) => match spec.resolve(len) {
             Some(r) => (StatusCode::PARTIAL_CONTENT, r),
             None => {
-                let mut resp = oci_error(StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid, "range not satisfiable");
+                let mut resp = oci_error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    crate::oci::ErrorCode::RangeInvalid,
+                    "range not satisfiable",
+                );
                 insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &unsatisfied_content_range(len));
                 return resp;
             }

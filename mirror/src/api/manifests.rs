@@ -189,12 +189,20 @@ async fn read_all(task: &TaskRef) -> Result<Bytes, String> {
 struct NoSource;
 
 impl damselfly_p2p::Source for NoSource {
-    fn fetch(&self, _: Option<std::ops::Range<u64>>) -> BoxFuture<'static, Result<damselfly_p2p::SourceResponse, damselfly_p2p::SourceError>> {
+    fn fetch(
+        &self,
+        _: Option<std::ops::Range<u64>>,
+    ) -> BoxFuture<'static, Result<damselfly_p2p::SourceResponse, damselfly_p2p::SourceError>> {
         Box::pin(async { Err(damselfly_p2p::SourceError::fatal("cached manifest is damaged")) })
     }
 }
 
-fn manifest_response(body: Body, media_type: Option<&str>, digest: Option<&Digest>, len: Option<u64>) -> Response<Body> {
+fn manifest_response(
+    body: Body,
+    media_type: Option<&str>,
+    digest: Option<&Digest>,
+    len: Option<u64>,
+) -> Response<Body> {
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     if let Some(v) = media_type.and_then(|m| HeaderValue::from_str(m).ok()) {
@@ -210,7 +218,8 @@ fn manifest_response(body: Body, media_type: Option<&str>, digest: Option<&Diges
 }
 
 fn refusal(f: &Fetched) -> Response<Body> {
-    let status = if f.status.is_client_error() || f.status.is_server_error() { f.status } else { StatusCode::BAD_GATEWAY };
+    let status =
+        if f.status.is_client_error() || f.status.is_server_error() { f.status } else { StatusCode::BAD_GATEWAY };
     let code = super::response::code_for_upstream(status, true);
     let mut resp = oci_error(status, code, &format!("origin answered {}", f.status));
     for v in f.headers.get_all(http::header::WWW_AUTHENTICATE) {

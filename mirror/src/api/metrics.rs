@@ -27,8 +27,16 @@ pub struct ApiMetrics {
 impl ApiMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = ApiMetrics::default();
-        registry.register("damselfly_http_requests", "Registry API requests by route, method and status", m.requests.clone());
-        registry.register("damselfly_origin_requests", "Requests sent to origin registries, by kind", m.origin_requests.clone());
+        registry.register(
+            "damselfly_http_requests",
+            "Registry API requests by route, method and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "damselfly_origin_requests",
+            "Requests sent to origin registries, by kind",
+            m.origin_requests.clone(),
+        );
         registry.register(
             "damselfly_access_checks",
             "Authorization decisions for cached content, by outcome",

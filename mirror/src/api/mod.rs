@@ -56,7 +56,12 @@ pub struct Target {
 
 impl Scope {
     pub fn target(&self, digest: Digest) -> Target {
-        Target { registry: self.registry.clone(), repo: self.repo.clone(), client_auth: self.client_auth.clone(), digest }
+        Target {
+            registry: self.registry.clone(),
+            repo: self.repo.clone(),
+            client_auth: self.client_auth.clone(),
+            digest,
+        }
     }
 }
 
@@ -84,7 +89,8 @@ impl App {
     async fn dispatch<B>(self: Arc<Self>, req: Request<B>) -> (&'static str, Response<Body>) {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
-            let resp = oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "this mirror serves pulls only");
+            let resp =
+                oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "this mirror serves pulls only");
             return ("other", resp);
         }
         let route = match parse_route(req.uri().path(), req.uri().query()) {
@@ -113,7 +119,8 @@ impl App {
                 ("manifest", manifests::handle(self, mreq).instrument(span).await)
             }
             Err(digest) => {
-                let span = tracing::info_span!("blob", registry = %scope.registry.host, repo = %scope.repo, digest = %digest);
+                let span =
+                    tracing::info_span!("blob", registry = %scope.registry.host, repo = %scope.repo, digest = %digest);
                 let target = scope.target(digest);
                 ("blob", blobs::handle(self, target, &method, req.headers()).instrument(span).await)
             }
@@ -127,4 +134,3 @@ fn base() -> Response<Body> {
     resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(2));
     resp
 }
-

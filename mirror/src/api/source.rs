@@ -34,10 +34,11 @@ impl UpstreamBlob {
             headers,
             client_auth: target.client_auth.clone(),
         };
-        let reply = app.upstream.send(req).await.map_err(|e| SourceError {
-            retryable: e.is_retryable(),
-            message: format!("origin request failed: {e}"),
-        })?;
+        let reply = app
+            .upstream
+            .send(req)
+            .await
+            .map_err(|e| SourceError { retryable: e.is_retryable(), message: format!("origin request failed: {e}") })?;
         let resp = reply.response;
         let range_honoured = match resp.status() {
             StatusCode::OK => false,
@@ -50,14 +51,12 @@ impl UpstreamBlob {
                 true
             }
             s => {
-                let retryable = s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT;
+                let retryable =
+                    s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT;
                 return Err(SourceError { retryable, message: format!("origin answered {s}") });
             }
         };
-        let body = resp
-            .bytes_stream()
-            .map_err(|e| SourceError::retryable(format!("origin body failed: {e}")))
-            .boxed();
+        let body = resp.bytes_stream().map_err(|e| SourceError::retryable(format!("origin body failed: {e}"))).boxed();
         Ok(SourceResponse { range_honoured, body })
     }
 }

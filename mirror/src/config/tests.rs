@@ -7,8 +7,7 @@ const EXAMPLE: &str = include_str!("../../../config/mirror.example.toml");
 fn uncomment(text: &str) -> String {
     let live = |l: &str| {
         l.starts_with("[[")
-            || l.split_once(" = ")
-                .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            || l.split_once(" = ").is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
     };
     text.lines()
         .map(|l| match l.strip_prefix("# ") {
@@ -31,16 +30,10 @@ fn example_config_documents_every_key_with_its_default() {
     let cfg = MirrorConfig::from_toml_str(&live).expect("uncommented example parses");
     cfg.validate().expect("uncommented example validates");
     let d = MirrorConfig::default();
-    assert_eq!(
-        (cfg.listen, cfg.health_listen, cfg.metrics_listen),
-        (d.listen, d.health_listen, d.metrics_listen)
-    );
+    assert_eq!((cfg.listen, cfg.health_listen, cfg.metrics_listen), (d.listen, d.health_listen, d.metrics_listen));
     assert_eq!(cfg.cache_quota, d.cache_quota);
     assert_eq!(cfg.registry_mirror, d.registry_mirror);
-    assert_eq!(
-        (cfg.background_fill, cfg.log_format, &cfg.log_level),
-        (d.background_fill, d.log_format, &d.log_level)
-    );
+    assert_eq!((cfg.background_fill, cfg.log_format, &cfg.log_level), (d.background_fill, d.log_format, &d.log_level));
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/damselfly"));
     assert_eq!(cfg.insecure_registries, ["registry.local:5000"]);
     assert_eq!(cfg.registry_auth.len(), 1);
@@ -60,28 +53,21 @@ fn example_config_documents_every_key_with_its_default() {
         "log_level",
     ];
     for key in keys {
-        assert!(
-            live.lines().any(|l| l.starts_with(key)),
-            "example does not document {key}"
-        );
+        assert!(live.lines().any(|l| l.starts_with(key)), "example does not document {key}");
     }
 }
 
 #[test]
 fn default_validates() {
-    MirrorConfig::default()
-        .validate()
-        .expect("defaults are valid");
+    MirrorConfig::default().validate().expect("defaults are valid");
 }
 
 #[test]
 fn unknown_keys_are_rejected() {
     let err = MirrorConfig::from_toml_str("listn = \"127.0.0.1:1\"").unwrap_err();
     assert!(err.to_string().contains("listn"), "{err}");
-    let err = MirrorConfig::from_toml_str(
-        "[[registry_auth]]\nhost=\"a\"\nusername=\"u\"\npassword=\"p\"\ntoken=\"t\"",
-    )
-    .unwrap_err();
+    let err = MirrorConfig::from_toml_str("[[registry_auth]]\nhost=\"a\"\nusername=\"u\"\npassword=\"p\"\ntoken=\"t\"")
+        .unwrap_err();
     assert!(err.to_string().contains("token"), "{err}");
 }
 
@@ -111,21 +97,13 @@ fn parses_full_file() {
 
 #[test]
 fn bad_values_give_clear_errors() {
-    let err = MirrorConfig::from_toml_str("cache_quota = \"12 parsecs\"")
-        .unwrap_err()
-        .to_string();
+    let err = MirrorConfig::from_toml_str("cache_quota = \"12 parsecs\"").unwrap_err().to_string();
     assert!(err.contains("unknown size unit"), "{err}");
-    let err = MirrorConfig::from_toml_str("cache_quota = -1")
-        .unwrap_err()
-        .to_string();
+    let err = MirrorConfig::from_toml_str("cache_quota = -1").unwrap_err().to_string();
     assert!(err.contains("negative"), "{err}");
-    let err = MirrorConfig::from_toml_str("log_format = \"xml\"")
-        .unwrap_err()
-        .to_string();
+    let err = MirrorConfig::from_toml_str("log_format = \"xml\"").unwrap_err().to_string();
     assert!(err.contains("xml"), "{err}");
-    let err = MirrorConfig::from_toml_str("listen = \"localhost\"")
-        .unwrap_err()
-        .to_string();
+    let err = MirrorConfig::from_toml_str("listen = \"localhost\"").unwrap_err().to_string();
     assert!(err.contains("listen"), "{err}");
 }
 
@@ -143,28 +121,15 @@ fn validation_rejects_bad_configs() {
     assert!(e.contains("health_listen"), "{e}");
     assert!(invalid(|c| c.cache_quota = ByteSize(0)).contains("greater than zero"));
     assert!(invalid(|c| c.data_dir = PathBuf::new()).contains("data_dir"));
-    for url in [
-        "docker.io",
-        "ftp://x",
-        "https://u:p@x",
-        "https://x/v2",
-        "https://x?a=b",
-        "https://",
-    ] {
+    for url in ["docker.io", "ftp://x", "https://u:p@x", "https://x/v2", "https://x?a=b", "https://"] {
         let e = invalid(|c| c.registry_mirror = url.into());
         assert!(e.contains("registry_mirror"), "{url}: {e}");
     }
-    for host in [
-        "", "a/b", "http://a", "a:0", "a:99999", "::1", "a b", "-a.com",
-    ] {
+    for host in ["", "a/b", "http://a", "a:0", "a:99999", "::1", "a b", "-a.com"] {
         let e = invalid(|c| c.insecure_registries = vec![host.into()]);
         assert!(e.contains("insecure_registries"), "{host}: {e}");
     }
-    let auth = |h: &str, u: &str, p: &str| RegistryAuth {
-        host: h.into(),
-        username: u.into(),
-        password: p.into(),
-    };
+    let auth = |h: &str, u: &str, p: &str| RegistryAuth { host: h.into(), username: u.into(), password: p.into() };
     assert!(invalid(|c| c.registry_auth = vec![auth("x.io", "", "p")]).contains("empty username"));
     let e = invalid(|c| c.registry_auth = vec![auth("x.io", "u", "")]);
     assert!(e.contains("empty password"), "{e}");
@@ -187,30 +152,12 @@ fn port_zero_and_distinct_ips_do_not_collide() {
 #[test]
 fn default_data_dir_rules() {
     let os = |s: &str| Some(std::ffi::OsString::from(s));
-    assert_eq!(
-        data_dir_for(true, os("/root"), None),
-        PathBuf::from("/var/lib/damselfly")
-    );
-    assert_eq!(
-        data_dir_for(false, None, os("/x")),
-        PathBuf::from("/var/lib/damselfly")
-    );
-    assert_eq!(
-        data_dir_for(false, os("/home/u"), None),
-        PathBuf::from("/home/u/.local/share/damselfly")
-    );
-    assert_eq!(
-        data_dir_for(false, os("/home/u"), os("/xdg")),
-        PathBuf::from("/xdg/damselfly")
-    );
-    assert_eq!(
-        data_dir_for(false, os("/home/u"), os("rel")),
-        PathBuf::from("/home/u/.local/share/damselfly")
-    );
-    assert_eq!(
-        data_dir_for(false, os(""), None),
-        PathBuf::from("/var/lib/damselfly")
-    );
+    assert_eq!(data_dir_for(true, os("/root"), None), PathBuf::from("/var/lib/damselfly"));
+    assert_eq!(data_dir_for(false, None, os("/x")), PathBuf::from("/var/lib/damselfly"));
+    assert_eq!(data_dir_for(false, os("/home/u"), None), PathBuf::from("/home/u/.local/share/damselfly"));
+    assert_eq!(data_dir_for(false, os("/home/u"), os("/xdg")), PathBuf::from("/xdg/damselfly"));
+    assert_eq!(data_dir_for(false, os("/home/u"), os("rel")), PathBuf::from("/home/u/.local/share/damselfly"));
+    assert_eq!(data_dir_for(false, os(""), None), PathBuf::from("/var/lib/damselfly"));
 }
 
 #[test]
@@ -231,26 +178,11 @@ fn sizes_parse() {
         assert_eq!(s.parse::<ByteSize>(), Ok(ByteSize(n)), "{s}");
     }
     assert_eq!("".parse::<ByteSize>(), Err(SizeError::Empty));
-    assert!(matches!(
-        "GiB".parse::<ByteSize>(),
-        Err(SizeError::NoNumber(_))
-    ));
-    assert!(matches!(
-        "1.5GiB".parse::<ByteSize>(),
-        Err(SizeError::Unit(_))
-    ));
-    assert!(matches!(
-        "-1".parse::<ByteSize>(),
-        Err(SizeError::NoNumber(_))
-    ));
-    assert!(matches!(
-        "16777216TiB".parse::<ByteSize>(),
-        Err(SizeError::Overflow(_))
-    ));
-    assert!(matches!(
-        "99999999999999999999".parse::<ByteSize>(),
-        Err(SizeError::Overflow(_))
-    ));
+    assert!(matches!("GiB".parse::<ByteSize>(), Err(SizeError::NoNumber(_))));
+    assert!(matches!("1.5GiB".parse::<ByteSize>(), Err(SizeError::Unit(_))));
+    assert!(matches!("-1".parse::<ByteSize>(), Err(SizeError::NoNumber(_))));
+    assert!(matches!("16777216TiB".parse::<ByteSize>(), Err(SizeError::Overflow(_))));
+    assert!(matches!("99999999999999999999".parse::<ByteSize>(), Err(SizeError::Overflow(_))));
     assert_eq!(ByteSize(50 << 30).to_string(), "50GiB");
     assert_eq!(ByteSize(1000).to_string(), "1000");
 }
@@ -258,26 +190,10 @@ fn sizes_parse() {
 #[test]
 fn auth_entries_parse_and_hide_passwords() {
     let a: RegistryAuth = "ghcr.io:443=user:pa:ss=word".parse().expect("parses");
-    assert_eq!(
-        (a.host.as_str(), a.username.as_str(), a.password.as_str()),
-        ("ghcr.io:443", "user", "pa:ss=word")
-    );
+    assert_eq!((a.host.as_str(), a.username.as_str(), a.password.as_str()), ("ghcr.io:443", "user", "pa:ss=word"));
     assert!(!format!("{a:?}").contains("pa:ss"));
-    assert!(!format!(
-        "{:?}",
-        MirrorConfig {
-            registry_auth: vec![a],
-            ..Default::default()
-        }
-    )
-    .contains("pa:ss"));
-    for bad in [
-        "nohost-S3CRET",
-        "host=S3CRET",
-        "=u:S3CRET",
-        "h=:S3CRET",
-        "a/b=u:S3CRET",
-    ] {
+    assert!(!format!("{:?}", MirrorConfig { registry_auth: vec![a], ..Default::default() }).contains("pa:ss"));
+    for bad in ["nohost-S3CRET", "host=S3CRET", "=u:S3CRET", "h=:S3CRET", "a/b=u:S3CRET"] {
         let msg = bad.parse::<RegistryAuth>().expect_err(bad).to_string();
         assert!(!msg.contains("S3CRET"), "{msg}");
     }
@@ -288,10 +204,7 @@ fn auth_entries_parse_and_hide_passwords() {
 #[test]
 fn auth_list_separators() {
     let l = parse_auth_list("a.io=u:p, b.io=v:q,").expect("commas");
-    assert_eq!(
-        l.iter().map(|a| a.host.as_str()).collect::<Vec<_>>(),
-        ["a.io", "b.io"]
-    );
+    assert_eq!(l.iter().map(|a| a.host.as_str()).collect::<Vec<_>>(), ["a.io", "b.io"]);
     let l = parse_auth_list("a.io=u:p,with,commas\nb.io=v:q\n\n").expect("newlines");
     assert_eq!(l[0].password, "p,with,commas");
     assert_eq!(l.len(), 2);
@@ -310,22 +223,12 @@ fn auth_file_is_appended() {
         ..Default::default()
     };
     cfg.load_registry_auth_file().expect("loads");
-    assert_eq!(
-        cfg.registry_auth
-            .iter()
-            .map(|a| a.host.as_str())
-            .collect::<Vec<_>>(),
-        ["a.io", "b.io", "c.io:5000"]
-    );
+    assert_eq!(cfg.registry_auth.iter().map(|a| a.host.as_str()).collect::<Vec<_>>(), ["a.io", "b.io", "c.io:5000"]);
     std::fs::write(&path, "ok.io=u:p\nbroken-line-secret\n").expect("write");
     let err = cfg.load_registry_auth_file().unwrap_err().to_string();
     assert!(err.contains("line 2") && !err.contains("secret"), "{err}");
     cfg.registry_auth_file = Some(dir.path().join("missing"));
-    assert!(cfg
-        .load_registry_auth_file()
-        .unwrap_err()
-        .to_string()
-        .contains("missing"));
+    assert!(cfg.load_registry_auth_file().unwrap_err().to_string().contains("missing"));
 }
 
 proptest! {
@@ -353,8 +256,7 @@ proptest! {
 
 #[test]
 fn parse_errors_do_not_carry_the_file() {
-    let text =
-        "[[registry_auth]]\nhost = \"a.io\"\nusername = \"u\"\npassword = \"S3CRET\"\n\n[bogus]\n";
+    let text = "[[registry_auth]]\nhost = \"a.io\"\nusername = \"u\"\npassword = \"S3CRET\"\n\n[bogus]\n";
     let err = MirrorConfig::from_toml_str(text).unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
     assert!(!format!("{err:?}").contains("S3CRET"), "{err:?}");

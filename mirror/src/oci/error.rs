@@ -62,19 +62,11 @@ struct Entry<'a> {
 
 /// `{"errors":[{"code":"…","message":"…","detail":null}]}`.
 pub fn error_body(code: ErrorCode, message: &str) -> Bytes {
-    let body = Body {
-        errors: [Entry {
-            code: code.as_str(),
-            message,
-            detail: None,
-        }],
-    };
+    let body = Body { errors: [Entry { code: code.as_str(), message, detail: None }] };
     // Serializing plain strings cannot fail; the fallback only keeps this function total.
     match serde_json::to_vec(&body) {
         Ok(v) => Bytes::from(v),
-        Err(_) => {
-            Bytes::from_static(br#"{"errors":[{"code":"UNKNOWN","message":"","detail":null}]}"#)
-        }
+        Err(_) => Bytes::from_static(br#"{"errors":[{"code":"UNKNOWN","message":"","detail":null}]}"#),
     }
 }
 

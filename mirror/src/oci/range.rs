@@ -91,12 +91,7 @@ impl RangeSpec {
 
 /// `Content-Range` for a 206: `bytes a-b/len` with `b` inclusive.
 pub fn content_range(r: &Range<u64>, len: u64) -> String {
-    format!(
-        "bytes {}-{}/{}",
-        r.start,
-        r.end.saturating_sub(1).max(r.start),
-        len
-    )
+    format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1).max(r.start), len)
 }
 
 /// `Content-Range` for a 416.
@@ -111,16 +106,10 @@ mod tests {
 
     #[test]
     fn parses_single_ranges() {
-        assert_eq!(
-            parse_range("bytes=0-1023"),
-            Ok(Some(RangeSpec::FromTo(0, 1023)))
-        );
+        assert_eq!(parse_range("bytes=0-1023"), Ok(Some(RangeSpec::FromTo(0, 1023))));
         assert_eq!(parse_range("bytes=5-"), Ok(Some(RangeSpec::From(5))));
         assert_eq!(parse_range("bytes=-500"), Ok(Some(RangeSpec::Suffix(500))));
-        assert_eq!(
-            parse_range(" Bytes = 7-7 "),
-            Ok(Some(RangeSpec::FromTo(7, 7)))
-        );
+        assert_eq!(parse_range(" Bytes = 7-7 "), Ok(Some(RangeSpec::FromTo(7, 7))));
         assert_eq!(parse_range("bytes=-0"), Ok(Some(RangeSpec::Suffix(0))));
         let max = format!("bytes={}-", u64::MAX);
         assert_eq!(parse_range(&max), Ok(Some(RangeSpec::From(u64::MAX))));
@@ -149,14 +138,8 @@ mod tests {
         ] {
             assert_eq!(parse_range(bad), Err(RangeError::Malformed), "{bad}");
         }
-        assert_eq!(
-            parse_range("bytes=18446744073709551616-"),
-            Err(RangeError::Overflow)
-        );
-        assert_eq!(
-            parse_range("bytes=0-99999999999999999999999"),
-            Err(RangeError::Overflow)
-        );
+        assert_eq!(parse_range("bytes=18446744073709551616-"), Err(RangeError::Overflow));
+        assert_eq!(parse_range("bytes=0-99999999999999999999999"), Err(RangeError::Overflow));
         let long = format!("bytes=0-{}", "1".repeat(MAX_RANGE_HEADER_LEN));
         assert_eq!(parse_range(&long), Err(RangeError::TooLong));
         assert_eq!(
@@ -178,10 +161,7 @@ mod tests {
         assert_eq!(RangeSpec::Suffix(0).resolve(100), None);
         assert_eq!(RangeSpec::From(0).resolve(0), None);
         assert_eq!(RangeSpec::Suffix(5).resolve(0), None);
-        assert_eq!(
-            RangeSpec::FromTo(0, u64::MAX).resolve(u64::MAX),
-            Some(0..u64::MAX)
-        );
+        assert_eq!(RangeSpec::FromTo(0, u64::MAX).resolve(u64::MAX), Some(0..u64::MAX));
     }
 
     #[test]

@@ -90,8 +90,9 @@ impl RouteError {
         match self {
             NotFound | Unsupported => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
             TooLong => (StatusCode::URI_TOO_LONG, ErrorCode::NameInvalid),
-            BadEncoding | ForbiddenEncoding | ForbiddenChar | EmptySegment | DotSegment
-            | InvalidName | InvalidNs => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            BadEncoding | ForbiddenEncoding | ForbiddenChar | EmptySegment | DotSegment | InvalidName | InvalidNs => {
+                (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+            }
             InvalidTag => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             InvalidDigest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
         }
@@ -198,10 +199,7 @@ fn route_rest(rest: &str) -> Result<RouteKind, RouteError> {
     };
     let (name, reference) = (&rest[..at], &rest[at + marker.len()..]);
     // `blobs/uploads/...` (push) and anything with further segments are other API operations.
-    if reference.is_empty()
-        || reference.contains('/')
-        || (marker == BLOBS && reference == "uploads")
-    {
+    if reference.is_empty() || reference.contains('/') || (marker == BLOBS && reference == "uploads") {
         return Err(RouteError::Unsupported);
     }
     if !is_valid_name(name) {
@@ -209,10 +207,7 @@ fn route_rest(rest: &str) -> Result<RouteKind, RouteError> {
     }
     let name = name.to_owned();
     if marker == MANIFESTS {
-        Ok(RouteKind::Manifest {
-            name,
-            reference: parse_reference(reference)?,
-        })
+        Ok(RouteKind::Manifest { name, reference: parse_reference(reference)? })
     } else {
         let digest = Digest::parse(reference).map_err(RouteError::InvalidDigest)?;
         Ok(RouteKind::Blob { name, digest })
@@ -221,9 +216,7 @@ fn route_rest(rest: &str) -> Result<RouteKind, RouteError> {
 
 fn parse_reference(s: &str) -> Result<Reference, RouteError> {
     if s.contains(':') {
-        return Digest::parse(s)
-            .map(Reference::Digest)
-            .map_err(RouteError::InvalidDigest);
+        return Digest::parse(s).map(Reference::Digest).map_err(RouteError::InvalidDigest);
     }
     if is_valid_tag(s) {
         Ok(Reference::Tag(s.to_owned()))
@@ -254,13 +247,10 @@ fn is_valid_component(component: &str) -> bool {
 /// `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 pub fn is_valid_tag(tag: &str) -> bool {
     let b = tag.as_bytes();
-    let first_ok = b
-        .first()
-        .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
+    let first_ok = b.first().is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
     first_ok
         && b.len() <= MAX_TAG_LEN
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 /// Finds `ns`, ignoring other parameters. A repeated `ns` is refused: two readers of one
@@ -272,9 +262,7 @@ fn parse_ns(query: &str) -> Result<Option<String>, RouteError> {
         if key != "ns" {
             continue;
         }
-        let value = percent_encoding::percent_decode_str(value)
-            .decode_utf8()
-            .map_err(|_| RouteError::InvalidNs)?;
+        let value = percent_encoding::percent_decode_str(value).decode_utf8().map_err(|_| RouteError::InvalidNs)?;
         if found.is_some() || !is_host_port(&value) {
             return Err(RouteError::InvalidNs);
         }
@@ -293,8 +281,7 @@ pub fn is_host_port(s: &str) -> bool {
         let Some((v6, after)) = rest.split_once(']') else {
             return false;
         };
-        return v6.parse::<Ipv6Addr>().is_ok()
-            && (after.is_empty() || after.strip_prefix(':').is_some_and(is_port));
+        return v6.parse::<Ipv6Addr>().is_ok() && (after.is_empty() || after.strip_prefix(':').is_some_and(is_port));
     }
     match s.split_once(':') {
         Some((host, port)) => is_hostname(host) && is_port(port),
@@ -303,9 +290,7 @@ pub fn is_host_port(s: &str) -> bool {
 }
 
 fn is_port(p: &str) -> bool {
-    (1..=5).contains(&p.len())
-        && p.bytes().all(|b| b.is_ascii_digit())
-        && p.parse::<u16>().is_ok_and(|n| n != 0)
+    (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n != 0)
 }
 
 fn is_hostname(h: &str) -> bool {

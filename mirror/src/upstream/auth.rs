@@ -14,10 +14,7 @@ use url::Url;
 use super::challenge::{self, Challenge};
 use super::token::{self, Identity, TokenCache, TokenKey};
 use super::transport::{Target, Transport};
-use super::{
-    CredentialKind, RegistryCredential, RegistryEndpoint, SchemePolicy, UpstreamError,
-    UpstreamReply,
-};
+use super::{CredentialKind, RegistryCredential, RegistryEndpoint, SchemePolicy, UpstreamError, UpstreamReply};
 
 /// The challenge memo holds one entry per registry host; this only bounds a flood of bogus hosts.
 const MAX_KNOWN_HOSTS: usize = 1024;
@@ -34,11 +31,7 @@ impl KnownAuth {
     /// Bearer is preferred over Basic when both are offered: the password then goes only to
     /// the realm, and the registry sees a scoped, expiring token.
     pub(crate) fn from_challenges(list: &[Challenge]) -> Option<Self> {
-        list.iter().find_map(bearer).or_else(|| {
-            list.iter()
-                .any(|c| c.is_scheme("basic"))
-                .then_some(KnownAuth::Basic)
-        })
+        list.iter().find_map(bearer).or_else(|| list.iter().any(|c| c.is_scheme("basic")).then_some(KnownAuth::Basic))
     }
 }
 
@@ -47,10 +40,8 @@ fn bearer(c: &Challenge) -> Option<KnownAuth> {
         return None;
     }
     let realm = Url::parse(c.param("realm")?).ok()?;
-    matches!(realm.scheme(), "http" | "https").then(|| KnownAuth::Bearer {
-        realm,
-        service: c.param("service").map(str::to_owned),
-    })
+    matches!(realm.scheme(), "http" | "https")
+        .then(|| KnownAuth::Bearer { realm, service: c.param("service").map(str::to_owned) })
 }
 
 /// An `Authorization` value about to be sent, and what it proves.
@@ -84,26 +75,16 @@ impl Authenticator {
         repo: &str,
         cred: Option<&RegistryCredential>,
     ) -> Result<UpstreamReply, UpstreamError> {
-        let ctx = Ctx {
-            transport,
-            target,
-            scope: format!("repository:{repo}:pull"),
-            cred,
-        };
+        let ctx = Ctx { transport, target, scope: format!("repository:{repo}:pull"), cred };
         let host = &target.endpoint.host;
         let sent = match self.known(host) {
             Some(known) => self.pre_attach(&ctx, &known).await?,
             None => None,
         };
-        let first = transport
-            .execute(target, sent.as_ref().map(|a| &a.header))
-            .await?;
+        let first = transport.execute(target, sent.as_ref().map(|a| &a.header)).await?;
         let sent_kind = sent.as_ref().map_or(CredentialKind::Anonymous, |a| a.kind);
         let done = |response: reqwest::Response| -> Result<UpstreamReply, UpstreamError> {
-            Ok(UpstreamReply {
-                response,
-                credential: sent_kind,
-            })
+            Ok(UpstreamReply { response, credential: sent_kind })
         };
         if first.status() != StatusCode::UNAUTHORIZED {
             return done(first);
@@ -114,11 +95,7 @@ impl Authenticator {
         };
         self.remember(host, known.clone());
         let sent_token = sent.as_ref().and_then(|a| a.token.as_deref());
-        if sent_token.is_some()
-            && challenges
-                .iter()
-                .any(|c| c.param("error") == Some("insufficient_scope"))
-        {
+        if sent_token.is_some() && challenges.iter().any(|c| c.param("error") == Some("insufficient_scope")) {
             // The token was valid but does not cover this repository (private, or absent):
             // a fresh token for the same identity would be refused the same way.
             return done(first);
@@ -136,18 +113,11 @@ impl Authenticator {
             return done(first);
         }
         let response = transport.execute(target, Some(&next.header)).await?;
-        Ok(UpstreamReply {
-            response,
-            credential: next.kind,
-        })
+        Ok(UpstreamReply { response, credential: next.kind })
     }
 
     /// A refused token here is not final: the request goes out bare and the 401 path decides.
-    async fn pre_attach(
-        &self,
-        ctx: &Ctx<'_>,
-        known: &KnownAuth,
-    ) -> Result<Option<Attached>, UpstreamError> {
+    async fn pre_attach(&self, ctx: &Ctx<'_>, known: &KnownAuth) -> Result<Option<Attached>, UpstreamError> {
         match self.authorization(ctx, known, None).await {
             Err(e) if e.is_token_rejected() => Ok(None),
             other => other,
@@ -165,52 +135,26 @@ impl Authenticator {
             KnownAuth::Bearer { realm, service } => (realm, service.as_deref()),
         };
         let endpoint = &ctx.target.endpoint;
-        let cred = ctx
-            .cred
-            .filter(|_| may_receive_credentials(realm, endpoint));
+        let cred = ctx.cred.filter(|_| may_receive_credentials(realm, endpoint));
         if ctx.cred.is_some() && cred.is_none() {
             tracing::debug!(host = %endpoint.host, %realm, "realm not trusted with credentials; anonymous token");
         }
-        let identity = cred.map_or(Identity::Anonymous, |c| Identity::Configured {
-            username: c.username.clone(),
-        });
-        let key = TokenKey {
-            host: endpoint.host.clone(),
-            scope: ctx.scope.clone(),
-            identity,
-        };
+        let identity = cred.map_or(Identity::Anonymous, |c| Identity::Configured { username: c.username.clone() });
+        let key = TokenKey { host: endpoint.host.clone(), scope: ctx.scope.clone(), identity };
         let client = ctx.transport.realm_client(realm, endpoint);
-        let token = self
-            .tokens
-            .get_or_fetch(key, stale, || {
-                token::fetch(client, realm, service, &ctx.scope, cred)
-            })
-            .await?;
-        let header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            UpstreamError::Token {
-                realm: realm.to_string(),
-                reason: "token is not a valid header value".into(),
-                retryable: false,
-            }
+        let token =
+            self.tokens.get_or_fetch(key, stale, || token::fetch(client, realm, service, &ctx.scope, cred)).await?;
+        let header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Token {
+            realm: realm.to_string(),
+            reason: "token is not a valid header value".into(),
+            retryable: false,
         })?;
-        let kind = if cred.is_some() {
-            CredentialKind::Configured
-        } else {
-            CredentialKind::Anonymous
-        };
-        Ok(Some(Attached {
-            header,
-            kind,
-            token: Some(token),
-        }))
+        let kind = if cred.is_some() { CredentialKind::Configured } else { CredentialKind::Anonymous };
+        Ok(Some(Attached { header, kind, token: Some(token) }))
     }
 
     fn known(&self, host: &str) -> Option<KnownAuth> {
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(host)
-            .cloned()
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).get(host).cloned()
     }
 
     fn remember(&self, host: &str, known: KnownAuth) {
@@ -226,14 +170,10 @@ fn basic(c: &RegistryCredential) -> Attached {
     let raw = format!("{}:{}", c.username, c.password);
     let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
     // Base64 output is always a valid header value.
-    let mut header = HeaderValue::from_str(&format!("Basic {encoded}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    let mut header =
+        HeaderValue::from_str(&format!("Basic {encoded}")).unwrap_or_else(|_| HeaderValue::from_static("Basic"));
     header.set_sensitive(true);
-    Attached {
-        header,
-        kind: CredentialKind::Configured,
-        token: None,
-    }
+    Attached { header, kind: CredentialKind::Configured, token: None }
 }
 
 /// The daemon's password goes to a token realm only if the realm is the registry's own host or
@@ -253,9 +193,7 @@ pub(crate) fn may_receive_credentials(realm: &Url, endpoint: &RegistryEndpoint) 
 
 fn strip_port(host_port: &str) -> &str {
     if host_port.starts_with('[') {
-        return host_port
-            .find(']')
-            .map_or(host_port, |end| &host_port[..=end]);
+        return host_port.find(']').map_or(host_port, |end| &host_port[..=end]);
     }
     host_port.split(':').next().unwrap_or(host_port)
 }
@@ -279,18 +217,13 @@ mod tests {
     use super::*;
 
     fn ep(host: &str, scheme: SchemePolicy) -> RegistryEndpoint {
-        RegistryEndpoint {
-            host: host.into(),
-            scheme,
-        }
+        RegistryEndpoint { host: host.into(), scheme }
     }
 
     #[test]
     fn realm_trust() {
         let hub = ep("registry-1.docker.io", SchemePolicy::Https);
-        let ok = |realm: &str, e: &RegistryEndpoint| {
-            may_receive_credentials(&Url::parse(realm).unwrap(), e)
-        };
+        let ok = |realm: &str, e: &RegistryEndpoint| may_receive_credentials(&Url::parse(realm).unwrap(), e);
         assert!(ok("https://auth.docker.io/token", &hub));
         assert!(!ok("http://auth.docker.io/token", &hub));
         assert!(!ok("https://auth.evil.io/token", &hub));
@@ -300,38 +233,24 @@ mod tests {
         assert!(!ok("http://192.168.0.1/token", &local));
         let v6 = ep("[::1]:5000", SchemePolicy::InsecureHttpsThenHttp);
         assert!(ok("https://[::1]:9/token", &v6));
-        assert!(!ok(
-            "https://localhost/token",
-            &ep("io", SchemePolicy::Https)
-        ));
+        assert!(!ok("https://localhost/token", &ep("io", SchemePolicy::Https)));
     }
 
     #[test]
     fn bearer_preferred_over_basic() {
-        let list =
-            challenge::parse(r#"Basic realm="x", Bearer realm="https://a.example/t",service="s""#);
+        let list = challenge::parse(r#"Basic realm="x", Bearer realm="https://a.example/t",service="s""#);
         assert_eq!(
             KnownAuth::from_challenges(&list),
-            Some(KnownAuth::Bearer {
-                realm: Url::parse("https://a.example/t").unwrap(),
-                service: Some("s".into())
-            })
+            Some(KnownAuth::Bearer { realm: Url::parse("https://a.example/t").unwrap(), service: Some("s".into()) })
         );
         let list = challenge::parse(r#"Bearer realm="ftp://a/t", Basic realm="x""#);
         assert_eq!(KnownAuth::from_challenges(&list), Some(KnownAuth::Basic));
-        assert_eq!(
-            KnownAuth::from_challenges(&challenge::parse("Negotiate")),
-            None
-        );
+        assert_eq!(KnownAuth::from_challenges(&challenge::parse("Negotiate")), None);
     }
 
     #[test]
     fn basic_header_encoding() {
-        let c = RegistryCredential {
-            host: "h".into(),
-            username: "user".into(),
-            password: "pass".into(),
-        };
+        let c = RegistryCredential { host: "h".into(), username: "user".into(), password: "pass".into() };
         assert_eq!(basic(&c).header, "Basic dXNlcjpwYXNz");
     }
 }

@@ -19,10 +19,7 @@ pub struct Challenge {
 
 impl Challenge {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn is_scheme(&self, scheme: &str) -> bool {
@@ -54,10 +51,7 @@ impl fmt::Display for Challenge {
 
 /// Parses every challenge in one `WWW-Authenticate` value.
 pub fn parse(value: &str) -> Vec<Challenge> {
-    let mut p = Parser {
-        s: value.chars().collect(),
-        pos: 0,
-    };
+    let mut p = Parser { s: value.chars().collect(), pos: 0 };
     let mut out = Vec::new();
     loop {
         p.skip_while(|c| c == ',' || is_ows(c));
@@ -70,10 +64,7 @@ pub fn parse(value: &str) -> Vec<Challenge> {
             p.pos += 1;
             continue;
         }
-        let mut ch = Challenge {
-            scheme: scheme.to_ascii_lowercase(),
-            ..Challenge::default()
-        };
+        let mut ch = Challenge { scheme: scheme.to_ascii_lowercase(), ..Challenge::default() };
         if p.peek().is_some_and(is_ows) {
             p.skip_while(is_ows);
             ch.token68 = p.try_token68();
@@ -87,10 +78,7 @@ pub fn parse(value: &str) -> Vec<Challenge> {
 
 /// Parses all the values of a `WWW-Authenticate` header (it may be repeated).
 pub fn parse_all<'a>(values: impl IntoIterator<Item = &'a http::HeaderValue>) -> Vec<Challenge> {
-    values
-        .into_iter()
-        .flat_map(|v| parse(&String::from_utf8_lossy(v.as_bytes())))
-        .collect()
+    values.into_iter().flat_map(|v| parse(&String::from_utf8_lossy(v.as_bytes()))).collect()
 }
 
 struct Parser {
@@ -112,10 +100,7 @@ impl Parser {
     fn take_while(&mut self, f: impl Fn(char) -> bool) -> String {
         let start = self.pos;
         self.skip_while(f);
-        self.s
-            .get(start..self.pos)
-            .map(|s| s.iter().collect())
-            .unwrap_or_default()
+        self.s.get(start..self.pos).map(|s| s.iter().collect()).unwrap_or_default()
     }
 
     fn token(&mut self) -> String {
@@ -149,11 +134,7 @@ impl Parser {
             }
             self.pos += 1;
             self.skip_while(is_ows);
-            let value = if self.peek() == Some('"') {
-                self.quoted()
-            } else {
-                self.token()
-            };
+            let value = if self.peek() == Some('"') { self.quoted() } else { self.token() };
             params.push((name.to_ascii_lowercase(), value));
             self.skip_while(is_ows);
             match self.peek() {
@@ -206,10 +187,7 @@ mod tests {
     fn ch(scheme: &str, params: &[(&str, &str)]) -> Challenge {
         Challenge {
             scheme: scheme.into(),
-            params: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             token68: None,
         }
     }
@@ -222,10 +200,7 @@ mod tests {
         assert!(got[0].is_scheme("bearer"));
         assert_eq!(got[0].param("realm"), Some("https://auth.docker.io/token"));
         assert_eq!(got[0].param("Service"), Some("registry.docker.io"));
-        assert_eq!(
-            got[0].param("scope"),
-            Some("repository:library/alpine:pull")
-        );
+        assert_eq!(got[0].param("scope"), Some("repository:library/alpine:pull"));
     }
 
     #[test]
@@ -250,10 +225,7 @@ mod tests {
         assert_eq!(got[0].param("error"), Some("insufficient_scope"));
         // Empty list elements and an unterminated quote are tolerated.
         let got = parse(r#",, Bearer ,realm="r",, service="unterminated"#);
-        assert_eq!(
-            got,
-            vec![ch("bearer", &[("realm", "r"), ("service", "unterminated")])]
-        );
+        assert_eq!(got, vec![ch("bearer", &[("realm", "r"), ("service", "unterminated")])]);
         assert!(parse("").is_empty());
         assert!(parse("   ,, ").is_empty());
     }

@@ -40,40 +40,26 @@ pub enum UpstreamError {
     /// The token realm refused the request (4xx): bad configured credentials, or no anonymous
     /// access.
     #[error("token realm {realm} refused the request: {status}")]
-    TokenRejected {
-        realm: String,
-        status: http::StatusCode,
-    },
+    TokenRejected { realm: String, status: http::StatusCode },
     #[error("token from {realm}: {reason}")]
-    Token {
-        realm: String,
-        reason: String,
-        retryable: bool,
-    },
+    Token { realm: String, reason: String, retryable: bool },
 }
 
 impl UpstreamError {
     pub(crate) fn request(host: &str, source: reqwest::Error) -> Self {
-        UpstreamError::Http {
-            host: host.to_owned(),
-            source,
-        }
+        UpstreamError::Http { host: host.to_owned(), source }
     }
 
     /// Whether the same request may succeed if tried again (transport failures, overload),
     /// as opposed to failures that will repeat (bad input, refused credentials).
     pub fn is_retryable(&self) -> bool {
         match self {
-            UpstreamError::BadRegistry(_)
-            | UpstreamError::Config(_)
-            | UpstreamError::InvalidRequest(_) => false,
+            UpstreamError::BadRegistry(_) | UpstreamError::Config(_) | UpstreamError::InvalidRequest(_) => false,
             UpstreamError::Http { source, .. } => {
                 // `is_request` covers failures while sending, such as a reset connection.
                 source.is_connect() || source.is_timeout() || source.is_request()
             }
-            UpstreamError::TokenRejected { status, .. } => {
-                *status == http::StatusCode::TOO_MANY_REQUESTS
-            }
+            UpstreamError::TokenRejected { status, .. } => *status == http::StatusCode::TOO_MANY_REQUESTS,
             UpstreamError::Token { retryable, .. } => *retryable,
         }
     }
@@ -177,9 +163,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamError> {
         if cfg.connect_timeout.is_zero() {
-            return Err(UpstreamError::Config(
-                "connect timeout must be positive".into(),
-            ));
+            return Err(UpstreamError::Config("connect timeout must be positive".into()));
         }
         let insecure = InsecureSet::new(&cfg.insecure_registries)?;
         let default = select::endpoint_from_default(&cfg.default_registry, &insecure)
@@ -192,13 +176,9 @@ impl Upstream {
             // a configuration mistake, not something to resolve silently.
             if credentials
                 .get(&host)
-                .is_some_and(|c: &RegistryCredential| {
-                    c.username != cred.username || c.password != cred.password
-                })
+                .is_some_and(|c: &RegistryCredential| c.username != cred.username || c.password != cred.password)
             {
-                return Err(UpstreamError::Config(format!(
-                    "conflicting credentials for {host}"
-                )));
+                return Err(UpstreamError::Config(format!("conflicting credentials for {host}")));
             }
             credentials.insert(host.clone(), RegistryCredential { host, ..cred });
         }
@@ -218,18 +198,12 @@ impl Upstream {
 
     /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else
     /// containerd's `ns` parameter (`host[:port]`, already percent-decoded), else the default.
-    pub fn select(
-        &self,
-        header: Option<&str>,
-        ns: Option<&str>,
-    ) -> Result<RegistryEndpoint, UpstreamError> {
+    pub fn select(&self, header: Option<&str>, ns: Option<&str>) -> Result<RegistryEndpoint, UpstreamError> {
         if let Some(url) = header {
-            return select::endpoint_from_url(url, &self.insecure)
-                .map_err(UpstreamError::BadRegistry);
+            return select::endpoint_from_url(url, &self.insecure).map_err(UpstreamError::BadRegistry);
         }
         if let Some(ns) = ns {
-            return select::endpoint_from_ns(ns, &self.insecure)
-                .map_err(UpstreamError::BadRegistry);
+            return select::endpoint_from_ns(ns, &self.insecure).map_err(UpstreamError::BadRegistry);
         }
         Ok(self.default.clone())
     }
@@ -240,14 +214,9 @@ impl Upstream {
         let target = Target::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
         if let Some(auth) = req.client_auth {
             let response = self.transport.execute(&target, Some(&auth)).await?;
-            return Ok(UpstreamReply {
-                response,
-                credential: CredentialKind::Client,
-            });
+            return Ok(UpstreamReply { response, credential: CredentialKind::Client });
         }
         let cred = self.credentials.get(&target.endpoint.host);
-        self.auth
-            .send(&self.transport, &target, &req.repo, cred)
-            .await
+        self.auth.send(&self.transport, &target, &req.repo, cred).await
     }
 }

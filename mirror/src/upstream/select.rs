@@ -45,9 +45,8 @@ impl InsecureSet {
             if let Some(net) = parse_cidr(raw.trim()) {
                 set.nets.push(net);
             } else {
-                let host = parse_host_port(strip_scheme_and_path(raw.trim())).map_err(|e| {
-                    UpstreamError::Config(format!("insecure registry {raw:?}: {e}"))
-                })?;
+                let host = parse_host_port(strip_scheme_and_path(raw.trim()))
+                    .map_err(|e| UpstreamError::Config(format!("insecure registry {raw:?}: {e}")))?;
                 set.hosts.push(host);
             }
         }
@@ -59,10 +58,7 @@ impl InsecureSet {
             return true;
         }
         match host_ip(host_port) {
-            Some(ip) => self
-                .nets
-                .iter()
-                .any(|&(net, bits)| cidr_contains(net, bits, ip)),
+            Some(ip) => self.nets.iter().any(|&(net, bits)| cidr_contains(net, bits, ip)),
             None => false,
         }
     }
@@ -70,10 +66,7 @@ impl InsecureSet {
 
 /// Parses a registry given as a URL (`X-Dragonfly-Registry`, `--registry-mirror`): only the
 /// scheme and authority matter, a path is ignored.
-pub(crate) fn endpoint_from_url(
-    raw: &str,
-    insecure: &InsecureSet,
-) -> Result<RegistryEndpoint, String> {
+pub(crate) fn endpoint_from_url(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
     let url = Url::parse(raw.trim()).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
     let secure = match url.scheme() {
         "https" => true,
@@ -82,14 +75,9 @@ pub(crate) fn endpoint_from_url(
     };
     if !url.username().is_empty() || url.password().is_some() {
         // Credentials in a header would end up in logs and cache keys; they belong in the config.
-        return Err(format!(
-            "{raw:?}: credentials in the registry URL are not accepted"
-        ));
+        return Err(format!("{raw:?}: credentials in the registry URL are not accepted"));
     }
-    let host = url
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("{raw:?} has no host"))?;
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{raw:?} has no host"))?;
     // `Url::port` is None for the scheme's default port, so `https://h:443` and `https://h` agree.
     let host = join_port(host, url.port());
     if let Some(hub) = docker_hub(&host) {
@@ -107,10 +95,7 @@ pub(crate) fn endpoint_from_url(
 
 /// Parses containerd's `ns` parameter (`host[:port]`, no scheme). As in dockerd, HTTPS is the
 /// default and insecure registries and loopback hosts get the TLS-then-plain-HTTP treatment.
-pub(crate) fn endpoint_from_ns(
-    raw: &str,
-    insecure: &InsecureSet,
-) -> Result<RegistryEndpoint, String> {
+pub(crate) fn endpoint_from_ns(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
     let host = parse_host_port(raw)?;
     if let Some(hub) = docker_hub(&host) {
         return Ok(hub);
@@ -125,10 +110,7 @@ pub(crate) fn endpoint_from_ns(
 
 /// The default registry may be configured with or without a scheme; without one it is read the
 /// way `ns` is.
-pub(crate) fn endpoint_from_default(
-    raw: &str,
-    insecure: &InsecureSet,
-) -> Result<RegistryEndpoint, String> {
+pub(crate) fn endpoint_from_default(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
     if raw.contains("://") {
         endpoint_from_url(raw, insecure)
     } else {
@@ -155,10 +137,7 @@ fn docker_hub(host_port: &str) -> Option<RegistryEndpoint> {
     let host = host_port.strip_suffix(":443").unwrap_or(host_port);
     DOCKER_HUB_ALIASES
         .contains(&host)
-        .then(|| RegistryEndpoint {
-            host: DOCKER_HUB_HOST.to_owned(),
-            scheme: SchemePolicy::Https,
-        })
+        .then(|| RegistryEndpoint { host: DOCKER_HUB_HOST.to_owned(), scheme: SchemePolicy::Https })
 }
 
 fn join_port(host: &str, port: Option<u16>) -> String {
@@ -185,9 +164,7 @@ pub(crate) fn parse_host_port(raw: &str) -> Result<String, String> {
 
 fn split_host_port(raw: &str) -> Result<(&str, Option<&str>), String> {
     if raw.starts_with('[') {
-        let end = raw
-            .find(']')
-            .ok_or_else(|| format!("{raw:?}: unclosed '['"))?;
+        let end = raw.find(']').ok_or_else(|| format!("{raw:?}: unclosed '['"))?;
         let (host, rest) = raw.split_at(end + 1);
         return match rest {
             "" => Ok((host, None)),
@@ -217,18 +194,14 @@ fn is_hostname(host: &str) -> bool {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     !host.is_empty() && host.len() <= 253 && host.split('.').all(label_ok)
 }
 
 fn host_ip(host_port: &str) -> Option<IpAddr> {
     let host = split_host_port(host_port).ok()?.0;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     host.parse().ok()
 }
 
@@ -269,140 +242,64 @@ mod tests {
     }
 
     fn ep(host: &str, scheme: SchemePolicy) -> RegistryEndpoint {
-        RegistryEndpoint {
-            host: host.into(),
-            scheme,
-        }
+        RegistryEndpoint { host: host.into(), scheme }
     }
 
     #[test]
     fn docker_hub_spellings_are_one_host() {
         let s = set(&[]);
         let hub = ep(DOCKER_HUB_HOST, SchemePolicy::Https);
-        for url in [
-            "https://docker.io",
-            "https://index.docker.io",
-            "https://registry-1.docker.io/v2/",
-            "http://docker.io",
-        ] {
+        for url in
+            ["https://docker.io", "https://index.docker.io", "https://registry-1.docker.io/v2/", "http://docker.io"]
+        {
             assert_eq!(endpoint_from_url(url, &s).unwrap(), hub, "{url}");
         }
-        for ns in [
-            "docker.io",
-            "index.docker.io",
-            "registry-1.docker.io",
-            "DOCKER.IO",
-            "docker.io:443",
-        ] {
+        for ns in ["docker.io", "index.docker.io", "registry-1.docker.io", "DOCKER.IO", "docker.io:443"] {
             assert_eq!(endpoint_from_ns(ns, &s).unwrap(), hub, "{ns}");
         }
-        assert_eq!(
-            canonical_credential_host("https://index.docker.io/v1/").unwrap(),
-            DOCKER_HUB_HOST
-        );
-        assert_eq!(
-            canonical_credential_host("docker.io").unwrap(),
-            DOCKER_HUB_HOST
-        );
+        assert_eq!(canonical_credential_host("https://index.docker.io/v1/").unwrap(), DOCKER_HUB_HOST);
+        assert_eq!(canonical_credential_host("docker.io").unwrap(), DOCKER_HUB_HOST);
     }
 
     #[test]
     fn ns_with_port_and_policy() {
         let s = set(&["myreg.local:5000", "10.1.0.0/16"]);
-        assert_eq!(
-            endpoint_from_ns("ghcr.io", &s).unwrap(),
-            ep("ghcr.io", SchemePolicy::Https)
-        );
-        assert_eq!(
-            endpoint_from_ns("Quay.IO:8443", &s).unwrap(),
-            ep("quay.io:8443", SchemePolicy::Https)
-        );
+        assert_eq!(endpoint_from_ns("ghcr.io", &s).unwrap(), ep("ghcr.io", SchemePolicy::Https));
+        assert_eq!(endpoint_from_ns("Quay.IO:8443", &s).unwrap(), ep("quay.io:8443", SchemePolicy::Https));
         let insecure = SchemePolicy::InsecureHttpsThenHttp;
-        assert_eq!(
-            endpoint_from_ns("myreg.local:5000", &s).unwrap(),
-            ep("myreg.local:5000", insecure)
-        );
-        assert_eq!(
-            endpoint_from_ns("myreg.local", &s).unwrap(),
-            ep("myreg.local", SchemePolicy::Https)
-        );
-        assert_eq!(
-            endpoint_from_ns("10.1.2.3:5000", &s).unwrap(),
-            ep("10.1.2.3:5000", insecure)
-        );
-        assert_eq!(
-            endpoint_from_ns("10.2.2.3", &s).unwrap().scheme,
-            SchemePolicy::Https
-        );
+        assert_eq!(endpoint_from_ns("myreg.local:5000", &s).unwrap(), ep("myreg.local:5000", insecure));
+        assert_eq!(endpoint_from_ns("myreg.local", &s).unwrap(), ep("myreg.local", SchemePolicy::Https));
+        assert_eq!(endpoint_from_ns("10.1.2.3:5000", &s).unwrap(), ep("10.1.2.3:5000", insecure));
+        assert_eq!(endpoint_from_ns("10.2.2.3", &s).unwrap().scheme, SchemePolicy::Https);
     }
 
     #[test]
     fn loopback_is_insecure() {
         let s = set(&[]);
         let insecure = SchemePolicy::InsecureHttpsThenHttp;
-        for ns in [
-            "127.0.0.1:5000",
-            "127.3.4.5",
-            "localhost:5000",
-            "[::1]:5000",
-            "[::1]",
-        ] {
+        for ns in ["127.0.0.1:5000", "127.3.4.5", "localhost:5000", "[::1]:5000", "[::1]"] {
             assert_eq!(endpoint_from_ns(ns, &s).unwrap().scheme, insecure, "{ns}");
         }
-        assert_eq!(
-            endpoint_from_ns("[::1]:5000", &s).unwrap().host,
-            "[::1]:5000"
-        );
+        assert_eq!(endpoint_from_ns("[::1]:5000", &s).unwrap().host, "[::1]:5000");
         // An explicit https:// URL is honoured even for loopback.
-        assert_eq!(
-            endpoint_from_url("https://127.0.0.1:5000", &s)
-                .unwrap()
-                .scheme,
-            SchemePolicy::Https
-        );
+        assert_eq!(endpoint_from_url("https://127.0.0.1:5000", &s).unwrap().scheme, SchemePolicy::Https);
     }
 
     #[test]
     fn url_schemes() {
         let s = set(&["insecure.example:443", "plain.example"]);
-        assert_eq!(
-            endpoint_from_url("http://r.example:5000/x", &s).unwrap(),
-            ep("r.example:5000", SchemePolicy::Http)
-        );
-        assert_eq!(
-            endpoint_from_url("https://R.example:443", &s).unwrap(),
-            ep("r.example", SchemePolicy::Https)
-        );
-        assert_eq!(
-            endpoint_from_url("https://plain.example", &s)
-                .unwrap()
-                .scheme,
-            SchemePolicy::InsecureHttpsThenHttp
-        );
-        assert_eq!(
-            endpoint_from_url("http://plain.example", &s)
-                .unwrap()
-                .scheme,
-            SchemePolicy::Http
-        );
-        assert_eq!(
-            endpoint_from_default("ghcr.io", &s).unwrap(),
-            ep("ghcr.io", SchemePolicy::Https)
-        );
+        assert_eq!(endpoint_from_url("http://r.example:5000/x", &s).unwrap(), ep("r.example:5000", SchemePolicy::Http));
+        assert_eq!(endpoint_from_url("https://R.example:443", &s).unwrap(), ep("r.example", SchemePolicy::Https));
+        assert_eq!(endpoint_from_url("https://plain.example", &s).unwrap().scheme, SchemePolicy::InsecureHttpsThenHttp);
+        assert_eq!(endpoint_from_url("http://plain.example", &s).unwrap().scheme, SchemePolicy::Http);
+        assert_eq!(endpoint_from_default("ghcr.io", &s).unwrap(), ep("ghcr.io", SchemePolicy::Https));
     }
 
     #[test]
     fn bad_input_is_rejected() {
         let s = set(&[]);
-        for url in [
-            "",
-            "docker.io",
-            "ftp://x.example",
-            "https://",
-            "https://u:p@x.example",
-            "not a url",
-            "file:///etc",
-        ] {
+        for url in ["", "docker.io", "ftp://x.example", "https://", "https://u:p@x.example", "not a url", "file:///etc"]
+        {
             assert!(endpoint_from_url(url, &s).is_err(), "{url:?}");
         }
         for ns in [
@@ -429,10 +326,7 @@ mod tests {
     #[test]
     fn ipv4_literals_are_normalised() {
         let s = set(&[]);
-        assert_eq!(
-            endpoint_from_ns("0x7f.1", &s).unwrap(),
-            ep("127.0.0.1", SchemePolicy::InsecureHttpsThenHttp)
-        );
+        assert_eq!(endpoint_from_ns("0x7f.1", &s).unwrap(), ep("127.0.0.1", SchemePolicy::InsecureHttpsThenHttp));
     }
 
     #[test]

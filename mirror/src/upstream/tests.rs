@@ -35,54 +35,30 @@ struct State {
 impl State {
     fn seen(&self, path_prefix: &str) -> Vec<Seen> {
         let seen = self.seen.lock().unwrap();
-        seen.iter()
-            .filter(|s| s.0.starts_with(path_prefix))
-            .cloned()
-            .collect()
+        seen.iter().filter(|s| s.0.starts_with(path_prefix)).cloned().collect()
     }
 }
 
-fn reply(
-    status: StatusCode,
-    headers: &[(header::HeaderName, String)],
-    body: &str,
-) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, headers: &[(header::HeaderName, String)], body: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
     *resp.status_mut() = status;
     for (k, v) in headers {
-        resp.headers_mut()
-            .append(k, HeaderValue::from_str(v).unwrap());
+        resp.headers_mut().append(k, HeaderValue::from_str(v).unwrap());
     }
     resp
 }
 
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap().to_owned());
-    let accepts = req
-        .headers()
-        .get_all(header::ACCEPT)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
+    let auth = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap().to_owned());
+    let accepts = req.headers().get_all(header::ACCEPT).iter().map(|v| v.to_str().unwrap().to_owned()).collect();
     let full = req.uri().path_and_query().unwrap().to_string();
-    state
-        .seen
-        .lock()
-        .unwrap()
-        .push((full, auth.clone(), accepts));
+    state.seen.lock().unwrap().push((full, auth.clone(), accepts));
     let addr = state.addr.get().unwrap();
     let bearer = format!(r#"Bearer realm="http://{addr}/token",service="test""#);
     let denied = |challenge: String| {
         state.unauthorized.fetch_add(1, Ordering::SeqCst);
-        reply(
-            StatusCode::UNAUTHORIZED,
-            &[(header::WWW_AUTHENTICATE, challenge)],
-            "",
-        )
+        reply(StatusCode::UNAUTHORIZED, &[(header::WWW_AUTHENTICATE, challenge)], "")
     };
     let auth = auth.as_deref();
     match path.as_str() {
@@ -93,11 +69,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Some(a) if a == format!("Basic {USER_PASS_B64}") => "tok-user".to_owned(),
                 Some(_) => return reply(StatusCode::UNAUTHORIZED, &[], ""),
             };
-            reply(
-                StatusCode::OK,
-                &[],
-                &format!(r#"{{"token":"{token}","expires_in":300}}"#),
-            )
+            reply(StatusCode::OK, &[], &format!(r#"{{"token":"{token}","expires_in":300}}"#))
         }
         "/landing" => reply(StatusCode::OK, &[], "landed"),
         "/v2/public/app/manifests/latest" => match auth {
@@ -115,17 +87,11 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         },
         "/v2/redir/app/blobs/sha256:cross" => {
             let other = state.other.get().unwrap();
-            reply(
-                StatusCode::TEMPORARY_REDIRECT,
-                &[(header::LOCATION, format!("http://{other}/landing"))],
-                "",
-            )
+            reply(StatusCode::TEMPORARY_REDIRECT, &[(header::LOCATION, format!("http://{other}/landing"))], "")
         }
-        "/v2/redir/app/blobs/sha256:same" => reply(
-            StatusCode::TEMPORARY_REDIRECT,
-            &[(header::LOCATION, "/landing".to_owned())],
-            "",
-        ),
+        "/v2/redir/app/blobs/sha256:same" => {
+            reply(StatusCode::TEMPORARY_REDIRECT, &[(header::LOCATION, "/landing".to_owned())], "")
+        }
         _ => reply(StatusCode::NOT_FOUND, &[], ""),
     }
 }
@@ -149,9 +115,7 @@ async fn serve(state: Arc<State>) -> SocketAddr {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(route(&state, req)) }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -164,27 +128,13 @@ async fn setup(credentials: Vec<RegistryCredential>) -> (Upstream, Arc<State>, S
     let other = serve(state.clone()).await;
     state.addr.set(addr).unwrap();
     state.other.set(other).unwrap();
-    let credentials = credentials
-        .into_iter()
-        .map(|c| RegistryCredential {
-            host: addr.to_string(),
-            ..c
-        })
-        .collect();
-    let upstream = Upstream::new(UpstreamConfig {
-        credentials,
-        ..UpstreamConfig::default()
-    })
-    .unwrap();
+    let credentials = credentials.into_iter().map(|c| RegistryCredential { host: addr.to_string(), ..c }).collect();
+    let upstream = Upstream::new(UpstreamConfig { credentials, ..UpstreamConfig::default() }).unwrap();
     (upstream, state, addr)
 }
 
 fn user(password: &str) -> RegistryCredential {
-    RegistryCredential {
-        host: String::new(),
-        username: "user".into(),
-        password: password.into(),
-    }
+    RegistryCredential { host: String::new(), username: "user".into(), password: password.into() }
 }
 
 fn request(registry: &RegistryEndpoint, repo: &str, path: &str) -> UpstreamRequest {
@@ -199,19 +149,8 @@ fn request(registry: &RegistryEndpoint, repo: &str, path: &str) -> UpstreamReque
 }
 
 fn http_endpoint(up: &Upstream, addr: SocketAddr) -> RegistryEndpoint {
-    let ep = up
-        .select(
-            Some(&format!("http://{addr}/ignored/path")),
-            Some("ghcr.io"),
-        )
-        .unwrap();
-    assert_eq!(
-        ep,
-        RegistryEndpoint {
-            host: addr.to_string(),
-            scheme: SchemePolicy::Http
-        }
-    );
+    let ep = up.select(Some(&format!("http://{addr}/ignored/path")), Some("ghcr.io")).unwrap();
+    assert_eq!(ep, RegistryEndpoint { host: addr.to_string(), scheme: SchemePolicy::Http });
     ep
 }
 
@@ -220,10 +159,7 @@ async fn anonymous_token_is_fetched_cached_and_pre_attached() {
     let (up, state, addr) = setup(vec![]).await;
     let ep = http_endpoint(&up, addr);
     for _ in 0..2 {
-        let reply = up
-            .send(request(&ep, "public/app", "manifests/latest"))
-            .await
-            .unwrap();
+        let reply = up.send(request(&ep, "public/app", "manifests/latest")).await.unwrap();
         assert_eq!(reply.response.status(), StatusCode::OK);
         assert_eq!(reply.credential, CredentialKind::Anonymous);
         assert_eq!(reply.response.text().await.unwrap(), "manifest");
@@ -232,10 +168,7 @@ async fn anonymous_token_is_fetched_cached_and_pre_attached() {
     // Only the very first request paid a 401: the second pre-attached the cached token.
     assert_eq!(state.unauthorized.load(Ordering::SeqCst), 1);
     let token_reqs = state.seen("/token");
-    assert_eq!(
-        token_reqs[0].0,
-        "/token?service=test&scope=repository%3Apublic%2Fapp%3Apull"
-    );
+    assert_eq!(token_reqs[0].0, "/token?service=test&scope=repository%3Apublic%2Fapp%3Apull");
     assert_eq!(token_reqs[0].1, None);
 }
 
@@ -244,16 +177,10 @@ async fn private_repo_401_is_returned_after_anonymous_token() {
     let (up, state, addr) = setup(vec![]).await;
     let ep = http_endpoint(&up, addr);
     for _ in 0..2 {
-        let reply = up
-            .send(request(&ep, "private/app", "manifests/latest"))
-            .await
-            .unwrap();
+        let reply = up.send(request(&ep, "private/app", "manifests/latest")).await.unwrap();
         assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(reply.credential, CredentialKind::Anonymous);
-        let challenge = reply.response.headers()[header::WWW_AUTHENTICATE]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let challenge = reply.response.headers()[header::WWW_AUTHENTICATE].to_str().unwrap().to_owned();
         assert!(challenge.contains("insufficient_scope"), "{challenge}");
     }
     // The second request reuses the cached anonymous token and stops at insufficient_scope.
@@ -265,53 +192,35 @@ async fn private_repo_401_is_returned_after_anonymous_token() {
 async fn configured_credentials_go_to_the_realm() {
     let (up, state, addr) = setup(vec![user("pass")]).await;
     let ep = http_endpoint(&up, addr);
-    let reply = up
-        .send(request(&ep, "private/app", "manifests/latest"))
-        .await
-        .unwrap();
+    let reply = up.send(request(&ep, "private/app", "manifests/latest")).await.unwrap();
     assert_eq!(reply.response.status(), StatusCode::OK);
     assert_eq!(reply.credential, CredentialKind::Configured);
     let token_reqs = state.seen("/token");
     assert_eq!(token_reqs.len(), 1);
-    assert_eq!(
-        token_reqs[0].1.as_deref(),
-        Some(format!("Basic {USER_PASS_B64}").as_str())
-    );
+    assert_eq!(token_reqs[0].1.as_deref(), Some(format!("Basic {USER_PASS_B64}").as_str()));
 }
 
 #[tokio::test]
 async fn refused_configured_credentials_relay_the_401() {
     let (up, _state, addr) = setup(vec![user("wrong")]).await;
     let ep = http_endpoint(&up, addr);
-    let reply = up
-        .send(request(&ep, "private/app", "manifests/latest"))
-        .await
-        .unwrap();
+    let reply = up.send(request(&ep, "private/app", "manifests/latest")).await.unwrap();
     assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED);
-    assert!(reply
-        .response
-        .headers()
-        .contains_key(header::WWW_AUTHENTICATE));
+    assert!(reply.response.headers().contains_key(header::WWW_AUTHENTICATE));
 }
 
 #[tokio::test]
 async fn basic_challenge() {
     let (up, state, addr) = setup(vec![user("pass")]).await;
     let ep = http_endpoint(&up, addr);
-    let reply = up
-        .send(request(&ep, "basic/app", "manifests/latest"))
-        .await
-        .unwrap();
+    let reply = up.send(request(&ep, "basic/app", "manifests/latest")).await.unwrap();
     assert_eq!(reply.response.status(), StatusCode::OK);
     assert_eq!(reply.credential, CredentialKind::Configured);
     assert_eq!(state.token_calls.load(Ordering::SeqCst), 0);
 
     let (anon, _, addr) = setup(vec![]).await;
     let ep = http_endpoint(&anon, addr);
-    let reply = anon
-        .send(request(&ep, "basic/app", "manifests/latest"))
-        .await
-        .unwrap();
+    let reply = anon.send(request(&ep, "basic/app", "manifests/latest")).await.unwrap();
     assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(reply.credential, CredentialKind::Anonymous);
 }
@@ -322,14 +231,8 @@ async fn client_auth_is_forwarded_with_all_accept_values() {
     let ep = http_endpoint(&up, addr);
     let mut req = request(&ep, "private/app", "manifests/latest");
     req.client_auth = Some(HeaderValue::from_static("Bearer client-tok"));
-    req.headers.append(
-        header::ACCEPT,
-        HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-    );
-    req.headers.append(
-        header::ACCEPT,
-        HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
-    );
+    req.headers.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+    req.headers.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"));
     let reply = up.send(req).await.unwrap();
     // The client's own token is refused upstream; the 401 is returned, not replaced by ours.
     assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED);
@@ -361,10 +264,7 @@ async fn insecure_registry_falls_back_to_http_and_remembers() {
     let ep = up.select(None, Some(&addr.to_string())).unwrap();
     assert_eq!(ep.scheme, SchemePolicy::InsecureHttpsThenHttp);
     for _ in 0..3 {
-        let reply = up
-            .send(request(&ep, "public/app", "manifests/latest"))
-            .await
-            .unwrap();
+        let reply = up.send(request(&ep, "public/app", "manifests/latest")).await.unwrap();
         assert_eq!(reply.response.status(), StatusCode::OK);
     }
     assert!(up.transport.uses_plain_http(&ep.host));
@@ -375,15 +275,8 @@ async fn insecure_registry_falls_back_to_http_and_remembers() {
 #[tokio::test]
 async fn https_registry_does_not_fall_back() {
     let (up, state, addr) = setup(vec![]).await;
-    let ep = RegistryEndpoint {
-        host: addr.to_string(),
-        scheme: SchemePolicy::Https,
-    };
-    let err = up
-        .send(request(&ep, "public/app", "manifests/latest"))
-        .await
-        .err()
-        .unwrap();
+    let ep = RegistryEndpoint { host: addr.to_string(), scheme: SchemePolicy::Https };
+    let err = up.send(request(&ep, "public/app", "manifests/latest")).await.err().unwrap();
     assert!(err.is_retryable(), "{err}");
     assert_eq!(state.tls_probes.load(Ordering::SeqCst), 1);
     assert!(state.seen("/").is_empty());
@@ -396,35 +289,14 @@ fn selection_order_and_errors() {
         ..UpstreamConfig::default()
     })
     .unwrap();
-    let hub = RegistryEndpoint {
-        host: DOCKER_HUB_HOST.into(),
-        scheme: SchemePolicy::Https,
-    };
+    let hub = RegistryEndpoint { host: DOCKER_HUB_HOST.into(), scheme: SchemePolicy::Https };
     assert_eq!(up.select(None, None).unwrap(), hub);
     assert_eq!(up.select(None, Some("docker.io")).unwrap(), hub);
-    assert_eq!(
-        up.select(Some("https://docker.io"), Some("ghcr.io"))
-            .unwrap(),
-        hub
-    );
-    assert_eq!(
-        up.select(None, Some("reg.local:5000")).unwrap().scheme,
-        SchemePolicy::InsecureHttpsThenHttp
-    );
-    assert_eq!(
-        up.select(Some("https://reg.local:5000"), None)
-            .unwrap()
-            .scheme,
-        SchemePolicy::InsecureHttpsThenHttp
-    );
-    assert!(matches!(
-        up.select(Some("reg.local"), None),
-        Err(UpstreamError::BadRegistry(_))
-    ));
-    assert!(matches!(
-        up.select(None, Some("bad/host")),
-        Err(UpstreamError::BadRegistry(_))
-    ));
+    assert_eq!(up.select(Some("https://docker.io"), Some("ghcr.io")).unwrap(), hub);
+    assert_eq!(up.select(None, Some("reg.local:5000")).unwrap().scheme, SchemePolicy::InsecureHttpsThenHttp);
+    assert_eq!(up.select(Some("https://reg.local:5000"), None).unwrap().scheme, SchemePolicy::InsecureHttpsThenHttp);
+    assert!(matches!(up.select(Some("reg.local"), None), Err(UpstreamError::BadRegistry(_))));
+    assert!(matches!(up.select(None, Some("bad/host")), Err(UpstreamError::BadRegistry(_))));
     assert!(!UpstreamError::BadRegistry(String::new()).is_retryable());
 }
 
@@ -440,25 +312,11 @@ fn upstream_is_shareable_across_tasks() {
 
 #[test]
 fn config_validation() {
-    let cfg = |creds: Vec<RegistryCredential>| UpstreamConfig {
-        credentials: creds,
-        ..UpstreamConfig::default()
-    };
-    let c = |host: &str, pass: &str| RegistryCredential {
-        host: host.into(),
-        username: "u".into(),
-        password: pass.into(),
-    };
-    assert!(Upstream::new(cfg(vec![
-        c("docker.io", "a"),
-        c("https://index.docker.io/v1/", "a")
-    ]))
-    .is_ok());
+    let cfg = |creds: Vec<RegistryCredential>| UpstreamConfig { credentials: creds, ..UpstreamConfig::default() };
+    let c =
+        |host: &str, pass: &str| RegistryCredential { host: host.into(), username: "u".into(), password: pass.into() };
+    assert!(Upstream::new(cfg(vec![c("docker.io", "a"), c("https://index.docker.io/v1/", "a")])).is_ok());
     assert!(Upstream::new(cfg(vec![c("docker.io", "a"), c("index.docker.io", "b")])).is_err());
-    assert!(Upstream::new(UpstreamConfig {
-        default_registry: "ftp://x".into(),
-        ..UpstreamConfig::default()
-    })
-    .is_err());
+    assert!(Upstream::new(UpstreamConfig { default_registry: "ftp://x".into(), ..UpstreamConfig::default() }).is_err());
     assert!(!format!("{:?}", c("h", "hunter2")).contains("hunter2"));
 }

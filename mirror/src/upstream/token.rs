@@ -55,9 +55,7 @@ impl Token {
 /// How long a token may be reused: its lifetime minus a margin of a quarter of it (capped),
 /// or not at all when the lifetime is zero.
 pub(crate) fn cache_until(now: Instant, expires_in: Option<u64>) -> Option<Instant> {
-    let lifetime = expires_in
-        .map_or(DEFAULT_LIFETIME, Duration::from_secs)
-        .min(MAX_LIFETIME);
+    let lifetime = expires_in.map_or(DEFAULT_LIFETIME, Duration::from_secs).min(MAX_LIFETIME);
     let usable = lifetime - (lifetime / 4).min(MAX_MARGIN);
     (!usable.is_zero()).then(|| now + usable)
 }
@@ -73,17 +71,13 @@ struct TokenResponse {
 }
 
 pub(crate) fn parse_token_response(body: &[u8], now: Instant) -> Result<Token, String> {
-    let resp: TokenResponse =
-        serde_json::from_slice(body).map_err(|e| format!("bad token response: {e}"))?;
+    let resp: TokenResponse = serde_json::from_slice(body).map_err(|e| format!("bad token response: {e}"))?;
     let value = [resp.token, resp.access_token]
         .into_iter()
         .flatten()
         .find(|t| !t.is_empty())
         .ok_or_else(|| "token response has no token".to_owned())?;
-    Ok(Token {
-        value,
-        cache_until: cache_until(now, resp.expires_in),
-    })
+    Ok(Token { value, cache_until: cache_until(now, resp.expires_in) })
 }
 
 /// `GET <realm>?service=…&scope=…`, with Basic credentials if given.
@@ -106,35 +100,19 @@ pub(crate) async fn fetch(
     if let Some(c) = basic {
         req = req.basic_auth(&c.username, Some(&c.password));
     }
-    let token_err = |reason: String, retryable: bool| UpstreamError::Token {
-        realm: realm.to_string(),
-        reason,
-        retryable,
-    };
-    let mut resp = req
-        .send()
-        .await
-        .map_err(|e| token_err(e.to_string(), true))?;
+    let token_err =
+        |reason: String, retryable: bool| UpstreamError::Token { realm: realm.to_string(), reason, retryable };
+    let mut resp = req.send().await.map_err(|e| token_err(e.to_string(), true))?;
     let status = resp.status();
     tracing::debug!(realm = %realm, scope, with_credentials = basic.is_some(), %status, "token request");
     if status.is_client_error() {
-        return Err(UpstreamError::TokenRejected {
-            realm: realm.to_string(),
-            status,
-        });
+        return Err(UpstreamError::TokenRejected { realm: realm.to_string(), status });
     }
     if !status.is_success() {
-        return Err(token_err(
-            format!("realm answered {status}"),
-            status.is_server_error(),
-        ));
+        return Err(token_err(format!("realm answered {status}"), status.is_server_error()));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| token_err(e.to_string(), true))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| token_err(e.to_string(), true))? {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(token_err("token response too large".into(), false));
         }
@@ -184,9 +162,7 @@ impl TokenCache {
     pub(crate) fn peek(&self, key: &TokenKey) -> Option<String> {
         let slots = self.slots.lock().ok()?;
         let slot = slots.get(key)?.try_lock().ok()?;
-        slot.as_ref()
-            .filter(|t| t.fresh(Instant::now()))
-            .map(|t| t.value.clone())
+        slot.as_ref().filter(|t| t.fresh(Instant::now())).map(|t| t.value.clone())
     }
 
     fn slot(&self, key: TokenKey) -> Slot {
@@ -213,26 +189,16 @@ mod tests {
         let now = Instant::now();
         // Absent expires_in means 60 s; a quarter of it is the safety margin.
         assert_eq!(cache_until(now, None), Some(now + Duration::from_secs(45)));
-        assert_eq!(
-            cache_until(now, Some(300)),
-            Some(now + Duration::from_secs(270))
-        );
-        assert_eq!(
-            cache_until(now, Some(u64::MAX)),
-            Some(now + Duration::from_secs(3570))
-        );
+        assert_eq!(cache_until(now, Some(300)), Some(now + Duration::from_secs(270)));
+        assert_eq!(cache_until(now, Some(u64::MAX)), Some(now + Duration::from_secs(3570)));
         assert_eq!(cache_until(now, Some(0)), None);
-        assert_eq!(
-            cache_until(now, Some(2)),
-            Some(now + Duration::from_millis(1500))
-        );
+        assert_eq!(cache_until(now, Some(2)), Some(now + Duration::from_millis(1500)));
     }
 
     #[test]
     fn token_response_fields() {
         let now = Instant::now();
-        let t = parse_token_response(br#"{"token":"a","access_token":"b","expires_in":300}"#, now)
-            .unwrap();
+        let t = parse_token_response(br#"{"token":"a","access_token":"b","expires_in":300}"#, now).unwrap();
         assert_eq!(t.value, "a");
         let t = parse_token_response(br#"{"access_token":"b"}"#, now).unwrap();
         assert_eq!(t.value, "b");
@@ -244,18 +210,11 @@ mod tests {
     }
 
     fn key() -> TokenKey {
-        TokenKey {
-            host: "r".into(),
-            scope: "repository:a:pull".into(),
-            identity: Identity::Anonymous,
-        }
+        TokenKey { host: "r".into(), scope: "repository:a:pull".into(), identity: Identity::Anonymous }
     }
 
     fn token(value: &str, secs: u64) -> Token {
-        Token {
-            value: value.into(),
-            cache_until: cache_until(Instant::now(), Some(secs)),
-        }
+        Token { value: value.into(), cache_until: cache_until(Instant::now(), Some(secs)) }
     }
 
     #[tokio::test]
@@ -266,47 +225,17 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             async move { Ok(token(v, secs)) }
         };
-        assert_eq!(
-            cache
-                .get_or_fetch(key(), None, || fetch("t1", 300))
-                .await
-                .unwrap(),
-            "t1"
-        );
-        assert_eq!(
-            cache
-                .get_or_fetch(key(), None, || fetch("t2", 300))
-                .await
-                .unwrap(),
-            "t1"
-        );
+        assert_eq!(cache.get_or_fetch(key(), None, || fetch("t1", 300)).await.unwrap(), "t1");
+        assert_eq!(cache.get_or_fetch(key(), None, || fetch("t2", 300)).await.unwrap(), "t1");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // The registry refused t1: it is replaced, and a caller still holding t1 as stale after
         // someone else refreshed gets t2 without another fetch.
-        assert_eq!(
-            cache
-                .get_or_fetch(key(), Some("t1"), || fetch("t2", 300))
-                .await
-                .unwrap(),
-            "t2"
-        );
-        assert_eq!(
-            cache
-                .get_or_fetch(key(), Some("t1"), || fetch("t3", 300))
-                .await
-                .unwrap(),
-            "t2"
-        );
+        assert_eq!(cache.get_or_fetch(key(), Some("t1"), || fetch("t2", 300)).await.unwrap(), "t2");
+        assert_eq!(cache.get_or_fetch(key(), Some("t1"), || fetch("t3", 300)).await.unwrap(), "t2");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // Uncacheable tokens are fetched each time.
-        let other = TokenKey {
-            scope: "x".into(),
-            ..key()
-        };
-        cache
-            .get_or_fetch(other.clone(), None, || fetch("u", 0))
-            .await
-            .unwrap();
+        let other = TokenKey { scope: "x".into(), ..key() };
+        cache.get_or_fetch(other.clone(), None, || fetch("u", 0)).await.unwrap();
         assert_eq!(cache.peek(&other), None);
     }
 

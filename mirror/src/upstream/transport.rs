@@ -37,18 +37,11 @@ impl Target {
         headers: HeaderMap,
     ) -> Result<Self, UpstreamError> {
         if method != Method::GET && method != Method::HEAD {
-            return Err(UpstreamError::InvalidRequest(format!(
-                "method {method} is not forwarded"
-            )));
+            return Err(UpstreamError::InvalidRequest(format!("method {method} is not forwarded")));
         }
         let full = format!("/v2/{repo}/{path}");
         check_path(&full)?;
-        Ok(Target {
-            endpoint,
-            method,
-            path: full,
-            headers: forwardable(headers),
-        })
+        Ok(Target { endpoint, method, path: full, headers: forwardable(headers) })
     }
 
     fn url(&self, scheme: &str) -> Result<Url, UpstreamError> {
@@ -65,11 +58,7 @@ fn check_path(full: &str) -> Result<(), UpstreamError> {
     if !full.bytes().all(|b| b.is_ascii_graphic()) || full.contains(['#', '\\']) {
         return bad("illegal character");
     }
-    if path
-        .split('/')
-        .skip(1)
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
+    if path.split('/').skip(1).any(|seg| seg.is_empty() || seg == "." || seg == "..") {
         return bad("empty or dot segment");
     }
     Ok(())
@@ -142,20 +131,12 @@ impl Transport {
                 .build()
                 .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))
         };
-        Ok(Transport {
-            verified: build(false)?,
-            unverified: build(true)?,
-            plain_http: Mutex::default(),
-        })
+        Ok(Transport { verified: build(false)?, unverified: build(true)?, plain_http: Mutex::default() })
     }
 
     /// The client for a token realm: certificate checks are skipped only where the registry
     /// itself is insecure and the realm lives on that same host.
-    pub(crate) fn realm_client(
-        &self,
-        realm: &Url,
-        endpoint: &RegistryEndpoint,
-    ) -> &reqwest::Client {
+    pub(crate) fn realm_client(&self, realm: &Url, endpoint: &RegistryEndpoint) -> &reqwest::Client {
         let same_host = authority(realm).is_some_and(|a| a == endpoint.host);
         if same_host && endpoint.scheme == SchemePolicy::InsecureHttpsThenHttp {
             &self.unverified
@@ -181,18 +162,10 @@ impl Transport {
     ) -> Result<reqwest::Response, UpstreamError> {
         let host = &target.endpoint.host;
         match target.endpoint.scheme {
-            SchemePolicy::Https => {
-                self.attempt(&self.verified, Scheme::Https, target, auth)
-                    .await
-            }
-            SchemePolicy::Http => {
-                self.attempt(&self.verified, Scheme::Http, target, auth)
-                    .await
-            }
+            SchemePolicy::Https => self.attempt(&self.verified, Scheme::Https, target, auth).await,
+            SchemePolicy::Http => self.attempt(&self.verified, Scheme::Http, target, auth).await,
             SchemePolicy::InsecureHttpsThenHttp if self.uses_plain_http(host) => {
-                let res = self
-                    .attempt(&self.unverified, Scheme::Http, target, auth)
-                    .await;
+                let res = self.attempt(&self.unverified, Scheme::Http, target, auth).await;
                 if matches!(&res, Err(e) if e.is_connect()) {
                     // The registry may have moved (or gained TLS): probe again next time.
                     self.memo().remove(host);
@@ -200,15 +173,10 @@ impl Transport {
                 res
             }
             SchemePolicy::InsecureHttpsThenHttp => {
-                match self
-                    .attempt(&self.unverified, Scheme::Https, target, auth)
-                    .await
-                {
+                match self.attempt(&self.unverified, Scheme::Https, target, auth).await {
                     Err(e) if e.is_connect() => {
                         tracing::debug!(%host, error = %e, "TLS attempt failed, trying plain HTTP");
-                        let res = self
-                            .attempt(&self.unverified, Scheme::Http, target, auth)
-                            .await?;
+                        let res = self.attempt(&self.unverified, Scheme::Http, target, auth).await?;
                         self.memo().insert(host.clone());
                         Ok(res)
                     }
@@ -267,32 +235,16 @@ mod tests {
     use super::*;
 
     fn ep() -> RegistryEndpoint {
-        RegistryEndpoint {
-            host: "r.example".into(),
-            scheme: SchemePolicy::Https,
-        }
+        RegistryEndpoint { host: "r.example".into(), scheme: SchemePolicy::Https }
     }
 
     #[test]
     fn paths_are_checked() {
-        let t =
-            |path: &str| Target::new(ep(), Method::GET, "library/alpine", path, HeaderMap::new());
-        assert_eq!(
-            t("manifests/latest").unwrap().path,
-            "/v2/library/alpine/manifests/latest"
-        );
+        let t = |path: &str| Target::new(ep(), Method::GET, "library/alpine", path, HeaderMap::new());
+        assert_eq!(t("manifests/latest").unwrap().path, "/v2/library/alpine/manifests/latest");
         assert!(t("blobs/sha256:abc").is_ok());
         assert!(t("tags/list?n=10").is_ok());
-        for bad in [
-            "../x",
-            "manifests/../../x",
-            "manifests//x",
-            "a b",
-            "x#y",
-            "x\\y",
-            "é",
-            "",
-        ] {
+        for bad in ["../x", "manifests/../../x", "manifests//x", "a b", "x#y", "x\\y", "é", ""] {
             assert!(t(bad).is_err(), "{bad:?}");
         }
         assert!(Target::new(ep(), Method::POST, "a", "manifests/x", HeaderMap::new()).is_err());
@@ -306,10 +258,7 @@ mod tests {
         h.insert(header::RANGE, HeaderValue::from_static("bytes=0-"));
         h.insert(header::HOST, HeaderValue::from_static("evil"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic x"));
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-private"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("5"));
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));

@@ -25,49 +25,19 @@ fn base() {
 #[test]
 fn manifests_and_blobs() {
     let m = kind("/v2/library/alpine/manifests/3.19").expect("manifest");
-    assert_eq!(
-        m,
-        RouteKind::Manifest {
-            name: "library/alpine".into(),
-            reference: Reference::Tag("3.19".into())
-        }
-    );
+    assert_eq!(m, RouteKind::Manifest { name: "library/alpine".into(), reference: Reference::Tag("3.19".into()) });
     let m = kind(&format!("/v2/a/manifests/sha256:{HEX}")).expect("manifest by digest");
-    assert_eq!(
-        m,
-        RouteKind::Manifest {
-            name: "a".into(),
-            reference: Reference::Digest(digest())
-        }
-    );
+    assert_eq!(m, RouteKind::Manifest { name: "a".into(), reference: Reference::Digest(digest()) });
     let b = kind(&format!("/v2/a/b/c/blobs/sha256%3A{HEX}")).expect("blob, encoded colon");
-    assert_eq!(
-        b,
-        RouteKind::Blob {
-            name: "a/b/c".into(),
-            digest: digest()
-        }
-    );
+    assert_eq!(b, RouteKind::Blob { name: "a/b/c".into(), digest: digest() });
 }
 
 #[test]
 fn last_marker_wins() {
     let m = kind("/v2/foo/manifests/bar/manifests/latest").expect("manifest");
-    assert_eq!(
-        m,
-        RouteKind::Manifest {
-            name: "foo/manifests/bar".into(),
-            reference: Reference::Tag("latest".into())
-        }
-    );
+    assert_eq!(m, RouteKind::Manifest { name: "foo/manifests/bar".into(), reference: Reference::Tag("latest".into()) });
     let b = kind(&format!("/v2/x/manifests/blobs/sha256:{HEX}")).expect("blob");
-    assert_eq!(
-        b,
-        RouteKind::Blob {
-            name: "x/manifests".into(),
-            digest: digest()
-        }
-    );
+    assert_eq!(b, RouteKind::Blob { name: "x/manifests".into(), digest: digest() });
     let m = kind("/v2/x/blobs/y/manifests/t").expect("manifest");
     assert!(matches!(m, RouteKind::Manifest { ref name, .. } if name == "x/blobs/y"));
 }
@@ -121,31 +91,15 @@ fn hostile_paths_are_rejected() {
 
 #[test]
 fn names_follow_the_grammar() {
-    for ok in [
-        "a",
-        "a/b",
-        "library/alpine",
-        "a.b",
-        "a_b",
-        "a__b",
-        "a-b",
-        "a---b",
-        "0/1",
-        "a.b_c-d/e__f",
-    ] {
+    for ok in ["a", "a/b", "library/alpine", "a.b", "a_b", "a__b", "a-b", "a---b", "0/1", "a.b_c-d/e__f"] {
         assert!(is_valid_name(ok), "{ok}");
     }
-    for bad in [
-        "", "A", "a/", "/a", "a//b", "-a", "a-", "a.", "a._b", "a___b", "a..b", "a b", "é", "a/B",
-    ] {
+    for bad in ["", "A", "a/", "/a", "a//b", "-a", "a-", "a.", "a._b", "a___b", "a..b", "a b", "é", "a/B"] {
         assert!(!is_valid_name(bad), "{bad}");
     }
     assert!(is_valid_name(&"a".repeat(255)));
     assert!(!is_valid_name(&"a".repeat(256)));
-    assert_eq!(
-        kind("/v2/Alpine/manifests/latest"),
-        Err(RouteError::InvalidName)
-    );
+    assert_eq!(kind("/v2/Alpine/manifests/latest"), Err(RouteError::InvalidName));
 }
 
 #[test]
@@ -157,18 +111,9 @@ fn tags_and_digests() {
         assert!(!is_valid_tag(bad), "{bad}");
     }
     assert_eq!(kind("/v2/a/manifests/-bad"), Err(RouteError::InvalidTag));
-    assert!(matches!(
-        kind("/v2/a/manifests/sha256:abc"),
-        Err(RouteError::InvalidDigest(_))
-    ));
-    assert!(matches!(
-        kind("/v2/a/manifests/md5:abc"),
-        Err(RouteError::InvalidDigest(_))
-    ));
-    assert!(matches!(
-        kind("/v2/a/blobs/latest"),
-        Err(RouteError::InvalidDigest(_))
-    ));
+    assert!(matches!(kind("/v2/a/manifests/sha256:abc"), Err(RouteError::InvalidDigest(_))));
+    assert!(matches!(kind("/v2/a/manifests/md5:abc"), Err(RouteError::InvalidDigest(_))));
+    assert!(matches!(kind("/v2/a/blobs/latest"), Err(RouteError::InvalidDigest(_))));
     let upper = format!("/v2/a/blobs/sha256:{}", HEX.to_uppercase());
     assert!(matches!(kind(&upper), Err(RouteError::InvalidDigest(_))));
 }
@@ -177,45 +122,23 @@ fn tags_and_digests() {
 fn ns_parameter() {
     let ns = |q: &str| parse_route("/v2/", Some(q)).map(|r| r.ns);
     assert_eq!(ns("ns=docker.io"), Ok(Some("docker.io".into())));
-    assert_eq!(
-        ns("a=b&ns=127.0.0.1%3A5000&c"),
-        Ok(Some("127.0.0.1:5000".into()))
-    );
+    assert_eq!(ns("a=b&ns=127.0.0.1%3A5000&c"), Ok(Some("127.0.0.1:5000".into())));
     assert_eq!(ns("ns=%5B::1%5D:5000"), Ok(Some("[::1]:5000".into())));
     assert_eq!(ns("other=1"), Ok(None));
     assert_eq!(ns(""), Ok(None));
-    for bad in [
-        "ns=",
-        "ns",
-        "ns=a/b",
-        "ns=u%40host",
-        "ns=a%20b",
-        "ns=https://x",
-        "ns=a&ns=b",
-        "ns=%ff",
-        "ns=x:0",
-    ] {
+    for bad in ["ns=", "ns", "ns=a/b", "ns=u%40host", "ns=a%20b", "ns=https://x", "ns=a&ns=b", "ns=%ff", "ns=x:0"] {
         assert_eq!(ns(bad), Err(RouteError::InvalidNs), "{bad}");
     }
 }
 
 #[test]
 fn host_port() {
-    for ok in [
-        "docker.io",
-        "localhost",
-        "localhost:5000",
-        "127.0.0.1:5000",
-        "[::1]",
-        "[::1]:443",
-        "A-b.example.com",
-    ] {
+    for ok in ["docker.io", "localhost", "localhost:5000", "127.0.0.1:5000", "[::1]", "[::1]:443", "A-b.example.com"] {
         assert!(is_host_port(ok), "{ok}");
     }
-    for bad in [
-        "", ":5000", "a:", "a:0", "a:65536", "a:+1", "::1", "[::1", "[x]:1", "a..b", "a.", "-a",
-        "a_b", "a b", "a@b",
-    ] {
+    for bad in
+        ["", ":5000", "a:", "a:0", "a:65536", "a:+1", "::1", "[::1", "[x]:1", "a..b", "a.", "-a", "a_b", "a b", "a@b"]
+    {
         assert!(!is_host_port(bad), "{bad}");
     }
 }
@@ -223,23 +146,11 @@ fn host_port() {
 #[test]
 fn errors_map_to_oci_codes() {
     use http::StatusCode as S;
-    assert_eq!(
-        RouteError::InvalidName.status_and_code(),
-        (S::BAD_REQUEST, ErrorCode::NameInvalid)
-    );
-    assert_eq!(
-        RouteError::InvalidTag.status_and_code(),
-        (S::BAD_REQUEST, ErrorCode::ManifestInvalid)
-    );
+    assert_eq!(RouteError::InvalidName.status_and_code(), (S::BAD_REQUEST, ErrorCode::NameInvalid));
+    assert_eq!(RouteError::InvalidTag.status_and_code(), (S::BAD_REQUEST, ErrorCode::ManifestInvalid));
     let d = RouteError::InvalidDigest(DigestError::MissingAlgorithm);
-    assert_eq!(
-        <(S, ErrorCode)>::from(&d),
-        (S::BAD_REQUEST, ErrorCode::DigestInvalid)
-    );
-    assert_eq!(
-        RouteError::Unsupported.status_and_code(),
-        (S::NOT_FOUND, ErrorCode::Unsupported)
-    );
+    assert_eq!(<(S, ErrorCode)>::from(&d), (S::BAD_REQUEST, ErrorCode::DigestInvalid));
+    assert_eq!(RouteError::Unsupported.status_and_code(), (S::NOT_FOUND, ErrorCode::Unsupported));
     assert_eq!(RouteError::NotFound.status_and_code().0, S::NOT_FOUND);
 }
 
