@@ -117,17 +117,9 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
 
 pub const MIB: u64 = 1 << 20;
 
-/// The daemon's piece size for a blob of `len` bytes (DESIGN.md): 4 MiB up to 2000 MiB, above
-/// that the smallest power of two keeping the count ≤ 500, capped at 64 MiB.
+/// The daemon's piece size for a blob of `len` bytes (the store's own rule, tested in p2p).
 pub fn piece_size(len: u64) -> u64 {
-    if len <= 2000 * MIB {
-        return 4 * MIB;
-    }
-    let mut size = 8 * MIB;
-    while size < 64 * MIB && len.div_ceil(size) > 500 {
-        size *= 2;
-    }
-    size
+    damselfly_p2p::piece::piece_size_for(len)
 }
 
 /// Indices of the pieces touched by the inclusive byte ranges `ranges`.
@@ -143,16 +135,6 @@ pub fn pieces_total_bytes(pieces: &BTreeSet<u64>, len: u64, piece: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn piece_size_follows_design() {
-        assert_eq!(piece_size(1), 4 * MIB);
-        assert_eq!(piece_size(2000 * MIB), 4 * MIB);
-        assert_eq!(piece_size(2001 * MIB), 8 * MIB);
-        assert_eq!(piece_size(4000 * MIB), 8 * MIB);
-        assert_eq!(piece_size(4001 * MIB), 16 * MIB);
-        assert_eq!(piece_size(1 << 40), 64 * MIB);
-    }
 
     #[test]
     fn covered_pieces_counts_partial_tail() {
