@@ -148,9 +148,13 @@ impl Fill {
             let n = data.len().min((piece.end - self.pos) as usize);
             let (part, rest) = data.split_at(n);
             if self.task.owns(self.id, i) {
-                self.task
-                    .write_at(part, self.pos)
-                    .map_err(|e| SourceError::fatal(format!("cannot write to the cache: {e}")))?;
+                if let Err(e) = self.task.write_at(part, self.pos) {
+                    let why = format!("cannot write to the cache: {e}");
+                    tracing::warn!(error = %e, "cache write failed; dropping the task so retries stream through");
+                    self.task.metrics.piece_failed("write");
+                    self.task.abandon(&why);
+                    return Err(SourceError::fatal(why));
+                }
                 self.piece_crc = crc32c::crc32c_append(self.piece_crc, part);
             }
             self.pos += n as u64;

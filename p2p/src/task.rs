@@ -370,6 +370,13 @@ impl Task {
     pub(crate) fn discard(&self, why: &str) {
         tracing::error!(digest = %self.digest, reason = why, "discarding task");
         self.metrics.verify_failures.inc();
+        self.abandon(why);
+    }
+
+    /// Drops the task from the store and fails its readers, freeing its disk space: after a
+    /// write error (a full disk), so that the client's retry streams through uncached instead
+    /// of meeting the same error.
+    pub(crate) fn abandon(&self, why: &str) {
         self.lock().failed = Some(why.to_owned());
         if let Some(store) = self.store.upgrade() {
             store.remove_task(&self.digest, self);
