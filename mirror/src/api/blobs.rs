@@ -31,6 +31,9 @@ pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &He
             }
             task
         }
+        // A HEAD of an uncached blob asks the origin and reserves nothing: clients that only
+        // check for existence must not evict what others are using.
+        Ok(None) if *method == Method::HEAD => return pass_through_unknown(app, target, method).await,
         Ok(None) => match cold(&app, &target).await {
             Ok(Cold::Cached(task)) => task,
             Ok(Cold::PassThrough(len)) => return pass_through(app, target, method, len).await,
