@@ -186,7 +186,8 @@ struct StreamHasher {
     done: tokio::task::JoinHandle<Digest>,
 }
 
-const HASH_QUEUE: usize = 64;
+/// Chunks queued for the content hasher: with hyper's reads of up to ~400 KiB, a few MiB at most.
+const HASH_QUEUE: usize = 16;
 
 impl StreamHasher {
     fn start(algorithm: Algorithm) -> Self {
