@@ -7,7 +7,8 @@ systems interleaved so that machine noise spreads evenly over them:
   1. setup      a random N MiB blob is pushed to an origin `docker-registry` (monolithic upload);
   2. cached     GET throughput: damselfly (warm cache) vs nginx sendfile on / off vs the registry;
   3. cold       one cold GET through a fresh damselfly vs the same verifying fetch from the origin
-                (and, as a reference, through a fresh docker-registry pull-through cache);
+                (and, as a reference, through a fresh docker-registry pull-through cache); the order
+                alternates per run and every timed fetch follows `sync` and a 1 s pause;
   4. concurrent --clients cold GETs at once through a fresh damselfly: wall time, origin copies
                 (from the origin's access log), peak RssAnon of the daemon, download metrics;
   5. reference  the same concurrent cold GETs through a fresh docker-registry pull-through cache.
@@ -17,9 +18,12 @@ checked against the digest. Prints a markdown table (medians over --runs) and ex
 non-zero only on a wrong hash of a damselfly/origin/nginx body or a broken setup. Goals that are
 missed are marked "GOAL MISSED", they do not fail the run.
 
+`--phases` picks a subset of cached, cold and concurrent (the latter includes 5.); setup always runs.
+
 Needs: python3 (stdlib), curl, openssl, nginx (`nginx-light`, /usr/sbin/nginx), docker-registry.
 Usage: scripts/bench.py [--size-mib 1024] [--runs 5] [--clients 16] [--binary PATH] [--json OUT]
                         [--skip-proxy-reference] [--keep-temp] [--tmp-parent DIR]
+                        [--phases cached,cold,concurrent]
 """
 
 import argparse
@@ -46,6 +50,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = "bench/blob"
 MIB = 1 << 20
 NGINX = "/usr/sbin/nginx"
+PHASES = ("cached", "cold", "concurrent")  # setup always runs
+SETTLE_S = 1.0  # pause (after os.sync()) before each timed cold fetch
 
 # Goals (see the README's performance section).
 GOAL_CACHED_VS_NGINX = 0.90  # damselfly cached >= 0.9 * max(nginx sendfile on, off)
@@ -478,6 +484,21 @@ def concurrent_fetch(url, clients, max_time):
 
 # ----------------------------------------------------------------------------------------------
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return []
+
+
+def settle():
+    """Before a timed fetch: flush dirty pages (the blob files written so far) and let the machine
+    calm down, so that no fetch pays for the previous one's writeback."""
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
 def machine_info():
     cpu = "?"
     try:
@@ -503,7 +524,7 @@ def machine_info():
         "nproc": nproc,
         "cpu": cpu,
         "kernel": platform.release(),
-        "loadavg": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else [],
+        "loadavg": loadavg(),
         "curl": first_line(["curl", "--version"]),
         "openssl": first_line(["openssl", "version"]),
         "nginx": first_line([NGINX, "-v"]),
@@ -583,10 +604,19 @@ def main():
     ap.add_argument("--skip-proxy-reference", action="store_true",
                     help="skip the docker-registry pull-through cache reference")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs) for inspection")
+    ap.add_argument("--phases", default="cached,cold,concurrent",
+                    help="comma-separated subset of cached,cold,concurrent (default: all)")
     ap.add_argument("--tmp-parent", default=None, help="parent of the temp dir (default $TMPDIR or /tmp)")
     args = ap.parse_args()
     if args.size_mib < 1 or args.runs < 1 or args.clients < 1:
         ap.error("--size-mib, --runs and --clients must be >= 1")
+    wanted = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in PHASES]
+    if unknown:
+        ap.error(f"--phases: unknown phase(s) {', '.join(unknown)} (choose from {','.join(PHASES)})")
+    if not wanted:
+        ap.error(f"--phases: name at least one of {','.join(PHASES)}")
+    phases = [p for p in PHASES if p in wanted]  # always run in this order
 
     for tool in ("curl", "openssl", "docker-registry"):
         if not shutil.which(tool):
@@ -629,7 +659,8 @@ def main():
 
     info = machine_info()
     results = {"command": cmdline, "machine": info, "size_mib": args.size_mib, "runs": args.runs,
-               "clients": args.clients, "nginx_sendfile_off": f"output_buffers {Nginx.OUTPUT_BUFFERS}"}
+               "clients": args.clients, "phases": phases,
+               "nginx_sendfile_off": f"output_buffers {Nginx.OUTPUT_BUFFERS}"}
     daemons = []  # every damselfly started, for the log scan at the end
     try:
         # ---------------------------------------------------------------- 1. setup
@@ -662,71 +693,84 @@ def main():
         nginx_off = f"http://127.0.0.1:{nginx.port_off}/blob.bin"
 
         # ---------------------------------------------------------------- 2. cached throughput
-        log("cached GET throughput")
-        warm = Damselfly(binary, work, "warm", origin)
-        daemons.append(warm)
-        warm_url = warm.blob_url(digest, origin)
-        off = origin.log_offset()
-        f = Fetch(warm_url, max_time).finish(max_time + 60)
-        if not f.ok(hexd, size):
-            failed.append(f"damselfly warm-up GET: {f.describe()}")
-            raise BenchError(failed[-1] + tail_text(warm.log))
-        systems = [("damselfly (cached)", warm_url), ("nginx sendfile on", nginx_on),
-                   (f"nginx sendfile off (output_buffers {Nginx.OUTPUT_BUFFERS})", nginx_off),
-                   ("docker-registry direct", origin_blob_url)]
-        speeds = {name: [] for name, _ in systems}
-        for i in range(args.runs):
-            for name, url in systems:
-                speeds[name].append(throughput(url, size, max_time))
-            log(f"  run {i + 1}/{args.runs}: " + ", ".join(f"{fmt(v[-1], 0)}" for v in speeds.values()) + " MB/s")
-        warm_origin_bytes, _ = origin.settled_bytes_since(off, blob_prefix)
-        warm_metrics = warm.download_bytes_by_source()
-        warm.stop()
-        med_speed = {k: med(v) for k, v in speeds.items()}
-        names = [n for n, _ in systems]
-        d_speed, on_speed, off_speed, reg_speed = (med_speed[n] for n in names)
-        best_nginx = max(on_speed, off_speed)
-        results["cached"] = {
-            "mb_per_s_runs": speeds, "mb_per_s_median": med_speed,
-            "origin_copies_incl_warmup": warm_origin_bytes / size,
-            "damselfly_download_bytes_by_source": warm_metrics,
-            "ratio_vs_best_nginx": d_speed / best_nginx, "ratio_vs_registry": d_speed / reg_speed,
-        }
-        if abs(warm_origin_bytes / size - 1.0) > 0.01:
-            notes.append(f"cached phase: origin served {warm_origin_bytes / size:.2f} copies (expected 1: the warm-up)")
+        if "cached" in phases:
+            log("cached GET throughput")
+            warm = Damselfly(binary, work, "warm", origin)
+            daemons.append(warm)
+            warm_url = warm.blob_url(digest, origin)
+            off = origin.log_offset()
+            f = Fetch(warm_url, max_time).finish(max_time + 60)
+            if not f.ok(hexd, size):
+                failed.append(f"damselfly warm-up GET: {f.describe()}")
+                raise BenchError(failed[-1] + tail_text(warm.log))
+            systems = [("damselfly (cached)", warm_url), ("nginx sendfile on", nginx_on),
+                       (f"nginx sendfile off (output_buffers {Nginx.OUTPUT_BUFFERS})", nginx_off),
+                       ("docker-registry direct", origin_blob_url)]
+            speeds = {name: [] for name, _ in systems}
+            for i in range(args.runs):
+                for name, url in systems:
+                    speeds[name].append(throughput(url, size, max_time))
+                log(f"  run {i + 1}/{args.runs}: " + ", ".join(f"{fmt(v[-1], 0)}" for v in speeds.values()) + " MB/s")
+            warm_origin_bytes, _ = origin.settled_bytes_since(off, blob_prefix)
+            warm_metrics = warm.download_bytes_by_source()
+            warm.stop()
+            med_speed = {k: med(v) for k, v in speeds.items()}
+            names = [n for n, _ in systems]
+            d_speed, on_speed, off_speed, reg_speed = (med_speed[n] for n in names)
+            best_nginx = max(on_speed, off_speed)
+            results["cached"] = {
+                "mb_per_s_runs": speeds, "mb_per_s_median": med_speed,
+                "origin_copies_incl_warmup": warm_origin_bytes / size,
+                "damselfly_download_bytes_by_source": warm_metrics,
+                "ratio_vs_best_nginx": d_speed / best_nginx, "ratio_vs_registry": d_speed / reg_speed,
+            }
+            if abs(warm_origin_bytes / size - 1.0) > 0.01:
+                notes.append(f"cached phase: origin served {warm_origin_bytes / size:.2f} copies "
+                             "(expected 1: the warm-up)")
 
         # ---------------------------------------------------------------- 3. cold single GET
-        log("cold single GET")
-        cold = {"damselfly": [], "direct": [], "proxy": []}
-        cold_ttfb = {"damselfly": [], "direct": [], "proxy": []}
-        cold_copies = {"damselfly": [], "proxy": []}
-        cold_rss = []
-        for i in range(args.runs):
-            # damselfly, fresh and empty
-            m = Damselfly(binary, work, f"cold{i}", origin)
-            daemons.append(m)
-            off = origin.log_offset()
-            rss = RssSampler(m.proc.pid)
-            f = Fetch(m.blob_url(digest, origin), max_time).finish(max_time + 60)
-            cold_rss.append(rss.stop())
-            if not f.ok(hexd, size):
-                failed.append(f"damselfly cold GET run {i + 1}: {f.describe()}")
-                log("HASH/FETCH FAILURE " + failed[-1] + tail_text(m.log))
-            cold["damselfly"].append(f.wall)
-            cold_ttfb["damselfly"].append(f.ttfb)
-            b, _ = origin.settled_bytes_since(off, blob_prefix)
-            cold_copies["damselfly"].append(b / size)
-            m.stop()
-            # direct verifying fetch from the origin
-            f = Fetch(origin_blob_url, max_time).finish(max_time + 60)
-            if not f.ok(hexd, size):
-                failed.append(f"direct origin GET run {i + 1}: {f.describe()}")
-                log("HASH/FETCH FAILURE " + failed[-1])
-            cold["direct"].append(f.wall)
-            cold_ttfb["direct"].append(f.ttfb)
-            # docker-registry pull-through cache, fresh and empty
-            if not args.skip_proxy_reference:
+        if "cold" in phases:
+            log("cold single GET")
+            cold = {"damselfly": [], "direct": [], "proxy": []}
+            cold_ttfb = {"damselfly": [], "direct": [], "proxy": []}
+            cold_copies = {"damselfly": [], "proxy": []}
+            cold_rss = []
+            cold_order = []
+            paired = []  # damselfly_i / direct_i, both measured in the same run
+
+            def cold_damselfly(i):
+                # damselfly, fresh and empty (the constructor has waited until it answers /v2/)
+                m = Damselfly(binary, work, f"cold{i}", origin)
+                daemons.append(m)
+                settle()
+                m.check_alive("before the cold GET")
+                off = origin.log_offset()
+                rss = RssSampler(m.proc.pid)
+                f = Fetch(m.blob_url(digest, origin), max_time).finish(max_time + 60)
+                cold_rss.append(rss.stop())
+                if not f.ok(hexd, size):
+                    failed.append(f"damselfly cold GET run {i + 1}: {f.describe()}")
+                    log("HASH/FETCH FAILURE " + failed[-1] + tail_text(m.log))
+                cold["damselfly"].append(f.wall)
+                cold_ttfb["damselfly"].append(f.ttfb)
+                b, _ = origin.settled_bytes_since(off, blob_prefix)
+                cold_copies["damselfly"].append(b / size)
+                m.stop()
+
+            def cold_direct(i):
+                # direct verifying fetch from the origin
+                settle()
+                f = Fetch(origin_blob_url, max_time).finish(max_time + 60)
+                if not f.ok(hexd, size):
+                    failed.append(f"direct origin GET run {i + 1}: {f.describe()}")
+                    log("HASH/FETCH FAILURE " + failed[-1])
+                cold["direct"].append(f.wall)
+                cold_ttfb["direct"].append(f.ttfb)
+
+            def cold_proxy(i):
+                # docker-registry pull-through cache, fresh and empty (the constructor waits for /v2/)
                 p = Registry(work, f"proxy-cold{i}", proxy_remote=origin.url)
+                settle()
                 off = origin.log_offset()
                 f = Fetch(p.url + blob_prefix, max_time).finish(max_time + 60)
                 if not f.ok(hexd, size):
@@ -737,76 +781,95 @@ def main():
                 cold_copies["proxy"].append(b / size)
                 p.stop()
                 shutil.rmtree(p.dir, ignore_errors=True)
-            log(f"  run {i + 1}/{args.runs}: damselfly {cold['damselfly'][-1]:.3f}s, direct {cold['direct'][-1]:.3f}s"
-                + (f", proxy {cold['proxy'][-1]:.3f}s" if cold["proxy"] else ""))
-        cd, cdir = med(cold["damselfly"]), med(cold["direct"])
-        td, tdir = med(cold_ttfb["damselfly"]), med(cold_ttfb["direct"])
-        results["cold"] = {
-            "wall_s_runs": cold, "ttfb_s_runs": cold_ttfb, "origin_copies_runs": cold_copies,
-            "wall_s_median": {k: med(v) for k, v in cold.items()},
-            "ttfb_s_median": {k: med(v) for k, v in cold_ttfb.items()},
-            "ratio_damselfly_vs_direct": cd / cdir, "ttfb_extra_ms": (td - tdir) * 1000,
-            "damselfly_peak_rss_anon_mib_runs": cold_rss,
-        }
+
+            steps = {"damselfly": cold_damselfly, "direct": cold_direct, "proxy": cold_proxy}
+            for i in range(args.runs):
+                # Alternate who goes first, so that neither contender always meets the machine in the
+                # same state; the reference proxy always goes last.
+                order = ["damselfly", "direct"] if i % 2 == 0 else ["direct", "damselfly"]
+                if not args.skip_proxy_reference:
+                    order.append("proxy")
+                cold_order.append(order)
+                for who in order:
+                    steps[who](i)
+                paired.append(cold["damselfly"][-1] / cold["direct"][-1])
+                log(f"  run {i + 1}/{args.runs} ({', '.join(order)}): damselfly {cold['damselfly'][-1]:.3f}s, "
+                    f"direct {cold['direct'][-1]:.3f}s, ratio {paired[-1]:.3f}"
+                    + (f", proxy {cold['proxy'][-1]:.3f}s" if cold["proxy"] else ""))
+            cd, cdir = med(cold["damselfly"]), med(cold["direct"])
+            td, tdir = med(cold_ttfb["damselfly"]), med(cold_ttfb["direct"])
+            results["cold"] = {
+                "wall_s_runs": cold, "ttfb_s_runs": cold_ttfb, "origin_copies_runs": cold_copies,
+                "order_runs": cold_order, "settle_before_each_fetch": f"os.sync() + {SETTLE_S:g} s sleep",
+                "wall_s_median": {k: med(v) for k, v in cold.items()},
+                "ttfb_s_median": {k: med(v) for k, v in cold_ttfb.items()},
+                "ratio_damselfly_vs_direct": cd / cdir,  # ratio of the medians
+                "paired_ratio_runs": paired, "paired_ratio_median": med(paired),
+                "ttfb_extra_ms": (td - tdir) * 1000,
+                "damselfly_peak_rss_anon_mib_runs": cold_rss,
+            }
 
         # ---------------------------------------------------------------- 4/5. concurrent cold
-        log(f"concurrent cold GETs ({args.clients} clients)")
-        conc = {"damselfly": [], "proxy": []}
-        conc_copies = {"damselfly": [], "proxy": []}
-        conc_heads = {"damselfly": [], "proxy": []}
-        conc_rss = []
-        conc_hwm = []
-        conc_metrics = []
-        proxy_failures = []
-        for i in range(args.runs):
-            m = Damselfly(binary, work, f"conc{i}", origin)
-            daemons.append(m)
-            off = origin.log_offset()
-            rss = RssSampler(m.proc.pid)
-            wall, fetches = concurrent_fetch(m.blob_url(digest, origin), args.clients, max_time)
-            conc_rss.append(rss.stop())
-            conc_hwm.append(rss.hwm_kb / 1024.0)
-            if rss.samples < 3:
-                notes.append(f"concurrent run {i + 1}: only {rss.samples} RssAnon samples")
-            bad = [f for f in fetches if not f.ok(hexd, size)]
-            for f in bad:
-                failed.append(f"damselfly concurrent cold run {i + 1}: {f.describe()}")
-            if bad:
-                log(f"HASH/FETCH FAILURE: {len(bad)}/{args.clients} clients failed" + tail_text(m.log))
-            conc["damselfly"].append(wall)
-            b, _ = origin.settled_bytes_since(off, blob_prefix)
-            conc_copies["damselfly"].append(b / size)
-            conc_heads["damselfly"].append(len(origin.requests_since(off, blob_prefix, "HEAD")))
-            conc_metrics.append(m.download_bytes_by_source())
-            m.stop()
-            if not args.skip_proxy_reference:
-                p = Registry(work, f"proxy-conc{i}", proxy_remote=origin.url)
+        if "concurrent" in phases:
+            log(f"concurrent cold GETs ({args.clients} clients)")
+            conc = {"damselfly": [], "proxy": []}
+            conc_copies = {"damselfly": [], "proxy": []}
+            conc_heads = {"damselfly": [], "proxy": []}
+            conc_rss = []
+            conc_hwm = []
+            conc_metrics = []
+            proxy_failures = []
+            for i in range(args.runs):
+                m = Damselfly(binary, work, f"conc{i}", origin)
+                daemons.append(m)
                 off = origin.log_offset()
-                wall, fetches = concurrent_fetch(p.url + blob_prefix, args.clients, max_time)
+                rss = RssSampler(m.proc.pid)
+                wall, fetches = concurrent_fetch(m.blob_url(digest, origin), args.clients, max_time)
+                conc_rss.append(rss.stop())
+                conc_hwm.append(rss.hwm_kb / 1024.0)
+                if rss.samples < 3:
+                    notes.append(f"concurrent run {i + 1}: only {rss.samples} RssAnon samples")
                 bad = [f for f in fetches if not f.ok(hexd, size)]
+                for f in bad:
+                    failed.append(f"damselfly concurrent cold run {i + 1}: {f.describe()}")
                 if bad:
-                    proxy_failures.append(len(bad))
-                    notes.append(f"reference proxy concurrent run {i + 1}: {len(bad)}/{args.clients} clients failed, "
-                                 f"e.g. {bad[0].describe()}")
-                conc["proxy"].append(wall)
+                    log(f"HASH/FETCH FAILURE: {len(bad)}/{args.clients} clients failed" + tail_text(m.log))
+                conc["damselfly"].append(wall)
                 b, _ = origin.settled_bytes_since(off, blob_prefix)
-                conc_copies["proxy"].append(b / size)
-                conc_heads["proxy"].append(len(origin.requests_since(off, blob_prefix, "HEAD")))
-                p.stop()
-                shutil.rmtree(p.dir, ignore_errors=True)
-            log(f"  run {i + 1}/{args.runs}: damselfly {conc['damselfly'][-1]:.2f}s "
-                f"{conc_copies['damselfly'][-1]:.2f} copies, peak RssAnon {conc_rss[-1]:.1f} MiB"
-                + (f"; proxy {conc['proxy'][-1]:.2f}s {conc_copies['proxy'][-1]:.2f} copies" if conc["proxy"] else ""))
-        results["concurrent"] = {
-            "wall_s_runs": conc, "origin_copies_runs": conc_copies, "origin_head_requests_runs": conc_heads,
-            "wall_s_median": {k: med(v) for k, v in conc.items()},
-            "origin_copies_median": {k: med(v) for k, v in conc_copies.items()},
-            "damselfly_peak_rss_anon_mib_runs": conc_rss,
-            "damselfly_vm_hwm_mib_runs": conc_hwm,
-            "damselfly_download_bytes_by_source_runs": conc_metrics,
-        }
+                conc_copies["damselfly"].append(b / size)
+                conc_heads["damselfly"].append(len(origin.requests_since(off, blob_prefix, "HEAD")))
+                conc_metrics.append(m.download_bytes_by_source())
+                m.stop()
+                if not args.skip_proxy_reference:
+                    p = Registry(work, f"proxy-conc{i}", proxy_remote=origin.url)
+                    off = origin.log_offset()
+                    wall, fetches = concurrent_fetch(p.url + blob_prefix, args.clients, max_time)
+                    bad = [f for f in fetches if not f.ok(hexd, size)]
+                    if bad:
+                        proxy_failures.append(len(bad))
+                        notes.append(f"reference proxy concurrent run {i + 1}: {len(bad)}/{args.clients} clients "
+                                     f"failed, e.g. {bad[0].describe()}")
+                    conc["proxy"].append(wall)
+                    b, _ = origin.settled_bytes_since(off, blob_prefix)
+                    conc_copies["proxy"].append(b / size)
+                    conc_heads["proxy"].append(len(origin.requests_since(off, blob_prefix, "HEAD")))
+                    p.stop()
+                    shutil.rmtree(p.dir, ignore_errors=True)
+                log(f"  run {i + 1}/{args.runs}: damselfly {conc['damselfly'][-1]:.2f}s "
+                    f"{conc_copies['damselfly'][-1]:.2f} copies, peak RssAnon {conc_rss[-1]:.1f} MiB"
+                    + (f"; proxy {conc['proxy'][-1]:.2f}s {conc_copies['proxy'][-1]:.2f} copies"
+                       if conc["proxy"] else ""))
+            results["concurrent"] = {
+                "wall_s_runs": conc, "origin_copies_runs": conc_copies, "origin_head_requests_runs": conc_heads,
+                "wall_s_median": {k: med(v) for k, v in conc.items()},
+                "origin_copies_median": {k: med(v) for k, v in conc_copies.items()},
+                "damselfly_peak_rss_anon_mib_runs": conc_rss,
+                "damselfly_vm_hwm_mib_runs": conc_hwm,
+                "damselfly_download_bytes_by_source_runs": conc_metrics,
+            }
         nginx.stop()
         origin.stop()
+        info["loadavg_end"] = loadavg()
 
         # Oddities in the daemons' logs.
         for d in daemons:
@@ -843,72 +906,92 @@ def main():
 
 
 def print_report(args, info, cmdline, r, hexd):
-    c, k, n = r["cached"], r["cold"], r["concurrent"]
-    sp = c["mb_per_s_median"]
-    names = list(sp)
-    d, on, off, reg = (sp[x] for x in names)
-    best = max(on, off)
     ref = not args.skip_proxy_reference
     out = []
     w = out.append
-    w(f"## Blob serving benchmark ({args.size_mib} MiB blob, median of {args.runs} runs, {args.clients} concurrent clients)")
+    head = f"{args.size_mib} MiB blob, median of {args.runs} runs"
+    if "concurrent" in r:
+        head += f", {args.clients} concurrent clients"
+    w(f"## Blob serving benchmark ({head})")
     w("")
     w(f"Command: `{cmdline}`  ")
+    if r["phases"] != list(PHASES):
+        w(f"Phases: {', '.join(r['phases'])} (the others were left out with `--phases`)  ")
     w(f"Machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, Linux {info['kernel']}, "
-      f"load average at start {' '.join(info['loadavg'])}  ")
+      f"load average at start {' '.join(info['loadavg'])}, at end {' '.join(info.get('loadavg_end', [])) or '?'}  ")
     w(f"Tools: {info['curl'].split(' (')[0]}, {info['openssl']}, {info['nginx']}, {info['docker-registry']}  ")
-    w(f"nginx sendfile-off server uses `output_buffers {Nginx.OUTPUT_BUFFERS}`; nginx sendfile-on uses `tcp_nopush on`.")
-    w("")
-    w("### Cached GET throughput (`curl -o /dev/null`, MB/s = 10^6 B/s)")
-    w("")
-    w("| server | MB/s (median) | runs |")
-    w("|---|---:|---|")
-    for name in names:
-        w(f"| {name} | {fmt(sp[name], 0)} | {' '.join(fmt(x, 0) for x in c['mb_per_s_runs'][name])} |")
-    w("")
-    w(f"- damselfly / max(nginx) = {d / best:.2f} (goal ≥ {GOAL_CACHED_VS_NGINX:.2f}): {verdict(d >= GOAL_CACHED_VS_NGINX * best)}")
-    w(f"- damselfly / docker-registry = {d / reg:.2f} (goal ≥ 1.00): {verdict(d >= reg)}")
-    w("")
-    w("### Cold GET, one client (`curl URL | openssl dgst -sha256`, wall clock; fresh empty cache per run)")
-    w("")
-    w("| path | wall s (median) | TTFB ms (median) | origin copies | runs (s) |")
-    w("|---|---:|---:|---:|---|")
-    rows = [("direct from origin registry", "direct"), ("through damselfly", "damselfly")]
-    if ref:
-        rows.append(("through docker-registry proxy (reference)", "proxy"))
-    for label, key in rows:
-        copies = "1.00" if key == "direct" else fmt(med(k["origin_copies_runs"][key]), 2)
-        w(f"| {label} | {fmt(k['wall_s_median'][key], 3)} | {fmt(k['ttfb_s_median'][key] * 1000, 1)} | {copies} | "
-          f"{' '.join(fmt(x, 3) for x in k['wall_s_runs'][key])} |")
-    w("")
-    ratio, extra = k["ratio_damselfly_vs_direct"], k["ttfb_extra_ms"]
-    w(f"- damselfly / direct wall time = {ratio:.3f} (goal ≤ {GOAL_COLD_RATIO:.2f}): {verdict(ratio <= GOAL_COLD_RATIO)}")
-    w(f"- damselfly TTFB − direct TTFB = {extra:+.1f} ms (goal ≤ +{GOAL_TTFB_EXTRA_MS:.0f} ms): "
-      f"{verdict(extra <= GOAL_TTFB_EXTRA_MS)}")
-    w(f"- damselfly peak RssAnon during a cold GET: {fmt(max(k['damselfly_peak_rss_anon_mib_runs']), 1)} MiB")
-    w("")
-    w(f"### Concurrent cold GETs ({args.clients} clients at once, each piped into `openssl dgst -sha256`)")
-    w("")
-    w("| path | wall s (median) | origin copies (median) | origin HEADs (median) | peak RssAnon MiB (max) | runs (s) |")
-    w("|---|---:|---:|---:|---:|---|")
-    heads = n["origin_head_requests_runs"]
-    w(f"| through damselfly | {fmt(n['wall_s_median']['damselfly'], 2)} | {fmt(n['origin_copies_median']['damselfly'], 2)} | "
-      f"{fmt(med(heads['damselfly']), 0)} | {fmt(max(n['damselfly_peak_rss_anon_mib_runs']), 1)} | "
-      f"{' '.join(fmt(x, 2) for x in n['wall_s_runs']['damselfly'])} |")
-    if ref:
-        w(f"| through docker-registry proxy (reference) | {fmt(n['wall_s_median']['proxy'], 2)} | "
-          f"{fmt(n['origin_copies_median']['proxy'], 2)} | {fmt(med(heads['proxy']), 0)} | n/a | "
-          f"{' '.join(fmt(x, 2) for x in n['wall_s_runs']['proxy'])} |")
-    w("")
-    copies = max(n["origin_copies_runs"]["damselfly"])
-    rss = max(n["damselfly_peak_rss_anon_mib_runs"])
-    w(f"- damselfly origin copies (worst run) = {copies:.2f} (goal ≤ {GOAL_COPIES:.2f}): {verdict(copies <= GOAL_COPIES)}")
-    w(f"- damselfly peak RssAnon (worst run, sampled every 20 ms) = {rss:.1f} MiB (goal ≤ {GOAL_RSS_MIB:.0f} MiB): "
-      f"{verdict(rss <= GOAL_RSS_MIB)}; VmHWM (peak total RSS incl. file-backed pages) "
-      f"{max(n['damselfly_vm_hwm_mib_runs']):.1f} MiB")
-    last = n["damselfly_download_bytes_by_source_runs"][-1]
-    w("- damselfly_download_bytes_total by source (last run): "
-      + (", ".join(f"{s}={v / MIB:.1f} MiB" for s, v in sorted(last.items())) or "none"))
+    if "cached" in r:
+        w(f"nginx sendfile-off server uses `output_buffers {Nginx.OUTPUT_BUFFERS}`; "
+          "nginx sendfile-on uses `tcp_nopush on`.")
+        c = r["cached"]
+        sp = c["mb_per_s_median"]
+        names = list(sp)
+        d, on, off, reg = (sp[x] for x in names)
+        best = max(on, off)
+        w("")
+        w("### Cached GET throughput (`curl -o /dev/null`, MB/s = 10^6 B/s)")
+        w("")
+        w("| server | MB/s (median) | runs |")
+        w("|---|---:|---|")
+        for name in names:
+            w(f"| {name} | {fmt(sp[name], 0)} | {' '.join(fmt(x, 0) for x in c['mb_per_s_runs'][name])} |")
+        w("")
+        w(f"- damselfly / max(nginx) = {d / best:.2f} (goal ≥ {GOAL_CACHED_VS_NGINX:.2f}): "
+          f"{verdict(d >= GOAL_CACHED_VS_NGINX * best)}")
+        w(f"- damselfly / docker-registry = {d / reg:.2f} (goal ≥ 1.00): {verdict(d >= reg)}")
+    if "cold" in r:
+        k = r["cold"]
+        w("")
+        w("### Cold GET, one client (`curl URL | openssl dgst -sha256`, wall clock; fresh empty cache per run)")
+        w("")
+        w("| path | wall s (median) | TTFB ms (median) | origin copies | runs (s, in run order) |")
+        w("|---|---:|---:|---:|---|")
+        rows = [("direct from origin registry", "direct"), ("through damselfly", "damselfly")]
+        if ref:
+            rows.append(("through docker-registry proxy (reference)", "proxy"))
+        for label, key in rows:
+            copies = "1.00" if key == "direct" else fmt(med(k["origin_copies_runs"][key]), 2)
+            w(f"| {label} | {fmt(k['wall_s_median'][key], 3)} | {fmt(k['ttfb_s_median'][key] * 1000, 1)} | "
+              f"{copies} | {' '.join(fmt(x, 3) for x in k['wall_s_runs'][key])} |")
+        w("")
+        ratio, paired, extra = k["ratio_damselfly_vs_direct"], k["paired_ratio_median"], k["ttfb_extra_ms"]
+        w(f"- damselfly / direct wall time, paired ratio median = {paired:.3f} (goal ≤ {GOAL_COLD_RATIO:.2f}): "
+          f"{verdict(paired <= GOAL_COLD_RATIO)}; ratio of medians = {ratio:.3f}; "
+          f"per run: {' '.join(fmt(x, 3) for x in k['paired_ratio_runs'])}")
+        w(f"- damselfly TTFB − direct TTFB = {extra:+.1f} ms (goal ≤ +{GOAL_TTFB_EXTRA_MS:.0f} ms): "
+          f"{verdict(extra <= GOAL_TTFB_EXTRA_MS)}")
+        w(f"- damselfly peak RssAnon during a cold GET: {fmt(max(k['damselfly_peak_rss_anon_mib_runs']), 1)} MiB")
+        w(f"- order: runs 1, 3, … damselfly then direct, runs 2, 4, … direct then damselfly"
+          + (", the reference proxy last" if ref else "")
+          + f"; each timed fetch follows `os.sync()` and a {SETTLE_S:g} s pause")
+    if "concurrent" in r:
+        n = r["concurrent"]
+        w("")
+        w(f"### Concurrent cold GETs ({args.clients} clients at once, each piped into `openssl dgst -sha256`)")
+        w("")
+        w("| path | wall s (median) | origin copies (median) | origin HEADs (median) | peak RssAnon MiB (max) "
+          "| runs (s) |")
+        w("|---|---:|---:|---:|---:|---|")
+        heads = n["origin_head_requests_runs"]
+        w(f"| through damselfly | {fmt(n['wall_s_median']['damselfly'], 2)} | "
+          f"{fmt(n['origin_copies_median']['damselfly'], 2)} | "
+          f"{fmt(med(heads['damselfly']), 0)} | {fmt(max(n['damselfly_peak_rss_anon_mib_runs']), 1)} | "
+          f"{' '.join(fmt(x, 2) for x in n['wall_s_runs']['damselfly'])} |")
+        if ref:
+            w(f"| through docker-registry proxy (reference) | {fmt(n['wall_s_median']['proxy'], 2)} | "
+              f"{fmt(n['origin_copies_median']['proxy'], 2)} | {fmt(med(heads['proxy']), 0)} | n/a | "
+              f"{' '.join(fmt(x, 2) for x in n['wall_s_runs']['proxy'])} |")
+        w("")
+        copies = max(n["origin_copies_runs"]["damselfly"])
+        rss = max(n["damselfly_peak_rss_anon_mib_runs"])
+        w(f"- damselfly origin copies (worst run) = {copies:.2f} (goal ≤ {GOAL_COPIES:.2f}): "
+          f"{verdict(copies <= GOAL_COPIES)}")
+        w(f"- damselfly peak RssAnon (worst run, sampled every 20 ms) = {rss:.1f} MiB "
+          f"(goal ≤ {GOAL_RSS_MIB:.0f} MiB): {verdict(rss <= GOAL_RSS_MIB)}; VmHWM (peak total RSS incl. file-backed pages) "
+          f"{max(n['damselfly_vm_hwm_mib_runs']):.1f} MiB")
+        last = n["damselfly_download_bytes_by_source_runs"][-1]
+        w("- damselfly_download_bytes_total by source (last run): "
+          + (", ".join(f"{s}={v / MIB:.1f} MiB" for s, v in sorted(last.items())) or "none"))
     if r["notes"]:
         w("")
         w("### Notes")

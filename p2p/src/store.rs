@@ -130,7 +130,7 @@ impl Store {
             if task.is_verified() {
                 return Ok(task);
             }
-            task.discard("length changed");
+            task.abandon("the origin now announces another length");
         }
         let mut index = self.inner.index();
         if let Some(entry) = index.lru.get(digest) {
