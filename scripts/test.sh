@@ -2,7 +2,9 @@
 # The one test command of the project (README and .ci/run call exactly this).
 #   1. installs the external test dependencies (real registry, containerd, skopeo, ...);
 #   2. builds the `damselfly` binary, which the CLI smoke test runs as a child process;
-#   3. runs every unit test, then the end-to-end tests in integration/.
+#   3. runs every unit test, then the end-to-end tests in integration/;
+#   4. builds the benchmarks (p2p/benches; `cargo bench -p damselfly-p2p` runs them);
+#   5. builds the fuzz targets (fuzz/) and runs each for a few seconds from its seeds.
 # Exits non-zero if anything failed.
 #
 # Environment knobs:
@@ -10,6 +12,7 @@
 #   DAMSELFLY_INTEGRATION_TEST_THREADS  test threads per integration test binary (default 1: each test
 #                                       starts real registries, containerd and 100 MiB transfers, and
 #                                       several at once on 2 cores only makes timing-sensitive paths flaky)
+#   DAMSELFLY_FUZZ_SECONDS              seconds each fuzz target runs (default 3; 0 only builds them)
 #   extra arguments are passed to both `cargo test` runs before `--` (e.g. `--release`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,13 @@ cargo test --workspace --locked "$@" --exclude damselfly-integration -- --test-t
 
 echo "==> integration tests"
 cargo test --locked "$@" -p damselfly-integration -- --test-threads="$integration_threads" || status=1
+
+echo "==> benchmarks build"
+cargo bench -p damselfly-p2p --no-run --locked || status=1
+
+# Coverage-guided, reusing the dependencies built above; see scripts/fuzz.sh.
+echo "==> fuzz targets"
+scripts/fuzz.sh "${DAMSELFLY_FUZZ_SECONDS:-3}" || status=1
 
 if ((status != 0)); then
   echo "==> TESTS FAILED" >&2
