@@ -33,7 +33,10 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections so the set stays as large as the open connections.
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -54,7 +57,7 @@ where
         });
         let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -62,6 +65,8 @@ where
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::info!("connections still open after the drain timeout were dropped");
+        tracing::info!(open = conns.len(), "dropping connections still open after the drain timeout");
     }
+    // Ends whatever is left, so that nothing of the daemon outlives its shutdown.
+    conns.shutdown().await;
 }

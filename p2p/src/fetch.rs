@@ -7,7 +7,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use crate::digest::{Algorithm, Digest, Hasher};
@@ -32,6 +34,10 @@ struct Fill {
     end: u64,
     /// Hash of bytes `0..pos` when this fetch streams the content from its start.
     whole: Option<StreamHasher>,
+    /// Piece demotions seen when the stream hash started (see `Task::streamed_verified`).
+    demotions: u64,
+    /// Every piece the stream passed through was written by this fetch.
+    wrote_all: bool,
     piece_crc: u32,
     /// Where readers were last woken; `None` until the first bytes, which wake them at once.
     notified_at: Option<u64>,
@@ -43,19 +49,32 @@ pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Ar
     let start = layout.piece_range(pieces.start).start;
     let end = layout.piece_range(pieces.end - 1).end;
     let whole = (start == 0 && end == layout.len).then(|| StreamHasher::start(task.digest().algorithm()));
-    if whole.is_some() {
-        task.begin_streaming_verify();
-    }
-    let mut fill =
-        Fill { shas: spawn_piece_hasher(&task), task, id, pos: start, end, whole, piece_crc: 0, notified_at: None };
+    let demotions = if whole.is_some() { task.begin_streaming_verify() } else { 0 };
+    let mut fill = Fill {
+        shas: spawn_piece_hasher(&task),
+        task,
+        id,
+        pos: start,
+        end,
+        whole,
+        demotions,
+        wrote_all: true,
+        piece_crc: 0,
+        notified_at: None,
+    };
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
-    let result = fill.run(&*source).instrument(span).await;
+    // A panic must not leave pieces claimed by a fetch that no longer runs: readers would wait
+    // on them for ever. It ends the fetch like any other failure.
+    let result = AssertUnwindSafe(fill.run(&*source).instrument(span))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(SourceError::fatal("fetch panicked")));
     let hashing = fill.whole.is_some();
     match result {
         Ok(()) => {
             if let Some(h) = fill.whole.take() {
                 if h.finish().await.as_ref() == Some(fill.task.digest()) {
-                    fill.task.set_verified();
+                    fill.task.streamed_verified(fill.wrote_all, fill.demotions);
                 } else {
                     fill.task.discard("content from the source does not match its digest");
                 }
@@ -94,7 +113,10 @@ impl Fill {
     async fn attempt(&mut self, source: &dyn Source) -> Result<(), SourceError> {
         let len = self.task.len();
         let range = (self.pos != 0 || self.end != len).then_some(self.pos..self.end);
-        let SourceResponse { range_honoured, mut body } = source.fetch(range.clone()).await?;
+        let SourceResponse { range_honoured, mut body } =
+            tokio::time::timeout(STALL_TIMEOUT, source.fetch(range.clone()))
+                .await
+                .map_err(|_| SourceError::retryable("source sent no response headers in time"))??;
         // Offset of the next byte the body yields.
         let mut at = self.pos;
         if range.is_some() && !range_honoured {
@@ -109,7 +131,8 @@ impl Fill {
                 self.end = len;
                 self.pos = 0;
                 self.whole = Some(StreamHasher::start(self.task.digest().algorithm()));
-                self.task.begin_streaming_verify();
+                self.demotions = self.task.begin_streaming_verify();
+                self.notified_at = None;
             }
         }
         while self.pos < self.end {
@@ -147,7 +170,9 @@ impl Fill {
             let piece = layout.piece_range(i);
             let n = data.len().min((piece.end - self.pos) as usize);
             let (part, rest) = data.split_at(n);
-            if self.task.owns(self.id, i) {
+            let owned = self.task.owns(self.id, i);
+            self.wrote_all &= owned;
+            if owned {
                 if let Err(e) = self.task.write_at(part, self.pos) {
                     let why = format!("cannot write to the cache: {e}");
                     tracing::warn!(error = %e, "cache write failed; dropping the task so retries stream through");
@@ -160,16 +185,18 @@ impl Fill {
             self.pos += n as u64;
             data = rest;
             if self.pos == piece.end {
-                if self.task.owns(self.id, i) {
-                    self.task.advance(self.id, self.pos);
+                if owned {
+                    // Present before readers are woken, so none sees the end of a piece that is
+                    // neither being fetched nor done.
                     self.task.piece_done(self.id, i, PieceRecord { crc32c: self.piece_crc, sha256: None });
+                    self.task.advance(self.id, self.pos);
                     let _ = self.shas.send(i);
                 }
                 self.piece_crc = 0;
                 self.notified_at = Some(self.pos);
             }
         }
-        let due = self.notified_at.is_none_or(|at| self.pos - at >= NOTIFY_EVERY);
+        let due = self.notified_at.is_none_or(|at| self.pos.saturating_sub(at) >= NOTIFY_EVERY);
         if due || self.pos == self.end {
             self.task.advance(self.id, self.pos);
             self.notified_at = Some(self.pos);

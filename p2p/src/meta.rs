@@ -1,7 +1,7 @@
 //! Task metadata on disk. Written by replace-via-rename, never claiming a piece before its bytes
 //! were written; not fsynced, because recovery re-checks what it claims (see [`crate::store`]).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::Path;
@@ -36,9 +36,10 @@ pub struct TaskMeta {
     /// Manifests remember their media type so they can be served without the origin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    /// `registry/repository` scopes in which the origin served this content anonymously.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub public_in: BTreeSet<String>,
+    /// `registry/repository` scopes in which the origin served this content anonymously, with
+    /// when that was last confirmed (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub public_in: BTreeMap<String, u64>,
 }
 
 pub const META_VERSION: u32 = 1;
@@ -92,7 +93,7 @@ mod tests {
             verified: false,
             last_access: 1,
             media_type: None,
-            public_in: BTreeSet::new(),
+            public_in: BTreeMap::new(),
         }
     }
 

@@ -14,6 +14,8 @@ use crate::task::{Step, TaskRef};
 /// Largest frame handed to the HTTP layer: big enough for few wake-ups, small enough that
 /// a slow client does not pin much of the map at once.
 const MAX_FRAME: u64 = 512 << 10;
+/// Longest wait for a progress signal before the reader re-examines the task by itself.
+const RESTEP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -96,7 +98,11 @@ impl Cursor {
                         self.fetched_until = self.fetched_until.max(self.task.layout().piece_range(piece).end);
                     }
                     // The sender lives in the task, which this cursor pins: it cannot close.
-                    let _ = rx.changed().await;
+                    // The bound is a safety net: a reader looks at the task again at least
+                    // this often, so a missed wake-up costs a moment, never a hung response.
+                    if tokio::time::timeout(RESTEP_AFTER, rx.changed()).await.is_err() {
+                        tracing::debug!(pos = self.pos, "no progress signal; looking again");
+                    }
                 }
             }
         }

@@ -4,7 +4,7 @@
 //! shared memory map, so readers never copy them into anonymous memory. Progress is published
 //! through a `watch` generation counter that readers wait on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -42,7 +42,7 @@ pub(crate) struct State {
     pub(crate) pieces: Vec<Piece>,
     pub(crate) verified: bool,
     pub(crate) media_type: Option<String>,
-    pub(crate) public_in: BTreeSet<String>,
+    pub(crate) public_in: BTreeMap<String, u64>,
     /// Contiguous write position of each running fetch.
     pub(crate) fetch_pos: HashMap<u64, u64>,
     /// Fetches that gave up, so that readers waiting on them fail instead of retrying forever.
@@ -53,6 +53,9 @@ pub(crate) struct State {
     /// The source answered a range request with the whole content once; ask for all of it.
     pub(crate) range_unsupported: bool,
     pub(crate) verifying: bool,
+    /// Pieces dropped after failing their check: a stream hash only vouches for the file if
+    /// no piece was replaced while the stream ran.
+    pub(crate) demotions: u64,
     pub(crate) dirty: bool,
     last_flush: Instant,
     pub(crate) last_access: u64,
@@ -113,6 +116,7 @@ impl Task {
             failed: None,
             range_unsupported: false,
             verifying: false,
+            demotions: 0,
             dirty: false,
             last_flush: Instant::now(),
             last_access: meta.last_access,
@@ -165,16 +169,16 @@ impl Task {
         self.lock().media_type.clone()
     }
 
-    /// Remembers that the origin serves this content to anyone in `scope` (`registry/repo`).
+    /// Remembers that the origin just served this content to anyone in `scope` (`registry/repo`).
     pub fn mark_public(&self, scope: &str) {
         let mut st = self.lock();
-        if st.public_in.insert(scope.to_owned()) {
-            st.dirty = true;
-        }
+        st.public_in.insert(scope.to_owned(), now_secs());
+        st.dirty = true;
     }
 
-    pub fn is_public_in(&self, scope: &str) -> bool {
-        self.lock().public_in.contains(scope)
+    /// How many seconds ago the origin last served this content anonymously in `scope`.
+    pub fn public_age(&self, scope: &str) -> Option<u64> {
+        self.lock().public_in.get(scope).map(|at| now_secs().saturating_sub(*at))
     }
 
     pub(crate) fn notify(&self) {
@@ -228,16 +232,19 @@ impl Task {
         // Hold back the final byte of a whole-content response until the digest matched.
         if full && !st.verified && ready == self.layout.len {
             ready -= 1;
-            let complete = st.pieces.iter().all(|p| matches!(p, Piece::Present { .. }));
             if !st.verifying && ready == pos {
-                if !complete {
+                if st.pieces.iter().any(|p| matches!(p, Piece::Missing)) {
                     // A piece this reader already sent was found corrupt and dropped since.
                     return Err("content changed while it was being read".to_owned());
                 }
-                st.verifying = true;
-                drop(st);
-                self.spawn_verify();
-                return Ok(Step::Wait(self.progress.subscribe(), None));
+                if st.pieces.iter().all(|p| matches!(p, Piece::Present { .. })) {
+                    st.verifying = true;
+                    // Subscribe first: a small task may be verified before this returns.
+                    let rx = self.progress.subscribe();
+                    drop(st);
+                    self.spawn_verify();
+                    return Ok(Step::Wait(rx, None));
+                }
             }
         }
         if ready > pos {
@@ -275,6 +282,7 @@ impl Task {
             tracing::warn!(digest = %self.digest, piece = i, "piece failed its crc32c check; fetching it again");
             self.metrics.piece_failed("corrupt");
             st.pieces[i] = Piece::Missing;
+            st.demotions += 1;
             st.verified = false;
             st.dirty = true;
         }
@@ -318,6 +326,8 @@ impl Task {
     pub(crate) fn claim_all_missing(&self, id: u64) {
         let mut st = self.lock();
         st.range_unsupported = true;
+        // The stream restarts at offset 0: nothing it claims is written yet.
+        st.fetch_pos.insert(id, 0);
         for p in st.pieces.iter_mut() {
             if matches!(p, Piece::Missing) {
                 *p = Piece::Fetching(id);
@@ -351,8 +361,25 @@ impl Task {
     }
 
     /// A fetch that streams the whole content hashes it; no separate verification pass is needed.
-    pub(crate) fn begin_streaming_verify(&self) {
-        self.lock().verifying = true;
+    /// Returns the demotion count to hand back to [`Task::streamed_verified`].
+    pub(crate) fn begin_streaming_verify(&self) -> u64 {
+        let mut st = self.lock();
+        st.verifying = true;
+        st.demotions
+    }
+
+    /// The streamed content matched the digest. It vouches for the file only if the stream
+    /// wrote every piece and none was replaced meanwhile; otherwise a full read hashes the file.
+    pub(crate) fn streamed_verified(&self, wrote_all: bool, demotions_at_start: u64) {
+        let vouches = wrote_all && {
+            let st = self.lock();
+            st.demotions == demotions_at_start && st.pieces.iter().all(|p| matches!(p, Piece::Present { .. }))
+        };
+        if vouches {
+            self.set_verified();
+        } else {
+            tracing::debug!(digest = %self.digest, "stream matched, but the file holds other bytes too; verifying on read");
+        }
     }
 
     pub(crate) fn set_verified(&self) {

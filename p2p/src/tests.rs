@@ -19,6 +19,8 @@ struct Faults {
     /// Cut the stream after this many bytes, this many times.
     cut_after: Option<(usize, usize)>,
     corrupt: bool,
+    /// Pause before each 64 KiB chunk, so that other readers run while the stream is open.
+    chunk_delay: Option<std::time::Duration>,
 }
 
 struct MemSource {
@@ -62,7 +64,16 @@ impl Source for MemSource {
         if cut {
             s.push(Err(SourceError::retryable("connection reset")));
         }
-        Box::pin(async move { Ok(SourceResponse { range_honoured: honoured, body: stream::iter(s).boxed() }) })
+        let delay = f.chunk_delay;
+        let body = stream::iter(s)
+            .then(move |c| async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                c
+            })
+            .boxed();
+        Box::pin(async move { Ok(SourceResponse { range_honoured: honoured, body }) })
     }
 }
 
@@ -148,6 +159,29 @@ async fn source_ignoring_range_is_read_once_whole() {
     assert!(full == data);
     assert_eq!(src.requests.lock().unwrap().len(), 1);
     assert!(t.is_verified());
+}
+
+/// Regression: when a range fetch found out the source ignores ranges and restarted at offset 0,
+/// its progress still said "written up to the range start", and a concurrent full reader was
+/// handed the sparse file's zeros for the pieces before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_read_during_a_range_ignoring_fetch_gets_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(12 * MIB);
+    let faults =
+        Faults { ignore_range: true, chunk_delay: Some(std::time::Duration::from_millis(1)), ..Faults::default() };
+    let src = MemSource::new(data.clone(), faults);
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let len = data.len() as u64;
+    let ranged = tokio::spawn(collect(t.clone(), (8 * MIB) as u64..(8 * MIB + 10) as u64, false, src.clone()));
+    let full = collect(t.clone(), 0..len, true, src.clone()).await.unwrap();
+    assert!(full == data, "a full read got other bytes than the content");
+    assert!(ranged.await.unwrap().unwrap() == data[8 * MIB..8 * MIB + 10]);
+    // The full reader may claim the first pieces before the range fetch learns that the source
+    // ignores ranges; then both read the stream once, each writing only its own pieces.
+    let requests = src.requests.lock().unwrap().len();
+    assert!(requests <= 2, "{requests} source requests");
 }
 
 #[tokio::test]

@@ -17,9 +17,20 @@ use crate::upstream::{CredentialKind, UpstreamRequest};
 
 /// How long a successful check with a client's credentials is trusted.
 const GRANT_TTL: Duration = Duration::from_secs(300);
+/// How long "the origin serves this to anyone" is trusted before it is asked again, so that a
+/// repository made private (or content deleted) stops being served from the cache.
+const PUBLIC_TTL: Duration = Duration::from_secs(3600);
 const MAX_GRANTS: usize = 16 * 1024;
 
 type GrantKey = (String, Digest, String);
+
+/// The manifest types a pull client accepts, for access checks of cached manifests.
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
 
 pub struct AccessCache {
     grants: Mutex<LruCache<GrantKey, Instant>>,
@@ -67,7 +78,8 @@ pub fn remember(app: &App, target: &Target, task: &TaskRef, credential: Credenti
 /// `Ok` when the requester may read cached `task`; otherwise the response to send instead.
 pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: bool) -> Result<(), Response<Body>> {
     let scope = target.scope();
-    if task.is_public_in(&scope) {
+    let public_age = task.public_age(&scope);
+    if public_age.is_some_and(|age| age < PUBLIC_TTL.as_secs()) {
         app.metrics.access("public");
         return Ok(());
     }
@@ -78,16 +90,32 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
     }
     app.metrics.origin("access_check");
     let kind = if manifest { "manifests" } else { "blobs" };
+    let mut headers = http::HeaderMap::new();
+    if manifest {
+        // Registries answer 404 to a manifest HEAD whose Accept does not list its type.
+        for t in task.media_type().iter().map(String::as_str).chain(MANIFEST_TYPES) {
+            if let Ok(v) = http::HeaderValue::from_str(t) {
+                headers.append(http::header::ACCEPT, v);
+            }
+        }
+    }
     let req = UpstreamRequest {
         registry: target.registry.clone(),
         repo: target.repo.clone(),
         method: Method::HEAD,
         path: format!("{kind}/{}", target.digest),
-        headers: Default::default(),
+        headers,
         client_auth: target.client_auth.clone(),
     };
     let reply = match app.upstream.send(req).await {
         Ok(r) => r,
+        // Content the origin served to anyone is still served while the origin cannot be
+        // asked: nothing says it changed, and a mirror must not fail a pull the cache can serve.
+        Err(e) if public_age.is_some() => {
+            tracing::info!(error = %e, "origin unreachable; serving content last seen public");
+            app.metrics.access("public_stale");
+            return Ok(());
+        }
         Err(e) => {
             app.metrics.access("unavailable");
             return Err(bad_gateway(&format!("cannot check access with the origin: {e}")));

@@ -18,7 +18,8 @@ use super::{App, Scope};
 use crate::oci::Reference;
 use crate::upstream::{CredentialKind, UpstreamRequest};
 
-/// containerd refuses manifests larger than this; so does the mirror (it buffers them).
+/// containerd's manifest size limit (4·1048·1048 bytes, slightly over 4 MiB); the mirror buffers
+/// manifests, so it refuses larger ones too.
 const MAX_MANIFEST: usize = 4 * 1048 * 1048;
 
 /// An upstream manifest answer, shareable between the requests that waited for it.
@@ -78,11 +79,27 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
     );
     let flight = {
         let mut map = app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.clone()).or_insert_with(|| fetch(app.clone(), upstream_request(req)).boxed().shared()).clone()
+        match map.get(&key) {
+            Some(f) => f.clone(),
+            None => {
+                let flight = fetch(app.clone(), upstream_request(req)).boxed().shared();
+                map.insert(key.clone(), flight.clone());
+                // The flight runs to its end even if every waiter goes away, and then leaves
+                // the map itself (unless a newer flight took its place), so no later request
+                // joins a stale or abandoned one.
+                let (app, driver) = (app.clone(), flight.clone());
+                tokio::spawn(async move {
+                    let _ = driver.clone().await;
+                    let mut map = app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    if map.get(&key).is_some_and(|f| f.ptr_eq(&driver)) {
+                        map.remove(&key);
+                    }
+                });
+                flight
+            }
+        }
     };
-    let result = flight.await;
-    app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    result
+    flight.await
 }
 
 fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
