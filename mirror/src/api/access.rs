@@ -13,7 +13,7 @@ use sha2::Digest as _;
 
 use super::response::{bad_gateway, relay_refusal, Body};
 use super::{App, Target};
-use crate::upstream::{CredentialKind, UpstreamRequest};
+use crate::upstream::CredentialKind;
 
 /// How long a successful check with a client's credentials is trusted.
 const GRANT_TTL: Duration = Duration::from_secs(300);
@@ -99,14 +99,7 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
             }
         }
     }
-    let req = UpstreamRequest {
-        registry: target.registry.clone(),
-        repo: target.repo.clone(),
-        method: Method::HEAD,
-        path: format!("{kind}/{}", target.digest),
-        headers,
-        client_auth: target.client_auth.clone(),
-    };
+    let req = target.request(Method::HEAD, kind, headers);
     let reply = match app.upstream.send(req).await {
         Ok(r) => r,
         // Content the origin served to anyone is still served while the origin cannot be

@@ -12,7 +12,7 @@ use super::response::{bad_gateway, empty, oci_error, relay_refusal, stream, Body
 use super::source::UpstreamBlob;
 use super::{App, Target};
 use crate::oci::{content_range, parse_range, unsatisfied_content_range, RangeSpec};
-use crate::upstream::{CredentialKind, UpstreamRequest};
+use crate::upstream::CredentialKind;
 
 pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &HeaderMap) -> Response<Body> {
     let range =
@@ -73,14 +73,7 @@ async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
 /// which credentials the origin agreed to serve it.
 async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), Response<Body>> {
     app.metrics.origin("blob_head");
-    let req = UpstreamRequest {
-        registry: target.registry.clone(),
-        repo: target.repo.clone(),
-        method: Method::HEAD,
-        path: format!("blobs/{}", target.digest),
-        headers: HeaderMap::new(),
-        client_auth: target.client_auth.clone(),
-    };
+    let req = target.request(Method::HEAD, "blobs", HeaderMap::new());
     let reply = app.upstream.send(req).await.map_err(|e| bad_gateway(&format!("origin unreachable: {e}")))?;
     if reply.response.status() != StatusCode::OK {
         return Err(relay_refusal(&reply.response, false));

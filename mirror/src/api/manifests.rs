@@ -107,14 +107,7 @@ fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
     for v in &req.accept {
         headers.append(ACCEPT, v.clone());
     }
-    UpstreamRequest {
-        registry: req.scope.registry.clone(),
-        repo: req.scope.repo.clone(),
-        method: req.method.clone(),
-        path: format!("manifests/{}", req.reference),
-        headers,
-        client_auth: req.scope.client_auth.clone(),
-    }
+    req.scope.request(req.method.clone(), format!("manifests/{}", req.reference), headers)
 }
 
 async fn fetch(app: Arc<App>, ureq: UpstreamRequest) -> Result<Fetched, String> {

@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use damselfly_p2p::{Digest, Store};
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tracing::Instrument;
 
 use crate::oci::{parse_route, ErrorCode, RouteKind};
-use crate::upstream::{RegistryEndpoint, Upstream};
+use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
 use metrics::{ApiMetrics, RequestLabels};
@@ -63,9 +63,20 @@ impl Scope {
             digest,
         }
     }
+
+    /// A request for `path` (below `/v2/<repo>/`) upstream, with this requester's credentials.
+    pub fn request(&self, method: Method, path: String, headers: HeaderMap) -> UpstreamRequest {
+        upstream_request(&self.registry, &self.repo, &self.client_auth, method, path, headers)
+    }
 }
 
 impl Target {
+    /// A request for this content upstream: `kind` is `blobs` or `manifests`.
+    pub fn request(&self, method: Method, kind: &str, headers: HeaderMap) -> UpstreamRequest {
+        let path = format!("{kind}/{}", self.digest);
+        upstream_request(&self.registry, &self.repo, &self.client_auth, method, path, headers)
+    }
+
     /// `registry/repository`: the unit in which the origin decides who may read what.
     pub fn scope(&self) -> String {
         format!("{}/{}", self.registry.host, self.repo)
@@ -125,6 +136,24 @@ impl App {
                 ("blob", blobs::handle(self, target, &method, req.headers()).instrument(span).await)
             }
         }
+    }
+}
+
+fn upstream_request(
+    registry: &RegistryEndpoint,
+    repo: &str,
+    client_auth: &Option<HeaderValue>,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+) -> UpstreamRequest {
+    UpstreamRequest {
+        registry: registry.clone(),
+        repo: repo.to_owned(),
+        method,
+        path,
+        headers,
+        client_auth: client_auth.clone(),
     }
 }
 

@@ -11,7 +11,6 @@ use http::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use http::{HeaderMap, Method, StatusCode};
 
 use super::{App, Target};
-use crate::upstream::UpstreamRequest;
 
 pub struct UpstreamBlob {
     pub app: Arc<App>,
@@ -26,14 +25,7 @@ impl UpstreamBlob {
             headers.insert(RANGE, HeaderValue::from_str(&v).map_err(|e| SourceError::fatal(e.to_string()))?);
         }
         app.metrics.origin(if range.is_some() { "blob_range" } else { "blob" });
-        let req = UpstreamRequest {
-            registry: target.registry.clone(),
-            repo: target.repo.clone(),
-            method: Method::GET,
-            path: format!("blobs/{}", target.digest),
-            headers,
-            client_auth: target.client_auth.clone(),
-        };
+        let req = target.request(Method::GET, "blobs", headers);
         let reply = app
             .upstream
             .send(req)
