@@ -1,0 +1,136 @@
+//! Upload tokens: the capability a child shows a parent's upload server.
+//!
+//! The scheduler derives one key per host from its secret (`HMAC(secret, host id)`) and hands
+//! it to that host when it announces itself. A token for reading one task from one parent is
+//! `v1.<expiry>.<child>.<mac>` with `mac = HMAC(parent key, "<digest>|<child>|<expiry>")`, so
+//! only the scheduler and the parent itself can mint tokens that parent accepts, a token names
+//! the one task it opens, and it runs out.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Length of derived keys and MACs.
+pub const KEY_LEN: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed upload token")]
+    Malformed,
+    #[error("upload token expired")]
+    Expired,
+    #[error("upload token not valid for this host and task")]
+    BadSignature,
+}
+
+/// The key host `host_id` checks tokens with.
+pub fn upload_key(secret: &[u8], host_id: &str) -> [u8; KEY_LEN] {
+    mac(secret, &[b"damselfly-upload-key|", host_id.as_bytes()])
+}
+
+/// A token that lets `child` read `digest` from the parent owning `parent_key` until `expiry`
+/// (seconds since the Unix epoch).
+pub fn mint(parent_key: &[u8], digest: &str, child: &str, expiry: u64) -> String {
+    let tag = mac(parent_key, &[digest.as_bytes(), b"|", child.as_bytes(), b"|", expiry.to_string().as_bytes()]);
+    format!("v1.{expiry}.{}.{}", hex(child.as_bytes()), hex(&tag))
+}
+
+/// Checks `token` for `digest` against any of the host's keys (one per scheduler it announced
+/// to). Returns the child host id the token was issued to.
+pub fn verify(keys: &[[u8; KEY_LEN]], token: &str, digest: &str, now: u64) -> Result<String, TokenError> {
+    let mut parts = token.split('.');
+    let (Some("v1"), Some(expiry), Some(child), Some(tag), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
+    let child = String::from_utf8(unhex(child).ok_or(TokenError::Malformed)?).map_err(|_| TokenError::Malformed)?;
+    let tag = unhex(tag).ok_or(TokenError::Malformed)?;
+    if expiry < now {
+        return Err(TokenError::Expired);
+    }
+    let expiry = expiry.to_string();
+    let message: [&[u8]; 5] = [digest.as_bytes(), b"|", child.as_bytes(), b"|", expiry.as_bytes()];
+    let ok = keys.iter().any(|key| {
+        let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+        for part in message {
+            m.update(part);
+        }
+        // Constant-time comparison.
+        m.verify_slice(&tag).is_ok()
+    });
+    if ok {
+        Ok(child)
+    } else {
+        Err(TokenError::BadSignature)
+    }
+}
+
+fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 1024 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    #[test]
+    fn a_minted_token_opens_its_task_on_its_parent_only() {
+        let parent = upload_key(b"secret", "parent");
+        let other = upload_key(b"secret", "other");
+        let t = mint(&parent, D, "child", 100);
+        assert_eq!(verify(&[parent], &t, D, 50), Ok("child".to_owned()));
+        assert_eq!(verify(&[other], &t, D, 50), Err(TokenError::BadSignature));
+        assert_eq!(verify(&[parent], &t, &D.replace('1', "2"), 50), Err(TokenError::BadSignature));
+        assert_eq!(verify(&[other, parent], &t, D, 50), Ok("child".to_owned()));
+    }
+
+    #[test]
+    fn expired_and_malformed_tokens_are_refused() {
+        let k = upload_key(b"secret", "p");
+        assert_eq!(verify(&[k], &mint(&k, D, "c", 10), D, 11), Err(TokenError::Expired));
+        for bad in ["", "v1", "v2.1.63.00", "v1.x.63.00", "v1.99.6.00", "v1.99.63.0g", "v1.99.63.00.1"] {
+            assert_eq!(verify(&[k], bad, D, 0), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_with_a_changed_expiry_or_child_is_refused() {
+        let k = upload_key(b"secret", "p");
+        let t = mint(&k, D, "c", 100);
+        let longer = t.replacen("v1.100.", "v1.900.", 1);
+        assert_eq!(verify(&[k], &longer, D, 0), Err(TokenError::BadSignature));
+        let other_child = t.replacen(&format!(".{}.", hex(b"c")), &format!(".{}.", hex(b"d")), 1);
+        assert_eq!(verify(&[k], &other_child, D, 0), Err(TokenError::BadSignature));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn verify_never_panics(s in "\\PC{0,200}") {
+            let _ = verify(&[[0; KEY_LEN]], &s, D, 0);
+        }
+    }
+}
