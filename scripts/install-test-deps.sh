@@ -19,6 +19,10 @@ declare -A PKG_FOR_CMD=(
   [nginx]=nginx-light
   [jq]=jq
   [hyperfine]=hyperfine
+  # The partition test and the cluster benchmark: packet filters, namespaces, shaping.
+  [iptables]=iptables
+  [ip]=iproute2
+  [tc]=iproute2
 )
 
 missing=()

@@ -9,6 +9,7 @@
 //! - [`skopeo_copy_via_mirror`]: skopeo with a `registries.conf` mirror;
 //! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
 //!   binary ([`Mirror::spawn_binary`]);
+//! - [`Scheduler`]: the scheduler, in-process, restartable on its address;
 //! - [`Metrics`]: a Prometheus text scraper;
 //! - [`FaultProxy`]: a TCP proxy that cuts or corrupts upstream responses;
 //! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry.
@@ -17,22 +18,26 @@
 //! origin when the mirror fails, so tests assert on the origin's access log and on the daemon's
 //! metrics, never only on "the pull succeeded".
 
+pub mod cluster;
 pub mod containerd;
 pub mod fault_proxy;
 pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod registry;
+pub mod scheduler;
 pub mod skopeo;
 pub mod token_auth;
 pub mod util;
 
+pub use cluster::Cluster;
 pub use containerd::Containerd;
 pub use fault_proxy::{FaultProxy, Times};
 pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
 pub use metrics::Metrics;
 pub use mirror::{Mirror, MirrorOpts, MirrorProcess};
 pub use registry::{AccessEntry, AccessLog, Image, Registry};
+pub use scheduler::Scheduler;
 pub use skopeo::skopeo_copy_via_mirror;
 pub use token_auth::TokenAuthFront;
 pub use util::{

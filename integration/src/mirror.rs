@@ -3,7 +3,7 @@
 //! `damselfly` binary in a child process (for the CLI smoke test).
 
 use std::fs::OpenOptions;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,6 +22,8 @@ pub struct MirrorOpts {
     /// [`MirrorOpts::data_dir`] or a fresh temp dir.
     pub config: MirrorConfig,
     pub data_dir: Option<PathBuf>,
+    /// The loopback address every listener of the daemon binds (127.0.0.1 unless in a cluster).
+    pub ip: IpAddr,
 }
 
 impl MirrorOpts {
@@ -34,7 +36,21 @@ impl MirrorOpts {
             insecure_registries: vec![host_of(upstream_url).to_owned()],
             ..MirrorConfig::default()
         };
-        MirrorOpts { config, data_dir: None }
+        MirrorOpts { config, data_dir: None, ip: IpAddr::from([127, 0, 0, 1]) }
+    }
+
+    /// A cluster node on its own loopback address `ip` (127.0.0.2, ...), known as `host_id`,
+    /// steered by the schedulers at `schedulers` (`http://host:port`).
+    pub fn cluster(mut self, ip: IpAddr, schedulers: &[String], host_id: &str) -> MirrorOpts {
+        self.ip = ip;
+        self.config.schedulers = schedulers.to_vec();
+        self.config.host_id = Some(host_id.to_owned());
+        self
+    }
+
+    pub fn seed(mut self) -> MirrorOpts {
+        self.config.seed = true;
+        self
     }
 
     /// Another registry reachable over plain HTTP (a token-auth front, a fault proxy).
@@ -83,14 +99,17 @@ pub struct Mirror {
     pub api_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The piece upload server, for cluster nodes.
+    pub upload_addr: Option<SocketAddr>,
     data_dir: PathBuf,
     _temp_data: Option<TempDir>,
 }
 
 impl Mirror {
-    /// Binds the API, health and metrics listeners on `127.0.0.1:0` and starts the daemon on them.
+    /// Binds the API, health and metrics listeners (and the upload listener of a cluster node)
+    /// on port 0 of the node's loopback address and starts the daemon on them.
     pub async fn start(opts: MirrorOpts) -> Result<Mirror> {
-        let MirrorOpts { mut config, data_dir } = opts;
+        let MirrorOpts { mut config, data_dir, ip } = opts;
         let (data_dir, temp) = match data_dir {
             Some(dir) => (dir, None),
             None => {
@@ -98,14 +117,19 @@ impl Mirror {
                 (t.path().to_owned(), Some(t))
             }
         };
-        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let listeners = Listeners { api: bind().await?, health: bind().await?, metrics: bind().await? };
+        let bind = || tokio::net::TcpListener::bind(SocketAddr::new(ip, 0));
+        let upload = match config.schedulers.is_empty() {
+            true => None,
+            false => Some(bind().await?),
+        };
+        let listeners = Listeners { api: bind().await?, health: bind().await?, metrics: bind().await?, upload };
         config.listen = listeners.api.local_addr()?;
         config.health_listen = listeners.health.local_addr()?;
         config.metrics_listen = listeners.metrics.local_addr()?;
         config.data_dir = data_dir.clone();
         let running = daemon::start(config, listeners).await.map_err(|e| anyhow!("daemon::start: {e}"))?;
         Ok(Mirror {
+            upload_addr: running.upload_addr,
             api_addr: running.api_addr,
             health_addr: running.health_addr,
             metrics_addr: running.metrics_addr,
@@ -144,6 +168,13 @@ impl Mirror {
     /// Blob URL on the mirror with `?ns=<registry_host>`, as containerd would ask.
     pub fn blob_url_ns(&self, repo: &str, digest: &str, registry_host: &str) -> String {
         format!("{}/v2/{repo}/blobs/{digest}?ns={registry_host}", self.url())
+    }
+
+    /// Stops the daemon the way a crash would: no goodbye to the schedulers, connections cut.
+    pub async fn kill(mut self) {
+        if let Some(running) = self.running.take() {
+            running.kill().await;
+        }
     }
 
     /// Stops the daemon and waits until it has shut down.

@@ -2,10 +2,14 @@
 //! (auth only) < flags. A flag replaces the file's value, lists included, so what the command
 //! line says is what runs.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+mod scheduler;
+
+pub use scheduler::{SchedulerArgs, SchedulerArgsError, SECRET_ENV};
 
 use crate::config::{parse_auth_list, ByteSize, ConfigError, LogFormat, MirrorConfig, RegistryAuth};
 
@@ -23,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon that container runtimes pull through.
     Mirror(MirrorArgs),
+    /// Run a scheduler that steers the node daemons of a cluster.
+    Scheduler(SchedulerArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -61,6 +67,36 @@ pub struct MirrorArgs {
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
+    /// Scheduler (host:port or http://host:port); repeatable. Without one the node works alone.
+    #[arg(long = "scheduler", value_name = "ADDR")]
+    pub schedulers: Vec<String>,
+    /// Where other peers fetch pieces from this node [default: 0.0.0.0:65002].
+    #[arg(long, value_name = "ADDR")]
+    pub upload_listen: Option<SocketAddr>,
+    /// Address peers reach this node at [default: the upload address, or the one routing to the scheduler].
+    #[arg(long, value_name = "IP")]
+    pub advertise_ip: Option<IpAddr>,
+    /// Node identity [default: generated once, kept in <data-dir>/host-id].
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Data-centre label; parents in the same idc are preferred.
+    #[arg(long, value_name = "LABEL")]
+    pub idc: Option<String>,
+    /// Location label such as region|zone|rack; parents sharing a longer prefix are preferred.
+    #[arg(long, value_name = "LABEL")]
+    pub location: Option<String>,
+    /// Make this node a seed peer: it fetches new tasks from the origin for the cluster.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub seed: Option<bool>,
+    /// Upload limit per second, e.g. 100MiB [default: unlimited].
+    #[arg(long, value_name = "SIZE")]
+    pub upload_rate_limit: Option<ByteSize>,
+    /// Download limit per second for piece traffic [default: unlimited].
+    #[arg(long, value_name = "SIZE")]
+    pub download_rate_limit: Option<ByteSize>,
+    /// Pieces uploaded at once [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_uploads: Option<usize>,
     /// Log output format [default: human].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -123,6 +159,24 @@ impl MirrorArgs {
             cfg.registry_auth_file = self.registry_auth_file;
         }
         set(&mut cfg.background_fill, self.background_fill);
+        replace(&mut cfg.schedulers, self.schedulers);
+        set(&mut cfg.upload_listen, self.upload_listen);
+        if self.advertise_ip.is_some() {
+            cfg.advertise_ip = self.advertise_ip;
+        }
+        if self.host_id.is_some() {
+            cfg.host_id = self.host_id;
+        }
+        set(&mut cfg.idc, self.idc);
+        set(&mut cfg.location, self.location);
+        set(&mut cfg.seed, self.seed);
+        if self.upload_rate_limit.is_some() {
+            cfg.upload_rate_limit = self.upload_rate_limit;
+        }
+        if self.download_rate_limit.is_some() {
+            cfg.download_rate_limit = self.download_rate_limit;
+        }
+        set(&mut cfg.max_uploads, self.max_uploads);
         set(&mut cfg.log_format, self.log_format);
         set(&mut cfg.log_level, self.log_level);
     }
@@ -136,6 +190,7 @@ mod tests {
         let argv = ["damselfly", "mirror"].iter().chain(args);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Mirror(m) => m,
+            _ => unreachable!("mirror subcommand"),
         }
     }
 
@@ -182,6 +237,26 @@ mod tests {
             "json",
             "--log-level",
             "debug",
+            "--scheduler",
+            "10.0.0.1:8002",
+            "--scheduler=http://10.0.0.2:8002",
+            "--upload-listen",
+            "127.0.0.2:0",
+            "--advertise-ip",
+            "127.0.0.2",
+            "--host-id",
+            "n1",
+            "--idc",
+            "dc1",
+            "--location",
+            "eu|a",
+            "--seed",
+            "--upload-rate-limit",
+            "10MiB",
+            "--download-rate-limit",
+            "20MiB",
+            "--max-uploads",
+            "8",
         ]);
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
@@ -194,6 +269,13 @@ mod tests {
         assert_eq!(cfg.registry_auth[0].host, "x.io");
         assert!(cfg.background_fill);
         assert_eq!((cfg.log_format, cfg.log_level.as_str()), (LogFormat::Json, "debug"));
+        assert_eq!(cfg.scheduler_urls().expect("urls"), ["http://10.0.0.1:8002", "http://10.0.0.2:8002"]);
+        assert_eq!(cfg.upload_listen, "127.0.0.2:0".parse().expect("addr"));
+        assert_eq!(cfg.advertise_ip, Some([127, 0, 0, 2].into()));
+        assert_eq!((cfg.host_id.as_deref(), cfg.idc.as_str(), cfg.location.as_str()), (Some("n1"), "dc1", "eu|a"));
+        assert!(cfg.seed);
+        assert_eq!((cfg.upload_rate_limit, cfg.download_rate_limit), (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20))));
+        assert_eq!(cfg.max_uploads, 8);
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
     }
 

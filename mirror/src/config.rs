@@ -4,7 +4,7 @@
 //! so the file, the flags and the example config cannot drift apart.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -30,7 +30,25 @@ pub struct MirrorConfig {
     pub background_fill: bool,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Scheduler addresses (`host:port` or `http://host:port`); empty = a single node.
+    pub schedulers: Vec<String>,
+    /// Where other peers fetch pieces from this node (only with schedulers).
+    pub upload_listen: SocketAddr,
+    /// The address peers reach this node at; default: the upload address, or the address
+    /// that routes to the first scheduler.
+    pub advertise_ip: Option<IpAddr>,
+    /// Default: generated once and kept in `<data_dir>/host-id`.
+    pub host_id: Option<String>,
+    pub idc: String,
+    pub location: String,
+    pub seed: bool,
+    pub upload_rate_limit: Option<ByteSize>,
+    pub download_rate_limit: Option<ByteSize>,
+    pub max_uploads: usize,
 }
+
+/// Where the upload server listens unless configured (Dragonfly's piece upload port).
+pub const DEFAULT_UPLOAD_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 65002);
 
 impl Default for MirrorConfig {
     fn default() -> Self {
@@ -47,6 +65,16 @@ impl Default for MirrorConfig {
             background_fill: false,
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
+            schedulers: Vec::new(),
+            upload_listen: DEFAULT_UPLOAD_LISTEN,
+            advertise_ip: None,
+            host_id: None,
+            idc: String::new(),
+            location: String::new(),
+            seed: false,
+            upload_rate_limit: None,
+            download_rate_limit: None,
+            max_uploads: 64,
         }
     }
 }
@@ -87,6 +115,14 @@ pub enum ConfigError {
     EnvAuth { var: &'static str, source: AuthEntryError },
     #[error("{0} is not valid UTF-8")]
     EnvNotUnicode(&'static str),
+    #[error("schedulers entry {value:?}: {reason}")]
+    Scheduler { value: String, reason: String },
+    #[error("host_id {0:?} must be 1 to 128 characters of [A-Za-z0-9._-]")]
+    HostId(String),
+    #[error("max_uploads must be at least 1")]
+    MaxUploads,
+    #[error("{0} is a cluster setting: give schedulers too")]
+    NeedsSchedulers(&'static str),
     #[error("log_level {value:?}: {reason}")]
     LogLevel { value: String, reason: String },
 }
@@ -145,14 +181,41 @@ impl MirrorConfig {
                 return Err(ConfigError::DuplicateAuth(auth.host.clone()));
             }
         }
+        self.validate_cluster()?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| ConfigError::LogLevel { value: self.log_level.clone(), reason: e.to_string() })?;
         Ok(())
     }
 
+    /// Scheduler URLs as the gRPC client wants them.
+    pub fn scheduler_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.schedulers.iter().map(|s| scheduler_url(s)).collect()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        self.scheduler_urls()?;
+        if let Some(id) = &self.host_id {
+            let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+            if id.is_empty() || id.len() > 128 || !id.bytes().all(ok) {
+                return Err(ConfigError::HostId(id.clone()));
+            }
+        }
+        if self.max_uploads == 0 {
+            return Err(ConfigError::MaxUploads);
+        }
+        if self.schedulers.is_empty() && self.seed {
+            return Err(ConfigError::NeedsSchedulers("seed"));
+        }
+        Ok(())
+    }
+
     fn validate_addrs(&self) -> Result<(), ConfigError> {
-        let addrs =
-            [("listen", self.listen), ("health_listen", self.health_listen), ("metrics_listen", self.metrics_listen)];
+        let upload = if self.schedulers.is_empty() { None } else { Some(("upload_listen", self.upload_listen)) };
+        let addrs: Vec<(&'static str, SocketAddr)> =
+            [("listen", self.listen), ("health_listen", self.health_listen), ("metrics_listen", self.metrics_listen)]
+                .into_iter()
+                .chain(upload)
+                .collect();
         for (i, &(first, a)) in addrs.iter().enumerate() {
             for &(second, b) in &addrs[i + 1..] {
                 if binds_collide(a, b) {
@@ -168,6 +231,23 @@ impl MirrorConfig {
 /// address collides with every address on the same port.
 fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `host:port` or `http(s)://host:port` → a URL with scheme.
+fn scheduler_url(value: &str) -> Result<String, ConfigError> {
+    let fail = |reason: &str| ConfigError::Scheduler { value: value.to_owned(), reason: reason.to_owned() };
+    let with_scheme = if value.contains("://") { value.to_owned() } else { format!("http://{value}") };
+    let url = url::Url::parse(&with_scheme).map_err(|e| fail(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(fail("scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) || url.port_or_known_default().is_none() {
+        return Err(fail("must be host:port"));
+    }
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(fail("must be [scheme://]host:port with nothing after it"));
+    }
+    Ok(with_scheme.trim_end_matches('/').to_owned())
 }
 
 fn validate_registry_url(value: &str) -> Result<(), ConfigError> {

@@ -24,6 +24,8 @@ pub struct Listeners {
     pub api: TcpListener,
     pub health: TcpListener,
     pub metrics: TcpListener,
+    /// The piece upload server's; bound only when the node is part of a cluster.
+    pub upload: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -33,6 +35,10 @@ impl Listeners {
             api: TcpListener::bind(config.listen).await?,
             health: TcpListener::bind(config.health_listen).await?,
             metrics: TcpListener::bind(config.metrics_listen).await?,
+            upload: match config.schedulers.is_empty() {
+                true => None,
+                false => Some(TcpListener::bind(config.upload_listen).await?),
+            },
         })
     }
 }
@@ -45,12 +51,17 @@ pub enum DaemonError {
     Upstream(#[from] UpstreamError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 pub struct Running {
     pub api_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Where other peers fetch pieces, in a cluster.
+    pub upload_addr: Option<SocketAddr>,
+    node: Option<Arc<damselfly_p2p::net::Node>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     store: Store,
@@ -82,9 +93,24 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         metrics: ApiMetrics::register(&mut registry),
         background_fill: config.background_fill,
     });
+    let shutdown = CancellationToken::new();
+    let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
+    let node = match listeners.upload {
+        Some(upload) => {
+            let parts = crate::cluster::ClusterParts {
+                config: &config,
+                store: &store,
+                app: &app,
+                upload,
+                registry: &mut registry,
+                shutdown: shutdown.clone(),
+            };
+            Some(crate::cluster::join(parts).await?)
+        }
+        None => None,
+    };
     let registry = Arc::new(Mutex::new(registry));
     let addrs = (listeners.api.local_addr()?, listeners.health.local_addr()?, listeners.metrics.local_addr()?);
-    let shutdown = CancellationToken::new();
     let api = {
         let app = app.clone();
         move |req| app.clone().handle(req)
@@ -99,13 +125,39 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         tokio::spawn(serve(listeners.metrics, metrics, shutdown.clone())),
     ];
     tracing::info!(api = %addrs.0, health = %addrs.1, metrics = %addrs.2, data_dir = %config.data_dir.display(), "damselfly mirror started");
-    Ok(Running { api_addr: addrs.0, health_addr: addrs.1, metrics_addr: addrs.2, shutdown, tasks, store })
+    Ok(Running {
+        api_addr: addrs.0,
+        health_addr: addrs.1,
+        metrics_addr: addrs.2,
+        upload_addr,
+        node,
+        shutdown,
+        tasks,
+        store,
+    })
 }
 
 impl Running {
     /// Stops accepting, drains open connections briefly, and persists the cache's metadata.
     pub async fn shutdown(self) {
+        if let Some(node) = &self.node {
+            // Before the upload server stops, so that no scheduler sends children here.
+            node.leave().await;
+        }
         self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.store.flush_all();
+    }
+
+    /// Stops at once, as a crash would as far as peers can tell: the schedulers are not told,
+    /// open connections are cut. The cache metadata is still persisted.
+    pub async fn kill(self) {
+        self.shutdown.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
         for t in self.tasks {
             let _ = t.await;
         }

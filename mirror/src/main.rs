@@ -1,26 +1,45 @@
 //! `damselfly`: the composition root. Parses the command line, sets up logging, and runs the
-//! daemon until SIGINT or SIGTERM.
+//! chosen part until SIGINT or SIGTERM.
 
 use anyhow::Context;
 use clap::Parser;
-use damselfly_mirror::cli::{Cli, Command};
+use damselfly_mirror::cli::{Cli, Command, SchedulerArgs};
 use damselfly_mirror::config::{LogFormat, MirrorConfig};
 use damselfly_mirror::daemon::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Command::Mirror(args) = cli.command;
-    let config = args.into_config().context("invalid configuration")?;
-    init_tracing(&config);
     let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(run_mirror(config))
+        || tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime");
+    match cli.command {
+        Command::Mirror(args) => {
+            let config = args.into_config().context("invalid configuration")?;
+            init_tracing(config.log_format, &config.log_level);
+            runtime()?.block_on(run_mirror(config))
+        }
+        Command::Scheduler(args) => {
+            init_tracing(args.log_format, &args.log_level);
+            runtime()?.block_on(run_scheduler(args))
+        }
+    }
 }
 
 async fn run_mirror(config: MirrorConfig) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await.context("cannot bind the listen addresses")?;
     let running = daemon::start(config, listeners).await.context("cannot start the mirror")?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn run_scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let config = args.into_config().context("invalid configuration")?;
+    let grpc = tokio::net::TcpListener::bind(args.listen).await.context("cannot bind the gRPC address")?;
+    let http = tokio::net::TcpListener::bind(args.http_listen).await.context("cannot bind the HTTP address")?;
+    let running = damselfly_scheduler::start(config, grpc, Some(http)).await.context("cannot start the scheduler")?;
+    tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, "damselfly scheduler started");
     wait_for_signal().await?;
     tracing::info!("shutting down");
     running.shutdown().await;
@@ -37,10 +56,10 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(config: &MirrorConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+fn init_tracing(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log_format {
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
     }

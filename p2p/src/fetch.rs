@@ -45,14 +45,27 @@ struct Fill {
 }
 
 pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+    let (result, hashing) = fill(&task, id, pieces, &*source).await;
+    task.finish_fetch(id, hashing, result.err().map(|e| e.message));
+}
+
+/// Fills the run `pieces` (claimed by fetch `id`) from `source` without ending the fetch.
+/// Returns whether the run was streamed through the content hash (the caller hands that to
+/// [`crate::Task::finish_fetch`]).
+pub(crate) async fn fill(
+    task: &TaskRef,
+    id: u64,
+    pieces: Range<usize>,
+    source: &dyn Source,
+) -> (Result<(), SourceError>, bool) {
     let layout = task.layout();
     let start = layout.piece_range(pieces.start).start;
     let end = layout.piece_range(pieces.end - 1).end;
     let whole = (start == 0 && end == layout.len).then(|| StreamHasher::start(task.digest().algorithm()));
     let demotions = if whole.is_some() { task.begin_streaming_verify() } else { 0 };
     let mut fill = Fill {
-        shas: spawn_piece_hasher(&task),
-        task,
+        shas: spawn_piece_hasher(task),
+        task: task.clone(),
         id,
         pos: start,
         end,
@@ -65,12 +78,12 @@ pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Ar
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
     // A panic must not leave pieces claimed by a fetch that no longer runs: readers would wait
     // on them for ever. It ends the fetch like any other failure.
-    let result = AssertUnwindSafe(fill.run(&*source).instrument(span))
+    let result = AssertUnwindSafe(fill.run(source).instrument(span))
         .catch_unwind()
         .await
         .unwrap_or_else(|_| Err(SourceError::fatal("fetch panicked")));
     let hashing = fill.whole.is_some();
-    match result {
+    match &result {
         Ok(()) => {
             if let Some(h) = fill.whole.take() {
                 if h.finish().await.as_ref() == Some(fill.task.digest()) {
@@ -79,13 +92,10 @@ pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Ar
                     fill.task.discard("content from the source does not match its digest");
                 }
             }
-            fill.task.finish_fetch(id, hashing, None);
         }
-        Err(e) => {
-            tracing::warn!(digest = %fill.task.digest(), error = %e, "fetch failed");
-            fill.task.finish_fetch(id, hashing, Some(e.message));
-        }
+        Err(e) => tracing::warn!(digest = %fill.task.digest(), error = %e, "fetch failed"),
     }
+    (result, hashing)
 }
 
 impl Fill {
@@ -159,7 +169,7 @@ impl Fill {
         self.task
             .metrics
             .fetched_bytes
-            .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
+            .get_or_create(&crate::metrics::SourceLabel { source: crate::Origin::Origin.label() })
             .inc_by(chunk.len() as u64);
         if let Some(h) = &self.whole {
             h.update(chunk.clone()).await?;
@@ -246,8 +256,13 @@ fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
     let (tx, rx) = mpsc::channel::<usize>();
     // Unpinned: a lagging hasher must not keep the task from being evicted.
     let task = task.task().clone();
+    // In a cluster the piece digests are what other peers wait for before they can take a piece
+    // from this one: there the hasher keeps normal priority.
+    let idle = !task.store_has_network();
     let spawned = std::thread::Builder::new().name("piece-sha256".into()).spawn(move || {
-        lower_priority();
+        if idle {
+            lower_priority();
+        }
         // Read with pread, not through the map: this thread may outlive the daemon that
         // started it, and a file changed under a map is a SIGBUS, under pread a short read.
         let mut buf = vec![0u8; HASH_BUF];

@@ -6,6 +6,7 @@ pub mod digest;
 mod fetch;
 pub mod meta;
 pub mod metrics;
+pub mod net;
 pub mod passthrough;
 pub mod piece;
 pub mod reader;
@@ -16,7 +17,7 @@ mod task;
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
 pub use reader::{read, ReadError};
-pub use source::{Origin, Source, SourceError, SourceResponse};
+pub use source::{Origin, Source, SourceError, SourceResponse, SourceSpec};
 pub use store::{Store, StoreConfig, StoreError};
 pub use task::{Task, TaskRef};
 

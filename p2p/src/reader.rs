@@ -22,9 +22,9 @@ const RESTEP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct ReadError(pub String);
 
 /// A slice of a task's map that keeps the task pinned while the HTTP layer holds it.
-struct MapSlice {
-    task: TaskRef,
-    range: Range<u64>,
+pub(crate) struct MapSlice {
+    pub(crate) task: TaskRef,
+    pub(crate) range: Range<u64>,
 }
 
 impl AsRef<[u8]> for MapSlice {
@@ -75,8 +75,13 @@ impl Cursor {
                     let range = range.start..range.end.min(range.start + MAX_FRAME);
                     self.pos = range.end;
                     let n = range.end - range.start;
-                    let origin =
-                        if cached && range.start >= self.fetched_until { Origin::Cache } else { self.source.origin() };
+                    let origin = if cached && range.start >= self.fetched_until {
+                        Origin::Cache
+                    } else if self.task.is_from_peer(self.task.layout().piece_of(range.start)) {
+                        Origin::Peer
+                    } else {
+                        self.source.origin()
+                    };
                     self.task.metrics.downloaded(origin, n);
                     return Ok(Bytes::from_owner(MapSlice { task: self.task.clone(), range }));
                 }

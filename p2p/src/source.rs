@@ -13,6 +13,7 @@ use futures_util::stream::BoxStream;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Origin {
     Origin,
+    Peer,
     Cache,
 }
 
@@ -20,9 +21,19 @@ impl Origin {
     pub fn label(self) -> &'static str {
         match self {
             Origin::Origin => "origin",
+            Origin::Peer => "peer",
             Origin::Cache => "cache",
         }
     }
+}
+
+/// A blob's place in a registry, as the scheduler is told it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceSpec {
+    /// Base URL such as `https://registry-1.docker.io`.
+    pub registry: String,
+    pub repository: String,
+    pub insecure: bool,
 }
 
 pub struct SourceResponse {
@@ -60,6 +71,12 @@ impl std::error::Error for SourceError {}
 pub trait Source: Send + Sync + 'static {
     /// Fetches `range` of the content (`None` = all of it) as a stream of bytes.
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>>;
+
+    /// Where the content lives at its origin, for a scheduler that may ask a seed peer to
+    /// fetch it; `None` when no other node could fetch it.
+    fn describe(&self) -> Option<SourceSpec> {
+        None
+    }
 
     /// Which metric label the bytes from this source count under.
     fn origin(&self) -> Origin {

@@ -45,6 +45,8 @@ pub(crate) struct Inner {
     quota: u64,
     index: Mutex<Index>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The node's P2P side, when it is part of a cluster.
+    network: std::sync::OnceLock<std::sync::Weak<crate::net::Node>>,
     /// Held (with an exclusive flock) for the store's lifetime.
     _lock: File,
 }
@@ -80,7 +82,14 @@ impl Store {
         metrics.cache_bytes.set(index.used as i64);
         metrics.cache_tasks.set(index.lru.len() as i64);
         tracing::info!(dir = %cfg.dir.display(), tasks = index.lru.len(), bytes = index.used, "piece store opened");
-        let inner = Inner { dir: cfg.dir, quota: cfg.quota, index: Mutex::new(index), metrics, _lock: lock };
+        let inner = Inner {
+            dir: cfg.dir,
+            quota: cfg.quota,
+            index: Mutex::new(index),
+            metrics,
+            network: Default::default(),
+            _lock: lock,
+        };
         Ok(Store { inner: Arc::new(inner) })
     }
 
@@ -157,6 +166,30 @@ impl Store {
     }
 
     /// Writes every dirty task's metadata: called at shutdown so a clean restart loses nothing.
+    /// Makes missing pieces come from other peers through `node` (set once, at start-up).
+    pub(crate) fn attach_network(&self, node: &Arc<crate::net::Node>) {
+        let _ = self.inner.network.set(Arc::downgrade(node));
+    }
+
+    /// Whether missing pieces may come from other peers.
+    pub fn in_cluster(&self) -> bool {
+        self.inner.network().is_some()
+    }
+
+    /// Every verified task whose piece digests are all known, for announcing to schedulers.
+    pub fn verified_tasks(&self) -> Vec<TaskMeta> {
+        let entries: Vec<(Digest, Option<Arc<Task>>)> =
+            self.inner.index().lru.iter().map(|(d, e)| (d.clone(), e.task.clone())).collect();
+        entries
+            .into_iter()
+            .filter_map(|(digest, task)| match task {
+                Some(t) => Some(t.meta()),
+                None => TaskMeta::load(&self.inner.paths(&digest).1).ok(),
+            })
+            .filter(|m| m.verified && m.pieces.iter().all(|p| p.as_ref().is_some_and(|r| r.sha256.is_some())))
+            .collect()
+    }
+
     pub fn flush_all(&self) {
         let tasks: Vec<Arc<Task>> = self.inner.index().lru.iter().filter_map(|(_, e)| e.task.clone()).collect();
         for t in tasks {
@@ -166,6 +199,10 @@ impl Store {
 }
 
 impl Inner {
+    pub(crate) fn network(&self) -> Option<Arc<crate::net::Node>> {
+        self.network.get()?.upgrade()
+    }
+
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -234,6 +271,9 @@ impl Inner {
             }
             self.delete_files(&victim);
             self.metrics.evictions.inc();
+            if let Some(node) = self.network() {
+                node.withdrawn(&victim);
+            }
             tracing::info!(digest = %victim, "evicted from the cache");
         }
         Ok(())
@@ -249,6 +289,10 @@ impl Inner {
             }
             self.delete_files(digest);
             self.publish(&index);
+            drop(index);
+            if let Some(node) = self.network() {
+                node.withdrawn(digest);
+            }
         }
     }
 

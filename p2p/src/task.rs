@@ -57,6 +57,10 @@ pub(crate) struct State {
     /// no piece was replaced while the stream ran.
     pub(crate) demotions: u64,
     pub(crate) dirty: bool,
+    /// Pieces that arrived from other peers (for the download metrics' `source` label).
+    pub(crate) from_peer: Vec<bool>,
+    /// The schedulers were told this node holds the whole task.
+    announced: bool,
     last_flush: Instant,
     pub(crate) last_access: u64,
 }
@@ -105,7 +109,10 @@ impl Task {
                 None => Piece::Missing,
             })
             .collect();
+        let count = layout.count();
         let state = State {
+            from_peer: vec![false; count],
+            announced: false,
             pieces,
             verified: meta.verified,
             media_type: meta.media_type,
@@ -309,11 +316,78 @@ impl Task {
     }
 
     pub(crate) fn set_piece_sha(&self, i: usize, sha256: String) {
-        let mut st = self.lock();
-        if let Piece::Present { record, .. } = &mut st.pieces[i] {
-            record.sha256 = Some(sha256);
+        {
+            let mut st = self.lock();
+            let Piece::Present { record, .. } = &mut st.pieces[i] else { return };
+            record.sha256 = Some(sha256.clone());
             st.dirty = true;
         }
+        // The digest of a piece read from the origin is what the cluster verifies it by.
+        if let Some(node) = self.network() {
+            node.piece_hashed(&self.digest, i, sha256);
+        }
+        self.announce_if_ready();
+    }
+
+    /// Once the task is verified and every piece digest known, every scheduler hears that this
+    /// node holds it: a scheduler that takes over the task later finds it here.
+    fn announce_if_ready(&self) {
+        let Some(node) = self.network() else { return };
+        {
+            let mut st = self.lock();
+            let ready = st.verified
+                && st.pieces.iter().all(|p| matches!(p, Piece::Present { record, .. } if record.sha256.is_some()));
+            if st.announced || !ready {
+                return;
+            }
+            st.announced = true;
+        }
+        node.task_ready(self.meta());
+    }
+
+    /// Piece `i`, fetched by `id` from another peer and verified against its pinned digest.
+    pub(crate) fn piece_from_peer(&self, id: u64, i: usize, record: PieceRecord) {
+        self.lock().from_peer[i] = true;
+        self.piece_done(id, i, record);
+        self.notify();
+    }
+
+    /// Whether the bytes of piece `i` came from another peer.
+    pub(crate) fn is_from_peer(&self, i: usize) -> bool {
+        self.lock().from_peer.get(i).copied().unwrap_or(false)
+    }
+
+    /// The pieces of `run` still claimed by fetch `id` (not yet present).
+    pub(crate) fn claimed(&self, id: u64, run: Range<usize>) -> Vec<usize> {
+        let st = self.lock();
+        run.filter(|&i| matches!(st.pieces[i], Piece::Fetching(f) if f == id)).collect()
+    }
+
+    /// Numbers of the pieces present now.
+    pub fn present_pieces(&self) -> Vec<u32> {
+        let st = self.lock();
+        (0..st.pieces.len()).filter(|&i| matches!(st.pieces[i], Piece::Present { .. })).map(|i| i as u32).collect()
+    }
+
+    /// Whether piece `i` can be handed to another peer: `Ok(true)` when present and checked
+    /// recently, `Ok(false)` when it must be checked first, `Err` when it is not here.
+    pub(crate) fn uploadable(&self, i: usize) -> Result<bool, ()> {
+        let st = self.lock();
+        if st.failed.is_some() {
+            return Err(());
+        }
+        match st.pieces.get(i) {
+            Some(Piece::Present { checked, .. }) => Ok(checked.is_some_and(|t| t.elapsed() <= RECHECK_AFTER)),
+            _ => Err(()),
+        }
+    }
+
+    pub(crate) fn network(&self) -> Option<Arc<crate::net::Node>> {
+        self.store.upgrade()?.network()
+    }
+
+    pub(crate) fn store_has_network(&self) -> bool {
+        self.network().is_some()
     }
 
     /// Whether piece `i` is this fetch's to write.
@@ -391,6 +465,7 @@ impl Task {
         }
         self.flush();
         self.notify();
+        self.announce_if_ready();
     }
 
     /// The content does not match its digest: nothing of it may be served again.
@@ -473,7 +548,10 @@ impl Task {
     /// Starts fetch `id` of `pieces` from `source` in the background.
     pub(crate) fn spawn_fetch(self: &Arc<Self>, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
         let task = TaskRef::pin(self.clone());
-        tokio::spawn(crate::fetch::run(task, id, pieces, source));
+        match self.network() {
+            Some(node) => tokio::spawn(crate::net::swarm::run(node, task, id, pieces, source)),
+            None => tokio::spawn(crate::fetch::run(task, id, pieces, source)),
+        };
     }
 }
 

@@ -1,7 +1,34 @@
 //! Damselfly's scheduler: soft state about hosts, tasks and the peers downloading them, and
 //! the rules that tell each download where to get its pieces.
+//!
+//! [`Scheduler`] is the core, callable in-process; [`start`] serves it over gRPC (with the
+//! standard health service) and HTTP `/healthy` and `/metrics`.
 
 pub mod proto {
     tonic::include_proto!("damselfly.scheduler.v1");
 }
 pub mod token;
+
+mod config;
+mod decide;
+mod download;
+mod error;
+mod hosts;
+mod http;
+mod metrics;
+mod pieces;
+mod scheduler;
+mod select;
+mod server;
+mod service;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use config::SchedulerConfig;
+pub use download::DownloadHandle;
+pub use error::SchedulerError;
+pub use metrics::{DecisionKind, Metrics};
+pub use scheduler::{Scheduler, SeedSubscription};
+pub use server::{start, Running};
+pub use service::SchedulerService;

@@ -92,7 +92,7 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
     if len == 0 {
         return zero_length(&target, method);
     }
-    let source = Arc::new(UpstreamBlob { app: app.clone(), target: target.clone() });
+    let source = Arc::new(UpstreamBlob::blob(app.clone(), target.clone()));
     let (status, span) = match range {
         None => (StatusCode::OK, 0..len),
         Some(spec) => match spec.resolve(len) {
@@ -170,7 +170,7 @@ async fn pass_through(app: Arc<App>, target: Target, method: &Method, len: u64) 
         blob_headers(resp.headers_mut(), &target, len);
         return resp;
     }
-    let source = UpstreamBlob { app: app.clone(), target: target.clone() };
+    let source = UpstreamBlob::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
     match source.fetch(None).await {
         Ok(r) => {

@@ -57,6 +57,11 @@ pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Response<Body> {
             }
             _ => {}
         }
+        if req.method == Method::GET && app.store.in_cluster() {
+            if let Some(resp) = through_cluster(&app, &req, digest).await {
+                return resp;
+            }
+        }
     }
     let fetched = match fetch_shared(app.clone(), &req).await {
         Ok(f) => f,
@@ -100,6 +105,39 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
         }
     };
     flight.await
+}
+
+/// In a cluster, a manifest by digest comes from peers like a blob: a thousand nodes starting
+/// one image must not cost the registry a thousand manifest GETs. The origin answers a `HEAD`
+/// (which proves the requester may read it and gives its length and media type); the bytes
+/// come through the piece store and are verified against the digest before the response.
+/// `None`: the origin did not answer the HEAD usefully; fetch directly.
+async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest) -> Option<Response<Body>> {
+    let head = ManifestRequest {
+        scope: req.scope.clone(),
+        reference: req.reference.clone(),
+        method: Method::HEAD,
+        accept: req.accept.clone(),
+    };
+    let f = fetch_shared(app.clone(), &head).await.ok()?;
+    if !f.status.is_success() {
+        return Some(refusal(&f));
+    }
+    let media_type = media_type(&f.headers)?;
+    let len = content_length(&f.headers).filter(|&l| l > 0 && l <= MAX_MANIFEST as u64)?;
+    let task = app.store.get_or_create(digest, len, Some(&media_type)).ok()?;
+    let target = req.scope.target(digest.clone());
+    remember(app, &target, &task, f.credential);
+    let source = Arc::new(super::source::UpstreamBlob::manifest(app.clone(), target, req.accept.clone()));
+    let mut out = Vec::with_capacity(len as usize);
+    let mut s = std::pin::pin!(damselfly_p2p::read(task, 0..len, true, source));
+    while let Some(chunk) = s.next().await {
+        match chunk {
+            Ok(c) => out.extend_from_slice(&c),
+            Err(e) => return Some(bad_gateway(&e.to_string())),
+        }
+    }
+    Some(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len)))
 }
 
 fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {

@@ -8,7 +8,7 @@ mod blobs;
 mod manifests;
 pub mod metrics;
 pub mod response;
-mod source;
+pub mod source;
 
 use std::sync::Arc;
 

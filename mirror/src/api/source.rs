@@ -1,10 +1,10 @@
-//! A blob in an upstream registry as a [`Source`] for the piece store, fetched with the
-//! credentials of the request that started the fetch.
+//! Content in an upstream registry (a blob, or a manifest by digest) as a [`Source`] for the
+//! piece store, fetched with the credentials of the request that started the fetch.
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use damselfly_p2p::{Source, SourceError, SourceResponse};
+use damselfly_p2p::{Source, SourceError, SourceResponse, SourceSpec};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{HeaderValue, CONTENT_RANGE, RANGE};
@@ -15,17 +15,40 @@ use super::{App, Target};
 pub struct UpstreamBlob {
     pub app: Arc<App>,
     pub target: Target,
+    /// `Accept` values for a manifest; `None` for a blob.
+    pub manifest_accept: Option<Vec<HeaderValue>>,
 }
 
 impl UpstreamBlob {
-    async fn get(app: Arc<App>, target: Target, range: Option<Range<u64>>) -> Result<SourceResponse, SourceError> {
+    pub fn blob(app: Arc<App>, target: Target) -> Self {
+        UpstreamBlob { app, target, manifest_accept: None }
+    }
+
+    pub fn manifest(app: Arc<App>, target: Target, accept: Vec<HeaderValue>) -> Self {
+        UpstreamBlob { app, target, manifest_accept: Some(accept) }
+    }
+
+    async fn get(
+        app: Arc<App>,
+        target: Target,
+        accept: Option<Vec<HeaderValue>>,
+        range: Option<Range<u64>>,
+    ) -> Result<SourceResponse, SourceError> {
         let mut headers = HeaderMap::new();
+        for v in accept.iter().flatten() {
+            headers.append(http::header::ACCEPT, v.clone());
+        }
         if let Some(r) = &range {
             let v = format!("bytes={}-{}", r.start, r.end - 1);
             headers.insert(RANGE, HeaderValue::from_str(&v).map_err(|e| SourceError::fatal(e.to_string()))?);
         }
-        app.metrics.origin(if range.is_some() { "blob_range" } else { "blob" });
-        let req = target.request(Method::GET, "blobs", headers);
+        let kind = if accept.is_some() { "manifests" } else { "blobs" };
+        app.metrics.origin(match (accept.is_some(), range.is_some()) {
+            (true, _) => "manifest",
+            (false, true) => "blob_range",
+            (false, false) => "blob",
+        });
+        let req = target.request(Method::GET, kind, headers);
         let reply = app
             .upstream
             .send(req)
@@ -55,6 +78,17 @@ impl UpstreamBlob {
 
 impl Source for UpstreamBlob {
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>> {
-        Box::pin(Self::get(self.app.clone(), self.target.clone(), range))
+        Box::pin(Self::get(self.app.clone(), self.target.clone(), self.manifest_accept.clone(), range))
+    }
+
+    fn describe(&self) -> Option<SourceSpec> {
+        use crate::upstream::SchemePolicy;
+        let r = &self.target.registry;
+        let (scheme, insecure) = match r.scheme {
+            SchemePolicy::Https => ("https", false),
+            SchemePolicy::Http => ("http", true),
+            SchemePolicy::InsecureHttpsThenHttp => ("https", true),
+        };
+        Some(SourceSpec { registry: format!("{scheme}://{}", r.host), repository: self.target.repo.clone(), insecure })
     }
 }

@@ -38,6 +38,8 @@ fn example_config_documents_every_key_with_its_default() {
     assert_eq!(cfg.insecure_registries, ["registry.local:5000"]);
     assert_eq!(cfg.registry_auth.len(), 1);
     assert!(cfg.registry_auth_file.is_some());
+    assert_eq!((cfg.upload_listen, cfg.seed, cfg.max_uploads), (d.upload_listen, d.seed, d.max_uploads));
+    assert_eq!(cfg.scheduler_urls().expect("valid"), ["http://damselfly-scheduler.damselfly.svc:8002"]);
     let keys = [
         "listen",
         "health_listen",
@@ -51,6 +53,16 @@ fn example_config_documents_every_key_with_its_default() {
         "background_fill",
         "log_format",
         "log_level",
+        "schedulers",
+        "upload_listen",
+        "advertise_ip",
+        "host_id",
+        "idc",
+        "location",
+        "seed",
+        "upload_rate_limit",
+        "download_rate_limit",
+        "max_uploads",
     ];
     for key in keys {
         assert!(live.lines().any(|l| l.starts_with(key)), "example does not document {key}");
@@ -260,4 +272,28 @@ fn parse_errors_do_not_carry_the_file() {
     let err = MirrorConfig::from_toml_str(text).unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
     assert!(!format!("{err:?}").contains("S3CRET"), "{err:?}");
+}
+
+#[test]
+fn cluster_settings_are_validated() {
+    let ok = MirrorConfig::from_toml_str("schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\n")
+        .expect("parses");
+    ok.validate().expect("valid");
+    assert_eq!(ok.scheduler_urls().expect("urls"), ["http://10.0.0.1:8002", "https://s.example:443"]);
+    for bad in [
+        "schedulers = [\"ftp://x:1\"]",
+        "schedulers = [\"x:1/path\"]",
+        "schedulers = [\"\"]",
+        "schedulers = [\"x:1\"]\nhost_id = \"a b\"",
+        "schedulers = [\"x:1\"]\nhost_id = \"\"",
+        "schedulers = [\"x:1\"]\nmax_uploads = 0",
+        "seed = true",
+        "schedulers = [\"x:1\"]\nupload_listen = \"127.0.0.1:65001\"",
+    ] {
+        let cfg = MirrorConfig::from_toml_str(bad).expect("parses");
+        assert!(cfg.validate().is_err(), "{bad}");
+    }
+    // Without schedulers the upload address is never bound, so it cannot collide.
+    let single = MirrorConfig::from_toml_str("upload_listen = \"127.0.0.1:65001\"").expect("parses");
+    single.validate().expect("single node ignores upload_listen");
 }

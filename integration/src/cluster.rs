@@ -1,0 +1,82 @@
+//! A cluster on one machine: a scheduler on 127.0.0.1 and node daemons on 127.0.0.2, .3, ...
+//! (distinct addresses, as distinct hosts would have), all in this process.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+
+use crate::metrics::Metrics;
+use crate::mirror::{Mirror, MirrorOpts};
+use crate::registry::Registry;
+use crate::scheduler::Scheduler;
+
+/// The token secret the test schedulers share, so tests can mint tokens of their own.
+pub const SECRET: &[u8] = b"damselfly-integration-test-secret";
+
+pub struct Cluster {
+    pub schedulers: Vec<Scheduler>,
+    pub nodes: Vec<Option<Mirror>>,
+}
+
+impl Cluster {
+    /// `schedulers` schedulers and `nodes` node daemons pulling from `origin`. `tweak` adjusts
+    /// node `i`'s options (rate limits, seed).
+    pub async fn start(
+        origin: &Registry,
+        schedulers: usize,
+        nodes: usize,
+        tweak: impl Fn(usize, MirrorOpts) -> MirrorOpts,
+    ) -> Result<Cluster> {
+        crate::util::init_logs();
+        let mut scheds = Vec::new();
+        for _ in 0..schedulers {
+            scheds.push(Scheduler::start([127, 0, 0, 1], SECRET).await?);
+        }
+        let urls: Vec<String> = scheds.iter().map(Scheduler::url).collect();
+        let mut started = Vec::new();
+        for i in 0..nodes {
+            let opts = MirrorOpts::new(&origin.url()).cluster(node_ip(i), &urls, &node_id(i));
+            started.push(Some(Mirror::start(tweak(i, opts)).await?));
+        }
+        Ok(Cluster { schedulers: scheds, nodes: started })
+    }
+
+    pub fn node(&self, i: usize) -> &Mirror {
+        self.nodes[i].as_ref().expect("node was stopped")
+    }
+
+    /// Node `i`'s metrics (0 for a stopped node).
+    pub async fn metrics(&self, i: usize) -> Result<Metrics> {
+        match &self.nodes[i] {
+            Some(n) => n.metrics().await,
+            None => Ok(Metrics::default()),
+        }
+    }
+
+    /// Stops node `i` as a crash would.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.kill().await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+        for s in self.schedulers.iter_mut() {
+            s.stop().await;
+        }
+    }
+}
+
+/// 127.0.0.2 for node 0, and so on.
+pub fn node_ip(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, 0, 2 + i as u8])
+}
+
+pub fn node_id(i: usize) -> String {
+    format!("node-{i}")
+}

@@ -1,0 +1,162 @@
+//! Several node daemons and a scheduler: one origin copy feeds the whole cluster, content is
+//! verified piece by piece, and peers without a scheduler-issued token get nothing.
+
+use damselfly_integration::cluster::{node_id, SECRET};
+use std::time::Duration;
+
+use damselfly_integration::{fetch, http_client, poll_until, random_bytes, Cluster, Image, Metrics, Registry, MIB};
+
+const REPO: &str = "test/p2p";
+
+/// Sum of `damselfly_download_bytes_total` with `source` on node `i`.
+async fn downloaded(cluster: &Cluster, i: usize, source: &str) -> f64 {
+    cluster.metrics(i).await.unwrap().sum("damselfly_download_bytes_total", &[("source", source)])
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Node `i` pulls the image as a client would by digest: the manifest, then every blob.
+async fn pull_image(cluster: &Cluster, i: usize, origin: &Registry, image: &Image) {
+    let client = http_client();
+    let node = cluster.node(i);
+    let manifest = format!("{}/v2/{}/manifests/{}?ns={}", node.url(), image.repo, image.manifest_digest, origin.host());
+    let got = fetch(client.get(manifest).header("Accept", OCI_MANIFEST), false).await.unwrap();
+    got.assert_blob(&image.manifest_digest, image.manifest_size);
+    let mut blobs = tokio::task::JoinSet::new();
+    for (digest, size) in image.blobs.clone() {
+        let request = client.get(node.blob_url_ns(&image.repo, &digest, &origin.host()));
+        blobs.spawn(async move { (fetch(request, false).await, digest, size) });
+    }
+    while let Some(r) = blobs.join_next().await {
+        let (fetched, digest, size) = r.unwrap();
+        fetched.unwrap().assert_blob(&digest, size);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_pulling_one_image_at_once_cost_the_origin_one_copy() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("test/p2p", "v1", 64).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 4, |_, o| o).await.unwrap();
+    let before = origin.settled_access_log().await;
+
+    let mut pulls = Vec::new();
+    for i in 0..4 {
+        pulls.push(pull_image(&cluster, i, &origin, &image));
+    }
+    futures_util::future::join_all(pulls).await;
+
+    let log = origin.settled_access_log().await;
+    log.assert_copies_at_most(&image.blobs, 1.1);
+    let manifest_gets = log.count("GET", &format!("/manifests/{}", image.manifest_digest))
+        - before.count("GET", &format!("/manifests/{}", image.manifest_digest));
+    assert!(manifest_gets <= 1, "the origin served the manifest {manifest_gets} times");
+    let (_, size) = image.largest_blob();
+    let mut from_peers = 0;
+    for i in 0..4 {
+        let peer = downloaded(&cluster, i, "peer").await;
+        eprintln!("node {i}: {peer} bytes from peers, {} from the origin", downloaded(&cluster, i, "origin").await);
+        if peer >= size as f64 / 2.0 {
+            from_peers += 1;
+        }
+    }
+    assert!(from_peers >= 3, "only {from_peers} of 4 nodes got most bytes from peers");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_serving_corrupt_pieces_is_blocked_and_no_bad_byte_reaches_the_client() {
+    let origin = Registry::start().await.unwrap();
+    let size = 24 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |_, o| o).await.unwrap();
+    let client = http_client();
+
+    // Node 0 fetches from the origin; then its copy rots on disk in every piece (recently
+    // checked pieces are served without another check, so it hands out the bad bytes).
+    let url0 = cluster.node(0).blob_url_ns(REPO, &digest, &origin.host());
+    fetch(client.get(&url0), false).await.unwrap().assert_blob(&digest, size);
+    let data = damselfly_integration::walk_files(cluster.node(0).data_dir())
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .expect("task data file");
+    let mut bytes = std::fs::read(&data).unwrap();
+    for piece in 0..(size / (4 * MIB)) as usize {
+        bytes[piece * 4 * MIB as usize + 100] ^= 0xff;
+    }
+    std::fs::write(&data, &bytes).unwrap();
+
+    let url1 = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
+    fetch(client.get(&url1), false).await.unwrap().assert_blob(&digest, size);
+    let m1 = cluster.metrics(1).await.unwrap();
+    assert!(
+        m1.sum("damselfly_piece_failures_total", &[("reason", "peer_corrupt")]) >= 1.0,
+        "node 1 never saw a corrupt piece: {:?}",
+        m1.with_prefix("damselfly_piece_failures")
+    );
+    assert_eq!(downloaded(&cluster, 1, "peer").await, 0.0, "a corrupt piece was counted as served");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_servers_refuse_peers_without_a_scheduler_issued_token() {
+    let origin = Registry::start().await.unwrap();
+    let size = 8 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 1, |_, o| o).await.unwrap();
+    let client = http_client();
+    let node = cluster.node(0);
+    fetch(client.get(node.blob_url_ns(REPO, &digest, &origin.host())), false).await.unwrap().assert_blob(&digest, size);
+
+    let piece = format!("http://{}/pieces/{digest}/0", node.upload_addr.expect("upload server"));
+    let key = damselfly_scheduler::token::upload_key(SECRET, &node_id(0));
+    let other_key = damselfly_scheduler::token::upload_key(b"another cluster's secret", &node_id(0));
+    let expiry = 4_000_000_000;
+    let cases = [
+        (None, 403),
+        (Some("v1.4000000000.6162.00".to_owned()), 403),
+        (Some(damselfly_scheduler::token::mint(&other_key, &digest, "stranger", expiry)), 403),
+        (Some(damselfly_scheduler::token::mint(&key, &digest, "stranger", 1)), 403),
+        (Some(damselfly_scheduler::token::mint(&key, &digest, "child", expiry)), 200),
+    ];
+    for (token, want) in cases {
+        let mut req = client.get(&piece);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), want, "token {token:?}");
+        let body = resp.bytes().await.unwrap();
+        if want == 200 {
+            assert_eq!(body.len() as u64, 4 * MIB);
+        } else {
+            assert!(body.len() < 200, "a refusal carried content");
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_task_is_fetched_by_the_seed_and_nodes_take_it_from_the_seed() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |i, o| if i == 0 { o.seed() } else { o }).await.unwrap();
+    // The seed takes tasks once it announced itself and opened its seed stream.
+    let url = cluster.schedulers[0].metrics_url();
+    poll_until("both nodes announced", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { Ok((Metrics::scrape(&url).await?.sum("damselfly_scheduler_hosts", &[]) >= 2.0).then_some(())) }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let request = http_client().get(cluster.node(1).blob_url_ns(REPO, &digest, &origin.host()));
+    fetch(request, false).await.unwrap().assert_blob(&digest, size);
+    let seed = cluster.metrics(0).await.unwrap();
+    assert_eq!(seed.sum("damselfly_fetched_bytes_total", &[("source", "origin")]), size as f64, "the seed did not fetch it");
+    assert_eq!(downloaded(&cluster, 1, "peer").await, size as f64, "the node did not take it from the seed");
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    cluster.shutdown().await;
+}

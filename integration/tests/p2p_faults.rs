@@ -1,0 +1,186 @@
+//! Faults in a cluster: a parent dies or drops off the network mid-transfer, the scheduler
+//! dies and comes back, one of two schedulers dies. Pulls complete with the right bytes, and
+//! fast; the origin still serves about one copy where peers can serve the rest.
+
+use std::time::{Duration, Instant};
+
+use damselfly_integration::{fetch, http_client, poll_until, random_bytes, Cluster, Metrics, Registry, MIB};
+
+const REPO: &str = "test/faults";
+
+async fn downloaded(cluster: &Cluster, i: usize, source: &str) -> f64 {
+    cluster.metrics(i).await.unwrap().sum("damselfly_download_bytes_total", &[("source", source)])
+}
+
+async fn pull(cluster: &Cluster, i: usize, origin: &Registry, digest: &str, size: u64) -> Duration {
+    let started = Instant::now();
+    let url = cluster.node(i).blob_url_ns(REPO, digest, &origin.host());
+    fetch(http_client().get(url), false).await.unwrap().assert_blob(digest, size);
+    started.elapsed()
+}
+
+/// Waits until node `i` has a piece from a peer (pieces arrive whole, about one a second from
+/// a parent limited to 4 MiB/s).
+async fn took_from_a_peer(cluster: &Cluster, i: usize) {
+    let url = cluster.node(i).metrics_url();
+    poll_until("a piece from a peer", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            let m = Metrics::scrape(&url).await?;
+            Ok((m.sum("damselfly_fetched_bytes_total", &[("source", "peer")]) > 0.0).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until every scheduler knows `hosts` hosts (they announce every 2 s in tests).
+async fn wait_for_hosts(cluster: &Cluster, hosts: f64) {
+    for s in &cluster.schedulers {
+        let url = s.metrics_url();
+        poll_until("hosts announced to the scheduler", Duration::from_secs(15), || {
+            let url = url.clone();
+            async move {
+                let m = Metrics::scrape(&url).await?;
+                Ok((m.sum("damselfly_scheduler_hosts", &[]) >= hosts).then_some(()))
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_of_a_parent_killed_mid_transfer_complete_with_the_right_bytes() {
+    let origin = Registry::start().await.unwrap();
+    let size = 32 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    // The parent uploads slowly, so that it dies with most of the transfer still to go.
+    let mut cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
+        if i == 0 {
+            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(4 * MIB));
+        }
+        o
+    })
+    .await
+    .unwrap();
+    pull(&cluster, 0, &origin, &digest, size).await;
+
+    let url = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
+    let child = tokio::spawn(async move { fetch(http_client().get(url), false).await });
+    took_from_a_peer(&cluster, 1).await;
+    cluster.kill(0).await;
+    let killed_at = Instant::now();
+    child.await.unwrap().unwrap().assert_blob(&digest, size);
+    assert!(killed_at.elapsed() < Duration::from_secs(10), "the child took {:?} after the kill", killed_at.elapsed());
+    cluster.shutdown().await;
+}
+
+/// Drops every packet to one address and port until dropped.
+struct Partition(Vec<String>);
+
+impl Partition {
+    fn new(addr: std::net::SocketAddr) -> Partition {
+        let rule = vec![
+            "INPUT".to_owned(),
+            "-p".into(),
+            "tcp".into(),
+            "-d".into(),
+            addr.ip().to_string(),
+            "--dport".into(),
+            addr.port().to_string(),
+            "-j".into(),
+            "DROP".into(),
+        ];
+        let status = std::process::Command::new("iptables").arg("-I").args(&rule).status().expect("run iptables");
+        assert!(status.success(), "iptables -I failed (the partition test needs root)");
+        Partition(rule)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables").arg("-D").args(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_of_a_partitioned_parent_move_on_within_about_a_second() {
+    let origin = Registry::start().await.unwrap();
+    let size = 32 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
+        if i == 0 {
+            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(4 * MIB));
+        }
+        o
+    })
+    .await
+    .unwrap();
+    pull(&cluster, 0, &origin, &digest, size).await;
+
+    let url = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
+    let child = tokio::spawn(async move { fetch(http_client().get(url), false).await });
+    took_from_a_peer(&cluster, 1).await;
+    let partition = Partition::new(cluster.node(0).upload_addr.expect("upload address"));
+    let cut_at = Instant::now();
+    child.await.unwrap().unwrap().assert_blob(&digest, size);
+    let took = cut_at.elapsed();
+    drop(partition);
+    assert!(downloaded(&cluster, 1, "peer").await > 0.0, "the child never used its parent");
+    // One second of stall, then the rest (most of 32 MiB) from the origin on loopback.
+    assert!(took < Duration::from_secs(4), "the child needed {took:?} after the partition");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_survive_the_scheduler_and_a_restarted_scheduler_finds_cached_blobs_again() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let cached = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let fresh = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let mut cluster = Cluster::start(&origin, 1, 3, |_, o| o).await.unwrap();
+    pull(&cluster, 0, &origin, &cached, size).await;
+
+    cluster.schedulers[0].stop().await;
+    // The scheduler is gone: the pull goes to the origin at once (connection refused) or after
+    // the connect timeout, never after a long wait.
+    let took = pull(&cluster, 1, &origin, &fresh, size).await;
+    assert!(took < Duration::from_secs(3), "a pull without a scheduler took {took:?}");
+
+    cluster.schedulers[0].restart().await.unwrap();
+    wait_for_hosts(&cluster, 3.0).await;
+    // Node 0 cached this before the restart; the new scheduler learnt it from the announcement.
+    pull(&cluster, 2, &origin, &cached, size).await;
+    assert_eq!(downloaded(&cluster, 2, "peer").await, size as f64, "node 2 did not get the blob from a peer");
+    origin.settled_access_log().await.assert_copies_at_most(&[(cached, size)], 1.1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_spread_over_two_schedulers_and_pulls_continue_when_one_dies() {
+    let origin = Registry::start().await.unwrap();
+    let size = 4 * MIB;
+    let mut blobs = Vec::new();
+    for _ in 0..8 {
+        blobs.push(origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap());
+    }
+    let mut cluster = Cluster::start(&origin, 2, 2, |_, o| o).await.unwrap();
+    for d in &blobs {
+        pull(&cluster, 0, &origin, d, size).await;
+    }
+    for s in &cluster.schedulers {
+        let tasks = Metrics::scrape(&s.metrics_url()).await.unwrap().sum("damselfly_scheduler_tasks", &[]);
+        assert!(tasks >= 1.0, "a scheduler got no task: {tasks}");
+    }
+
+    cluster.schedulers[0].stop().await;
+    for d in &blobs {
+        pull(&cluster, 1, &origin, d, size).await;
+    }
+    // Every blob still came from node 0, through whichever scheduler was left.
+    assert_eq!(downloaded(&cluster, 1, "peer").await, (8 * size) as f64);
+    let all: Vec<(String, u64)> = blobs.iter().map(|d| (d.clone(), size)).collect();
+    origin.settled_access_log().await.assert_copies_at_most(&all, 1.1);
+    cluster.shutdown().await;
+}

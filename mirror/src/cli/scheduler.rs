@@ -1,0 +1,130 @@
+//! `damselfly scheduler`: flags and their translation into the scheduler's configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use damselfly_scheduler::SchedulerConfig;
+
+use crate::config::LogFormat;
+
+/// Shared token secret for several schedulers, kept out of `ps`.
+pub const SECRET_ENV: &str = "DAMSELFLY_SCHEDULER_SECRET";
+
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerArgs {
+    /// gRPC address node daemons connect to.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8002")]
+    pub listen: SocketAddr,
+    /// HTTP address of /healthy and /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+    /// File holding the secret upload tokens are derived from. Schedulers of one cluster
+    /// should share it (or DAMSELFLY_SCHEDULER_SECRET) [default: random per start].
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Peers of one task that may fetch from the origin at once.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub origin_limit: usize,
+    /// Parents handed to a download at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub max_parents: usize,
+    /// Never pick a parent from another idc than the child's.
+    #[arg(long)]
+    pub idc_only: bool,
+    /// Seconds between host announcements; silent hosts expire after three.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub announce_interval: u64,
+    /// Log output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
+    /// Log filter in EnvFilter syntax; RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerArgsError {
+    #[error("cannot read the secret file {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+    #[error("the token secret must be at least 16 bytes")]
+    ShortSecret,
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+impl SchedulerArgs {
+    pub fn into_config(&self) -> Result<SchedulerConfig, SchedulerArgsError> {
+        let env = std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes());
+        self.into_config_with(env)
+    }
+
+    fn into_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
+        let mut cfg = SchedulerConfig::default();
+        let secret = match &self.secret_file {
+            Some(path) => Some(
+                std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?,
+            ),
+            None => env_secret,
+        };
+        if let Some(secret) = secret {
+            let trimmed = secret.trim_ascii().to_vec();
+            if trimmed.len() < 16 {
+                return Err(SchedulerArgsError::ShortSecret);
+            }
+            cfg.secret = trimmed;
+        }
+        for (name, v) in [("origin-limit", self.origin_limit), ("max-parents", self.max_parents)] {
+            if v == 0 {
+                return Err(SchedulerArgsError::Zero(name));
+            }
+        }
+        if self.announce_interval == 0 {
+            return Err(SchedulerArgsError::Zero("announce-interval"));
+        }
+        cfg.origin_limit = self.origin_limit;
+        cfg.max_parents = self.max_parents;
+        cfg.idc_only = self.idc_only;
+        cfg.announce_interval = Duration::from_secs(self.announce_interval);
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> SchedulerArgs {
+        let argv = ["damselfly", "scheduler"].iter().chain(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Scheduler(s) => s,
+            _ => unreachable!("scheduler subcommand"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_documented_ports() {
+        let a = args(&[]);
+        assert_eq!((a.listen.port(), a.http_listen.port()), (8002, 8080));
+        let cfg = a.into_config_with(None).expect("config");
+        assert_eq!((cfg.origin_limit, cfg.max_parents, cfg.idc_only), (1, 4, false));
+    }
+
+    #[test]
+    fn a_shared_secret_comes_from_the_file_or_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "0123456789abcdef0123\n").expect("write");
+        let a = args(&["--secret-file", file.to_str().expect("utf-8"), "--origin-limit", "2", "--idc-only"]);
+        let cfg = a.into_config_with(Some(b"ignored-because-a-file-is-given".to_vec())).expect("config");
+        assert_eq!(cfg.secret, b"0123456789abcdef0123");
+        assert_eq!((cfg.origin_limit, cfg.idc_only), (2, true));
+        let env = args(&[]).into_config_with(Some(b"from-the-environment".to_vec())).expect("config");
+        assert_eq!(env.secret, b"from-the-environment");
+        assert!(args(&[]).into_config_with(Some(b"short".to_vec())).is_err());
+        assert!(args(&["--max-parents", "0"]).into_config_with(None).is_err());
+    }
+}

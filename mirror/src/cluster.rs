@@ -1,0 +1,149 @@
+//! Joining a cluster: the node's identity and addresses, and the glue that lets the P2P side
+//! ask this mirror for content on a scheduler's request (seed peers).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use damselfly_p2p::net::{NetError, NetMetrics, Node, NodeConfig, SeedSource};
+use damselfly_p2p::{Digest, Source, SourceSpec, Store};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::source::UpstreamBlob;
+use crate::api::{App, Target};
+use crate::config::MirrorConfig;
+
+/// No bytes from any parent for this long: the node takes the rest from the origin.
+const STALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("host id file {path}: {source}")]
+    HostId { path: String, source: std::io::Error },
+    #[error("cannot tell which address peers reach this node at ({0}); set advertise_ip")]
+    AdvertiseIp(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+pub struct ClusterParts<'a> {
+    pub config: &'a MirrorConfig,
+    pub store: &'a Store,
+    pub app: &'a Arc<App>,
+    pub upload: TcpListener,
+    pub registry: &'a mut Registry,
+    pub shutdown: CancellationToken,
+}
+
+pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
+    let config = parts.config;
+    let schedulers = config.scheduler_urls()?;
+    let upload_addr = parts.upload.local_addr().map_err(|e| ClusterError::AdvertiseIp(e.to_string()))?;
+    let advertise_ip = match config.advertise_ip {
+        Some(ip) => ip,
+        None => advertise_ip(upload_addr, &schedulers[0]).await?,
+    };
+    let host_id = match &config.host_id {
+        Some(id) => id.clone(),
+        None => host_id(&config.data_dir)?,
+    };
+    let cfg = NodeConfig {
+        schedulers,
+        host_id,
+        advertise_ip,
+        upload_port: upload_addr.port(),
+        idc: config.idc.clone(),
+        location: config.location.clone(),
+        seed: config.seed,
+        upload_rate: config.upload_rate_limit.map(|b| b.0),
+        download_rate: config.download_rate_limit.map(|b| b.0),
+        max_uploads: config.max_uploads,
+        stall_timeout: STALL_TIMEOUT,
+        seed_source: Some(Arc::new(Seeder { app: parts.app.clone() })),
+    };
+    tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
+    let metrics = NetMetrics::register(parts.registry);
+    Ok(Node::start(cfg, parts.store.clone(), parts.upload, metrics, parts.shutdown)?)
+}
+
+/// The upload address when it is a specific one; otherwise the local address the kernel
+/// would use to reach the first scheduler.
+async fn advertise_ip(upload: SocketAddr, scheduler: &str) -> Result<IpAddr, ClusterError> {
+    if !upload.ip().is_unspecified() {
+        return Ok(upload.ip());
+    }
+    let fail = |e: &dyn std::fmt::Display| ClusterError::AdvertiseIp(e.to_string());
+    let url = url::Url::parse(scheduler).map_err(|e| fail(&e))?;
+    let host = url.host_str().ok_or_else(|| fail(&"scheduler URL without a host"))?;
+    let port = url.port_or_known_default().unwrap_or(8002);
+    let target = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| fail(&e))?
+        .next()
+        .ok_or_else(|| fail(&"scheduler host does not resolve"))?;
+    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    // A connected UDP socket sends nothing; it only asks the routing table for a source address.
+    let sock = std::net::UdpSocket::bind(bind).map_err(|e| fail(&e))?;
+    sock.connect(target).map_err(|e| fail(&e))?;
+    Ok(sock.local_addr().map_err(|e| fail(&e))?.ip())
+}
+
+/// The host id kept in the data dir, created on first use.
+fn host_id(data_dir: &Path) -> Result<String, ClusterError> {
+    let path = data_dir.join("host-id");
+    let err = |source| ClusterError::HostId { path: path.display().to_string(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let id = format!("host-{:016x}", rand::random::<u64>());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(id)
+}
+
+/// Fetches content for the cluster from the registry a scheduler named, with this daemon's own
+/// credentials for it (a seed never holds a client's).
+struct Seeder {
+    app: Arc<App>,
+}
+
+impl SeedSource for Seeder {
+    fn source(&self, spec: &SourceSpec, digest: &Digest) -> Option<Arc<dyn Source>> {
+        let registry = self.app.upstream.select(Some(&spec.registry), None).ok()?;
+        let target = Target { registry, repo: spec.repository.clone(), client_auth: None, digest: digest.clone() };
+        Some(Arc::new(UpstreamBlob::blob(self.app.clone(), target)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_id_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = host_id(dir.path()).expect("created");
+        assert!(a.starts_with("host-") && a.len() == 21, "{a}");
+        assert_eq!(host_id(dir.path()).expect("read back"), a);
+        let other = tempfile::tempdir().expect("tempdir");
+        assert_ne!(host_id(other.path()).expect("created"), a);
+    }
+
+    #[tokio::test]
+    async fn a_specific_upload_address_is_advertised_as_is() {
+        let ip = advertise_ip("127.0.0.7:65002".parse().expect("addr"), "http://10.1.1.1:8002").await;
+        assert_eq!(ip.expect("ip"), IpAddr::from([127, 0, 0, 7]));
+        let routed = advertise_ip("0.0.0.0:65002".parse().expect("addr"), "http://127.0.0.1:8002").await;
+        assert_eq!(routed.expect("ip"), IpAddr::from([127, 0, 0, 1]));
+    }
+}

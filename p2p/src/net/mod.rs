@@ -1,0 +1,416 @@
+//! The node's part in a cluster: its identity, its link to the schedulers, the upload server
+//! that hands pieces to other peers, and the swarm that takes pieces from them.
+//!
+//! Flow of a miss: a reader claims missing pieces and [`swarm::run`] fills them. The task's
+//! [`session::Session`] (one download stream per task) registers with the scheduler chosen
+//! for the digest; its answers say which parents hold which pieces, or to go to the origin.
+//! Pieces from parents are verified against the digests the scheduler pinned; pieces from the
+//! origin are hashed and their digests reported, which is what lets others take them from here.
+
+mod limit;
+mod peer;
+mod schedulers;
+mod session;
+pub(crate) mod swarm;
+mod upload;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use damselfly_scheduler::proto::{self, download_request, DownloadRequest};
+use damselfly_scheduler::token::{self, KEY_LEN};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use limit::RateLimit;
+
+use crate::digest::Digest;
+use crate::source::{Source, SourceSpec};
+use crate::store::Store;
+use crate::task::TaskRef;
+use schedulers::Schedulers;
+use session::{Mode, Session};
+
+/// How long a task's download stream stays open after its last fetch ended, so that piece
+/// digests still being computed reach the scheduler.
+const LINGER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid cluster configuration: {0}")]
+    Config(String),
+    #[error("no scheduler reachable: {0}")]
+    NoScheduler(String),
+}
+
+/// A way to fetch content from its origin on a scheduler's request (seed peers).
+pub trait SeedSource: Send + Sync + 'static {
+    fn source(&self, spec: &SourceSpec, digest: &Digest) -> Option<Arc<dyn Source>>;
+}
+
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// gRPC URLs (`http://host:port`) of the schedulers.
+    pub schedulers: Vec<String>,
+    pub host_id: String,
+    /// The address the upload server is bound to and outgoing peer connections come from.
+    pub advertise_ip: IpAddr,
+    pub upload_port: u16,
+    pub idc: String,
+    pub location: String,
+    pub seed: bool,
+    /// Bytes per second; `None` = unlimited.
+    pub upload_rate: Option<u64>,
+    pub download_rate: Option<u64>,
+    pub max_uploads: usize,
+    /// No bytes from any parent (and no news) for this long: take the rest from the origin.
+    pub stall_timeout: Duration,
+    pub seed_source: Option<Arc<dyn SeedSource>>,
+}
+
+fn task_info(m: crate::meta::TaskMeta) -> proto::TaskInfo {
+    proto::TaskInfo {
+        digest: m.digest.to_string(),
+        length: m.len,
+        piece_size: m.piece_size,
+        piece_sha256: m.pieces.into_iter().filter_map(|p| p.and_then(|r| r.sha256)).collect(),
+    }
+}
+
+/// Metrics of the cluster side, registered into the daemon's registry.
+#[derive(Default)]
+pub struct NetMetrics {
+    pub upload_bytes: Counter,
+    pub upload_refused: Counter,
+    pub fallbacks: Counter,
+    pub scheduler_errors: Counter,
+}
+
+impl NetMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = NetMetrics::default();
+        registry.register("damselfly_upload_bytes", "Piece bytes sent to other peers", m.upload_bytes.clone());
+        registry.register(
+            "damselfly_upload_refused",
+            "Piece requests refused for a missing or invalid token",
+            m.upload_refused.clone(),
+        );
+        registry.register(
+            "damselfly_peer_fallbacks",
+            "Fetches that stopped waiting for peers and went to the origin",
+            m.fallbacks.clone(),
+        );
+        registry.register(
+            "damselfly_scheduler_errors",
+            "Downloads that found no scheduler and went to the origin",
+            m.scheduler_errors.clone(),
+        );
+        m
+    }
+}
+
+pub struct Node {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) store: Store,
+    schedulers: Arc<Schedulers>,
+    sessions: Mutex<HashMap<Digest, Arc<Session>>>,
+    /// Upload keys from the schedulers this host announced to.
+    keys: RwLock<Vec<[u8; KEY_LEN]>>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) upload_limit: Option<RateLimit>,
+    pub(crate) download_limit: Option<RateLimit>,
+    pub(crate) upload_slots: Arc<Semaphore>,
+    pub(crate) metrics: NetMetrics,
+    shutdown: CancellationToken,
+    /// Hooks run on the store's threads (the piece hasher), outside the runtime.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Node {
+    /// Joins the cluster: serves uploads on `upload`, announces to every scheduler (and keeps
+    /// doing so), and makes `store` take missing pieces from peers. Stops at `shutdown`.
+    pub fn start(
+        cfg: NodeConfig,
+        store: Store,
+        upload: TcpListener,
+        metrics: NetMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Node>, NetError> {
+        if cfg.schedulers.is_empty() {
+            return Err(NetError::Config("no scheduler given".into()));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_millis(200))
+            .local_address((!cfg.advertise_ip.is_unspecified()).then_some(cfg.advertise_ip))
+            .pool_idle_timeout(Duration::from_secs(20))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| NetError::Config(format!("peer HTTP client: {e}")))?;
+        let node = Arc::new(Node {
+            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip)?),
+            sessions: Mutex::new(HashMap::new()),
+            keys: RwLock::new(Vec::new()),
+            http,
+            upload_limit: cfg.upload_rate.map(RateLimit::new),
+            download_limit: cfg.download_rate.map(RateLimit::new),
+            upload_slots: Arc::new(Semaphore::new(cfg.max_uploads.max(1))),
+            metrics,
+            shutdown,
+            runtime: tokio::runtime::Handle::current(),
+            store: store.clone(),
+            cfg,
+        });
+        store.attach_network(&node);
+        tokio::spawn(upload::serve(node.clone(), upload, node.shutdown.clone()));
+        for i in 0..node.schedulers.len() {
+            tokio::spawn(node.clone().announce_loop(i));
+            if node.cfg.seed && node.cfg.seed_source.is_some() {
+                tokio::spawn(node.clone().seed_loop(i));
+            }
+        }
+        Ok(node)
+    }
+
+    pub fn host_id(&self) -> &str {
+        &self.cfg.host_id
+    }
+
+    /// Tells the schedulers this host is leaving (best effort, bounded).
+    pub async fn leave(&self) {
+        self.schedulers.leave(&self.cfg.host_id).await;
+    }
+
+    fn host(&self) -> proto::Host {
+        proto::Host {
+            id: self.cfg.host_id.clone(),
+            ip: self.cfg.advertise_ip.to_string(),
+            upload_port: self.cfg.upload_port.into(),
+            idc: self.cfg.idc.clone(),
+            location: self.cfg.location.clone(),
+            upload_slots: self.cfg.max_uploads as u32,
+            seed: self.cfg.seed,
+            upload_rate: self.cfg.upload_rate.unwrap_or(0),
+        }
+    }
+
+    /// Announces the host and every verified task to scheduler `i`. Returns the interval the
+    /// scheduler asked for.
+    async fn announce(&self, i: usize) -> Option<Duration> {
+        let tasks = self.store.verified_tasks().into_iter().map(task_info).collect();
+        self.announce_tasks(i, tasks).await
+    }
+
+    /// A task just became complete and verified here: tell the other schedulers now rather
+    /// than at the next announcement. The one its download stream runs on learns it there, in
+    /// order with the piece reports.
+    pub(crate) fn task_ready(self: &Arc<Self>, meta: crate::meta::TaskMeta) {
+        let node = self.clone();
+        let streaming_to = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).and_then(|s| s.scheduler());
+        let info = task_info(meta);
+        self.runtime.spawn(async move {
+            for i in 0..node.schedulers.len() {
+                if streaming_to.as_deref() != Some(node.schedulers.url(i)) {
+                    node.announce_tasks(i, vec![info.clone()]).await;
+                }
+            }
+        });
+    }
+
+    async fn announce_tasks(&self, i: usize, tasks: Vec<proto::TaskInfo>) -> Option<Duration> {
+        let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks };
+        match self.schedulers.announce(i, req).await {
+            Ok(resp) => {
+                if let Ok(key) = <[u8; KEY_LEN]>::try_from(resp.upload_key.as_slice()) {
+                    let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+                Some(Duration::from_secs(resp.announce_interval_secs.clamp(1, 3600).into()))
+            }
+            Err(s) => {
+                self.schedulers.failed(i, &s);
+                None
+            }
+        }
+    }
+
+    async fn announce_loop(self: Arc<Self>, i: usize) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.announce(i).await {
+                Some(interval) => {
+                    backoff = Duration::from_millis(500);
+                    interval
+                }
+                None => {
+                    tracing::debug!(scheduler = %self.schedulers.url(i), "announce failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Seed peers: fetch what the scheduler asks for, the usual way, so that others can take
+    /// it from here.
+    async fn seed_loop(self: Arc<Self>, i: usize) {
+        loop {
+            // Until the announcement went through, the scheduler would refuse the stream.
+            let mut wait = Duration::from_millis(200);
+            if self.schedulers.is_announced(i) {
+                wait = Duration::from_secs(1);
+                if let Ok(mut stream) = self.schedulers.seed_tasks(i, &self.cfg.host_id).await {
+                    tracing::debug!(scheduler = %self.schedulers.url(i), "taking seed tasks");
+                    loop {
+                        let next = tokio::select! {
+                            _ = self.shutdown.cancelled() => return,
+                            next = stream.message() => next,
+                        };
+                        match next {
+                            Ok(Some(t)) => self.seed(t),
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn seed(&self, t: proto::SeedTask) {
+        let (Ok(digest), Some(src), Some(seeder)) = (Digest::parse(&t.digest), t.source, &self.cfg.seed_source) else {
+            return;
+        };
+        let spec = SourceSpec { registry: src.registry, repository: src.repository, insecure: src.insecure };
+        let Some(source) = seeder.source(&spec, &digest) else { return };
+        let task = match self.store.get_or_create(&digest, t.length, None) {
+            Ok(task) if t.length > 0 => task,
+            _ => return,
+        };
+        tracing::info!(%digest, "seeding on the scheduler's request");
+        let len = task.len();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut s = std::pin::pin!(crate::read(task, 0..len, false, source));
+            while let Some(r) = s.next().await {
+                if r.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn check_token(&self, token: &str, digest: &Digest) -> Result<String, token::TokenError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = crate::meta::now_secs();
+        token::verify(&keys, token, &digest.to_string(), now)
+    }
+
+    /// The task's session, opening its download stream if there is none.
+    pub(crate) fn session(self: &Arc<Self>, task: &TaskRef, source: &dyn Source) -> Arc<Session> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sessions.get(task.digest()) {
+            return s.clone();
+        }
+        let session = Session::new(task.digest().clone(), task.layout().count());
+        sessions.insert(task.digest().clone(), session.clone());
+        drop(sessions);
+        let spec = source.describe().unwrap_or_default();
+        let register = proto::Register {
+            host_id: self.cfg.host_id.clone(),
+            digest: task.digest().to_string(),
+            length: task.len(),
+            piece_size: task.layout().piece_size,
+            source: Some(proto::Source {
+                registry: spec.registry,
+                repository: spec.repository,
+                insecure: spec.insecure,
+                credential: String::new(),
+            }),
+            pieces: task.present_pieces(),
+        };
+        tokio::spawn(self.clone().open(session.clone(), register));
+        session
+    }
+
+    async fn open(self: Arc<Self>, session: Arc<Session>, register: proto::Register) {
+        let first = DownloadRequest { kind: Some(download_request::Kind::Register(register)) };
+        let key = session.digest.to_string();
+        let opened = self
+            .schedulers
+            .open_download(&key, first, |i| {
+                let node = self.clone();
+                async move {
+                    node.announce(i).await;
+                }
+            })
+            .await;
+        match opened {
+            Ok((tx, stream)) => {
+                let scheduler = stream.scheduler.clone();
+                session.connect(tx, &scheduler);
+                if !session::pump(session.clone(), stream.responses).await {
+                    self.schedulers.stream_failed(&scheduler);
+                }
+            }
+            Err(e) => {
+                tracing::info!(digest = %session.digest, error = %e, "no scheduler; fetching from the origin");
+                self.metrics.scheduler_errors.inc();
+                session.set_mode(Mode::Origin);
+            }
+        }
+        self.forget(&session);
+    }
+
+    /// A fetch is done with `session`: once no fetch has used it for a while, close it.
+    pub(crate) fn release(self: &Arc<Self>, session: &Arc<Session>) {
+        if session.detach() > 0 {
+            return;
+        }
+        let node = self.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            if session.attached() == 0 {
+                let finished = node.store.get(&session.digest).ok().flatten().is_some_and(|t| t.is_verified());
+                session.close(finished);
+                node.forget(&session);
+            }
+        });
+    }
+
+    fn forget(&self, session: &Arc<Session>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&session.digest).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            sessions.remove(&session.digest);
+        }
+    }
+
+    /// Piece `i` of `digest`, read from the origin, hashed to `sha256`: the scheduler pins it
+    /// and hands the piece to others.
+    pub(crate) fn piece_hashed(&self, digest: &Digest, i: usize, sha256: String) {
+        let session = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
+        if let Some(s) = session {
+            s.piece_from_origin(i, sha256);
+        }
+    }
+
+    /// The store dropped `digest` (evicted, or discarded).
+    pub(crate) fn withdrawn(&self, digest: &Digest) {
+        self.runtime.spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
+    }
+}

@@ -1,0 +1,239 @@
+//! The node's link to its schedulers: one lazily connected gRPC channel per scheduler, a task
+//! routed to a scheduler by rendezvous hashing of its digest (every node computes the same
+//! order, so all peers of a task meet at one scheduler), the next one on error.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
+use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::{Code, Streaming};
+
+use super::NetError;
+
+/// Connecting to a scheduler takes longer than this only when it is gone.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Unary calls and the opening of a download stream.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) struct Schedulers {
+    endpoints: Vec<Endpoint>,
+}
+
+struct Endpoint {
+    url: String,
+    client: SchedulerClient<Channel>,
+    /// The scheduler knows this host (as far as we can tell): cleared on transport errors so
+    /// that the next use announces first, which is how a restarted scheduler learns of us.
+    announced: AtomicBool,
+}
+
+/// An open download stream.
+pub(crate) struct DownloadStream {
+    pub responses: Streaming<DownloadResponse>,
+    pub scheduler: String,
+}
+
+impl Schedulers {
+    pub fn new(urls: &[String], local: IpAddr) -> Result<Self, NetError> {
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                let ep = TonicEndpoint::from_shared(url.clone())
+                    .map_err(|e| NetError::Config(format!("scheduler address {url}: {e}")))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .local_address((!local.is_unspecified()).then_some(local));
+                Ok(Endpoint {
+                    url: url.clone(),
+                    client: SchedulerClient::new(ep.connect_lazy()),
+                    announced: AtomicBool::new(false),
+                })
+            })
+            .collect::<Result<Vec<_>, NetError>>()?;
+        Ok(Schedulers { endpoints })
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn url(&self, i: usize) -> &str {
+        &self.endpoints[i].url
+    }
+
+    /// Endpoint indices in the order a task with this key tries them.
+    fn ranked(&self, key: &str) -> Vec<usize> {
+        let mut scored: Vec<(u64, usize)> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| {
+                let h = Sha256::new().chain_update(ep.url.as_bytes()).chain_update(b"|").chain_update(key).finalize();
+                (u64::from_be_bytes(h[..8].try_into().unwrap_or_default()), i)
+            })
+            .collect();
+        scored.sort_unstable_by(|a, b| b.cmp(a));
+        scored.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Announces the host to scheduler `i`; returns the upload key and the interval it asks for.
+    pub async fn announce(
+        &self,
+        i: usize,
+        req: proto::AnnounceHostRequest,
+    ) -> Result<proto::AnnounceHostResponse, tonic::Status> {
+        let ep = &self.endpoints[i];
+        let mut client = ep.client.clone();
+        let resp = tokio::time::timeout(CALL_TIMEOUT * 5, client.announce_host(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("announce timed out"))??;
+        ep.announced.store(true, Ordering::SeqCst);
+        Ok(resp.into_inner())
+    }
+
+    pub fn is_announced(&self, i: usize) -> bool {
+        self.endpoints[i].announced.load(Ordering::SeqCst)
+    }
+
+    fn forget(&self, i: usize) {
+        self.endpoints[i].announced.store(false, Ordering::SeqCst);
+    }
+
+    /// Opens a download stream for `key` on the first scheduler (in the key's order) that takes
+    /// it. `announce` is called for schedulers that may not know the host yet. The requests
+    /// sent on `rx` (starting with the registration) go to whichever scheduler answered.
+    pub async fn open_download<A, F>(
+        &self,
+        key: &str,
+        first: DownloadRequest,
+        announce: A,
+    ) -> Result<(mpsc::UnboundedSender<DownloadRequest>, DownloadStream), NetError>
+    where
+        A: Fn(usize) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        let mut last = None;
+        for i in self.ranked(key) {
+            for _attempt in 0..2 {
+                if !self.is_announced(i) {
+                    announce(i).await;
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = tx.send(first.clone());
+                let mut client = self.endpoints[i].client.clone();
+                let call = client.download(UnboundedReceiverStream::new(rx));
+                match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                    Ok(Ok(resp)) => {
+                        let stream = DownloadStream { responses: resp.into_inner(), scheduler: self.url(i).to_owned() };
+                        return Ok((tx, stream));
+                    }
+                    // The scheduler does not know this host (it restarted): announce, retry once.
+                    Ok(Err(s)) if s.code() == Code::FailedPrecondition => {
+                        self.forget(i);
+                        last = Some(s.message().to_owned());
+                    }
+                    Ok(Err(s)) => {
+                        self.failed(i, &s);
+                        last = Some(s.message().to_owned());
+                        break;
+                    }
+                    Err(_) => {
+                        self.forget(i);
+                        last = Some("timed out".to_owned());
+                        break;
+                    }
+                }
+            }
+        }
+        Err(NetError::NoScheduler(last.unwrap_or_else(|| "no scheduler configured".to_owned())))
+    }
+
+    /// Notes a failed call: transport-level failures mean the scheduler may have lost us.
+    pub fn failed(&self, i: usize, status: &tonic::Status) {
+        if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::FailedPrecondition) {
+            self.forget(i);
+        }
+        tracing::debug!(scheduler = %self.url(i), error = %status.message(), "scheduler call failed");
+    }
+
+    /// Marks the scheduler a stream of `url` ran on as needing a fresh announcement.
+    pub fn stream_failed(&self, url: &str) {
+        if let Some(i) = self.endpoints.iter().position(|e| e.url == url) {
+            self.forget(i);
+        }
+    }
+
+    /// Tells every scheduler that this host dropped a task. Best effort: a scheduler that
+    /// misses it learns at the next failed piece request.
+    pub async fn withdraw(self: Arc<Self>, host_id: String, digest: String) {
+        for ep in &self.endpoints {
+            let req = proto::WithdrawTaskRequest { host_id: host_id.clone(), digest: digest.clone() };
+            let _ = tokio::time::timeout(CALL_TIMEOUT, ep.client.clone().withdraw_task(req)).await;
+        }
+    }
+
+    pub async fn leave(&self, host_id: &str) {
+        for ep in &self.endpoints {
+            let req = proto::LeaveHostRequest { host_id: host_id.to_owned() };
+            let _ = tokio::time::timeout(CALL_TIMEOUT, ep.client.clone().leave_host(req)).await;
+        }
+    }
+
+    pub async fn seed_tasks(&self, i: usize, host_id: &str) -> Result<Streaming<proto::SeedTask>, tonic::Status> {
+        let req = proto::SeedTasksRequest { host_id: host_id.to_owned() };
+        let mut client = self.endpoints[i].client.clone();
+        let resp = tokio::time::timeout(CALL_TIMEOUT, client.seed_tasks(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("seed stream timed out"))??;
+        Ok(resp.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedulers(n: usize) -> Schedulers {
+        let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8002")).collect();
+        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))).expect("valid urls")
+    }
+
+    #[tokio::test]
+    async fn every_node_ranks_schedulers_alike_and_tasks_spread() {
+        let a = schedulers(3);
+        let b = schedulers(3);
+        let mut firsts = [0usize; 3];
+        for k in 0..300 {
+            let key = format!("sha256:{k:064x}");
+            let ranked = a.ranked(&key);
+            assert_eq!(ranked, b.ranked(&key));
+            let mut sorted = ranked.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2]);
+            firsts[ranked[0]] += 1;
+        }
+        assert!(firsts.iter().all(|&n| n > 60), "{firsts:?}");
+    }
+
+    #[tokio::test]
+    async fn removing_a_scheduler_moves_only_its_tasks() {
+        let three = schedulers(3);
+        let two = schedulers(2);
+        for k in 0..200 {
+            let key = format!("sha256:{k:064x}");
+            let first = three.ranked(&key)[0];
+            if first < 2 {
+                assert_eq!(two.ranked(&key)[0], first);
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! One download stream per task per node, shared by every fetch of that task: what the
+//! scheduler said (parents, pinned piece digests, go to the origin) and what this node reports
+//! back (pieces finished or failed).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use damselfly_scheduler::proto::{self, download_request, download_response, DownloadRequest, DownloadResponse};
+use tokio::sync::{mpsc, watch};
+
+use crate::digest::Digest;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// No answer from the scheduler yet.
+    Pending,
+    /// Take pieces from the parents.
+    Parents,
+    /// Nobody holds the task yet; parents are coming.
+    Wait,
+    /// Fetch from the origin: told so, the task is quarantined, or no scheduler is reachable.
+    Origin,
+}
+
+pub(crate) struct Parent {
+    pub host_id: String,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub pieces: Vec<bool>,
+    pub inflight: usize,
+}
+
+pub(crate) struct State {
+    pub mode: Mode,
+    pub parents: Vec<Parent>,
+    /// Pinned sha256 (hex) per piece, from the scheduler.
+    pub digests: Vec<Option<String>>,
+    /// Parents this node stopped taking pieces from.
+    pub blocked: HashSet<String>,
+    /// When the swarm last got news that lets it make progress (new parents or pieces).
+    pub news_at: Instant,
+}
+
+pub(crate) struct Session {
+    pub digest: Digest,
+    pieces: usize,
+    tx: Mutex<Option<mpsc::UnboundedSender<DownloadRequest>>>,
+    /// URL of the scheduler the stream runs on.
+    scheduler: Mutex<Option<String>>,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    attached: AtomicUsize,
+}
+
+impl Session {
+    pub fn new(digest: Digest, pieces: usize) -> Arc<Session> {
+        Arc::new(Session {
+            digest,
+            pieces,
+            tx: Mutex::new(None),
+            scheduler: Mutex::new(None),
+            state: Mutex::new(State {
+                mode: Mode::Pending,
+                parents: Vec::new(),
+                digests: vec![None; pieces],
+                blocked: HashSet::new(),
+                news_at: Instant::now(),
+            }),
+            changed: watch::channel(0).0,
+            attached: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.lock().mode = mode;
+        self.notify();
+    }
+
+    pub fn attach(&self) {
+        self.attached.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Returns the number of fetches still attached.
+    pub fn detach(&self) -> usize {
+        self.attached.fetch_sub(1, Ordering::SeqCst) - 1
+    }
+
+    pub fn attached(&self) -> usize {
+        self.attached.load(Ordering::SeqCst)
+    }
+
+    pub fn connect(&self, tx: mpsc::UnboundedSender<DownloadRequest>, scheduler: &str) {
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheduler.to_owned());
+    }
+
+    /// The scheduler this download talks to, once connected.
+    pub fn scheduler(&self) -> Option<String> {
+        self.scheduler.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ends the stream: the scheduler keeps this node as a holder of what it reported.
+    pub fn close(&self, finished: bool) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(tx), true) = (tx, finished) {
+            let _ = tx.send(request(download_request::Kind::Finished(proto::Finished {})));
+        }
+    }
+
+    pub fn send(&self, kind: download_request::Kind) {
+        if let Some(tx) = &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(request(kind));
+        }
+    }
+
+    pub fn piece_from_origin(&self, number: usize, sha256: String) {
+        self.send(download_request::Kind::PieceFinished(proto::PieceFinished {
+            number: number as u32,
+            parent_id: String::new(),
+            sha256,
+            cost_micros: 0,
+        }));
+    }
+
+    /// Applies one message from the scheduler.
+    pub fn apply(&self, resp: DownloadResponse) {
+        let Some(kind) = resp.kind else { return };
+        let mut st = self.lock();
+        match kind {
+            download_response::Kind::Parents(p) => {
+                let mut fresh: Vec<Parent> = p.parents.into_iter().filter_map(|p| self.parent(&st, p)).collect();
+                // A refreshed set keeps what this node knows of parents it already had.
+                for f in fresh.iter_mut() {
+                    if let Some(old) = st.parents.iter().find(|o| o.host_id == f.host_id) {
+                        f.inflight = old.inflight;
+                        for (have, had) in f.pieces.iter_mut().zip(&old.pieces) {
+                            *have |= *had;
+                        }
+                    }
+                }
+                tracing::debug!(
+                    digest = %self.digest,
+                    parents = ?fresh.iter().map(|p| (p.host_id.as_str(), p.pieces.iter().filter(|&&b| b).count())).collect::<Vec<_>>(),
+                    "parents"
+                );
+                st.parents = fresh;
+                st.mode = if st.parents.is_empty() { Mode::Wait } else { Mode::Parents };
+                st.news_at = Instant::now();
+            }
+            download_response::Kind::BackToSource(b) => {
+                tracing::debug!(digest = %self.digest, reason = %b.reason, "scheduler: fetch from the origin");
+                st.mode = Mode::Origin;
+            }
+            download_response::Kind::Wait(_) => {
+                if st.mode == Mode::Pending {
+                    st.mode = Mode::Wait;
+                }
+            }
+            download_response::Kind::PieceDigests(d) => {
+                for pd in d.digests {
+                    if let Some(slot) = st.digests.get_mut(pd.number as usize) {
+                        if valid_sha(&pd.sha256) {
+                            *slot = Some(pd.sha256);
+                        }
+                    }
+                }
+                st.news_at = Instant::now();
+            }
+            download_response::Kind::PieceAvailable(a) => {
+                tracing::trace!(digest = %self.digest, host = %a.host_id, pieces = ?a.pieces, "pieces available");
+                if let Some(parent) = st.parents.iter_mut().find(|p| p.host_id == a.host_id) {
+                    for n in a.pieces {
+                        if let Some(slot) = parent.pieces.get_mut(n as usize) {
+                            *slot = true;
+                        }
+                    }
+                    st.news_at = Instant::now();
+                }
+            }
+            download_response::Kind::Quarantined(q) => {
+                tracing::warn!(digest = %self.digest, reason = %q.reason, "task quarantined; taking nothing from peers");
+                st.mode = Mode::Origin;
+                st.parents.clear();
+            }
+        }
+        drop(st);
+        self.notify();
+    }
+
+    fn parent(&self, st: &State, p: proto::Parent) -> Option<Parent> {
+        if st.blocked.contains(&p.host_id) {
+            return None;
+        }
+        let ip: std::net::IpAddr = p.ip.parse().ok()?;
+        let port = u16::try_from(p.port).ok()?;
+        let mut pieces = vec![false; self.pieces];
+        for n in p.pieces {
+            if let Some(slot) = pieces.get_mut(n as usize) {
+                *slot = true;
+            }
+        }
+        Some(Parent { host_id: p.host_id, addr: SocketAddr::new(ip, port), token: p.token, pieces, inflight: 0 })
+    }
+
+    /// Stops taking pieces from `host_id` and tells the scheduler why.
+    pub fn block(&self, host_id: &str, number: usize, reason: &str, corrupt: bool) {
+        {
+            let mut st = self.lock();
+            st.blocked.insert(host_id.to_owned());
+            st.parents.retain(|p| p.host_id != host_id);
+        }
+        self.send(download_request::Kind::PieceFailed(proto::PieceFailed {
+            number: number as u32,
+            parent_id: host_id.to_owned(),
+            reason: reason.to_owned(),
+            corrupt,
+        }));
+        self.notify();
+    }
+
+    pub fn reschedule(&self, stalled: Vec<String>) {
+        self.send(download_request::Kind::Reschedule(proto::Reschedule { stalled }));
+    }
+}
+
+fn request(kind: download_request::Kind) -> DownloadRequest {
+    DownloadRequest { kind: Some(kind) }
+}
+
+fn valid_sha(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Reads the scheduler's answers into the session until the stream ends; then the session
+/// falls back to the origin.
+pub(crate) async fn pump(session: Arc<Session>, mut responses: tonic::Streaming<DownloadResponse>) -> bool {
+    loop {
+        match responses.message().await {
+            Ok(Some(resp)) => session.apply(resp),
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::debug!(digest = %session.digest, error = %e, "download stream ended");
+                // Parents already handed out keep serving without the scheduler; the stall timer
+                // sends the download to the origin if they stop.
+                let mut st = session.lock();
+                if st.mode != Mode::Parents {
+                    st.mode = Mode::Origin;
+                }
+                drop(st);
+                session.notify();
+                return false;
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Filling a fetch's pieces from other peers: several pieces in flight from several parents,
+//! each verified against its pinned digest before it counts; the origin takes over the missing
+//! pieces when the scheduler says so, is unreachable, or the swarm stalls.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use damselfly_scheduler::proto::{self, download_request};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+
+use super::peer::{self, PieceError, PieceJob};
+use super::session::{Mode, Session};
+use super::Node;
+use crate::source::{Source, SourceError};
+use crate::task::TaskRef;
+
+/// Pieces downloaded at once by one fetch, and from one parent. Few per parent: a child that
+/// queued many pieces at the first holder (often the seed) would take them all from there, even
+/// after its siblings got them; with two, every further piece goes to whoever else holds it.
+const MAX_INFLIGHT: usize = 8;
+const PER_PARENT: usize = 2;
+/// How often the stall timer is looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// How often a download asks for a fresh parent set: peers that registered after it hold
+/// pieces too, and taking pieces from them instead of all from the first holder is what keeps
+/// one uplink from carrying the whole cluster.
+const REFRESH: Duration = Duration::from_secs(2);
+/// A download with nothing it can fetch asks sooner, but not more often than this.
+const STARVED_REFRESH: Duration = Duration::from_millis(500);
+
+struct Swarm {
+    node: Arc<Node>,
+    task: TaskRef,
+    id: u64,
+    run: Range<usize>,
+    session: Arc<Session>,
+    /// Pieces being downloaded, and from which parent.
+    inflight: HashMap<usize, String>,
+    /// Milliseconds since `epoch` at which the last byte arrived from a parent.
+    last_byte: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+    let session = node.session(&task, &*source);
+    session.attach();
+    let mut swarm = Swarm {
+        node: node.clone(),
+        task: task.clone(),
+        id,
+        run: pieces,
+        session: session.clone(),
+        inflight: HashMap::new(),
+        last_byte: Arc::new(AtomicU64::new(0)),
+        epoch: Instant::now(),
+    };
+    let from_peers = swarm.from_peers().await;
+    swarm.abandon_inflight();
+    // Whatever the peers did not deliver comes from the origin.
+    let (result, hashing) = swarm.from_origin(&*source).await;
+    if let Err(why) = &from_peers {
+        tracing::debug!(digest = %task.digest(), reason = %why, "took the rest from the origin");
+    }
+    node.release(&session);
+    task.finish_fetch(id, hashing, result.err().map(|e| e.message));
+}
+
+impl Swarm {
+    /// Downloads claimed pieces from parents until none are left (`Ok`) or the origin must
+    /// take over (`Err` says why).
+    async fn from_peers(&mut self) -> Result<(), &'static str> {
+        let mut changed = self.session.subscribe();
+        let mut jobs = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(TICK);
+        let mut refreshed = Instant::now();
+        loop {
+            let want = self.task.claimed(self.id, self.run.clone());
+            if want.is_empty() {
+                return Ok(());
+            }
+            match self.session.mode() {
+                Mode::Origin => return Err("the scheduler sent this node to the origin"),
+                Mode::Parents => {
+                    self.start(&want, &mut jobs);
+                    let starved = self.inflight.is_empty();
+                    let due = if starved { STARVED_REFRESH } else { REFRESH };
+                    if refreshed.elapsed() >= due {
+                        self.session.reschedule(Vec::new());
+                        refreshed = Instant::now();
+                    }
+                }
+                Mode::Pending | Mode::Wait => {}
+            }
+            if self.stalled() {
+                let stalled: Vec<String> = {
+                    let st = self.session.lock();
+                    tracing::debug!(
+                        digest = %self.task.digest(),
+                        mode = ?st.mode,
+                        parents = st.parents.len(),
+                        pinned = st.digests.iter().filter(|d| d.is_some()).count(),
+                        available = st.parents.iter().map(|p| p.pieces.iter().filter(|&&b| b).count()).sum::<usize>(),
+                        inflight = self.inflight.len(),
+                        want = want.len(),
+                        "swarm stalled"
+                    );
+                    st.parents.iter().map(|p| p.host_id.clone()).collect()
+                };
+                self.session.reschedule(stalled);
+                self.node.metrics.fallbacks.inc();
+                return Err("no bytes from any parent in time");
+            }
+            tokio::select! {
+                Some((job, result)) = jobs.next(), if !jobs.is_empty() => self.finished(job, result),
+                _ = changed.changed() => {}
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    /// Downloads cut short by the origin taking over no longer load their parents.
+    fn abandon_inflight(&mut self) {
+        let mut st = self.session.lock();
+        for (_, parent) in self.inflight.drain() {
+            if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == parent) {
+                p.inflight = p.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// No bytes from a parent and no news of parents or pieces for the stall time.
+    fn stalled(&self) -> bool {
+        let news = self.session.lock().news_at.max(self.epoch);
+        let last_byte = self.epoch + Duration::from_millis(self.last_byte.load(Ordering::Relaxed));
+        news.max(last_byte).elapsed() >= self.node.cfg.stall_timeout
+    }
+
+    /// Starts downloads of wanted pieces whose digest is pinned. The next piece a reader
+    /// waits for goes first; then the rarest pieces among the parents (random among equals), so
+    /// that children of one parent fetch different pieces and can trade them. Each piece comes
+    /// from the least busy parent that holds it.
+    fn start(&mut self, want: &[usize], jobs: &mut FuturesUnordered<peer::JobFuture>) {
+        use rand::Rng;
+        let mut st = self.session.lock();
+        let mut rng = rand::thread_rng();
+        let mut order: Vec<(usize, u32, usize)> = want
+            .iter()
+            .filter(|i| !self.inflight.contains_key(i) && st.digests.get(**i).is_some_and(|d| d.is_some()))
+            .filter_map(|&i| {
+                let holders = st.parents.iter().filter(|p| p.pieces.get(i).copied().unwrap_or(false)).count();
+                (holders > 0).then(|| (holders, rng.gen::<u32>(), i))
+            })
+            .collect();
+        order.sort_unstable();
+        if let Some(first) = want.first().and_then(|f| order.iter().position(|o| o.2 == *f)) {
+            let head = order.remove(first);
+            order.insert(0, head);
+        }
+        for (_, _, i) in order {
+            if self.inflight.len() >= MAX_INFLIGHT {
+                break;
+            }
+            let Some(sha) = st.digests[i].clone() else { continue };
+            let best = st
+                .parents
+                .iter_mut()
+                .filter(|p| p.inflight < PER_PARENT && p.pieces.get(i).copied().unwrap_or(false))
+                .min_by_key(|p| (p.inflight, rng.gen::<u8>()));
+            let Some(parent) = best else { continue };
+            parent.inflight += 1;
+            self.inflight.insert(i, parent.host_id.clone());
+            let job = PieceJob {
+                task: self.task.clone(),
+                number: i,
+                sha256: sha,
+                parent: parent.host_id.clone(),
+                addr: parent.addr,
+                token: parent.token.clone(),
+                last_byte: self.last_byte.clone(),
+                epoch: self.epoch,
+                started: Instant::now(),
+            };
+            jobs.push(peer::download(self.node.clone(), job));
+        }
+    }
+
+    fn finished(&mut self, job: PieceJob, result: Result<crate::meta::PieceRecord, PieceError>) {
+        self.inflight.remove(&job.number);
+        {
+            let mut st = self.session.lock();
+            if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == job.parent) {
+                p.inflight = p.inflight.saturating_sub(1);
+            }
+        }
+        match result {
+            Ok(record) => {
+                tracing::debug!(digest = %self.task.digest(), piece = job.number, parent = %job.parent, "piece from a parent");
+                let len = self.task.layout().piece_range(job.number).end - self.task.layout().piece_range(job.number).start;
+                self.task.piece_from_peer(self.id, job.number, record);
+                self.node.store.metrics().fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "peer" }).inc_by(len);
+                let cost = job.started.elapsed().as_micros().max(1) as u64;
+                self.session.send(download_request::Kind::PieceFinished(proto::PieceFinished {
+                    number: job.number as u32,
+                    parent_id: job.parent,
+                    sha256: String::new(),
+                    cost_micros: cost,
+                }));
+            }
+            Err(e @ PieceError::Write(_)) => {
+                // As with the origin: drop the task so the clients' retries stream through.
+                self.task.metrics.piece_failed(e.reason());
+                self.task.abandon(&e.to_string());
+            }
+            Err(e) => {
+                tracing::info!(digest = %self.task.digest(), piece = job.number, parent = %job.parent, error = %e, "piece from a parent failed; blocking it");
+                self.task.metrics.piece_failed(e.reason());
+                self.session.block(&job.parent, job.number, &e.to_string(), e.is_corrupt());
+            }
+        }
+    }
+
+    /// Fetches the claimed pieces that are still missing from the origin, run by run.
+    async fn from_origin(&mut self, source: &dyn Source) -> (Result<(), SourceError>, bool) {
+        let mut hashing = false;
+        for run in runs(&self.task.claimed(self.id, self.run.clone())) {
+            let (result, hashed) = crate::fetch::fill(&self.task, self.id, run, source).await;
+            hashing |= hashed;
+            if result.is_err() {
+                return (result, hashing);
+            }
+        }
+        (Ok(()), hashing)
+    }
+}
+
+/// Contiguous runs of sorted piece numbers.
+fn runs(pieces: &[usize]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for &i in pieces {
+        match out.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_split_at_gaps() {
+        assert_eq!(super::runs(&[0, 1, 2, 5, 7, 8]), vec![0..3, 5..6, 7..9]);
+        assert!(super::runs(&[]).is_empty());
+    }
+}

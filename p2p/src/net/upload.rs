@@ -1,0 +1,178 @@
+//! The upload server: other peers fetch pieces here with `GET /pieces/<digest>/<number>` and
+//! a token the scheduler issued them for this host. Only pieces that are present and checked
+//! are served, straight from the task's memory map, to any number of children at once within
+//! the upload slots and rate limit.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use crate::digest::Digest;
+use crate::reader::MapSlice;
+use crate::task::TaskRef;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Frames of a piece handed to the connection: big enough for few wake-ups, small enough for
+/// the rate limiter to pace smoothly.
+const FRAME: u64 = 256 << 10;
+
+pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upload accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let svc = service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(handle(node, req).await) }
+        });
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Longer than the peers' idle pool timeout, so that idle keep-alive connections are closed by
+        // the client, not cut by this timer.
+        http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        conns.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "upload connection ended with an error");
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+    }
+    let Some((digest, number)) = parse_path(req.uri().path()) else {
+        return plain(StatusCode::NOT_FOUND, "no such piece path");
+    };
+    let token = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let child = match token.map(|t| node.check_token(t, &digest)) {
+        Some(Ok(child)) => child,
+        Some(Err(e)) => {
+            node.metrics.upload_refused.inc();
+            return plain(StatusCode::FORBIDDEN, &e.to_string());
+        }
+        None => {
+            node.metrics.upload_refused.inc();
+            return plain(StatusCode::FORBIDDEN, "an upload token from the scheduler is required");
+        }
+    };
+    let span = tracing::debug_span!("upload", %digest, piece = number, %child);
+    let _enter = span.enter();
+    let Some(task) = node.store.get(&digest).ok().flatten() else {
+        return plain(StatusCode::NOT_FOUND, "task not here");
+    };
+    if number >= task.layout().count() || !ready(&task, number).await {
+        return plain(StatusCode::NOT_FOUND, "piece not here");
+    }
+    let Ok(permit) = node.upload_slots.clone().try_acquire_owned() else {
+        let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, "upload slots full");
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    };
+    piece_response(node, task, number, permit)
+}
+
+/// Whether piece `number` is present and passes its at-rest check.
+async fn ready(task: &TaskRef, number: usize) -> bool {
+    match task.uploadable(number) {
+        Ok(true) => true,
+        Ok(false) => {
+            let t = task.clone();
+            let _ = tokio::task::spawn_blocking(move || t.check_piece(number)).await;
+            task.uploadable(number) == Ok(true)
+        }
+        Err(()) => false,
+    }
+}
+
+fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSemaphorePermit) -> Response<Body> {
+    let range = task.layout().piece_range(number);
+    let len = range.end - range.start;
+    let frames = stream::unfold((range.start, permit), move |(pos, permit)| {
+        let node = node.clone();
+        let task = task.clone();
+        async move {
+            if pos >= range.end {
+                return None;
+            }
+            let end = range.end.min(pos + FRAME);
+            super::limit::take(&node.upload_limit, (end - pos) as usize).await;
+            node.metrics.upload_bytes.inc_by(end - pos);
+            let bytes = Bytes::from_owner(MapSlice { task, range: pos..end });
+            Some((Ok(Frame::data(bytes)), (end, permit)))
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(frames).boxed());
+    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    resp
+}
+
+/// `/pieces/<algorithm>:<hex>/<number>`, strictly.
+fn parse_path(path: &str) -> Option<(Digest, usize)> {
+    let rest = path.strip_prefix("/pieces/")?;
+    let (digest, number) = rest.split_once('/')?;
+    if number.is_empty() || number.len() > 9 || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((Digest::parse(digest).ok()?, number.parse().ok()?))
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_path;
+
+    #[test]
+    fn piece_paths_are_parsed_strictly() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(parse_path(&format!("/pieces/{d}/3")).map(|(_, n)| n), Some(3));
+        for bad in [
+            format!("/pieces/{d}/"),
+            format!("/pieces/{d}/-1"),
+            format!("/pieces/{d}/1/2"),
+            format!("/pieces/{d}/+1"),
+            format!("/pieces/{d}/9999999999"),
+            format!("/pieces/sha256:{}/1", "A".repeat(64)),
+            "/pieces/../1".to_owned(),
+            format!("/piece/{d}/1"),
+        ] {
+            assert!(parse_path(&bad).is_none(), "{bad}");
+        }
+    }
+}

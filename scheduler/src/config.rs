@@ -1,0 +1,64 @@
+//! What a scheduler is told at start.
+
+use std::time::Duration;
+
+use rand::RngCore;
+
+#[derive(Clone)]
+pub struct SchedulerConfig {
+    /// HMAC secret upload tokens derive from; schedulers that share it accept each other's tokens.
+    pub secret: Vec<u8>,
+    /// Peers of one task allowed to fetch from the origin at once (K).
+    pub origin_limit: usize,
+    /// Parents per `Parents` message.
+    pub max_parents: usize,
+    /// Never hand out a parent from another idc when the child names its idc.
+    pub idc_only: bool,
+    /// Told to hosts; a host silent for three of these and without an open stream expires.
+    pub announce_interval: Duration,
+    /// Lifetime of the upload tokens in `Parents`.
+    pub token_ttl: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        let mut secret = vec![0; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        SchedulerConfig {
+            secret,
+            origin_limit: 1,
+            max_parents: 4,
+            idc_only: false,
+            announce_interval: Duration::from_secs(30),
+            token_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+impl std::fmt::Debug for SchedulerConfig {
+    // The secret mints tokens for every host: keep it out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerConfig")
+            .field("secret", &"<redacted>")
+            .field("origin_limit", &self.origin_limit)
+            .field("max_parents", &self.max_parents)
+            .field("idc_only", &self.idc_only)
+            .field("announce_interval", &self.announce_interval)
+            .field("token_ttl", &self.token_ttl)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_default_config_has_its_own_secret_and_debug_hides_it() {
+        let (a, b) = (SchedulerConfig::default(), SchedulerConfig::default());
+        assert_eq!(a.secret.len(), 32);
+        assert_ne!(a.secret, b.secret);
+        assert!(!format!("{a:?}").contains(&format!("{:?}", a.secret)));
+        assert_eq!((a.origin_limit, a.max_parents, a.announce_interval.as_secs()), (1, 4, 30));
+    }
+}

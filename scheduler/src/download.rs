@@ -1,0 +1,341 @@
+//! One download stream: its registration, what it reports, and its end.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::decide::{parse_sha, pin_piece, pinned, Env};
+use crate::error::SchedulerError;
+use crate::pieces::PieceSet;
+use crate::proto::download_request::Kind as Req;
+use crate::proto::download_response::Kind;
+use crate::proto::{
+    DownloadRequest, DownloadResponse, PieceAvailable, PieceDigests, PieceFailed, PieceFinished, Register,
+};
+use crate::scheduler::Scheduler;
+use crate::state::{piece_count, Id, PeerState, State};
+
+/// Pieces a task may have.
+pub(crate) const MAX_PIECES: u32 = 100_000;
+/// Host ids and digests longer than this are refused.
+pub(crate) const MAX_ID: usize = 512;
+/// Parents one download remembers as blocked (the oldest are forgotten first).
+const MAX_BLOCKED: usize = 1024;
+/// Distinct children that must report corrupt pieces from a host before it is blocked for
+/// everyone: one could be a child with a broken disk or a lying child.
+const CORRUPT_REPORTERS: usize = 2;
+/// How long corrupt reports count, and how long a host they condemn stays blocked.
+const CORRUPT_BLOCK: Duration = Duration::from_secs(600);
+/// Weight of the newest sample in a host's throughput average.
+const EWMA_ALPHA: f64 = 0.3;
+/// Responses queued for a download before it counts as not reading (see `Peer::push`).
+pub(crate) const QUEUE: usize = 1024;
+
+pub(crate) fn check_id(what: &str, s: &str) -> Result<(), SchedulerError> {
+    if s.is_empty() {
+        return Err(SchedulerError::invalid(format!("{what} is empty")));
+    }
+    if s.len() > MAX_ID {
+        return Err(SchedulerError::invalid(format!("{what} is longer than {MAX_ID} bytes")));
+    }
+    Ok(())
+}
+
+/// The scheduler's side of one download stream. Requests go in with [`send`](Self::send);
+/// responses come out of the receiver [`Scheduler::download`] returned with it. Dropping the
+/// handle ends the stream: the peer keeps the pieces it reported, as its host still holds them.
+pub struct DownloadHandle {
+    pub(crate) sched: Scheduler,
+    pub(crate) digest: Id,
+    pub(crate) host: Id,
+    pub(crate) gen: u64,
+    pub(crate) ended: bool,
+}
+
+impl DownloadHandle {
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn host_id(&self) -> &str {
+        &self.host
+    }
+
+    /// Applies one request of the stream (anything but `Register`, which opened it).
+    pub fn send(&mut self, req: DownloadRequest) -> Result<(), SchedulerError> {
+        if self.ended {
+            return Err(SchedulerError::precondition("the download already failed"));
+        }
+        let kind = req.kind.ok_or_else(|| SchedulerError::invalid("empty download request"))?;
+        let failed = matches!(kind, Req::Failed(_));
+        let (digest, host, gen) = (self.digest.clone(), self.host.clone(), self.gen);
+        self.sched.with(|st, env| st.event(env, &digest, &host, gen, kind))?;
+        self.ended = failed;
+        Ok(())
+    }
+}
+
+impl Drop for DownloadHandle {
+    fn drop(&mut self) {
+        let (digest, host, gen, ended) = (self.digest.clone(), self.host.clone(), self.gen, self.ended);
+        self.sched.with(|st, env| st.close_stream(env, &digest, &host, gen, ended));
+    }
+}
+
+pub(crate) fn channel() -> (mpsc::Sender<DownloadResponse>, mpsc::Receiver<DownloadResponse>) {
+    mpsc::channel(QUEUE)
+}
+
+impl State {
+    /// Registers a download and makes its first decision. Returns the task, host and stream
+    /// generation the handle needs.
+    pub fn register(
+        &mut self,
+        env: &Env,
+        reg: &Register,
+        tx: mpsc::Sender<DownloadResponse>,
+    ) -> Result<(Id, Id, u64), SchedulerError> {
+        if self.shut {
+            return Err(SchedulerError::ShuttingDown);
+        }
+        check_id("host id", &reg.host_id)?;
+        check_id("digest", &reg.digest)?;
+        let (host, hix) = self
+            .hosts
+            .ix(&reg.host_id)
+            .ok_or_else(|| SchedulerError::precondition(format!("unknown host {}: announce first", reg.host_id)))?;
+        let existing = self.tasks.get_key_value(reg.digest.as_str());
+        let (length, piece_size) = existing.map_or((0, 0), |(_, t)| (t.length, t.piece_size));
+        let length = pin_value("length", length, reg.length)?;
+        let piece_size = pin_value("piece size", piece_size, reg.piece_size)?;
+        let count = piece_count(length, piece_size);
+        if length > 0 && piece_size > 0 && count.is_none_or(|c| c > MAX_PIECES) {
+            return Err(SchedulerError::invalid(format!("more than {MAX_PIECES} pieces")));
+        }
+        if reg.pieces.len() > MAX_PIECES as usize {
+            return Err(SchedulerError::invalid("too many pieces"));
+        }
+        if let Some(&n) = reg.pieces.iter().find(|&&n| n >= count.unwrap_or(MAX_PIECES)) {
+            return Err(SchedulerError::invalid(format!("piece {n} out of range")));
+        }
+        let digest: Id = existing.map_or_else(|| reg.digest.as_str().into(), |(k, _)| k.clone());
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let i = self.add_peer(&digest, &host, hix);
+        if let Some(h) = self.hosts.at_mut(hix) {
+            h.streams += 1;
+            h.last_seen = env.now;
+        }
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(&digest) else { return Err(SchedulerError::precondition("task vanished")) };
+        (task.length, task.piece_size) = (length, piece_size);
+        if task.source.is_none() {
+            task.source.clone_from(&reg.source);
+        }
+        if let Some(t) = task.seed.as_mut().filter(|t| t.host == host) {
+            t.settled = true;
+        }
+        task.unlink_parents(hosts, i);
+        task.release_slot(i);
+        task.set_state(i, PeerState::Idle);
+        task.peers[i].pieces = PieceSet::default();
+        for &n in &reg.pieces {
+            task.mark_piece(i, n);
+        }
+        // Replacing the sender ends an older stream of the same download.
+        (task.peers[i].gen, task.peers[i].tx) = (gen, Some(tx));
+        let digests = pinned(task);
+        if !digests.is_empty() {
+            task.peers[i].push(Kind::PieceDigests(PieceDigests { piece_size: task.piece_size, digests }));
+        }
+        self.decide(env, &digest, &host, false);
+        self.settle(env, &digest);
+        Ok((digest, host, gen))
+    }
+
+    pub fn event(&mut self, env: &Env, digest: &Id, host: &Id, gen: u64, kind: Req) -> Result<(), SchedulerError> {
+        let current = self.tasks.get(digest).and_then(|t| t.idx(host).map(|i| t.peers[i].gen == gen));
+        match current {
+            Some(true) => {}
+            Some(false) => return Err(SchedulerError::precondition("a newer stream took over this download")),
+            None => return Err(SchedulerError::precondition("the download is no longer registered")),
+        }
+        match kind {
+            Req::Register(_) => return Err(SchedulerError::invalid("register sent twice")),
+            Req::PieceFinished(p) => self.piece_finished(digest, host, &p)?,
+            Req::PieceFailed(p) => self.piece_failed(env, digest, host, &p)?,
+            Req::Reschedule(r) => {
+                if r.stalled.len() > MAX_BLOCKED {
+                    return Err(SchedulerError::invalid("too many stalled parents"));
+                }
+                for s in r.stalled.iter().filter(|s| !s.is_empty()) {
+                    check_id("stalled host id", s)?;
+                    self.block(digest, host, s);
+                }
+                self.decide(env, digest, host, false);
+            }
+            Req::Finished(_) => self.finish(digest, host),
+            Req::Failed(f) => {
+                tracing::debug!(%digest, %host, reason = %f.reason, "download failed");
+                self.drop_peer(env, digest, host);
+            }
+        }
+        self.settle(env, digest);
+        Ok(())
+    }
+
+    fn piece_finished(&mut self, digest: &Id, host: &Id, p: &PieceFinished) -> Result<(), SchedulerError> {
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(digest) else { return Ok(()) };
+        let Some(i) = task.idx(host) else { return Ok(()) };
+        if p.number >= task.piece_count().unwrap_or(MAX_PIECES) {
+            return Err(SchedulerError::invalid(format!("piece {} out of range", p.number)));
+        }
+        let sha = match p.sha256.as_str() {
+            "" => None,
+            s => Some(parse_sha(s).ok_or_else(|| SchedulerError::invalid("sha256 is not lower-case hex"))?),
+        };
+        if p.parent_id.len() > MAX_ID {
+            return Err(SchedulerError::invalid("parent id too long"));
+        }
+        let new = task.mark_piece(i, p.number);
+        match (p.parent_id.is_empty(), sha) {
+            // Only origin bytes are trusted to pin: a parent's would vouch for themselves.
+            (true, Some(sha)) => pin_piece(task, hosts, i, p.number, sha),
+            (false, _) if p.cost_micros > 0 && task.piece_size > 0 => {
+                if let Some(h) = hosts.get_mut(p.parent_id.as_str()) {
+                    let rate = task.piece_size as f64 / (p.cost_micros as f64 / 1e6);
+                    h.throughput =
+                        if h.throughput > 0.0 { EWMA_ALPHA * rate + (1.0 - EWMA_ALPHA) * h.throughput } else { rate };
+                }
+            }
+            _ => {}
+        }
+        // Pinning may have quarantined the task, which unlinks every child.
+        if new && task.idx(host) == Some(i) && !task.peers[i].children.is_empty() {
+            let children: Vec<usize> = task.peers[i].children.iter().filter_map(|c| task.idx(c)).collect();
+            let msg = Kind::PieceAvailable(PieceAvailable { host_id: host.to_string(), pieces: vec![p.number] });
+            for c in children {
+                task.peers[c].push(msg.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn piece_failed(&mut self, env: &Env, digest: &Id, host: &Id, p: &PieceFailed) -> Result<(), SchedulerError> {
+        if p.parent_id.is_empty() {
+            // The origin failed: the download retries it, there is nobody to block.
+            return Ok(());
+        }
+        check_id("parent id", &p.parent_id)?;
+        self.block(digest, host, &p.parent_id);
+        if p.corrupt {
+            self.report_corrupt(env, &p.parent_id, host);
+        }
+        self.decide(env, digest, host, false);
+        Ok(())
+    }
+
+    fn block(&mut self, digest: &Id, host: &Id, parent: &str) {
+        let id = self.host_id(parent).unwrap_or_else(|| parent.into());
+        let Some(task) = self.tasks.get_mut(digest) else { return };
+        let Some(i) = task.idx(host) else { return };
+        let blocked = &mut task.peers[i].blocked;
+        if !blocked.contains(&id) {
+            if blocked.len() >= MAX_BLOCKED {
+                blocked.remove(0);
+            }
+            blocked.push(id);
+        }
+    }
+
+    fn report_corrupt(&mut self, env: &Env, parent: &str, child: &Id) {
+        let Some(h) = self.hosts.get_mut(parent) else { return };
+        h.corrupt.retain(|(_, at)| env.now.saturating_duration_since(*at) < CORRUPT_BLOCK);
+        if !h.corrupt.iter().any(|(c, _)| c == child) {
+            h.corrupt.push((child.clone(), env.now));
+        }
+        if h.corrupt.len() >= CORRUPT_REPORTERS {
+            tracing::warn!(host = %parent, "host served corrupt pieces to several children; blocked");
+            h.blocked_until = Some(env.now + CORRUPT_BLOCK);
+            h.corrupt.clear();
+        }
+    }
+
+    fn finish(&mut self, digest: &Id, host: &Id) {
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(digest) else { return };
+        let Some(i) = task.idx(host) else { return };
+        task.unlink_parents(hosts, i);
+        task.release_slot(i);
+        task.set_state(i, PeerState::Finished);
+        if let Some(c) = task.piece_count() {
+            task.peers[i].pieces.fill(c);
+        }
+    }
+
+    /// Removes a peer; the children it leaves are decided again.
+    pub fn drop_peer(&mut self, env: &Env, digest: &str, host: &str) {
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(digest) else { return };
+        let Some((_peer, children)) = task.remove_peer(hosts, host) else { return };
+        self.peers -= 1;
+        self.reschedule_all(env, digest, &children);
+        self.settle(env, digest);
+        // A task nobody holds and nothing is known about has nothing to remember.
+        let empty = self
+            .tasks
+            .get(digest)
+            .is_some_and(|t| t.peers.is_empty() && t.quarantined.is_none() && t.digests.iter().all(Option::is_none));
+        if empty {
+            self.tasks.remove(digest);
+        }
+    }
+
+    /// The stream of a download ended (the client closed it, or it broke).
+    pub fn close_stream(&mut self, env: &Env, digest: &Id, host: &Id, gen: u64, failed: bool) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.streams = h.streams.saturating_sub(1);
+            // It was alive until now: expiry counts from here.
+            h.last_seen = env.now;
+        }
+        if failed {
+            return;
+        }
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(digest) else { return };
+        let Some(i) = task.idx(host).filter(|&i| task.peers[i].gen == gen) else { return };
+        task.peers[i].tx = None;
+        task.unlink_parents(hosts, i);
+        task.release_slot(i);
+        match task.peers[i].state {
+            PeerState::Finished => {}
+            _ if !task.peers[i].pieces.is_empty() => task.set_state(i, PeerState::Idle),
+            _ => return self.drop_peer(env, digest, host),
+        }
+        self.settle(env, digest);
+    }
+}
+
+/// First non-zero value wins; a later different non-zero one is an error.
+fn pin_value(what: &str, pinned: u64, offered: u64) -> Result<u64, SchedulerError> {
+    match (pinned, offered) {
+        (0, v) | (v, 0) => Ok(v),
+        (p, v) if p == v => Ok(p),
+        (p, v) => Err(SchedulerError::invalid(format!("{what} {v} differs from the task's {p}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_zero_value_wins_and_a_different_one_is_refused() {
+        assert_eq!(pin_value("x", 0, 5).ok(), Some(5));
+        assert_eq!(pin_value("x", 5, 0).ok(), Some(5));
+        assert_eq!(pin_value("x", 5, 5).ok(), Some(5));
+        assert!(pin_value("x", 5, 6).is_err());
+        assert!(check_id("id", "").is_err() && check_id("id", &"x".repeat(MAX_ID + 1)).is_err());
+    }
+}

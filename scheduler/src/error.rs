@@ -1,0 +1,48 @@
+//! The crate's one error type, and how it maps onto gRPC status codes.
+
+/// What can go wrong in the scheduler: a caller's bad input, a call that needs an earlier one
+/// (announce before download), or the listeners it serves on.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("the scheduler is shutting down")]
+    ShuttingDown,
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SchedulerError {
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        SchedulerError::InvalidArgument(msg.into())
+    }
+
+    pub(crate) fn precondition(msg: impl Into<String>) -> Self {
+        SchedulerError::FailedPrecondition(msg.into())
+    }
+}
+
+impl From<SchedulerError> for tonic::Status {
+    fn from(e: SchedulerError) -> Self {
+        match e {
+            SchedulerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            SchedulerError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            SchedulerError::ShuttingDown => tonic::Status::unavailable("the scheduler is shutting down"),
+            SchedulerError::Io(e) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_status_codes_clients_act_on() {
+        assert_eq!(tonic::Status::from(SchedulerError::invalid("x")).code(), tonic::Code::InvalidArgument);
+        // The node re-announces on FailedPrecondition, so an unknown host must map to it.
+        assert_eq!(tonic::Status::from(SchedulerError::precondition("x")).code(), tonic::Code::FailedPrecondition);
+    }
+}

@@ -1,0 +1,388 @@
+//! The scheduler core, callable in-process: every RPC as a method, a handle per download.
+//! The tonic service (`service.rs`) is a thin adapter over this.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tokio::sync::mpsc;
+
+use crate::config::SchedulerConfig;
+use crate::decide::{parse_sha, pin_all, Env, SEED_WAIT};
+use crate::download::{channel, check_id, DownloadHandle, MAX_PIECES};
+use crate::error::SchedulerError;
+use crate::hosts::{Host, HostIx};
+use crate::metrics::Metrics;
+use crate::proto::{self, DownloadResponse, Register, SeedTask, TaskInfo};
+use crate::select::location_labels;
+use crate::state::{piece_count, Id, PeerState, Sha, State};
+use crate::token;
+
+/// Tasks one announcement may list.
+const MAX_ANNOUNCED_TASKS: usize = 10_000;
+/// Free-form host fields longer than this are refused.
+const MAX_FIELD: usize = 1024;
+/// Seed tasks queued for a seed that is not reading them.
+const SEED_QUEUE: usize = 256;
+/// Silent hosts are looked for at most this often.
+const EXPIRY_EVERY: Duration = Duration::from_secs(5);
+
+/// The scheduler: cheap to clone, all clones share one state.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SchedulerConfig,
+    metrics: Metrics,
+    /// One lock for all state (why: see `state.rs`); never held across an await.
+    state: Mutex<State>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        let state = Mutex::new(State::new(SmallRng::from_entropy()));
+        Scheduler { inner: Arc::new(Inner { config, metrics: Metrics::new(), state }) }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // State stays consistent between statements that could panic; keep serving.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut State, &Env) -> R) -> R {
+        self.with_at(Instant::now(), f)
+    }
+
+    fn with_at<R>(&self, now: Instant, f: impl FnOnce(&mut State, &Env) -> R) -> R {
+        let env = Env { cfg: &self.inner.config, metrics: &self.inner.metrics, now };
+        let mut st = self.lock();
+        let r = f(&mut st, &env);
+        self.inner.metrics.sizes(st.hosts.len(), st.tasks.len(), st.peers);
+        r
+    }
+
+    /// Adds or refreshes a host and the complete tasks it holds.
+    pub fn announce_host(
+        &self,
+        req: proto::AnnounceHostRequest,
+    ) -> Result<proto::AnnounceHostResponse, SchedulerError> {
+        let host = req.host.ok_or_else(|| SchedulerError::invalid("host missing"))?;
+        check_id("host id", &host.id)?;
+        if [&host.ip, &host.idc, &host.location].iter().any(|f| f.len() > MAX_FIELD) {
+            return Err(SchedulerError::invalid("host field too long"));
+        }
+        if req.tasks.len() > MAX_ANNOUNCED_TASKS {
+            return Err(SchedulerError::invalid(format!("more than {MAX_ANNOUNCED_TASKS} tasks")));
+        }
+        let tasks = req.tasks.iter().map(parse_task).collect::<Result<Vec<_>, _>>()?;
+        let key = token::upload_key(&self.inner.config.secret, &host.id);
+        self.with(|st, env| {
+            let (id, hix) = upsert_host(st, env, host, &key);
+            for (info, shas) in tasks {
+                st.announce_task(env, &id, hix, info, &shas);
+            }
+        });
+        let secs = self.inner.config.announce_interval.as_secs();
+        Ok(proto::AnnounceHostResponse {
+            upload_key: key.to_vec(),
+            announce_interval_secs: u32::try_from(secs).unwrap_or(u32::MAX).max(1),
+        })
+    }
+
+    /// Opens a download: registers it, queues the first decision on the returned receiver.
+    pub fn download(
+        &self,
+        reg: Register,
+    ) -> Result<(DownloadHandle, mpsc::Receiver<DownloadResponse>), SchedulerError> {
+        let (tx, rx) = channel();
+        let (digest, host, gen) = self.with(|st, env| st.register(env, &reg, tx))?;
+        Ok((DownloadHandle { sched: self.clone(), digest, host, gen, ended: false }, rx))
+    }
+
+    pub fn stat_task(&self, req: &proto::StatTaskRequest) -> Result<proto::StatTaskResponse, SchedulerError> {
+        check_id("digest", &req.digest)?;
+        let st = self.lock();
+        let Some(task) = st.tasks.get(req.digest.as_str()) else { return Ok(proto::StatTaskResponse::default()) };
+        let count = task.piece_count();
+        let peers = task.peers.iter().map(|p| proto::PeerStat {
+            host_id: p.host.to_string(),
+            pieces: p.held_count(count),
+            finished: p.state == PeerState::Finished,
+        });
+        Ok(proto::StatTaskResponse {
+            known: true,
+            length: task.length,
+            piece_size: task.piece_size,
+            piece_count: count.unwrap_or(0),
+            peers: peers.collect(),
+            quarantined: task.quarantined.is_some(),
+        })
+    }
+
+    pub fn withdraw_task(&self, req: &proto::WithdrawTaskRequest) -> Result<(), SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        check_id("digest", &req.digest)?;
+        self.with(|st, env| st.drop_peer(env, &req.digest, &req.host_id));
+        Ok(())
+    }
+
+    pub fn leave_host(&self, req: &proto::LeaveHostRequest) -> Result<(), SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        self.with(|st, env| st.leave_host(env, &req.host_id));
+        Ok(())
+    }
+
+    /// Forgets a task; its open download streams end.
+    pub fn delete_task(&self, req: &proto::DeleteTaskRequest) -> Result<(), SchedulerError> {
+        check_id("digest", &req.digest)?;
+        self.with(|st, _| {
+            let State { tasks, hosts, .. } = st;
+            let Some(mut task) = tasks.remove(req.digest.as_str()) else { return };
+            for i in 0..task.peers.len() {
+                task.unlink_parents(hosts, i);
+                if let Some(h) = hosts.get_mut(&task.peers[i].host) {
+                    h.tasks.remove(&task.digest);
+                }
+            }
+            st.peers -= task.peers.len();
+        });
+        Ok(())
+    }
+
+    /// Opens the stream of tasks a seed host is asked to fetch from the origin.
+    pub fn seed_tasks(&self, req: &proto::SeedTasksRequest) -> Result<SeedSubscription, SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        let (tx, rx) = mpsc::channel(SEED_QUEUE);
+        let (host, gen) = self.with(|st, env| {
+            if st.shut {
+                return Err(SchedulerError::ShuttingDown);
+            }
+            let gen = st.next_gen;
+            st.next_gen += 1;
+            let h = st.hosts.get_mut(req.host_id.as_str()).filter(|h| h.seed);
+            let h = h.ok_or_else(|| SchedulerError::precondition("not a seed host; announce with seed=true first"))?;
+            h.seed_stream = Some((gen, tx));
+            h.last_seen = env.now;
+            let id = h.id.clone();
+            st.seeds.insert(id.clone());
+            Ok((id, gen))
+        })?;
+        Ok(SeedSubscription { rx, sched: self.clone(), host, gen })
+    }
+
+    /// Drops hosts silent for three announce intervals with no stream open, with their peers.
+    pub fn expire(&self, now: Instant) {
+        self.with_at(now, |st, env| {
+            let interval = env.cfg.announce_interval;
+            let dead: Vec<Id> = st.hosts.values().filter(|h| !h.alive(now, interval)).map(|h| h.id.clone()).collect();
+            for id in dead {
+                tracing::info!(host = %id, "host expired");
+                st.leave_host(env, &id);
+            }
+        });
+    }
+
+    /// Periodic upkeep: gives up on seeds that did not come, expires silent hosts.
+    pub fn tick(&self, now: Instant) {
+        let expire = self.with_at(now, |st, env| {
+            while let Some((at, digest, seed)) = st.seed_waits.front().cloned() {
+                if now.saturating_duration_since(at) < SEED_WAIT {
+                    break;
+                }
+                st.seed_waits.pop_front();
+                st.seed_gone(env, &digest, &seed, at);
+            }
+            let due = st.next_expiry.is_none_or(|t| now >= t);
+            if due {
+                st.next_expiry = Some(now + EXPIRY_EVERY.min(env.cfg.announce_interval));
+            }
+            due
+        });
+        if expire {
+            self.expire(now);
+        }
+    }
+
+    /// Ends every stream (downloads and seeds) and refuses new ones: for shutdown.
+    pub fn close_streams(&self) {
+        self.with(|st, _| {
+            st.shut = true;
+            for task in st.tasks.values_mut() {
+                for p in &mut task.peers {
+                    p.tx = None;
+                }
+            }
+            for h in st.hosts.values_mut() {
+                h.seed_stream = None;
+            }
+            st.seeds.clear();
+        });
+    }
+
+    fn seed_closed(&self, host: &Id, gen: u64) {
+        self.with(|st, env| {
+            let Some(h) = st.hosts.get_mut(host).filter(|h| h.seed_stream.as_ref().is_some_and(|(g, _)| *g == gen))
+            else {
+                return;
+            };
+            h.seed_stream = None;
+            h.last_seen = env.now;
+            st.seeds.remove(host);
+            st.seed_ended(env, host);
+        });
+    }
+}
+
+impl State {
+    fn announce_task(&mut self, env: &Env, host: &Id, hix: HostIx, info: &TaskInfo, shas: &[Sha]) {
+        let existing = self.tasks.get_key_value(info.digest.as_str());
+        let (length, piece_size) = existing.map_or((0, 0), |(_, t)| (t.length, t.piece_size));
+        let conflict = |a: u64, b: u64| a != 0 && b != 0 && a != b;
+        if conflict(length, info.length) || conflict(piece_size, info.piece_size) {
+            // Its pieces are numbered differently from everyone else's: not a usable parent.
+            tracing::debug!(%host, digest = %info.digest, "announced task has another length or piece size; ignored");
+            return;
+        }
+        let (length, piece_size) = (length.max(info.length), piece_size.max(info.piece_size));
+        let count = piece_count(length, piece_size);
+        if count.is_some_and(|c| c > MAX_PIECES) {
+            return;
+        }
+        let digest: Id = existing.map_or_else(|| info.digest.as_str().into(), |(k, _)| k.clone());
+        let i = self.add_peer(&digest, host, hix);
+        let State { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(&digest) else { return };
+        (task.length, task.piece_size) = (length, piece_size);
+        if task.peers[i].state != PeerState::Finished {
+            task.unlink_parents(hosts, i);
+            task.release_slot(i);
+            // State first: filling pieces first would hide that a new candidate appeared.
+            task.set_state(i, PeerState::Finished);
+            if let Some(c) = count {
+                task.peers[i].pieces.fill(c);
+            }
+        }
+        if !shas.is_empty() {
+            if count == Some(shas.len() as u32) {
+                pin_all(task, hosts, shas);
+            } else {
+                tracing::debug!(%host, %digest, "announced digest list does not cover the task; not pinned");
+            }
+        }
+        self.settle(env, &digest);
+    }
+
+    pub(crate) fn leave_host(&mut self, env: &Env, host: &str) {
+        // Not a seed candidate while its children are decided again.
+        self.seeds.remove(host);
+        let Some(h) = self.hosts.get_mut(host) else { return };
+        h.seed_stream = None;
+        let tasks: Vec<Id> = h.tasks.iter().cloned().collect();
+        for digest in tasks {
+            self.drop_peer(env, &digest, host);
+        }
+        self.hosts.remove(host);
+        self.seed_ended(env, host);
+    }
+
+    /// A seed's stream ended: downloads waiting for it to fetch their task stop waiting.
+    fn seed_ended(&mut self, env: &Env, seed: &str) {
+        let pending: Vec<_> = self.seed_waits.iter().filter(|(_, _, s)| &**s == seed).cloned().collect();
+        for (at, digest, seed) in pending {
+            self.seed_gone(env, &digest, &seed, at);
+        }
+    }
+
+    /// The seed triggered for `digest` at `at` will not come: its waiters are decided again.
+    fn seed_gone(&mut self, env: &Env, digest: &Id, seed: &Id, at: Instant) {
+        let Some(task) = self.tasks.get_mut(digest) else { return };
+        let Some(t) = task.seed.as_mut().filter(|t| &t.host == seed && t.at == at && !t.settled) else { return };
+        t.settled = true;
+        task.wake = true;
+        self.settle(env, digest);
+    }
+}
+
+fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_LEN]) -> (Id, HostIx) {
+    let location = location_labels(&h.location);
+    if let Some((id, ix)) = st.hosts.ix(&h.id) {
+        if let Some(host) = st.hosts.at_mut(ix) {
+            (host.ip, host.port, host.idc, host.location) = (h.ip, h.upload_port, h.idc, location);
+            (host.slots, host.seed, host.last_seen) = (h.upload_slots, h.seed, env.now);
+            if !host.seed && host.seed_stream.take().is_some() {
+                st.seeds.remove(&id);
+            }
+        }
+        return (id, ix);
+    }
+    let id: Id = h.id.as_str().into();
+    let ix = st.hosts.insert(Host {
+        id: id.clone(),
+        ip: h.ip,
+        port: h.upload_port,
+        idc: h.idc,
+        location,
+        slots: h.upload_slots,
+        seed: h.seed,
+        minter: token::Minter::new(key),
+        last_seen: env.now,
+        streams: 0,
+        seed_stream: None,
+        children: 0,
+        throughput: 0.0,
+        corrupt: Vec::new(),
+        blocked_until: None,
+        tasks: Default::default(),
+    });
+    (id, ix)
+}
+
+fn parse_task(t: &TaskInfo) -> Result<(&TaskInfo, Vec<Sha>), SchedulerError> {
+    check_id("digest", &t.digest)?;
+    if t.piece_sha256.len() > MAX_PIECES as usize {
+        return Err(SchedulerError::invalid(format!("more than {MAX_PIECES} piece digests")));
+    }
+    let shas = t.piece_sha256.iter().map(|s| parse_sha(s)).collect::<Option<Vec<_>>>();
+    Ok((t, shas.ok_or_else(|| SchedulerError::invalid(format!("bad piece sha256 in {}", t.digest)))?))
+}
+
+/// The tasks a seed is asked to fetch. Dropping it closes the seed's stream.
+pub struct SeedSubscription {
+    rx: mpsc::Receiver<SeedTask>,
+    sched: Scheduler,
+    host: Id,
+    gen: u64,
+}
+
+impl SeedSubscription {
+    pub async fn recv(&mut self) -> Option<SeedTask> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_util::Stream for SeedSubscription {
+    type Item = SeedTask;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SeedTask>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl Drop for SeedSubscription {
+    fn drop(&mut self) {
+        self.sched.seed_closed(&self.host, self.gen);
+    }
+}

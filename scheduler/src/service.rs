@@ -1,0 +1,141 @@
+//! The gRPC service: a thin adapter from tonic to [`Scheduler`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::download::DownloadHandle;
+use crate::proto::download_request::Kind as Req;
+use crate::proto::scheduler_server::{self, SchedulerServer};
+use crate::proto::{self, DownloadRequest, DownloadResponse, SeedTask};
+use crate::scheduler::Scheduler;
+
+/// Largest message accepted: an announcement of many tasks with their piece digests.
+const MAX_MESSAGE: usize = 64 << 20;
+
+pub struct SchedulerService {
+    core: Scheduler,
+}
+
+impl SchedulerService {
+    pub fn new(core: Scheduler) -> Self {
+        SchedulerService { core }
+    }
+
+    /// The service ready to add to a tonic router.
+    pub fn server(core: Scheduler) -> SchedulerServer<SchedulerService> {
+        SchedulerServer::new(SchedulerService::new(core)).max_decoding_message_size(MAX_MESSAGE)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl scheduler_server::Scheduler for SchedulerService {
+    async fn announce_host(
+        &self,
+        req: Request<proto::AnnounceHostRequest>,
+    ) -> Result<Response<proto::AnnounceHostResponse>, Status> {
+        Ok(Response::new(self.core.announce_host(req.into_inner())?))
+    }
+
+    type DownloadStream = BoxStream<DownloadResponse>;
+
+    async fn download(
+        &self,
+        req: Request<Streaming<DownloadRequest>>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty download stream"))?;
+        let Some(Req::Register(reg)) = first.kind else {
+            return Err(Status::invalid_argument("the first message must be Register"));
+        };
+        let (handle, rx) = self.core.download(reg)?;
+        Ok(Response::new(Box::pin(DownloadStream { handle: Some(handle), inbound: Some(inbound), rx, error: None })))
+    }
+
+    async fn stat_task(
+        &self,
+        req: Request<proto::StatTaskRequest>,
+    ) -> Result<Response<proto::StatTaskResponse>, Status> {
+        Ok(Response::new(self.core.stat_task(req.get_ref())?))
+    }
+
+    async fn withdraw_task(&self, req: Request<proto::WithdrawTaskRequest>) -> Result<Response<proto::Empty>, Status> {
+        self.core.withdraw_task(req.get_ref())?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn leave_host(&self, req: Request<proto::LeaveHostRequest>) -> Result<Response<proto::Empty>, Status> {
+        self.core.leave_host(req.get_ref())?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn delete_task(&self, req: Request<proto::DeleteTaskRequest>) -> Result<Response<proto::Empty>, Status> {
+        self.core.delete_task(req.get_ref())?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    type SeedTasksStream = BoxStream<SeedTask>;
+
+    async fn seed_tasks(
+        &self,
+        req: Request<proto::SeedTasksRequest>,
+    ) -> Result<Response<Self::SeedTasksStream>, Status> {
+        let sub = self.core.seed_tasks(req.get_ref())?;
+        Ok(Response::new(Box::pin(sub.map(Ok))))
+    }
+}
+
+/// One download stream: applies the client's requests and yields the responses they queue.
+/// Both directions are driven from this one stream (no task of its own) so that a request and
+/// its answer cost one wake-up. The download closes when the client stops sending, a request
+/// is refused (the stream then ends with its status after what was queued) or this is dropped.
+struct DownloadStream {
+    handle: Option<DownloadHandle>,
+    inbound: Option<Streaming<DownloadRequest>>,
+    rx: mpsc::Receiver<DownloadResponse>,
+    error: Option<Status>,
+}
+
+impl DownloadStream {
+    /// Closing the download drops its response sender, so `rx` ends after what is queued.
+    fn close(&mut self, error: Option<Status>) {
+        self.inbound = None;
+        self.handle = None;
+        self.error = error;
+    }
+}
+
+impl Stream for DownloadStream {
+    type Item = Result<DownloadResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        // Every request that is ready first: each may queue responses.
+        while let (Some(inbound), Some(handle)) = (this.inbound.as_mut(), this.handle.as_mut()) {
+            match Pin::new(inbound).poll_next(cx) {
+                Poll::Ready(Some(Ok(req))) => {
+                    if let Err(e) = handle.send(req) {
+                        tracing::debug!(digest = %handle.digest(), host = %handle.host_id(), error = %e, "download request refused");
+                        this.close(Some(e.into()));
+                    }
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::debug!(error = %status, "download stream broke");
+                    this.close(None);
+                }
+                Poll::Ready(None) => this.close(None),
+                Poll::Pending => break,
+            }
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => Poll::Ready(Some(Ok(msg))),
+            Poll::Ready(None) => Poll::Ready(this.error.take().map(Err)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
