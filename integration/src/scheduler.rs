@@ -27,8 +27,9 @@ impl Scheduler {
     async fn start_on(config: SchedulerConfig, grpc: SocketAddr, http: SocketAddr) -> Result<Scheduler> {
         let grpc = tokio::net::TcpListener::bind(grpc).await?;
         let http = tokio::net::TcpListener::bind(http).await?;
-        let running =
-            damselfly_scheduler::start(config.clone(), grpc, Some(http)).await.map_err(|e| anyhow!("scheduler: {e}"))?;
+        let running = damselfly_scheduler::start(config.clone(), grpc, Some(http))
+            .await
+            .map_err(|e| anyhow!("scheduler: {e}"))?;
         let http_addr = running.http_addr.ok_or_else(|| anyhow!("scheduler has no HTTP address"))?;
         Ok(Scheduler { grpc_addr: running.grpc_addr, http_addr, running: Some(running), config })
     }

@@ -155,7 +155,11 @@ async fn a_new_task_is_fetched_by_the_seed_and_nodes_take_it_from_the_seed() {
     let request = http_client().get(cluster.node(1).blob_url_ns(REPO, &digest, &origin.host()));
     fetch(request, false).await.unwrap().assert_blob(&digest, size);
     let seed = cluster.metrics(0).await.unwrap();
-    assert_eq!(seed.sum("damselfly_fetched_bytes_total", &[("source", "origin")]), size as f64, "the seed did not fetch it");
+    assert_eq!(
+        seed.sum("damselfly_fetched_bytes_total", &[("source", "origin")]),
+        size as f64,
+        "the seed did not fetch it"
+    );
     assert_eq!(downloaded(&cluster, 1, "peer").await, size as f64, "the node did not take it from the seed");
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
     cluster.shutdown().await;

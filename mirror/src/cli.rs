@@ -274,7 +274,10 @@ mod tests {
         assert_eq!(cfg.advertise_ip, Some([127, 0, 0, 2].into()));
         assert_eq!((cfg.host_id.as_deref(), cfg.idc.as_str(), cfg.location.as_str()), (Some("n1"), "dc1", "eu|a"));
         assert!(cfg.seed);
-        assert_eq!((cfg.upload_rate_limit, cfg.download_rate_limit), (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20))));
+        assert_eq!(
+            (cfg.upload_rate_limit, cfg.download_rate_limit),
+            (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20)))
+        );
         assert_eq!(cfg.max_uploads, 8);
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
     }

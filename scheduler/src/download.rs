@@ -213,7 +213,15 @@ impl State {
         }
         // Pinning may have quarantined the task, which unlinks every child.
         if new && task.idx(host) == Some(i) && !task.peers[i].children.is_empty() {
-            let children: Vec<usize> = task.peers[i].children.iter().filter_map(|c| task.idx(c)).collect();
+            let mut children: Vec<usize> = task.peers[i].children.iter().filter_map(|c| task.idx(c)).collect();
+            if p.parent_id.is_empty() && children.len() > 1 {
+                // A piece fresh from the origin is offered to one child only, in turn: the
+                // others get it from that child, so the origin fetcher's uplink carries each
+                // piece about once instead of once per child. Parent sets list its pieces once
+                // it finished, so a child that dies with one delays the others, never strands them.
+                children.sort_unstable();
+                children = vec![children[p.number as usize % children.len()]];
+            }
             let msg = Kind::PieceAvailable(PieceAvailable { host_id: host.to_string(), pieces: vec![p.number] });
             for c in children {
                 task.peers[c].push(msg.clone());

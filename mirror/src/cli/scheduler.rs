@@ -63,9 +63,9 @@ impl SchedulerArgs {
     fn into_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
         let mut cfg = SchedulerConfig::default();
         let secret = match &self.secret_file {
-            Some(path) => Some(
-                std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?,
-            ),
+            Some(path) => {
+                Some(std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?)
+            }
             None => env_secret,
         };
         if let Some(secret) = secret {

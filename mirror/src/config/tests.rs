@@ -276,8 +276,10 @@ fn parse_errors_do_not_carry_the_file() {
 
 #[test]
 fn cluster_settings_are_validated() {
-    let ok = MirrorConfig::from_toml_str("schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\n")
-        .expect("parses");
+    let ok = MirrorConfig::from_toml_str(
+        "schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\n",
+    )
+    .expect("parses");
     ok.validate().expect("valid");
     assert_eq!(ok.scheduler_urls().expect("urls"), ["http://10.0.0.1:8002", "https://s.example:443"]);
     for bad in [

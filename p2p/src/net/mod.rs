@@ -211,7 +211,8 @@ impl Node {
     /// order with the piece reports.
     pub(crate) fn task_ready(self: &Arc<Self>, meta: crate::meta::TaskMeta) {
         let node = self.clone();
-        let streaming_to = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).and_then(|s| s.scheduler());
+        let streaming_to =
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).and_then(|s| s.scheduler());
         let info = task_info(meta);
         self.runtime.spawn(async move {
             for i in 0..node.schedulers.len() {

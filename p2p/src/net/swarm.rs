@@ -199,9 +199,15 @@ impl Swarm {
         match result {
             Ok(record) => {
                 tracing::debug!(digest = %self.task.digest(), piece = job.number, parent = %job.parent, "piece from a parent");
-                let len = self.task.layout().piece_range(job.number).end - self.task.layout().piece_range(job.number).start;
+                let len =
+                    self.task.layout().piece_range(job.number).end - self.task.layout().piece_range(job.number).start;
                 self.task.piece_from_peer(self.id, job.number, record);
-                self.node.store.metrics().fetched_bytes.get_or_create(&crate::metrics::SourceLabel { source: "peer" }).inc_by(len);
+                self.node
+                    .store
+                    .metrics()
+                    .fetched_bytes
+                    .get_or_create(&crate::metrics::SourceLabel { source: "peer" })
+                    .inc_by(len);
                 let cost = job.started.elapsed().as_micros().max(1) as u64;
                 self.session.send(download_request::Kind::PieceFinished(proto::PieceFinished {
                     number: job.number as u32,

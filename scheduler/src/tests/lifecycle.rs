@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use super::*;
 use crate::{token, SchedulerError};
 
@@ -156,8 +158,13 @@ fn pieces_held_at_registration_are_offered_at_once() {
     let mut a = Dl::register(&s, Register { pieces: vec![1, 2], ..reg("a") });
     assert_eq!(last(&a.take()), "back_to_source");
     let mut b = Dl::open(&s, host("b"));
-    assert_eq!(parents(&b.take()), Some(vec![("a".to_owned(), vec![1, 2])]));
+    // While a fetches from the origin its pieces are offered one by one, not listed.
+    assert_eq!(parents(&b.take()), Some(vec![("a".to_owned(), vec![])]));
     assert_eq!(stat(&s).peers.iter().find(|p| p.host_id == "a").map(|p| p.pieces), Some(2));
+    drop(a);
+    let mut c = Dl::open(&s, host("c"));
+    let view: HashMap<_, _> = parents(&c.take()).expect("parents").into_iter().collect();
+    assert_eq!(view.get("a"), Some(&vec![1, 2]));
 }
 
 #[test]

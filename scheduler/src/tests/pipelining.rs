@@ -24,34 +24,42 @@ fn check(held: &HashMap<String, BTreeSet<u32>>, msgs: &[Kind]) {
     }
 }
 
+/// Pieces of `host` announced in `msgs` through `PieceAvailable`.
+fn offered(msgs: &[Kind], host: &str) -> Vec<u32> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Kind::PieceAvailable(p) if p.host_id == host => Some(p.pieces.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 #[test]
 fn two_downloading_peers_are_parents_of_each_other_for_different_pieces_only() {
     let s = sched(|_| {});
     let mut o = Dl::open(&s, host("o"));
-    o.piece(0, "", &sha(0));
-    o.piece(1, "", &sha(1));
+    assert_eq!(last(&o.take()), "back_to_source");
     let mut a = Dl::open(&s, host("a"));
-    assert_eq!(parents(&a.take()), Some(vec![("o".to_owned(), vec![0, 1])]));
+    // A parent still fetching from the origin lists nothing: its pieces are offered one by one.
+    assert_eq!(parents(&a.take()), Some(vec![("o".to_owned(), vec![])]));
     let mut b = Dl::open(&s, host("b"));
     let mut first = parents(&b.take()).expect("parents");
     first.sort();
-    assert_eq!(first, [("a".to_owned(), vec![]), ("o".to_owned(), vec![0, 1])]);
-    a.piece(0, "o", "");
-    b.piece(1, "o", "");
+    assert_eq!(first, [("a".to_owned(), vec![]), ("o".to_owned(), vec![])]);
+    o.piece(0, "", &sha(0));
+    o.piece(1, "", &sha(1));
+    // Each fresh origin piece goes to one child only.
+    let (to_a, to_b) = (offered(&a.take(), "o"), offered(&b.take(), "o"));
+    assert_eq!((to_a.len(), to_b.len()), (1, 1), "a got {to_a:?}, b got {to_b:?}");
+    assert_ne!(to_a, to_b);
+    a.piece(to_a[0], "o", "");
+    b.piece(to_b[0], "o", "");
     a.send(Req::Reschedule(Reschedule { stalled: vec![] }));
     let a_view: HashMap<_, _> = parents(&a.take()).expect("parents").into_iter().collect();
-    let b_msgs = b.take();
-    let b_from_a: Vec<u32> = b_msgs
-        .iter()
-        .filter_map(|m| match m {
-            Kind::PieceAvailable(p) if p.host_id == "a" => Some(p.pieces.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
     // A cycle of peers: a fetches from b and b from a, each only what the other holds.
-    assert_eq!(a_view.get("b"), Some(&vec![1]));
-    assert_eq!(b_from_a, [0]);
+    assert_eq!(a_view.get("b"), Some(&to_b));
+    assert_eq!(offered(&b.take(), "a"), to_a);
     let st = s.lock();
     let task = st.tasks.get(D).expect("task");
     let (ia, ib) = (task.idx("a").expect("a"), task.idx("b").expect("b"));
