@@ -3,7 +3,7 @@
 #   1. installs the external test dependencies (real registry, containerd, skopeo, ...);
 #   2. builds the `damselfly` binary, which the CLI smoke test runs as a child process;
 #   3. runs every unit test, then the end-to-end tests in integration/;
-#   4. builds the benchmarks (p2p/benches; `cargo bench -p damselfly-p2p` runs them);
+#   4. builds the benchmarks (p2p/benches, scheduler/benches; `cargo bench -p <crate>` runs them);
 #   5. builds the fuzz targets (fuzz/) and runs each for a few seconds from its seeds.
 # Exits non-zero if anything failed.
 #
@@ -34,7 +34,7 @@ echo "==> integration tests"
 cargo test --locked "$@" -p damselfly-integration -- --test-threads="$integration_threads" || status=1
 
 echo "==> benchmarks build"
-cargo bench -p damselfly-p2p --no-run --locked || status=1
+cargo bench -p damselfly-p2p -p damselfly-scheduler --no-run --locked || status=1
 
 # Coverage-guided, reusing the dependencies built above; see scripts/fuzz.sh.
 echo "==> fuzz targets"

@@ -13,6 +13,7 @@ pub mod reader;
 pub mod source;
 pub mod store;
 mod task;
+mod verify;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;

@@ -61,6 +61,9 @@ pub(crate) struct State {
     pub(crate) from_peer: Vec<bool>,
     /// The schedulers were told this node holds the whole task.
     announced: bool,
+    /// Whole-content hash over the pieces present in order so far (see `verify.rs`).
+    pub(crate) ahead: Option<crate::verify::Ahead>,
+    pub(crate) ahead_running: bool,
     last_flush: Instant,
     pub(crate) last_access: u64,
 }
@@ -113,6 +116,8 @@ impl Task {
         let state = State {
             from_peer: vec![false; count],
             announced: false,
+            ahead: None,
+            ahead_running: false,
             pieces,
             verified: meta.verified,
             media_type: meta.media_type,
@@ -245,11 +250,10 @@ impl Task {
                     return Err("content changed while it was being read".to_owned());
                 }
                 if st.pieces.iter().all(|p| matches!(p, Piece::Present { .. })) {
-                    st.verifying = true;
                     // Subscribe first: a small task may be verified before this returns.
                     let rx = self.progress.subscribe();
                     drop(st);
-                    self.spawn_verify();
+                    self.verify_ahead();
                     return Ok(Step::Wait(rx, None));
                 }
             }
@@ -484,23 +488,6 @@ impl Task {
             store.remove_task(&self.digest, self);
         }
         self.notify();
-    }
-
-    /// Hashes the whole file once every piece is present but the content was never verified
-    /// as one stream (it was assembled from ranges, or read back after a restart).
-    fn spawn_verify(self: &Arc<Self>) {
-        let task = TaskRef::pin(self.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut h = crate::Hasher::new(task.digest.algorithm());
-            for i in 0..task.layout.count() {
-                h.update(task.bytes(task.layout.piece_range(i)));
-            }
-            if h.finish() == task.digest {
-                task.set_verified();
-            } else {
-                task.discard("assembled content does not match its digest");
-            }
-        });
     }
 
     pub(crate) fn meta(&self) -> TaskMeta {

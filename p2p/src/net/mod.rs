@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::RateLimit;
+pub use upload::parse_path as parse_piece_path;
 
 use crate::digest::Digest;
 use crate::source::{Source, SourceSpec};

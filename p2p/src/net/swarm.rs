@@ -202,6 +202,7 @@ impl Swarm {
                 let len =
                     self.task.layout().piece_range(job.number).end - self.task.layout().piece_range(job.number).start;
                 self.task.piece_from_peer(self.id, job.number, record);
+                self.task.task().verify_ahead();
                 self.node
                     .store
                     .metrics()

@@ -138,7 +138,7 @@ fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSe
 }
 
 /// `/pieces/<algorithm>:<hex>/<number>`, strictly.
-fn parse_path(path: &str) -> Option<(Digest, usize)> {
+pub fn parse_path(path: &str) -> Option<(Digest, usize)> {
     let rest = path.strip_prefix("/pieces/")?;
     let (digest, number) = rest.split_once('/')?;
     if number.is_empty() || number.len() > 9 || !number.bytes().all(|b| b.is_ascii_digit()) {

@@ -1,13 +1,13 @@
-//! Load: 10,000 simulated peers over 100 tasks register, report pieces, ask again and finish.
-//! The target is ≥ 20,000 decisions/s with a p99 of ≤ 2 ms, the scheduler on one core.
+//! Scheduler load benchmark: 10,000 simulated peers over 100 tasks register, report pieces,
+//! ask again and finish. The goal is ≥ 20,000 decisions/s with a p99 of ≤ 2 ms, the scheduler
+//! pinned to one core (the load generator to the other when there is one).
 //!
-//! Throughput is asserted as decisions per CPU-second of the scheduler's thread, which other
-//! load on the machine does not skew; the round trip the simulated peers measure is printed,
-//! as on a shared machine it also counts the load generator's own waits for a core.
+//! Reported: decisions per second offered and achieved, decisions per CPU-second of the
+//! scheduler's thread (which other load on the machine does not skew), p99 decision time inside
+//! the scheduler and p99 round trip at the simulated peers, the same in process without gRPC,
+//! and memory per peer.
 //!
-//! Slow in debug builds, so ignored by default; run it with
-//! `cargo test --release -p damselfly-scheduler --test load -- --ignored --nocapture`.
-//! `LOAD_PEERS` changes the number of peers.
+//! `cargo bench -p damselfly-scheduler --bench load`; `LOAD_PEERS` changes the number of peers.
 
 use std::time::{Duration, Instant};
 
@@ -119,15 +119,14 @@ async fn peer(mut c: SchedulerClient<Channel>, i: usize) -> Vec<Duration> {
     took
 }
 
-#[test]
-#[ignore = "load test; run in release"]
-fn ten_thousand_peers_over_grpc() {
+fn over_grpc() {
     let n = peers();
     // The scheduler on a single-threaded runtime of its own: one core.
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::Builder::new().name("scheduler".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        pin_to(0);
         rt.block_on(async move {
             let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let running = start(SchedulerConfig::default(), grpc, None).await.expect("start");
@@ -140,6 +139,7 @@ fn ten_thousand_peers_over_grpc() {
     let server = server.expect("server thread");
     let (addr, sched, server_proc) = addr_rx.recv().expect("server address");
     let server_stat = server_proc.join("stat");
+    pin_to(1);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let (latencies, elapsed, server_cpu) = rt.block_on(async move {
         let mut clients = Vec::new();
@@ -170,16 +170,42 @@ fn ten_thousand_peers_over_grpc() {
     let capacity = decisions as f64 / server_cpu.as_secs_f64().max(1e-3);
     let p99 = p99(latencies.clone());
     let server_p99 = server_p99(&sched);
-    println!(
-        "{n} peers, {TASKS} tasks, {PIECES} pieces each: {decisions} decisions in {elapsed:.2?} = {rate:.0}/s; \
-         scheduler CPU {server_cpu:.2?} = {capacity:.0} decisions per CPU-second; \
-         p99 decision {server_p99:?} in the scheduler, {p99:.2?} round trip at the client"
-    );
     let _ = stop_tx.send(());
     server.join().expect("server thread");
-    assert!(latencies.len() >= 2 * n * 99 / 100, "most decisions arrived");
-    assert!(capacity >= 20_000.0, "{capacity:.0} decisions per CPU-second");
-    assert!(server_p99 <= Duration::from_millis(2), "p99 {server_p99:?}");
+    println!("over gRPC, {n} peers, {TASKS} tasks, {PIECES} pieces each, {RATE:.0} peers/s offered:");
+    println!("  decisions                {decisions} in {elapsed:.2?} = {rate:.0}/s");
+    println!("  answered                 {} of {} expected", latencies.len(), 2 * n);
+    println!("  scheduler CPU            {server_cpu:.2?} = {capacity:.0} decisions per CPU-second");
+    println!("  p99 decision, scheduler  {server_p99:?} (upper bound of its histogram bucket)");
+    println!("  p99 round trip, peers    {p99:.2?}");
+    println!(
+        "  goal ≥ 20,000/s, p99 ≤ 2 ms: {}",
+        if rate >= 20_000.0 && p99 <= Duration::from_millis(2) { "met" } else { "MISSED" }
+    );
+}
+
+/// Pins the calling thread to `cpu` when the machine has it (the measurement is "one core").
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; the call affects only the
+    // calling thread.
+    unsafe {
+        if libc::sysconf(libc::_SC_NPROCESSORS_ONLN) <= cpu as libc::c_long {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Resident memory of this process, from /proc.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok());
+    kib.unwrap_or(0) * 1024
 }
 
 fn decisions(s: &Scheduler) -> u64 {
@@ -204,10 +230,10 @@ fn server_p99(s: &Scheduler) -> Duration {
     Duration::try_from_secs_f64(le).unwrap_or(Duration::MAX)
 }
 
-#[test]
-#[ignore = "load test; run in release"]
-fn ten_thousand_peers_in_process() {
+fn in_process() {
     let n = peers();
+    pin_to(0);
+    let rss_before = rss_bytes();
     let s = Scheduler::new(SchedulerConfig::default());
     for i in 0..n {
         s.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![] }).expect("announce");
@@ -233,11 +259,20 @@ fn ten_thousand_peers_in_process() {
         }
     }
     let cpu = thread_cpu() - cpu;
+    drop(open);
+    let per_peer = rss_bytes().saturating_sub(rss_before) as f64 / n as f64;
     let decisions = decisions(&s);
     let rate = decisions as f64 / cpu.as_secs_f64().max(1e-3);
+    println!("in process, {n} peers, {TASKS} tasks, {PIECES} pieces each:");
     println!(
-        "in process: {decisions} decisions and {} piece reports in {cpu:.2?} of CPU = {rate:.0} decisions per CPU-second",
+        "  {decisions} decisions and {} piece reports in {cpu:.2?} of CPU = {rate:.0} decisions per CPU-second",
         n * PIECES as usize
     );
-    assert!(rate >= 20_000.0, "{rate:.0} decisions/s");
+    println!("  memory                   {per_peer:.0} bytes per peer (resident, hosts and tasks included)");
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is expected.
+    in_process();
+    over_grpc();
 }

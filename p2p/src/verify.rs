@@ -1,0 +1,80 @@
+//! Verifying a task assembled from pieces (from peers, from ranges, or read back after a
+//! restart) against its digest. The whole-content hash runs ahead over the pieces present in
+//! order while the rest still arrive, so a multi-gigabyte blob is not read again in full after
+//! its last piece: the reader holding back the last byte waits for the hash of what came last.
+
+use std::sync::Arc;
+
+use crate::digest::Hasher;
+use crate::task::{Piece, Task, TaskRef};
+
+/// The hash so far, over pieces `0..next`.
+pub(crate) struct Ahead {
+    hasher: Hasher,
+    next: usize,
+    /// Demotions when the hash started: a piece replaced since means starting over.
+    demotions: u64,
+}
+
+impl Task {
+    /// Hashes on from where the hash got to, as far as pieces are present, on a blocking
+    /// thread; verifies the task when it gets to the end. Does nothing while a fetch streams the
+    /// whole content through its own hash, or while a pass is already running.
+    pub(crate) fn verify_ahead(self: &Arc<Self>) {
+        {
+            let mut st = self.lock();
+            if st.verified || st.verifying || st.ahead_running || st.failed.is_some() {
+                return;
+            }
+            st.ahead_running = true;
+        }
+        let task = TaskRef::pin(self.clone());
+        tokio::task::spawn_blocking(move || task.task().run_ahead());
+    }
+
+    fn run_ahead(self: &Arc<Self>) {
+        let count = self.layout.count();
+        loop {
+            // Under the lock: take the next present piece, or stop (clearing the running flag
+            // in the same critical section, so a piece landing right after starts a new pass).
+            let (mut ahead, range) = {
+                let mut st = self.lock();
+                let demotions = st.demotions;
+                let ahead = match st.ahead.take() {
+                    Some(a) if a.demotions == demotions => a,
+                    _ => Ahead { hasher: Hasher::new(self.digest.algorithm()), next: 0, demotions },
+                };
+                let present = matches!(st.pieces.get(ahead.next), Some(Piece::Present { .. }));
+                if !present || st.verifying || st.failed.is_some() {
+                    st.ahead = Some(ahead);
+                    st.ahead_running = false;
+                    return;
+                }
+                let range = self.layout.piece_range(ahead.next);
+                (ahead, range)
+            };
+            ahead.hasher.update(self.bytes(range));
+            ahead.next += 1;
+            if ahead.next < count {
+                self.lock().ahead = Some(ahead);
+                continue;
+            }
+            let demotions = ahead.demotions;
+            let matches = ahead.hasher.finish() == self.digest;
+            let replaced = {
+                let mut st = self.lock();
+                st.ahead_running = false;
+                st.demotions != demotions
+            };
+            if replaced {
+                // A piece hashed above was dropped and fetched again: hash again from the start.
+                self.verify_ahead();
+            } else if matches {
+                self.set_verified();
+            } else {
+                self.discard("assembled content does not match its digest");
+            }
+            return;
+        }
+    }
+}
