@@ -132,6 +132,16 @@ pub fn pieces_total_bytes(pieces: &BTreeSet<u64>, len: u64, piece: u64) -> u64 {
     pieces.iter().map(|&i| (len - i * piece).min(piece)).sum()
 }
 
+/// Sends the daemons' logs to the test output when `RUST_LOG` is set (quiet otherwise).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,15 +158,5 @@ mod tests {
     #[test]
     fn digest_of_empty() {
         assert_eq!(sha256_digest(b""), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-    }
-}
-
-/// Sends the daemons' logs to the test output when `RUST_LOG` is set (quiet otherwise).
-pub fn init_logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
     }
 }

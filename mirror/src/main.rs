@@ -35,7 +35,7 @@ async fn run_mirror(config: MirrorConfig) -> anyhow::Result<()> {
 }
 
 async fn run_scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
-    let config = args.into_config().context("invalid configuration")?;
+    let config = args.to_config().context("invalid configuration")?;
     let grpc = tokio::net::TcpListener::bind(args.listen).await.context("cannot bind the gRPC address")?;
     let http = tokio::net::TcpListener::bind(args.http_listen).await.context("cannot bind the HTTP address")?;
     let running = damselfly_scheduler::start(config, grpc, Some(http)).await.context("cannot start the scheduler")?;

@@ -48,7 +48,7 @@ fn every_manifest_runs_a_valid_command_line() {
                     assert!(!cfg.schedulers.is_empty(), "{}: a cluster node without a scheduler", path.display());
                 }
                 Command::Scheduler(s) => {
-                    s.into_config().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    s.to_config().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
             }
             commands += 1;

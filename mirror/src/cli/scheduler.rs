@@ -55,12 +55,12 @@ pub enum SchedulerArgsError {
 }
 
 impl SchedulerArgs {
-    pub fn into_config(&self) -> Result<SchedulerConfig, SchedulerArgsError> {
+    pub fn to_config(&self) -> Result<SchedulerConfig, SchedulerArgsError> {
         let env = std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes());
-        self.into_config_with(env)
+        self.to_config_with(env)
     }
 
-    fn into_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
+    fn to_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
         let mut cfg = SchedulerConfig::default();
         let secret = match &self.secret_file {
             Some(path) => {
@@ -109,7 +109,7 @@ mod tests {
     fn defaults_follow_the_documented_ports() {
         let a = args(&[]);
         assert_eq!((a.listen.port(), a.http_listen.port()), (8002, 8080));
-        let cfg = a.into_config_with(None).expect("config");
+        let cfg = a.to_config_with(None).expect("config");
         assert_eq!((cfg.origin_limit, cfg.max_parents, cfg.idc_only), (1, 4, false));
     }
 
@@ -119,12 +119,12 @@ mod tests {
         let file = dir.path().join("secret");
         std::fs::write(&file, "0123456789abcdef0123\n").expect("write");
         let a = args(&["--secret-file", file.to_str().expect("utf-8"), "--origin-limit", "2", "--idc-only"]);
-        let cfg = a.into_config_with(Some(b"ignored-because-a-file-is-given".to_vec())).expect("config");
+        let cfg = a.to_config_with(Some(b"ignored-because-a-file-is-given".to_vec())).expect("config");
         assert_eq!(cfg.secret, b"0123456789abcdef0123");
         assert_eq!((cfg.origin_limit, cfg.idc_only), (2, true));
-        let env = args(&[]).into_config_with(Some(b"from-the-environment".to_vec())).expect("config");
+        let env = args(&[]).to_config_with(Some(b"from-the-environment".to_vec())).expect("config");
         assert_eq!(env.secret, b"from-the-environment");
-        assert!(args(&[]).into_config_with(Some(b"short".to_vec())).is_err());
-        assert!(args(&["--max-parents", "0"]).into_config_with(None).is_err());
+        assert!(args(&[]).to_config_with(Some(b"short".to_vec())).is_err());
+        assert!(args(&["--max-parents", "0"]).to_config_with(None).is_err());
     }
 }

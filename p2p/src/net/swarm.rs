@@ -58,11 +58,11 @@ pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<u
         last_byte: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
     };
-    let from_peers = swarm.from_peers().await;
+    let take_from_peers = swarm.take_from_peers().await;
     swarm.abandon_inflight();
     // Whatever the peers did not deliver comes from the origin.
-    let (result, hashing) = swarm.from_origin(&*source).await;
-    if let Err(why) = &from_peers {
+    let (result, hashing) = swarm.take_from_origin(&*source).await;
+    if let Err(why) = &take_from_peers {
         tracing::debug!(digest = %task.digest(), reason = %why, "took the rest from the origin");
     }
     node.release(&session);
@@ -72,7 +72,7 @@ pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<u
 impl Swarm {
     /// Downloads claimed pieces from parents until none are left (`Ok`) or the origin must
     /// take over (`Err` says why).
-    async fn from_peers(&mut self) -> Result<(), &'static str> {
+    async fn take_from_peers(&mut self) -> Result<(), &'static str> {
         let mut changed = self.session.subscribe();
         let mut jobs = FuturesUnordered::new();
         let mut tick = tokio::time::interval(TICK);
@@ -231,7 +231,7 @@ impl Swarm {
     }
 
     /// Fetches the claimed pieces that are still missing from the origin, run by run.
-    async fn from_origin(&mut self, source: &dyn Source) -> (Result<(), SourceError>, bool) {
+    async fn take_from_origin(&mut self, source: &dyn Source) -> (Result<(), SourceError>, bool) {
         let mut hashing = false;
         for run in runs(&self.task.claimed(self.id, self.run.clone())) {
             let (result, hashed) = crate::fetch::fill(&self.task, self.id, run, source).await;

@@ -141,7 +141,9 @@ fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSe
 pub fn parse_path(path: &str) -> Option<(Digest, usize)> {
     let rest = path.strip_prefix("/pieces/")?;
     let (digest, number) = rest.split_once('/')?;
-    if number.is_empty() || number.len() > 9 || !number.bytes().all(|b| b.is_ascii_digit()) {
+    // Canonical numbers only (no sign, no leading zeros): one piece, one spelling.
+    let canonical = number == "0" || !number.starts_with('0');
+    if number.is_empty() || number.len() > 9 || !canonical || !number.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some((Digest::parse(digest).ok()?, number.parse().ok()?))
@@ -162,11 +164,15 @@ mod tests {
     fn piece_paths_are_parsed_strictly() {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(parse_path(&format!("/pieces/{d}/3")).map(|(_, n)| n), Some(3));
+        assert_eq!(parse_path(&format!("/pieces/{d}/0")).map(|(_, n)| n), Some(0));
+        assert_eq!(parse_path(&format!("/pieces/{d}/10")).map(|(_, n)| n), Some(10));
         for bad in [
             format!("/pieces/{d}/"),
             format!("/pieces/{d}/-1"),
             format!("/pieces/{d}/1/2"),
             format!("/pieces/{d}/+1"),
+            format!("/pieces/{d}/00"),
+            format!("/pieces/{d}/01"),
             format!("/pieces/{d}/9999999999"),
             format!("/pieces/sha256:{}/1", "A".repeat(64)),
             "/pieces/../1".to_owned(),
