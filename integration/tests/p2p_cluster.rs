@@ -164,3 +164,40 @@ async fn a_new_task_is_fetched_by_the_seed_and_nodes_take_it_from_the_seed() {
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_with_its_upload_slots_full_is_asked_again_not_blocked() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 3, |i, mut o| {
+        if i == 0 {
+            o.config.max_uploads = 1;
+            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(8 * MIB));
+        }
+        o
+    })
+    .await
+    .unwrap();
+    let client = http_client();
+    let url0 = cluster.node(0).blob_url_ns(REPO, &digest, &origin.host());
+    fetch(client.get(url0), false).await.unwrap().assert_blob(&digest, size);
+
+    let mut pulls = tokio::task::JoinSet::new();
+    for i in 1..3 {
+        let request = client.get(cluster.node(i).blob_url_ns(REPO, &digest, &origin.host()));
+        pulls.spawn(async move { fetch(request, false).await });
+    }
+    while let Some(result) = pulls.join_next().await {
+        result.unwrap().unwrap().assert_blob(&digest, size);
+    }
+    let mut busy = 0.0;
+    for i in 1..3 {
+        let m = cluster.metrics(i).await.unwrap();
+        busy += m.sum("damselfly_piece_failures_total", &[("reason", "peer_busy")]);
+        assert_eq!(downloaded(&cluster, i, "peer").await, size as f64, "node {i} went to the origin");
+    }
+    assert!(busy >= 1.0, "no request ever found the single upload slot taken");
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    cluster.shutdown().await;
+}

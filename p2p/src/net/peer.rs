@@ -38,6 +38,9 @@ pub(crate) enum PieceError {
     Connect(String),
     #[error("parent answered {0}")]
     Status(u16),
+    /// The parent's upload slots are full: not a fault, try others for a moment.
+    #[error("parent is busy")]
+    Busy,
     #[error("parent stopped sending")]
     Stalled,
     #[error("parent sent {got} bytes of {want}")]
@@ -57,6 +60,7 @@ impl PieceError {
     pub fn reason(&self) -> &'static str {
         match self {
             PieceError::Connect(_) | PieceError::Status(_) => "peer_unreachable",
+            PieceError::Busy => "peer_busy",
             PieceError::Stalled => "peer_stalled",
             PieceError::Length { .. } | PieceError::Corrupt => "peer_corrupt",
             PieceError::Write(_) => "write",
@@ -81,6 +85,9 @@ async fn fetch(node: &Node, job: &PieceJob) -> Result<PieceRecord, PieceError> {
         .await
         .map_err(|_| PieceError::Stalled)?
         .map_err(|e| PieceError::Connect(e.to_string()))?;
+    if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        return Err(PieceError::Busy);
+    }
     if resp.status() != reqwest::StatusCode::OK {
         return Err(PieceError::Status(resp.status().as_u16()));
     }

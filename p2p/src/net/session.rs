@@ -31,6 +31,8 @@ pub(crate) struct Parent {
     pub token: String,
     pub pieces: Vec<bool>,
     pub inflight: usize,
+    /// The parent said its upload slots are full: ask others until then.
+    pub busy_until: Option<Instant>,
 }
 
 pub(crate) struct State {
@@ -152,6 +154,7 @@ impl Session {
                 for f in fresh.iter_mut() {
                     if let Some(old) = st.parents.iter().find(|o| o.host_id == f.host_id) {
                         f.inflight = old.inflight;
+                        f.busy_until = old.busy_until;
                         for (have, had) in f.pieces.iter_mut().zip(&old.pieces) {
                             *have |= *had;
                         }
@@ -218,7 +221,7 @@ impl Session {
                 *slot = true;
             }
         }
-        Some(Parent { host_id: p.host_id, addr: SocketAddr::new(ip, port), token: p.token, pieces, inflight: 0 })
+        Some(Parent { host_id: p.host_id, addr: SocketAddr::new(ip, port), token: p.token, pieces, inflight: 0, busy_until: None })
     }
 
     /// Stops taking pieces from `host_id` and tells the scheduler why.

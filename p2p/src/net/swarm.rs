@@ -23,6 +23,8 @@ use crate::task::TaskRef;
 /// after its siblings got them; with two, every further piece goes to whoever else holds it.
 const MAX_INFLIGHT: usize = 8;
 const PER_PARENT: usize = 2;
+/// How long a parent that answered "busy" is left alone.
+const BUSY_BACKOFF: Duration = Duration::from_millis(500);
 /// How often the stall timer is looked at.
 const TICK: Duration = Duration::from_millis(100);
 /// How often a download asks for a fresh parent set: peers that registered after it hold
@@ -169,6 +171,7 @@ impl Swarm {
                 .parents
                 .iter_mut()
                 .filter(|p| p.inflight < PER_PARENT && p.pieces.get(i).copied().unwrap_or(false))
+                .filter(|p| p.busy_until.is_none_or(|t| t <= Instant::now()))
                 .min_by_key(|p| (p.inflight, rng.gen::<u8>()));
             let Some(parent) = best else { continue };
             parent.inflight += 1;
@@ -216,6 +219,13 @@ impl Swarm {
                     sha256: String::new(),
                     cost_micros: cost,
                 }));
+            }
+            Err(PieceError::Busy) => {
+                self.task.metrics.piece_failed(PieceError::Busy.reason());
+                let mut st = self.session.lock();
+                if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == job.parent) {
+                    p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                }
             }
             Err(e @ PieceError::Write(_)) => {
                 // As with the origin: drop the task so the clients' retries stream through.
