@@ -48,6 +48,12 @@ impl MirrorOpts {
         self
     }
 
+    /// Runs a scheduler inside this daemon (on the node's address).
+    pub fn with_scheduler(mut self) -> MirrorOpts {
+        self.config.scheduler_listen = Some(SocketAddr::new(self.ip, 0));
+        self
+    }
+
     pub fn seed(mut self) -> MirrorOpts {
         self.config.seed = true;
         self
@@ -101,6 +107,8 @@ pub struct Mirror {
     pub metrics_addr: SocketAddr,
     /// The piece upload server, for cluster nodes.
     pub upload_addr: Option<SocketAddr>,
+    /// The scheduler running inside this daemon, if asked for.
+    pub scheduler_addr: Option<SocketAddr>,
     data_dir: PathBuf,
     _temp_data: Option<TempDir>,
 }
@@ -118,11 +126,16 @@ impl Mirror {
             }
         };
         let bind = || tokio::net::TcpListener::bind(SocketAddr::new(ip, 0));
-        let upload = match config.schedulers.is_empty() {
-            true => None,
-            false => Some(bind().await?),
+        let upload = match config.in_cluster() {
+            true => Some(bind().await?),
+            false => None,
         };
-        let listeners = Listeners { api: bind().await?, health: bind().await?, metrics: bind().await?, upload };
+        let scheduler = match config.scheduler_listen {
+            Some(_) => Some(bind().await?),
+            None => None,
+        };
+        let listeners =
+            Listeners { api: bind().await?, health: bind().await?, metrics: bind().await?, upload, scheduler };
         config.listen = listeners.api.local_addr()?;
         config.health_listen = listeners.health.local_addr()?;
         config.metrics_listen = listeners.metrics.local_addr()?;
@@ -130,6 +143,7 @@ impl Mirror {
         let running = daemon::start(config, listeners).await.map_err(|e| anyhow!("daemon::start: {e}"))?;
         Ok(Mirror {
             upload_addr: running.upload_addr,
+            scheduler_addr: running.scheduler_addr,
             api_addr: running.api_addr,
             health_addr: running.health_addr,
             metrics_addr: running.metrics_addr,

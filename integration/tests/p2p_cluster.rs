@@ -201,3 +201,26 @@ async fn a_parent_with_its_upload_slots_full_is_asked_again_not_blocked() {
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_running_the_scheduler_in_process_serves_a_second_node() {
+    use damselfly_integration::cluster::node_ip;
+    use damselfly_integration::{Mirror, MirrorOpts};
+    let origin = Registry::start().await.unwrap();
+    let size = 12 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let a = MirrorOpts::new(&origin.url()).cluster(node_ip(0), &[], "a").with_scheduler();
+    let a = Mirror::start(a).await.unwrap();
+    let scheduler = format!("http://{}", a.scheduler_addr.expect("in-process scheduler"));
+    let b = Mirror::start(MirrorOpts::new(&origin.url()).cluster(node_ip(1), &[scheduler], "b")).await.unwrap();
+    let client = http_client();
+    for node in [&a, &b] {
+        let url = node.blob_url_ns(REPO, &digest, &origin.host());
+        fetch(client.get(url), false).await.unwrap().assert_blob(&digest, size);
+    }
+    let from_peers = b.metrics().await.unwrap().sum("damselfly_download_bytes_total", &[("source", "peer")]);
+    assert_eq!(from_peers, size as f64, "the second node did not get the blob from the first");
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -96,6 +96,9 @@ pub struct MirrorArgs {
     /// Download limit per second for piece traffic [default: unlimited].
     #[arg(long, value_name = "SIZE")]
     pub download_rate_limit: Option<ByteSize>,
+    /// Run a scheduler inside this daemon on this address, for other nodes and this one.
+    #[arg(long, value_name = "ADDR")]
+    pub scheduler_listen: Option<SocketAddr>,
     /// Pieces uploaded at once [default: 64].
     #[arg(long, value_name = "N")]
     pub max_uploads: Option<usize>,
@@ -179,6 +182,9 @@ impl MirrorArgs {
             cfg.download_rate_limit = self.download_rate_limit;
         }
         set(&mut cfg.max_uploads, self.max_uploads);
+        if self.scheduler_listen.is_some() {
+            cfg.scheduler_listen = self.scheduler_listen;
+        }
         set(&mut cfg.log_format, self.log_format);
         set(&mut cfg.log_level, self.log_level);
     }
@@ -259,6 +265,8 @@ mod tests {
             "20MiB",
             "--max-uploads",
             "8",
+            "--scheduler-listen",
+            "127.0.0.2:8002",
         ]);
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
@@ -281,6 +289,7 @@ mod tests {
             (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20)))
         );
         assert_eq!(cfg.max_uploads, 8);
+        assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
     }
 

@@ -32,6 +32,8 @@ pub enum ClusterError {
 }
 
 pub struct ClusterParts<'a> {
+    /// URL of the scheduler running inside this daemon, if one does.
+    pub own_scheduler: Option<String>,
     pub config: &'a MirrorConfig,
     pub store: &'a Store,
     pub app: &'a Arc<App>,
@@ -42,12 +44,16 @@ pub struct ClusterParts<'a> {
 
 pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     let config = parts.config;
-    let schedulers = config.scheduler_urls()?;
+    let mut schedulers = config.scheduler_urls()?;
     let upload_addr = parts.upload.local_addr().map_err(|e| ClusterError::AdvertiseIp(e.to_string()))?;
-    let advertise_ip = match config.advertise_ip {
-        Some(ip) => ip,
-        None => advertise_ip(upload_addr, &schedulers[0]).await?,
+    let advertise_ip = match (config.advertise_ip, schedulers.first()) {
+        (Some(ip), _) => ip,
+        (None, Some(first)) => advertise_ip(upload_addr, first).await?,
+        // Only the scheduler in here: the upload address must say where peers reach us.
+        (None, None) if !upload_addr.ip().is_unspecified() => upload_addr.ip(),
+        (None, None) => return Err(ClusterError::AdvertiseIp("upload_listen is a wildcard".into())),
     };
+    schedulers.extend(parts.own_scheduler);
     let host_id = match &config.host_id {
         Some(id) => id.clone(),
         None => host_id(&config.data_dir)?,

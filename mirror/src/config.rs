@@ -45,6 +45,8 @@ pub struct MirrorConfig {
     pub upload_rate_limit: Option<ByteSize>,
     pub download_rate_limit: Option<ByteSize>,
     pub max_uploads: usize,
+    /// Run a scheduler inside this daemon on this address, for other nodes (and this one).
+    pub scheduler_listen: Option<SocketAddr>,
 }
 
 /// Where the upload server listens unless configured (Dragonfly's piece upload port).
@@ -75,6 +77,7 @@ impl Default for MirrorConfig {
             upload_rate_limit: None,
             download_rate_limit: None,
             max_uploads: 64,
+            scheduler_listen: None,
         }
     }
 }
@@ -121,7 +124,7 @@ pub enum ConfigError {
     HostId(String),
     #[error("max_uploads must be at least 1")]
     MaxUploads,
-    #[error("{0} is a cluster setting: give schedulers too")]
+    #[error("{0} is a cluster setting: give schedulers or scheduler_listen too")]
     NeedsSchedulers(&'static str),
     #[error("log_level {value:?}: {reason}")]
     LogLevel { value: String, reason: String },
@@ -203,18 +206,25 @@ impl MirrorConfig {
         if self.max_uploads == 0 {
             return Err(ConfigError::MaxUploads);
         }
-        if self.schedulers.is_empty() && self.seed {
+        if !self.in_cluster() && self.seed {
             return Err(ConfigError::NeedsSchedulers("seed"));
         }
         Ok(())
     }
 
+    /// Whether this daemon is part of a cluster: it talks to schedulers or runs one.
+    pub fn in_cluster(&self) -> bool {
+        !self.schedulers.is_empty() || self.scheduler_listen.is_some()
+    }
+
     fn validate_addrs(&self) -> Result<(), ConfigError> {
-        let upload = if self.schedulers.is_empty() { None } else { Some(("upload_listen", self.upload_listen)) };
+        let upload = self.in_cluster().then_some(("upload_listen", self.upload_listen));
+        let scheduler = self.scheduler_listen.map(|a| ("scheduler_listen", a));
         let addrs: Vec<(&'static str, SocketAddr)> =
             [("listen", self.listen), ("health_listen", self.health_listen), ("metrics_listen", self.metrics_listen)]
                 .into_iter()
                 .chain(upload)
+                .chain(scheduler)
                 .collect();
         for (i, &(first, a)) in addrs.iter().enumerate() {
             for &(second, b) in &addrs[i + 1..] {

@@ -26,6 +26,8 @@ pub struct Listeners {
     pub metrics: TcpListener,
     /// The piece upload server's; bound only when the node is part of a cluster.
     pub upload: Option<TcpListener>,
+    /// An in-process scheduler's gRPC listener (`scheduler_listen`).
+    pub scheduler: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -35,9 +37,13 @@ impl Listeners {
             api: TcpListener::bind(config.listen).await?,
             health: TcpListener::bind(config.health_listen).await?,
             metrics: TcpListener::bind(config.metrics_listen).await?,
-            upload: match config.schedulers.is_empty() {
-                true => None,
-                false => Some(TcpListener::bind(config.upload_listen).await?),
+            upload: match config.in_cluster() {
+                true => Some(TcpListener::bind(config.upload_listen).await?),
+                false => None,
+            },
+            scheduler: match config.scheduler_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
             },
         })
     }
@@ -53,6 +59,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("in-process scheduler: {0}")]
+    Scheduler(#[from] damselfly_scheduler::SchedulerError),
 }
 
 pub struct Running {
@@ -61,6 +69,9 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// Where other peers fetch pieces, in a cluster.
     pub upload_addr: Option<SocketAddr>,
+    /// The in-process scheduler's gRPC address, when one runs.
+    pub scheduler_addr: Option<SocketAddr>,
+    scheduler: Option<damselfly_scheduler::Running>,
     node: Option<Arc<damselfly_p2p::net::Node>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -95,9 +106,12 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
+    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler).await?;
+    let scheduler_addr = scheduler.as_ref().map(|s| s.grpc_addr);
     let node = match listeners.upload {
         Some(upload) => {
             let parts = crate::cluster::ClusterParts {
+                own_scheduler,
                 config: &config,
                 store: &store,
                 app: &app,
@@ -130,6 +144,8 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         health_addr: addrs.1,
         metrics_addr: addrs.2,
         upload_addr,
+        scheduler_addr,
+        scheduler,
         node,
         shutdown,
         tasks,
@@ -148,6 +164,9 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(s) = self.scheduler {
+            s.shutdown().await;
+        }
         self.store.flush_all();
     }
 
@@ -161,6 +180,9 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(s) = self.scheduler {
+            s.shutdown().await;
+        }
         self.store.flush_all();
     }
 
@@ -169,6 +191,24 @@ impl Running {
     pub fn token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+}
+
+/// Starts the in-process scheduler, if asked for; returns it and the URL this node reaches it at.
+async fn start_scheduler(
+    listener: Option<TcpListener>,
+) -> Result<(Option<damselfly_scheduler::Running>, Option<String>), DaemonError> {
+    let Some(listener) = listener else { return Ok((None, None)) };
+    let mut config = damselfly_scheduler::SchedulerConfig::default();
+    if let Some(secret) = std::env::var_os(crate::cli::SECRET_ENV) {
+        config.secret = secret.into_encoded_bytes();
+    }
+    let running = damselfly_scheduler::start(config, listener, None).await?;
+    let addr = running.grpc_addr;
+    // A wildcard address is reached over loopback from here.
+    let ip = if addr.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { addr.ip() };
+    let url = format!("http://{}", SocketAddr::new(ip, addr.port()));
+    tracing::info!(grpc = %addr, "in-process scheduler started");
+    Ok((Some(running), Some(url)))
 }
 
 fn health<B>(req: &Request<B>) -> Response<Body> {

@@ -63,6 +63,7 @@ fn example_config_documents_every_key_with_its_default() {
         "upload_rate_limit",
         "download_rate_limit",
         "max_uploads",
+        "scheduler_listen",
     ];
     for key in keys {
         assert!(live.lines().any(|l| l.starts_with(key)), "example does not document {key}");

@@ -221,7 +221,14 @@ impl Session {
                 *slot = true;
             }
         }
-        Some(Parent { host_id: p.host_id, addr: SocketAddr::new(ip, port), token: p.token, pieces, inflight: 0, busy_until: None })
+        Some(Parent {
+            host_id: p.host_id,
+            addr: SocketAddr::new(ip, port),
+            token: p.token,
+            pieces,
+            inflight: 0,
+            busy_until: None,
+        })
     }
 
     /// Stops taking pieces from `host_id` and tells the scheduler why.
