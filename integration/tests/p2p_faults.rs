@@ -19,6 +19,24 @@ async fn pull(cluster: &Cluster, i: usize, origin: &Registry, digest: &str, size
     started.elapsed()
 }
 
+/// Two nodes; node 0 holds a 32 MiB blob and uploads it slowly (4 MiB/s), so that a child of
+/// it still has most of the transfer to go when something happens to it.
+async fn slow_parent_with_a_blob() -> (Registry, Cluster, String, u64) {
+    let origin = Registry::start().await.unwrap();
+    let size = 32 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
+        if i == 0 {
+            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(4 * MIB));
+        }
+        o
+    })
+    .await
+    .unwrap();
+    pull(&cluster, 0, &origin, &digest, size).await;
+    (origin, cluster, digest, size)
+}
+
 /// Waits until node `i` has a piece from a peer (pieces arrive whole, about one a second from
 /// a parent limited to 4 MiB/s).
 async fn took_from_a_peer(cluster: &Cluster, i: usize) {
@@ -52,19 +70,7 @@ async fn wait_for_hosts(cluster: &Cluster, hosts: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_of_a_parent_killed_mid_transfer_complete_with_the_right_bytes() {
-    let origin = Registry::start().await.unwrap();
-    let size = 32 * MIB;
-    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
-    // The parent uploads slowly, so that it dies with most of the transfer still to go.
-    let mut cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
-        if i == 0 {
-            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(4 * MIB));
-        }
-        o
-    })
-    .await
-    .unwrap();
-    pull(&cluster, 0, &origin, &digest, size).await;
+    let (origin, mut cluster, digest, size) = slow_parent_with_a_blob().await;
 
     let url = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
     let child = tokio::spawn(async move { fetch(http_client().get(url), false).await });
@@ -106,18 +112,7 @@ impl Drop for Partition {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_of_a_partitioned_parent_move_on_within_about_a_second() {
-    let origin = Registry::start().await.unwrap();
-    let size = 32 * MIB;
-    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
-    let cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
-        if i == 0 {
-            o.config.upload_rate_limit = Some(damselfly_mirror::config::ByteSize(4 * MIB));
-        }
-        o
-    })
-    .await
-    .unwrap();
-    pull(&cluster, 0, &origin, &digest, size).await;
+    let (origin, cluster, digest, size) = slow_parent_with_a_blob().await;
 
     let url = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
     let child = tokio::spawn(async move { fetch(http_client().get(url), false).await });

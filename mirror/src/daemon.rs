@@ -17,8 +17,8 @@ use crate::api::metrics::ApiMetrics;
 use crate::api::response::{full, Body};
 use crate::api::App;
 use crate::config::MirrorConfig;
-use crate::server::serve;
 use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
+use damselfly_p2p::serve::serve;
 
 pub struct Listeners {
     pub api: TcpListener,
@@ -173,6 +173,9 @@ impl Running {
     /// Stops at once, as a crash would as far as peers can tell: the schedulers are not told,
     /// open connections are cut. The cache metadata is still persisted.
     pub async fn kill(self) {
+        if let Some(node) = &self.node {
+            node.abort_uploads();
+        }
         self.shutdown.cancel();
         for t in &self.tasks {
             t.abort();

@@ -4,5 +4,4 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod oci;
-pub mod server;
 pub mod upstream;

@@ -10,6 +10,7 @@ pub mod net;
 pub mod passthrough;
 pub mod piece;
 pub mod reader;
+pub mod serve;
 pub mod source;
 pub mod store;
 mod task;

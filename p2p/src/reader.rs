@@ -67,6 +67,20 @@ pub fn read(
     })
 }
 
+/// Reads the whole task through the usual fetch path and drops the bytes: fills the cache (a
+/// background fill after a range read, a seed fetching for the cluster). Stops at the first
+/// error; the task keeps whatever pieces arrived.
+pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
+    use futures_util::StreamExt;
+    let len = task.len();
+    let mut s = std::pin::pin!(read(task, 0..len, false, source));
+    while let Some(r) = s.next().await {
+        if r.is_err() {
+            break;
+        }
+    }
+}
+
 impl Cursor {
     async fn next_frame(&mut self) -> Result<Bytes, ReadError> {
         loop {

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use damselfly_p2p::{passthrough, StoreError, TaskRef};
-use futures_util::StreamExt;
 use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
@@ -152,15 +151,7 @@ fn zero_length(target: &Target, method: &Method) -> Response<Body> {
 
 /// After a cold range read, fetch the rest so the next reader finds the whole blob.
 fn fill_in_background(task: TaskRef, source: Arc<UpstreamBlob>) {
-    let len = task.len();
-    tokio::spawn(async move {
-        let mut s = std::pin::pin!(damselfly_p2p::read(task, 0..len, false, source));
-        while let Some(r) = s.next().await {
-            if r.is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(damselfly_p2p::reader::fill(task, source));
 }
 
 /// Streams straight from the origin, verified, when the blob cannot be cached.

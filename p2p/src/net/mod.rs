@@ -130,6 +130,7 @@ pub struct Node {
     shutdown: CancellationToken,
     /// Hooks run on the store's threads (the piece hasher), outside the runtime.
     runtime: tokio::runtime::Handle,
+    upload_server: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -164,11 +165,13 @@ impl Node {
             metrics,
             shutdown,
             runtime: tokio::runtime::Handle::current(),
+            upload_server: Mutex::new(None),
             store: store.clone(),
             cfg,
         });
         store.attach_network(&node);
-        tokio::spawn(upload::serve(node.clone(), upload, node.shutdown.clone()));
+        let server = tokio::spawn(upload::serve(node.clone(), upload, node.shutdown.clone()));
+        *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         for i in 0..node.schedulers.len() {
             tokio::spawn(node.clone().announce_loop(i));
             if node.cfg.seed && node.cfg.seed_source.is_some() {
@@ -180,6 +183,13 @@ impl Node {
 
     pub fn host_id(&self) -> &str {
         &self.cfg.host_id
+    }
+
+    /// Cuts every upload at once, as a crash would (graceful shutdown drains them instead).
+    pub fn abort_uploads(&self) {
+        if let Some(server) = self.upload_server.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            server.abort();
+        }
     }
 
     /// Tells the schedulers this host is leaving (best effort, bounded).
@@ -304,16 +314,7 @@ impl Node {
             _ => return,
         };
         tracing::info!(%digest, "seeding on the scheduler's request");
-        let len = task.len();
-        tokio::spawn(async move {
-            use futures_util::StreamExt;
-            let mut s = std::pin::pin!(crate::read(task, 0..len, false, source));
-            while let Some(r) = s.next().await {
-                if r.is_err() {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(crate::reader::fill(task, source));
     }
 
     pub(crate) fn check_token(&self, token: &str, digest: &Digest) -> Result<String, token::TokenError> {

@@ -3,9 +3,7 @@
 //! are served, straight from the task's memory map, to any number of children at once within
 //! the upload slots and rate limit.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -14,8 +12,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -32,38 +28,8 @@ type Body = BoxBody<Bytes, std::io::Error>;
 const FRAME: u64 = 256 << 10;
 
 pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "upload accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let svc = service_fn(move |req| {
-            let node = node.clone();
-            async move { Ok::<_, Infallible>(handle(node, req).await) }
-        });
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // Longer than the peers' idle pool timeout, so that idle keep-alive connections are closed by
-        // the client, not cut by this timer.
-        http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
-        conns.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "upload connection ended with an error");
-            }
-        });
-    }
-    conns.shutdown().await;
+    let handler = move |req| handle(node.clone(), req);
+    crate::serve::serve(listener, handler, shutdown).await;
 }
 
 async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {

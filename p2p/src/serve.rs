@@ -1,12 +1,13 @@
-//! Serving HTTP on a bound listener until a shutdown signal: the same loop for the mirror API,
-//! the health endpoint and the metrics endpoint.
+//! Serving HTTP on a bound listener until a shutdown signal: the one loop behind every server
+//! of the daemon (the mirror API, health, metrics, and the piece upload server).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,17 +15,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::response::Body;
-
 /// Request heads larger than this are refused (431) before any routing.
 const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Connections still open this long after shutdown was asked for are dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
+/// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown`; then drains open
+/// connections for a few seconds and ends the rest.
+pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
