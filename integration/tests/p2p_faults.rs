@@ -179,3 +179,25 @@ async fn tasks_spread_over_two_schedulers_and_pulls_continue_when_one_dies() {
     origin.settled_access_log().await.assert_copies_at_most(&all, 1.1);
     cluster.shutdown().await;
 }
+
+/// Regression: a parent set that holds only some pieces, handed out again and again, kept a full
+/// read from ever reaching its stall timer; it hung instead of taking the rest from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_is_not_starved_by_a_parent_holding_only_some_pieces() {
+    let origin = Registry::start().await.unwrap();
+    let size = 24 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |_, o| o).await.unwrap();
+    // Node 0 reads one range (one piece) the way nydusd does, then its download stream closes
+    // and it stays a holder of that piece alone.
+    let url0 = cluster.node(0).blob_url_ns(REPO, &digest, &origin.host());
+    let piece3 = format!("bytes={}-{}", 3 * 4 * MIB, 4 * 4 * MIB - 1);
+    let got = fetch(http_client().get(url0).header("Range", piece3), false).await.unwrap();
+    assert_eq!(got.received, 4 * MIB);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let url1 = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
+    let full = tokio::time::timeout(Duration::from_secs(20), fetch(http_client().get(url1), false)).await;
+    full.expect("the full read hung").unwrap().assert_blob(&digest, size);
+    cluster.shutdown().await;
+}

@@ -117,8 +117,8 @@ fn host_id(data_dir: &Path) -> Result<String, ClusterError> {
     Ok(id)
 }
 
-/// Fetches content for the cluster from the registry a scheduler named, with this daemon's own
-/// credentials for it (a seed never holds a client's).
+/// Fetches content for the cluster from the registry a scheduler named, anonymously: the task
+/// was registered by some node of the cluster, and a seed must not lend it its credentials.
 struct Seeder {
     app: Arc<App>,
 }
@@ -127,7 +127,7 @@ impl SeedSource for Seeder {
     fn source(&self, spec: &SourceSpec, digest: &Digest) -> Option<Arc<dyn Source>> {
         let registry = self.app.upstream.select(Some(&spec.registry), None).ok()?;
         let target = Target { registry, repo: spec.repository.clone(), client_auth: None, digest: digest.clone() };
-        Some(Arc::new(UpstreamBlob::blob(self.app.clone(), target)))
+        Some(Arc::new(UpstreamBlob::for_seed(self.app.clone(), target)))
     }
 }
 

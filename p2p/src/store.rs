@@ -176,8 +176,9 @@ impl Store {
         self.inner.network().is_some()
     }
 
-    /// Every verified task whose piece digests are all known, for announcing to schedulers.
-    pub fn verified_tasks(&self) -> Vec<TaskMeta> {
+    /// Up to `max` verified tasks whose piece digests are all known, most recently used first,
+    /// for announcing to schedulers. Reads metadata files: call it off the runtime threads.
+    pub fn verified_tasks(&self, max: usize) -> Vec<TaskMeta> {
         let entries: Vec<(Digest, Option<Arc<Task>>)> =
             self.inner.index().lru.iter().map(|(d, e)| (d.clone(), e.task.clone())).collect();
         entries
@@ -187,6 +188,7 @@ impl Store {
                 None => TaskMeta::load(&self.inner.paths(&digest).1).ok(),
             })
             .filter(|m| m.verified && m.pieces.iter().all(|p| p.as_ref().is_some_and(|r| r.sha256.is_some())))
+            .take(max)
             .collect()
     }
 

@@ -467,6 +467,11 @@ impl Task {
             st.verifying = false;
             st.dirty = true;
         }
+        self.after_verified();
+    }
+
+    /// Persists and publishes a verification made under the state lock.
+    pub(crate) fn after_verified(&self) {
         self.flush();
         self.notify();
         self.announce_if_ready();

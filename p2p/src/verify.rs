@@ -61,16 +61,23 @@ impl Task {
             }
             let demotions = ahead.demotions;
             let matches = ahead.hasher.finish() == self.digest;
+            // Decided and recorded in one critical section: a piece demoted in between would
+            // otherwise leave a verified task with a piece nobody checked against the digest.
             let replaced = {
                 let mut st = self.lock();
                 st.ahead_running = false;
-                st.demotions != demotions
+                let replaced = st.demotions != demotions;
+                if !replaced && matches {
+                    st.verified = true;
+                    st.dirty = true;
+                }
+                replaced
             };
             if replaced {
                 // A piece hashed above was dropped and fetched again: hash again from the start.
                 self.verify_ahead();
             } else if matches {
-                self.set_verified();
+                self.after_verified();
             } else {
                 self.discard("assembled content does not match its digest");
             }

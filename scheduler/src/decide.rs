@@ -127,16 +127,19 @@ impl State {
 }
 
 fn seed_or_origin(hosts: &Hosts, seeds: &Set<Id>, task: &Task, ci: usize, env: &Env) -> Choice {
-    let may_trigger = match &task.seed {
-        None => true,
-        Some(t) => {
-            let age = env.now.saturating_duration_since(t.at);
-            if !t.settled && age < SEED_WAIT {
-                return Choice::Wait;
+    // A seed can only fetch what names its registry and repository.
+    let fetchable = task.source.as_ref().is_some_and(|s| !s.registry.is_empty() && !s.repository.is_empty());
+    let may_trigger = fetchable
+        && match &task.seed {
+            None => true,
+            Some(t) => {
+                let age = env.now.saturating_duration_since(t.at);
+                if !t.settled && age < SEED_WAIT {
+                    return Choice::Wait;
+                }
+                age >= SEED_RETRY
             }
-            age >= SEED_RETRY
-        }
-    };
+        };
     if may_trigger {
         if let Some(seed) = pick_seed(hosts, seeds, task, ci, env.now) {
             return Choice::Seed(seed);

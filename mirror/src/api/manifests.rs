@@ -134,7 +134,11 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
     while let Some(chunk) = s.next().await {
         match chunk {
             Ok(c) => out.extend_from_slice(&c),
-            Err(e) => return Some(bad_gateway(&e.to_string())),
+            // Nothing was sent yet: the direct path may still serve it.
+            Err(e) => {
+                tracing::info!(error = %e, "manifest through the cluster failed; fetching it directly");
+                return None;
+            }
         }
     }
     Some(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len)))

@@ -154,6 +154,7 @@ fn upstream_request(
         path,
         headers,
         client_auth: client_auth.clone(),
+        anonymous: false,
     }
 }
 

@@ -17,21 +17,29 @@ pub struct UpstreamBlob {
     pub target: Target,
     /// `Accept` values for a manifest; `None` for a blob.
     pub manifest_accept: Option<Vec<HeaderValue>>,
+    /// Fetch without the daemon's configured credentials (see [`UpstreamBlob::for_seed`]).
+    pub anonymous: bool,
 }
 
 impl UpstreamBlob {
     pub fn blob(app: Arc<App>, target: Target) -> Self {
-        UpstreamBlob { app, target, manifest_accept: None }
+        UpstreamBlob { app, target, manifest_accept: None, anonymous: false }
+    }
+
+    /// A seed fetches for whichever node registered the task: only what the origin gives
+    /// anyone, so that a stranger cannot make it pull private content with its credentials.
+    pub fn for_seed(app: Arc<App>, target: Target) -> Self {
+        UpstreamBlob { app, target, manifest_accept: None, anonymous: true }
     }
 
     pub fn manifest(app: Arc<App>, target: Target, accept: Vec<HeaderValue>) -> Self {
-        UpstreamBlob { app, target, manifest_accept: Some(accept) }
+        UpstreamBlob { app, target, manifest_accept: Some(accept), anonymous: false }
     }
 
     async fn get(
         app: Arc<App>,
         target: Target,
-        accept: Option<Vec<HeaderValue>>,
+        (accept, anonymous): (Option<Vec<HeaderValue>>, bool),
         range: Option<Range<u64>>,
     ) -> Result<SourceResponse, SourceError> {
         let mut headers = HeaderMap::new();
@@ -48,7 +56,8 @@ impl UpstreamBlob {
             (false, true) => "blob_range",
             (false, false) => "blob",
         });
-        let req = target.request(Method::GET, kind, headers);
+        let mut req = target.request(Method::GET, kind, headers);
+        req.anonymous = anonymous;
         let reply = app
             .upstream
             .send(req)
@@ -78,11 +87,16 @@ impl UpstreamBlob {
 
 impl Source for UpstreamBlob {
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>> {
-        Box::pin(Self::get(self.app.clone(), self.target.clone(), self.manifest_accept.clone(), range))
+        let how = (self.manifest_accept.clone(), self.anonymous);
+        Box::pin(Self::get(self.app.clone(), self.target.clone(), how, range))
     }
 
     fn describe(&self) -> Option<SourceSpec> {
         use crate::upstream::SchemePolicy;
+        // Seeds fetch blobs; a manifest is small and its node fetches it from the origin itself.
+        if self.manifest_accept.is_some() {
+            return None;
+        }
         let r = &self.target.registry;
         let (scheme, insecure) = match r.scheme {
             SchemePolicy::Https => ("https", false),

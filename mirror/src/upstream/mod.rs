@@ -130,6 +130,8 @@ pub struct UpstreamRequest {
     pub headers: http::HeaderMap,
     /// The client's own `Authorization`, forwarded as-is when present.
     pub client_auth: Option<http::HeaderValue>,
+    /// Never use the daemon's configured credentials (a seed fetching for strangers).
+    pub anonymous: bool,
 }
 
 pub struct UpstreamReply {
@@ -216,7 +218,7 @@ impl Upstream {
             let response = self.transport.execute(&target, Some(&auth)).await?;
             return Ok(UpstreamReply { response, credential: CredentialKind::Client });
         }
-        let cred = self.credentials.get(&target.endpoint.host);
+        let cred = if req.anonymous { None } else { self.credentials.get(&target.endpoint.host) };
         self.auth.send(&self.transport, &target, &req.repo, cred).await
     }
 }

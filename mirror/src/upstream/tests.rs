@@ -145,6 +145,7 @@ fn request(registry: &RegistryEndpoint, repo: &str, path: &str) -> UpstreamReque
         path: path.into(),
         headers: HeaderMap::new(),
         client_auth: None,
+        anonymous: false,
     }
 }
 

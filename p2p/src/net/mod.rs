@@ -37,6 +37,9 @@ use crate::task::TaskRef;
 use schedulers::Schedulers;
 use session::{Mode, Session};
 
+/// Tasks in one announcement, the most recently used first (the scheduler takes up to 10,000).
+const MAX_ANNOUNCED: usize = 5_000;
+
 /// How long a task's download stream stays open after its last fetch ended, so that piece
 /// digests still being computed reach the scheduler.
 const LINGER: Duration = Duration::from_secs(5);
@@ -213,8 +216,10 @@ impl Node {
     /// Announces the host and every verified task to scheduler `i`. Returns the interval the
     /// scheduler asked for.
     async fn announce(&self, i: usize) -> Option<Duration> {
-        let tasks = self.store.verified_tasks().into_iter().map(task_info).collect();
-        self.announce_tasks(i, tasks).await
+        // Reads metadata files of tasks not in memory: off the runtime threads.
+        let store = self.store.clone();
+        let metas = tokio::task::spawn_blocking(move || store.verified_tasks(MAX_ANNOUNCED)).await.unwrap_or_default();
+        self.announce_tasks(i, metas.into_iter().map(task_info).collect()).await
     }
 
     /// A task just became complete and verified here: tell the other schedulers now rather
@@ -222,8 +227,11 @@ impl Node {
     /// order with the piece reports.
     pub(crate) fn task_ready(self: &Arc<Self>, meta: crate::meta::TaskMeta) {
         let node = self.clone();
-        let streaming_to =
-            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).and_then(|s| s.scheduler());
+        let session = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).cloned();
+        if let Some(s) = &session {
+            s.finished();
+        }
+        let streaming_to = session.and_then(|s| s.scheduler());
         let info = task_info(meta);
         self.runtime.spawn(async move {
             for i in 0..node.schedulers.len() {
@@ -365,7 +373,9 @@ impl Node {
         match opened {
             Ok((tx, stream)) => {
                 let scheduler = stream.scheduler.clone();
-                session.connect(tx, &scheduler);
+                if !session.connect(tx, &scheduler) {
+                    return;
+                }
                 if !session::pump(session.clone(), stream.responses).await {
                     self.schedulers.stream_failed(&scheduler);
                 }

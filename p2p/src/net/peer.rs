@@ -105,6 +105,8 @@ async fn fetch(node: &Node, job: &PieceJob) -> Result<PieceRecord, PieceError> {
         if pos + chunk.len() as u64 > range.end {
             return Err(PieceError::Length { got: pos + chunk.len() as u64 - range.start, want });
         }
+        // Bytes arrived: progress, whatever the rate limit makes this wait below.
+        job.last_byte.store(job.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         super::limit::take(&node.download_limit, chunk.len()).await;
         // The piece is claimed by this node's fetch: nobody reads these bytes until the whole
         // piece matched its digest and is marked present.

@@ -55,6 +55,10 @@ pub(crate) struct Session {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     attached: AtomicUsize,
+    /// Closed by the node: a stream that opens after this is dropped at once.
+    closed: std::sync::atomic::AtomicBool,
+    /// `Finished` was sent already.
+    finished_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -73,6 +77,8 @@ impl Session {
             }),
             changed: watch::channel(0).0,
             attached: AtomicUsize::new(0),
+            closed: Default::default(),
+            finished_sent: Default::default(),
         })
     }
 
@@ -110,9 +116,17 @@ impl Session {
         self.attached.load(Ordering::SeqCst)
     }
 
-    pub fn connect(&self, tx: mpsc::UnboundedSender<DownloadRequest>, scheduler: &str) {
-        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    /// Returns `false` (dropping `tx`, which ends the stream) when the session was closed
+    /// while its stream was being opened.
+    pub fn connect(&self, tx: mpsc::UnboundedSender<DownloadRequest>, scheduler: &str) -> bool {
+        let mut slot = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        *slot = Some(tx);
+        drop(slot);
         *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheduler.to_owned());
+        true
     }
 
     /// The scheduler this download talks to, once connected.
@@ -122,9 +136,22 @@ impl Session {
 
     /// Ends the stream: the scheduler keeps this node as a holder of what it reported.
     pub fn close(&self, finished: bool) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tx = {
+            let mut slot = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::SeqCst);
+            slot.take()
+        };
         if let (Some(tx), true) = (tx, finished) {
-            let _ = tx.send(request(download_request::Kind::Finished(proto::Finished {})));
+            if !self.finished_sent.swap(true, Ordering::SeqCst) {
+                let _ = tx.send(request(download_request::Kind::Finished(proto::Finished {})));
+            }
+        }
+    }
+
+    /// The task is complete and verified here: the scheduler may list all of it at once.
+    pub fn finished(&self) {
+        if !self.finished_sent.swap(true, Ordering::SeqCst) {
+            self.send(download_request::Kind::Finished(proto::Finished {}));
         }
     }
 
@@ -165,9 +192,18 @@ impl Session {
                     parents = ?fresh.iter().map(|p| (p.host_id.as_str(), p.pieces.iter().filter(|&&b| b).count())).collect::<Vec<_>>(),
                     "parents"
                 );
+                // News is only what lets the swarm move: a holder of a piece it did not know of.
+                // The same parent set handed out again is no progress (a download starved by
+                // it must still reach its stall timer and go to the origin).
+                let gained = fresh.iter().any(|f| {
+                    let old = st.parents.iter().find(|o| o.host_id == f.host_id);
+                    f.pieces.iter().enumerate().any(|(i, &has)| has && !old.is_some_and(|o| o.pieces[i]))
+                });
+                if gained {
+                    st.news_at = Instant::now();
+                }
                 st.parents = fresh;
                 st.mode = if st.parents.is_empty() { Mode::Wait } else { Mode::Parents };
-                st.news_at = Instant::now();
             }
             download_response::Kind::BackToSource(b) => {
                 tracing::debug!(digest = %self.digest, reason = %b.reason, "scheduler: fetch from the origin");
@@ -179,24 +215,32 @@ impl Session {
                 }
             }
             download_response::Kind::PieceDigests(d) => {
+                let mut pinned = false;
                 for pd in d.digests {
                     if let Some(slot) = st.digests.get_mut(pd.number as usize) {
-                        if valid_sha(&pd.sha256) {
+                        if slot.is_none() && valid_sha(&pd.sha256) {
                             *slot = Some(pd.sha256);
+                            pinned = true;
                         }
                     }
                 }
-                st.news_at = Instant::now();
+                if pinned {
+                    st.news_at = Instant::now();
+                }
             }
             download_response::Kind::PieceAvailable(a) => {
                 tracing::trace!(digest = %self.digest, host = %a.host_id, pieces = ?a.pieces, "pieces available");
                 if let Some(parent) = st.parents.iter_mut().find(|p| p.host_id == a.host_id) {
+                    let mut gained = false;
                     for n in a.pieces {
                         if let Some(slot) = parent.pieces.get_mut(n as usize) {
+                            gained |= !*slot;
                             *slot = true;
                         }
                     }
-                    st.news_at = Instant::now();
+                    if gained {
+                        st.news_at = Instant::now();
+                    }
                 }
             }
             download_response::Kind::Quarantined(q) => {

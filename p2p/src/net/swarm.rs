@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use damselfly_scheduler::proto::{self, download_request};
+use std::panic::AssertUnwindSafe;
+
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::peer::{self, PieceError, PieceJob};
 use super::session::{Mode, Session};
@@ -60,7 +62,11 @@ pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<u
         last_byte: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
     };
-    let take_from_peers = swarm.take_from_peers().await;
+    // A panic must not leave pieces claimed by a fetch that no longer runs (as in fetch.rs).
+    let take_from_peers = AssertUnwindSafe(swarm.take_from_peers())
+        .catch_unwind()
+        .await
+        .unwrap_or(Err("taking pieces from peers panicked"));
     swarm.abandon_inflight();
     // Whatever the peers did not deliver comes from the origin.
     let (result, hashing) = swarm.take_from_origin(&*source).await;
@@ -69,6 +75,11 @@ pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<u
     }
     node.release(&session);
     task.finish_fetch(id, hashing, result.err().map(|e| e.message));
+    // Pieces from peers and from origin ranges: nobody streamed the whole content through a
+    // hash, and a seed or background fill has no full reader to ask for it.
+    if task.is_complete() {
+        task.task().verify_ahead();
+    }
 }
 
 impl Swarm {
@@ -243,7 +254,9 @@ impl Swarm {
     /// Fetches the claimed pieces that are still missing from the origin, run by run.
     async fn take_from_origin(&mut self, source: &dyn Source) -> (Result<(), SourceError>, bool) {
         let mut hashing = false;
-        for run in runs(&self.task.claimed(self.id, self.run.clone())) {
+        // One run at a time, looking again after each: a source that ignores ranges answers
+        // the first run with the whole content, which fills every claimed piece at once.
+        while let Some(run) = runs(&self.task.claimed(self.id, self.run.clone())).into_iter().next() {
             let (result, hashed) = crate::fetch::fill(&self.task, self.id, run, source).await;
             hashing |= hashed;
             if result.is_err() {

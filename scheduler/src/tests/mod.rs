@@ -52,7 +52,18 @@ pub(crate) fn full_list(seed: u8) -> Vec<String> {
 }
 
 pub(crate) fn reg(host: &str) -> Register {
-    Register { host_id: host.into(), digest: D.into(), length: u64::from(N) * PS, piece_size: PS, ..Default::default() }
+    Register {
+        host_id: host.into(),
+        digest: D.into(),
+        length: u64::from(N) * PS,
+        piece_size: PS,
+        source: Some(proto::Source {
+            registry: "https://registry.example".into(),
+            repository: "library/app".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// A download by a host that announces itself first.

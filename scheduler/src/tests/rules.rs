@@ -258,3 +258,14 @@ impl crate::SeedSubscription {
         self.recv().now_or_never().flatten()
     }
 }
+
+#[test]
+fn a_task_without_a_source_is_never_sent_to_a_seed() {
+    let s = sched(|_| {});
+    announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
+    let mut sub = s.seed_tasks(&proto::SeedTasksRequest { host_id: "seed".into() }).expect("seed stream");
+    announce(&s, host("a"), vec![]);
+    let mut a = Dl::register(&s, Register { source: None, ..reg("a") });
+    assert_eq!(last(&a.take()), "back_to_source");
+    assert!(sub.rx_try().is_none(), "a seed was asked for a task it cannot fetch");
+}
