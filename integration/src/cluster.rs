@@ -53,6 +53,22 @@ impl Cluster {
         }
     }
 
+    /// Waits until every scheduler knows at least `hosts` hosts (tests announce every 2 s).
+    pub async fn wait_for_hosts(&self, hosts: f64) -> Result<()> {
+        for s in &self.schedulers {
+            let url = s.metrics_url();
+            crate::util::poll_until("hosts announced to the scheduler", std::time::Duration::from_secs(15), || {
+                let url = url.clone();
+                async move {
+                    let m = Metrics::scrape(&url).await?;
+                    Ok((m.sum("damselfly_scheduler_hosts", &[]) >= hosts).then_some(()))
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Stops node `i` as a crash would.
     pub async fn kill(&mut self, i: usize) {
         if let Some(n) = self.nodes[i].take() {

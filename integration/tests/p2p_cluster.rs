@@ -4,7 +4,7 @@
 use damselfly_integration::cluster::{node_id, SECRET};
 use std::time::Duration;
 
-use damselfly_integration::{fetch, http_client, poll_until, random_bytes, Cluster, Image, Metrics, Registry, MIB};
+use damselfly_integration::{fetch, http_client, random_bytes, Cluster, Image, Registry, MIB};
 
 const REPO: &str = "test/p2p";
 
@@ -143,13 +143,7 @@ async fn a_new_task_is_fetched_by_the_seed_and_nodes_take_it_from_the_seed() {
     let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
     let cluster = Cluster::start(&origin, 1, 2, |i, o| if i == 0 { o.seed() } else { o }).await.unwrap();
     // The seed takes tasks once it announced itself and opened its seed stream.
-    let url = cluster.schedulers[0].metrics_url();
-    poll_until("both nodes announced", Duration::from_secs(10), || {
-        let url = url.clone();
-        async move { Ok((Metrics::scrape(&url).await?.sum("damselfly_scheduler_hosts", &[]) >= 2.0).then_some(())) }
-    })
-    .await
-    .unwrap();
+    cluster.wait_for_hosts(2.0).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let request = http_client().get(cluster.node(1).blob_url_ns(REPO, &digest, &origin.host()));

@@ -52,22 +52,6 @@ async fn took_from_a_peer(cluster: &Cluster, i: usize) {
     .unwrap();
 }
 
-/// Waits until every scheduler knows `hosts` hosts (they announce every 2 s in tests).
-async fn wait_for_hosts(cluster: &Cluster, hosts: f64) {
-    for s in &cluster.schedulers {
-        let url = s.metrics_url();
-        poll_until("hosts announced to the scheduler", Duration::from_secs(15), || {
-            let url = url.clone();
-            async move {
-                let m = Metrics::scrape(&url).await?;
-                Ok((m.sum("damselfly_scheduler_hosts", &[]) >= hosts).then_some(()))
-            }
-        })
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_of_a_parent_killed_mid_transfer_complete_with_the_right_bytes() {
     let (origin, mut cluster, digest, size) = slow_parent_with_a_blob().await;
@@ -144,7 +128,7 @@ async fn pulls_survive_the_scheduler_and_a_restarted_scheduler_finds_cached_blob
     assert!(took < Duration::from_secs(3), "a pull without a scheduler took {took:?}");
 
     cluster.schedulers[0].restart().await.unwrap();
-    wait_for_hosts(&cluster, 3.0).await;
+    cluster.wait_for_hosts(3.0).await.unwrap();
     // Node 0 cached this before the restart; the new scheduler learnt it from the announcement.
     pull(&cluster, 2, &origin, &cached, size).await;
     assert_eq!(downloaded(&cluster, 2, "peer").await, size as f64, "node 2 did not get the blob from a peer");
