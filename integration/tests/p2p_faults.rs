@@ -82,16 +82,27 @@ impl Partition {
             "-j".into(),
             "DROP".into(),
         ];
-        let status = std::process::Command::new("iptables").arg("-I").args(&rule).status().expect("run iptables");
-        assert!(status.success(), "iptables -I failed (the partition test needs root)");
+        let status = iptables().arg("-I").args(&rule).status().expect("run iptables");
+        assert!(status.success(), "iptables -I failed (the partition test needs root or password-less sudo)");
         Partition(rule)
     }
 }
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("iptables").arg("-D").args(&self.0).status();
+        let _ = iptables().arg("-D").args(&self.0).status();
     }
+}
+
+/// `iptables`, through `sudo -n` when not running as root.
+fn iptables() -> std::process::Command {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = std::process::Command::new(if root { "iptables" } else { "sudo" });
+    if !root {
+        cmd.args(["-n", "iptables"]);
+    }
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
