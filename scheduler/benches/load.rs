@@ -27,8 +27,11 @@ const TASKS: usize = 100;
 const PIECES: u32 = 8;
 const PIECE_SIZE: u64 = 4 << 20;
 /// Peers starting a download per second; each makes two decisions, so 22,000 decisions/s are
-/// offered and the 20,000/s target is met only if the scheduler keeps up.
-const RATE: f64 = 11_000.0;
+/// offered and the 20,000/s target is met only if the scheduler keeps up. `LOAD_RATE` changes it
+/// (to see the latency at lower load).
+fn rate() -> f64 {
+    std::env::var("LOAD_RATE").ok().and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0).unwrap_or(11_000.0)
+}
 /// Announcements in flight at once while the hosts join.
 const CONCURRENCY: usize = 32;
 const CONNECTIONS: usize = 8;
@@ -121,6 +124,7 @@ async fn peer(mut c: SchedulerClient<Channel>, i: usize) -> Vec<Duration> {
 
 fn over_grpc() {
     let n = peers();
+    let offered = rate();
     // The scheduler on a single-threaded runtime of its own: one core.
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -158,7 +162,7 @@ fn over_grpc() {
         let start = Instant::now();
         let mut flows = tokio::task::JoinSet::new();
         for i in 0..n {
-            tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / RATE)).into()).await;
+            tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / offered)).into()).await;
             flows.spawn(peer(clients[i % CONNECTIONS].clone(), i));
         }
         let all: Vec<Vec<Duration>> = flows.join_all().await;
@@ -172,7 +176,7 @@ fn over_grpc() {
     let server_p99 = server_p99(&sched);
     let _ = stop_tx.send(());
     server.join().expect("server thread");
-    println!("over gRPC, {n} peers, {TASKS} tasks, {PIECES} pieces each, {RATE:.0} peers/s offered:");
+    println!("over gRPC, {n} peers, {TASKS} tasks, {PIECES} pieces each, {offered:.0} peers/s offered:");
     println!("  decisions                {decisions} in {elapsed:.2?} = {rate:.0}/s");
     println!("  answered                 {} of {} expected", latencies.len(), 2 * n);
     println!("  scheduler CPU            {server_cpu:.2?} = {capacity:.0} decisions per CPU-second");
