@@ -206,10 +206,16 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
             token: h.minter.mint(&task.digest, &child, expiry),
             // Only what the parent holds: nobody is sent for a piece its parent is still
             // fetching, possibly from that very child. A parent still fetching from the
-            // origin lists nothing here: each of its new pieces is offered to one child as it
-            // arrives (see `piece_finished`), and the rest get it from that child, so its
-            // uplink carries each piece about once. Once finished it lists everything.
-            pieces: if peer.state == PeerState::Origin { Vec::new() } else { peer.held(count) },
+            // origin that already has children lists nothing here: each of its new pieces is
+            // offered to one child as it arrives (see `piece_finished`), and the rest get it
+            // from that child, so its uplink carries each piece about once. Its first child
+            // sees everything it holds, so a node reading ranges from the origin for a long
+            // time still shares what it has. Once finished it lists everything.
+            pieces: if peer.state == PeerState::Origin && !peer.children.is_empty() {
+                Vec::new()
+            } else {
+                peer.held(count)
+            },
         });
         task.link(hosts, ci, pi);
     }

@@ -158,12 +158,17 @@ fn pieces_held_at_registration_are_offered_at_once() {
     let mut a = Dl::register(&s, Register { pieces: vec![1, 2], ..reg("a") });
     assert_eq!(last(&a.take()), "back_to_source");
     let mut b = Dl::open(&s, host("b"));
-    // While a fetches from the origin its pieces are offered one by one, not listed.
-    assert_eq!(parents(&b.take()), Some(vec![("a".to_owned(), vec![])]));
+    // a's first child sees what it holds.
+    assert_eq!(parents(&b.take()), Some(vec![("a".to_owned(), vec![1, 2])]));
     assert_eq!(stat(&s).peers.iter().find(|p| p.host_id == "a").map(|p| p.pieces), Some(2));
-    drop(a);
+    // While a fetches from the origin and has a child, later children are offered its new
+    // pieces one by one instead; once its stream ends it lists them again.
     let mut c = Dl::open(&s, host("c"));
     let view: HashMap<_, _> = parents(&c.take()).expect("parents").into_iter().collect();
+    assert_eq!(view.get("a"), Some(&vec![]));
+    drop(a);
+    let mut d = Dl::open(&s, host("d"));
+    let view: HashMap<_, _> = parents(&d.take()).expect("parents").into_iter().collect();
     assert_eq!(view.get("a"), Some(&vec![1, 2]));
 }
 
