@@ -40,6 +40,28 @@ pub(crate) struct Host {
 }
 
 impl Host {
+    /// A host known by `id` only, seen `now`: no address, no zone, nothing assigned yet.
+    pub fn new(id: Id, minter: Minter, now: Instant) -> Host {
+        Host {
+            id,
+            ip: String::new(),
+            port: 0,
+            idc: String::new(),
+            location: Vec::new(),
+            slots: 0,
+            seed: false,
+            minter,
+            last_seen: now,
+            streams: 0,
+            seed_stream: None,
+            children: 0,
+            throughput: 0.0,
+            corrupt: Vec::new(),
+            blocked_until: None,
+            tasks: Set::default(),
+        }
+    }
+
     pub fn alive(&self, now: Instant, announce_interval: Duration) -> bool {
         self.streams > 0
             || self.seed_stream.is_some()
@@ -148,24 +170,7 @@ impl std::ops::Index<&str> for Hosts {
 
 #[cfg(test)]
 pub(crate) fn test_host(id: &str) -> Host {
-    Host {
-        id: id.into(),
-        ip: String::new(),
-        port: 0,
-        idc: String::new(),
-        location: Vec::new(),
-        slots: 0,
-        seed: false,
-        minter: Minter::new(&[0; 32]),
-        last_seen: Instant::now(),
-        streams: 0,
-        seed_stream: None,
-        children: 0,
-        throughput: 0.0,
-        corrupt: Vec::new(),
-        blocked_until: None,
-        tasks: Set::default(),
-    }
+    Host::new(id.into(), Minter::new(&[0; 32]), Instant::now())
 }
 
 #[cfg(test)]

@@ -330,22 +330,13 @@ fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_
     }
     let id: Id = h.id.as_str().into();
     let ix = st.hosts.insert(Host {
-        id: id.clone(),
         ip: h.ip,
         port: h.upload_port,
         idc: h.idc,
         location,
         slots: h.upload_slots,
         seed: h.seed,
-        minter: token::Minter::new(key),
-        last_seen: env.now,
-        streams: 0,
-        seed_stream: None,
-        children: 0,
-        throughput: 0.0,
-        corrupt: Vec::new(),
-        blocked_until: None,
-        tasks: Default::default(),
+        ..Host::new(id.clone(), token::Minter::new(key), env.now)
     });
     (id, ix)
 }

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
 
 use super::Node;
+use crate::digest::{Algorithm, Hasher};
 use crate::meta::PieceRecord;
 use crate::task::TaskRef;
 
@@ -92,7 +92,7 @@ async fn fetch(node: &Node, job: &PieceJob) -> Result<PieceRecord, PieceError> {
         return Err(PieceError::Status(resp.status().as_u16()));
     }
     let mut body = resp.bytes_stream();
-    let mut sha = Sha256::new();
+    let mut sha = Hasher::new(Algorithm::Sha256);
     let mut crc = 0u32;
     let mut pos = range.start;
     loop {
@@ -119,17 +119,9 @@ async fn fetch(node: &Node, job: &PieceJob) -> Result<PieceRecord, PieceError> {
     if pos != range.end {
         return Err(PieceError::Length { got: pos - range.start, want });
     }
-    let hex = hex(&sha.finalize());
+    let hex = sha.finish().hex().to_owned();
     if hex != job.sha256 {
         return Err(PieceError::Corrupt);
     }
     Ok(PieceRecord { crc32c: crc, sha256: Some(hex) })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
