@@ -72,9 +72,11 @@ async fn a_parent_serving_corrupt_pieces_is_blocked_and_no_bad_byte_reaches_the_
     let cluster = Cluster::start(&origin, 1, 2, |_, o| o).await.unwrap();
     let client = http_client();
 
-    // Node 0 fetches from the origin; then its copy rots on disk in every piece (recently
-    // checked pieces are served without another check, so it hands out the bad bytes).
+    // Node 0 fetches from the origin and serves it once more from its cache, which checks every
+    // piece; then its copy rots on disk in every piece (recently checked pieces are served
+    // without another check, so it hands out the bad bytes).
     let url0 = cluster.node(0).blob_url_ns(REPO, &digest, &origin.host());
+    fetch(client.get(&url0), false).await.unwrap().assert_blob(&digest, size);
     fetch(client.get(&url0), false).await.unwrap().assert_blob(&digest, size);
     let data = damselfly_integration::walk_files(cluster.node(0).data_dir())
         .into_iter()

@@ -9,6 +9,7 @@ use damselfly_mirror::daemon::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    keep_freed_memory();
     let cli = Cli::parse();
     let runtime =
         || tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime");
@@ -22,6 +23,19 @@ fn main() -> anyhow::Result<()> {
             init_tracing(args.log_format, &args.log_level);
             runtime()?.block_on(run_scheduler(args))
         }
+    }
+}
+
+/// Streaming churns through buffers of a few hundred KiB (socket reads, staged chunks). By
+/// default glibc hands such blocks back to the kernel as soon as they are freed, and the next
+/// read faults in fresh zeroed pages: a cold blob cost a fifth more CPU that way. Freed memory is
+/// kept for reuse instead, up to a bound.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }
 

@@ -1,9 +1,9 @@
 //! Filling a run of pieces from a [`Source`]: one streaming request, resumed by range after a
-//! failure, writing each byte at its offset, checksumming pieces as they complete and hashing
-//! the whole content when the stream covers it.
+//! failure, handing each byte to the write-behind stage (`stage.rs`), which puts it at its
+//! offset and checksums the pieces, and hashing the whole content when the stream covers it.
 
 use std::ops::Range;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +13,8 @@ use futures_util::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use crate::digest::{Algorithm, Digest, Hasher};
-use crate::meta::PieceRecord;
 use crate::source::{Source, SourceError, SourceResponse};
+use crate::stage::Stage;
 use crate::task::TaskRef;
 
 /// Consecutive failed attempts (without a byte of progress) before a fetch gives up.
@@ -23,8 +23,6 @@ const MAX_ATTEMPTS: u32 = 5;
 const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Readers are woken at most once per this many bytes (and at every piece end).
 const NOTIFY_EVERY: u64 = 128 << 10;
-/// Buffer of the piece hasher thread.
-const HASH_BUF: usize = 1 << 20;
 
 struct Fill {
     task: TaskRef,
@@ -38,10 +36,9 @@ struct Fill {
     demotions: u64,
     /// Every piece the stream passed through was written by this fetch.
     wrote_all: bool,
-    piece_crc: u32,
     /// Where readers were last woken; `None` until the first bytes, which wake them at once.
     notified_at: Option<u64>,
-    shas: mpsc::Sender<usize>,
+    stage: Stage,
 }
 
 pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
@@ -61,27 +58,26 @@ pub(crate) async fn fill(
     let layout = task.layout();
     let start = layout.piece_range(pieces.start).start;
     let end = layout.piece_range(pieces.end - 1).end;
+    let stage = match Stage::start(task, id) {
+        Ok(stage) => stage,
+        Err(e) => return (Err(e), false),
+    };
     let whole = (start == 0 && end == layout.len).then(|| StreamHasher::start(task.digest().algorithm()));
     let demotions = if whole.is_some() { task.begin_streaming_verify() } else { 0 };
-    let mut fill = Fill {
-        shas: spawn_piece_hasher(task),
-        task: task.clone(),
-        id,
-        pos: start,
-        end,
-        whole,
-        demotions,
-        wrote_all: true,
-        piece_crc: 0,
-        notified_at: None,
-    };
+    let mut fill =
+        Fill { stage, task: task.clone(), id, pos: start, end, whole, demotions, wrote_all: true, notified_at: None };
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
     // A panic must not leave pieces claimed by a fetch that no longer runs: readers would wait
     // on them for ever. It ends the fetch like any other failure.
-    let result = AssertUnwindSafe(fill.run(source).instrument(span))
+    let mut result = AssertUnwindSafe(fill.run(source).instrument(span))
         .catch_unwind()
         .await
         .unwrap_or_else(|_| Err(SourceError::fatal("fetch panicked")));
+    // Whatever happened, what was staged goes to disk before the fetch ends: its pieces become
+    // present, and readers that were told of its bytes find them there.
+    if let Err(e) = fill.stage.finish().await {
+        result = result.and(Err(e));
+    }
     let hashing = fill.whole.is_some();
     match &result {
         Ok(()) => {
@@ -174,35 +170,22 @@ impl Fill {
         if let Some(h) = &self.whole {
             h.update(chunk.clone()).await?;
         }
-        let mut data = &chunk[..];
-        while !data.is_empty() {
+        let mut at = 0;
+        while at < chunk.len() {
             let i = layout.piece_of(self.pos);
             let piece = layout.piece_range(i);
-            let n = data.len().min((piece.end - self.pos) as usize);
-            let (part, rest) = data.split_at(n);
+            let n = (chunk.len() - at).min((piece.end - self.pos) as usize);
             let owned = self.task.owns(self.id, i);
             self.wrote_all &= owned;
+            let ends = self.pos + n as u64 == piece.end;
             if owned {
-                if let Err(e) = self.task.write_at(part, self.pos) {
-                    let why = format!("cannot write to the cache: {e}");
-                    tracing::warn!(error = %e, "cache write failed; dropping the task so retries stream through");
-                    self.task.metrics.piece_failed("write");
-                    self.task.abandon(&why);
-                    return Err(SourceError::fatal(why));
-                }
-                self.piece_crc = crc32c::crc32c_append(self.piece_crc, part);
+                self.stage.put(self.pos, chunk.slice(at..at + n), ends.then_some(i)).await?;
             }
             self.pos += n as u64;
-            data = rest;
-            if self.pos == piece.end {
-                if owned {
-                    // Present before readers are woken, so none sees the end of a piece that is
-                    // neither being fetched nor done.
-                    self.task.piece_done(self.id, i, PieceRecord { crc32c: self.piece_crc, sha256: None });
-                    self.task.advance(self.id, self.pos);
-                    let _ = self.shas.send(i);
-                }
-                self.piece_crc = 0;
+            at += n;
+            if ends {
+                // The piece's bytes are all staged: readers may take them up to its end.
+                self.task.advance(self.id, self.pos);
                 self.notified_at = Some(self.pos);
             }
         }
@@ -211,6 +194,7 @@ impl Fill {
             self.task.advance(self.id, self.pos);
             self.notified_at = Some(self.pos);
         }
+        self.task.pace(self.pos).await;
         Ok(())
     }
 }
@@ -246,57 +230,5 @@ impl StreamHasher {
     async fn finish(self) -> Option<Digest> {
         drop(self.tx);
         self.done.await.ok()
-    }
-}
-
-/// Per-piece sha256 is computed beside the stream, reading each finished piece back from the
-/// page cache on a thread of its own at idle priority: the stream pays only for the
-/// whole-content hash, and the piece hashes use whatever CPU the stream leaves over.
-fn spawn_piece_hasher(task: &TaskRef) -> mpsc::Sender<usize> {
-    let (tx, rx) = mpsc::channel::<usize>();
-    // Unpinned: a lagging hasher must not keep the task from being evicted.
-    let task = task.task().clone();
-    // In a cluster the piece digests are what other peers wait for before they can take a piece
-    // from this one: there the hasher keeps normal priority.
-    let idle = !task.store_has_network();
-    let spawned = std::thread::Builder::new().name("piece-sha256".into()).spawn(move || {
-        if idle {
-            lower_priority();
-        }
-        // Read with pread, not through the map: this thread may outlive the daemon that
-        // started it, and a file changed under a map is a SIGBUS, under pread a short read.
-        let mut buf = vec![0u8; HASH_BUF];
-        while let Ok(i) = rx.recv() {
-            if let Some(sha) = hash_piece(&task, i, &mut buf) {
-                task.set_piece_sha(i, sha);
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        // Without the thread the pieces simply keep no sha256 until a later pass computes it.
-        tracing::warn!(error = %e, "cannot start the piece hasher");
-    }
-    tx
-}
-
-fn hash_piece(task: &crate::Task, i: usize, buf: &mut [u8]) -> Option<String> {
-    use std::os::unix::fs::FileExt;
-    let range = task.layout().piece_range(i);
-    let mut h = Hasher::new(crate::Algorithm::Sha256);
-    let mut pos = range.start;
-    while pos < range.end {
-        let n = buf.len().min((range.end - pos) as usize);
-        task.file.read_exact_at(&mut buf[..n], pos).ok()?;
-        h.update(&buf[..n]);
-        pos += n as u64;
-    }
-    Some(h.finish().hex().to_owned())
-}
-
-fn lower_priority() {
-    // SAFETY: plain syscall on the calling thread with a valid, zeroed sched_param.
-    unsafe {
-        let param: libc::sched_param = std::mem::zeroed();
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }
 }

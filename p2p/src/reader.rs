@@ -35,6 +35,8 @@ impl AsRef<[u8]> for MapSlice {
 
 struct Cursor {
     task: TaskRef,
+    /// This reader's id in the task's reader positions (`pace.rs`).
+    id: u64,
     pos: u64,
     end: u64,
     full: bool,
@@ -54,7 +56,8 @@ pub fn read(
     full: bool,
     source: Arc<dyn Source>,
 ) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
-    let cursor = Cursor { task, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
+    let id = task.reader_open(range.start);
+    let cursor = Cursor { task, id, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
     stream::unfold(Some(cursor), |cursor| async move {
         let mut c = cursor?;
         if c.pos >= c.end {
@@ -81,13 +84,20 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
     }
 }
 
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        self.task.reader_close(self.id);
+    }
+}
+
 impl Cursor {
     async fn next_frame(&mut self) -> Result<Bytes, ReadError> {
         loop {
             match self.task.task().step(self.pos, self.end, self.full, self.waited_on).map_err(ReadError)? {
-                Step::Ready { range, cached } => {
+                Step::Ready { range, cached, staged } => {
                     let range = range.start..range.end.min(range.start + MAX_FRAME);
                     self.pos = range.end;
+                    self.task.reader_at(self.id, self.pos);
                     let n = range.end - range.start;
                     let origin = if cached && range.start >= self.fetched_until {
                         Origin::Cache
@@ -97,6 +107,9 @@ impl Cursor {
                         self.source.origin()
                     };
                     self.task.metrics.downloaded(origin, n);
+                    if let Some(chunk) = staged {
+                        return Ok(chunk.slice(..n as usize));
+                    }
                     return Ok(Bytes::from_owner(MapSlice { task: self.task.clone(), range }));
                 }
                 Step::Check(i) => {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use memmap2::Mmap;
 use tokio::sync::watch;
 
@@ -64,6 +65,10 @@ pub(crate) struct State {
     /// Whole-content hash over the pieces present in order so far (see `verify.rs`).
     pub(crate) ahead: Option<crate::verify::Ahead>,
     pub(crate) ahead_running: bool,
+    /// Chunks from running fetches by offset, tagged with the fetch: bytes not yet on disk,
+    /// and a short trail of bytes just written (see `stage.rs`).
+    staged: BTreeMap<u64, (u64, Bytes)>,
+    pub(crate) readers: crate::pace::Readers,
     last_flush: Instant,
     pub(crate) last_access: u64,
 }
@@ -76,6 +81,8 @@ pub struct Task {
     pub(crate) meta_path: PathBuf,
     pub(crate) state: Mutex<State>,
     pub(crate) progress: watch::Sender<u64>,
+    /// Readers moved on (see `pace.rs`).
+    pub(crate) consumed: tokio::sync::Notify,
     pub(crate) pins: AtomicUsize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) store: Weak<StoreInner>,
@@ -84,7 +91,8 @@ pub struct Task {
 /// What a reader at some offset can do next.
 pub(crate) enum Step {
     /// Bytes in this range can be sent; `cached` when they were on disk before the request.
-    Ready { range: Range<u64>, cached: bool },
+    /// `staged` holds them when they are still in memory (then `range` is what it covers).
+    Ready { range: Range<u64>, cached: bool, staged: Option<Bytes> },
     /// The piece must be checked against its crc32c before it is served.
     Check(usize),
     /// A fetch must be started for these pieces.
@@ -118,6 +126,8 @@ impl Task {
             announced: false,
             ahead: None,
             ahead_running: false,
+            staged: BTreeMap::new(),
+            readers: Default::default(),
             pieces,
             verified: meta.verified,
             media_type: meta.media_type,
@@ -141,6 +151,7 @@ impl Task {
             meta_path,
             state: Mutex::new(state),
             progress: watch::channel(0).0,
+            consumed: tokio::sync::Notify::new(),
             pins: AtomicUsize::new(0),
             metrics,
             store,
@@ -223,7 +234,8 @@ impl Task {
         let mut fetch = None;
         let (mut ready, cached) = match &st.pieces[i] {
             Piece::Present { checked, .. } => {
-                if checked.is_none_or(|t| t.elapsed() > RECHECK_AFTER) {
+                let in_memory = staged_at(&st.staged, pos).is_some();
+                if !in_memory && checked.is_none_or(|t| t.elapsed() > RECHECK_AFTER) {
                     return Ok(Step::Check(i));
                 }
                 (piece_end, true)
@@ -260,7 +272,12 @@ impl Task {
         }
         if ready > pos {
             st.last_access = now_secs();
-            return Ok(Step::Ready { range: pos..ready, cached });
+            let staged = staged_at(&st.staged, pos).map(|(at, chunk)| {
+                let end = ready.min(at + chunk.len() as u64);
+                ready = end;
+                chunk.slice((pos - at) as usize..(end - at) as usize)
+            });
+            return Ok(Step::Ready { range: pos..ready, cached, staged });
         }
         Ok(Step::Wait(self.progress.subscribe(), fetch))
     }
@@ -305,11 +322,13 @@ impl Task {
         self.notify();
     }
 
-    pub(crate) fn piece_done(&self, id: u64, i: usize, record: PieceRecord) {
+    /// Piece `i`, claimed by fetch `id`, is on disk. `checked` is when its bytes were last
+    /// seen to match `record` where readers will read them; `None` makes the first read check.
+    pub(crate) fn piece_done(&self, id: u64, i: usize, record: PieceRecord, checked: Option<Instant>) {
         let flush = {
             let mut st = self.lock();
             if matches!(st.pieces[i], Piece::Fetching(f) if f == id) {
-                st.pieces[i] = Piece::Present { record, checked: Some(Instant::now()) };
+                st.pieces[i] = Piece::Present { record, checked };
                 st.dirty = true;
             }
             st.last_flush.elapsed() > FLUSH_EVERY
@@ -352,7 +371,7 @@ impl Task {
     /// Piece `i`, fetched by `id` from another peer and verified against its pinned digest.
     pub(crate) fn piece_from_peer(&self, id: u64, i: usize, record: PieceRecord) {
         self.lock().from_peer[i] = true;
-        self.piece_done(id, i, record);
+        self.piece_done(id, i, record, Some(Instant::now()));
         self.notify();
     }
 
@@ -537,6 +556,23 @@ impl Task {
         self.file.write_all_at(data, offset)
     }
 
+    pub(crate) fn data_path(&self) -> PathBuf {
+        self.meta_path.with_extension("data")
+    }
+
+    /// Keeps `chunk`, the bytes at `offset` taken by fetch `id`, in memory for readers until
+    /// the fetch has written them (see `stage.rs`).
+    pub(crate) fn stage(&self, id: u64, offset: u64, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.lock().staged.insert(offset, (id, chunk));
+        }
+    }
+
+    /// Forgets the chunks of fetch `id` that end at or below `below`: they are on disk.
+    pub(crate) fn unstage(&self, id: u64, below: u64) {
+        self.lock().staged.retain(|at, (f, chunk)| *f != id || *at + chunk.len() as u64 > below);
+    }
+
     /// Starts fetch `id` of `pieces` from `source` in the background.
     pub(crate) fn spawn_fetch(self: &Arc<Self>, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
         let task = TaskRef::pin(self.clone());
@@ -545,6 +581,12 @@ impl Task {
             None => tokio::spawn(crate::fetch::run(task, id, pieces, source)),
         };
     }
+}
+
+/// The staged chunk holding byte `pos`, with its offset.
+fn staged_at(staged: &BTreeMap<u64, (u64, Bytes)>, pos: u64) -> Option<(u64, &Bytes)> {
+    let (at, (_, chunk)) = staged.range(..=pos).next_back()?;
+    (pos < at + chunk.len() as u64).then_some((*at, chunk))
 }
 
 fn map_file(file: &File, len: u64) -> Result<Option<Mmap>, StoreError> {

@@ -28,11 +28,14 @@ struct MemSource {
     faults: Mutex<Faults>,
     requests: Mutex<Vec<Option<Range<u64>>>>,
     sent: AtomicUsize,
+    /// Bytes the fetch has taken out of the bodies so far.
+    taken: Arc<AtomicUsize>,
 }
 
 impl MemSource {
     fn new(data: Bytes, faults: Faults) -> Arc<Self> {
-        Arc::new(MemSource { data, faults: Mutex::new(faults), requests: Mutex::default(), sent: AtomicUsize::new(0) })
+        let (requests, sent, taken) = (Mutex::default(), AtomicUsize::new(0), Arc::default());
+        Arc::new(MemSource { data, faults: Mutex::new(faults), requests, sent, taken })
     }
 }
 
@@ -65,12 +68,19 @@ impl Source for MemSource {
             s.push(Err(SourceError::retryable("connection reset")));
         }
         let delay = f.chunk_delay;
+        let taken = self.taken.clone();
         let body = stream::iter(s)
-            .then(move |c| async move {
-                if let Some(d) = delay {
-                    tokio::time::sleep(d).await;
+            .then(move |c| {
+                let taken = taken.clone();
+                async move {
+                    if let Some(d) = delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    if let Ok(b) = &c {
+                        taken.fetch_add(b.len(), Ordering::SeqCst);
+                    }
+                    c
                 }
-                c
             })
             .boxed();
         Box::pin(async move { Ok(SourceResponse { range_honoured: honoured, body }) })
@@ -304,4 +314,60 @@ fn a_second_store_on_the_same_dir_is_refused() {
     let _a = open(dir.path(), 1 << 20);
     let b = Store::open(StoreConfig { dir: dir.path().to_owned(), quota: 1 }, Arc::new(Metrics::default()));
     assert!(matches!(b, Err(StoreError::Locked(_))));
+}
+
+// Write-behind and pacing (`stage.rs`, `pace.rs`): readers get the staged chunks while they keep
+// up, the bytes from disk once they fall behind, and never hold a fetch back for long.
+
+/// Reads a frame, then nothing for `pause`, then the rest.
+async fn read_with_pause(task: TaskRef, len: u64, src: Arc<MemSource>, pause: std::time::Duration) -> Vec<u8> {
+    let mut s = Box::pin(read(task, 0..len, true, src));
+    let mut out = s.next().await.unwrap().unwrap().to_vec();
+    tokio::time::sleep(pause).await;
+    while let Some(b) = s.next().await {
+        out.extend_from_slice(&b.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_neither_holds_the_fetch_back_nor_misses_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(40 * MIB + 5);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let len = data.len() as u64;
+    // This one stops for longer than a reader may hold a fetch back, so by the time it reads
+    // on, its bytes have left memory and come from disk.
+    let stalled = tokio::spawn(read_with_pause(t.clone(), len, src.clone(), std::time::Duration::from_millis(2500)));
+    let started = std::time::Instant::now();
+    let other = collect(t.clone(), 0..len, true, src.clone()).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "held back for {:?}", started.elapsed());
+    assert!(other == data);
+    assert!(stalled.await.unwrap() == data);
+    assert_eq!(src.requests.lock().unwrap().len(), 1);
+    assert!(t.is_verified());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_waits_for_a_slow_reader_that_keeps_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(24 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let mut s = Box::pin(read(t.clone(), 0..data.len() as u64, true, src.clone()));
+    let (mut got, mut most_ahead) = (Vec::new(), 0);
+    while let Some(b) = s.next().await {
+        got.extend_from_slice(&b.unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let ahead = src.taken.load(Ordering::SeqCst).saturating_sub(got.len());
+        most_ahead = most_ahead.max(ahead);
+    }
+    assert!(got == data);
+    // Unpaced, the fetch would take the whole body long before this reader got far.
+    let slack = 2 * MIB;
+    assert!(most_ahead <= crate::pace::AHEAD as usize + slack, "fetch got {most_ahead} bytes ahead");
+    assert!(t.is_verified());
 }
