@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use damselfly_integration::{fetch, http_client, poll_until, random_bytes, Cluster, Metrics, Registry, MIB};
+use damselfly_integration::{
+    fetch, http_client, poll_until, random_bytes, Cluster, Metrics, Mirror, MirrorOpts, Registry, MIB,
+};
 
 const REPO: &str = "test/faults";
 
@@ -194,5 +196,36 @@ async fn a_full_read_is_not_starved_by_a_parent_holding_only_some_pieces() {
     let url1 = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
     let full = tokio::time::timeout(Duration::from_secs(20), fetch(http_client().get(url1), false)).await;
     full.expect("the full read hung").unwrap().assert_blob(&digest, size);
+    cluster.shutdown().await;
+}
+
+/// A node alone keeps no piece digests (nobody needs them); one that joins a cluster with a
+/// cache full of blobs computes them, checking each blob against its digest, and announces
+/// the blobs, so that its peers take them from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_cached_by_a_node_alone_are_served_to_peers_once_it_joins_a_cluster() {
+    let origin = Registry::start().await.unwrap();
+    let size = 12 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let alone = Mirror::start(MirrorOpts::new(&origin.url()).data_dir(dir.path())).await.unwrap();
+    let url = alone.blob_url_ns(REPO, &digest, &origin.host());
+    fetch(http_client().get(url), false).await.unwrap().assert_blob(&digest, size);
+    alone.shutdown().await;
+
+    let cluster = Cluster::start(&origin, 1, 2, |i, o| if i == 0 { o.data_dir(dir.path()) } else { o }).await.unwrap();
+    let sched = cluster.schedulers[0].metrics_url();
+    poll_until("the cached blob announced", Duration::from_secs(15), || {
+        let url = sched.clone();
+        async move {
+            let m = Metrics::scrape(&url).await?;
+            Ok((m.sum("damselfly_scheduler_tasks", &[]) >= 1.0).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    pull(&cluster, 1, &origin, &digest, size).await;
+    assert_eq!(downloaded(&cluster, 1, "peer").await, size as f64, "node 1 did not get the blob from node 0");
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
     cluster.shutdown().await;
 }

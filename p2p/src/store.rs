@@ -104,8 +104,14 @@ impl Store {
 
     /// The task for `digest`, pinned, if the store has it (complete or not).
     pub fn get(&self, digest: &Digest) -> Result<Option<TaskRef>, StoreError> {
+        self.lookup(digest, true)
+    }
+
+    /// Like [`Store::get`]; `use_it` marks the task as recently used.
+    fn lookup(&self, digest: &Digest, use_it: bool) -> Result<Option<TaskRef>, StoreError> {
         let mut index = self.inner.index();
-        let Some(entry) = index.lru.get_mut(digest) else { return Ok(None) };
+        let found = if use_it { index.lru.get_mut(digest) } else { index.lru.peek_mut(digest) };
+        let Some(entry) = found else { return Ok(None) };
         if let Some(task) = &entry.task {
             return Ok(Some(TaskRef::pin(task.clone())));
         }
@@ -179,17 +185,35 @@ impl Store {
     /// Up to `max` verified tasks whose piece digests are all known, most recently used first,
     /// for announcing to schedulers. Reads metadata files: call it off the runtime threads.
     pub fn verified_tasks(&self, max: usize) -> Vec<TaskMeta> {
+        self.metas().filter(|m| m.verified && has_piece_digests(m)).take(max).collect()
+    }
+
+    /// Gives every verified task that has no piece digests (cached while the node was alone)
+    /// its digests, most recently used first, until `stop()`; returns how many it did. Reads
+    /// every byte of those tasks: run it on a thread of its own.
+    pub fn backfill_piece_digests(&self, stop: &dyn Fn() -> bool) -> usize {
+        let missing: Vec<Digest> =
+            self.metas().filter(|m| m.verified && !has_piece_digests(m)).map(|m| m.digest).collect();
+        let mut done = 0;
+        for digest in missing {
+            if stop() {
+                break;
+            }
+            if let Ok(Some(task)) = self.lookup(&digest, false) {
+                done += usize::from(task.backfill_piece_digests());
+            }
+        }
+        done
+    }
+
+    /// The metadata of every task, most recently used first (from files for tasks not loaded).
+    fn metas(&self) -> impl Iterator<Item = TaskMeta> + '_ {
         let entries: Vec<(Digest, Option<Arc<Task>>)> =
             self.inner.index().lru.iter().map(|(d, e)| (d.clone(), e.task.clone())).collect();
-        entries
-            .into_iter()
-            .filter_map(|(digest, task)| match task {
-                Some(t) => Some(t.meta()),
-                None => TaskMeta::load(&self.inner.paths(&digest).1).ok(),
-            })
-            .filter(|m| m.verified && m.pieces.iter().all(|p| p.as_ref().is_some_and(|r| r.sha256.is_some())))
-            .take(max)
-            .collect()
+        entries.into_iter().filter_map(|(digest, task)| match task {
+            Some(t) => Some(t.meta()),
+            None => TaskMeta::load(&self.inner.paths(&digest).1).ok(),
+        })
     }
 
     pub fn flush_all(&self) {
@@ -198,6 +222,10 @@ impl Store {
             t.flush();
         }
     }
+}
+
+fn has_piece_digests(m: &TaskMeta) -> bool {
+    m.pieces.iter().all(|p| p.as_ref().is_some_and(|r| r.sha256.is_some()))
 }
 
 impl Inner {

@@ -371,3 +371,28 @@ async fn a_fetch_waits_for_a_slow_reader_that_keeps_up() {
     assert!(most_ahead <= crate::pace::AHEAD as usize + slack, "fetch got {most_ahead} bytes ahead");
     assert!(t.is_verified());
 }
+
+#[tokio::test]
+async fn piece_digests_are_backfilled_only_for_content_that_still_matches_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (good, dg) = blob(9 * MIB + 7);
+    let (rotten, dr) = blob(5 * MIB + 3);
+    for (data, d) in [(&good, &dg), (&rotten, &dr)] {
+        let src = MemSource::new(data.clone(), Faults::default());
+        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
+        assert!(collect(t, 0..data.len() as u64, true, src).await.unwrap() == *data);
+    }
+    assert!(store.verified_tasks(10).is_empty(), "a node alone keeps no piece digests");
+    overwrite(&dir.path().join("tasks/sha256").join(format!("{}.data", dr.hex())), 100, b"rot");
+
+    assert_eq!(store.backfill_piece_digests(&|| false), 1);
+    let metas = store.verified_tasks(10);
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0].digest, dg);
+    let expected: Vec<String> =
+        good.chunks(4 * MIB).map(|c| Digest::of(Algorithm::Sha256, c).hex().to_owned()).collect();
+    let got: Vec<String> = metas[0].pieces.iter().map(|p| p.as_ref().unwrap().sha256.clone().unwrap()).collect();
+    assert_eq!(got, expected);
+    assert!(store.get(&dr).unwrap().is_none(), "content that no longer matches is dropped");
+}

@@ -85,3 +85,59 @@ impl Task {
         }
     }
 }
+
+impl Task {
+    /// Gives a verified task cached by a node alone (which keeps no piece digests) the sha256
+    /// of every piece, so that a cluster can take it from here. The whole content is hashed in
+    /// the same pass: digests of bytes that rotted on disk are never published. Returns whether
+    /// the digests were set.
+    pub(crate) fn backfill_piece_digests(&self) -> bool {
+        let demotions = {
+            let st = self.lock();
+            let complete = st.pieces.iter().all(|p| matches!(p, Piece::Present { .. }));
+            if !st.verified || !complete || st.failed.is_some() {
+                return false;
+            }
+            st.demotions
+        };
+        let Some((whole, pieces)) = self.hash_file() else { return false };
+        {
+            let st = self.lock();
+            if st.demotions != demotions || !st.verified {
+                // Changed under the pass; a later pass may try again.
+                return false;
+            }
+        }
+        if whole != self.digest {
+            self.discard("content on disk no longer matches its digest");
+            return false;
+        }
+        for (i, sha) in pieces.into_iter().enumerate() {
+            self.set_piece_sha(i, sha);
+        }
+        true
+    }
+
+    /// The digest of the task file, and the sha256 (hex) of each of its pieces.
+    fn hash_file(&self) -> Option<(crate::Digest, Vec<String>)> {
+        use std::os::unix::fs::FileExt;
+        // pread, not the map: a file changed under a map is a SIGBUS, under pread a short read.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut whole = Hasher::new(self.digest.algorithm());
+        let mut pieces = Vec::with_capacity(self.layout.count());
+        for i in 0..self.layout.count() {
+            let range = self.layout.piece_range(i);
+            let mut piece = Hasher::new(crate::Algorithm::Sha256);
+            let mut pos = range.start;
+            while pos < range.end {
+                let n = buf.len().min((range.end - pos) as usize);
+                self.file.read_exact_at(&mut buf[..n], pos).ok()?;
+                whole.update(&buf[..n]);
+                piece.update(&buf[..n]);
+                pos += n as u64;
+            }
+            pieces.push(piece.finish().hex().to_owned());
+        }
+        Some((whole.finish(), pieces))
+    }
+}

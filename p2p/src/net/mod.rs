@@ -136,6 +136,25 @@ pub struct Node {
     upload_server: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// Tasks cached while this node was alone have no piece digests, and the cluster can take
+/// them from here only once they do: a thread at idle priority computes them.
+fn spawn_backfill(store: Store, stop: CancellationToken) {
+    let spawned = std::thread::Builder::new().name("piece-digests".into()).spawn(move || {
+        // SAFETY: plain syscall on the calling thread with a valid, zeroed sched_param.
+        unsafe {
+            let param: libc::sched_param = std::mem::zeroed();
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        }
+        let done = store.backfill_piece_digests(&|| stop.is_cancelled());
+        if done > 0 {
+            tracing::info!(tasks = done, "piece digests computed for tasks cached before joining the cluster");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the piece digest backfill");
+    }
+}
+
 impl Node {
     /// Joins the cluster: serves uploads on `upload`, announces to every scheduler (and keeps
     /// doing so), and makes `store` take missing pieces from peers. Stops at `shutdown`.
@@ -173,6 +192,7 @@ impl Node {
             cfg,
         });
         store.attach_network(&node);
+        spawn_backfill(store, node.shutdown.clone());
         let server = tokio::spawn(upload::serve(node.clone(), upload, node.shutdown.clone()));
         *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         for i in 0..node.schedulers.len() {
