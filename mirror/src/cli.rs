@@ -69,6 +69,9 @@ pub struct MirrorArgs {
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
+    /// Write cold blobs to the cache past the page cache (O_DIRECT) [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub cache_direct_io: Option<bool>,
     /// Scheduler (host:port or http://host:port); repeatable. Without one the node works alone.
     #[arg(long = "scheduler", value_name = "ADDR")]
     pub schedulers: Vec<String>,
@@ -164,6 +167,7 @@ impl MirrorArgs {
             cfg.registry_auth_file = self.registry_auth_file;
         }
         set(&mut cfg.background_fill, self.background_fill);
+        set(&mut cfg.cache_direct_io, self.cache_direct_io);
         replace(&mut cfg.schedulers, self.schedulers);
         set(&mut cfg.upload_listen, self.upload_listen);
         if self.advertise_ip.is_some() {
@@ -291,6 +295,8 @@ mod tests {
         assert_eq!(cfg.max_uploads, 8);
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
+        assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));
+        assert_eq!(mirror_args(&[]).cache_direct_io, None);
     }
 
     #[test]

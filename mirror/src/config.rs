@@ -28,6 +28,8 @@ pub struct MirrorConfig {
     pub registry_auth: Vec<RegistryAuth>,
     pub registry_auth_file: Option<PathBuf>,
     pub background_fill: bool,
+    /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
+    pub cache_direct_io: bool,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Scheduler addresses (`host:port` or `http://host:port`); empty = a single node.
@@ -65,6 +67,7 @@ impl Default for MirrorConfig {
             registry_auth: Vec::new(),
             registry_auth_file: None,
             background_fill: false,
+            cache_direct_io: true,
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
             schedulers: Vec::new(),

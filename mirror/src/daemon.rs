@@ -81,7 +81,10 @@ pub struct Running {
 pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running, DaemonError> {
     let mut registry = Registry::default();
     let store_metrics = Arc::new(StoreMetrics::register(&mut registry));
-    let store = Store::open(StoreConfig { dir: config.data_dir.clone(), quota: config.cache_quota.0 }, store_metrics)?;
+    let store = Store::open(
+        StoreConfig { dir: config.data_dir.clone(), quota: config.cache_quota.0, direct_io: config.cache_direct_io },
+        store_metrics,
+    )?;
     let upstream = Upstream::new(UpstreamConfig {
         default_registry: config.registry_mirror.clone(),
         insecure_registries: config.insecure_registries.clone(),

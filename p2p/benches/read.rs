@@ -56,7 +56,8 @@ fn blob(len: usize) -> (Bytes, Digest) {
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(StoreConfig { dir: dir.to_owned(), quota: 1 << 30 }, Arc::new(Metrics::default())).unwrap()
+    Store::open(StoreConfig { dir: dir.to_owned(), quota: 1 << 30, direct_io: true }, Arc::new(Metrics::default()))
+        .unwrap()
 }
 
 /// Streams the whole task; with `buf`, copies every frame into it. Returns the bytes seen.

@@ -196,7 +196,10 @@ struct Writer {
 
 impl Writer {
     fn new(task: TaskRef, id: u64, error: Arc<Mutex<Option<String>>>) -> Self {
-        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(task.data_path()).ok();
+        let wanted = task.store.upgrade().is_some_and(|s| s.direct_io);
+        let direct = wanted
+            .then(|| OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(task.data_path()).ok())
+            .flatten();
         // Piece digests are what other peers verify pieces by; a node alone has no use for
         // them, so it does not spend a second hash over every byte.
         let sha = task.store_has_network().then(|| Hasher::new(Algorithm::Sha256));

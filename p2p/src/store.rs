@@ -33,6 +33,8 @@ pub enum StoreError {
 pub struct StoreConfig {
     pub dir: PathBuf,
     pub quota: u64,
+    /// Write fetched bytes with `O_DIRECT` where the filesystem allows it (see `stage.rs`).
+    pub direct_io: bool,
 }
 
 #[derive(Clone)]
@@ -43,6 +45,7 @@ pub struct Store {
 pub(crate) struct Inner {
     dir: PathBuf,
     quota: u64,
+    pub(crate) direct_io: bool,
     index: Mutex<Index>,
     pub(crate) metrics: Arc<Metrics>,
     /// The node's P2P side, when it is part of a cluster.
@@ -85,6 +88,7 @@ impl Store {
         let inner = Inner {
             dir: cfg.dir,
             quota: cfg.quota,
+            direct_io: cfg.direct_io,
             index: Mutex::new(index),
             metrics,
             network: Default::default(),

@@ -109,7 +109,7 @@ fn overwrite(path: &std::path::Path, offset: usize, bytes: &[u8]) {
 }
 
 fn open(dir: &std::path::Path, quota: u64) -> Store {
-    Store::open(StoreConfig { dir: dir.to_owned(), quota }, Arc::new(Metrics::default())).unwrap()
+    Store::open(StoreConfig { dir: dir.to_owned(), quota, direct_io: true }, Arc::new(Metrics::default())).unwrap()
 }
 
 async fn collect(task: TaskRef, range: Range<u64>, full: bool, src: Arc<MemSource>) -> Result<Vec<u8>, ReadError> {
@@ -207,6 +207,34 @@ async fn a_cut_stream_is_resumed_by_range() {
     assert_eq!(reqs[0], None);
     assert_eq!(reqs[1], Some((3 * MIB + 5) as u64..data.len() as u64));
     assert!(t.is_verified());
+    // The resumed stream starts mid-page: its head went through the page cache, its body past it.
+    assert!(std::fs::read(data_file(dir.path(), &d)).unwrap() == data, "the file on disk differs");
+}
+
+fn data_file(dir: &std::path::Path, d: &Digest) -> std::path::PathBuf {
+    dir.join("tasks/sha256").join(format!("{}.data", d.hex()))
+}
+
+/// Without `O_DIRECT` (turned off, or refused by the filesystem) the same fills go through the
+/// page cache.
+#[tokio::test]
+async fn without_direct_io_fills_go_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, d) = blob(9 * MIB + 11);
+    let src = MemSource::new(data.clone(), Faults { cut_after: Some((5 * MIB + 3, 1)), ..Faults::default() });
+    {
+        let cfg = StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false };
+        let store = Store::open(cfg, Arc::new(Metrics::default())).unwrap();
+        let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+        assert!(collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+        assert!(t.is_verified());
+        store.flush_all();
+    }
+    assert!(std::fs::read(data_file(dir.path(), &d)).unwrap() == data, "the file on disk differs");
+    let store = open(dir.path(), 1 << 30);
+    let t = store.get(&d).unwrap().expect("task survives a restart");
+    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert_eq!(src.requests.lock().unwrap().len(), 2, "read again from the origin after the restart");
 }
 
 #[tokio::test]
@@ -241,7 +269,7 @@ async fn restart_keeps_the_cache_and_catches_corruption() {
         assert_eq!(src.requests.lock().unwrap().len(), 1);
     }
     // Flip one byte in the second piece on disk, as a failing disk would.
-    let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
+    let path = data_file(dir.path(), &d);
     let bytes = std::fs::read(&path).unwrap();
     overwrite(&path, 5 * MIB, &[bytes[5 * MIB] ^ 0xff]);
     let store = open(dir.path(), 1 << 30);
@@ -263,7 +291,7 @@ async fn torn_write_recovery_never_serves_unwritten_bytes() {
         store.flush_all();
     }
     // Simulate a crash that kept the metadata but lost the data pages (no fsync): zero the file.
-    let path = dir.path().join("tasks/sha256").join(format!("{}.data", d.hex()));
+    let path = data_file(dir.path(), &d);
     overwrite(&path, 0, &vec![0u8; data.len()]);
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().unwrap();
@@ -312,7 +340,10 @@ async fn passthrough_withholds_the_end_of_bad_content() {
 fn a_second_store_on_the_same_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _a = open(dir.path(), 1 << 20);
-    let b = Store::open(StoreConfig { dir: dir.path().to_owned(), quota: 1 }, Arc::new(Metrics::default()));
+    let b = Store::open(
+        StoreConfig { dir: dir.path().to_owned(), quota: 1, direct_io: true },
+        Arc::new(Metrics::default()),
+    );
     assert!(matches!(b, Err(StoreError::Locked(_))));
 }
 
@@ -384,7 +415,7 @@ async fn piece_digests_are_backfilled_only_for_content_that_still_matches_its_di
         assert!(collect(t, 0..data.len() as u64, true, src).await.unwrap() == *data);
     }
     assert!(store.verified_tasks(10).is_empty(), "a node alone keeps no piece digests");
-    overwrite(&dir.path().join("tasks/sha256").join(format!("{}.data", dr.hex())), 100, b"rot");
+    overwrite(&data_file(dir.path(), &dr), 100, b"rot");
 
     assert_eq!(store.backfill_piece_digests(&|| false), 1);
     let metas = store.verified_tasks(10);

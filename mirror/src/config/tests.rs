@@ -34,6 +34,7 @@ fn example_config_documents_every_key_with_its_default() {
     assert_eq!(cfg.cache_quota, d.cache_quota);
     assert_eq!(cfg.registry_mirror, d.registry_mirror);
     assert_eq!((cfg.background_fill, cfg.log_format, &cfg.log_level), (d.background_fill, d.log_format, &d.log_level));
+    assert_eq!(cfg.cache_direct_io, d.cache_direct_io);
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/damselfly"));
     assert_eq!(cfg.insecure_registries, ["registry.local:5000"]);
     assert_eq!(cfg.registry_auth.len(), 1);
@@ -51,6 +52,7 @@ fn example_config_documents_every_key_with_its_default() {
         "[[registry_auth]]",
         "registry_auth_file",
         "background_fill",
+        "cache_direct_io",
         "log_format",
         "log_level",
         "schedulers",
@@ -92,6 +94,7 @@ fn parses_full_file() {
         cache_quota = 1048576
         insecure_registries = ["localhost:5000", "[::1]:5001"]
         background_fill = true
+        cache_direct_io = false
         log_format = "json"
         [[registry_auth]]
         host = "ghcr.io"
@@ -104,6 +107,7 @@ fn parses_full_file() {
     assert_eq!(cfg.listen, "0.0.0.0:5000".parse().expect("addr"));
     assert_eq!(cfg.cache_quota, ByteSize(1 << 20));
     assert!(cfg.background_fill);
+    assert!(!cfg.cache_direct_io);
     assert_eq!(cfg.log_format, LogFormat::Json);
     assert_eq!(cfg.registry_auth[0].password, "p=a:ss");
 }
