@@ -217,6 +217,11 @@ async fn a_node_running_the_scheduler_in_process_serves_a_second_node() {
     let from_peers = b.metrics().await.unwrap().sum("damselfly_download_bytes_total", &[("source", "peer")]);
     assert_eq!(from_peers, size as f64, "the second node did not get the blob from the first");
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    // The in-process scheduler's figures are on the daemon's own /metrics.
+    let m = a.metrics().await.unwrap();
+    assert_eq!(m.sum("damselfly_scheduler_hosts", &[]), 2.0);
+    assert!(m.sum("damselfly_scheduler_decisions_total", &[]) >= 2.0);
+    assert!(m.sum("damselfly_download_bytes_total", &[]) >= size as f64);
     a.shutdown().await;
     b.shutdown().await;
 }

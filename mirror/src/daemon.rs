@@ -127,6 +127,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         None => None,
     };
     let registry = Arc::new(Mutex::new(registry));
+    let sched_metrics = scheduler.as_ref().map(|s| s.scheduler().clone());
     let addrs = (listeners.api.local_addr()?, listeners.health.local_addr()?, listeners.metrics.local_addr()?);
     let api = {
         let app = app.clone();
@@ -134,7 +135,8 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     };
     let metrics = move |req: Request<hyper::body::Incoming>| {
         let registry = registry.clone();
-        async move { metrics_response(&req, &registry) }
+        let sched = sched_metrics.clone();
+        async move { metrics_response(&req, &registry, sched.as_ref()) }
     };
     let tasks = vec![
         tokio::spawn(serve(listeners.api, api, shutdown.clone())),
@@ -224,13 +226,21 @@ fn health<B>(req: &Request<B>) -> Response<Body> {
     }
 }
 
-fn metrics_response<B>(req: &Request<B>, registry: &Mutex<Registry>) -> Response<Body> {
+/// The daemon's metrics, and those of the scheduler it runs in-process if it does.
+fn metrics_response<B>(
+    req: &Request<B>,
+    registry: &Mutex<Registry>,
+    scheduler: Option<&damselfly_scheduler::Scheduler>,
+) -> Response<Body> {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     if req.uri().path() != "/metrics" {
         return text(StatusCode::NOT_FOUND, "not found");
     }
     let mut out = String::new();
-    let registry = registry.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+    let encoded = encode_registry(&mut out, &registry.lock().unwrap_or_else(|e| e.into_inner()))
+        .and_then(|()| scheduler.map_or(Ok(()), |s| s.metrics().encode_families(&mut out)))
+        .and_then(|()| encode_eof(&mut out));
+    if let Err(e) = encoded {
         return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
     }
     let mut resp = Response::new(full(out));

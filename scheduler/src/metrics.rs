@@ -81,6 +81,12 @@ impl Metrics {
         Ok(out)
     }
 
+    /// The metric families alone, without the closing `# EOF`, for a process that serves them
+    /// beside its own (a node daemon running a scheduler in-process).
+    pub fn encode_families(&self, out: &mut String) -> Result<(), std::fmt::Error> {
+        prometheus_client::encoding::text::encode_registry(out, &self.registry)
+    }
+
     pub(crate) fn decision(&self, kind: DecisionKind, took: Duration) {
         self.decisions.get_or_create(&KindLabel { kind: kind.label() }).inc();
         self.decision_seconds.observe(took.as_secs_f64());
