@@ -161,6 +161,35 @@ async fn a_new_task_is_fetched_by_the_seed_and_nodes_take_it_from_the_seed() {
     cluster.shutdown().await;
 }
 
+/// Anyone who can reach a scheduler can name a registry; a seed fetches only from those it was
+/// told of, and the node that asked takes the blob from the origin itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_does_not_fetch_from_a_registry_outside_its_list() {
+    let origin = Registry::start().await.unwrap();
+    let size = 8 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |i, mut o| {
+        if i == 0 {
+            o.config.seed_registries = vec!["registry.example".into()];
+            o.seed()
+        } else {
+            o
+        }
+    })
+    .await
+    .unwrap();
+    cluster.wait_for_hosts(2.0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let request = http_client().get(cluster.node(1).blob_url_ns(REPO, &digest, &origin.host()));
+    fetch(request, false).await.unwrap().assert_blob(&digest, size);
+    let seed = cluster.metrics(0).await.unwrap();
+    assert_eq!(seed.sum("damselfly_fetched_bytes_total", &[("source", "origin")]), 0.0, "the seed fetched it");
+    assert_eq!(downloaded(&cluster, 1, "origin").await, size as f64);
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_with_its_upload_slots_full_is_asked_again_not_blocked() {
     let origin = Registry::start().await.unwrap();

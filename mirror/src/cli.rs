@@ -93,6 +93,10 @@ pub struct MirrorArgs {
     /// Make this node a seed peer: it fetches new tasks from the origin for the cluster.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub seed: Option<bool>,
+    /// Registry a seed fetches from when a scheduler asks (repeatable; `*` for any) [default:
+    /// the registries named by --registry-mirror, --insecure-registry and --registry-auth].
+    #[arg(long = "seed-registry", value_name = "HOST[:PORT]")]
+    pub seed_registries: Vec<String>,
     /// Upload limit per second, e.g. 100MiB [default: unlimited].
     #[arg(long, value_name = "SIZE")]
     pub upload_rate_limit: Option<ByteSize>,
@@ -179,6 +183,7 @@ impl MirrorArgs {
         set(&mut cfg.idc, self.idc);
         set(&mut cfg.location, self.location);
         set(&mut cfg.seed, self.seed);
+        replace(&mut cfg.seed_registries, self.seed_registries);
         if self.upload_rate_limit.is_some() {
             cfg.upload_rate_limit = self.upload_rate_limit;
         }

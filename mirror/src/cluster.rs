@@ -70,7 +70,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         download_rate: config.download_rate_limit.map(|b| b.0),
         max_uploads: config.max_uploads,
         stall_timeout: STALL_TIMEOUT,
-        seed_source: Some(Arc::new(Seeder { app: parts.app.clone() })),
+        seed_source: Some(Arc::new(Seeder { app: parts.app.clone(), allowed: SeedRegistries::of(config) })),
     };
     tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
     let metrics = NetMetrics::register(parts.registry);
@@ -121,11 +121,49 @@ fn host_id(data_dir: &Path) -> Result<String, ClusterError> {
 /// was registered by some node of the cluster, and a seed must not lend it its credentials.
 struct Seeder {
     app: Arc<App>,
+    allowed: SeedRegistries,
+}
+
+/// The registries a seed fetches from for the cluster. Anyone who can reach a scheduler can
+/// register a download naming any registry: without a limit, a seed would send requests
+/// wherever a stranger pointed it.
+#[derive(Debug, PartialEq)]
+enum SeedRegistries {
+    Any,
+    /// Hosts as the upstream names them (`host[:port]`, Docker Hub as its API host).
+    Hosts(std::collections::HashSet<String>),
+}
+
+impl SeedRegistries {
+    fn of(config: &MirrorConfig) -> Self {
+        if config.seed_registries.iter().any(|h| h == "*") {
+            return SeedRegistries::Any;
+        }
+        let named: Vec<&str> = if config.seed_registries.is_empty() {
+            let auth = config.registry_auth.iter().map(|a| a.host.as_str());
+            let insecure = config.insecure_registries.iter().map(String::as_str);
+            std::iter::once(config.registry_mirror.as_str()).chain(insecure).chain(auth).collect()
+        } else {
+            config.seed_registries.iter().map(String::as_str).collect()
+        };
+        SeedRegistries::Hosts(named.into_iter().filter_map(|h| crate::upstream::canonical_host(h).ok()).collect())
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        match self {
+            SeedRegistries::Any => true,
+            SeedRegistries::Hosts(hosts) => hosts.contains(host),
+        }
+    }
 }
 
 impl SeedSource for Seeder {
     fn source(&self, spec: &SourceSpec, digest: &Digest) -> Option<Arc<dyn Source>> {
         let registry = self.app.upstream.select(Some(&spec.registry), None).ok()?;
+        if !self.allowed.allows(&registry.host) {
+            tracing::warn!(registry = %registry.host, %digest, "not seeding from a registry outside seed_registries");
+            return None;
+        }
         let target = Target { registry, repo: spec.repository.clone(), client_auth: None, digest: digest.clone() };
         Some(Arc::new(UpstreamBlob::for_seed(self.app.clone(), target)))
     }
@@ -143,6 +181,23 @@ mod tests {
         assert_eq!(host_id(dir.path()).expect("read back"), a);
         let other = tempfile::tempdir().expect("tempdir");
         assert_ne!(host_id(other.path()).expect("created"), a);
+    }
+
+    #[test]
+    fn seeds_fetch_only_from_the_registries_they_are_told_of() {
+        let mut config = MirrorConfig { insecure_registries: vec!["Reg.local:5000".into()], ..Default::default() };
+        let default = SeedRegistries::of(&config);
+        // The default upstream, https://index.docker.io, is Docker Hub's API host.
+        assert!(default.allows(crate::upstream::DOCKER_HUB_HOST));
+        assert!(default.allows("reg.local:5000"));
+        assert!(!default.allows("reg.local"));
+        assert!(!default.allows("169.254.169.254"));
+        config.seed_registries = vec!["ghcr.io".into(), "docker.io".into()];
+        let listed = SeedRegistries::of(&config);
+        assert!(listed.allows("ghcr.io") && listed.allows(crate::upstream::DOCKER_HUB_HOST));
+        assert!(!listed.allows("reg.local:5000"), "a list replaces the default");
+        config.seed_registries.push("*".into());
+        assert_eq!(SeedRegistries::of(&config), SeedRegistries::Any);
     }
 
     #[tokio::test]

@@ -44,6 +44,10 @@ pub struct MirrorConfig {
     pub idc: String,
     pub location: String,
     pub seed: bool,
+    /// Registries (`HOST[:PORT]`, or `*` for any) a seed fetches from when a scheduler asks.
+    /// Empty: the registries this daemon names elsewhere (`registry_mirror`,
+    /// `insecure_registries`, `registry_auth`).
+    pub seed_registries: Vec<String>,
     pub upload_rate_limit: Option<ByteSize>,
     pub download_rate_limit: Option<ByteSize>,
     pub max_uploads: usize,
@@ -77,6 +81,7 @@ impl Default for MirrorConfig {
             idc: String::new(),
             location: String::new(),
             seed: false,
+            seed_registries: Vec::new(),
             upload_rate_limit: None,
             download_rate_limit: None,
             max_uploads: 64,
@@ -111,6 +116,8 @@ pub enum ConfigError {
     RegistryMirror { value: String, reason: String },
     #[error("insecure_registries entry {0:?} is not HOST[:PORT]")]
     InsecureRegistry(String),
+    #[error("seed_registries entry {0:?} is neither HOST[:PORT] nor *")]
+    SeedRegistry(String),
     #[error("registry_auth: {0}")]
     Auth(AuthEntryError),
     #[error("registry_auth has more than one entry for host {0:?}")]
@@ -211,6 +218,9 @@ impl MirrorConfig {
         }
         if !self.in_cluster() && self.seed {
             return Err(ConfigError::NeedsSchedulers("seed"));
+        }
+        if let Some(bad) = self.seed_registries.iter().find(|h| *h != "*" && !is_host_port(h)) {
+            return Err(ConfigError::SeedRegistry(bad.clone()));
         }
         Ok(())
     }

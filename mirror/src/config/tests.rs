@@ -53,6 +53,7 @@ fn example_config_documents_every_key_with_its_default() {
         "registry_auth_file",
         "background_fill",
         "cache_direct_io",
+        "seed_registries",
         "log_format",
         "log_level",
         "schedulers",

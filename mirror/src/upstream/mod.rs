@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+pub(crate) use select::canonical_credential_host as canonical_host;
 pub use select::{RegistryEndpoint, SchemePolicy, DOCKER_HUB_HOST};
 
 use select::InsecureSet;
