@@ -47,7 +47,8 @@ impl Buf {
     /// The window holding bytes from file offset `start`: its address has the same remainder
     /// modulo [`ALIGN`] as `start`, so aligned file ranges are aligned in memory too.
     fn window(&mut self, start: u64) -> &mut [u8] {
-        let base = self.0.as_ptr().align_offset(ALIGN) + (start as usize % ALIGN);
+        let to_aligned = (ALIGN - self.0.as_ptr() as usize % ALIGN) % ALIGN;
+        let base = to_aligned + (start as usize % ALIGN);
         &mut self.0[base..base + BLOCK]
     }
 }
