@@ -314,7 +314,7 @@ class Cluster:
         ns, ip = hosts["sched"]
         lf = os.path.join(self.logs, f"{run_id}-scheduler.log")
         argv = [binary, "scheduler", "--listen", f"{ip}:8002", "--http-listen", f"{ip}:8080",
-                "--log-level", args.log_level]
+                "--log-level", args.log_level] + args.scheduler_arg
         self.daemons["scheduler"] = (ns, ip, PROCS.spawn(nsx(ns, *argv), lf), lf)
         wait_healthy(ns, f"http://{ip}:8080/healthy", self.daemons["scheduler"][2], "scheduler", lf)
         for name in ["seed"] + [f"p{i}" for i in range(1, n + 1)]:
@@ -570,6 +570,8 @@ def parse_args():
     ap.add_argument("--settle", type=float, default=3.0,
                     help="seconds between all daemons healthy and the pulls (default 3)")
     ap.add_argument("--log-level", default="info", help="--log-level of every daemon (default info)")
+    ap.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `damselfly scheduler` (repeatable, e.g. --scheduler-arg=--max-parents=8)")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for every `damselfly mirror` (repeatable, e.g. --daemon-arg=--max-uploads=8)")
     args = ap.parse_args()
