@@ -13,9 +13,11 @@
 //! memory only after they are on disk, so a reader always finds every byte below the fetch's
 //! position in one place or the other.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::digest::{Algorithm, Hasher};
 use crate::meta::PieceRecord;
 use crate::source::SourceError;
-use crate::task::TaskRef;
+use crate::task::{Task, TaskRef};
 
 /// Bytes per block: divides every piece size, so piece ends fall on block ends.
 pub(crate) const BLOCK: usize = 1 << 20;
@@ -269,6 +271,31 @@ impl Writer {
         }
         self.task.write_at(tail, offset + span.end as u64)
     }
+}
+
+impl Task {
+    pub(crate) fn data_path(&self) -> PathBuf {
+        self.meta_path.with_extension("data")
+    }
+
+    /// Keeps `chunk`, the bytes at `offset` taken by fetch `id`, in memory for readers until
+    /// the fetch has written them.
+    pub(crate) fn stage(&self, id: u64, offset: u64, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.lock().staged.insert(offset, (id, chunk));
+        }
+    }
+
+    /// Forgets the chunks of fetch `id` that end at or below `below`: they are on disk.
+    pub(crate) fn unstage(&self, id: u64, below: u64) {
+        self.lock().staged.retain(|at, (f, chunk)| *f != id || *at + chunk.len() as u64 > below);
+    }
+}
+
+/// The staged chunk holding byte `pos`, with its offset.
+pub(crate) fn staged_at(staged: &BTreeMap<u64, (u64, Bytes)>, pos: u64) -> Option<(u64, &Bytes)> {
+    let (at, (_, chunk)) = staged.range(..=pos).next_back()?;
+    (pos < at + chunk.len() as u64).then_some((*at, chunk))
 }
 
 /// The part of `offset..offset + len`, relative to `offset`, whose file offsets start and end

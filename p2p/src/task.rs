@@ -22,6 +22,7 @@ use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
 use crate::metrics::Metrics;
 use crate::piece::Layout;
 use crate::source::Source;
+use crate::stage::staged_at;
 use crate::store::Inner as StoreInner;
 use crate::StoreError;
 
@@ -67,7 +68,7 @@ pub(crate) struct State {
     pub(crate) ahead_running: bool,
     /// Chunks from running fetches by offset, tagged with the fetch: bytes not yet on disk,
     /// and a short trail of bytes just written (see `stage.rs`).
-    staged: BTreeMap<u64, (u64, Bytes)>,
+    pub(crate) staged: BTreeMap<u64, (u64, Bytes)>,
     pub(crate) readers: crate::pace::Readers,
     last_flush: Instant,
     pub(crate) last_access: u64,
@@ -567,23 +568,6 @@ impl Task {
         self.file.write_all_at(data, offset)
     }
 
-    pub(crate) fn data_path(&self) -> PathBuf {
-        self.meta_path.with_extension("data")
-    }
-
-    /// Keeps `chunk`, the bytes at `offset` taken by fetch `id`, in memory for readers until
-    /// the fetch has written them (see `stage.rs`).
-    pub(crate) fn stage(&self, id: u64, offset: u64, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.lock().staged.insert(offset, (id, chunk));
-        }
-    }
-
-    /// Forgets the chunks of fetch `id` that end at or below `below`: they are on disk.
-    pub(crate) fn unstage(&self, id: u64, below: u64) {
-        self.lock().staged.retain(|at, (f, chunk)| *f != id || *at + chunk.len() as u64 > below);
-    }
-
     /// Starts fetch `id` of `pieces` from `source` in the background.
     pub(crate) fn spawn_fetch(self: &Arc<Self>, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
         let task = TaskRef::pin(self.clone());
@@ -592,12 +576,6 @@ impl Task {
             None => tokio::spawn(crate::fetch::run(task, id, pieces, source)),
         };
     }
-}
-
-/// The staged chunk holding byte `pos`, with its offset.
-fn staged_at(staged: &BTreeMap<u64, (u64, Bytes)>, pos: u64) -> Option<(u64, &Bytes)> {
-    let (at, (_, chunk)) = staged.range(..=pos).next_back()?;
-    (pos < at + chunk.len() as u64).then_some((*at, chunk))
 }
 
 fn map_file(file: &File, len: u64) -> Result<Option<Mmap>, StoreError> {
