@@ -136,7 +136,8 @@ impl Stage {
     }
 
     /// Writes what is staged and waits until the writer is done: after this, every piece the
-    /// fetch finished is present and no chunk of it is left in the task's memory.
+    /// fetch finished is present and no chunk of it is left in the task's memory (but those
+    /// past a write that failed, whose task is then abandoned).
     pub(crate) async fn finish(&mut self) -> Result<(), SourceError> {
         if let Some(job) = self.cur.take() {
             // A partial block of an unfinished piece: the bytes are right, and readers may
@@ -194,6 +195,8 @@ struct Writer {
     direct: Option<File>,
     crc: u32,
     sha: Option<Hasher>,
+    /// End of the last block written.
+    written_until: u64,
     error: Arc<Mutex<Option<String>>>,
 }
 
@@ -206,7 +209,7 @@ impl Writer {
         // Piece digests are what other peers verify pieces by; a node alone has no use for
         // them, so it does not spend a second hash over every byte.
         let sha = task.store_has_network().then(|| Hasher::new(Algorithm::Sha256));
-        Writer { task, id, direct, crc: 0, sha, error }
+        Writer { task, id, direct, crc: 0, sha, written_until: 0, error }
     }
 
     fn run(mut self, mut jobs: mpsc::Receiver<Job>, free: mpsc::Sender<Buf>) {
@@ -221,6 +224,7 @@ impl Writer {
                 *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 return;
             }
+            self.written_until = range.end;
             self.crc = crc32c::crc32c_append(self.crc, data);
             if let Some(h) = &mut self.sha {
                 h.update(data);
@@ -231,8 +235,9 @@ impl Writer {
             self.task.unstage(self.id, range.end.saturating_sub(KEEP_BEHIND));
             let _ = free.try_send(job.buf);
         }
-        // The fetch is over: its chunks are all on disk.
-        self.task.unstage(self.id, u64::MAX);
+        // The fetch is over. Its chunks are on disk, unless it was dropped with a block unsent
+        // (runtime shutdown): chunks past the last write stay in memory for readers.
+        self.task.unstage(self.id, self.written_until);
     }
 
     fn piece_written(&mut self, i: usize) {
