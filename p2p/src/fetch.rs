@@ -194,7 +194,10 @@ impl Fill {
             self.task.advance(self.id, self.pos);
             self.notified_at = Some(self.pos);
         }
-        self.task.pace(self.pos).await;
+        if self.pos < self.end {
+            // Against what readers were told of: a reader waiting for more is at that position.
+            self.task.pace(self.notified_at.unwrap_or(self.pos)).await;
+        }
         Ok(())
     }
 }

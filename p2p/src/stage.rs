@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -78,6 +77,9 @@ pub(crate) struct Stage {
 impl Stage {
     /// Starts the writer of fetch `id`.
     pub(crate) fn start(task: &TaskRef, id: u64) -> Result<Self, SourceError> {
+        if let Some(why) = task.lock().failed.clone() {
+            return Err(SourceError::fatal(why));
+        }
         let (jobs_tx, jobs_rx) = mpsc::channel(POOL);
         let (free_tx, free_rx) = mpsc::channel(POOL);
         let error = Arc::new(Mutex::new(None));
@@ -102,6 +104,13 @@ impl Stage {
     /// when `part` finishes it.
     pub(crate) async fn put(&mut self, pos: u64, part: Bytes, piece_end: Option<usize>) -> Result<(), SourceError> {
         self.task.stage(self.id, pos, part.clone());
+        if self.cur.as_ref().is_some_and(|job| job.start + job.len as u64 != pos) {
+            // The stream moved (a piece it passed became another fetch's, or a source that
+            // ignores ranges restarted it): the block so far goes to disk as it is.
+            if let Some(job) = self.cur.take() {
+                self.send(job).await?;
+            }
+        }
         let mut data = &part[..];
         let mut at = pos;
         while !data.is_empty() {
@@ -195,6 +204,9 @@ struct Writer {
     direct: Option<File>,
     crc: u32,
     sha: Option<Hasher>,
+    /// Where the bytes summed in `crc` and `sha` start: a piece is done only if they start
+    /// at the piece's start (a restarted stream can leave a piece's blocks out of order).
+    summed_from: Option<u64>,
     /// End of the last block written.
     written_until: u64,
     error: Arc<Mutex<Option<String>>>,
@@ -203,13 +215,11 @@ struct Writer {
 impl Writer {
     fn new(task: TaskRef, id: u64, error: Arc<Mutex<Option<String>>>) -> Self {
         let wanted = task.store.upgrade().is_some_and(|s| s.direct_io);
-        let direct = wanted
-            .then(|| OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(task.data_path()).ok())
-            .flatten();
+        let direct = wanted.then(|| reopen_direct(&task.file)).flatten();
         // Piece digests are what other peers verify pieces by; a node alone has no use for
         // them, so it does not spend a second hash over every byte.
         let sha = task.store_has_network().then(|| Hasher::new(Algorithm::Sha256));
-        Writer { task, id, direct, crc: 0, sha, written_until: 0, error }
+        Writer { task, id, direct, crc: 0, sha, summed_from: None, written_until: 0, error }
     }
 
     fn run(mut self, mut jobs: mpsc::Receiver<Job>, free: mpsc::Sender<Buf>) {
@@ -222,7 +232,14 @@ impl Writer {
                 self.task.metrics.piece_failed("write");
                 self.task.abandon(&why);
                 *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                self.task.unstage(self.id, u64::MAX);
                 return;
+            }
+            if self.written_until != range.start || self.summed_from.is_none() {
+                // Not where the last block ended: what was summed belongs to another piece.
+                self.crc = 0;
+                self.sha = self.sha.take().map(|_| Hasher::new(Algorithm::Sha256));
+                self.summed_from = Some(range.start);
             }
             self.written_until = range.end;
             self.crc = crc32c::crc32c_append(self.crc, data);
@@ -243,6 +260,13 @@ impl Writer {
     fn piece_written(&mut self, i: usize) {
         let sha = self.sha.as_mut().map(|h| std::mem::replace(h, Hasher::new(Algorithm::Sha256)).finish());
         let record = PieceRecord { crc32c: std::mem::take(&mut self.crc), sha256: None };
+        let whole = self.summed_from.replace(self.written_until) == Some(self.task.layout().piece_range(i).start);
+        if !whole {
+            // Its bytes are on disk but were not all summed here: it stays missing, and the
+            // fetch's end hands it to the next fetch.
+            tracing::debug!(piece = i, "piece written out of order; not marking it present");
+            return;
+        }
         // A piece written past the page cache is checked against its crc32c when first read
         // back from disk, like a piece found after a restart.
         let checked = self.direct.is_none().then(std::time::Instant::now);
@@ -279,10 +303,6 @@ impl Writer {
 }
 
 impl Task {
-    pub(crate) fn data_path(&self) -> PathBuf {
-        self.meta_path.with_extension("data")
-    }
-
     /// Keeps `chunk`, the bytes at `offset` taken by fetch `id`, in memory for readers until
     /// the fetch has written them.
     pub(crate) fn stage(&self, id: u64, offset: u64, chunk: Bytes) {
@@ -301,6 +321,14 @@ impl Task {
 pub(crate) fn staged_at(staged: &BTreeMap<u64, (u64, Bytes)>, pos: u64) -> Option<(u64, &Bytes)> {
     let (at, (_, chunk)) = staged.range(..=pos).next_back()?;
     (pos < at + chunk.len() as u64).then_some((*at, chunk))
+}
+
+/// `file` opened again with `O_DIRECT`. Through `/proc/self/fd`, not the task's path: a task
+/// that was dropped may have a new file at that path by now, and must not write into it.
+fn reopen_direct(file: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
 /// The part of `offset..offset + len`, relative to `offset`, whose file offsets start and end

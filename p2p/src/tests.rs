@@ -427,3 +427,33 @@ async fn piece_digests_are_backfilled_only_for_content_that_still_matches_its_di
     assert_eq!(got, expected);
     assert!(store.get(&dr).unwrap().is_none(), "content that no longer matches is dropped");
 }
+
+/// Regression: the fetch paced itself against its own position, which runs ahead of the one
+/// readers are told of, so a reader waiting at the head did not count as waiting and was held
+/// to the pace of a slower one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_for_the_fetch_is_not_slowed_by_a_slower_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(40 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let len = data.len() as u64;
+    let slow = {
+        let (t, src) = (t.clone(), src.clone());
+        tokio::spawn(async move {
+            let mut s = Box::pin(read(t, 0..len, true, src));
+            let mut n = 0;
+            while let Some(b) = s.next().await {
+                n += b.unwrap().len();
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let started = std::time::Instant::now();
+    assert!(collect(t.clone(), 0..len, true, src.clone()).await.unwrap() == data);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(1500), "the fast reader took {took:?}");
+    assert_eq!(slow.await.unwrap(), data.len());
+}
