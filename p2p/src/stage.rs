@@ -104,12 +104,10 @@ impl Stage {
     /// when `part` finishes it.
     pub(crate) async fn put(&mut self, pos: u64, part: Bytes, piece_end: Option<usize>) -> Result<(), SourceError> {
         self.task.stage(self.id, pos, part.clone());
-        if self.cur.as_ref().is_some_and(|job| job.start + job.len as u64 != pos) {
-            // The stream moved (a piece it passed became another fetch's, or a source that
-            // ignores ranges restarted it): the block so far goes to disk as it is.
-            if let Some(job) = self.cur.take() {
-                self.send(job).await?;
-            }
+        // The stream moved (a piece it passed became another fetch's, or a source that ignores
+        // ranges restarted it): the block so far goes to disk as it is.
+        if let Some(job) = self.cur.take_if(|job| job.start + job.len as u64 != pos) {
+            self.send(job).await?;
         }
         let mut data = &part[..];
         let mut at = pos;
@@ -185,14 +183,6 @@ impl Stage {
     fn failed(&self) -> SourceError {
         let why = self.error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         SourceError::fatal(why.unwrap_or_else(|| "cache writer stopped".to_owned()))
-    }
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        // A fetch dropped without `finish` (runtime shutdown): the writer drains and exits on
-        // its own once the queue closes; nothing waits for it.
-        self.jobs = None;
     }
 }
 

@@ -298,37 +298,7 @@ impl Task {
         (first..stop, id)
     }
 
-    /// Checks piece `i` against its crc32c; a corrupt piece becomes missing (and is fetched again).
-    pub(crate) fn check_piece(&self, i: usize) {
-        let range = self.layout.piece_range(i);
-        self.read_ahead(i);
-        let actual = crc32c::crc32c(self.bytes(range));
-        let mut st = self.lock();
-        if let Piece::Present { record, checked } = &mut st.pieces[i] {
-            if record.crc32c == actual {
-                *checked = Some(Instant::now());
-                return;
-            }
-            tracing::warn!(digest = %self.digest, piece = i, "piece failed its crc32c check; fetching it again");
-            self.metrics.piece_failed("corrupt");
-            st.pieces[i] = Piece::Missing;
-            st.demotions += 1;
-            st.verified = false;
-            st.dirty = true;
-        }
-    }
-
-    /// Asks the kernel to read piece `i` and the next one from disk in large requests: a piece
-    /// not in the page cache (written past it, or cached before a restart) would otherwise come
-    /// in page faults of a readahead window each.
-    fn read_ahead(&self, i: usize) {
-        let Some(map) = &self.map else { return };
-        let start = self.layout.piece_range(i).start;
-        let end = self.layout.piece_range((i + 1).min(self.layout.count() - 1)).end;
-        let _ = map.advise_range(memmap2::Advice::WillNeed, start as usize, (end - start) as usize);
-    }
-
-    /// Records a fetch's contiguous progress (bytes up to `pos` are in the file).
+    /// Records a fetch's contiguous progress (bytes up to `pos` are in the file or staged).
     pub(crate) fn advance(&self, id: u64, pos: u64) {
         self.lock().fetch_pos.insert(id, pos);
         self.notify();

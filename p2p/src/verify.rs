@@ -1,9 +1,10 @@
-//! Verifying a task assembled from pieces (from peers, from ranges, or read back after a
-//! restart) against its digest. The whole-content hash runs ahead over the pieces present in
+//! Verifying stored pieces against their crc32c, and a task assembled from pieces (from peers,
+//! from ranges, or read back after a restart) against its digest. The whole-content hash runs ahead over the pieces present in
 //! order while the rest still arrive, so a multi-gigabyte blob is not read again in full after
 //! its last piece: the reader holding back the last byte waits for the hash of what came last.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::digest::Hasher;
 use crate::task::{Piece, Task, TaskRef};
@@ -17,6 +18,36 @@ pub(crate) struct Ahead {
 }
 
 impl Task {
+    /// Checks piece `i` against its crc32c; a corrupt piece becomes missing (and is fetched again).
+    pub(crate) fn check_piece(&self, i: usize) {
+        let range = self.layout.piece_range(i);
+        self.read_ahead(i);
+        let actual = crc32c::crc32c(self.bytes(range));
+        let mut st = self.lock();
+        if let Piece::Present { record, checked } = &mut st.pieces[i] {
+            if record.crc32c == actual {
+                *checked = Some(Instant::now());
+                return;
+            }
+            tracing::warn!(digest = %self.digest, piece = i, "piece failed its crc32c check; fetching it again");
+            self.metrics.piece_failed("corrupt");
+            st.pieces[i] = Piece::Missing;
+            st.demotions += 1;
+            st.verified = false;
+            st.dirty = true;
+        }
+    }
+
+    /// Asks the kernel to read piece `i` and the next one from disk in large requests: a piece
+    /// not in the page cache (written past it, or cached before a restart) would otherwise come
+    /// in page faults of a readahead window each.
+    fn read_ahead(&self, i: usize) {
+        let Some(map) = &self.map else { return };
+        let start = self.layout.piece_range(i).start;
+        let end = self.layout.piece_range((i + 1).min(self.layout.count() - 1)).end;
+        let _ = map.advise_range(memmap2::Advice::WillNeed, start as usize, (end - start) as usize);
+    }
+
     /// Hashes on from where the hash got to, as far as pieces are present, on a blocking
     /// thread; verifies the task when it gets to the end. Does nothing while a fetch streams the
     /// whole content through its own hash, or while a pass is already running.
