@@ -267,6 +267,10 @@ impl Inner {
     fn create(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<Task, StoreError> {
         let (data, meta_path) = self.paths(digest);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
+        if let Err(e) = reserve(&file, len) {
+            let _ = fs::remove_file(&data);
+            return Err(e);
+        }
         file.set_len(len)?;
         let layout = Layout::new(len);
         let meta = TaskMeta {
@@ -398,6 +402,28 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         return Err(StoreError::Locked(dir.to_owned()));
     }
     Ok(file)
+}
+
+/// Allocates the task's blocks up front. Other writers on the disk (containerd unpacking
+/// layers, say) can fill it while a blob arrives; with its blocks reserved, a task's writes do
+/// not fail half way, and a disk too full for the blob is found now, while the request can
+/// still stream through uncached. Filesystems without `fallocate` keep the sparse file.
+fn reserve(file: &File, len: u64) -> Result<(), StoreError> {
+    let Ok(size) = libc::off_t::try_from(len) else { return Err(StoreError::NoSpace(len)) };
+    if size == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Err(StoreError::NoSpace(len)),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(StoreError::Io(err)),
+    }
 }
 
 fn free_disk(dir: &Path) -> Option<u64> {

@@ -321,6 +321,25 @@ async fn quota_evicts_least_recently_used_unpinned_tasks() {
     assert!(matches!(store.get_or_create(&bd, big.len() as u64, None), Err(StoreError::NoSpace(_))));
 }
 
+/// Another writer filling the disk must not make a task's writes fail half way: a new task's
+/// blocks are allocated before anything is fetched (on filesystems that can).
+#[test]
+fn a_new_task_has_its_blocks_allocated_up_front() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), (64 * MIB) as u64);
+    let (data, d) = blob(8 * MIB + 100);
+    let _t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let file = std::fs::read_dir(dir.path().join("tasks/sha256"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "data"))
+        .expect("the task's data file");
+    let meta = file.metadata().unwrap();
+    assert_eq!(meta.len(), data.len() as u64);
+    assert!(meta.blocks() * 512 >= meta.len(), "{} of {} bytes allocated", meta.blocks() * 512, meta.len());
+}
+
 #[tokio::test]
 async fn passthrough_withholds_the_end_of_bad_content() {
     let (data, d) = blob(MIB);
