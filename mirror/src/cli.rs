@@ -75,6 +75,15 @@ pub struct MirrorArgs {
     /// Scheduler (host:port or http://host:port); repeatable. Without one the node works alone.
     #[arg(long = "scheduler", value_name = "ADDR")]
     pub schedulers: Vec<String>,
+    /// PEM CA certificates that https:// schedulers' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub scheduler_ca: Option<PathBuf>,
+    /// PEM certificate this node shows schedulers that ask for one (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub scheduler_cert: Option<PathBuf>,
+    /// PEM private key of --scheduler-cert.
+    #[arg(long, value_name = "FILE")]
+    pub scheduler_key: Option<PathBuf>,
     /// Where other peers fetch pieces from this node [default: 0.0.0.0:65002].
     #[arg(long, value_name = "ADDR")]
     pub upload_listen: Option<SocketAddr>,
@@ -173,6 +182,15 @@ impl MirrorArgs {
         set(&mut cfg.background_fill, self.background_fill);
         set(&mut cfg.cache_direct_io, self.cache_direct_io);
         replace(&mut cfg.schedulers, self.schedulers);
+        for (slot, flag) in [
+            (&mut cfg.scheduler_ca, self.scheduler_ca),
+            (&mut cfg.scheduler_cert, self.scheduler_cert),
+            (&mut cfg.scheduler_key, self.scheduler_key),
+        ] {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        }
         set(&mut cfg.upload_listen, self.upload_listen);
         if self.advertise_ip.is_some() {
             cfg.advertise_ip = self.advertise_ip;
@@ -276,6 +294,8 @@ mod tests {
             "8",
             "--scheduler-listen",
             "127.0.0.2:8002",
+            "--scheduler-ca",
+            "/etc/ca.pem",
         ]);
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
@@ -298,6 +318,7 @@ mod tests {
             (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20)))
         );
         assert_eq!(cfg.max_uploads, 8);
+        assert_eq!(cfg.scheduler_ca, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
         assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use damselfly_p2p::net::{NetError, NetMetrics, Node, NodeConfig, SeedSource};
+use damselfly_p2p::net::{NetError, NetMetrics, Node, NodeConfig, SchedulerTls, SeedSource};
 use damselfly_p2p::{Digest, Source, SourceSpec, Store};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -29,6 +29,8 @@ pub enum ClusterError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error("scheduler TLS: {0}")]
+    Tls(String),
 }
 
 pub struct ClusterParts<'a> {
@@ -60,6 +62,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     };
     let cfg = NodeConfig {
         schedulers,
+        scheduler_tls: scheduler_tls(config)?,
         host_id,
         advertise_ip,
         upload_port: upload_addr.port(),
@@ -75,6 +78,43 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
     let metrics = NetMetrics::register(parts.registry);
     Ok(Node::start(cfg, parts.store.clone(), parts.upload, metrics, parts.shutdown)?)
+}
+
+/// Reads the PEM files named in the config (validated already: a CA whenever a scheduler
+/// is `https://`, a certificate only with its key).
+/// The PEM is parsed here so that a wrong file stops the daemon at start instead of turning
+/// every scheduler call into a failed handshake.
+fn scheduler_tls(config: &MirrorConfig) -> Result<Option<SchedulerTls>, ClusterError> {
+    let Some(ca) = &config.scheduler_ca else { return Ok(None) };
+    let identity = match (&config.scheduler_cert, &config.scheduler_key) {
+        (Some(cert), Some(key)) => Some((read_pem(cert, Pem::Certificates)?, read_pem(key, Pem::Key)?)),
+        _ => None,
+    };
+    Ok(Some(SchedulerTls { ca: read_pem(ca, Pem::Certificates)?, identity }))
+}
+
+enum Pem {
+    Certificates,
+    Key,
+}
+
+fn read_pem(path: &Path, what: Pem) -> Result<Vec<u8>, ClusterError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |e: &dyn std::fmt::Display| ClusterError::Tls(format!("{}: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| fail(&e))?;
+    match what {
+        Pem::Certificates => {
+            let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(|e| fail(&e))?;
+            if certs.is_empty() {
+                return Err(fail(&"no PEM certificate in it"));
+            }
+        }
+        Pem::Key => {
+            PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| fail(&e))?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// The upload address when it is a specific one; otherwise the local address the kernel
@@ -172,6 +212,32 @@ impl SeedSource for Seeder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scheduler_tls_files_are_checked_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let cert = write("cert.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let key = write("key.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+        let junk = write("junk.pem", "not a certificate");
+        let config = |ca: &Path, key: &Path| MirrorConfig {
+            schedulers: vec!["https://s:1".into()],
+            scheduler_ca: Some(ca.to_owned()),
+            scheduler_cert: Some(cert.clone()),
+            scheduler_key: Some(key.to_owned()),
+            ..MirrorConfig::default()
+        };
+        let tls = scheduler_tls(&config(&cert, &key)).expect("valid").expect("tls");
+        assert!(tls.identity.is_some());
+        assert!(scheduler_tls(&config(&junk, &key)).is_err(), "a CA file without certificates");
+        assert!(scheduler_tls(&config(&cert, &cert)).is_err(), "a certificate where the key belongs");
+        assert!(scheduler_tls(&config(&dir.path().join("missing.pem"), &key)).is_err());
+        assert!(scheduler_tls(&MirrorConfig::default()).expect("no tls").is_none());
+    }
 
     #[test]
     fn the_host_id_is_generated_once_and_kept() {

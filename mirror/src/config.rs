@@ -32,8 +32,14 @@ pub struct MirrorConfig {
     pub cache_direct_io: bool,
     pub log_format: LogFormat,
     pub log_level: String,
-    /// Scheduler addresses (`host:port` or `http://host:port`); empty = a single node.
+    /// Scheduler addresses (`host:port`, `http://host:port` or `https://host:port`); empty =
+    /// a single node.
     pub schedulers: Vec<String>,
+    /// PEM CA certificates `https://` schedulers are verified against.
+    pub scheduler_ca: Option<PathBuf>,
+    /// PEM certificate and key this node shows schedulers that require one (mutual TLS).
+    pub scheduler_cert: Option<PathBuf>,
+    pub scheduler_key: Option<PathBuf>,
     /// Where other peers fetch pieces from this node (only with schedulers).
     pub upload_listen: SocketAddr,
     /// The address peers reach this node at; default: the upload address, or the address
@@ -75,6 +81,9 @@ impl Default for MirrorConfig {
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
             schedulers: Vec::new(),
+            scheduler_ca: None,
+            scheduler_cert: None,
+            scheduler_key: None,
             upload_listen: DEFAULT_UPLOAD_LISTEN,
             advertise_ip: None,
             host_id: None,
@@ -136,6 +145,8 @@ pub enum ConfigError {
     MaxUploads,
     #[error("{0} is a cluster setting: give schedulers or scheduler_listen too")]
     NeedsSchedulers(&'static str),
+    #[error("{0}")]
+    SchedulerTls(&'static str),
     #[error("log_level {value:?}: {reason}")]
     LogLevel { value: String, reason: String },
 }
@@ -206,7 +217,15 @@ impl MirrorConfig {
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
-        self.scheduler_urls()?;
+        let urls = self.scheduler_urls()?;
+        let tls = urls.iter().any(|u| u.starts_with("https://"));
+        if tls && self.scheduler_ca.is_none() {
+            return Err(ConfigError::SchedulerTls("https:// schedulers need scheduler_ca to verify them against"));
+        }
+        if self.scheduler_cert.is_some() != self.scheduler_key.is_some() {
+            return Err(ConfigError::SchedulerTls("scheduler_cert and scheduler_key go together"));
+        }
+
         if let Some(id) = &self.host_id {
             let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
             if id.is_empty() || id.len() > 128 || !id.bytes().all(ok) {

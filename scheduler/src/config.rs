@@ -18,6 +18,20 @@ pub struct SchedulerConfig {
     pub announce_interval: Duration,
     /// Lifetime of the upload tokens in `Parents`.
     pub token_ttl: Duration,
+    /// Serve gRPC over TLS (the HTTP port for health and metrics stays plain).
+    pub tls: Option<ServerTls>,
+}
+
+/// The scheduler's certificate, and the CA its clients' certificates must chain to when
+/// nodes are to prove who they are (mutual TLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    /// PEM: the certificate chain, leaf first.
+    pub cert: Vec<u8>,
+    /// PEM: the private key of the leaf.
+    pub key: Vec<u8>,
+    /// PEM: roots a client certificate must chain to; `None` asks nodes for none.
+    pub client_ca: Option<Vec<u8>>,
 }
 
 impl Default for SchedulerConfig {
@@ -31,6 +45,7 @@ impl Default for SchedulerConfig {
             idc_only: false,
             announce_interval: Duration::from_secs(30),
             token_ttl: Duration::from_secs(600),
+            tls: None,
         }
     }
 }
@@ -45,6 +60,7 @@ impl std::fmt::Debug for SchedulerConfig {
             .field("idc_only", &self.idc_only)
             .field("announce_interval", &self.announce_interval)
             .field("token_ttl", &self.token_ttl)
+            .field("tls", &self.tls.as_ref().map(|t| if t.client_ca.is_some() { "mutual" } else { "server" }))
             .finish()
     }
 }

@@ -12,6 +12,8 @@ pub enum SchedulerError {
     ShuttingDown,
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl SchedulerError {
@@ -31,6 +33,7 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             SchedulerError::ShuttingDown => tonic::Status::unavailable("the scheduler is shutting down"),
             SchedulerError::Io(e) => tonic::Status::internal(e.to_string()),
+            SchedulerError::Tls(m) => tonic::Status::internal(m),
         }
     }
 }

@@ -25,7 +25,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use config::SchedulerConfig;
+pub use config::{SchedulerConfig, ServerTls};
 pub use download::DownloadHandle;
 pub use error::SchedulerError;
 pub use metrics::{DecisionKind, Metrics};

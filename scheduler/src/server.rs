@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::config::SchedulerConfig;
+use crate::config::{SchedulerConfig, ServerTls};
 use crate::error::SchedulerError;
 use crate::proto::scheduler_server::SchedulerServer;
 use crate::scheduler::Scheduler;
@@ -39,7 +40,7 @@ pub async fn start(
 ) -> Result<Running, SchedulerError> {
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
-    let scheduler = Scheduler::new(config);
+    let scheduler = Scheduler::new(config.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<SchedulerServer<SchedulerService>>().await;
     reporter.set_service_status("", ServingStatus::Serving).await;
@@ -50,10 +51,11 @@ pub async fn start(
             let _ = s.set_nodelay(true);
         })
     });
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health)
-        .add_service(SchedulerService::server(scheduler.clone()));
+    let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(server_tls(tls)).map_err(|e| SchedulerError::Tls(e.to_string()))?;
+    }
+    let router = builder.add_service(health).add_service(SchedulerService::server(scheduler.clone()));
     let stop = shutdown.clone();
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
@@ -66,6 +68,14 @@ pub async fn start(
     tasks.push(tokio::spawn(upkeep(scheduler.clone(), shutdown.clone())));
     tracing::info!(grpc = %grpc_addr, http = ?http_addr, "damselfly scheduler started");
     Ok(Running { grpc_addr, http_addr, scheduler, shutdown, tasks })
+}
+
+fn server_tls(tls: &ServerTls) -> ServerTlsConfig {
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+    match &tls.client_ca {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+        None => config,
+    }
 }
 
 async fn upkeep(scheduler: Scheduler, shutdown: CancellationToken) {

@@ -171,3 +171,11 @@ async fn http_serves_healthy_and_metrics() {
     // An open download does not hold up shutdown.
     tokio::time::timeout(Duration::from_secs(3), r.shutdown()).await.expect("prompt shutdown");
 }
+
+#[tokio::test]
+async fn a_scheduler_with_a_broken_certificate_does_not_start() {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls = damselfly_scheduler::ServerTls { cert: b"junk".to_vec(), key: b"junk".to_vec(), client_ca: None };
+    let config = SchedulerConfig { tls: Some(tls), ..Default::default() };
+    assert!(start(config, grpc, None).await.is_err());
+}

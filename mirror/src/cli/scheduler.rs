@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use damselfly_scheduler::SchedulerConfig;
+use damselfly_scheduler::{SchedulerConfig, ServerTls};
 
 use crate::config::LogFormat;
 
@@ -36,6 +36,15 @@ pub struct SchedulerArgs {
     /// Seconds between host announcements; silent hosts expire after three.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub announce_interval: u64,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: nodes must present a certificate that chains to one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Log output format.
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
     pub log_format: LogFormat,
@@ -52,6 +61,8 @@ pub enum SchedulerArgsError {
     ShortSecret,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 impl SchedulerArgs {
@@ -87,8 +98,19 @@ impl SchedulerArgs {
         cfg.max_parents = self.max_parents;
         cfg.idc_only = self.idc_only;
         cfg.announce_interval = Duration::from_secs(self.announce_interval);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(ServerTls {
+                cert: read(cert)?,
+                key: read(key)?,
+                client_ca: self.tls_client_ca.as_deref().map(read).transpose()?,
+            });
+        }
         Ok(cfg)
     }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, SchedulerArgsError> {
+    std::fs::read(path).map_err(|source| SchedulerArgsError::Read { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -126,5 +148,25 @@ mod tests {
         assert_eq!(env.secret, b"from-the-environment");
         assert!(args(&[]).to_config_with(Some(b"short".to_vec())).is_err());
         assert!(args(&["--max-parents", "0"]).to_config_with(None).is_err());
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key() {
+        let argv = |extra: &[&str]| {
+            let all = ["damselfly", "scheduler"].iter().chain(extra).copied().collect::<Vec<_>>();
+            Cli::try_parse_from(all).map(drop)
+        };
+        assert!(argv(&["--tls-cert", "c.pem"]).is_err());
+        assert!(argv(&["--tls-key", "k.pem"]).is_err());
+        assert!(argv(&["--tls-client-ca", "ca.pem"]).is_err());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "cert").expect("write");
+        std::fs::write(&key, "key").expect("write");
+        let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+        let tls = args(&["--tls-cert", c, "--tls-key", k]).to_config_with(None).expect("config").tls.expect("tls");
+        assert_eq!((tls.cert.as_slice(), tls.key.as_slice(), tls.client_ca), (&b"cert"[..], &b"key"[..], None));
+        let missing = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", "/nonexistent/ca.pem"]);
+        assert!(missing.to_config_with(None).is_err());
     }
 }

@@ -57,6 +57,9 @@ fn example_config_documents_every_key_with_its_default() {
         "log_format",
         "log_level",
         "schedulers",
+        "scheduler_ca",
+        "scheduler_cert",
+        "scheduler_key",
         "upload_listen",
         "advertise_ip",
         "host_id",
@@ -283,7 +286,7 @@ fn parse_errors_do_not_carry_the_file() {
 #[test]
 fn cluster_settings_are_validated() {
     let ok = MirrorConfig::from_toml_str(
-        "schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\n",
+        "schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\nscheduler_ca = \"/etc/ca.pem\"\n",
     )
     .expect("parses");
     ok.validate().expect("valid");
@@ -297,6 +300,10 @@ fn cluster_settings_are_validated() {
         "schedulers = [\"x:1\"]\nmax_uploads = 0",
         "seed = true",
         "schedulers = [\"x:1\"]\nupload_listen = \"127.0.0.1:65001\"",
+        // TLS: a CA to verify https schedulers with, and a certificate only with its key.
+        "schedulers = [\"https://x:1\"]",
+        "schedulers = [\"https://x:1\"]\nscheduler_ca = \"ca.pem\"\nscheduler_cert = \"c.pem\"",
+        "schedulers = [\"https://x:1\"]\nscheduler_ca = \"ca.pem\"\nscheduler_key = \"k.pem\"",
     ] {
         let cfg = MirrorConfig::from_toml_str(bad).expect("parses");
         assert!(cfg.validate().is_err(), "{bad}");

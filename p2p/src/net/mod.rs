@@ -59,8 +59,10 @@ pub trait SeedSource: Send + Sync + 'static {
 
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// gRPC URLs (`http://host:port`) of the schedulers.
+    /// gRPC URLs (`http://host:port`, or `https://host:port` with `scheduler_tls`) of the
+    /// schedulers.
     pub schedulers: Vec<String>,
+    pub scheduler_tls: Option<SchedulerTls>,
     pub host_id: String,
     /// The address the upload server is bound to and outgoing peer connections come from.
     pub advertise_ip: IpAddr,
@@ -75,6 +77,16 @@ pub struct NodeConfig {
     /// No bytes from any parent (and no news) for this long: take the rest from the origin.
     pub stall_timeout: Duration,
     pub seed_source: Option<Arc<dyn SeedSource>>,
+}
+
+/// How this node verifies `https://` schedulers, and the certificate it shows those that
+/// ask for one.
+#[derive(Clone)]
+pub struct SchedulerTls {
+    /// PEM CA certificates.
+    pub ca: Vec<u8>,
+    /// PEM certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 fn task_info(m: crate::meta::TaskMeta) -> proto::TaskInfo {
@@ -177,7 +189,7 @@ impl Node {
             .build()
             .map_err(|e| NetError::Config(format!("peer HTTP client: {e}")))?;
         let node = Arc::new(Node {
-            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip)?),
+            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip, cfg.scheduler_tls.as_ref())?),
             sessions: Mutex::new(HashMap::new()),
             keys: RwLock::new(Vec::new()),
             http,

@@ -12,10 +12,10 @@ use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tonic::{Code, Streaming};
 
-use super::NetError;
+use super::{NetError, SchedulerTls};
 
 /// Connecting to a scheduler takes longer than this only when it is gone.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -40,13 +40,26 @@ pub(crate) struct DownloadStream {
     pub scheduler: String,
 }
 
+fn client_tls(tls: &SchedulerTls) -> ClientTlsConfig {
+    let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
+    match &tls.identity {
+        Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+        None => config,
+    }
+}
+
 impl Schedulers {
-    pub fn new(urls: &[String], local: IpAddr) -> Result<Self, NetError> {
+    pub fn new(urls: &[String], local: IpAddr, tls: Option<&SchedulerTls>) -> Result<Self, NetError> {
         let endpoints = urls
             .iter()
             .map(|url| {
-                let ep = TonicEndpoint::from_shared(url.clone())
-                    .map_err(|e| NetError::Config(format!("scheduler address {url}: {e}")))?
+                let fail = |e: &dyn std::fmt::Display| NetError::Config(format!("scheduler address {url}: {e}"));
+                let mut ep = TonicEndpoint::from_shared(url.clone()).map_err(|e| fail(&e))?;
+                if url.starts_with("https://") {
+                    let tls = tls.ok_or_else(|| fail(&"https needs the CA to verify the scheduler against"))?;
+                    ep = ep.tls_config(client_tls(tls)).map_err(|e| fail(&e))?;
+                }
+                let ep = ep
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
@@ -204,7 +217,18 @@ mod tests {
 
     fn schedulers(n: usize) -> Schedulers {
         let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8002")).collect();
-        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))).expect("valid urls")
+        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None).expect("valid urls")
+    }
+
+    #[tokio::test]
+    async fn an_https_scheduler_needs_a_ca() {
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let urls = ["https://10.0.0.1:8002".to_owned()];
+        assert!(matches!(Schedulers::new(&urls, local, None), Err(NetError::Config(_))));
+        // Certificates are checked when the connection is made; plain http ignores the CA.
+        let tls = SchedulerTls { ca: b"not pem".to_vec(), identity: None };
+        assert!(Schedulers::new(&urls, local, Some(&tls)).is_ok());
+        assert!(Schedulers::new(&["http://10.0.0.1:8002".to_owned()], local, Some(&tls)).is_ok());
     }
 
     #[tokio::test]
