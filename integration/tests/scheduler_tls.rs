@@ -6,8 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use damselfly_integration::{fetch, http_client, random_bytes, Mirror, MirrorOpts, Registry, MIB};
-use damselfly_scheduler::{SchedulerConfig, ServerTls};
+use damselfly_integration::token_auth::{PASSWORD, USER};
+use damselfly_integration::{
+    fetch, http_client, poll_until, random_bytes, Metrics, Mirror, MirrorOpts, Registry, TokenAuthFront, MIB,
+};
+use damselfly_scheduler::{Running, SchedulerConfig, ServerTls};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
 const REPO: &str = "test/tls";
@@ -17,6 +20,8 @@ struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
     dir: PathBuf,
+    /// The CA certificate's file name in `dir`.
+    file: String,
 }
 
 impl Ca {
@@ -26,16 +31,19 @@ impl Ca {
         params.distinguished_name.push(rcgen::DnType::CommonName, name);
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        Ca { cert, key, dir: dir.to_owned() }
+        let file = format!("{name}.pem");
+        std::fs::write(dir.join(&file), cert.pem()).unwrap();
+        Ca { cert, key, dir: dir.to_owned(), file }
     }
 
     fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }
 
-    /// Signs a certificate for `names` (DNS names or IP addresses); writes NAME.pem and NAME.key.
+    /// Signs a certificate for `names` (DNS names or IP addresses); writes NAME-by-CA.pem and
+    /// NAME-by-CA.key.
     fn issue(&self, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let name = format!("{name}-by-{}", self.file.trim_end_matches(".pem"));
         let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
@@ -50,6 +58,46 @@ async fn metric(node: &Mirror, name: &str, filter: &[(&str, &str)]) -> f64 {
     node.metrics().await.unwrap().sum(name, filter)
 }
 
+/// A scheduler on 127.0.0.1 serving gRPC over TLS with a certificate from `ca`, asking nodes
+/// for certificates from `ca` too; returns it with its `https://` URL.
+async fn tls_scheduler(ca: &Ca) -> (Running, String) {
+    let (cert, key) = ca.issue("scheduler", &["127.0.0.1"]);
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let config = SchedulerConfig {
+        secret: b"scheduler tls test secret".to_vec(),
+        announce_interval: Duration::from_secs(2),
+        tls: Some(ServerTls { cert: read(&cert), key: read(&key), client_ca: Some(read(&ca.path(&ca.file))) }),
+        ..SchedulerConfig::default()
+    };
+    let bind = || tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let running = damselfly_scheduler::start(config, bind().await.unwrap(), Some(bind().await.unwrap())).await.unwrap();
+    let url = format!("https://{}", running.grpc_addr);
+    (running, url)
+}
+
+/// Node `i` on 127.0.0.(2+i), reaching the scheduler at `url` with a certificate from `issuer`.
+fn tls_node(opts: MirrorOpts, i: u8, url: &str, ca: &Ca, issuer: &Ca) -> MirrorOpts {
+    let id = format!("tls-node-{i}");
+    let mut opts = opts.cluster(IpAddr::from([127, 0, 0, 2 + i]), &[url.to_owned()], &id);
+    let (cert, key) = issuer.issue(&id, &[id.as_str()]);
+    opts.config.scheduler_ca = Some(ca.path(&ca.file));
+    (opts.config.scheduler_cert, opts.config.scheduler_key) = (Some(cert), Some(key));
+    opts
+}
+
+async fn wait_for_hosts(scheduler: &Running, hosts: f64) {
+    let url = format!("http://{}/metrics", scheduler.http_addr.unwrap());
+    poll_until("hosts announced", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            let m = Metrics::scrape(&url).await?;
+            Ok((m.sum("damselfly_scheduler_hosts", &[]) >= hosts).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_pieces_through_a_scheduler_reached_over_mutual_tls() {
     let origin = Registry::start().await.unwrap();
@@ -58,37 +106,9 @@ async fn nodes_share_pieces_through_a_scheduler_reached_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "cluster-ca");
     let stranger_ca = Ca::new(dir.path(), "stranger-ca");
-    let (server_cert, server_key) = ca.issue("scheduler", &["127.0.0.1"]);
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    let config = SchedulerConfig {
-        secret: b"scheduler tls test secret".to_vec(),
-        announce_interval: Duration::from_secs(2),
-        tls: Some(ServerTls {
-            cert: read(&server_cert),
-            key: read(&server_key),
-            client_ca: Some(read(&ca.path("cluster-ca.pem"))),
-        }),
-        ..SchedulerConfig::default()
-    };
-    let grpc = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-    let scheduler = damselfly_scheduler::start(config, grpc, None).await.unwrap();
-    let url = format!("https://{}", scheduler.grpc_addr);
-
-    let node = |i: u8, client: (PathBuf, PathBuf)| {
-        let mut opts = MirrorOpts::new(&origin.url()).cluster(
-            IpAddr::from([127, 0, 0, 2 + i]),
-            std::slice::from_ref(&url),
-            &format!("tls-node-{i}"),
-        );
-        opts.config.scheduler_ca = Some(ca.path("cluster-ca.pem"));
-        (opts.config.scheduler_cert, opts.config.scheduler_key) = (Some(client.0), Some(client.1));
-        Mirror::start(opts)
-    };
-    let nodes = [
-        node(0, ca.issue("node-0", &["tls-node-0"])).await.unwrap(),
-        node(1, ca.issue("node-1", &["tls-node-1"])).await.unwrap(),
-        node(2, stranger_ca.issue("node-2", &["tls-node-2"])).await.unwrap(),
-    ];
+    let (scheduler, url) = tls_scheduler(&ca).await;
+    let node = |i: u8, issuer: &Ca| Mirror::start(tls_node(MirrorOpts::new(&origin.url()), i, &url, &ca, issuer));
+    let nodes = [node(0, &ca).await.unwrap(), node(1, &ca).await.unwrap(), node(2, &stranger_ca).await.unwrap()];
     for n in &nodes {
         let url = n.blob_url_ns(REPO, &digest, &origin.host());
         fetch(http_client().get(url), false).await.unwrap().assert_blob(&digest, size);
@@ -108,5 +128,36 @@ async fn nodes_share_pieces_through_a_scheduler_reached_over_mutual_tls() {
     for n in nodes {
         n.shutdown().await;
     }
+    scheduler.shutdown().await;
+}
+
+/// Private content: the client's token (short-lived, scoped to the repository) goes with the
+/// registration over TLS, and the scheduler hands it to the seed it asks to fetch the blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked() {
+    let origin = Registry::start().await.unwrap();
+    let front = TokenAuthFront::start(&origin.url()).await.unwrap();
+    let repo = "private/tls";
+    let size = 16 * MIB;
+    let digest = origin.push_blob(repo, random_bytes(size as usize)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "cluster-ca");
+    let (scheduler, url) = tls_scheduler(&ca).await;
+    let opts = || MirrorOpts::new(&origin.url()).insecure_registry(&front.host());
+    let seed = Mirror::start(tls_node(opts(), 0, &url, &ca, &ca).seed()).await.unwrap();
+    let node = Mirror::start(tls_node(opts(), 1, &url, &ca, &ca)).await.unwrap();
+    wait_for_hosts(&scheduler, 2.0).await;
+    // The seed takes tasks once its seed stream is open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let token = front.fetch_token(&format!("repository:{repo}:pull"), Some((USER, PASSWORD))).await.unwrap();
+    let request = http_client().get(node.blob_url_ns(repo, &digest, &front.host())).bearer_auth(token);
+    fetch(request, false).await.unwrap().assert_blob(&digest, size);
+    let seed_fetched = metric(&seed, "damselfly_fetched_bytes_total", &[("source", "origin")]).await;
+    assert_eq!(seed_fetched, size as f64, "the seed fetched the private blob with the client's token");
+    assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
+    node.shutdown().await;
+    seed.shutdown().await;
     scheduler.shutdown().await;
 }

@@ -157,8 +157,10 @@ fn host_id(data_dir: &Path) -> Result<String, ClusterError> {
     Ok(id)
 }
 
-/// Fetches content for the cluster from the registry a scheduler named, anonymously: the task
-/// was registered by some node of the cluster, and a seed must not lend it its credentials.
+/// Fetches content for the cluster from the registry a scheduler named, never with its own
+/// credentials (the task was registered by some node of the cluster, and a seed must not lend
+/// it its credentials): anonymously, or with the short-lived token the registering node's
+/// client read the blob with, when the scheduler passed one on.
 struct Seeder {
     app: Arc<App>,
     allowed: SeedRegistries,
@@ -204,7 +206,13 @@ impl SeedSource for Seeder {
             tracing::warn!(registry = %registry.host, %digest, "not seeding from a registry outside seed_registries");
             return None;
         }
-        let target = Target { registry, repo: spec.repository.clone(), client_auth: None, digest: digest.clone() };
+        // A credential came from the node whose client could read the blob (over TLS, through
+        // the scheduler); without one the seed asks as anyone would.
+        let client_auth = spec.credential.as_deref().and_then(|c| http::HeaderValue::from_str(c).ok()).map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        let target = Target { registry, repo: spec.repository.clone(), client_auth, digest: digest.clone() };
         Some(Arc::new(UpstreamBlob::for_seed(self.app.clone(), target)))
     }
 }

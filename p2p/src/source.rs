@@ -34,6 +34,10 @@ pub struct SourceSpec {
     pub registry: String,
     pub repository: String,
     pub insecure: bool,
+    /// A short-lived `Authorization` value (a Bearer token) that let this node's client read
+    /// the blob. Sent only to schedulers reached over TLS, which pass it only to seed peers,
+    /// so that a seed can fetch private content for the cluster.
+    pub credential: Option<String>,
 }
 
 pub struct SourceResponse {

@@ -129,7 +129,10 @@ impl State {
         let State { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(&digest) else { return Err(SchedulerError::precondition("task vanished")) };
         (task.length, task.piece_size) = (length, piece_size);
-        if task.source.is_none() {
+        // A later registration's source replaces one without a credential: a seed can then
+        // fetch private content, with a token that has not run out.
+        let brings_credential = reg.source.as_ref().is_some_and(|s| !s.credential.is_empty());
+        if task.source.is_none() || brings_credential {
             task.source.clone_from(&reg.source);
         }
         if let Some(t) = task.seed.as_mut().filter(|t| t.host == host) {

@@ -103,6 +103,35 @@ impl Source for UpstreamBlob {
             SchemePolicy::Http => ("http", true),
             SchemePolicy::InsecureHttpsThenHttp => ("https", true),
         };
-        Some(SourceSpec { registry: format!("{scheme}://{}", r.host), repository: self.target.repo.clone(), insecure })
+        let credential = self.target.client_auth.as_ref().and_then(short_lived);
+        Some(SourceSpec {
+            registry: format!("{scheme}://{}", r.host),
+            repository: self.target.repo.clone(),
+            insecure,
+            credential,
+        })
+    }
+}
+
+/// The client's `Authorization` if a seed may have it: only a Bearer token, which is scoped to
+/// one repository and expires within minutes, where a Basic header would hand out a password.
+fn short_lived(auth: &HeaderValue) -> Option<String> {
+    let v = auth.to_str().ok()?;
+    let scheme = v.get(..7)?;
+    (scheme.eq_ignore_ascii_case("bearer ") && v.len() > 7).then(|| v.to_owned())
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn only_bearer_tokens_are_passed_to_seeds() {
+        let v = |s: &str| HeaderValue::from_str(s).expect("header");
+        assert_eq!(short_lived(&v("Bearer abc")).as_deref(), Some("Bearer abc"));
+        assert_eq!(short_lived(&v("bearer abc")).as_deref(), Some("bearer abc"));
+        assert_eq!(short_lived(&v("Basic YWxpY2U6c2VjcmV0")), None);
+        assert_eq!(short_lived(&v("Bearer ")), None);
+        assert_eq!(short_lived(&v("Bear")), None);
     }
 }

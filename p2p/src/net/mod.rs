@@ -347,7 +347,9 @@ impl Node {
         let (Ok(digest), Some(src), Some(seeder)) = (Digest::parse(&t.digest), t.source, &self.cfg.seed_source) else {
             return;
         };
-        let spec = SourceSpec { registry: src.registry, repository: src.repository, insecure: src.insecure };
+        let credential = (!src.credential.is_empty()).then_some(src.credential);
+        let spec =
+            SourceSpec { registry: src.registry, repository: src.repository, insecure: src.insecure, credential };
         let Some(source) = seeder.source(&spec, &digest) else { return };
         let task = match self.store.get_or_create(&digest, t.length, None) {
             Ok(task) if t.length > 0 => task,
@@ -382,7 +384,7 @@ impl Node {
                 registry: spec.registry,
                 repository: spec.repository,
                 insecure: spec.insecure,
-                credential: String::new(),
+                credential: spec.credential.unwrap_or_default(),
             }),
             pieces: task.present_pieces(),
         };

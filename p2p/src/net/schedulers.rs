@@ -32,6 +32,8 @@ struct Endpoint {
     /// The scheduler knows this host (as far as we can tell): cleared on transport errors so
     /// that the next use announces first, which is how a restarted scheduler learns of us.
     announced: AtomicBool,
+    /// Reached over TLS: a registration's credential may go here.
+    tls: bool,
 }
 
 /// An open download stream.
@@ -46,6 +48,19 @@ fn client_tls(tls: &SchedulerTls) -> ClientTlsConfig {
         Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
         None => config,
     }
+}
+
+/// The registration as it may travel to a scheduler: a credential only over TLS.
+fn for_endpoint(first: &DownloadRequest, tls: bool) -> DownloadRequest {
+    let mut first = first.clone();
+    if !tls {
+        if let Some(proto::download_request::Kind::Register(reg)) = &mut first.kind {
+            if let Some(source) = &mut reg.source {
+                source.credential.clear();
+            }
+        }
+    }
+    first
 }
 
 impl Schedulers {
@@ -66,6 +81,7 @@ impl Schedulers {
                     .keep_alive_timeout(Duration::from_secs(5))
                     .local_address((!local.is_unspecified()).then_some(local));
                 Ok(Endpoint {
+                    tls: url.starts_with("https://"),
                     url: url.clone(),
                     client: SchedulerClient::new(ep.connect_lazy()),
                     announced: AtomicBool::new(false),
@@ -141,7 +157,7 @@ impl Schedulers {
                     announce(i).await;
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
-                let _ = tx.send(first.clone());
+                let _ = tx.send(for_endpoint(&first, self.endpoints[i].tls));
                 let mut client = self.endpoints[i].client.clone();
                 let call = client.download(UnboundedReceiverStream::new(rx));
                 match tokio::time::timeout(CALL_TIMEOUT, call).await {
@@ -218,6 +234,19 @@ mod tests {
     fn schedulers(n: usize) -> Schedulers {
         let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8002")).collect();
         Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None).expect("valid urls")
+    }
+
+    #[test]
+    fn a_credential_goes_only_to_schedulers_reached_over_tls() {
+        let source = proto::Source { credential: "Bearer t".into(), ..Default::default() };
+        let reg = proto::Register { source: Some(source), ..Default::default() };
+        let first = DownloadRequest { kind: Some(proto::download_request::Kind::Register(reg)) };
+        let credential = |r: DownloadRequest| match r.kind {
+            Some(proto::download_request::Kind::Register(r)) => r.source.map(|s| s.credential),
+            _ => None,
+        };
+        assert_eq!(credential(for_endpoint(&first, true)).as_deref(), Some("Bearer t"));
+        assert_eq!(credential(for_endpoint(&first, false)).as_deref(), Some(""));
     }
 
     #[tokio::test]
