@@ -75,15 +75,21 @@ pub struct MirrorArgs {
     /// Scheduler (host:port or http://host:port); repeatable. Without one the node works alone.
     #[arg(long = "scheduler", value_name = "ADDR")]
     pub schedulers: Vec<String>,
-    /// PEM CA certificates that https:// schedulers' certificates must chain to.
+    /// PEM CA certificates of the cluster: https:// schedulers (and peers, with --peer-tls)
+    /// must show certificates that chain to one.
     #[arg(long, value_name = "FILE")]
-    pub scheduler_ca: Option<PathBuf>,
-    /// PEM certificate this node shows schedulers that ask for one (mutual TLS).
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate of this node, for schedulers that ask for one and for peers (naming
+    /// the node's advertised address).
     #[arg(long, value_name = "FILE")]
-    pub scheduler_cert: Option<PathBuf>,
-    /// PEM private key of --scheduler-cert.
+    pub cluster_cert: Option<PathBuf>,
+    /// PEM private key of --cluster-cert.
     #[arg(long, value_name = "FILE")]
-    pub scheduler_key: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
+    /// Pieces between nodes over mutual TLS with --cluster-ca and --cluster-cert; every node
+    /// of the cluster must agree [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub peer_tls: Option<bool>,
     /// Where other peers fetch pieces from this node [default: 0.0.0.0:65002].
     #[arg(long, value_name = "ADDR")]
     pub upload_listen: Option<SocketAddr>,
@@ -183,14 +189,15 @@ impl MirrorArgs {
         set(&mut cfg.cache_direct_io, self.cache_direct_io);
         replace(&mut cfg.schedulers, self.schedulers);
         for (slot, flag) in [
-            (&mut cfg.scheduler_ca, self.scheduler_ca),
-            (&mut cfg.scheduler_cert, self.scheduler_cert),
-            (&mut cfg.scheduler_key, self.scheduler_key),
+            (&mut cfg.cluster_ca, self.cluster_ca),
+            (&mut cfg.cluster_cert, self.cluster_cert),
+            (&mut cfg.cluster_key, self.cluster_key),
         ] {
             if flag.is_some() {
                 *slot = flag;
             }
         }
+        set(&mut cfg.peer_tls, self.peer_tls);
         set(&mut cfg.upload_listen, self.upload_listen);
         if self.advertise_ip.is_some() {
             cfg.advertise_ip = self.advertise_ip;
@@ -294,8 +301,13 @@ mod tests {
             "8",
             "--scheduler-listen",
             "127.0.0.2:8002",
-            "--scheduler-ca",
+            "--cluster-ca",
             "/etc/ca.pem",
+            "--cluster-cert",
+            "/etc/node.pem",
+            "--cluster-key",
+            "/etc/node.key",
+            "--peer-tls",
         ]);
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
@@ -318,7 +330,9 @@ mod tests {
             (Some(ByteSize(10 << 20)), Some(ByteSize(20 << 20)))
         );
         assert_eq!(cfg.max_uploads, 8);
-        assert_eq!(cfg.scheduler_ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(cfg.cluster_ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(cfg.cluster_key, Some(PathBuf::from("/etc/node.key")));
+        assert!(cfg.peer_tls);
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
         assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use damselfly_p2p::net::{NetError, NetMetrics, Node, NodeConfig, SchedulerTls, SeedSource};
+use damselfly_p2p::net::{ClusterTls, NetError, NetMetrics, Node, NodeConfig, SeedSource};
 use damselfly_p2p::{Digest, Source, SourceSpec, Store};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -62,7 +62,8 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     };
     let cfg = NodeConfig {
         schedulers,
-        scheduler_tls: scheduler_tls(config)?,
+        cluster_tls: cluster_tls(config)?,
+        peer_tls: config.peer_tls,
         host_id,
         advertise_ip,
         upload_port: upload_addr.port(),
@@ -84,13 +85,13 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
 /// is `https://`, a certificate only with its key).
 /// The PEM is parsed here so that a wrong file stops the daemon at start instead of turning
 /// every scheduler call into a failed handshake.
-fn scheduler_tls(config: &MirrorConfig) -> Result<Option<SchedulerTls>, ClusterError> {
-    let Some(ca) = &config.scheduler_ca else { return Ok(None) };
-    let identity = match (&config.scheduler_cert, &config.scheduler_key) {
+fn cluster_tls(config: &MirrorConfig) -> Result<Option<ClusterTls>, ClusterError> {
+    let Some(ca) = &config.cluster_ca else { return Ok(None) };
+    let identity = match (&config.cluster_cert, &config.cluster_key) {
         (Some(cert), Some(key)) => Some((read_pem(cert, Pem::Certificates)?, read_pem(key, Pem::Key)?)),
         _ => None,
     };
-    Ok(Some(SchedulerTls { ca: read_pem(ca, Pem::Certificates)?, identity }))
+    Ok(Some(ClusterTls { ca: read_pem(ca, Pem::Certificates)?, identity }))
 }
 
 enum Pem {
@@ -222,7 +223,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scheduler_tls_files_are_checked_at_start() {
+    fn cluster_tls_files_are_checked_at_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, text: &str| {
             let p = dir.path().join(name);
@@ -234,17 +235,17 @@ mod tests {
         let junk = write("junk.pem", "not a certificate");
         let config = |ca: &Path, key: &Path| MirrorConfig {
             schedulers: vec!["https://s:1".into()],
-            scheduler_ca: Some(ca.to_owned()),
-            scheduler_cert: Some(cert.clone()),
-            scheduler_key: Some(key.to_owned()),
+            cluster_ca: Some(ca.to_owned()),
+            cluster_cert: Some(cert.clone()),
+            cluster_key: Some(key.to_owned()),
             ..MirrorConfig::default()
         };
-        let tls = scheduler_tls(&config(&cert, &key)).expect("valid").expect("tls");
+        let tls = cluster_tls(&config(&cert, &key)).expect("valid").expect("tls");
         assert!(tls.identity.is_some());
-        assert!(scheduler_tls(&config(&junk, &key)).is_err(), "a CA file without certificates");
-        assert!(scheduler_tls(&config(&cert, &cert)).is_err(), "a certificate where the key belongs");
-        assert!(scheduler_tls(&config(&dir.path().join("missing.pem"), &key)).is_err());
-        assert!(scheduler_tls(&MirrorConfig::default()).expect("no tls").is_none());
+        assert!(cluster_tls(&config(&junk, &key)).is_err(), "a CA file without certificates");
+        assert!(cluster_tls(&config(&cert, &cert)).is_err(), "a certificate where the key belongs");
+        assert!(cluster_tls(&config(&dir.path().join("missing.pem"), &key)).is_err());
+        assert!(cluster_tls(&MirrorConfig::default()).expect("no tls").is_none());
     }
 
     #[test]

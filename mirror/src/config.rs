@@ -35,11 +35,15 @@ pub struct MirrorConfig {
     /// Scheduler addresses (`host:port`, `http://host:port` or `https://host:port`); empty =
     /// a single node.
     pub schedulers: Vec<String>,
-    /// PEM CA certificates `https://` schedulers are verified against.
-    pub scheduler_ca: Option<PathBuf>,
-    /// PEM certificate and key this node shows schedulers that require one (mutual TLS).
-    pub scheduler_cert: Option<PathBuf>,
-    pub scheduler_key: Option<PathBuf>,
+    /// PEM CA certificates of the cluster: `https://` schedulers, and peers with `peer_tls`,
+    /// are verified against them.
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate and key of this node, shown to schedulers that require one and, with
+    /// `peer_tls`, to other nodes (its certificate must name its advertised address).
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
+    /// Pieces between nodes over mutual TLS; every node of the cluster must agree.
+    pub peer_tls: bool,
     /// Where other peers fetch pieces from this node (only with schedulers).
     pub upload_listen: SocketAddr,
     /// The address peers reach this node at; default: the upload address, or the address
@@ -81,9 +85,10 @@ impl Default for MirrorConfig {
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
             schedulers: Vec::new(),
-            scheduler_ca: None,
-            scheduler_cert: None,
-            scheduler_key: None,
+            cluster_ca: None,
+            cluster_cert: None,
+            cluster_key: None,
+            peer_tls: false,
             upload_listen: DEFAULT_UPLOAD_LISTEN,
             advertise_ip: None,
             host_id: None,
@@ -146,7 +151,7 @@ pub enum ConfigError {
     #[error("{0} is a cluster setting: give schedulers or scheduler_listen too")]
     NeedsSchedulers(&'static str),
     #[error("{0}")]
-    SchedulerTls(&'static str),
+    ClusterTls(&'static str),
     #[error("log_level {value:?}: {reason}")]
     LogLevel { value: String, reason: String },
 }
@@ -219,11 +224,14 @@ impl MirrorConfig {
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let urls = self.scheduler_urls()?;
         let tls = urls.iter().any(|u| u.starts_with("https://"));
-        if tls && self.scheduler_ca.is_none() {
-            return Err(ConfigError::SchedulerTls("https:// schedulers need scheduler_ca to verify them against"));
+        if tls && self.cluster_ca.is_none() {
+            return Err(ConfigError::ClusterTls("https:// schedulers need cluster_ca to verify them against"));
         }
-        if self.scheduler_cert.is_some() != self.scheduler_key.is_some() {
-            return Err(ConfigError::SchedulerTls("scheduler_cert and scheduler_key go together"));
+        if self.cluster_cert.is_some() != self.cluster_key.is_some() {
+            return Err(ConfigError::ClusterTls("cluster_cert and cluster_key go together"));
+        }
+        if self.peer_tls && (self.cluster_ca.is_none() || self.cluster_cert.is_none()) {
+            return Err(ConfigError::ClusterTls("peer_tls needs cluster_ca, cluster_cert and cluster_key"));
         }
 
         if let Some(id) = &self.host_id {

@@ -13,10 +13,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// Request heads larger than this are refused (431) before any routing.
 const MAX_HEAD_BYTES: usize = 32 << 10;
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections still open this long after shutdown was asked for are dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -24,6 +27,22 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// connections for a few seconds and ends the rest.
 pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken)
 where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(listener, None, handler, shutdown).await;
+}
+
+/// [`serve`], with each connection's TLS handshake (when `tls` is given) done in the
+/// connection's own task, so that a slow or silent client holds up nobody else.
+pub async fn serve_with<H, F, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: H,
+    shutdown: CancellationToken,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -58,9 +77,23 @@ where
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+            conns.spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
         conns.spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -57,9 +57,10 @@ fn example_config_documents_every_key_with_its_default() {
         "log_format",
         "log_level",
         "schedulers",
-        "scheduler_ca",
-        "scheduler_cert",
-        "scheduler_key",
+        "cluster_ca",
+        "cluster_cert",
+        "cluster_key",
+        "peer_tls",
         "upload_listen",
         "advertise_ip",
         "host_id",
@@ -286,7 +287,7 @@ fn parse_errors_do_not_carry_the_file() {
 #[test]
 fn cluster_settings_are_validated() {
     let ok = MirrorConfig::from_toml_str(
-        "schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\nscheduler_ca = \"/etc/ca.pem\"\n",
+        "schedulers = [\"10.0.0.1:8002\", \"https://s.example:443\"]\nhost_id = \"n-1.a_b\"\ncluster_ca = \"/etc/ca.pem\"\n",
     )
     .expect("parses");
     ok.validate().expect("valid");
@@ -302,8 +303,9 @@ fn cluster_settings_are_validated() {
         "schedulers = [\"x:1\"]\nupload_listen = \"127.0.0.1:65001\"",
         // TLS: a CA to verify https schedulers with, and a certificate only with its key.
         "schedulers = [\"https://x:1\"]",
-        "schedulers = [\"https://x:1\"]\nscheduler_ca = \"ca.pem\"\nscheduler_cert = \"c.pem\"",
-        "schedulers = [\"https://x:1\"]\nscheduler_ca = \"ca.pem\"\nscheduler_key = \"k.pem\"",
+        "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\ncluster_cert = \"c.pem\"",
+        "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\ncluster_key = \"k.pem\"",
+        "schedulers = [\"x:1\"]\npeer_tls = true\ncluster_ca = \"ca.pem\"",
     ] {
         let cfg = MirrorConfig::from_toml_str(bad).expect("parses");
         assert!(cfg.validate().is_err(), "{bad}");

@@ -12,6 +12,7 @@ mod peer;
 mod schedulers;
 mod session;
 pub(crate) mod swarm;
+mod tls;
 mod upload;
 
 use std::collections::HashMap;
@@ -59,10 +60,13 @@ pub trait SeedSource: Send + Sync + 'static {
 
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// gRPC URLs (`http://host:port`, or `https://host:port` with `scheduler_tls`) of the
+    /// gRPC URLs (`http://host:port`, or `https://host:port` with `cluster_tls`) of the
     /// schedulers.
     pub schedulers: Vec<String>,
-    pub scheduler_tls: Option<SchedulerTls>,
+    pub cluster_tls: Option<ClusterTls>,
+    /// Pieces between nodes over mutual TLS with `cluster_tls`'s CA and certificate; every
+    /// node of a cluster must agree.
+    pub peer_tls: bool,
     pub host_id: String,
     /// The address the upload server is bound to and outgoing peer connections come from.
     pub advertise_ip: IpAddr,
@@ -82,7 +86,7 @@ pub struct NodeConfig {
 /// How this node verifies `https://` schedulers, and the certificate it shows those that
 /// ask for one.
 #[derive(Clone)]
-pub struct SchedulerTls {
+pub struct ClusterTls {
     /// PEM CA certificates.
     pub ca: Vec<u8>,
     /// PEM certificate chain and private key.
@@ -180,7 +184,17 @@ impl Node {
         if cfg.schedulers.is_empty() {
             return Err(NetError::Config("no scheduler given".into()));
         }
-        let http = reqwest::Client::builder()
+        let tls = match (cfg.peer_tls, &cfg.cluster_tls) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => return Err(NetError::Config("peer TLS needs the cluster's CA and certificate".into())),
+        };
+        let mut http = reqwest::Client::builder();
+        if let Some(t) = tls {
+            http = tls::client(http, t)?;
+        }
+        let acceptor = tls.map(tls::acceptor).transpose()?;
+        let http = http
             .no_proxy()
             .connect_timeout(Duration::from_millis(200))
             .local_address((!cfg.advertise_ip.is_unspecified()).then_some(cfg.advertise_ip))
@@ -189,7 +203,7 @@ impl Node {
             .build()
             .map_err(|e| NetError::Config(format!("peer HTTP client: {e}")))?;
         let node = Arc::new(Node {
-            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip, cfg.scheduler_tls.as_ref())?),
+            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip, cfg.cluster_tls.as_ref())?),
             sessions: Mutex::new(HashMap::new()),
             keys: RwLock::new(Vec::new()),
             http,
@@ -205,7 +219,7 @@ impl Node {
         });
         store.attach_network(&node);
         spawn_backfill(store, node.shutdown.clone());
-        let server = tokio::spawn(upload::serve(node.clone(), upload, node.shutdown.clone()));
+        let server = tokio::spawn(upload::serve(node.clone(), upload, acceptor, node.shutdown.clone()));
         *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         for i in 0..node.schedulers.len() {
             tokio::spawn(node.clone().announce_loop(i));

@@ -78,7 +78,8 @@ pub(crate) fn download(node: Arc<Node>, job: PieceJob) -> JobFuture {
 async fn fetch(node: &Node, job: &PieceJob) -> Result<PieceRecord, PieceError> {
     let range = job.task.layout().piece_range(job.number);
     let want = range.end - range.start;
-    let url = format!("http://{}/pieces/{}/{}", job.addr, job.task.digest(), job.number);
+    let scheme = if node.cfg.peer_tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}/pieces/{}/{}", job.addr, job.task.digest(), job.number);
     let stall = node.cfg.stall_timeout;
     let send = node.http.get(&url).bearer_auth(&job.token).send();
     let resp = tokio::time::timeout(stall, send)

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tonic::{Code, Streaming};
 
-use super::{NetError, SchedulerTls};
+use super::{ClusterTls, NetError};
 
 /// Connecting to a scheduler takes longer than this only when it is gone.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -42,7 +42,7 @@ pub(crate) struct DownloadStream {
     pub scheduler: String,
 }
 
-fn client_tls(tls: &SchedulerTls) -> ClientTlsConfig {
+fn client_tls(tls: &ClusterTls) -> ClientTlsConfig {
     let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
     match &tls.identity {
         Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
@@ -64,7 +64,7 @@ fn for_endpoint(first: &DownloadRequest, tls: bool) -> DownloadRequest {
 }
 
 impl Schedulers {
-    pub fn new(urls: &[String], local: IpAddr, tls: Option<&SchedulerTls>) -> Result<Self, NetError> {
+    pub fn new(urls: &[String], local: IpAddr, tls: Option<&ClusterTls>) -> Result<Self, NetError> {
         let endpoints = urls
             .iter()
             .map(|url| {
@@ -255,7 +255,7 @@ mod tests {
         let urls = ["https://10.0.0.1:8002".to_owned()];
         assert!(matches!(Schedulers::new(&urls, local, None), Err(NetError::Config(_))));
         // Certificates are checked when the connection is made; plain http ignores the CA.
-        let tls = SchedulerTls { ca: b"not pem".to_vec(), identity: None };
+        let tls = ClusterTls { ca: b"not pem".to_vec(), identity: None };
         assert!(Schedulers::new(&urls, local, Some(&tls)).is_ok());
         assert!(Schedulers::new(&["http://10.0.0.1:8002".to_owned()], local, Some(&tls)).is_ok());
     }

@@ -27,9 +27,14 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// the rate limiter to pace smoothly.
 const FRAME: u64 = 256 << 10;
 
-pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     let handler = move |req| handle(node.clone(), req);
-    crate::serve::serve(listener, handler, shutdown).await;
+    crate::serve::serve_with(listener, tls, handler, shutdown).await;
 }
 
 async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {

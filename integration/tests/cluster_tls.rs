@@ -1,6 +1,7 @@
-//! Nodes reach their scheduler over TLS: they verify it against the cluster's CA, and a
-//! scheduler that asks for client certificates turns away a node whose certificate another CA
-//! signed. That node still pulls, from the origin.
+//! TLS in a cluster. Nodes reach their scheduler over TLS: they verify it against the
+//! cluster's CA, and a scheduler that asks for client certificates turns away a node whose
+//! certificate another CA signed (that node still pulls, from the origin). With `peer_tls`,
+//! pieces travel between nodes over mutual TLS too.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -75,13 +76,15 @@ async fn tls_scheduler(ca: &Ca) -> (Running, String) {
     (running, url)
 }
 
-/// Node `i` on 127.0.0.(2+i), reaching the scheduler at `url` with a certificate from `issuer`.
+/// Node `i` on 127.0.0.(2+i), reaching the scheduler at `url` with a certificate from `issuer`
+/// that names its address.
 fn tls_node(opts: MirrorOpts, i: u8, url: &str, ca: &Ca, issuer: &Ca) -> MirrorOpts {
     let id = format!("tls-node-{i}");
-    let mut opts = opts.cluster(IpAddr::from([127, 0, 0, 2 + i]), &[url.to_owned()], &id);
-    let (cert, key) = issuer.issue(&id, &[id.as_str()]);
-    opts.config.scheduler_ca = Some(ca.path(&ca.file));
-    (opts.config.scheduler_cert, opts.config.scheduler_key) = (Some(cert), Some(key));
+    let ip = IpAddr::from([127, 0, 0, 2 + i]);
+    let mut opts = opts.cluster(ip, &[url.to_owned()], &id);
+    let (cert, key) = issuer.issue(&id, &[id.as_str(), &ip.to_string()]);
+    opts.config.cluster_ca = Some(ca.path(&ca.file));
+    (opts.config.cluster_cert, opts.config.cluster_key) = (Some(cert), Some(key));
     opts
 }
 
@@ -159,5 +162,53 @@ async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked(
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
     node.shutdown().await;
     seed.shutdown().await;
+    scheduler.shutdown().await;
+}
+
+/// Pieces travel between nodes over mutual TLS: a parent serves a child the cluster's CA vouches
+/// for, and turns away plain HTTP and clients without a certificate before any token is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_travel_between_nodes_over_mutual_tls() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "cluster-ca");
+    let (scheduler, url) = tls_scheduler(&ca).await;
+    let node = |i: u8| {
+        let mut opts = tls_node(MirrorOpts::new(&origin.url()), i, &url, &ca, &ca);
+        opts.config.peer_tls = true;
+        Mirror::start(opts)
+    };
+    let nodes = [node(0).await.unwrap(), node(1).await.unwrap()];
+    for n in &nodes {
+        let url = n.blob_url_ns(REPO, &digest, &origin.host());
+        fetch(http_client().get(url), false).await.unwrap().assert_blob(&digest, size);
+    }
+    let from_peers = metric(&nodes[1], "damselfly_download_bytes_total", &[("source", "peer")]).await;
+    assert_eq!(from_peers, size as f64, "node 1 took the blob from node 0 over TLS");
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest.clone(), size)], 1.1);
+
+    let upload = nodes[0].upload_addr.expect("upload server");
+    let piece = format!("/pieces/{digest}/0");
+    assert!(http_client().get(format!("http://{upload}{piece}")).send().await.is_err(), "plain HTTP is refused");
+    let ca_pem = std::fs::read(ca.path(&ca.file)).unwrap();
+    let trusting = || {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
+            .no_proxy()
+    };
+    let anonymous = trusting().build().unwrap();
+    assert!(anonymous.get(format!("https://{upload}{piece}")).send().await.is_err(), "a client without a certificate");
+    let (cert, key) = ca.issue("tester", &["tester"]);
+    let identity = reqwest::Identity::from_pem(&[std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()].concat());
+    let vouched = trusting().identity(identity.unwrap()).build().unwrap();
+    let resp = vouched.get(format!("https://{upload}{piece}")).send().await.expect("a handshake with a certificate");
+    assert_eq!(resp.status(), 403, "past TLS, the scheduler's token is still required");
+    for n in nodes {
+        n.shutdown().await;
+    }
     scheduler.shutdown().await;
 }
