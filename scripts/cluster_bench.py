@@ -303,6 +303,25 @@ class Origin:
 
 # ------------------------------------------------------------------------------------ damselfly
 
+def make_pki(directory, hosts):
+    """A CA and, per host, a certificate naming its IP (openssl), for --tls. Returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    ca, ca_key = os.path.join(directory, "ca.pem"), os.path.join(directory, "ca.key")
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sh("openssl", "req", "-x509", *newkey, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=bench-ca")
+    out = {"ca": ca}
+    for name, (_, ip) in hosts.items():
+        key, csr, cert = (os.path.join(directory, f"{name}.{ext}") for ext in ("key", "csr", "pem"))
+        ext = os.path.join(directory, f"{name}.ext")
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName=IP:{ip}\n")
+        sh("openssl", "req", *newkey, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        sh("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+           "-days", "2", "-extfile", ext)
+        out[name] = (cert, key)
+    return out
+
+
 class Cluster:
     """One fresh scheduler, seed and node daemons with empty data dirs."""
 
@@ -313,8 +332,12 @@ class Cluster:
         self.daemons = {}  # name -> (ns, ip, proc, logfile)
         ns, ip = hosts["sched"]
         lf = os.path.join(self.logs, f"{run_id}-scheduler.log")
+        self.pki = make_pki(os.path.join(work, "pki", run_id), hosts) if args.tls else None
         argv = [binary, "scheduler", "--listen", f"{ip}:8002", "--http-listen", f"{ip}:8080",
                 "--log-level", args.log_level] + args.scheduler_arg
+        if self.pki:
+            cert, key = self.pki["sched"]
+            argv += ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", self.pki["ca"]]
         self.daemons["scheduler"] = (ns, ip, PROCS.spawn(nsx(ns, *argv), lf), lf)
         wait_healthy(ns, f"http://{ip}:8080/healthy", self.daemons["scheduler"][2], "scheduler", lf)
         for name in ["seed"] + [f"p{i}" for i in range(1, n + 1)]:
@@ -335,10 +358,13 @@ class Cluster:
         argv = [self.binary, "mirror", "--listen", f"{ip}:{API}", "--health-listen", f"{ip}:{HEALTH}",
                 "--metrics-listen", f"{ip}:{METRICS}", "--data-dir", data,
                 "--registry-mirror", f"http://{ORIGIN_IP}:{REG_PORT}", "--insecure-registry", f"{ORIGIN_IP}:{REG_PORT}",
-                "--scheduler", f"http://{SCHED_IP}:8002", "--upload-listen", f"{ip}:{UPLOAD}",
+                "--scheduler", f"{'https' if self.pki else 'http'}://{SCHED_IP}:8002", "--upload-listen", f"{ip}:{UPLOAD}",
                 "--advertise-ip", ip, "--host-id", f"{name}-{run_id}", "--log-level", self.args.log_level]
         if name == "seed":
             argv.append("--seed")
+        if self.pki:
+            cert, key = self.pki[name]
+            argv += ["--cluster-ca", self.pki["ca"], "--cluster-cert", cert, "--cluster-key", key, "--peer-tls"]
         argv += self.args.daemon_arg
         self.daemons[name] = (ns, ip, PROCS.spawn(nsx(ns, *argv), lf), lf)
 
@@ -514,7 +540,8 @@ def med(runs, key):
 def report(args, ideal, results):
     w = []
     w.append(f"## Cluster benchmark: {args.nodes} peers, {args.size} MiB blob, links {args.rate}, "
-             f"origin {args.origin_rate}, median of {args.repeat} run(s)\n")
+             f"origin {args.origin_rate}, median of {args.repeat} run(s)"
+             f"{', mutual TLS (scheduler and pieces)' if args.tls else ''}\n")
     w.append(f"Ideal (blob / link rate) = {ideal:.1f} s\n")
     w.append("| scenario | last peer s | × ideal | median peer s | max peer s | origin copies | CPU mean / peak |")
     w.append("|---|---:|---:|---:|---:|---:|---:|")
@@ -537,6 +564,10 @@ def report(args, ideal, results):
                  f"{last['seed_fetched_from_origin_mib']:.0f} MiB; uploaded {last['uploaded_mib']:.0f} MiB, of which "
                  f"the seed {last['seed_upload_copies']:.2f} copies")
         w.append("- per-peer finish s (last run): " + " ".join(f"{t:.1f}" for t in last["per_peer_s"]))
+        cpu = [r["nodes"] for r in d]
+        peers = statistics.median(sum(v["cpu_s"] for k, v in n.items() if k.startswith("p")) for n in cpu)
+        seed = statistics.median(n["seed"]["cpu_s"] for n in cpu)
+        w.append(f"- daemon CPU seconds (median over runs): all peers {peers:.1f}, seed {seed:.1f}")
     a = results.get("direct") or []
     if a:
         w.append("- direct per-peer finish s (last run): " + " ".join(f"{t:.1f}" for t in a[-1]["per_peer_s"]))
@@ -572,6 +603,8 @@ def parse_args():
     ap.add_argument("--log-level", default="info", help="--log-level of every daemon (default info)")
     ap.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `damselfly scheduler` (repeatable, e.g. --scheduler-arg=--max-parents=8)")
+    ap.add_argument("--tls", action="store_true",
+                    help="scheduler over mutual TLS and pieces with --peer-tls (certificates made with openssl)")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for every `damselfly mirror` (repeatable, e.g. --daemon-arg=--max-uploads=8)")
     args = ap.parse_args()
