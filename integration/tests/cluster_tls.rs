@@ -148,7 +148,9 @@ async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked(
     let (scheduler, url) = tls_scheduler(&ca).await;
     let opts = || MirrorOpts::new(&origin.url()).insecure_registry(&front.host());
     let seed = Mirror::start(tls_node(opts(), 0, &url, &ca, &ca).seed()).await.unwrap();
-    let node = Mirror::start(tls_node(opts(), 1, &url, &ca, &ca)).await.unwrap();
+    let mut sharing = tls_node(opts(), 1, &url, &ca, &ca);
+    sharing.config.share_tokens_with_seeds = true;
+    let node = Mirror::start(sharing).await.unwrap();
     wait_for_hosts(&scheduler, 2.0).await;
     // The seed takes tasks once its seed stream is open.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -160,8 +162,20 @@ async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked(
     assert_eq!(seed_fetched, size as f64, "the seed fetched the private blob with the client's token");
     assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
     origin.settled_access_log().await.assert_copies_at_most(&[(digest, size)], 1.1);
-    node.shutdown().await;
-    seed.shutdown().await;
+
+    // A node that did not opt in keeps its client's token: the seed cannot fetch the next
+    // private blob, and the node fetches it from the origin itself.
+    let other = origin.push_blob(repo, random_bytes(size as usize)).await.unwrap();
+    let keeping = Mirror::start(tls_node(opts(), 2, &url, &ca, &ca)).await.unwrap();
+    wait_for_hosts(&scheduler, 3.0).await;
+    let token = front.fetch_token(&format!("repository:{repo}:pull"), Some((USER, PASSWORD))).await.unwrap();
+    let request = http_client().get(keeping.blob_url_ns(repo, &other, &front.host())).bearer_auth(token);
+    fetch(request, false).await.unwrap().assert_blob(&other, size);
+    assert_eq!(metric(&seed, "damselfly_fetched_bytes_total", &[("source", "origin")]).await, size as f64);
+    assert_eq!(metric(&keeping, "damselfly_download_bytes_total", &[("source", "origin")]).await, size as f64);
+    for n in [node, seed, keeping] {
+        n.shutdown().await;
+    }
     scheduler.shutdown().await;
 }
 

@@ -90,6 +90,10 @@ pub struct MirrorArgs {
     /// of the cluster must agree [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub peer_tls: Option<bool>,
+    /// Send a client's Bearer token with a registration to https:// schedulers, for the seed
+    /// that fetches the blob [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub share_tokens_with_seeds: Option<bool>,
     /// Where other peers fetch pieces from this node [default: 0.0.0.0:65002].
     #[arg(long, value_name = "ADDR")]
     pub upload_listen: Option<SocketAddr>,
@@ -198,6 +202,7 @@ impl MirrorArgs {
             }
         }
         set(&mut cfg.peer_tls, self.peer_tls);
+        set(&mut cfg.share_tokens_with_seeds, self.share_tokens_with_seeds);
         set(&mut cfg.upload_listen, self.upload_listen);
         if self.advertise_ip.is_some() {
             cfg.advertise_ip = self.advertise_ip;
@@ -308,6 +313,7 @@ mod tests {
             "--cluster-key",
             "/etc/node.key",
             "--peer-tls",
+            "--share-tokens-with-seeds",
         ]);
         assert_eq!(m.background_fill, Some(true));
         let cfg = m.into_config_with_env(None).expect("config");
@@ -332,7 +338,7 @@ mod tests {
         assert_eq!(cfg.max_uploads, 8);
         assert_eq!(cfg.cluster_ca, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(cfg.cluster_key, Some(PathBuf::from("/etc/node.key")));
-        assert!(cfg.peer_tls);
+        assert!(cfg.peer_tls && cfg.share_tokens_with_seeds);
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
         assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));

@@ -64,6 +64,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         schedulers,
         cluster_tls: cluster_tls(config)?,
         peer_tls: config.peer_tls,
+        share_tokens_with_seeds: config.share_tokens_with_seeds,
         host_id,
         advertise_ip,
         upload_port: upload_addr.port(),

@@ -44,6 +44,11 @@ pub struct MirrorConfig {
     pub cluster_key: Option<PathBuf>,
     /// Pieces between nodes over mutual TLS; every node of the cluster must agree.
     pub peer_tls: bool,
+    /// Send a client's Bearer token with a download's registration to `https://` schedulers,
+    /// which pass it to the seed peer fetching the blob (only when they require client
+    /// certificates). For registries whose Bearer tokens are short-lived and scoped to one
+    /// repository, as in the Docker token flow.
+    pub share_tokens_with_seeds: bool,
     /// Where other peers fetch pieces from this node (only with schedulers).
     pub upload_listen: SocketAddr,
     /// The address peers reach this node at; default: the upload address, or the address
@@ -89,6 +94,7 @@ impl Default for MirrorConfig {
             cluster_cert: None,
             cluster_key: None,
             peer_tls: false,
+            share_tokens_with_seeds: false,
             upload_listen: DEFAULT_UPLOAD_LISTEN,
             advertise_ip: None,
             host_id: None,
@@ -297,7 +303,9 @@ fn scheduler_url(value: &str) -> Result<String, ConfigError> {
     if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
         return Err(fail("must be [scheme://]host:port with nothing after it"));
     }
-    Ok(with_scheme.trim_end_matches('/').to_owned())
+    // The scheme in lower case: TLS is chosen by comparing it.
+    let rest = with_scheme.find("://").map_or("", |i| &with_scheme[i..]);
+    Ok(format!("{}{}", url.scheme(), rest.trim_end_matches('/')))
 }
 
 fn validate_registry_url(value: &str) -> Result<(), ConfigError> {

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,8 +12,8 @@ use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -86,18 +87,8 @@ pub async fn serve_with<H, F, B>(
             });
             continue;
         };
-        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
-        conns.spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
-            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let tls = TlsConn { tls: tls.clone(), builder: builder.clone(), watcher: graceful.watcher(), peer };
+        conns.spawn(tls.serve(stream, svc, shutdown.clone()));
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
@@ -105,4 +96,37 @@ pub async fn serve_with<H, F, B>(
     }
     // Ends whatever is left, so that nothing of the daemon outlives its shutdown.
     conns.shutdown().await;
+}
+
+/// One TLS connection: its handshake, then HTTP, in the connection's own task.
+struct TlsConn {
+    tls: TlsAcceptor,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    peer: SocketAddr,
+}
+
+impl TlsConn {
+    async fn serve<S, B>(self, stream: TcpStream, svc: S, shutdown: CancellationToken)
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let TlsConn { tls, builder, watcher, peer } = self;
+        // A handshake left unfinished neither holds up shutdown nor lasts past its timeout.
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            done = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => match done {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            },
+        };
+        let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
 }

@@ -28,7 +28,7 @@ impl Origin {
 }
 
 /// A blob's place in a registry, as the scheduler is told it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct SourceSpec {
     /// Base URL such as `https://registry-1.docker.io`.
     pub registry: String,
@@ -38,6 +38,18 @@ pub struct SourceSpec {
     /// the blob. Sent only to schedulers reached over TLS, which pass it only to seed peers,
     /// so that a seed can fetch private content for the cluster.
     pub credential: Option<String>,
+}
+
+impl std::fmt::Debug for SourceSpec {
+    /// Leaves the credential out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceSpec")
+            .field("registry", &self.registry)
+            .field("repository", &self.repository)
+            .field("insecure", &self.insecure)
+            .field("credential", &self.credential.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 pub struct SourceResponse {

@@ -265,12 +265,18 @@ impl Inner {
     }
 
     fn create(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<Task, StoreError> {
+        let created = self.create_files(digest, len, media_type);
+        if created.is_err() {
+            // The data file holds the blob's whole length once allocated: never leave it.
+            self.delete_files(digest);
+        }
+        created
+    }
+
+    fn create_files(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<Task, StoreError> {
         let (data, meta_path) = self.paths(digest);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
-        if let Err(e) = reserve(&file, len) {
-            let _ = fs::remove_file(&data);
-            return Err(e);
-        }
+        reserve(&file, len)?;
         file.set_len(len)?;
         let layout = Layout::new(len);
         let meta = TaskMeta {

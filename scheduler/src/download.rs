@@ -129,11 +129,18 @@ impl State {
         let State { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(&digest) else { return Err(SchedulerError::precondition("task vanished")) };
         (task.length, task.piece_size) = (length, piece_size);
-        // A later registration's source replaces one without a credential: a seed can then
-        // fetch private content, with a token that has not run out.
-        let brings_credential = reg.source.as_ref().is_some_and(|s| !s.credential.is_empty());
+        // A credential is kept only when every caller showed a certificate from the cluster's
+        // CA: otherwise anyone who reaches this port could announce a seed and collect it. A
+        // later registration's credential replaces an earlier one, which may have run out.
+        let mut source = reg.source.clone();
+        if env.cfg.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            if let Some(s) = source.as_mut() {
+                s.credential.clear();
+            }
+        }
+        let brings_credential = source.as_ref().is_some_and(|s| !s.credential.is_empty());
         if task.source.is_none() || brings_credential {
-            task.source.clone_from(&reg.source);
+            task.source = source;
         }
         if let Some(t) = task.seed.as_mut().filter(|t| t.host == host) {
             t.settled = true;

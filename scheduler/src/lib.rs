@@ -6,6 +6,18 @@
 
 pub mod proto {
     tonic::include_proto!("damselfly.scheduler.v1");
+
+    /// Written by hand so that the credential never reaches a log.
+    impl std::fmt::Debug for Source {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Source")
+                .field("registry", &self.registry)
+                .field("repository", &self.repository)
+                .field("insecure", &self.insecure)
+                .field("credential", &if self.credential.is_empty() { "" } else { "<redacted>" })
+                .finish()
+        }
+    }
 }
 pub mod token;
 

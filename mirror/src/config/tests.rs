@@ -61,6 +61,7 @@ fn example_config_documents_every_key_with_its_default() {
         "cluster_cert",
         "cluster_key",
         "peer_tls",
+        "share_tokens_with_seeds",
         "upload_listen",
         "advertise_ip",
         "host_id",
@@ -292,6 +293,9 @@ fn cluster_settings_are_validated() {
     .expect("parses");
     ok.validate().expect("valid");
     assert_eq!(ok.scheduler_urls().expect("urls"), ["http://10.0.0.1:8002", "https://s.example:443"]);
+    let upper = MirrorConfig::from_toml_str("schedulers = [\"HTTPS://s.example:443\"]").expect("parses");
+    assert_eq!(upper.scheduler_urls().expect("urls"), ["https://s.example:443"]);
+    assert!(upper.validate().is_err(), "an https scheduler without cluster_ca, whatever the case of its scheme");
     for bad in [
         "schedulers = [\"ftp://x:1\"]",
         "schedulers = [\"x:1/path\"]",

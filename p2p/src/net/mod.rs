@@ -67,6 +67,9 @@ pub struct NodeConfig {
     /// Pieces between nodes over mutual TLS with `cluster_tls`'s CA and certificate; every
     /// node of a cluster must agree.
     pub peer_tls: bool,
+    /// Send a client's Bearer token with the registration (to TLS schedulers only), for the
+    /// seed that fetches the blob.
+    pub share_tokens_with_seeds: bool,
     pub host_id: String,
     /// The address the upload server is bound to and outgoing peer connections come from.
     pub advertise_ip: IpAddr,
@@ -398,7 +401,7 @@ impl Node {
                 registry: spec.registry,
                 repository: spec.repository,
                 insecure: spec.insecure,
-                credential: spec.credential.unwrap_or_default(),
+                credential: spec.credential.filter(|_| self.cfg.share_tokens_with_seeds).unwrap_or_default(),
             }),
             pieces: task.present_pieces(),
         };

@@ -195,6 +195,31 @@ fn a_seed_is_asked_for_a_new_task_and_its_waiters_get_it_as_parent() {
     assert_eq!(pa.len() + pb.len(), 3);
 }
 
+/// A client's token reaches seeds only from a scheduler whose every caller showed a cluster
+/// certificate; otherwise whoever reaches the port could announce a seed and collect tokens.
+#[test]
+fn credentials_reach_seeds_only_under_mutual_tls() {
+    for (mutual, expected) in [(false, ""), (true, "Bearer t")] {
+        let s = sched(|c| {
+            let tls = crate::ServerTls { cert: vec![], key: vec![], client_ca: Some(vec![]) };
+            c.tls = mutual.then_some(tls);
+        });
+        announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
+        let mut sub = s.seed_tasks(&proto::SeedTasksRequest { host_id: "seed".into() }).expect("seed stream");
+        announce(&s, host("a"), vec![]);
+        let source = proto::Source {
+            registry: "https://r.example".into(),
+            repository: "private/x".into(),
+            credential: "Bearer t".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{source:?}").contains("Bearer"), "Debug shows the credential");
+        let _a = Dl::register(&s, Register { source: Some(source), ..reg("a") });
+        let task = sub.rx_try().expect("seed task");
+        assert_eq!(task.source.map(|s| s.credential).as_deref(), Some(expected), "mutual TLS: {mutual}");
+    }
+}
+
 #[test]
 fn a_seed_that_does_not_come_or_goes_away_leaves_the_origin_rules() {
     let s = sched(|_| {});
