@@ -203,6 +203,15 @@ async fn pieces_travel_between_nodes_over_mutual_tls() {
     assert_eq!(from_peers, size as f64, "node 1 took the blob from node 0 over TLS");
     origin.settled_access_log().await.assert_copies_at_most(&[(digest.clone(), size)], 1.1);
 
+    // A node without peer TLS (a cluster half way to TLS) is not sent to the TLS nodes, whose
+    // upload servers it could not talk to: it goes to the origin at once, with no failed piece.
+    let plain = Mirror::start(tls_node(MirrorOpts::new(&origin.url()), 2, &url, &ca, &ca)).await.unwrap();
+    let plain_url = plain.blob_url_ns(REPO, &digest, &origin.host());
+    fetch(http_client().get(plain_url), false).await.unwrap().assert_blob(&digest, size);
+    assert_eq!(metric(&plain, "damselfly_download_bytes_total", &[("source", "origin")]).await, size as f64);
+    assert_eq!(metric(&plain, "damselfly_piece_failures_total", &[]).await, 0.0);
+    plain.shutdown().await;
+
     let upload = nodes[0].upload_addr.expect("upload server");
     let piece = format!("/pieces/{digest}/0");
     assert!(http_client().get(format!("http://{upload}{piece}")).send().await.is_err(), "plain HTTP is refused");

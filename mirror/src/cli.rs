@@ -86,8 +86,8 @@ pub struct MirrorArgs {
     /// PEM private key of --cluster-cert.
     #[arg(long, value_name = "FILE")]
     pub cluster_key: Option<PathBuf>,
-    /// Pieces between nodes over mutual TLS with --cluster-ca and --cluster-cert; every node
-    /// of the cluster must agree [default: false].
+    /// Pieces between nodes over mutual TLS with --cluster-ca and --cluster-cert; schedulers
+    /// pair only nodes that agree on it [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub peer_tls: Option<bool>,
     /// Send a client's Bearer token with a registration to https:// schedulers, for the seed

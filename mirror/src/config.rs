@@ -42,7 +42,7 @@ pub struct MirrorConfig {
     /// `peer_tls`, to other nodes (its certificate must name its advertised address).
     pub cluster_cert: Option<PathBuf>,
     pub cluster_key: Option<PathBuf>,
-    /// Pieces between nodes over mutual TLS; every node of the cluster must agree.
+    /// Pieces between nodes over mutual TLS; schedulers pair only nodes that agree on it.
     pub peer_tls: bool,
     /// Send a client's Bearer token with a download's registration to `https://` schedulers,
     /// which pass it to the seed peer fetching the blob (only when they require client

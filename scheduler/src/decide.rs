@@ -156,13 +156,15 @@ fn seed_or_origin(hosts: &Hosts, seeds: &Set<Id>, task: &Task, ci: usize, env: &
 /// seeds stays the same every scheduler sends a task to the same one.
 fn pick_seed(hosts: &Hosts, seeds: &Set<Id>, task: &Task, ci: usize, now: Instant) -> Option<Id> {
     let child = &task.peers[ci];
+    // A seed the child could not take pieces from is no help to it.
+    let tls = hosts.of(child.hix, &child.host).is_some_and(|h| h.peer_tls);
     seeds
         .iter()
         .filter(|s| **s != child.host && !child.blocked.contains(s) && task.idx(s).is_none())
         .filter(|s| {
-            hosts
-                .get(s)
-                .is_some_and(|h| !h.blocked(now) && h.seed_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed()))
+            hosts.get(s).is_some_and(|h| {
+                !h.blocked(now) && h.peer_tls == tls && h.seed_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
+            })
         })
         .max_by_key(|s| {
             let mut h = DefaultHasher::new();

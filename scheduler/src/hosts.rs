@@ -22,6 +22,8 @@ pub(crate) struct Host {
     pub location: Vec<String>,
     pub slots: u32,
     pub seed: bool,
+    /// Serves and fetches pieces over mutual TLS only.
+    pub peer_tls: bool,
     /// Mints tokens for this host's upload server.
     pub minter: Minter,
     pub last_seen: Instant,
@@ -50,6 +52,7 @@ impl Host {
             location: Vec::new(),
             slots: 0,
             seed: false,
+            peer_tls: false,
             minter,
             last_seen: now,
             streams: 0,

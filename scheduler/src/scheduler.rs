@@ -322,6 +322,7 @@ fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_
         if let Some(host) = st.hosts.at_mut(ix) {
             (host.ip, host.port, host.idc, host.location) = (h.ip, h.upload_port, h.idc, location);
             (host.slots, host.seed, host.last_seen) = (h.upload_slots, h.seed, env.now);
+            host.peer_tls = h.peer_tls;
             if !host.seed && host.seed_stream.take().is_some() {
                 st.seeds.remove(&id);
             }
@@ -336,6 +337,7 @@ fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_
         location,
         slots: h.upload_slots,
         seed: h.seed,
+        peer_tls: h.peer_tls,
         ..Host::new(id.clone(), token::Minter::new(key), env.now)
     });
     (id, ix)

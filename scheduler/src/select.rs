@@ -59,6 +59,7 @@ struct Child<'a> {
     blocked: &'a [Id],
     idc: &'a str,
     location: &'a [String],
+    peer_tls: bool,
 }
 
 pub(crate) fn select(hosts: &Hosts, task: &Task, child: usize, policy: &Policy, rng: &mut SmallRng) -> Selection {
@@ -68,6 +69,7 @@ pub(crate) fn select(hosts: &Hosts, task: &Task, child: usize, policy: &Policy, 
         blocked: &task.peers[child].blocked,
         idc: host.map_or("", |h| h.idc.as_str()),
         location: host.map_or(&[], |h| h.location.as_slice()),
+        peer_tls: host.is_some_and(|h| h.peer_tls),
     };
     let n = task.peers.len();
     let scored = Vec::with_capacity(n.min(SAMPLE));
@@ -126,6 +128,10 @@ fn verdict(hosts: &Hosts, task: &Task, c: &Child, policy: &Policy, i: usize) -> 
         return Verdict::Blocked;
     }
     if policy.idc_only && !c.idc.is_empty() && h.idc != c.idc {
+        return Verdict::Skip;
+    }
+    // A TLS host and a plain one cannot exchange pieces.
+    if h.peer_tls != c.peer_tls {
         return Verdict::Skip;
     }
     let slots = f64::from(h.slots());

@@ -64,8 +64,8 @@ pub struct NodeConfig {
     /// schedulers.
     pub schedulers: Vec<String>,
     pub cluster_tls: Option<ClusterTls>,
-    /// Pieces between nodes over mutual TLS with `cluster_tls`'s CA and certificate; every
-    /// node of a cluster must agree.
+    /// Pieces between nodes over mutual TLS with `cluster_tls`'s CA and certificate; the host
+    /// announcement says so, and schedulers pair only hosts that agree.
     pub peer_tls: bool,
     /// Send a client's Bearer token with the registration (to TLS schedulers only), for the
     /// seed that fetches the blob.
@@ -259,6 +259,7 @@ impl Node {
             upload_slots: self.cfg.max_uploads as u32,
             seed: self.cfg.seed,
             upload_rate: self.cfg.upload_rate.unwrap_or(0),
+            peer_tls: self.cfg.peer_tls,
         }
     }
 

@@ -91,6 +91,31 @@ fn idc_only_never_hands_out_a_parent_from_another_idc() {
     assert_eq!(parent_ids(&e.take()), ["c"]);
 }
 
+/// A host that takes pieces over TLS cannot fetch from one that serves them plain, nor the
+/// other way round: while a cluster moves to TLS, each side gets parents from its own side.
+#[test]
+fn hosts_are_paired_only_with_hosts_that_agree_on_peer_tls() {
+    let s = sched(|_| {});
+    let tls = |id: &str| proto::Host { peer_tls: true, ..host(id) };
+    holder(&s, host("plain-holder"));
+    holder(&s, tls("tls-holder"));
+    let mut plain = Dl::open(&s, host("plain"));
+    assert_eq!(parent_ids(&plain.take()), ["plain-holder"]);
+    let mut secure = Dl::open(&s, tls("secure"));
+    assert_eq!(parent_ids(&secure.take()), ["tls-holder"]);
+}
+
+/// A seed the child cannot take pieces from is not asked to fetch for it.
+#[test]
+fn a_seed_is_asked_only_for_children_that_agree_on_peer_tls() {
+    let s = sched(|_| {});
+    announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
+    let mut sub = s.seed_tasks(&proto::SeedTasksRequest { host_id: "seed".into() }).expect("seed stream");
+    let mut secure = Dl::open(&s, proto::Host { peer_tls: true, ..host("secure") });
+    assert_eq!(last(&secure.take()), "back_to_source");
+    assert!(sub.rx_try().is_none(), "the plain seed was asked for a TLS child");
+}
+
 #[test]
 fn a_busy_parent_ranks_below_an_idle_one() {
     let s = sched(|c| c.max_parents = 1);
