@@ -235,3 +235,37 @@ async fn pieces_travel_between_nodes_over_mutual_tls() {
     }
     scheduler.shutdown().await;
 }
+
+/// The scheduler inside a daemon (`scheduler_listen`) serves mutual TLS under that node's
+/// certificate when the node has one: another node reaches it over `https://` and takes pieces
+/// steered by it, and a node that tries plain gRPC gets nothing from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_inside_a_daemon_serves_mutual_tls_with_the_nodes_certificate() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "cluster-ca");
+    let mut opts =
+        MirrorOpts::new(&origin.url()).cluster(IpAddr::from([127, 0, 0, 2]), &[], "tls-host").with_scheduler();
+    let (cert, key) = ca.issue("tls-host", &["tls-host", "127.0.0.2"]);
+    opts.config.cluster_ca = Some(ca.path(&ca.file));
+    (opts.config.cluster_cert, opts.config.cluster_key) = (Some(cert), Some(key));
+    let host = Mirror::start(opts).await.unwrap();
+    let grpc = host.scheduler_addr.expect("in-process scheduler");
+    let node =
+        Mirror::start(tls_node(MirrorOpts::new(&origin.url()), 1, &format!("https://{grpc}"), &ca, &ca)).await.unwrap();
+    let plain_opts =
+        MirrorOpts::new(&origin.url()).cluster(IpAddr::from([127, 0, 0, 4]), &[format!("http://{grpc}")], "plain");
+    let plain = Mirror::start(plain_opts).await.unwrap();
+    for n in [&host, &node, &plain] {
+        let url = n.blob_url_ns(REPO, &digest, &origin.host());
+        fetch(http_client().get(url), false).await.unwrap().assert_blob(&digest, size);
+    }
+    assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
+    assert_eq!(metric(&plain, "damselfly_download_bytes_total", &[("source", "peer")]).await, 0.0);
+    assert!(metric(&plain, "damselfly_scheduler_errors_total", &[]).await > 0.0, "plain gRPC was refused");
+    for n in [host, node, plain] {
+        n.shutdown().await;
+    }
+}

@@ -34,8 +34,8 @@ pub enum ClusterError {
 }
 
 pub struct ClusterParts<'a> {
-    /// URL of the scheduler running inside this daemon, if one does.
-    pub own_scheduler: Option<String>,
+    /// The scheduler running inside this daemon, if one does.
+    pub own_scheduler: Option<OwnScheduler>,
     pub config: &'a MirrorConfig,
     pub store: &'a Store,
     pub app: &'a Arc<App>,
@@ -55,7 +55,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         (None, None) if !upload_addr.ip().is_unspecified() => upload_addr.ip(),
         (None, None) => return Err(ClusterError::AdvertiseIp("upload_listen is a wildcard".into())),
     };
-    schedulers.extend(parts.own_scheduler);
+    schedulers.extend(parts.own_scheduler.map(|own| own.url(advertise_ip)));
     let host_id = match &config.host_id {
         Some(id) => id.clone(),
         None => host_id(&config.data_dir)?,
@@ -80,6 +80,37 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
     let metrics = NetMetrics::register(parts.registry);
     Ok(Node::start(cfg, parts.store.clone(), parts.upload, metrics, parts.shutdown)?)
+}
+
+/// Where the scheduler inside this daemon listens.
+pub struct OwnScheduler {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl OwnScheduler {
+    /// The URL this node reaches it at: over TLS at the advertised address, which the node's
+    /// certificate names; otherwise at its own address, or loopback for a wildcard.
+    fn url(&self, advertise_ip: IpAddr) -> String {
+        let unspecified = self.addr.ip().is_unspecified();
+        if self.tls {
+            let ip = if unspecified { advertise_ip } else { self.addr.ip() };
+            return format!("https://{}", SocketAddr::new(ip, self.addr.port()));
+        }
+        let ip = if unspecified { IpAddr::from([127, 0, 0, 1]) } else { self.addr.ip() };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+}
+
+/// TLS for the scheduler inside this daemon: the node's certificate, and client certificates
+/// from the cluster's CA required. None without a certificate.
+pub fn own_scheduler_tls(config: &MirrorConfig) -> Result<Option<damselfly_scheduler::ServerTls>, ClusterError> {
+    let (Some(cert), Some(key)) = (&config.cluster_cert, &config.cluster_key) else { return Ok(None) };
+    Ok(Some(damselfly_scheduler::ServerTls {
+        cert: read_pem(cert, Pem::Certificates)?,
+        key: read_pem(key, Pem::Key)?,
+        client_ca: config.cluster_ca.as_deref().map(|ca| read_pem(ca, Pem::Certificates)).transpose()?,
+    }))
 }
 
 /// Reads the PEM files named in the config (validated already: a CA whenever a scheduler

@@ -239,6 +239,11 @@ impl MirrorConfig {
         if self.peer_tls && (self.cluster_ca.is_none() || self.cluster_cert.is_none()) {
             return Err(ConfigError::ClusterTls("peer_tls needs cluster_ca, cluster_cert and cluster_key"));
         }
+        if self.scheduler_listen.is_some() && self.cluster_cert.is_some() && self.cluster_ca.is_none() {
+            return Err(ConfigError::ClusterTls(
+                "with cluster_cert the scheduler_listen scheduler serves TLS, which this node checks with cluster_ca",
+            ));
+        }
 
         if let Some(id) = &self.host_id {
             let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');

@@ -109,7 +109,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
-    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler).await?;
+    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, &config).await?;
     let scheduler_addr = scheduler.as_ref().map(|s| s.grpc_addr);
     let node = match listeners.upload {
         Some(upload) => {
@@ -201,22 +201,23 @@ impl Running {
     }
 }
 
-/// Starts the in-process scheduler, if asked for; returns it and the URL this node reaches it at.
+/// Starts the in-process scheduler, if asked for; returns it and where this node reaches it.
+/// With `cluster_cert` it serves TLS (mutual, with `cluster_ca`) under the node's certificate.
 async fn start_scheduler(
     listener: Option<TcpListener>,
-) -> Result<(Option<damselfly_scheduler::Running>, Option<String>), DaemonError> {
+    mirror: &MirrorConfig,
+) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
     let mut config = damselfly_scheduler::SchedulerConfig::default();
     if let Some(secret) = std::env::var_os(crate::cli::SECRET_ENV) {
         config.secret = secret.into_encoded_bytes();
     }
+    config.tls = crate::cluster::own_scheduler_tls(mirror)?;
+    let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;
-    let addr = running.grpc_addr;
-    // A wildcard address is reached over loopback from here.
-    let ip = if addr.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { addr.ip() };
-    let url = format!("http://{}", SocketAddr::new(ip, addr.port()));
-    tracing::info!(grpc = %addr, "in-process scheduler started");
-    Ok((Some(running), Some(url)))
+    tracing::info!(grpc = %running.grpc_addr, tls, "in-process scheduler started");
+    let own = crate::cluster::OwnScheduler { addr: running.grpc_addr, tls };
+    Ok((Some(running), Some(own)))
 }
 
 fn health<B>(req: &Request<B>) -> Response<Body> {

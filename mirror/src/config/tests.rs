@@ -310,6 +310,7 @@ fn cluster_settings_are_validated() {
         "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\ncluster_cert = \"c.pem\"",
         "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\ncluster_key = \"k.pem\"",
         "schedulers = [\"x:1\"]\npeer_tls = true\ncluster_ca = \"ca.pem\"",
+        "scheduler_listen = \"127.0.0.1:8002\"\ncluster_cert = \"c.pem\"\ncluster_key = \"k.pem\"",
     ] {
         let cfg = MirrorConfig::from_toml_str(bad).expect("parses");
         assert!(cfg.validate().is_err(), "{bad}");
