@@ -36,6 +36,8 @@ pub enum ClusterError {
 pub struct ClusterParts<'a> {
     /// The scheduler running inside this daemon, if one does.
     pub own_scheduler: Option<OwnScheduler>,
+    /// The cluster's CA and this node's certificate, read by [`cluster_tls`].
+    pub tls: Option<ClusterTls>,
     pub config: &'a MirrorConfig,
     pub store: &'a Store,
     pub app: &'a Arc<App>,
@@ -62,7 +64,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
     };
     let cfg = NodeConfig {
         schedulers,
-        cluster_tls: cluster_tls(config)?,
+        cluster_tls: parts.tls,
         peer_tls: config.peer_tls,
         share_tokens_with_seeds: config.share_tokens_with_seeds,
         host_id,
@@ -102,22 +104,18 @@ impl OwnScheduler {
     }
 }
 
-/// TLS for the scheduler inside this daemon: the node's certificate, and client certificates
-/// from the cluster's CA required. None without a certificate.
-pub fn own_scheduler_tls(config: &MirrorConfig) -> Result<Option<damselfly_scheduler::ServerTls>, ClusterError> {
-    let (Some(cert), Some(key)) = (&config.cluster_cert, &config.cluster_key) else { return Ok(None) };
-    Ok(Some(damselfly_scheduler::ServerTls {
-        cert: read_pem(cert, Pem::Certificates)?,
-        key: read_pem(key, Pem::Key)?,
-        client_ca: config.cluster_ca.as_deref().map(|ca| read_pem(ca, Pem::Certificates)).transpose()?,
-    }))
+/// TLS for the scheduler inside this daemon: the node's certificate, with client
+/// certificates from the cluster's CA required. None without a certificate.
+pub fn own_scheduler_tls(tls: Option<&ClusterTls>) -> Option<damselfly_scheduler::ServerTls> {
+    let (tls, (cert, key)) = tls.and_then(|t| Some((t, t.identity.as_ref()?)))?;
+    Some(damselfly_scheduler::ServerTls { cert: cert.clone(), key: key.clone(), client_ca: Some(tls.ca.clone()) })
 }
 
-/// Reads the PEM files named in the config (validated already: a CA whenever a scheduler
-/// is `https://`, a certificate only with its key).
-/// The PEM is parsed here so that a wrong file stops the daemon at start instead of turning
-/// every scheduler call into a failed handshake.
-fn cluster_tls(config: &MirrorConfig) -> Result<Option<ClusterTls>, ClusterError> {
+/// Reads the PEM files named in the config, once at start (validated already: a CA whenever
+/// a scheduler is `https://` or this daemon's scheduler serves TLS, a certificate only with its
+/// key). The PEM is parsed here so that a wrong file stops the daemon at start instead of
+/// turning every scheduler call into a failed handshake.
+pub fn cluster_tls(config: &MirrorConfig) -> Result<Option<ClusterTls>, ClusterError> {
     let Some(ca) = &config.cluster_ca else { return Ok(None) };
     let identity = match (&config.cluster_cert, &config.cluster_key) {
         (Some(cert), Some(key)) => Some((read_pem(cert, Pem::Certificates)?, read_pem(key, Pem::Key)?)),

@@ -109,12 +109,17 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
-    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, &config).await?;
+    let tls = match config.in_cluster() {
+        true => crate::cluster::cluster_tls(&config)?,
+        false => None,
+    };
+    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, tls.as_ref()).await?;
     let scheduler_addr = scheduler.as_ref().map(|s| s.grpc_addr);
     let node = match listeners.upload {
         Some(upload) => {
             let parts = crate::cluster::ClusterParts {
                 own_scheduler,
+                tls,
                 config: &config,
                 store: &store,
                 app: &app,
@@ -205,14 +210,14 @@ impl Running {
 /// With `cluster_cert` it serves TLS (mutual, with `cluster_ca`) under the node's certificate.
 async fn start_scheduler(
     listener: Option<TcpListener>,
-    mirror: &MirrorConfig,
+    tls: Option<&damselfly_p2p::net::ClusterTls>,
 ) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
     let mut config = damselfly_scheduler::SchedulerConfig::default();
     if let Some(secret) = std::env::var_os(crate::cli::SECRET_ENV) {
         config.secret = secret.into_encoded_bytes();
     }
-    config.tls = crate::cluster::own_scheduler_tls(mirror)?;
+    config.tls = crate::cluster::own_scheduler_tls(tls);
     let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;
     tracing::info!(grpc = %running.grpc_addr, tls, "in-process scheduler started");

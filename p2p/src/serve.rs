@@ -78,17 +78,8 @@ pub async fn serve_with<H, F, B>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
-        let Some(tls) = &tls else {
-            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-            conns.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
-            continue;
-        };
-        let tls = TlsConn { tls: tls.clone(), builder: builder.clone(), watcher: graceful.watcher(), peer };
-        conns.spawn(tls.serve(stream, svc, shutdown.clone()));
+        let conn = Conn { tls: tls.clone(), builder: builder.clone(), watcher: graceful.watcher(), peer };
+        conns.spawn(conn.serve(stream, svc, shutdown.clone()));
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
@@ -98,15 +89,15 @@ pub async fn serve_with<H, F, B>(
     conns.shutdown().await;
 }
 
-/// One TLS connection: its handshake, then HTTP, in the connection's own task.
-struct TlsConn {
-    tls: TlsAcceptor,
+/// One accepted connection, served in its own task: its TLS handshake if any, then HTTP.
+struct Conn {
+    tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     watcher: Watcher,
     peer: SocketAddr,
 }
 
-impl TlsConn {
+impl Conn {
     async fn serve<S, B>(self, stream: TcpStream, svc: S, shutdown: CancellationToken)
     where
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
@@ -114,7 +105,11 @@ impl TlsConn {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let TlsConn { tls, builder, watcher, peer } = self;
+        let Conn { tls, builder, watcher, peer } = self;
+        let Some(tls) = tls else {
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+            return log_end(peer, conn.await);
+        };
         // A handshake left unfinished neither holds up shutdown nor lasts past its timeout.
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -125,8 +120,12 @@ impl TlsConn {
             },
         };
         let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
-        }
+        log_end(peer, conn.await);
+    }
+}
+
+fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

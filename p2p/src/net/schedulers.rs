@@ -70,7 +70,8 @@ impl Schedulers {
             .map(|url| {
                 let fail = |e: &dyn std::fmt::Display| NetError::Config(format!("scheduler address {url}: {e}"));
                 let mut ep = TonicEndpoint::from_shared(url.clone()).map_err(|e| fail(&e))?;
-                if url.starts_with("https://") {
+                let https = url.starts_with("https://");
+                if https {
                     let tls = tls.ok_or_else(|| fail(&"https needs the CA to verify the scheduler against"))?;
                     ep = ep.tls_config(client_tls(tls)).map_err(|e| fail(&e))?;
                 }
@@ -81,7 +82,7 @@ impl Schedulers {
                     .keep_alive_timeout(Duration::from_secs(5))
                     .local_address((!local.is_unspecified()).then_some(local));
                 Ok(Endpoint {
-                    tls: url.starts_with("https://"),
+                    tls: https,
                     url: url.clone(),
                     client: SchedulerClient::new(ep.connect_lazy()),
                     announced: AtomicBool::new(false),
