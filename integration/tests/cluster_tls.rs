@@ -62,12 +62,23 @@ async fn metric(node: &Mirror, name: &str, filter: &[(&str, &str)]) -> f64 {
 /// A scheduler on 127.0.0.1 serving gRPC over TLS with a certificate from `ca`, asking nodes
 /// for certificates from `ca` too; returns it with its `https://` URL.
 async fn tls_scheduler(ca: &Ca) -> (Running, String) {
+    tls_scheduler_seeding(ca, None).await
+}
+
+/// The same, taking as seeds only nodes whose certificate is valid for `seed_name`.
+async fn tls_scheduler_seeding(ca: &Ca, seed_name: Option<&str>) -> (Running, String) {
     let (cert, key) = ca.issue("scheduler", &["127.0.0.1"]);
     let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = ServerTls {
+        cert: read(&cert),
+        key: read(&key),
+        client_ca: Some(read(&ca.path(&ca.file))),
+        seed_name: seed_name.map(str::to_owned),
+    };
     let config = SchedulerConfig {
         secret: b"scheduler tls test secret".to_vec(),
         announce_interval: Duration::from_secs(2),
-        tls: Some(ServerTls { cert: read(&cert), key: read(&key), client_ca: Some(read(&ca.path(&ca.file))) }),
+        tls: Some(tls),
         ..SchedulerConfig::default()
     };
     let bind = || tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -79,10 +90,17 @@ async fn tls_scheduler(ca: &Ca) -> (Running, String) {
 /// Node `i` on 127.0.0.(2+i), reaching the scheduler at `url` with a certificate from `issuer`
 /// that names its address.
 fn tls_node(opts: MirrorOpts, i: u8, url: &str, ca: &Ca, issuer: &Ca) -> MirrorOpts {
+    tls_node_named(opts, i, url, ca, issuer, &[])
+}
+
+/// The same, with `more` names in its certificate.
+fn tls_node_named(opts: MirrorOpts, i: u8, url: &str, ca: &Ca, issuer: &Ca, more: &[&str]) -> MirrorOpts {
     let id = format!("tls-node-{i}");
     let ip = IpAddr::from([127, 0, 0, 2 + i]);
     let mut opts = opts.cluster(ip, &[url.to_owned()], &id);
-    let (cert, key) = issuer.issue(&id, &[id.as_str(), &ip.to_string()]);
+    let ip = ip.to_string();
+    let names: Vec<&str> = [id.as_str(), ip.as_str()].into_iter().chain(more.iter().copied()).collect();
+    let (cert, key) = issuer.issue(&id, &names);
     opts.config.cluster_ca = Some(ca.path(&ca.file));
     (opts.config.cluster_cert, opts.config.cluster_key) = (Some(cert), Some(key));
     opts
@@ -174,6 +192,53 @@ async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked(
     assert_eq!(metric(&seed, "damselfly_fetched_bytes_total", &[("source", "origin")]).await, size as f64);
     assert_eq!(metric(&keeping, "damselfly_download_bytes_total", &[("source", "origin")]).await, size as f64);
     for n in [node, seed, keeping] {
+        n.shutdown().await;
+    }
+    scheduler.shutdown().await;
+}
+
+/// With a seed name, the seed role is written into certificates. A node whose certificate
+/// lacks the name is an ordinary node however it announces itself: it is sent no seed tasks,
+/// and so none of the tokens nodes share with seeds. A node whose certificate has it seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
+    const SEED_NAME: &str = "seed.damselfly.test";
+    let origin = Registry::start().await.unwrap();
+    let front = TokenAuthFront::start(&origin.url()).await.unwrap();
+    let repo = "private/seeds";
+    let size = 8 * MIB;
+    let first = origin.push_blob(repo, random_bytes(size as usize)).await.unwrap();
+    let second = origin.push_blob(repo, random_bytes(size as usize)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "cluster-ca");
+    let (scheduler, url) = tls_scheduler_seeding(&ca, Some(SEED_NAME)).await;
+    let opts = || MirrorOpts::new(&origin.url()).insecure_registry(&front.host());
+    let impostor = Mirror::start(tls_node(opts(), 0, &url, &ca, &ca).seed()).await.unwrap();
+    let mut sharing = tls_node(opts(), 1, &url, &ca, &ca);
+    sharing.config.share_tokens_with_seeds = true;
+    let node = Mirror::start(sharing).await.unwrap();
+    wait_for_hosts(&scheduler, 2.0).await;
+    // Time for a seed stream to open, were it allowed to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scope = format!("repository:{repo}:pull");
+    let pull = |digest| {
+        let token = front.fetch_token(&scope, Some((USER, PASSWORD)));
+        let url = node.blob_url_ns(repo, digest, &front.host());
+        async move { fetch(http_client().get(url).bearer_auth(token.await.unwrap()), false).await.unwrap() }
+    };
+    pull(&first).await.assert_blob(&first, size);
+    let origin_bytes = |n| metric(n, "damselfly_fetched_bytes_total", &[("source", "origin")]);
+    assert_eq!(origin_bytes(&impostor).await, 0.0, "the impostor was not asked to seed, nor given the token");
+    assert_eq!(origin_bytes(&node).await, size as f64, "with no seed, the node fetched the blob itself");
+
+    let seed = Mirror::start(tls_node_named(opts(), 2, &url, &ca, &ca, &[SEED_NAME]).seed()).await.unwrap();
+    wait_for_hosts(&scheduler, 3.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pull(&second).await.assert_blob(&second, size);
+    assert_eq!(origin_bytes(&seed).await, size as f64, "the seed with the name fetched with the client's token");
+    assert_eq!(origin_bytes(&impostor).await, 0.0);
+    assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
+    for n in [impostor, node, seed] {
         n.shutdown().await;
     }
     scheduler.shutdown().await;

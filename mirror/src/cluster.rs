@@ -108,7 +108,12 @@ impl OwnScheduler {
 /// certificates from the cluster's CA required. None without a certificate.
 pub fn own_scheduler_tls(tls: Option<&ClusterTls>) -> Option<damselfly_scheduler::ServerTls> {
     let (tls, (cert, key)) = tls.and_then(|t| Some((t, t.identity.as_ref()?)))?;
-    Some(damselfly_scheduler::ServerTls { cert: cert.clone(), key: key.clone(), client_ca: Some(tls.ca.clone()) })
+    Some(damselfly_scheduler::ServerTls {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: Some(tls.ca.clone()),
+        seed_name: None,
+    })
 }
 
 /// Reads the PEM files named in the config, once at start (validated already: a CA whenever

@@ -32,6 +32,10 @@ pub struct ServerTls {
     pub key: Vec<u8>,
     /// PEM: roots a client certificate must chain to; `None` asks nodes for none.
     pub client_ca: Option<Vec<u8>>,
+    /// With `client_ca`: a host may be a seed (and so receive the credentials nodes share with
+    /// seeds) only if its certificate is valid for this DNS name or IP address. `None` lets any
+    /// certificate from `client_ca` announce a seed.
+    pub seed_name: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -61,6 +65,7 @@ impl std::fmt::Debug for SchedulerConfig {
             .field("announce_interval", &self.announce_interval)
             .field("token_ttl", &self.token_ttl)
             .field("tls", &self.tls.as_ref().map(|t| if t.client_ca.is_some() { "mutual" } else { "server" }))
+            .field("seed_name", &self.tls.as_ref().and_then(|t| t.seed_name.as_deref()))
             .finish()
     }
 }

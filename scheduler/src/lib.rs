@@ -27,6 +27,7 @@ mod download;
 mod error;
 mod hosts;
 mod http;
+mod identity;
 mod metrics;
 mod pieces;
 mod scheduler;

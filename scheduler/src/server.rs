@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{SchedulerConfig, ServerTls};
 use crate::error::SchedulerError;
+use crate::identity::SeedName;
 use crate::proto::scheduler_server::SchedulerServer;
 use crate::scheduler::Scheduler;
 use crate::service::SchedulerService;
@@ -38,6 +39,7 @@ pub async fn start(
     grpc: TcpListener,
     http: Option<TcpListener>,
 ) -> Result<Running, SchedulerError> {
+    let seed_name = seed_name(&config)?;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let scheduler = Scheduler::new(config.clone());
@@ -55,7 +57,7 @@ pub async fn start(
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(server_tls(tls)).map_err(|e| SchedulerError::Tls(e.to_string()))?;
     }
-    let router = builder.add_service(health).add_service(SchedulerService::server(scheduler.clone()));
+    let router = builder.add_service(health).add_service(SchedulerService::server(scheduler.clone(), seed_name));
     let stop = shutdown.clone();
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
@@ -76,6 +78,17 @@ fn server_tls(tls: &ServerTls) -> ServerTlsConfig {
         Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
         None => config,
     }
+}
+
+/// The name seeds' certificates must carry; it means something only when client certificates
+/// are verified.
+fn seed_name(config: &SchedulerConfig) -> Result<Option<SeedName>, SchedulerError> {
+    let Some(tls) = config.tls.as_ref() else { return Ok(None) };
+    let Some(name) = tls.seed_name.as_deref() else { return Ok(None) };
+    if tls.client_ca.is_none() {
+        return Err(SchedulerError::Tls("a seed name needs client certificates (a client CA)".to_owned()));
+    }
+    SeedName::parse(name).map(Some)
 }
 
 async fn upkeep(scheduler: Scheduler, shutdown: CancellationToken) {

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::download::DownloadHandle;
+use crate::identity::SeedName;
 use crate::proto::download_request::Kind as Req;
 use crate::proto::scheduler_server::{self, SchedulerServer};
 use crate::proto::{self, DownloadRequest, DownloadResponse, SeedTask};
@@ -18,16 +19,23 @@ const MAX_MESSAGE: usize = 64 << 20;
 
 pub struct SchedulerService {
     core: Scheduler,
+    /// Set: only hosts whose client certificate is valid for this name may be seeds.
+    seed_name: Option<SeedName>,
 }
 
 impl SchedulerService {
     pub fn new(core: Scheduler) -> Self {
-        SchedulerService { core }
+        SchedulerService { core, seed_name: None }
     }
 
     /// The service ready to add to a tonic router.
-    pub fn server(core: Scheduler) -> SchedulerServer<SchedulerService> {
-        SchedulerServer::new(SchedulerService::new(core)).max_decoding_message_size(MAX_MESSAGE)
+    pub(crate) fn server(core: Scheduler, seed_name: Option<SeedName>) -> SchedulerServer<SchedulerService> {
+        SchedulerServer::new(SchedulerService { core, seed_name }).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    fn may_seed<T>(&self, req: &Request<T>) -> bool {
+        let certs = req.peer_certs();
+        self.seed_name.as_ref().is_none_or(|name| name.admits(certs.as_deref().map(Vec::as_slice)))
     }
 }
 
@@ -39,7 +47,14 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<proto::AnnounceHostRequest>,
     ) -> Result<Response<proto::AnnounceHostResponse>, Status> {
-        Ok(Response::new(self.core.announce_host(req.into_inner())?))
+        let may_seed = self.may_seed(&req);
+        let mut announce = req.into_inner();
+        if let Some(host) = announce.host.as_mut().filter(|h| h.seed && !may_seed) {
+            // Still a host like any other: its own pulls go on through the cluster.
+            tracing::warn!(host = %host.id, seed_name = ?self.seed_name, "a host without a seed certificate announced itself a seed; taken as an ordinary host");
+            host.seed = false;
+        }
+        Ok(Response::new(self.core.announce_host(announce)?))
     }
 
     type DownloadStream = BoxStream<DownloadResponse>;
@@ -85,6 +100,10 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<proto::SeedTasksRequest>,
     ) -> Result<Response<Self::SeedTasksStream>, Status> {
+        if !self.may_seed(&req) {
+            let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
+            return Err(Status::permission_denied(format!("a seed needs a client certificate valid for {name}")));
+        }
         let sub = self.core.seed_tasks(req.get_ref())?;
         Ok(Response::new(Box::pin(sub.map(Ok))))
     }

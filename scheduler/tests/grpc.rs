@@ -175,7 +175,39 @@ async fn http_serves_healthy_and_metrics() {
 #[tokio::test]
 async fn a_scheduler_with_a_broken_certificate_does_not_start() {
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let tls = damselfly_scheduler::ServerTls { cert: b"junk".to_vec(), key: b"junk".to_vec(), client_ca: None };
+    let tls = damselfly_scheduler::ServerTls {
+        cert: b"junk".to_vec(),
+        key: b"junk".to_vec(),
+        client_ca: None,
+        seed_name: None,
+    };
     let config = SchedulerConfig { tls: Some(tls), ..Default::default() };
     assert!(start(config, grpc, None).await.is_err());
+}
+
+#[tokio::test]
+async fn a_seed_name_without_client_certificates_or_that_is_no_name_does_not_start() {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params").self_signed(&key).expect("cert");
+    let tls = |client_ca: Option<Vec<u8>>, seed_name: &str| damselfly_scheduler::ServerTls {
+        cert: cert.pem().into_bytes(),
+        key: key.serialize_pem().into_bytes(),
+        client_ca,
+        seed_name: Some(seed_name.to_owned()),
+    };
+    let ca = Some(cert.pem().into_bytes());
+    for (tls, starts) in
+        [(tls(None, "seed.internal"), false), (tls(ca.clone(), "not a name"), false), (tls(ca, "seed.internal"), true)]
+    {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let config = SchedulerConfig { tls: Some(tls), ..Default::default() };
+        match start(config, grpc, None).await {
+            Ok(running) => {
+                assert!(starts, "started");
+                running.shutdown().await;
+            }
+            Err(e) => assert!(!starts, "did not start: {e}"),
+        }
+    }
 }

@@ -45,6 +45,11 @@ pub struct SchedulerArgs {
     /// PEM CA certificates: nodes must present a certificate that chains to one (mutual TLS).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Only nodes whose certificate is valid for this DNS name or IP address may be seeds (and
+    /// receive the tokens nodes share with seeds); others announcing `--seed` are taken as
+    /// ordinary nodes. Without it, any certificate from --tls-client-ca may seed.
+    #[arg(long, value_name = "NAME", requires = "tls_client_ca")]
+    pub tls_seed_name: Option<String>,
     /// Log output format.
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
     pub log_format: LogFormat,
@@ -103,6 +108,7 @@ impl SchedulerArgs {
                 cert: read(cert)?,
                 key: read(key)?,
                 client_ca: self.tls_client_ca.as_deref().map(read).transpose()?,
+                seed_name: self.tls_seed_name.clone(),
             });
         }
         Ok(cfg)
@@ -159,6 +165,7 @@ mod tests {
         assert!(argv(&["--tls-cert", "c.pem"]).is_err());
         assert!(argv(&["--tls-key", "k.pem"]).is_err());
         assert!(argv(&["--tls-client-ca", "ca.pem"]).is_err());
+        assert!(argv(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-seed-name", "seed"]).is_err());
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, "cert").expect("write");
@@ -166,6 +173,9 @@ mod tests {
         let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
         let tls = args(&["--tls-cert", c, "--tls-key", k]).to_config_with(None).expect("config").tls.expect("tls");
         assert_eq!((tls.cert.as_slice(), tls.key.as_slice(), tls.client_ca), (&b"cert"[..], &b"key"[..], None));
+        let seeds = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", c, "--tls-seed-name", "seed.internal"]);
+        let tls = seeds.to_config_with(None).expect("config").tls.expect("tls");
+        assert_eq!(tls.seed_name.as_deref(), Some("seed.internal"));
         let missing = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", "/nonexistent/ca.pem"]);
         assert!(missing.to_config_with(None).is_err());
     }

@@ -44,6 +44,9 @@ const MAX_ANNOUNCED: usize = 5_000;
 /// How long a task's download stream stays open after its last fetch ended, so that piece
 /// digests still being computed reach the scheduler.
 const LINGER: Duration = Duration::from_secs(5);
+/// A scheduler that refused this host the seed role is asked again this often (a certificate
+/// may be renewed into one that carries the role).
+const SEED_REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -340,18 +343,28 @@ impl Node {
             let mut wait = Duration::from_millis(200);
             if self.schedulers.is_announced(i) {
                 wait = Duration::from_secs(1);
-                if let Ok(mut stream) = self.schedulers.seed_tasks(i, &self.cfg.host_id).await {
-                    tracing::debug!(scheduler = %self.schedulers.url(i), "taking seed tasks");
-                    loop {
-                        let next = tokio::select! {
-                            _ = self.shutdown.cancelled() => return,
-                            next = stream.message() => next,
-                        };
-                        match next {
-                            Ok(Some(t)) => self.seed(t),
-                            _ => break,
+                match self.schedulers.seed_tasks(i, &self.cfg.host_id).await {
+                    Ok(mut stream) => {
+                        tracing::debug!(scheduler = %self.schedulers.url(i), "taking seed tasks");
+                        loop {
+                            let next = tokio::select! {
+                                _ = self.shutdown.cancelled() => return,
+                                next = stream.message() => next,
+                            };
+                            match next {
+                                Ok(Some(t)) => self.seed(t),
+                                _ => break,
+                            }
                         }
                     }
+                    // A scheduler that binds seeds to certificates: this one has none for the
+                    // role. The node still works as an ordinary one; asking every second
+                    // would only repeat the refusal.
+                    Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                        tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), "not taken as a seed");
+                        wait = SEED_REFUSED_RETRY;
+                    }
+                    Err(_) => {}
                 }
             }
             tokio::select! {

@@ -226,7 +226,7 @@ fn a_seed_is_asked_for_a_new_task_and_its_waiters_get_it_as_parent() {
 fn credentials_reach_seeds_only_under_mutual_tls() {
     for (mutual, expected) in [(false, ""), (true, "Bearer t")] {
         let s = sched(|c| {
-            let tls = crate::ServerTls { cert: vec![], key: vec![], client_ca: Some(vec![]) };
+            let tls = crate::ServerTls { cert: vec![], key: vec![], client_ca: Some(vec![]), seed_name: None };
             c.tls = mutual.then_some(tls);
         });
         announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
