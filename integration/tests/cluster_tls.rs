@@ -11,8 +11,10 @@ use damselfly_integration::token_auth::{PASSWORD, USER};
 use damselfly_integration::{
     fetch, http_client, poll_until, random_bytes, Metrics, Mirror, MirrorOpts, Registry, TokenAuthFront, MIB,
 };
+use damselfly_scheduler::proto::{self, scheduler_client::SchedulerClient};
 use damselfly_scheduler::{Running, SchedulerConfig, ServerTls};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const REPO: &str = "test/tls";
 
@@ -197,9 +199,35 @@ async fn a_seed_fetches_private_content_with_the_token_of_the_client_that_asked(
     scheduler.shutdown().await;
 }
 
+/// A scheduler metric, summed over the series that match `filter`.
+async fn scheduler_metric(scheduler: &Running, name: &str, filter: &[(&str, &str)]) -> f64 {
+    let url = format!("http://{}/metrics", scheduler.http_addr.unwrap());
+    Metrics::scrape(&url).await.map(|m| m.sum(name, filter)).unwrap_or(0.0)
+}
+
+async fn wait_for_metric(scheduler: &Running, name: &'static str, filter: &[(&str, &str)], at_least: f64) {
+    poll_until(name, Duration::from_secs(15), || async move {
+        Ok((scheduler_metric(scheduler, name, filter).await >= at_least).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+/// A gRPC client of the scheduler at `url`, showing the certificate `cert`/`key` from `ca`.
+async fn grpc_as(url: &str, ca: &Ca, cert: &Path, key: &Path) -> SchedulerClient<Channel> {
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&ca.path(&ca.file))))
+        .identity(Identity::from_pem(read(cert), read(key)))
+        .domain_name("127.0.0.1");
+    let channel = Channel::from_shared(url.to_owned()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    SchedulerClient::new(channel)
+}
+
 /// With a seed name, the seed role is written into certificates. A node whose certificate
 /// lacks the name is an ordinary node however it announces itself: it is sent no seed tasks,
-/// and so none of the tokens nodes share with seeds. A node whose certificate has it seeds.
+/// and so none of the tokens nodes share with seeds, and it cannot act for a seed's host id.
+/// A node whose certificate has the name seeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     const SEED_NAME: &str = "seed.damselfly.test";
@@ -213,13 +241,15 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     let ca = Ca::new(dir.path(), "cluster-ca");
     let (scheduler, url) = tls_scheduler_seeding(&ca, Some(SEED_NAME)).await;
     let opts = || MirrorOpts::new(&origin.url()).insecure_registry(&front.host());
-    let impostor = Mirror::start(tls_node(opts(), 0, &url, &ca, &ca).seed()).await.unwrap();
+    let impostor = tls_node(opts(), 0, &url, &ca, &ca).seed();
+    let impostor_cert = (impostor.config.cluster_cert.clone().unwrap(), impostor.config.cluster_key.clone().unwrap());
+    let impostor = Mirror::start(impostor).await.unwrap();
     let mut sharing = tls_node(opts(), 1, &url, &ca, &ca);
     sharing.config.share_tokens_with_seeds = true;
     let node = Mirror::start(sharing).await.unwrap();
+    // The impostor asked for seed tasks and was turned away.
+    wait_for_metric(&scheduler, "damselfly_scheduler_seed_refusals_total", &[("call", "seed_tasks")], 1.0).await;
     wait_for_hosts(&scheduler, 2.0).await;
-    // Time for a seed stream to open, were it allowed to.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let scope = format!("repository:{repo}:pull");
     let pull = |digest| {
         let token = front.fetch_token(&scope, Some((USER, PASSWORD)));
@@ -230,10 +260,24 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     let origin_bytes = |n| metric(n, "damselfly_fetched_bytes_total", &[("source", "origin")]);
     assert_eq!(origin_bytes(&impostor).await, 0.0, "the impostor was not asked to seed, nor given the token");
     assert_eq!(origin_bytes(&node).await, size as f64, "with no seed, the node fetched the blob itself");
+    assert_eq!(scheduler_metric(&scheduler, "damselfly_scheduler_seeds", &[]).await, 0.0);
 
-    let seed = Mirror::start(tls_node_named(opts(), 2, &url, &ca, &ca, &[SEED_NAME]).seed()).await.unwrap();
-    wait_for_hosts(&scheduler, 3.0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seed_opts = tls_node_named(opts(), 2, &url, &ca, &ca, &[SEED_NAME]).seed();
+    let seed_id = seed_opts.config.host_id.clone().unwrap();
+    let seed = Mirror::start(seed_opts).await.unwrap();
+    wait_for_metric(&scheduler, "damselfly_scheduler_seeds", &[], 1.0).await;
+    // Host ids are not in certificates: the impostor names the seed's, and is refused, so it
+    // can neither demote the seed by announcing it as an ordinary host nor make it leave.
+    let mut as_impostor = grpc_as(&url, &ca, &impostor_cert.0, &impostor_cert.1).await;
+    let host = proto::Host { id: seed_id.clone(), ip: "127.0.0.2".into(), upload_port: 1, ..Default::default() };
+    let announce = as_impostor.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![] }).await;
+    assert_eq!(announce.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let withdraw = proto::WithdrawTaskRequest { host_id: seed_id.clone(), digest: first.clone() };
+    assert_eq!(as_impostor.withdraw_task(withdraw).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let leave = as_impostor.leave_host(proto::LeaveHostRequest { host_id: seed_id }).await;
+    assert_eq!(leave.unwrap_err().code(), tonic::Code::PermissionDenied);
+    assert_eq!(scheduler_metric(&scheduler, "damselfly_scheduler_seeds", &[]).await, 1.0);
+
     pull(&second).await.assert_blob(&second, size);
     assert_eq!(origin_bytes(&seed).await, size as f64, "the seed with the name fetched with the client's token");
     assert_eq!(origin_bytes(&impostor).await, 0.0);

@@ -125,6 +125,10 @@ pub struct MirrorArgs {
     /// Run a scheduler inside this daemon on this address, for other nodes and this one.
     #[arg(long, value_name = "ADDR")]
     pub scheduler_listen: Option<SocketAddr>,
+    /// That scheduler takes as seeds only nodes whose certificate is valid for this DNS name or
+    /// IP address (see `damselfly scheduler --tls-seed-name`).
+    #[arg(long, value_name = "NAME")]
+    pub scheduler_seed_name: Option<String>,
     /// Pieces uploaded at once [default: 64].
     #[arg(long, value_name = "N")]
     pub max_uploads: Option<usize>,
@@ -224,6 +228,9 @@ impl MirrorArgs {
         if self.scheduler_listen.is_some() {
             cfg.scheduler_listen = self.scheduler_listen;
         }
+        if self.scheduler_seed_name.is_some() {
+            cfg.scheduler_seed_name.clone_from(&self.scheduler_seed_name);
+        }
         set(&mut cfg.log_format, self.log_format);
         set(&mut cfg.log_level, self.log_level);
     }
@@ -306,6 +313,8 @@ mod tests {
             "8",
             "--scheduler-listen",
             "127.0.0.2:8002",
+            "--scheduler-seed-name",
+            "seed.internal",
             "--cluster-ca",
             "/etc/ca.pem",
             "--cluster-cert",
@@ -340,6 +349,7 @@ mod tests {
         assert_eq!(cfg.cluster_key, Some(PathBuf::from("/etc/node.key")));
         assert!(cfg.peer_tls && cfg.share_tokens_with_seeds);
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
+        assert_eq!(cfg.scheduler_seed_name.as_deref(), Some("seed.internal"));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
         assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));
         assert_eq!(mirror_args(&[]).cache_direct_io, None);

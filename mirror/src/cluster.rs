@@ -106,13 +106,13 @@ impl OwnScheduler {
 
 /// TLS for the scheduler inside this daemon: the node's certificate, with client
 /// certificates from the cluster's CA required. None without a certificate.
-pub fn own_scheduler_tls(tls: Option<&ClusterTls>) -> Option<damselfly_scheduler::ServerTls> {
+pub fn own_scheduler_tls(tls: Option<&ClusterTls>, seed_name: Option<&str>) -> Option<damselfly_scheduler::ServerTls> {
     let (tls, (cert, key)) = tls.and_then(|t| Some((t, t.identity.as_ref()?)))?;
     Some(damselfly_scheduler::ServerTls {
         cert: cert.clone(),
         key: key.clone(),
         client_ca: Some(tls.ca.clone()),
-        seed_name: None,
+        seed_name: seed_name.map(str::to_owned),
     })
 }
 

@@ -68,6 +68,9 @@ pub struct MirrorConfig {
     pub max_uploads: usize,
     /// Run a scheduler inside this daemon on this address, for other nodes (and this one).
     pub scheduler_listen: Option<SocketAddr>,
+    /// That scheduler takes as seeds only nodes whose certificate is valid for this DNS name
+    /// or IP address (it serves mutual TLS with `cluster_cert`).
+    pub scheduler_seed_name: Option<String>,
 }
 
 /// Where the upload server listens unless configured (Dragonfly's piece upload port).
@@ -106,6 +109,7 @@ impl Default for MirrorConfig {
             download_rate_limit: None,
             max_uploads: 64,
             scheduler_listen: None,
+            scheduler_seed_name: None,
         }
     }
 }
@@ -242,6 +246,11 @@ impl MirrorConfig {
         if self.scheduler_listen.is_some() && self.cluster_cert.is_some() && self.cluster_ca.is_none() {
             return Err(ConfigError::ClusterTls(
                 "with cluster_cert the scheduler_listen scheduler serves TLS, which this node checks with cluster_ca",
+            ));
+        }
+        if self.scheduler_seed_name.is_some() && (self.scheduler_listen.is_none() || self.cluster_cert.is_none()) {
+            return Err(ConfigError::ClusterTls(
+                "scheduler_seed_name needs scheduler_listen and cluster_cert (its scheduler checks client certificates)",
             ));
         }
 

@@ -113,7 +113,8 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         true => crate::cluster::cluster_tls(&config)?,
         false => None,
     };
-    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, tls.as_ref()).await?;
+    let seed_name = config.scheduler_seed_name.as_deref();
+    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, tls.as_ref(), seed_name).await?;
     let scheduler_addr = scheduler.as_ref().map(|s| s.grpc_addr);
     let node = match listeners.upload {
         Some(upload) => {
@@ -211,13 +212,14 @@ impl Running {
 async fn start_scheduler(
     listener: Option<TcpListener>,
     tls: Option<&damselfly_p2p::net::ClusterTls>,
+    seed_name: Option<&str>,
 ) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
     let mut config = damselfly_scheduler::SchedulerConfig::default();
     if let Some(secret) = std::env::var_os(crate::cli::SECRET_ENV) {
         config.secret = secret.into_encoded_bytes();
     }
-    config.tls = crate::cluster::own_scheduler_tls(tls);
+    config.tls = crate::cluster::own_scheduler_tls(tls, seed_name);
     let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;
     tracing::info!(grpc = %running.grpc_addr, tls, "in-process scheduler started");

@@ -40,13 +40,20 @@ struct KindLabel {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabel {
+    call: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     hosts: Gauge,
     tasks: Gauge,
     peers: Gauge,
+    seeds: Gauge,
     decisions: Family<KindLabel, Counter>,
     decision_seconds: Histogram,
+    seed_refusals: Family<CallLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,12 +65,19 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let (hosts, tasks, peers) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (hosts, tasks, peers, seeds) = (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let decisions = Family::<KindLabel, Counter>::default();
+        let seed_refusals = Family::<CallLabel, Counter>::default();
         let decision_seconds = Histogram::new(BUCKETS);
         registry.register("damselfly_scheduler_hosts", "Hosts the scheduler knows", hosts.clone());
         registry.register("damselfly_scheduler_tasks", "Tasks the scheduler knows", tasks.clone());
         registry.register("damselfly_scheduler_peers", "Peers (host, task) the scheduler knows", peers.clone());
+        registry.register("damselfly_scheduler_seeds", "Seed hosts taking seed tasks", seeds.clone());
+        registry.register(
+            "damselfly_scheduler_seed_refusals",
+            "Calls refused the seed role or acting for a seed, for want of a seed certificate, by call",
+            seed_refusals.clone(),
+        );
         registry.register("damselfly_scheduler_decisions", "Decisions sent to downloads, by kind", decisions.clone());
         registry.register_with_unit(
             "damselfly_scheduler_decision_duration",
@@ -71,7 +85,7 @@ impl Metrics {
             Unit::Seconds,
             decision_seconds.clone(),
         );
-        Metrics { registry, hosts, tasks, peers, decisions, decision_seconds }
+        Metrics { registry, hosts, tasks, peers, seeds, decisions, decision_seconds, seed_refusals }
     }
 
     /// The registry in the OpenMetrics text format.
@@ -93,11 +107,16 @@ impl Metrics {
         self.decision_seconds.observe(took.as_secs_f64());
     }
 
-    pub(crate) fn sizes(&self, hosts: usize, tasks: usize, peers: usize) {
+    pub(crate) fn sizes(&self, hosts: usize, tasks: usize, peers: usize, seeds: usize) {
         let g = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.hosts.set(g(hosts));
         self.tasks.set(g(tasks));
         self.peers.set(g(peers));
+        self.seeds.set(g(seeds));
+    }
+
+    pub(crate) fn seed_refused(&self, call: &'static str) {
+        self.seed_refusals.get_or_create(&CallLabel { call }).inc();
     }
 
     /// Decisions of one kind so far (for tests and benchmarks).
@@ -113,13 +132,16 @@ mod tests {
     #[test]
     fn the_text_names_every_metric_with_its_suffix() {
         let m = Metrics::new();
-        m.sizes(3, 2, 1);
+        m.sizes(3, 2, 1, 1);
+        m.seed_refused("announce_host");
         m.decision(DecisionKind::Seed, Duration::from_micros(15));
         let text = m.encode().expect("encode");
         for line in [
             "damselfly_scheduler_hosts 3",
             "damselfly_scheduler_tasks 2",
             "damselfly_scheduler_peers 1",
+            "damselfly_scheduler_seeds 1",
+            "damselfly_scheduler_seed_refusals_total{call=\"announce_host\"} 1",
             "damselfly_scheduler_decisions_total{kind=\"seed\"} 1",
             "damselfly_scheduler_decision_duration_seconds_bucket{le=\"0.1\"} 1",
             "damselfly_scheduler_decision_duration_seconds_bucket{le=\"0.00001\"} 0",

@@ -70,7 +70,7 @@ impl Scheduler {
         let env = Env { cfg: &self.inner.config, metrics: &self.inner.metrics, now };
         let mut st = self.lock();
         let r = f(&mut st, &env);
-        self.inner.metrics.sizes(st.hosts.len(), st.tasks.len(), st.peers);
+        self.inner.metrics.sizes(st.hosts.len(), st.tasks.len(), st.peers, st.seeds.len());
         r
     }
 
@@ -100,6 +100,11 @@ impl Scheduler {
             upload_key: key.to_vec(),
             announce_interval_secs: u32::try_from(secs).unwrap_or(u32::MAX).max(1),
         })
+    }
+
+    /// Whether `host_id` names a host that announced itself a seed.
+    pub fn is_seed(&self, host_id: &str) -> bool {
+        self.lock().hosts.get(host_id).is_some_and(|h| h.seed)
     }
 
     /// Opens a download: registers it, queues the first decision on the returned receiver.

@@ -37,6 +37,20 @@ impl SchedulerService {
         let certs = req.peer_certs();
         self.seed_name.as_ref().is_none_or(|name| name.admits(certs.as_deref().map(Vec::as_slice)))
     }
+
+    /// Refuses a call made for seed host `host_id` over a connection without a seed certificate.
+    /// Host ids are not in certificates, so otherwise any node of the cluster could announce a
+    /// seed's id as an ordinary host (ending its seed stream), make it leave, or take over its
+    /// downloads. A seed that announces between this check and the call is demoted once, until
+    /// its next announcement.
+    fn act_for(&self, may_seed: bool, host_id: &str, call: &'static str) -> Result<(), Status> {
+        if may_seed || !self.core.is_seed(host_id) {
+            return Ok(());
+        }
+        self.core.metrics().seed_refused(call);
+        let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
+        Err(Status::permission_denied(format!("{host_id} is a seed: only a certificate valid for {name} acts for it")))
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -49,10 +63,14 @@ impl scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<proto::AnnounceHostResponse>, Status> {
         let may_seed = self.may_seed(&req);
         let mut announce = req.into_inner();
-        if let Some(host) = announce.host.as_mut().filter(|h| h.seed && !may_seed) {
-            // Still a host like any other: its own pulls go on through the cluster.
-            tracing::warn!(host = %host.id, seed_name = ?self.seed_name, "a host without a seed certificate announced itself a seed; taken as an ordinary host");
-            host.seed = false;
+        if let Some(host) = announce.host.as_mut() {
+            self.act_for(may_seed, &host.id, "announce_host")?;
+            if host.seed && !may_seed {
+                // Still a host like any other: its own pulls go on through the cluster.
+                tracing::warn!(host = %host.id, seed_name = ?self.seed_name, "a host without a seed certificate announced itself a seed; taken as an ordinary host");
+                self.core.metrics().seed_refused("announce_host");
+                host.seed = false;
+            }
         }
         Ok(Response::new(self.core.announce_host(announce)?))
     }
@@ -63,11 +81,13 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<Streaming<DownloadRequest>>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
+        let may_seed = self.may_seed(&req);
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty download stream"))?;
         let Some(Req::Register(reg)) = first.kind else {
             return Err(Status::invalid_argument("the first message must be Register"));
         };
+        self.act_for(may_seed, &reg.host_id, "download")?;
         let (handle, rx) = self.core.download(reg)?;
         Ok(Response::new(Box::pin(DownloadStream { handle: Some(handle), inbound: Some(inbound), rx, error: None })))
     }
@@ -80,11 +100,13 @@ impl scheduler_server::Scheduler for SchedulerService {
     }
 
     async fn withdraw_task(&self, req: Request<proto::WithdrawTaskRequest>) -> Result<Response<proto::Empty>, Status> {
+        self.act_for(self.may_seed(&req), &req.get_ref().host_id, "withdraw_task")?;
         self.core.withdraw_task(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
 
     async fn leave_host(&self, req: Request<proto::LeaveHostRequest>) -> Result<Response<proto::Empty>, Status> {
+        self.act_for(self.may_seed(&req), &req.get_ref().host_id, "leave_host")?;
         self.core.leave_host(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
@@ -101,6 +123,7 @@ impl scheduler_server::Scheduler for SchedulerService {
         req: Request<proto::SeedTasksRequest>,
     ) -> Result<Response<Self::SeedTasksStream>, Status> {
         if !self.may_seed(&req) {
+            self.core.metrics().seed_refused("seed_tasks");
             let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
             return Err(Status::permission_denied(format!("a seed needs a client certificate valid for {name}")));
         }

@@ -72,6 +72,7 @@ fn example_config_documents_every_key_with_its_default() {
         "download_rate_limit",
         "max_uploads",
         "scheduler_listen",
+        "scheduler_seed_name",
     ];
     for key in keys {
         assert!(live.lines().any(|l| l.starts_with(key)), "example does not document {key}");
@@ -311,6 +312,8 @@ fn cluster_settings_are_validated() {
         "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\ncluster_key = \"k.pem\"",
         "schedulers = [\"x:1\"]\npeer_tls = true\ncluster_ca = \"ca.pem\"",
         "scheduler_listen = \"127.0.0.1:8002\"\ncluster_cert = \"c.pem\"\ncluster_key = \"k.pem\"",
+        "scheduler_listen = \"127.0.0.1:8002\"\nscheduler_seed_name = \"seed.internal\"",
+        "schedulers = [\"https://x:1\"]\ncluster_ca = \"ca.pem\"\nscheduler_seed_name = \"seed.internal\"",
     ] {
         let cfg = MirrorConfig::from_toml_str(bad).expect("parses");
         assert!(cfg.validate().is_err(), "{bad}");
