@@ -5,7 +5,9 @@
 //! Reported: decisions per second offered and achieved, decisions per CPU-second of the
 //! scheduler's thread (which other load on the machine does not skew), p99 decision time inside
 //! the scheduler and p99 round trip at the simulated peers, the same in process without gRPC,
-//! and memory per peer.
+//! and memory per peer. Each run over gRPC follows one against a stub that answers the same
+//! requests without deciding anything (`stub.rs`): the floor that tonic, h2 and the kernel set
+//! on this machine.
 //!
 //! `cargo bench -p damselfly-scheduler --bench load`; `LOAD_PEERS` changes the number of peers,
 //! `LOAD_RUNS` the number of runs over gRPC (3; 0 measures in process only).
@@ -23,6 +25,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
+
+mod stub;
 
 const TASKS: usize = 100;
 const PIECES: u32 = 8;
@@ -123,8 +127,18 @@ async fn peer(mut c: SchedulerClient<Channel>, i: usize) -> Vec<Duration> {
     took
 }
 
+/// What answers the simulated peers.
+#[derive(Clone, Copy, PartialEq)]
+enum Serving {
+    /// The scheduler, started as `damselfly scheduler` starts it.
+    Scheduler,
+    /// The same protocol answered at once, no decisions made (`stub.rs`).
+    TransportOnly,
+}
+
 /// What one run over gRPC measured.
 struct Run {
+    serving: Serving,
     decisions: u64,
     answered: usize,
     elapsed: Duration,
@@ -145,23 +159,28 @@ impl Run {
 
     fn print(&self, k: usize) {
         let busy = |cpu: Duration| 100.0 * cpu.as_secs_f64() / self.elapsed.as_secs_f64();
+        let who = if self.serving == Serving::Scheduler { "scheduler     " } else { "transport only" };
+        let inside = match self.serving {
+            Serving::Scheduler => format!("{:?}", self.server_p99),
+            Serving::TransportOnly => "-".to_owned(),
+        };
         println!(
-            "  run {k}: {:>6.0}/s  answered {:>5}  scheduler {:>4.0} ms CPU ({:>3.0} % busy, {:>6.0} decisions per CPU-s)  load generator {:>3.0} % busy  p99 scheduler {:?}  p99 round trip {:.2?}  {}",
+            "  run {k}, {who}: {:>6.0}/s  answered {:>5}  server {:>4.0} ms CPU ({:>3.0} % busy, {:>6.0} decisions per CPU-s)  load generator {:>3.0} % busy  p99 inside {inside}  p99 round trip {:.2?}  {}",
             self.rate(),
             self.answered,
             self.server_cpu.as_secs_f64() * 1e3,
             busy(self.server_cpu),
             self.decisions as f64 / self.server_cpu.as_secs_f64().max(1e-3),
             busy(self.client_cpu),
-            self.server_p99,
             self.p99,
             if self.met() { "met" } else { "MISSED" },
         );
     }
 }
 
-/// Runs the gRPC phase `LOAD_RUNS` times (default 3), each against a fresh scheduler: on a
-/// shared machine one run says little, the spread says more.
+/// Runs the gRPC phase `LOAD_RUNS` times (default 3), each against a fresh scheduler and, just
+/// before, against the transport-only stub: on a shared machine one run says little, the spread
+/// says more, and the stub shows how much of the cost is the scheduler's own.
 fn over_grpc_runs() {
     let runs: usize = std::env::var("LOAD_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     if runs == 0 {
@@ -174,24 +193,29 @@ fn over_grpc_runs() {
     );
     let mut all = Vec::new();
     for k in 1..=runs {
-        let run = over_grpc();
-        run.print(k);
-        all.push(run);
+        for serving in [Serving::TransportOnly, Serving::Scheduler] {
+            let run = over_grpc(serving);
+            run.print(k);
+            all.push(run);
+        }
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let met = all.iter().filter(|r| r.met()).count();
-    println!(
-        "  median: {:.0}/s, scheduler {:.0} ms CPU, p99 round trip {:.2} ms; goal met in {met} of {runs} runs",
-        median(all.iter().map(Run::rate).collect()),
-        median(all.iter().map(|r| r.server_cpu.as_secs_f64() * 1e3).collect()),
-        median(all.iter().map(|r| r.p99.as_secs_f64() * 1e3).collect()),
-    );
+    for (serving, who) in [(Serving::TransportOnly, "transport only"), (Serving::Scheduler, "scheduler")] {
+        let these: Vec<&Run> = all.iter().filter(|r| r.serving == serving).collect();
+        let met = these.iter().filter(|r| r.met()).count();
+        println!(
+            "  median, {who}: {:.0}/s, {:.0} ms CPU, p99 round trip {:.2} ms; goal met in {met} of {runs} runs",
+            median(these.iter().map(|r| r.rate()).collect()),
+            median(these.iter().map(|r| r.server_cpu.as_secs_f64() * 1e3).collect()),
+            median(these.iter().map(|r| r.p99.as_secs_f64() * 1e3).collect()),
+        );
+    }
 }
 
-fn over_grpc() -> Run {
+fn over_grpc(serving: Serving) -> Run {
     let n = peers();
     let offered = rate();
     // The scheduler on a single-threaded runtime of its own: one core.
@@ -202,9 +226,15 @@ fn over_grpc() -> Run {
         pin_to(0);
         rt.block_on(async move {
             let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let running = start(SchedulerConfig::default(), grpc, None).await.expect("start");
             let me = std::path::Path::new("/proc").join(std::fs::read_link("/proc/thread-self").unwrap_or_default());
-            let _ = addr_tx.send((running.grpc_addr, running.scheduler().clone(), me));
+            if serving == Serving::TransportOnly {
+                let addr = grpc.local_addr().expect("address");
+                let _ = addr_tx.send((addr, None, me));
+                serve_stub(grpc, stop_rx).await;
+                return;
+            }
+            let running = start(SchedulerConfig::default(), grpc, None).await.expect("start");
+            let _ = addr_tx.send((running.grpc_addr, Some(running.scheduler().clone()), me));
             let _ = stop_rx.await;
             running.shutdown().await;
         });
@@ -240,17 +270,37 @@ fn over_grpc() -> Run {
         (all.into_iter().flatten().collect::<Vec<_>>(), start.elapsed(), server_cpu, client_cpu)
     });
     let run = Run {
-        decisions: decisions(&sched),
+        serving,
+        // The stub keeps no count: every answer it sent is a decision.
+        decisions: sched.as_ref().map_or(latencies.len() as u64, decisions),
         answered: latencies.len(),
         elapsed,
         server_cpu,
         client_cpu,
-        server_p99: server_p99(&sched),
+        server_p99: sched.as_ref().map_or(Duration::ZERO, server_p99),
         p99: p99(latencies),
     };
     let _ = stop_tx.send(());
     server.join().expect("server thread");
     run
+}
+
+/// The stub on `listener`, served the way `damselfly_scheduler::start` serves the scheduler
+/// (no delay on small writes, the same keep-alive), until `stop`.
+async fn serve_stub(listener: TcpListener, stop: tokio::sync::oneshot::Receiver<()>) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(stub::server());
+    let _ = router
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop.await;
+        })
+        .await;
 }
 
 /// Pins the calling thread to `cpu` when the machine has it (the measurement is "one core").
