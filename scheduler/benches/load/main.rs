@@ -280,6 +280,9 @@ fn over_grpc(serving: Serving) -> Run {
         server_p99: sched.as_ref().map_or(Duration::ZERO, server_p99),
         p99: p99(latencies),
     };
+    // The client's connections close with its runtime; a server shutting down gracefully waits
+    // for them.
+    drop(rt);
     let _ = stop_tx.send(());
     server.join().expect("server thread");
     run
@@ -296,11 +299,18 @@ async fn serve_stub(listener: TcpListener, stop: tokio::sync::oneshot::Receiver<
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(stub::server());
-    let _ = router
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop.await;
-        })
-        .await;
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = router.serve_with_incoming_shutdown(incoming, async {
+        let _ = drain_rx.await;
+    });
+    tokio::pin!(serve);
+    tokio::select! {
+        _ = &mut serve => return,
+        _ = stop => {}
+    }
+    let _ = drain_tx.send(());
+    // Connections still open after the stop are not waited for long.
+    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
 }
 
 /// Pins the calling thread to `cpu` when the machine has it (the measurement is "one core").
@@ -314,6 +324,17 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The allocator settings the `damselfly` binary starts with (`mirror/src/main.rs`), so that
+/// the scheduler is measured as it runs there: freed memory is kept for reuse instead of going
+/// back to the kernel and being faulted in again.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }
 
@@ -392,6 +413,7 @@ fn in_process() {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is expected.
+    keep_freed_memory();
     in_process();
     over_grpc_runs();
 }
