@@ -360,10 +360,12 @@ async fn a_scheduler_inside_a_daemon_serves_mutual_tls_with_the_nodes_certificat
     let (cert, key) = ca.issue("tls-host", &["tls-host", "127.0.0.2"]);
     opts.config.cluster_ca = Some(ca.path(&ca.file));
     (opts.config.cluster_cert, opts.config.cluster_key) = (Some(cert), Some(key));
+    opts.config.scheduler_seed_name = Some("seed.damselfly.test".to_owned());
     let host = Mirror::start(opts).await.unwrap();
     let grpc = host.scheduler_addr.expect("in-process scheduler");
-    let node =
-        Mirror::start(tls_node(MirrorOpts::new(&origin.url()), 1, &format!("https://{grpc}"), &ca, &ca)).await.unwrap();
+    // It asks to be a seed, with a certificate that does not carry the seed name.
+    let node_opts = tls_node(MirrorOpts::new(&origin.url()), 1, &format!("https://{grpc}"), &ca, &ca).seed();
+    let node = Mirror::start(node_opts).await.unwrap();
     let plain_opts =
         MirrorOpts::new(&origin.url()).cluster(IpAddr::from([127, 0, 0, 4]), &[format!("http://{grpc}")], "plain");
     let plain = Mirror::start(plain_opts).await.unwrap();
@@ -374,6 +376,14 @@ async fn a_scheduler_inside_a_daemon_serves_mutual_tls_with_the_nodes_certificat
     assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
     assert_eq!(metric(&plain, "damselfly_download_bytes_total", &[("source", "peer")]).await, 0.0);
     assert!(metric(&plain, "damselfly_scheduler_errors_total", &[]).await > 0.0, "plain gRPC was refused");
+    // The scheduler inside the daemon binds seeds to certificates as a scheduler process does.
+    poll_until("the seed stream refused", Duration::from_secs(15), || async {
+        let refused = metric(&host, "damselfly_scheduler_seed_refusals_total", &[("call", "seed_tasks")]).await;
+        Ok((refused >= 1.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(&host, "damselfly_scheduler_seeds", &[]).await, 0.0);
     for n in [host, node, plain] {
         n.shutdown().await;
     }
