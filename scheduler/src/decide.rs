@@ -181,7 +181,7 @@ fn trigger_seed(
     seed: Id,
     now: Instant,
 ) {
-    let msg = SeedTask { digest: task.digest.to_string(), length: task.length, source: task.source.clone() };
+    let msg = SeedTask { digest: String::from(&*task.digest), length: task.length, source: task.source.clone() };
     if let Some((_, tx)) = hosts.get(&seed).and_then(|h| h.seed_stream.as_ref()) {
         if tx.try_send(msg).is_err() {
             // The trigger still times out, after which the origin rules apply.
@@ -202,7 +202,7 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
         let peer = &task.peers[pi];
         let Some(h) = hosts.of(peer.hix, &peer.host) else { continue };
         parents.push(Parent {
-            host_id: peer.host.to_string(),
+            host_id: String::from(&*peer.host),
             ip: h.ip.clone(),
             port: h.port,
             token: h.minter.mint(&task.digest, &child, expiry),

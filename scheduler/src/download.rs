@@ -232,7 +232,7 @@ impl State {
                 children.sort_unstable();
                 children = vec![children[p.number as usize % children.len()]];
             }
-            let msg = Kind::PieceAvailable(PieceAvailable { host_id: host.to_string(), pieces: vec![p.number] });
+            let msg = Kind::PieceAvailable(PieceAvailable { host_id: String::from(&**host), pieces: vec![p.number] });
             for c in children {
                 task.peers[c].push(msg.clone());
             }

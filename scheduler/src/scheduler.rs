@@ -123,7 +123,7 @@ impl Scheduler {
         let Some(task) = st.tasks.get(req.digest.as_str()) else { return Ok(proto::StatTaskResponse::default()) };
         let count = task.piece_count();
         let peers = task.peers.iter().map(|p| proto::PeerStat {
-            host_id: p.host.to_string(),
+            host_id: String::from(&*p.host),
             pieces: p.held_count(count),
             finished: p.state == PeerState::Finished,
         });
