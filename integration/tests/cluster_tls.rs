@@ -264,6 +264,7 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
 
     let seed_opts = tls_node_named(opts(), 2, &url, &ca, &ca, &[SEED_NAME]).seed();
     let seed_id = seed_opts.config.host_id.clone().unwrap();
+    let seed_opts_id = seed_id.clone();
     let seed = Mirror::start(seed_opts).await.unwrap();
     wait_for_metric(&scheduler, "damselfly_scheduler_seeds", &[], 1.0).await;
     // Host ids are not in certificates: the impostor names the seed's, and is refused, so it
@@ -282,7 +283,21 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     assert_eq!(origin_bytes(&seed).await, size as f64, "the seed with the name fetched with the client's token");
     assert_eq!(origin_bytes(&impostor).await, 0.0);
     assert_eq!(metric(&node, "damselfly_download_bytes_total", &[("source", "peer")]).await, size as f64);
-    for n in [impostor, node, seed] {
+
+    // A whole node started under the seed's host id without the name: the scheduler refuses
+    // it, and its pulls still work, from the origin.
+    let mut twin = tls_node(opts(), 3, &url, &ca, &ca);
+    twin.config.host_id = Some(seed_opts_id.clone());
+    let twin = Mirror::start(twin).await.unwrap();
+    let third = origin.push_blob("test/twin", random_bytes(size as usize)).await.unwrap();
+    let url_twin = twin.blob_url_ns("test/twin", &third, &origin.host());
+    fetch(http_client().get(url_twin), false).await.unwrap().assert_blob(&third, size);
+    assert_eq!(metric(&twin, "damselfly_download_bytes_total", &[("source", "origin")]).await, size as f64);
+    assert!(
+        scheduler_metric(&scheduler, "damselfly_scheduler_seed_refusals_total", &[("call", "download")]).await >= 1.0
+    );
+    assert_eq!(scheduler_metric(&scheduler, "damselfly_scheduler_seeds", &[]).await, 1.0, "the seed kept its stream");
+    for n in [impostor, node, seed, twin] {
         n.shutdown().await;
     }
     scheduler.shutdown().await;

@@ -44,8 +44,8 @@ const MAX_ANNOUNCED: usize = 5_000;
 /// How long a task's download stream stays open after its last fetch ended, so that piece
 /// digests still being computed reach the scheduler.
 const LINGER: Duration = Duration::from_secs(5);
-/// A scheduler that refused this host the seed role is asked again this often (a certificate
-/// may be renewed into one that carries the role).
+/// A scheduler that refused this host (the seed role, or acting for its host id) is asked
+/// again this often: a certificate may be renewed into one that carries the role.
 const SEED_REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +268,7 @@ impl Node {
 
     /// Announces the host and every verified task to scheduler `i`. Returns the interval the
     /// scheduler asked for.
-    async fn announce(&self, i: usize) -> Option<Duration> {
+    async fn announce(&self, i: usize) -> Result<Duration, tonic::Status> {
         // Reads metadata files of tasks not in memory: off the runtime threads.
         let store = self.store.clone();
         let metas = tokio::task::spawn_blocking(move || store.verified_tasks(MAX_ANNOUNCED)).await.unwrap_or_default();
@@ -289,13 +289,13 @@ impl Node {
         self.runtime.spawn(async move {
             for i in 0..node.schedulers.len() {
                 if streaming_to.as_deref() != Some(node.schedulers.url(i)) {
-                    node.announce_tasks(i, vec![info.clone()]).await;
+                    let _ = node.announce_tasks(i, vec![info.clone()]).await;
                 }
             }
         });
     }
 
-    async fn announce_tasks(&self, i: usize, tasks: Vec<proto::TaskInfo>) -> Option<Duration> {
+    async fn announce_tasks(&self, i: usize, tasks: Vec<proto::TaskInfo>) -> Result<Duration, tonic::Status> {
         let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks };
         match self.schedulers.announce(i, req).await {
             Ok(resp) => {
@@ -305,11 +305,11 @@ impl Node {
                         keys.push(key);
                     }
                 }
-                Some(Duration::from_secs(resp.announce_interval_secs.clamp(1, 3600).into()))
+                Ok(Duration::from_secs(resp.announce_interval_secs.clamp(1, 3600).into()))
             }
             Err(s) => {
                 self.schedulers.failed(i, &s);
-                None
+                Err(s)
             }
         }
     }
@@ -318,11 +318,17 @@ impl Node {
         let mut backoff = Duration::from_millis(500);
         loop {
             let wait = match self.announce(i).await {
-                Some(interval) => {
+                Ok(interval) => {
                     backoff = Duration::from_millis(500);
                     interval
                 }
-                None => {
+                // A refusal (this node's certificate may not act for its host id) does not
+                // pass by itself: say so where an operator looks, and do not ask in a loop.
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), "announcement refused");
+                    SEED_REFUSED_RETRY
+                }
+                Err(_) => {
                     tracing::debug!(scheduler = %self.schedulers.url(i), "announce failed; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     backoff
@@ -431,7 +437,7 @@ impl Node {
             .open_download(&key, first, |i| {
                 let node = self.clone();
                 async move {
-                    node.announce(i).await;
+                    let _ = node.announce(i).await;
                 }
             })
             .await;
