@@ -776,12 +776,6 @@ def main():
                         failed.append(f"damselfly cached copy after the cold GET run {i + 1}: {v.describe()}")
                 m.stop()
 
-            def cold_damselfly(i):
-                cold_through(i, "damselfly", True)
-
-            def cold_plain(i):
-                cold_through(i, "plain", False)
-
             def cold_direct(i):
                 # direct verifying fetch from the origin
                 settle()
@@ -807,7 +801,9 @@ def main():
                 p.stop()
                 shutil.rmtree(p.dir, ignore_errors=True)
 
-            steps = {"plain": cold_plain, "damselfly": cold_damselfly, "direct": cold_direct, "proxy": cold_proxy}
+            steps = {"plain": lambda i: cold_through(i, "plain", False),
+                     "damselfly": lambda i: cold_through(i, "damselfly", True),
+                     "direct": cold_direct, "proxy": cold_proxy}
             for i in range(args.runs):
                 # Rotate who goes first, so that no contender always meets the machine in the same
                 # state; the reference proxy always goes last.

@@ -109,16 +109,7 @@ fn tls_node_named(opts: MirrorOpts, i: u8, url: &str, ca: &Ca, issuer: &Ca, more
 }
 
 async fn wait_for_hosts(scheduler: &Running, hosts: f64) {
-    let url = format!("http://{}/metrics", scheduler.http_addr.unwrap());
-    poll_until("hosts announced", Duration::from_secs(15), || {
-        let url = url.clone();
-        async move {
-            let m = Metrics::scrape(&url).await?;
-            Ok((m.sum("damselfly_scheduler_hosts", &[]) >= hosts).then_some(()))
-        }
-    })
-    .await
-    .unwrap();
+    wait_for_metric(scheduler, "damselfly_scheduler_hosts", &[], hosts).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +255,6 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
 
     let seed_opts = tls_node_named(opts(), 2, &url, &ca, &ca, &[SEED_NAME]).seed();
     let seed_id = seed_opts.config.host_id.clone().unwrap();
-    let seed_opts_id = seed_id.clone();
     let seed = Mirror::start(seed_opts).await.unwrap();
     wait_for_metric(&scheduler, "damselfly_scheduler_seeds", &[], 1.0).await;
     // Host ids are not in certificates: the impostor names the seed's, and is refused, so it
@@ -275,7 +265,7 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     assert_eq!(announce.unwrap_err().code(), tonic::Code::PermissionDenied);
     let withdraw = proto::WithdrawTaskRequest { host_id: seed_id.clone(), digest: first.clone() };
     assert_eq!(as_impostor.withdraw_task(withdraw).await.unwrap_err().code(), tonic::Code::PermissionDenied);
-    let leave = as_impostor.leave_host(proto::LeaveHostRequest { host_id: seed_id }).await;
+    let leave = as_impostor.leave_host(proto::LeaveHostRequest { host_id: seed_id.clone() }).await;
     assert_eq!(leave.unwrap_err().code(), tonic::Code::PermissionDenied);
     assert_eq!(scheduler_metric(&scheduler, "damselfly_scheduler_seeds", &[]).await, 1.0);
 
@@ -287,7 +277,7 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     // A whole node started under the seed's host id without the name: the scheduler refuses
     // it, and its pulls still work, from the origin.
     let mut twin = tls_node(opts(), 3, &url, &ca, &ca);
-    twin.config.host_id = Some(seed_opts_id.clone());
+    twin.config.host_id = Some(seed_id);
     let twin = Mirror::start(twin).await.unwrap();
     let third = origin.push_blob("test/twin", random_bytes(size as usize)).await.unwrap();
     let url_twin = twin.blob_url_ns("test/twin", &third, &origin.host());

@@ -34,8 +34,16 @@ impl SchedulerService {
     }
 
     fn may_seed<T>(&self, req: &Request<T>) -> bool {
-        let certs = req.peer_certs();
-        self.seed_name.as_ref().is_none_or(|name| name.admits(certs.as_deref().map(Vec::as_slice)))
+        // Every download asks: without a seed name, leave the request's certificates alone.
+        let Some(name) = &self.seed_name else { return true };
+        name.admits(req.peer_certs().as_deref().map(Vec::as_slice))
+    }
+
+    /// Counts a call refused for want of a seed certificate, and says why to the caller.
+    fn refuse(&self, call: &'static str, what: &str) -> Status {
+        self.core.metrics().seed_refused(call);
+        let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
+        Status::permission_denied(format!("{what} a client certificate valid for {name}"))
     }
 
     /// Refuses a call made for seed host `host_id` over a connection without a seed certificate.
@@ -47,9 +55,7 @@ impl SchedulerService {
         if may_seed || !self.core.is_seed(host_id) {
             return Ok(());
         }
-        self.core.metrics().seed_refused(call);
-        let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
-        Err(Status::permission_denied(format!("{host_id} is a seed: only a certificate valid for {name} acts for it")))
+        Err(self.refuse(call, &format!("{host_id} is a seed: acting for it needs")))
     }
 }
 
@@ -123,9 +129,7 @@ impl scheduler_server::Scheduler for SchedulerService {
         req: Request<proto::SeedTasksRequest>,
     ) -> Result<Response<Self::SeedTasksStream>, Status> {
         if !self.may_seed(&req) {
-            self.core.metrics().seed_refused("seed_tasks");
-            let name = self.seed_name.as_ref().map(ToString::to_string).unwrap_or_default();
-            return Err(Status::permission_denied(format!("a seed needs a client certificate valid for {name}")));
+            return Err(self.refuse("seed_tasks", "a seed needs"));
         }
         let sub = self.core.seed_tasks(req.get_ref())?;
         Ok(Response::new(Box::pin(sub.map(Ok))))

@@ -46,7 +46,7 @@ const MAX_ANNOUNCED: usize = 5_000;
 const LINGER: Duration = Duration::from_secs(5);
 /// A scheduler that refused this host (the seed role, or acting for its host id) is asked
 /// again this often: a certificate may be renewed into one that carries the role.
-const SEED_REFUSED_RETRY: Duration = Duration::from_secs(60);
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -326,7 +326,7 @@ impl Node {
                 // pass by itself: say so where an operator looks, and do not ask in a loop.
                 Err(s) if s.code() == tonic::Code::PermissionDenied => {
                     tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), "announcement refused");
-                    SEED_REFUSED_RETRY
+                    REFUSED_RETRY
                 }
                 Err(_) => {
                     tracing::debug!(scheduler = %self.schedulers.url(i), "announce failed; retrying");
@@ -368,7 +368,7 @@ impl Node {
                     // would only repeat the refusal.
                     Err(s) if s.code() == tonic::Code::PermissionDenied => {
                         tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), "not taken as a seed");
-                        wait = SEED_REFUSED_RETRY;
+                        wait = REFUSED_RETRY;
                     }
                     Err(_) => {}
                 }
