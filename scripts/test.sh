@@ -13,9 +13,19 @@
 #                                       starts real registries, containerd and 100 MiB transfers, and
 #                                       several at once on 2 cores only makes timing-sensitive paths flaky)
 #   DAMSELFLY_FUZZ_SECONDS              seconds each fuzz target runs (default 3; 0 only builds them)
+#   CARGO_INCREMENTAL                   default 0 here: a one-shot run gains nothing from
+#                                       incremental caches, which cost several GB of disk
 #   extra arguments are passed to both `cargo test` runs before `--` (e.g. `--release`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+
+# Free space and the build's size, before and after: a full disk shows up as linker crashes
+# (ld "Bus error") far from its cause.
+disk_report() {
+  echo "==> disk ($1): $(df -h --output=avail . | tail -n1 | tr -d ' ') free; target/ $(du -sh target 2>/dev/null | cut -f1)"
+}
+disk_report start
 
 scripts/install-test-deps.sh
 
@@ -40,6 +50,7 @@ cargo bench -p damselfly-p2p -p damselfly-scheduler --no-run --locked || status=
 echo "==> fuzz targets"
 scripts/fuzz.sh "${DAMSELFLY_FUZZ_SECONDS:-3}" || status=1
 
+disk_report end
 if ((status != 0)); then
   echo "==> TESTS FAILED" >&2
   exit "$status"
