@@ -31,6 +31,20 @@ const EWMA_ALPHA: f64 = 0.3;
 /// Responses queued for a download before it counts as not reading (see `Peer::push`).
 pub(crate) const QUEUE: usize = 1024;
 
+/// A blob digest as nodes key blobs: `sha256:` and 64 lower-case hex digits, or `sha512:` and
+/// 128. Anything else names no blob a node could hold.
+pub(crate) fn check_digest(s: &str) -> Result<(), SchedulerError> {
+    let hex = match s.split_once(':') {
+        Some(("sha256", hex)) if hex.len() == 64 => hex,
+        Some(("sha512", hex)) if hex.len() == 128 => hex,
+        _ => return Err(SchedulerError::invalid("digest is not sha256:<64 hex> or sha512:<128 hex>")),
+    };
+    if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(SchedulerError::invalid("digest is not lower-case hex"));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_id(what: &str, s: &str) -> Result<(), SchedulerError> {
     if s.is_empty() {
         return Err(SchedulerError::invalid(format!("{what} is empty")));
@@ -99,7 +113,7 @@ impl State {
             return Err(SchedulerError::ShuttingDown);
         }
         check_id("host id", &reg.host_id)?;
-        check_id("digest", &reg.digest)?;
+        check_digest(&reg.digest)?;
         let (host, hix) = self
             .hosts
             .ix(&reg.host_id)
@@ -149,6 +163,9 @@ impl State {
         task.release_slot(i);
         task.set_state(i, PeerState::Idle);
         task.peers[i].pieces = PieceSet::default();
+        // Blocks belong to one download: a parent that stalled an earlier one may serve this
+        // one well, and one that serves bad data is blocked again at its first bad piece.
+        task.peers[i].blocked.clear();
         for &n in &reg.pieces {
             task.mark_piece(i, n);
         }
@@ -198,7 +215,12 @@ impl State {
         let State { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return Ok(()) };
         let Some(i) = task.idx(host) else { return Ok(()) };
-        if p.number >= task.piece_count().unwrap_or(MAX_PIECES) {
+        // Nodes register with the length and piece size they know; without them a piece
+        // number has no range to be checked against.
+        let Some(count) = task.piece_count() else {
+            return Err(SchedulerError::precondition("piece reported before the task's length and piece size"));
+        };
+        if p.number >= count {
             return Err(SchedulerError::invalid(format!("piece {} out of range", p.number)));
         }
         let sha = match p.sha256.as_str() {
@@ -246,8 +268,15 @@ impl State {
             return Ok(());
         }
         check_id("parent id", &p.parent_id)?;
+        // Only a parent this download was given can have served it anything: a report about
+        // any other host is a stranger's word and counts against nobody but the reporter.
+        let was_parent = self
+            .tasks
+            .get(digest)
+            .and_then(|t| t.idx(host).map(|i| t.peers[i].parents.iter().any(|q| **q == *p.parent_id)))
+            .unwrap_or(false);
         self.block(digest, host, &p.parent_id);
-        if p.corrupt {
+        if p.corrupt && was_parent {
             self.report_corrupt(env, &p.parent_id, host);
         }
         self.decide(env, digest, host, false);
@@ -300,12 +329,11 @@ impl State {
         self.peers -= 1;
         self.reschedule_all(env, digest, &children);
         self.settle(env, digest);
-        // A task nobody holds and nothing is known about has nothing to remember.
-        let empty = self
-            .tasks
-            .get(digest)
-            .is_some_and(|t| t.peers.is_empty() && t.quarantined.is_none() && t.digests.iter().all(Option::is_none));
-        if empty {
+        // A task nobody holds is forgotten, pinned digests and quarantine included: state is
+        // soft, the next origin fetch pins the list again, and pieces are verified against it
+        // and blobs against their digest whatever was pinned before. Keeping them would let
+        // every digest ever reported (or made up) hold memory for the life of the process.
+        if self.tasks.get(digest).is_some_and(|t| t.peers.is_empty()) {
             self.tasks.remove(digest);
         }
     }

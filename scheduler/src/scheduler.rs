@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::config::SchedulerConfig;
 use crate::decide::{parse_sha, pin_all, Env, SEED_WAIT};
-use crate::download::{channel, check_id, DownloadHandle, MAX_PIECES};
+use crate::download::{channel, check_digest, check_id, DownloadHandle, MAX_PIECES};
 use crate::error::SchedulerError;
 use crate::hosts::{Host, HostIx};
 use crate::metrics::Metrics;
@@ -349,7 +349,7 @@ fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_
 }
 
 fn parse_task(t: &TaskInfo) -> Result<(&TaskInfo, Vec<Sha>), SchedulerError> {
-    check_id("digest", &t.digest)?;
+    check_digest(&t.digest)?;
     if t.piece_sha256.len() > MAX_PIECES as usize {
         return Err(SchedulerError::invalid(format!("more than {MAX_PIECES} piece digests")));
     }

@@ -2,6 +2,7 @@
 
 mod lifecycle;
 mod pipelining;
+mod regressions;
 mod rules;
 
 use tokio::sync::mpsc;

@@ -1,0 +1,87 @@
+//! Regression tests named after the bugs they caught: state kept after everyone left, and
+//! reports that reached further than the reporter's own download.
+
+use super::*;
+use crate::SchedulerError;
+
+fn leave(s: &Scheduler, id: &str) {
+    s.leave_host(&proto::LeaveHostRequest { host_id: id.into() }).expect("leave");
+}
+
+#[test]
+fn a_task_with_pinned_digests_was_kept_after_every_peer_left() {
+    let s = sched(|_| {});
+    let mut a = Dl::open(&s, host("a"));
+    a.piece(0, "", &sha(1));
+    drop(a);
+    leave(&s, "a");
+    assert!(!stat(&s).known);
+    let text = s.metrics().encode().expect("metrics");
+    assert!(text.contains("damselfly_scheduler_tasks 0"), "{text}");
+}
+
+#[test]
+fn a_wrong_length_pinned_once_refused_every_later_registration() {
+    let s = sched(|_| {});
+    announce(&s, host("x"), vec![]);
+    let mut bad = Dl::register(&s, Register { length: u64::from(N) * PS + 1, ..reg("x") });
+    bad.piece(0, "", &sha(9));
+    // While the peer that brought it holds the task, another length is refused ...
+    announce(&s, host("c"), vec![]);
+    assert!(matches!(s.download(reg("c")).err(), Some(SchedulerError::InvalidArgument(_))));
+    // ... but not after it left.
+    drop(bad);
+    leave(&s, "x");
+    assert!(s.download(reg("c")).is_ok());
+}
+
+#[test]
+fn a_made_up_digest_or_a_piece_of_an_unknown_count_was_taken() {
+    let s = sched(|_| {});
+    announce(&s, host("x"), vec![]);
+    for digest in ["not-a-digest", "sha256:abc", &format!("sha256:{}", "A".repeat(64))] {
+        let r = s.download(Register { digest: digest.into(), ..reg("x") });
+        assert!(matches!(r.err(), Some(SchedulerError::InvalidArgument(_))), "{digest}");
+    }
+    let info = TaskInfo { digest: "garbage".into(), ..Default::default() };
+    assert!(s.announce_host(proto::AnnounceHostRequest { host: Some(host("x")), tasks: vec![info] }).is_err());
+    // No length: a piece number has nothing to be checked against and would size the list.
+    let mut dl = Dl::register(&s, Register { length: 0, piece_size: 0, ..reg("x") });
+    let far = proto::PieceFinished { number: 99_999, sha256: sha(7), ..Default::default() };
+    let e = dl.h.send(DownloadRequest { kind: Some(Req::PieceFinished(far)) });
+    assert!(matches!(e, Err(SchedulerError::FailedPrecondition(_))), "{e:?}");
+    assert!(s.lock().tasks.values().all(|t| t.digests.is_empty()));
+    let sha512 = format!("sha512:{}", "0".repeat(128));
+    assert!(s.download(Register { digest: sha512, ..reg("x") }).is_ok());
+}
+
+#[test]
+fn corrupt_reports_about_a_host_that_was_not_the_reporters_parent_blocked_it_for_everyone() {
+    let s = sched(|_| {});
+    holder(&s, host("p"));
+    let other = "sha256:00000000000000000000000000000000000000000000000000000000000000bb";
+    let mut strangers = Vec::new();
+    for x in ["x1", "x2"] {
+        announce(&s, host(x), vec![]);
+        let mut dl = Dl::register(&s, Register { digest: other.into(), ..reg(x) });
+        dl.failed_piece(0, "p", true);
+        strangers.push(dl);
+    }
+    let mut c = Dl::open(&s, host("c"));
+    assert_eq!(parent_ids(&c.take()), ["p"]);
+}
+
+#[test]
+fn a_stalled_parent_stayed_blocked_for_the_next_download_of_the_same_host() {
+    let s = sched(|_| {});
+    holder(&s, host("p"));
+    let mut c = Dl::open(&s, host("c"));
+    assert_eq!(parent_ids(&c.take()), ["p"]);
+    c.send(Req::Reschedule(proto::Reschedule { stalled: vec!["p".into()] }));
+    assert_eq!(last(&c.take()), "back_to_source");
+    c.piece(0, "", &sha(0));
+    drop(c);
+    let mut again = Dl::register(&s, reg("c"));
+    let msgs = again.take();
+    assert_eq!(parent_ids(&msgs), ["p"], "the new download was told {}", last(&msgs));
+}
