@@ -363,8 +363,13 @@ impl Task {
     }
 
     /// The pieces of `run` still claimed by fetch `id` (not yet present).
+    /// Nothing once the task failed: its claims stay until the fetch ends, and a fetch that
+    /// kept taking them from parents or the origin would write to a file nobody will read.
     pub(crate) fn claimed(&self, id: u64, run: Range<usize>) -> Vec<usize> {
         let st = self.lock();
+        if st.failed.is_some() {
+            return Vec::new();
+        }
         run.filter(|&i| matches!(st.pieces[i], Piece::Fetching(f) if f == id)).collect()
     }
 

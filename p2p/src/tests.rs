@@ -476,3 +476,17 @@ async fn a_reader_waiting_for_the_fetch_is_not_slowed_by_a_slower_one() {
     assert!(took < std::time::Duration::from_millis(1500), "the fast reader took {took:?}");
     assert_eq!(slow.await.unwrap(), data.len());
 }
+
+#[test]
+fn a_swarm_fetch_kept_taking_pieces_for_a_task_abandoned_after_a_write_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, digest) = blob(12 * MIB);
+    let task = store.get_or_create(&digest, data.len() as u64, None).unwrap();
+    let Ok(crate::task::Step::Fetch { pieces, id }) = task.task().step(0, data.len() as u64, true, None) else {
+        panic!("a cold task starts a fetch")
+    };
+    assert_eq!(task.task().claimed(id, pieces.clone()), vec![0, 1, 2]);
+    task.task().abandon("write failed");
+    assert!(task.task().claimed(id, pieces).is_empty());
+}
