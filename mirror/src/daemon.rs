@@ -98,6 +98,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
             })
             .collect(),
         connect_timeout: Duration::from_secs(5),
+        read_timeout: crate::upstream::READ_TIMEOUT,
     })?;
     let app = Arc::new(App {
         upstream,

@@ -40,6 +40,10 @@ pub struct TaskMeta {
     /// when that was last confirmed (seconds since the Unix epoch).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub public_in: BTreeMap<String, u64>,
+    /// The registry whose bytes fill this content while it is not verified (see
+    /// `Task::bytes_from`). Absent in metadata written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplier: Option<String>,
 }
 
 pub const META_VERSION: u32 = 1;
@@ -94,6 +98,7 @@ mod tests {
             last_access: 1,
             media_type: None,
             public_in: BTreeMap::new(),
+            supplier: Some("registry.example".into()),
         }
     }
 

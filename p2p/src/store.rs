@@ -289,6 +289,7 @@ impl Inner {
             last_access: now_secs(),
             media_type: media_type.map(str::to_owned),
             public_in: Default::default(),
+            supplier: None,
         };
         meta.store(&meta_path)?;
         Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))

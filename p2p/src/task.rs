@@ -45,6 +45,7 @@ pub(crate) struct State {
     pub(crate) verified: bool,
     pub(crate) media_type: Option<String>,
     pub(crate) public_in: BTreeMap<String, u64>,
+    pub(crate) supplier: Option<String>,
     /// Contiguous write position of each running fetch.
     pub(crate) fetch_pos: HashMap<u64, u64>,
     /// Fetches that gave up, so that readers waiting on them fail instead of retrying forever.
@@ -133,6 +134,7 @@ impl Task {
             verified: meta.verified,
             media_type: meta.media_type,
             public_in: meta.public_in,
+            supplier: meta.supplier,
             fetch_pos: HashMap::new(),
             failed_fetches: HashMap::new(),
             next_fetch: 1,
@@ -183,6 +185,26 @@ impl Task {
 
     pub fn is_verified(&self) -> bool {
         self.lock().verified
+    }
+
+    /// Whether a request whose bytes would come from `registry` may read this task. A range
+    /// cannot be checked against the blob's digest, so until the whole content is verified its
+    /// pieces must all come from one registry: the first to read it claims it. Otherwise one
+    /// registry could answer for a digest with other bytes and have them served to the
+    /// clients of another. Verified content is the digest's, whoever supplied it.
+    pub fn bytes_from(&self, registry: &str) -> bool {
+        let mut st = self.lock();
+        if st.verified {
+            return true;
+        }
+        match &st.supplier {
+            Some(s) => s == registry,
+            None => {
+                st.supplier = Some(registry.to_owned());
+                st.dirty = true;
+                true
+            }
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -492,8 +514,8 @@ impl Task {
 
     /// Drops the task from the store and fails its readers, freeing its disk space: after a
     /// write error (a full disk), so that the client's retry streams through uncached instead
-    /// of meeting the same error.
-    pub(crate) fn abandon(&self, why: &str) {
+    /// of meeting the same error, or when what the origin said of it proved wrong.
+    pub fn abandon(&self, why: &str) {
         self.lock().failed = Some(why.to_owned());
         if let Some(store) = self.store.upgrade() {
             store.remove_task(&self.digest, self);
@@ -520,6 +542,7 @@ impl Task {
             last_access: st.last_access,
             media_type: st.media_type.clone(),
             public_in: st.public_in.clone(),
+            supplier: st.supplier.clone(),
         }
     }
 

@@ -32,17 +32,24 @@ pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &He
         }
         // A HEAD of an uncached blob asks the origin and reserves nothing: clients that only
         // check for existence must not evict what others are using.
-        Ok(None) if *method == Method::HEAD => return pass_through_unknown(app, target, method).await,
+        Ok(None) if *method == Method::HEAD => return pass_through_unknown(app, target, method, range).await,
         Ok(None) => match cold(&app, &target).await {
             Ok(Cold::Cached(task)) => task,
-            Ok(Cold::PassThrough(len)) => return pass_through(app, target, method, len).await,
+            Ok(Cold::PassThrough(len)) => return pass_through(app, target, method, len, range).await,
             Err(resp) => return resp,
         },
         Err(e) => {
             tracing::error!(error = %e, "piece store failed");
-            return pass_through_unknown(app, target, method).await;
+            return pass_through_unknown(app, target, method, range).await;
         }
     };
+    if !task.bytes_from(&target.registry.host) {
+        // Unverified bytes another registry supplied: this client gets its own registry's.
+        tracing::debug!(digest = %target.digest, registry = %target.registry.host, "cached bytes are another registry's and unverified; passing through");
+        let len = task.len();
+        drop(task);
+        return pass_through(app, target, method, len, range).await;
+    }
     serve(app, target, task, method, range)
 }
 
@@ -55,6 +62,10 @@ enum Cold {
 /// requester may read it) and make room for it.
 async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
     let (len, credential) = head_len(app, target).await?;
+    if len == 0 && !is_empty_digest(&target.digest) {
+        // Caching it would answer every later request for the digest with this error.
+        return Err(bad_gateway("origin says a non-empty digest has zero length"));
+    }
     match app.store.get_or_create(&target.digest, len, None) {
         Ok(task) => {
             remember(app, target, &task, credential);
@@ -89,6 +100,9 @@ async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), R
 fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: Option<RangeSpec>) -> Response<Body> {
     let len = task.len();
     if len == 0 {
+        if !is_empty_digest(&target.digest) {
+            task.abandon("zero length for a non-empty digest");
+        }
         return zero_length(&target, method);
     }
     let source = Arc::new(UpstreamBlob::blob(app.clone(), target.clone()));
@@ -96,15 +110,7 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
         None => (StatusCode::OK, 0..len),
         Some(spec) => match spec.resolve(len) {
             Some(r) => (StatusCode::PARTIAL_CONTENT, r),
-            None => {
-                let mut resp = oci_error(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    crate::oci::ErrorCode::RangeInvalid,
-                    "range not satisfiable",
-                );
-                insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &unsatisfied_content_range(len));
-                return resp;
-            }
+            None => return unsatisfiable(len),
         },
     };
     let body = if *method == Method::HEAD {
@@ -113,7 +119,9 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
         if status == StatusCode::PARTIAL_CONTENT && app.background_fill {
             fill_in_background(task.clone(), source.clone());
         }
-        stream(damselfly_p2p::read(task, span.clone(), status == StatusCode::OK, source))
+        // `bytes=0-` (how containerd opens a blob) is the whole content too: its last byte
+        // waits for the digest like a plain GET's.
+        stream(damselfly_p2p::read(task, span.clone(), span == (0..len), source))
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -138,9 +146,12 @@ fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
+fn is_empty_digest(digest: &damselfly_p2p::Digest) -> bool {
+    *digest == damselfly_p2p::Digest::of(digest.algorithm(), b"")
+}
+
 fn zero_length(target: &Target, method: &Method) -> Response<Body> {
-    let empty_digest = damselfly_p2p::Digest::of(target.digest.algorithm(), b"");
-    if target.digest != empty_digest {
+    if !is_empty_digest(&target.digest) {
         return bad_gateway("origin says a non-empty digest has zero length");
     }
     let _ = method;
@@ -154,12 +165,32 @@ fn fill_in_background(task: TaskRef, source: Arc<UpstreamBlob>) {
     tokio::spawn(damselfly_p2p::reader::fill(task, source));
 }
 
-/// Streams straight from the origin, verified, when the blob cannot be cached.
-async fn pass_through(app: Arc<App>, target: Target, method: &Method, len: u64) -> Response<Body> {
-    if *method == Method::HEAD || len == 0 {
+/// Streams straight from the origin when the blob cannot be cached (or the cache holds another
+/// registry's unverified bytes): a whole blob verified, a range as the origin sends it, which
+/// is what the client would get from the origin itself.
+async fn pass_through(
+    app: Arc<App>,
+    target: Target,
+    method: &Method,
+    len: u64,
+    range: Option<RangeSpec>,
+) -> Response<Body> {
+    if len == 0 {
+        return zero_length(&target, method);
+    }
+    let span = match range.map(|spec| spec.resolve(len)) {
+        None => None,
+        Some(Some(span)) if span == (0..len) => None,
+        Some(Some(span)) => Some(span),
+        Some(None) => return unsatisfiable(len),
+    };
+    if *method == Method::HEAD {
         let mut resp = Response::new(empty());
         blob_headers(resp.headers_mut(), &target, len);
         return resp;
+    }
+    if let Some(span) = span {
+        return pass_through_range(app, target, span, len).await;
     }
     let source = UpstreamBlob::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
@@ -174,9 +205,38 @@ async fn pass_through(app: Arc<App>, target: Target, method: &Method, len: u64) 
     }
 }
 
-async fn pass_through_unknown(app: Arc<App>, target: Target, method: &Method) -> Response<Body> {
+async fn pass_through_range(app: Arc<App>, target: Target, span: std::ops::Range<u64>, len: u64) -> Response<Body> {
+    let source = UpstreamBlob::blob(app.clone(), target.clone());
+    use damselfly_p2p::Source as _;
+    match source.fetch(Some(span.clone())).await {
+        Ok(r) if r.range_honoured => {
+            let mut resp = Response::new(stream(r.body));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            blob_headers(resp.headers_mut(), &target, span.end - span.start);
+            insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &content_range(&span, len));
+            resp
+        }
+        // Skipping to the range through the whole blob is the origin's job, not a pass-through's.
+        Ok(_) => bad_gateway("origin ignored the Range of a blob that cannot be cached"),
+        Err(e) => bad_gateway(&e.message),
+    }
+}
+
+fn unsatisfiable(len: u64) -> Response<Body> {
+    let mut resp =
+        oci_error(StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid, "range not satisfiable");
+    insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &unsatisfied_content_range(len));
+    resp
+}
+
+async fn pass_through_unknown(
+    app: Arc<App>,
+    target: Target,
+    method: &Method,
+    range: Option<RangeSpec>,
+) -> Response<Body> {
     match head_len(&app, &target).await {
-        Ok((len, _)) => pass_through(app, target, method, len).await,
+        Ok((len, _)) => pass_through(app, target, method, len, range).await,
         Err(resp) => resp,
     }
 }

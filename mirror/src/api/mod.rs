@@ -4,6 +4,8 @@
 //! response in `response`.
 
 mod access;
+#[cfg(test)]
+mod blob_tests;
 mod blobs;
 mod manifests;
 pub mod metrics;

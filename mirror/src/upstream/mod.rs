@@ -84,7 +84,14 @@ pub struct UpstreamConfig {
     pub insecure_registries: Vec<String>,
     pub credentials: Vec<RegistryCredential>,
     pub connect_timeout: Duration,
+    /// Longest wait for any read from an upstream connection (response heads and bodies):
+    /// an origin that accepts and then says nothing must not hang a pull. Blob fetches have
+    /// their own, shorter stall timer; this bounds everything else (HEADs, manifests, tokens,
+    /// pass-through bodies).
+    pub read_timeout: Duration,
 }
+
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
@@ -93,6 +100,7 @@ impl Default for UpstreamConfig {
             insecure_registries: Vec::new(),
             credentials: Vec::new(),
             connect_timeout: Duration::from_secs(5),
+            read_timeout: READ_TIMEOUT,
         }
     }
 }
@@ -165,8 +173,8 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamError> {
-        if cfg.connect_timeout.is_zero() {
-            return Err(UpstreamError::Config("connect timeout must be positive".into()));
+        if cfg.connect_timeout.is_zero() || cfg.read_timeout.is_zero() {
+            return Err(UpstreamError::Config("connect and read timeouts must be positive".into()));
         }
         let insecure = InsecureSet::new(&cfg.insecure_registries)?;
         let default = select::endpoint_from_default(&cfg.default_registry, &insecure)
@@ -189,7 +197,7 @@ impl Upstream {
             insecure,
             default,
             credentials,
-            transport: Transport::new(cfg.connect_timeout)?,
+            transport: Transport::new(cfg.connect_timeout, cfg.read_timeout)?,
             auth: auth::Authenticator::default(),
         })
     }

@@ -120,11 +120,12 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(connect_timeout: Duration) -> Result<Self, UpstreamError> {
+    pub(crate) fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, UpstreamError> {
         let build = |insecure: bool| {
             reqwest::Client::builder()
                 .use_rustls_tls()
                 .connect_timeout(connect_timeout)
+                .read_timeout(read_timeout)
                 .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
                 .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")))
                 .danger_accept_invalid_certs(insecure)
