@@ -39,6 +39,8 @@ struct Fill {
     /// Where readers were last woken; `None` until the first bytes, which wake them at once.
     notified_at: Option<u64>,
     stage: Stage,
+    /// The source ended its content cleanly before the task's length.
+    short: bool,
 }
 
 pub(crate) async fn run(task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
@@ -64,8 +66,18 @@ pub(crate) async fn fill(
     };
     let whole = (start == 0 && end == layout.len).then(|| StreamHasher::start(task.digest().algorithm()));
     let demotions = if whole.is_some() { task.begin_streaming_verify() } else { 0 };
-    let mut fill =
-        Fill { stage, task: task.clone(), id, pos: start, end, whole, demotions, wrote_all: true, notified_at: None };
+    let mut fill = Fill {
+        stage,
+        task: task.clone(),
+        id,
+        pos: start,
+        end,
+        whole,
+        demotions,
+        wrote_all: true,
+        notified_at: None,
+        short: false,
+    };
     let span = tracing::debug_span!("fetch", digest = %fill.task.digest(), start, end);
     // A panic must not leave pieces claimed by a fetch that no longer runs: readers would wait
     // on them for ever. It ends the fetch like any other failure.
@@ -90,6 +102,11 @@ pub(crate) async fn fill(
             }
         }
         Err(e) => tracing::warn!(digest = %fill.task.digest(), error = %e, "fetch failed"),
+    }
+    if fill.short {
+        // The length the task was made with is wrong: kept, it would fail every later reader
+        // of this digest, whichever registry they pull from.
+        fill.task.abandon("the source's content is shorter than its announced length");
     }
     (result, hashing)
 }
@@ -144,7 +161,12 @@ impl Fill {
         while self.pos < self.end {
             let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.next()).await {
                 Err(_) => return Err(SourceError::retryable("source stalled")),
-                Ok(None) => return Err(SourceError::retryable("source ended early")),
+                // A connection that breaks is an error of the body; a clean end is the source
+                // saying its content ends here, short of the length it announced.
+                Ok(None) => {
+                    self.short = true;
+                    return Err(SourceError::fatal("the source's content ended before its announced length"));
+                }
                 Ok(Some(chunk)) => chunk?,
             };
             let chunk_end = at + chunk.len() as u64;

@@ -192,3 +192,17 @@ async fn a_silent_origin_hung_a_blob_request() {
     let got = tokio::time::timeout(Duration::from_secs(10), get(&app, silent, &digest, None)).await;
     assert_eq!(got.expect("answered in time").0, StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test]
+async fn an_origin_announcing_a_longer_length_blocked_the_digest_for_everyone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = app(dir.path(), 1 << 30, UpstreamConfig::default());
+    let (data, digest) = blob(5 << 20, 6);
+    let liar = serve(Reg { head_len: Some(6 << 20), ..honest(&data) }).await;
+    let (_, _, body) = get(&app, liar, &digest, None).await;
+    assert!(body.is_err(), "a body short of its Content-Length must abort");
+    let good = serve(honest(&data)).await;
+    let (status, headers, body) = get(&app, good, &digest, None).await;
+    assert_eq!(headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()), Some("5242880"));
+    assert_eq!((status, body.expect("body")), (StatusCode::OK, data));
+}
