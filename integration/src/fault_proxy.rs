@@ -4,7 +4,9 @@
 //! to force `Connection: close`, so each connection carries exactly one exchange) and the
 //! response head (everything after it, up to the upstream's close, is the body). Faults:
 //! - [`FaultProxy::cut_after`]: forward only the first N body bytes, then close both sides;
-//! - [`FaultProxy::corrupt`]: flip every body byte, so the upstream serves wrong content.
+//! - [`FaultProxy::corrupt`]: flip every body byte, so the upstream serves wrong content;
+//! - [`FaultProxy::delay`]: hold the response head back, as a remote registry's token
+//!   exchange and redirect to a CDN do.
 //!
 //! Rules apply to GET requests only (a HEAD must not use up a "once" rule). Anything that does
 //! not start like an HTTP request (a TLS ClientHello, say) is piped through untouched.
@@ -28,6 +30,7 @@ pub enum Times {
 enum Fault {
     CutAfter(u64),
     Corrupt,
+    Delay(std::time::Duration),
 }
 
 #[derive(Debug)]
@@ -109,6 +112,10 @@ impl FaultProxy {
     }
 
     /// For GETs whose target contains `target_contains`, flip every body byte.
+    pub fn delay(&self, target_contains: &str, by: std::time::Duration, times: Times) {
+        self.add(target_contains, Fault::Delay(by), times);
+    }
+
     pub fn corrupt(&self, target_contains: &str, times: Times) {
         self.add(target_contains, Fault::Corrupt, times);
     }
@@ -199,6 +206,7 @@ async fn proxy_one(client: &mut TcpStream, upstream: SocketAddr, state: &Mutex<S
             fault: fault.map(|f| match f {
                 Fault::CutAfter(_) => "cut",
                 Fault::Corrupt => "corrupt",
+                Fault::Delay(_) => "delay",
             }),
         });
         st.requests.len() - 1
@@ -234,6 +242,9 @@ async fn proxy_one(client: &mut TcpStream, upstream: SocketAddr, state: &Mutex<S
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         state.lock().unwrap().requests[index].status = status;
+        if let Some(Fault::Delay(by)) = fault {
+            tokio::time::sleep(by).await;
+        }
         client_write.write_all(&resp[..body_start]).await?;
 
         let mut sent = 0u64;
@@ -255,7 +266,7 @@ async fn proxy_one(client: &mut TcpStream, upstream: SocketAddr, state: &Mutex<S
                         client_write.write_all(&pending).await?;
                         sent += pending.len() as u64;
                     }
-                    None => {
+                    Some(Fault::Delay(_)) | None => {
                         client_write.write_all(&pending).await?;
                         sent += pending.len() as u64;
                     }

@@ -254,3 +254,30 @@ async fn a_node_running_the_scheduler_in_process_serves_a_second_node() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The origin fetch's first piece waits on the origin's first byte, which from a remote
+/// registry (token exchange, redirect to a CDN) often takes longer than the stall time. Nodes
+/// the scheduler told to wait used to give up after one stall and all fetch from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_told_to_wait_went_to_the_origin_when_its_first_byte_took_over_a_second() {
+    let origin = Registry::start().await.unwrap();
+    let size = 16 * MIB;
+    let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();
+    let proxy = damselfly_integration::FaultProxy::start(origin.addr()).await.unwrap();
+    proxy.delay(&digest, Duration::from_millis(2500), damselfly_integration::Times::Always);
+    let cluster = Cluster::start(&origin, 1, 3, |_, o| o).await.unwrap();
+    cluster.wait_for_hosts(3.0).await.unwrap();
+
+    let mut pulls = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let request = http_client().get(cluster.node(i).blob_url_ns(REPO, &digest, &proxy.host()));
+        pulls.spawn(async move { fetch(request, false).await });
+    }
+    while let Some(r) = pulls.join_next().await {
+        r.unwrap().unwrap().assert_blob(&digest, size);
+    }
+    let gets = proxy.requests().iter().filter(|r| r.method == "GET" && r.target.contains(&digest)).count();
+    origin.settled_access_log().await.assert_copies_at_most(&[(digest.clone(), size)], 1.1);
+    assert_eq!(gets, 1, "{:#?}", proxy.requests());
+    cluster.shutdown().await;
+}

@@ -37,6 +37,11 @@ const TICK: Duration = Duration::from_millis(100);
 const REFRESH: Duration = Duration::from_secs(2);
 /// A download with nothing it can fetch asks sooner, but not more often than this.
 const STARVED_REFRESH: Duration = Duration::from_millis(500);
+/// How long a download waits without news while the node the scheduler chose fetches the
+/// task's first piece from the origin. That piece waits on the origin's first byte (a token
+/// exchange, a redirect to a CDN), which from a remote registry often takes longer than the
+/// stall time; giving up then would send every waiting node to the origin at once.
+const FIRST_PIECE_WAIT: Duration = Duration::from_secs(5);
 
 struct Swarm {
     node: Arc<Node>,
@@ -149,9 +154,13 @@ impl Swarm {
 
     /// No bytes from a parent and no news of parents or pieces for the stall time.
     fn stalled(&self) -> bool {
-        let news = self.session.lock().news_at.max(self.epoch);
+        let (news, limit) = {
+            let st = self.session.lock();
+            let pinned = st.digests.iter().any(Option::is_some);
+            (st.news_at.max(self.epoch), patience(st.mode, pinned, self.node.cfg.stall_timeout))
+        };
         let last_byte = self.epoch + Duration::from_millis(self.last_byte.load(Ordering::Relaxed));
-        news.max(last_byte).elapsed() >= self.node.cfg.stall_timeout
+        news.max(last_byte).elapsed() >= limit
     }
 
     /// Starts downloads of wanted pieces whose digest is pinned. The next piece a reader
@@ -269,6 +278,17 @@ impl Swarm {
     }
 }
 
+/// How long a download goes without news before it takes the origin. The stall time, except
+/// while the scheduler has said another node is fetching (it answered `Wait`, or gave parents)
+/// and no piece of the task exists yet. Before any answer (`Pending`), a scheduler that hangs
+/// must cost no more than the stall time.
+fn patience(mode: Mode, any_piece_pinned: bool, stall: Duration) -> Duration {
+    match mode {
+        Mode::Wait | Mode::Parents if !any_piece_pinned => stall.max(FIRST_PIECE_WAIT),
+        _ => stall,
+    }
+}
+
 /// Contiguous runs of sorted piece numbers.
 fn runs(pieces: &[usize]) -> Vec<Range<usize>> {
     let mut out: Vec<Range<usize>> = Vec::new();
@@ -283,9 +303,24 @@ fn runs(pieces: &[usize]) -> Vec<Range<usize>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_nodes_went_to_the_origin_one_stall_after_the_scheduler_said_wait() {
+        let stall = Duration::from_secs(1);
+        assert_eq!(patience(Mode::Wait, false, stall), FIRST_PIECE_WAIT);
+        assert_eq!(patience(Mode::Parents, false, stall), FIRST_PIECE_WAIT);
+        // Once pieces exist they flow, and a stall is a stall.
+        assert_eq!(patience(Mode::Wait, true, stall), stall);
+        assert_eq!(patience(Mode::Parents, true, stall), stall);
+        // No answer yet: the scheduler may be the thing that hangs.
+        assert_eq!(patience(Mode::Pending, false, stall), stall);
+        assert_eq!(patience(Mode::Wait, false, Duration::from_secs(9)), Duration::from_secs(9));
+    }
+
     #[test]
     fn runs_split_at_gaps() {
-        assert_eq!(super::runs(&[0, 1, 2, 5, 7, 8]), vec![0..3, 5..6, 7..9]);
-        assert!(super::runs(&[]).is_empty());
+        assert_eq!(runs(&[0, 1, 2, 5, 7, 8]), vec![0..3, 5..6, 7..9]);
+        assert!(runs(&[]).is_empty());
     }
 }
