@@ -4,8 +4,8 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
 use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
@@ -21,6 +21,10 @@ use super::{ClusterTls, NetError};
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// Unary calls and the opening of a download stream.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a scheduler that timed out or could not be reached is passed over by new
+/// downloads. A hung one (its port still accepts) costs every download that tries it a
+/// timeout; after this they try it again.
+const DOWN_FOR: Duration = Duration::from_secs(5);
 
 pub(crate) struct Schedulers {
     endpoints: Vec<Endpoint>,
@@ -34,6 +38,18 @@ struct Endpoint {
     announced: AtomicBool,
     /// Reached over TLS: a registration's credential may go here.
     tls: bool,
+    /// Passed over by new downloads until then (see `DOWN_FOR`).
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    fn is_down(&self) -> bool {
+        self.down_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn set_down(&self, down: bool) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = down.then(|| Instant::now() + DOWN_FOR);
+    }
 }
 
 /// An open download stream.
@@ -86,6 +102,7 @@ impl Schedulers {
                     url: url.clone(),
                     client: SchedulerClient::new(ep.connect_lazy()),
                     announced: AtomicBool::new(false),
+                    down_until: Mutex::new(None),
                 })
             })
             .collect::<Result<Vec<_>, NetError>>()?;
@@ -123,10 +140,12 @@ impl Schedulers {
     ) -> Result<proto::AnnounceHostResponse, tonic::Status> {
         let ep = &self.endpoints[i];
         let mut client = ep.client.clone();
-        let resp = tokio::time::timeout(CALL_TIMEOUT * 5, client.announce_host(req))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("announce timed out"))??;
+        let resp = tokio::time::timeout(CALL_TIMEOUT * 5, client.announce_host(req)).await.map_err(|_| {
+            ep.set_down(true);
+            tonic::Status::deadline_exceeded("announce timed out")
+        })??;
         ep.announced.store(true, Ordering::SeqCst);
+        ep.set_down(false);
         Ok(resp.into_inner())
     }
 
@@ -152,10 +171,16 @@ impl Schedulers {
         F: std::future::Future<Output = ()>,
     {
         let mut last = None;
-        for i in self.ranked(key) {
+        // Schedulers found down recently are passed over: the task goes to the next one in its
+        // order, or, with none left, to the origin at once rather than after a timeout.
+        for i in self.ranked(key).into_iter().filter(|&i| !self.endpoints[i].is_down()) {
             for _attempt in 0..2 {
                 if !self.is_announced(i) {
                     announce(i).await;
+                    if self.endpoints[i].is_down() {
+                        last = Some("announce failed".to_owned());
+                        break;
+                    }
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = tx.send(for_endpoint(&first, self.endpoints[i].tls));
@@ -163,6 +188,7 @@ impl Schedulers {
                 let call = client.download(UnboundedReceiverStream::new(rx));
                 match tokio::time::timeout(CALL_TIMEOUT, call).await {
                     Ok(Ok(resp)) => {
+                        self.endpoints[i].set_down(false);
                         let stream = DownloadStream { responses: resp.into_inner(), scheduler: self.url(i).to_owned() };
                         return Ok((tx, stream));
                     }
@@ -178,19 +204,24 @@ impl Schedulers {
                     }
                     Err(_) => {
                         self.forget(i);
+                        self.endpoints[i].set_down(true);
                         last = Some("timed out".to_owned());
                         break;
                     }
                 }
             }
         }
-        Err(NetError::NoScheduler(last.unwrap_or_else(|| "no scheduler configured".to_owned())))
+        let none = if self.endpoints.is_empty() { "no scheduler configured" } else { "every scheduler is down" };
+        Err(NetError::NoScheduler(last.unwrap_or_else(|| none.to_owned())))
     }
 
     /// Notes a failed call: transport-level failures mean the scheduler may have lost us.
     pub fn failed(&self, i: usize, status: &tonic::Status) {
         if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::FailedPrecondition) {
             self.forget(i);
+        }
+        if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
+            self.endpoints[i].set_down(true);
         }
         tracing::debug!(scheduler = %self.url(i), error = %status.message(), "scheduler call failed");
     }
@@ -276,6 +307,51 @@ mod tests {
             firsts[ranked[0]] += 1;
         }
         assert!(firsts.iter().all(|&n| n > 60), "{firsts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_scheduler_cost_every_new_download_a_timeout_before_the_next_one() {
+        // One scheduler accepts connections and never answers; the other works.
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let hung_addr = hung.local_addr().expect("address");
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hung.accept().await {
+                held.push(conn);
+            }
+        });
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let cfg = damselfly_scheduler::SchedulerConfig { secret: b"s".to_vec(), ..Default::default() };
+        let running = damselfly_scheduler::start(cfg, good, None).await.expect("scheduler");
+        let urls = [format!("http://{hung_addr}"), format!("http://{}", running.grpc_addr)];
+        let s = Schedulers::new(&urls, IpAddr::from([127, 0, 0, 1]), None).expect("schedulers");
+        // Tasks whose order starts with the hung scheduler.
+        let keys: Vec<String> =
+            (0..100).map(|k| format!("sha256:{k:064x}")).filter(|k| s.ranked(k)[0] == 0).take(2).collect();
+        let open = |key: String| {
+            let host = proto::Host { id: "h".into(), ip: "127.0.0.1".into(), upload_port: 1, ..Default::default() };
+            let reg = proto::Register { host_id: "h".into(), digest: key.clone(), ..Default::default() };
+            let first = DownloadRequest { kind: Some(proto::download_request::Kind::Register(reg)) };
+            let s = &s;
+            async move {
+                let started = Instant::now();
+                let announce = |i| {
+                    let req = proto::AnnounceHostRequest { host: Some(host.clone()), tasks: vec![] };
+                    async move {
+                        let _ = s.announce(i, req).await;
+                    }
+                };
+                let opened = s.open_download(&key, first, announce).await;
+                (opened.map(|(_, stream)| stream.scheduler), started.elapsed())
+            }
+        };
+        let (first, took) = open(keys[0].clone()).await;
+        assert_eq!(first.expect("opened"), urls[1]);
+        assert!(took >= CALL_TIMEOUT, "the hung scheduler was not even tried: {took:?}");
+        let (second, took) = open(keys[1].clone()).await;
+        assert_eq!(second.expect("opened"), urls[1]);
+        assert!(took < CALL_TIMEOUT, "the next download waited on the hung scheduler again: {took:?}");
+        running.shutdown().await;
     }
 
     #[tokio::test]
