@@ -8,6 +8,12 @@ use tokio::time::Instant;
 /// A byte-rate limiter shared by every transfer in one direction. The bucket holds at most a
 /// tenth of a second of traffic (at least 256 KiB), so a long idle spell does not let a burst
 /// through that would starve the node's other traffic.
+/// The longest a transfer sharing a limit should wait for its next chunk, well inside the
+/// one-second stall timers on the other end.
+const TURN: Duration = Duration::from_millis(250);
+/// Chunks smaller than this cost more in per-frame overhead than they gain in fairness.
+const MIN_CHUNK: u64 = 16 << 10;
+
 pub struct RateLimit {
     rate: f64,
     burst: f64,
@@ -19,6 +25,15 @@ impl RateLimit {
         let rate = bytes_per_sec.max(1) as f64;
         let burst = (rate / 10.0).max(256.0 * 1024.0);
         RateLimit { rate, burst, state: Mutex::new((burst, Instant::now())) }
+    }
+
+    /// How many bytes each of `sharers` concurrent transfers should take at a time so that
+    /// each one's turn comes round within `TURN`: with whole 256 KiB frames, 40 children of a
+    /// node limited to 10 MiB/s each waited a second between frames, long enough for their
+    /// stall timers to give up on it.
+    pub fn chunk(&self, sharers: usize, most: u64) -> u64 {
+        let fair = self.rate * TURN.as_secs_f64() / sharers.max(1) as f64;
+        (fair as u64).clamp(MIN_CHUNK.min(most), most)
     }
 
     /// Takes `n` bytes from the bucket, waiting until they are available. Takes may go into
@@ -48,6 +63,35 @@ pub async fn take(limit: &Option<RateLimit>, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn forty_children_of_a_rate_limited_parent_waited_a_second_between_frames() {
+        let limit = std::sync::Arc::new(RateLimit::new(10 << 20));
+        let sharers = 40;
+        let chunk = limit.chunk(sharers, 256 << 10);
+        assert!(chunk < 256 << 10 && chunk >= MIN_CHUNK, "{chunk}");
+        let mut tasks = Vec::new();
+        for _ in 0..sharers {
+            let limit = limit.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut longest = Duration::ZERO;
+                let mut last = Instant::now();
+                for _ in 0..20 {
+                    limit.take(chunk as usize).await;
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                }
+                longest
+            }));
+        }
+        for t in tasks {
+            let longest = t.await.expect("transfer");
+            assert!(longest <= Duration::from_millis(500), "a transfer waited {longest:?} for a chunk");
+        }
+        // Alone, a transfer takes whole frames; a slow limit still gets usable chunks.
+        assert_eq!(limit.chunk(1, 256 << 10), 256 << 10);
+        assert_eq!(RateLimit::new(1 << 20).chunk(64, 256 << 10), MIN_CHUNK);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_bucket_holds_transfers_to_its_rate() {

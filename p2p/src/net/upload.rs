@@ -95,7 +95,15 @@ fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSe
             if pos >= range.end {
                 return None;
             }
-            let end = range.end.min(pos + FRAME);
+            let frame = match &node.upload_limit {
+                // Uploads sharing a limit take turns in chunks small enough to keep each one
+                // moving (see `RateLimit::chunk`).
+                Some(limit) => {
+                    limit.chunk(node.cfg.max_uploads.saturating_sub(node.upload_slots.available_permits()), FRAME)
+                }
+                None => FRAME,
+            };
+            let end = range.end.min(pos + frame);
             super::limit::take(&node.upload_limit, (end - pos) as usize).await;
             node.metrics.upload_bytes.inc_by(end - pos);
             let bytes = Bytes::from_owner(MapSlice { task, range: pos..end });
