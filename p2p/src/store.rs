@@ -57,7 +57,14 @@ pub(crate) struct Inner {
 struct Index {
     lru: LruCache<Digest, Entry>,
     used: u64,
+    /// Tasks opened since the last count (see `close_idle`).
+    opened: usize,
 }
+
+/// Tasks kept open (a file descriptor and a memory map each) when nothing uses them. Without
+/// a bound, every blob read since start-up held both, and a daemon under the common limit of
+/// 1,024 open files ran out of them.
+const MAX_OPEN: usize = 256;
 
 struct Entry {
     len: u64,
@@ -77,7 +84,7 @@ impl Store {
             scan(&cfg.dir.join("tasks").join(algo.name()), &mut found)?;
         }
         found.sort_by_key(|m| m.last_access);
-        let mut index = Index { lru: LruCache::unbounded(), used: 0 };
+        let mut index = Index { lru: LruCache::unbounded(), used: 0, opened: 0 };
         for meta in found {
             index.used += meta.len;
             index.lru.put(meta.digest.clone(), Entry { len: meta.len, task: None });
@@ -123,8 +130,12 @@ impl Store {
             Ok(task) => {
                 let task = Arc::new(task);
                 entry.task = Some(task.clone());
-                Ok(Some(TaskRef::pin(task)))
+                let pinned = TaskRef::pin(task);
+                close_idle(&mut index);
+                Ok(Some(pinned))
             }
+            // Out of file descriptors or memory, say: the files are fine, only not now.
+            Err(e) if !unreadable(&e) => Err(e),
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "dropping unreadable task");
                 let len = entry.len;
@@ -161,8 +172,10 @@ impl Store {
         let task = Arc::new(self.inner.create(digest, len, media_type)?);
         index.used += len;
         index.lru.put(digest.clone(), Entry { len, task: Some(task.clone()) });
+        let pinned = TaskRef::pin(task);
+        close_idle(&mut index);
         self.inner.publish(&index);
-        Ok(TaskRef::pin(task))
+        Ok(pinned)
     }
 
     /// Stores small content already verified by the caller (a manifest) as a complete task.
@@ -440,4 +453,48 @@ fn free_disk(dir: &Path) -> Option<u64> {
     // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Counts a task just opened and, past `MAX_OPEN`, closes the least recently used ones that
+/// nobody holds (only the index has them), metadata written first. A closed task is opened
+/// again from its files at its next use.
+fn close_idle(index: &mut Index) {
+    index.opened += 1;
+    if index.opened <= MAX_OPEN {
+        return;
+    }
+    let mut open = index.lru.iter().filter(|(_, e)| e.task.is_some()).count();
+    for (_, entry) in index.lru.iter_mut().rev() {
+        if open <= MAX_OPEN * 3 / 4 {
+            break;
+        }
+        if entry.task.as_ref().is_some_and(|t| Arc::strong_count(t) == 1) {
+            if let Some(task) = entry.task.take() {
+                task.flush();
+            }
+            open -= 1;
+        }
+    }
+    index.opened = open;
+}
+
+/// A task's files are damaged or gone (not merely unopenable right now): drop them.
+fn unreadable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Io(e) if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_could_not_be_opened_for_now_had_its_files_deleted() {
+        let os = |code| StoreError::Io(io::Error::from_raw_os_error(code));
+        // EMFILE, ENFILE, ENOMEM, EIO: the files may be fine.
+        for code in [24, 23, 12, 5] {
+            assert!(!unreadable(&os(code)), "errno {code}");
+        }
+        assert!(unreadable(&StoreError::Io(io::Error::new(io::ErrorKind::InvalidData, "bad metadata"))));
+        assert!(unreadable(&os(2)), "ENOENT: a file is gone");
+    }
 }

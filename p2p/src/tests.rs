@@ -490,3 +490,29 @@ fn a_swarm_fetch_kept_taking_pieces_for_a_task_abandoned_after_a_write_error() {
     task.task().abandon("write failed");
     assert!(task.task().claimed(id, pieces).is_empty());
 }
+
+#[test]
+fn every_task_read_since_start_up_kept_a_file_descriptor_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let before = fds();
+    let digests: Vec<Digest> = (0..400u32)
+        .map(|i| {
+            let data = i.to_le_bytes();
+            let d = Digest::of(Algorithm::Sha256, &data);
+            store.put_verified(&d, &data, None).unwrap();
+            d
+        })
+        .collect();
+    // Other tests of this binary open files too: the bound shows as far fewer than 400.
+    let grown = fds().saturating_sub(before);
+    assert!(grown < 300, "{grown} more descriptors open after 400 tasks");
+    // A closed task opens again, content intact, and one in use stays open.
+    let held = store.get(&digests[0]).unwrap().expect("task");
+    assert!(held.is_verified());
+    for d in &digests[1..] {
+        assert!(store.get(d).unwrap().expect("task").is_verified());
+    }
+    assert!(held.is_verified() && held.len() == 4);
+}

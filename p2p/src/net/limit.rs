@@ -69,7 +69,7 @@ mod tests {
         let limit = std::sync::Arc::new(RateLimit::new(10 << 20));
         let sharers = 40;
         let chunk = limit.chunk(sharers, 256 << 10);
-        assert!(chunk < 256 << 10 && chunk >= MIN_CHUNK, "{chunk}");
+        assert!((MIN_CHUNK..256 << 10).contains(&chunk), "{chunk}");
         let mut tasks = Vec::new();
         for _ in 0..sharers {
             let limit = limit.clone();
