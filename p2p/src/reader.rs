@@ -72,9 +72,23 @@ pub fn read(
 
 /// Reads the whole task through the usual fetch path and drops the bytes: fills the cache (a
 /// background fill after a range read, a seed fetching for the cluster). Stops at the first
-/// error; the task keeps whatever pieces arrived.
+/// error; the task keeps whatever pieces arrived. A complete task, or one another fill is
+/// filling, is left alone: a range reader that asks for a fill after every range (nydusd
+/// reads a blob in hundreds of them) must not start hundreds of walks over the whole task.
 pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
     use futures_util::StreamExt;
+    use std::sync::atomic::Ordering;
+    if task.is_complete() || task.filling.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // Cleared however the fill ends, dropped half-way included.
+    struct Filling(TaskRef);
+    impl Drop for Filling {
+        fn drop(&mut self) {
+            self.0.filling.store(false, Ordering::SeqCst);
+        }
+    }
+    let guard = Filling(task.clone());
     let len = task.len();
     let mut s = std::pin::pin!(read(task, 0..len, false, source));
     while let Some(r) = s.next().await {
@@ -82,6 +96,7 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
             break;
         }
     }
+    drop(guard);
 }
 
 impl Drop for Cursor {

@@ -86,6 +86,8 @@ pub struct Task {
     /// Readers moved on (see `pace.rs`).
     pub(crate) consumed: tokio::sync::Notify,
     pub(crate) pins: AtomicUsize,
+    /// A whole-task fill runs (see `reader::fill`).
+    pub(crate) filling: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) store: Weak<StoreInner>,
 }
@@ -156,6 +158,7 @@ impl Task {
             progress: watch::channel(0).0,
             consumed: tokio::sync::Notify::new(),
             pins: AtomicUsize::new(0),
+            filling: Default::default(),
             metrics,
             store,
         })

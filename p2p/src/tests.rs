@@ -516,3 +516,36 @@ fn every_task_read_since_start_up_kept_a_file_descriptor_open() {
     }
     assert!(held.is_verified() && held.len() == 4);
 }
+
+/// Bytes handed to readers, from any source.
+fn read_bytes(store: &Store) -> u64 {
+    ["origin", "cache", "peer"]
+        .into_iter()
+        .map(|source| store.metrics().download_bytes.get_or_create(&metrics::SourceLabel { source }).get())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_range_read_with_background_fill_started_another_walk_over_the_whole_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(12 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    let fills: Vec<_> = (0..8).map(|_| tokio::spawn(reader::fill(t.clone(), src.clone()))).collect();
+    for f in fills {
+        f.await.unwrap();
+    }
+    assert_eq!(read_bytes(&store), data.len() as u64, "one fill walked the blob, the others stood aside");
+    // Pieces count once the writer has them on disk.
+    for _ in 0..100 {
+        if t.is_complete() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(t.is_complete());
+    // A complete task needs no fill at all.
+    reader::fill(t.clone(), src.clone()).await;
+    assert_eq!(read_bytes(&store), data.len() as u64);
+}
