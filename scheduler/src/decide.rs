@@ -304,6 +304,8 @@ pub(crate) fn pin_all(task: &mut Task, hosts: &mut Hosts, list: &[Sha]) {
             Some(_) => return quarantine(task, hosts, format!("two different sha256 lists announced (piece {n})")),
         }
     }
+    // Announced lists are of blobs their nodes verified.
+    task.trusted = true;
     if !new.is_empty() {
         task.push_all(&Kind::PieceDigests(PieceDigests { piece_size: task.piece_size, digests: new }), None);
     }

@@ -146,6 +146,7 @@ impl State {
         // A credential is kept only when every caller showed a certificate from the cluster's
         // CA: otherwise anyone who reaches this port could announce a seed and collect it. A
         // later registration's credential replaces an earlier one, which may have run out.
+        task.peers[i].registry = registry_host(reg.source.as_ref().map_or("", |s| s.registry.as_str())).into();
         let mut source = reg.source.clone();
         if env.cfg.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
             if let Some(s) = source.as_mut() {
@@ -316,6 +317,8 @@ impl State {
         task.unlink_parents(hosts, i);
         task.release_slot(i);
         task.set_state(i, PeerState::Finished);
+        // Nodes report finished only once the whole content matched its digest.
+        task.trusted = true;
         if let Some(c) = task.piece_count() {
             task.peers[i].pieces.fill(c);
         }
@@ -361,6 +364,13 @@ impl State {
         }
         self.settle(env, digest);
     }
+}
+
+/// The host of a registry URL: nodes with different TLS settings name one registry with
+/// different schemes.
+fn registry_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 /// First non-zero value wins; a later different non-zero one is an error.

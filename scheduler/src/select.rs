@@ -56,6 +56,7 @@ enum Verdict {
 
 struct Child<'a> {
     index: usize,
+    registry: &'a str,
     blocked: &'a [Id],
     idc: &'a str,
     location: &'a [String],
@@ -66,6 +67,7 @@ pub(crate) fn select(hosts: &Hosts, task: &Task, child: usize, policy: &Policy, 
     let host = hosts.of(task.peers[child].hix, &task.peers[child].host);
     let c = Child {
         index: child,
+        registry: &task.peers[child].registry,
         blocked: &task.peers[child].blocked,
         idc: host.map_or("", |h| h.idc.as_str()),
         location: host.map_or(&[], |h| h.location.as_slice()),
@@ -128,6 +130,12 @@ fn verdict(hosts: &Hosts, task: &Task, c: &Child, policy: &Policy, i: usize) -> 
         return Verdict::Blocked;
     }
     if policy.idc_only && !c.idc.is_empty() && h.idc != c.idc {
+        return Verdict::Skip;
+    }
+    // A peer still downloading holds what its registry sent, checked only against digests
+    // pinned from that registry's word (see `Task::trusted`); a finished one holds content
+    // its node verified.
+    if !task.trusted && peer.state != PeerState::Finished && *peer.registry != *c.registry {
         return Verdict::Skip;
     }
     // A TLS host and a plain one cannot exchange pieces.

@@ -45,6 +45,9 @@ pub(crate) enum PeerState {
 
 pub(crate) struct Peer {
     pub host: Id,
+    /// The registry this download fetches from (its host), empty when unknown (a holder
+    /// known from an announcement).
+    pub registry: Id,
     /// The host's slot in `Hosts`.
     pub hix: HostIx,
     pub pieces: PieceSet,
@@ -64,6 +67,7 @@ impl Peer {
     fn new(host: Id, hix: HostIx) -> Self {
         Peer {
             host,
+            registry: Id::from(""),
             hix,
             pieces: PieceSet::default(),
             state: PeerState::Idle,
@@ -140,6 +144,12 @@ pub(crate) struct Task {
     pub seed: Option<SeedTrigger>,
     /// A candidate appeared or an origin slot freed: waiting peers must be decided again.
     pub wake: bool,
+    /// The pinned digests are known to be the blob's: a node verified the whole content
+    /// against its digest (it finished, or announced the blob). Until then they are only the
+    /// word of the registry the first origin fetch read, and peers are paired only with peers
+    /// pulling from the same registry, so that one registry's bytes cannot reach the clients
+    /// of another as ranges (which no digest check covers).
+    pub trusted: bool,
 }
 
 impl Task {
@@ -157,6 +167,7 @@ impl Task {
             waiting: Set::default(),
             seed: None,
             wake: false,
+            trusted: false,
         }
     }
 

@@ -85,3 +85,33 @@ fn a_stalled_parent_stayed_blocked_for_the_next_download_of_the_same_host() {
     let msgs = again.take();
     assert_eq!(parent_ids(&msgs), ["p"], "the new download was told {}", last(&msgs));
 }
+
+fn from(registry: &str, host: &str) -> Register {
+    let source = proto::Source { registry: registry.into(), repository: "lib/x".into(), ..Default::default() };
+    Register { source: Some(source), ..reg(host) }
+}
+
+#[test]
+fn a_download_from_one_registry_took_pieces_another_registry_sent_before_anyone_verified_them() {
+    let s = sched(|c| c.origin_limit = 2);
+    announce(&s, host("e"), vec![]);
+    let mut e = Dl::register(&s, from("https://evil.example", "e"));
+    assert_eq!(last(&e.take()), "back_to_source");
+    e.piece(0, "", &sha(1));
+    // Another registry's client: the peer fetching from evil.example is not its parent ...
+    announce(&s, host("c"), vec![]);
+    let mut c = Dl::register(&s, from("https://registry.example", "c"));
+    let msgs = c.take();
+    assert!(parent_ids(&msgs).is_empty(), "{msgs:?}");
+    // ... while a client of the same registry pipelines from it as usual (scheme aside).
+    announce(&s, host("d"), vec![]);
+    let mut d = Dl::register(&s, from("http://evil.example", "d"));
+    assert_eq!(parent_ids(&d.take()), ["e"]);
+    // Once a node verified the whole blob, its pieces and digests are the blob's.
+    for n in 1..N {
+        e.piece(n, "", &sha(n as u8 + 1));
+    }
+    e.send(Req::Finished(proto::Finished {}));
+    c.send(Req::Reschedule(proto::Reschedule { stalled: vec![] }));
+    assert!(parent_ids(&c.take()).contains(&"e".to_owned()));
+}

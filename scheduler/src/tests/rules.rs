@@ -205,14 +205,16 @@ fn a_seed_is_asked_for_a_new_task_and_its_waiters_get_it_as_parent() {
         proto::Source { registry: "https://r.example".into(), repository: "lib/x".into(), ..Default::default() };
     let mut a = Dl::register(&s, Register { source: Some(source.clone()), ..reg("a") });
     assert_eq!(last(&a.take()), "wait");
-    let mut b = Dl::open(&s, host("b"));
+    announce(&s, host("b"), vec![]);
+    let mut b = Dl::register(&s, Register { source: Some(source.clone()), ..reg("b") });
     assert_eq!(last(&b.take()), "wait");
     let task = sub.rx_try().expect("seed task");
-    assert_eq!((task.digest.as_str(), task.length, task.source), (D, u64::from(N) * PS, Some(source)));
+    assert_eq!((task.digest.as_str(), task.length, task.source), (D, u64::from(N) * PS, Some(source.clone())));
     assert!(sub.rx_try().is_none(), "asked once per task");
     assert_eq!(s.metrics().decisions(DecisionKind::Seed), 1);
 
-    let mut seed = Dl::register(&s, reg("seed"));
+    // The seed registers with the source it was given.
+    let mut seed = Dl::register(&s, Register { source: Some(source), ..reg("seed") });
     assert_eq!(last(&seed.take()), "back_to_source");
     // The first waiter decided gets the seed; the second the seed and, pipelining, the first.
     let (pa, pb) = (parent_ids(&a.take()), parent_ids(&b.take()));
