@@ -549,3 +549,21 @@ async fn every_range_read_with_background_fill_started_another_walk_over_the_who
     reader::fill(t.clone(), src.clone()).await;
     assert_eq!(read_bytes(&store), data.len() as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_file_cut_short_under_its_map_killed_the_daemon_at_the_next_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    let (data, d) = blob(9 * MIB);
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
+    assert!(collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    // What a disk read error does to a mapped page: reading it through the map is a SIGBUS.
+    std::fs::OpenOptions::new().write(true).open(data_file(dir.path(), &d)).unwrap().set_len(0).unwrap();
+    let task = t.task().clone();
+    let count = t.layout().count();
+    tokio::task::spawn_blocking(move || (0..count).for_each(|i| task.check_piece(i))).await.unwrap();
+    assert!(!t.is_verified() && t.present_pieces().is_empty());
+    // The pieces are fetched again, and the content is whole once more.
+    assert!(collect(t.clone(), 0..data.len() as u64, true, src).await.unwrap() == data);
+}

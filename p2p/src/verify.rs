@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::digest::Hasher;
+
+/// Bytes read at a time when checking and hashing stored pieces.
+const CHUNK: usize = 1 << 20;
 use crate::task::{Piece, Task, TaskRef};
 
 /// The hash so far, over pieces `0..next`.
@@ -18,18 +21,24 @@ pub(crate) struct Ahead {
 }
 
 impl Task {
-    /// Checks piece `i` against its crc32c; a corrupt piece becomes missing (and is fetched again).
+    /// Checks piece `i` against its crc32c; a corrupt or unreadable piece becomes missing (and
+    /// is fetched again).
     pub(crate) fn check_piece(&self, i: usize) {
         let range = self.layout.piece_range(i);
         self.read_ahead(i);
-        let actual = crc32c::crc32c(self.bytes(range));
+        let mut actual = 0;
+        let read = self.read_file(range, |chunk| actual = crc32c::crc32c_append(actual, chunk));
         let mut st = self.lock();
         if let Piece::Present { record, checked } = &mut st.pieces[i] {
-            if record.crc32c == actual {
-                *checked = Some(Instant::now());
-                return;
-            }
-            tracing::warn!(digest = %self.digest, piece = i, "piece failed its crc32c check; fetching it again");
+            let why = match read {
+                Ok(()) if record.crc32c == actual => {
+                    *checked = Some(Instant::now());
+                    return;
+                }
+                Ok(()) => "failed its crc32c check".to_owned(),
+                Err(e) => format!("could not be read ({e})"),
+            };
+            tracing::warn!(digest = %self.digest, piece = i, "piece {why}; fetching it again");
             self.metrics.piece_failed("corrupt");
             st.pieces[i] = Piece::Missing;
             st.demotions += 1;
@@ -40,12 +49,28 @@ impl Task {
 
     /// Asks the kernel to read piece `i` and the next one from disk in large requests: a piece
     /// not in the page cache (written past it, or cached before a restart) would otherwise come
-    /// in page faults of a readahead window each.
+    /// in readahead windows of a few hundred KiB. A hint only: nothing is read here.
     fn read_ahead(&self, i: usize) {
         let Some(map) = &self.map else { return };
         let start = self.layout.piece_range(i).start;
         let end = self.layout.piece_range((i + 1).min(self.layout.count() - 1)).end;
         let _ = map.advise_range(memmap2::Advice::WillNeed, start as usize, (end - start) as usize);
+    }
+
+    /// Reads `range` of the task's file in chunks, with `pread`. Not through the memory map:
+    /// a disk read error, or a file cut short under the map, is a SIGBUS there, which would
+    /// kill the daemon (and again at the same piece after every restart); here it is an error.
+    fn read_file(&self, range: std::ops::Range<u64>, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; CHUNK.min((range.end - range.start) as usize)];
+        let mut pos = range.start;
+        while pos < range.end {
+            let n = buf.len().min((range.end - pos) as usize);
+            self.file.read_exact_at(&mut buf[..n], pos)?;
+            f(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(())
     }
 
     /// Hashes on from where the hash got to, as far as pieces are present, on a blocking
@@ -84,7 +109,14 @@ impl Task {
                 let range = self.layout.piece_range(ahead.next);
                 (ahead, range)
             };
-            ahead.hasher.update(self.bytes(range));
+            let i = ahead.next;
+            if let Err(e) = self.read_file(range, |chunk| ahead.hasher.update(chunk)) {
+                // The piece goes missing and is fetched again; the hash starts over then.
+                tracing::warn!(digest = %self.digest, piece = i, error = %e, "piece could not be read; fetching it again");
+                self.demote_unreadable(i);
+                self.lock().ahead_running = false;
+                return;
+            }
             ahead.next += 1;
             if ahead.next < count {
                 self.lock().ahead = Some(ahead);
@@ -118,6 +150,17 @@ impl Task {
 }
 
 impl Task {
+    fn demote_unreadable(&self, i: usize) {
+        let mut st = self.lock();
+        if matches!(st.pieces[i], Piece::Present { .. }) {
+            self.metrics.piece_failed("corrupt");
+            st.pieces[i] = Piece::Missing;
+            st.demotions += 1;
+            st.verified = false;
+            st.dirty = true;
+        }
+    }
+
     /// Gives a verified task cached by a node alone (which keeps no piece digests) the sha256
     /// of every piece, so that a cluster can take it from here. The whole content is hashed in
     /// the same pass: digests of bytes that rotted on disk are never published. Returns whether
