@@ -280,6 +280,9 @@ impl State {
         if p.corrupt && was_parent {
             self.report_corrupt(env, &p.parent_id, host);
         }
+        if p.gone && was_parent {
+            self.forget_holder(env, digest, &p.parent_id);
+        }
         self.decide(env, digest, host, false);
         Ok(())
     }
@@ -294,6 +297,18 @@ impl State {
                 blocked.remove(0);
             }
             blocked.push(id);
+        }
+    }
+
+    /// A holder told a child it no longer has the task's piece: it was evicted, or a piece
+    /// failed its check, and the withdrawal never reached this scheduler. Listed, it would rank
+    /// first for every child and cost each one a request. A holder with a download open here
+    /// is left to it; one that still has the blob announces it again.
+    fn forget_holder(&mut self, env: &Env, digest: &Id, parent: &str) {
+        let holder = self.tasks.get(digest).and_then(|t| t.idx(parent).map(|i| t.peers[i].tx.is_none()));
+        if holder == Some(true) {
+            tracing::info!(%digest, host = %parent, "holder no longer has the task; forgotten");
+            self.drop_peer(env, digest, parent);
         }
     }
 

@@ -56,6 +56,11 @@ impl PieceError {
         matches!(self, PieceError::Corrupt | PieceError::Length { .. })
     }
 
+    /// The parent says it does not hold the piece.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, PieceError::Status(404))
+    }
+
     /// Label for `damselfly_piece_failures_total`.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -276,7 +276,7 @@ impl Session {
     }
 
     /// Stops taking pieces from `host_id` and tells the scheduler why.
-    pub fn block(&self, host_id: &str, number: usize, reason: &str, corrupt: bool) {
+    pub fn block(&self, host_id: &str, number: usize, e: &super::peer::PieceError) {
         {
             let mut st = self.lock();
             st.blocked.insert(host_id.to_owned());
@@ -285,8 +285,9 @@ impl Session {
         self.send(download_request::Kind::PieceFailed(proto::PieceFailed {
             number: number as u32,
             parent_id: host_id.to_owned(),
-            reason: reason.to_owned(),
-            corrupt,
+            reason: e.to_string(),
+            corrupt: e.is_corrupt(),
+            gone: e.is_gone(),
         }));
         self.notify();
     }

@@ -257,7 +257,7 @@ impl Swarm {
             Err(e) => {
                 tracing::info!(digest = %self.task.digest(), piece = job.number, parent = %job.parent, error = %e, "piece from a parent failed; blocking it");
                 self.task.metrics.piece_failed(e.reason());
-                self.session.block(&job.parent, job.number, &e.to_string(), e.is_corrupt());
+                self.session.block(&job.parent, job.number, &e);
             }
         }
     }

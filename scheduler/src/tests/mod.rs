@@ -105,7 +105,7 @@ impl Dl {
     }
 
     pub fn failed_piece(&mut self, number: u32, parent: &str, corrupt: bool) {
-        let p = proto::PieceFailed { number, parent_id: parent.into(), reason: "test".into(), corrupt };
+        let p = proto::PieceFailed { number, parent_id: parent.into(), reason: "test".into(), corrupt, gone: false };
         self.send(Req::PieceFailed(p));
     }
 }

@@ -115,3 +115,29 @@ fn a_download_from_one_registry_took_pieces_another_registry_sent_before_anyone_
     c.send(Req::Reschedule(proto::Reschedule { stalled: vec![] }));
     assert!(parent_ids(&c.take()).contains(&"e".to_owned()));
 }
+
+#[test]
+fn a_holder_whose_withdrawal_was_lost_ranked_first_for_every_child() {
+    let s = sched(|_| {});
+    holder(&s, host("p"));
+    holder(&s, host("q"));
+    let mut c = Dl::open(&s, host("c"));
+    assert_eq!(parent_ids(&c.take()).len(), 2);
+    // A stranger's word counts for nothing ...
+    announce(&s, host("x"), vec![]);
+    let other = "sha256:00000000000000000000000000000000000000000000000000000000000000bb";
+    let mut x = Dl::register(&s, Register { digest: other.into(), ..reg("x") });
+    let gone =
+        |parent: &str| proto::PieceFailed { number: 0, parent_id: parent.into(), gone: true, ..Default::default() };
+    x.send(Req::PieceFailed(gone("p")));
+    assert!(stat(&s).peers.iter().any(|p| p.host_id == "p"));
+    // ... a child's that was sent to it forgets it.
+    c.send(Req::PieceFailed(gone("p")));
+    assert!(stat(&s).peers.iter().all(|p| p.host_id != "p"));
+    let mut d = Dl::open(&s, host("d"));
+    let parents = parent_ids(&d.take());
+    assert!(parents.contains(&"q".to_owned()) && !parents.contains(&"p".to_owned()), "{parents:?}");
+    // It comes back when it announces the blob again.
+    holder(&s, host("p"));
+    assert!(stat(&s).peers.iter().any(|p| p.host_id == "p"));
+}
