@@ -88,6 +88,12 @@ pub trait Source: Send + Sync + 'static {
     /// Fetches `range` of the content (`None` = all of it) as a stream of bytes.
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>>;
 
+    /// Who vouches for the bytes this source sends (a registry's host): content not yet
+    /// verified takes bytes from one supplier only (`Task::bytes_from`). `None`: no claim.
+    fn supplier(&self) -> Option<String> {
+        None
+    }
+
     /// Where the content lives at its origin, for a scheduler that may ask a seed peer to
     /// fetch it; `None` when no other node could fetch it.
     fn describe(&self) -> Option<SourceSpec> {

@@ -91,6 +91,10 @@ impl Source for UpstreamBlob {
         Box::pin(Self::get(self.app.clone(), self.target.clone(), how, range))
     }
 
+    fn supplier(&self) -> Option<String> {
+        Some(self.target.registry.host.clone())
+    }
+
     fn describe(&self) -> Option<SourceSpec> {
         use crate::upstream::SchemePolicy;
         // Seeds fetch blobs; a manifest is small and its node fetches it from the origin itself.

@@ -392,6 +392,10 @@ impl Node {
             Ok(task) if t.length > 0 => task,
             _ => return,
         };
+        // A blob this node holds unverified bytes of from another registry is left to them.
+        if source.supplier().is_some_and(|s| !task.bytes_from(&s)) {
+            return;
+        }
         tracing::info!(%digest, "seeding on the scheduler's request");
         tokio::spawn(crate::reader::fill(task, source));
     }
