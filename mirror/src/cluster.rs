@@ -237,6 +237,12 @@ impl SeedRegistries {
 
 impl SeedSource for Seeder {
     fn source(&self, spec: &SourceSpec, digest: &Digest) -> Option<Arc<dyn Source>> {
+        // Any node can register a download naming any repository: only a well-formed name
+        // becomes a path at the registry.
+        if !crate::oci::route::is_valid_name(&spec.repository) {
+            tracing::warn!(repository = %spec.repository, %digest, "not seeding a malformed repository name");
+            return None;
+        }
         let registry = self.app.upstream.select(Some(&spec.registry), None).ok()?;
         if !self.allowed.allows(&registry.host) {
             tracing::warn!(registry = %registry.host, %digest, "not seeding from a registry outside seed_registries");

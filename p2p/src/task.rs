@@ -32,6 +32,8 @@ use crate::StoreError;
 const RECHECK_AFTER: Duration = Duration::from_secs(60);
 /// Flushing metadata more often than this during a download buys nothing: recovery re-checks.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Repository scopes a task remembers as public (see `Task::mark_public`).
+const MAX_PUBLIC_SCOPES: usize = 64;
 
 #[derive(Clone, Debug)]
 pub(crate) enum Piece {
@@ -222,6 +224,15 @@ impl Task {
     pub fn mark_public(&self, scope: &str) {
         let mut st = self.lock();
         st.public_in.insert(scope.to_owned(), now_secs());
+        // Anyone may name repositories: keep the most recently confirmed ones only (a scope
+        // forgotten costs one access check when it is used again).
+        while st.public_in.len() > MAX_PUBLIC_SCOPES {
+            let oldest = st.public_in.iter().min_by_key(|(_, at)| **at).map(|(s, _)| s.clone());
+            match oldest {
+                Some(s) => st.public_in.remove(&s),
+                None => break,
+            };
+        }
         st.dirty = true;
     }
 

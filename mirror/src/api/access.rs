@@ -25,7 +25,7 @@ const MAX_GRANTS: usize = 16 * 1024;
 type GrantKey = (String, Digest, String);
 
 /// The manifest types a pull client accepts, for access checks of cached manifests.
-const MANIFEST_TYPES: [&str; 4] = [
+pub(super) const MANIFEST_TYPES: [&str; 4] = [
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -99,8 +99,19 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
             }
         }
     }
-    let req = target.request(Method::HEAD, kind, headers);
+    let req = target.request(Method::HEAD, kind, headers.clone());
     let reply = match app.upstream.send(req).await {
+        // Some registries and proxies answer no HEAD; a client would GET. One byte of a blob,
+        // or the (small) manifest, says as much.
+        Ok(r) if matches!(r.response.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) => {
+            if !manifest {
+                headers.insert(http::header::RANGE, http::HeaderValue::from_static("bytes=0-0"));
+            }
+            app.upstream.send(target.request(Method::GET, kind, headers)).await
+        }
+        r => r,
+    };
+    let reply = match reply {
         Ok(r) => r,
         // Content the origin served to anyone is still served while the origin cannot be
         // asked: nothing says it changed, and a mirror must not fail a pull the cache can serve.
@@ -114,7 +125,7 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
             return Err(bad_gateway(&format!("cannot check access with the origin: {e}")));
         }
     };
-    if reply.response.status() == StatusCode::OK {
+    if matches!(reply.response.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
         app.metrics.access("checked");
         remember(app, target, task, reply.credential);
         return Ok(());

@@ -1,23 +1,18 @@
 //! The blob path against small in-process registries that misbehave in ways a real one
 //! cannot: other bytes for a digest, lengths that lie, silence. Tests are named after the bug.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use damselfly_p2p::{Algorithm, Digest, Metrics, Store, StoreConfig};
+use damselfly_p2p::{Algorithm, Digest};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
-use super::{App, REGISTRY_HEADER};
-use crate::upstream::{Upstream, UpstreamConfig};
+use super::{fake_registry, App, REGISTRY_HEADER};
+use crate::upstream::UpstreamConfig;
 
 /// What a registry answers for the one blob it has.
 #[derive(Clone)]
@@ -61,39 +56,11 @@ fn answer(r: &Reg, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 async fn serve(r: Reg) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let r = Arc::new(r);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let r = r.clone();
-            tokio::spawn(async move {
-                if r.silent {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return drop(stream);
-                }
-                let svc = service_fn(move |req| {
-                    let r = r.clone();
-                    async move { Ok::<_, Infallible>(answer(&r, &req)) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
+    fake_registry::serve(move |req: &Request<Incoming>| (!r.silent).then(|| answer(&r, req))).await
 }
 
 fn app(dir: &std::path::Path, quota: u64, upstream: UpstreamConfig) -> Arc<App> {
-    let config = StoreConfig { dir: dir.to_owned(), quota, direct_io: false };
-    let store = Store::open(config, Arc::new(Metrics::default())).expect("store");
-    Arc::new(App {
-        upstream: Upstream::new(upstream).expect("upstream"),
-        store,
-        access: Default::default(),
-        tags: Default::default(),
-        metrics: Default::default(),
-        background_fill: false,
-    })
+    fake_registry::app(dir, quota, upstream)
 }
 
 fn blob(len: usize, seed: u8) -> (Bytes, Digest) {

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
-use super::access::{authorize, identity, remember};
+use super::access::{authorize, identity, remember, MANIFEST_TYPES};
 use super::response::{bad_gateway, full, oci_error, Body, CONTENT_DIGEST};
 use super::{App, Scope};
 use crate::oci::Reference;
@@ -120,17 +120,21 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
         accept: req.accept.clone(),
     };
     let f = fetch_shared(app.clone(), &head).await.ok()?;
+    if matches!(f.status, StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) {
+        // No HEAD here: the direct GET works where a client's would.
+        return None;
+    }
     if !f.status.is_success() {
         return Some(refusal(&f));
     }
-    let media_type = media_type(&f.headers)?;
+    let media_type = media_type(&f.headers).filter(|t| MANIFEST_TYPES.contains(&t.as_str()))?;
     let len = content_length(&f.headers).filter(|&l| l > 0 && l <= MAX_MANIFEST as u64)?;
     let task = app.store.get_or_create(digest, len, Some(&media_type)).ok()?;
     let target = req.scope.target(digest.clone());
     remember(app, &target, &task, f.credential);
     let source = Arc::new(super::source::UpstreamBlob::manifest(app.clone(), target, req.accept.clone()));
     let mut out = Vec::with_capacity(len as usize);
-    let mut s = std::pin::pin!(damselfly_p2p::read(task, 0..len, true, source));
+    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..len, true, source));
     while let Some(chunk) = s.next().await {
         match chunk {
             Ok(c) => out.extend_from_slice(&c),
@@ -141,7 +145,31 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
             }
         }
     }
+    if task.media_type().is_none_or(|t| checked_type(&out, &t).is_none()) {
+        // The type this task was made with is not the one its body names.
+        task.abandon("manifest media type does not match its body");
+        return None;
+    }
     Some(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len)))
+}
+
+/// The media type a cached manifest may be served with: a manifest type, and the one the body
+/// itself names when it names one. A registry's `Content-Type` alone is only its word, and a
+/// cached manifest answers clients of every registry (a wrong type fails containerd's pull,
+/// which does not fall back after a 200).
+fn checked_type(body: &[u8], claimed: &str) -> Option<String> {
+    if !MANIFEST_TYPES.contains(&claimed) {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    match serde_json::from_slice::<Named>(body).ok()?.media_type {
+        Some(named) if named != claimed => None,
+        _ => Some(claimed.to_owned()),
+    }
 }
 
 fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
@@ -201,8 +229,8 @@ fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Response<Body> {
 }
 
 fn cache(app: &App, req: &ManifestRequest, digest: &Digest, f: &Fetched, media_type: Option<&str>) {
-    let Some(media_type) = media_type else { return };
-    match app.store.put_verified(digest, &f.body, Some(media_type)) {
+    let Some(media_type) = media_type.and_then(|t| checked_type(&f.body, t)) else { return };
+    match app.store.put_verified(digest, &f.body, Some(&media_type)) {
         Ok(task) => {
             let target = req.scope.target(digest.clone());
             remember(app, &target, &task, f.credential);

@@ -7,6 +7,10 @@ mod access;
 #[cfg(test)]
 mod blob_tests;
 mod blobs;
+#[cfg(test)]
+mod fake_registry;
+#[cfg(test)]
+mod manifest_tests;
 mod manifests;
 pub mod metrics;
 pub mod response;

@@ -321,3 +321,13 @@ fn config_validation() {
     assert!(Upstream::new(UpstreamConfig { default_registry: "ftp://x".into(), ..UpstreamConfig::default() }).is_err());
     assert!(!format!("{:?}", c("h", "hunter2")).contains("hunter2"));
 }
+
+#[tokio::test]
+async fn percent_encoded_dot_segments_took_a_request_out_of_v2() {
+    let (up, state, addr) = setup(vec![]).await;
+    let ep = http_endpoint(&up, addr);
+    for repo in ["a/%2e%2e/%2e%2e/landing?", "a/%2E%2E/b", "a%2fb"] {
+        let reply = up.send(request(&ep, repo, "blobs/sha256:x")).await;
+        assert!(reply.is_err(), "{repo}: the registry saw {:?}", state.seen("/"));
+    }
+}

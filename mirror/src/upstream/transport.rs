@@ -61,6 +61,11 @@ fn check_path(full: &str) -> Result<(), UpstreamError> {
     if path.split('/').skip(1).any(|seg| seg.is_empty() || seg == "." || seg == "..") {
         return bad("empty or dot segment");
     }
+    // Names, tags and digests never hold a `%`; the URL parser would decode `%2e%2e` into a
+    // dot segment and resolve it away from `/v2/`.
+    if path.contains('%') {
+        return bad("percent-encoding in the path");
+    }
     Ok(())
 }
 
