@@ -83,9 +83,14 @@ impl Target {
         upstream_request(&self.registry, &self.repo, &self.client_auth, method, path, headers)
     }
 
-    /// `registry/repository`: the unit in which the origin decides who may read what.
+    /// `registry/repository`: the unit in which the origin decides who may read what. A
+    /// registry a client names over plain HTTP is another origin than the same host over TLS
+    /// (anyone on the path can answer for it): what it says is kept apart.
     pub fn scope(&self) -> String {
-        format!("{}/{}", self.registry.host, self.repo)
+        match self.registry.scheme {
+            crate::upstream::SchemePolicy::Http => format!("http://{}/{}", self.registry.host, self.repo),
+            _ => format!("{}/{}", self.registry.host, self.repo),
+        }
     }
 }
 

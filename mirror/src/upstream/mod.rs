@@ -105,6 +105,13 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// Configured credentials cross plain HTTP only to hosts the operator named insecure (or
+/// loopback): a client naming `http://` for a registry must not get its password sent in the
+/// clear.
+fn configured_credentials_may_go(endpoint: &RegistryEndpoint, insecure: &InsecureSet) -> bool {
+    endpoint.scheme != SchemePolicy::Http || insecure.contains(&endpoint.host) || select::is_loopback(&endpoint.host)
+}
+
 /// Credentials configured on the daemon for one registry. They act for every client of the
 /// daemon, as in any pull-through cache.
 #[derive(Clone, PartialEq, Eq)]
@@ -227,7 +234,8 @@ impl Upstream {
             let response = self.transport.execute(&target, Some(&auth)).await?;
             return Ok(UpstreamReply { response, credential: CredentialKind::Client });
         }
-        let cred = if req.anonymous { None } else { self.credentials.get(&target.endpoint.host) };
+        let usable = !req.anonymous && configured_credentials_may_go(&target.endpoint, &self.insecure);
+        let cred = if usable { self.credentials.get(&target.endpoint.host) } else { None };
         self.auth.send(&self.transport, &target, &req.repo, cred).await
     }
 }

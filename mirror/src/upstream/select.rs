@@ -206,7 +206,7 @@ fn host_ip(host_port: &str) -> Option<IpAddr> {
 }
 
 /// dockerd treats 127.0.0.0/8 as insecure by default; `localhost` never resolves elsewhere.
-fn is_loopback(host_port: &str) -> bool {
+pub(crate) fn is_loopback(host_port: &str) -> bool {
     if let Some(ip) = host_ip(host_port) {
         return ip.is_loopback();
     }

@@ -331,3 +331,15 @@ async fn percent_encoded_dot_segments_took_a_request_out_of_v2() {
         assert!(reply.is_err(), "{repo}: the registry saw {:?}", state.seen("/"));
     }
 }
+
+#[test]
+fn a_client_naming_plain_http_got_the_configured_password_sent_in_the_clear() {
+    use super::{configured_credentials_may_go, InsecureSet};
+    let insecure = InsecureSet::new(&["lab.example:5000".to_owned()]).expect("insecure set");
+    let ep = |host: &str, scheme| RegistryEndpoint { host: host.to_owned(), scheme };
+    assert!(!configured_credentials_may_go(&ep("reg.example", SchemePolicy::Http), &insecure));
+    assert!(configured_credentials_may_go(&ep("reg.example", SchemePolicy::Https), &insecure));
+    assert!(configured_credentials_may_go(&ep("lab.example:5000", SchemePolicy::Http), &insecure));
+    assert!(configured_credentials_may_go(&ep("127.0.0.1:5000", SchemePolicy::Http), &insecure));
+    assert!(configured_credentials_may_go(&ep("lab.example:5000", SchemePolicy::InsecureHttpsThenHttp), &insecure));
+}
