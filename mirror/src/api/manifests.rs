@@ -305,6 +305,10 @@ fn refusal(f: &Fetched) -> Response<Body> {
     for v in f.headers.get_all(http::header::WWW_AUTHENTICATE) {
         resp.headers_mut().append(http::header::WWW_AUTHENTICATE, v.clone());
     }
+    // A client told to slow down (429) is told when it may ask again, as for blobs.
+    if let Some(v) = f.headers.get(http::header::RETRY_AFTER) {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, v.clone());
+    }
     resp
 }
 

@@ -174,6 +174,12 @@ impl TokenCache {
                 Ok(t) => t.as_ref().is_some_and(|t| t.fresh(now)),
                 Err(_) => true, // being fetched right now
             });
+            // A realm that hands out long-lived tokens for every scope asked (and clients may
+            // name any repository) must not grow the map for as long as they last: past twice
+            // the threshold, only tokens being fetched stay; the rest are fetched again.
+            if slots.len() > 2 * PRUNE_ABOVE {
+                slots.retain(|_, slot| slot.try_lock().is_err());
+            }
         }
         slots.entry(key).or_default().clone()
     }
@@ -215,6 +221,17 @@ mod tests {
 
     fn token(value: &str, secs: u64) -> Token {
         Token { value: value.into(), cache_until: cache_until(Instant::now(), Some(secs)) }
+    }
+
+    #[tokio::test]
+    async fn a_realm_handing_out_hour_long_tokens_for_every_scope_grew_the_cache_for_an_hour() {
+        let cache = TokenCache::default();
+        for i in 0..5 * PRUNE_ABOVE {
+            let k = TokenKey { scope: format!("repository:r{i}:pull"), ..key() };
+            cache.get_or_fetch(k, None, || async { Ok(token("t", 3600)) }).await.expect("token");
+        }
+        let held = cache.slots.lock().map(|s| s.len()).unwrap_or(usize::MAX);
+        assert!(held <= 2 * PRUNE_ABOVE + 1, "{held} tokens held");
     }
 
     #[tokio::test]

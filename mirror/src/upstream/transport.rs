@@ -117,6 +117,9 @@ impl Scheme {
     }
 }
 
+/// Hosts remembered as speaking plain HTTP.
+const MAX_PLAIN_HTTP_HOSTS: usize = 1024;
+
 pub(crate) struct Transport {
     verified: reqwest::Client,
     unverified: reqwest::Client,
@@ -183,7 +186,13 @@ impl Transport {
                     Err(e) if e.is_connect() => {
                         tracing::debug!(%host, error = %e, "TLS attempt failed, trying plain HTTP");
                         let res = self.attempt(&self.unverified, Scheme::Http, target, auth).await?;
-                        self.memo().insert(host.clone());
+                        let mut memo = self.memo();
+                        // Clients may name any number of loopback names: forgetting them all
+                        // costs one TLS attempt each.
+                        if memo.len() >= MAX_PLAIN_HTTP_HOSTS {
+                            memo.clear();
+                        }
+                        memo.insert(host.clone());
                         Ok(res)
                     }
                     other => other,
