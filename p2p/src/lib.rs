@@ -10,6 +10,7 @@ pub mod net;
 mod pace;
 pub mod passthrough;
 pub mod piece;
+mod provenance;
 pub mod reader;
 pub mod serve;
 pub mod source;

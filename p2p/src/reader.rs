@@ -88,7 +88,7 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
             self.0.filling.store(false, Ordering::SeqCst);
         }
     }
-    let guard = Filling(task.clone());
+    let _filling = Filling(task.clone());
     let len = task.len();
     let mut s = std::pin::pin!(read(task, 0..len, false, source));
     while let Some(r) = s.next().await {
@@ -96,7 +96,6 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
             break;
         }
     }
-    drop(guard);
 }
 
 impl Drop for Cursor {

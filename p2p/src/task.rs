@@ -32,8 +32,6 @@ use crate::StoreError;
 const RECHECK_AFTER: Duration = Duration::from_secs(60);
 /// Flushing metadata more often than this during a download buys nothing: recovery re-checks.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// Repository scopes a task remembers as public (see `Task::mark_public`).
-const MAX_PUBLIC_SCOPES: usize = 64;
 
 #[derive(Clone, Debug)]
 pub(crate) enum Piece {
@@ -192,53 +190,12 @@ impl Task {
         self.lock().verified
     }
 
-    /// Whether a request whose bytes would come from `registry` may read this task. A range
-    /// cannot be checked against the blob's digest, so until the whole content is verified its
-    /// pieces must all come from one registry: the first to read it claims it. Otherwise one
-    /// registry could answer for a digest with other bytes and have them served to the
-    /// clients of another. Verified content is the digest's, whoever supplied it.
-    pub fn bytes_from(&self, registry: &str) -> bool {
-        let mut st = self.lock();
-        if st.verified {
-            return true;
-        }
-        match &st.supplier {
-            Some(s) => s == registry,
-            None => {
-                st.supplier = Some(registry.to_owned());
-                st.dirty = true;
-                true
-            }
-        }
-    }
-
     pub fn is_complete(&self) -> bool {
         self.lock().pieces.iter().all(|p| matches!(p, Piece::Present { .. }))
     }
 
     pub fn media_type(&self) -> Option<String> {
         self.lock().media_type.clone()
-    }
-
-    /// Remembers that the origin just served this content to anyone in `scope` (`registry/repo`).
-    pub fn mark_public(&self, scope: &str) {
-        let mut st = self.lock();
-        st.public_in.insert(scope.to_owned(), now_secs());
-        // Anyone may name repositories: keep the most recently confirmed ones only (a scope
-        // forgotten costs one access check when it is used again).
-        while st.public_in.len() > MAX_PUBLIC_SCOPES {
-            let oldest = st.public_in.iter().min_by_key(|(_, at)| **at).map(|(s, _)| s.clone());
-            match oldest {
-                Some(s) => st.public_in.remove(&s),
-                None => break,
-            };
-        }
-        st.dirty = true;
-    }
-
-    /// How many seconds ago the origin last served this content anonymously in `scope`.
-    pub fn public_age(&self, scope: &str) -> Option<u64> {
-        self.lock().public_in.get(scope).map(|at| now_secs().saturating_sub(*at))
     }
 
     pub(crate) fn notify(&self) {

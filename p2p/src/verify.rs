@@ -10,7 +10,7 @@ use crate::digest::Hasher;
 
 /// Bytes read at a time when checking and hashing stored pieces.
 const CHUNK: usize = 1 << 20;
-use crate::task::{Piece, Task, TaskRef};
+use crate::task::{Piece, State, Task, TaskRef};
 
 /// The hash so far, over pieces `0..next`.
 pub(crate) struct Ahead {
@@ -39,6 +39,14 @@ impl Task {
                 Err(e) => format!("could not be read ({e})"),
             };
             tracing::warn!(digest = %self.digest, piece = i, "piece {why}; fetching it again");
+            self.demote(&mut st, i);
+        }
+    }
+
+    /// Drops present piece `i` (its state locked by the caller): it is fetched again, and the
+    /// task verified again once it is back.
+    fn demote(&self, st: &mut State, i: usize) {
+        if matches!(st.pieces[i], Piece::Present { .. }) {
             self.metrics.piece_failed("corrupt");
             st.pieces[i] = Piece::Missing;
             st.demotions += 1;
@@ -113,8 +121,9 @@ impl Task {
             if let Err(e) = self.read_file(range, |chunk| ahead.hasher.update(chunk)) {
                 // The piece goes missing and is fetched again; the hash starts over then.
                 tracing::warn!(digest = %self.digest, piece = i, error = %e, "piece could not be read; fetching it again");
-                self.demote_unreadable(i);
-                self.lock().ahead_running = false;
+                let mut st = self.lock();
+                self.demote(&mut st, i);
+                st.ahead_running = false;
                 return;
             }
             ahead.next += 1;
@@ -150,17 +159,6 @@ impl Task {
 }
 
 impl Task {
-    fn demote_unreadable(&self, i: usize) {
-        let mut st = self.lock();
-        if matches!(st.pieces[i], Piece::Present { .. }) {
-            self.metrics.piece_failed("corrupt");
-            st.pieces[i] = Piece::Missing;
-            st.demotions += 1;
-            st.verified = false;
-            st.dirty = true;
-        }
-    }
-
     /// Gives a verified task cached by a node alone (which keeps no piece digests) the sha256
     /// of every piece, so that a cluster can take it from here. The whole content is hashed in
     /// the same pass: digests of bytes that rotted on disk are never published. Returns whether
