@@ -13,30 +13,33 @@ use crate::token::Minter;
 /// Upload slots assumed for a host that announced 0 (an older or unconfigured node).
 const DEFAULT_SLOTS: u32 = 4;
 
+/// Laid out so that what scoring a candidate reads comes first: its first two cache lines
+/// hold all of it but the location labels (see `Peer`).
+#[repr(C, align(64))]
 pub(crate) struct Host {
     pub id: Id,
-    pub ip: String,
-    pub port: u32,
-    pub idc: String,
-    /// `region|zone|rack` split into its labels once, not per score.
-    pub location: Vec<String>,
+    /// Open download streams; a host with one is alive whenever it last announced.
+    pub streams: u32,
+    /// Children currently assigned to this host's peers, over all tasks.
+    pub children: u32,
     pub slots: u32,
     pub seed: bool,
     /// Serves and fetches pieces over mutual TLS only.
     pub peer_tls: bool,
-    /// Mints tokens for this host's upload server.
-    pub minter: Minter,
     pub last_seen: Instant,
-    /// Open download streams; a host with one is alive whenever it last announced.
-    pub streams: u32,
-    pub seed_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
-    /// Children currently assigned to this host's peers, over all tasks.
-    pub children: u32,
+    pub blocked_until: Option<Instant>,
     /// EWMA of bytes/s children measured from this host; 0 until the first report.
     pub throughput: f64,
+    pub seed_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
+    pub idc: String,
+    /// `region|zone|rack` split into its labels once, not per score.
+    pub location: Vec<String>,
+    pub ip: String,
+    pub port: u32,
+    /// Mints tokens for this host's upload server.
+    pub minter: Minter,
     /// Children that reported corrupt pieces from this host, and when.
     pub corrupt: Vec<(Id, Instant)>,
-    pub blocked_until: Option<Instant>,
     /// Tasks this host has a peer in, so leaving costs its own peers and not a scan.
     pub tasks: Set<Id>,
 }
@@ -109,6 +112,12 @@ impl Hosts {
 
     pub fn at_mut(&mut self, ix: HostIx) -> Option<&mut Host> {
         self.slots.get_mut(ix as usize)?.as_mut()
+    }
+
+    /// Reads the lines of slot `ix` that scoring a candidate reads, and returns something of
+    /// them so that the reads are not optimized away (see `select::Scan::consider_all`).
+    pub fn touch(&self, ix: HostIx) -> u32 {
+        self.at(ix).map_or(0, |h| h.streams ^ h.idc.len() as u32)
     }
 
     /// The host's slot, if `peer_host` (a peer's id of it) still names the host in it: a slot

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::Rng;
 
-use crate::hosts::Hosts;
+use crate::hosts::{HostIx, Hosts};
 use crate::state::{Id, PeerState, Task};
 
 /// Candidates looked at per decision.
@@ -77,13 +77,12 @@ pub(crate) fn select(hosts: &Hosts, task: &Task, child: usize, policy: &Policy, 
     let scored = Vec::with_capacity(n.min(SAMPLE));
     let mut scan = Scan { hosts, task, child: c, policy, scored, blocked_any: false };
     if n <= SAMPLE {
-        (0..n).for_each(|i| scan.consider(i, rng));
+        scan.consider_all((0..n).collect(), rng);
     } else {
-        let sample = rand::seq::index::sample(rng, n, SAMPLE);
-        sample.into_iter().for_each(|i| scan.consider(i, rng));
+        scan.consider_all(rand::seq::index::sample(rng, n, SAMPLE).into_vec(), rng);
         if scan.scored.is_empty() {
             scan.blocked_any = false;
-            (0..n).for_each(|i| scan.consider(i, rng));
+            scan.consider_all((0..n).collect(), rng);
         }
     }
     let mut scored = scan.scored;
@@ -104,6 +103,20 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
+    /// Scores the peers at `candidates`. Each costs a cache miss on its peer and one on its
+    /// host (a decision samples at random, and between decisions the transport's buffers evict
+    /// them). Loading them all first, in tight loops with nothing depending on each load,
+    /// lets those misses overlap; scoring one candidate at a time waits out each in turn.
+    fn consider_all(&mut self, candidates: Vec<usize>, rng: &mut SmallRng) {
+        let peers = &self.task.peers;
+        let hixs: Vec<HostIx> = candidates.iter().filter_map(|&i| peers.get(i).map(|p| p.hix)).collect();
+        let warm = hixs.iter().fold(0u32, |acc, &ix| acc ^ self.hosts.touch(ix));
+        std::hint::black_box(warm);
+        for i in candidates {
+            self.consider(i, rng);
+        }
+    }
+
     fn consider(&mut self, i: usize, rng: &mut SmallRng) {
         match verdict(self.hosts, self.task, &self.child, self.policy, i) {
             Verdict::Score(s) => self.scored.push((s + rng.gen::<f64>(), i)),

@@ -43,17 +43,21 @@ pub(crate) enum PeerState {
     Idle,
 }
 
+/// Laid out so that what scoring a candidate reads (host, slot, state, piece count, registry)
+/// shares the first cache line: a decision samples peers at random, and over gRPC the
+/// transport's buffers evict them between decisions, so each line read is a miss.
+#[repr(C, align(64))]
 pub(crate) struct Peer {
     pub host: Id,
-    /// The registry this download fetches from (its host), empty when unknown (a holder
-    /// known from an announcement).
-    pub registry: Id,
     /// The host's slot in `Hosts`.
     pub hix: HostIx,
-    pub pieces: PieceSet,
     pub state: PeerState,
     /// Counted in the task's origin fetchers.
     pub origin_slot: bool,
+    pub pieces: PieceSet,
+    /// The registry this download fetches from (its host), empty when unknown (a holder
+    /// known from an announcement).
+    pub registry: Id,
     /// Parents this child stopped taking pieces from.
     pub blocked: Vec<Id>,
     pub parents: Vec<Id>,
