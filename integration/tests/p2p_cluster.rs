@@ -4,7 +4,7 @@
 use damselfly_integration::cluster::{node_id, SECRET};
 use std::time::Duration;
 
-use damselfly_integration::{fetch, http_client, random_bytes, Cluster, Image, Registry, MIB};
+use damselfly_integration::{fetch, http_client, random_bytes, Cluster, Image, Metrics, Registry, MIB};
 
 const REPO: &str = "test/p2p";
 
@@ -61,6 +61,12 @@ async fn four_nodes_pulling_one_image_at_once_cost_the_origin_one_copy() {
         }
     }
     assert!(from_peers >= 3, "only {from_peers} of 4 nodes got most bytes from peers");
+    // Every node carried its downloads (one per layer) on one session with the scheduler,
+    // which it keeps open: not a stream per download.
+    let url = format!("http://{}/metrics", cluster.schedulers[0].http_addr);
+    let streams = Metrics::scrape(&url).await.unwrap();
+    assert_eq!(streams.sum("damselfly_scheduler_streams", &[("kind", "session")]), 4.0);
+    assert_eq!(streams.sum("damselfly_scheduler_streams", &[("kind", "download")]), 0.0);
     cluster.shutdown().await;
 }
 

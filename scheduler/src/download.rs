@@ -6,6 +6,7 @@ use tokio::sync::mpsc;
 
 use crate::decide::{parse_sha, pin_piece, pinned, Env};
 use crate::error::SchedulerError;
+use crate::outbox::Outbox;
 use crate::pieces::PieceSet;
 use crate::proto::download_request::Kind as Req;
 use crate::proto::download_response::Kind;
@@ -64,6 +65,9 @@ pub struct DownloadHandle {
     pub(crate) host: Id,
     pub(crate) gen: u64,
     pub(crate) ended: bool,
+    /// The host closed the download itself, or was told why it ended: dropping the handle
+    /// tells it nothing more.
+    pub(crate) quiet: bool,
 }
 
 impl DownloadHandle {
@@ -89,11 +93,28 @@ impl DownloadHandle {
     }
 }
 
+impl DownloadHandle {
+    /// Ends the download as dropping the handle does, without an `Ended` to a session: the
+    /// host closed it, or the refusal that ends it was already sent.
+    pub fn close_quietly(mut self) {
+        self.quiet = true;
+    }
+}
+
 impl Drop for DownloadHandle {
     fn drop(&mut self) {
-        let (digest, host, gen, ended) = (self.digest.clone(), self.host.clone(), self.gen, self.ended);
-        self.sched.with(|st, env| st.close_stream(env, &digest, &host, gen, ended));
+        let (digest, host, gen, ended, quiet) =
+            (self.digest.clone(), self.host.clone(), self.gen, self.ended, self.quiet);
+        self.sched.with(|st, env| st.close_stream(env, &digest, &host, gen, Closing { failed: ended, quiet }));
     }
+}
+
+/// How a download's stream ended.
+pub(crate) struct Closing {
+    /// It sent `Failed`: the peer is gone already.
+    pub failed: bool,
+    /// Nothing more to tell the host (see `DownloadHandle::close_quietly`).
+    pub quiet: bool,
 }
 
 pub(crate) fn channel() -> (mpsc::Sender<DownloadResponse>, mpsc::Receiver<DownloadResponse>) {
@@ -103,12 +124,7 @@ pub(crate) fn channel() -> (mpsc::Sender<DownloadResponse>, mpsc::Receiver<Downl
 impl State {
     /// Registers a download and makes its first decision. Returns the task, host and stream
     /// generation the handle needs.
-    pub fn register(
-        &mut self,
-        env: &Env,
-        reg: &Register,
-        tx: mpsc::Sender<DownloadResponse>,
-    ) -> Result<(Id, Id, u64), SchedulerError> {
+    pub fn register(&mut self, env: &Env, reg: &Register, tx: Outbox) -> Result<(Id, Id, u64), SchedulerError> {
         if self.shut {
             return Err(SchedulerError::ShuttingDown);
         }
@@ -171,7 +187,7 @@ impl State {
             task.mark_piece(i, n);
         }
         // Replacing the sender ends an older stream of the same download.
-        (task.peers[i].gen, task.peers[i].tx) = (gen, Some(tx));
+        (task.peers[i].gen, task.peers[i].tx) = (gen, Some(tx.installed()));
         let digests = pinned(task);
         if !digests.is_empty() {
             task.peers[i].push(Kind::PieceDigests(PieceDigests { piece_size: task.piece_size, digests }));
@@ -357,19 +373,23 @@ impl State {
     }
 
     /// The stream of a download ended (the client closed it, or it broke).
-    pub fn close_stream(&mut self, env: &Env, digest: &Id, host: &Id, gen: u64, failed: bool) {
+    pub fn close_stream(&mut self, env: &Env, digest: &Id, host: &Id, gen: u64, how: Closing) {
         if let Some(h) = self.hosts.get_mut(host) {
             h.streams = h.streams.saturating_sub(1);
             // It was alive until now: expiry counts from here.
             h.last_seen = env.now;
         }
-        if failed {
+        if how.failed {
             return;
         }
         let State { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return };
         let Some(i) = task.idx(host).filter(|&i| task.peers[i].gen == gen) else { return };
-        task.peers[i].tx = None;
+        if let Some(outbox) = task.peers[i].tx.take() {
+            if how.quiet {
+                outbox.close_quietly();
+            }
+        }
         task.unlink_parents(hosts, i);
         task.release_slot(i);
         match task.peers[i].state {

@@ -29,11 +29,13 @@ mod hosts;
 mod http;
 mod identity;
 mod metrics;
+mod outbox;
 mod pieces;
 mod scheduler;
 mod select;
 mod server;
 mod service;
+mod session;
 mod state;
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabel {
     call: &'static str,
 }
@@ -54,6 +59,16 @@ pub struct Metrics {
     decisions: Family<KindLabel, Counter>,
     decision_seconds: Histogram,
     seed_refusals: Family<CallLabel, Counter>,
+    streams: Family<StreamLabel, Gauge>,
+}
+
+/// Counts one open stream while it lives (see `Metrics::stream_open`).
+pub(crate) struct OpenStream(Gauge);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -68,6 +83,7 @@ impl Metrics {
         let (hosts, tasks, peers, seeds) = (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let decisions = Family::<KindLabel, Counter>::default();
         let seed_refusals = Family::<CallLabel, Counter>::default();
+        let streams = Family::<StreamLabel, Gauge>::default();
         let decision_seconds = Histogram::new(BUCKETS);
         registry.register("damselfly_scheduler_hosts", "Hosts the scheduler knows", hosts.clone());
         registry.register("damselfly_scheduler_tasks", "Tasks the scheduler knows", tasks.clone());
@@ -79,13 +95,18 @@ impl Metrics {
             seed_refusals.clone(),
         );
         registry.register("damselfly_scheduler_decisions", "Decisions sent to downloads, by kind", decisions.clone());
+        registry.register(
+            "damselfly_scheduler_streams",
+            "Open streams carrying downloads: `session` (a host's, for all its downloads) or `download` (one each)",
+            streams.clone(),
+        );
         registry.register_with_unit(
             "damselfly_scheduler_decision_duration",
             "Time to make one decision",
             Unit::Seconds,
             decision_seconds.clone(),
         );
-        Metrics { registry, hosts, tasks, peers, seeds, decisions, decision_seconds, seed_refusals }
+        Metrics { registry, hosts, tasks, peers, seeds, decisions, decision_seconds, seed_refusals, streams }
     }
 
     /// The registry in the OpenMetrics text format.
@@ -115,6 +136,13 @@ impl Metrics {
         self.seeds.set(g(seeds));
     }
 
+    /// Counts a stream of `kind` (`session` or `download`) open until the guard drops.
+    pub(crate) fn stream_open(&self, kind: &'static str) -> OpenStream {
+        let gauge = self.streams.get_or_create(&StreamLabel { kind }).clone();
+        gauge.inc();
+        OpenStream(gauge)
+    }
+
     pub(crate) fn seed_refused(&self, call: &'static str) {
         self.seed_refusals.get_or_create(&CallLabel { call }).inc();
     }
@@ -135,6 +163,8 @@ mod tests {
         m.sizes(3, 2, 1, 1);
         m.seed_refused("announce_host");
         m.decision(DecisionKind::Seed, Duration::from_micros(15));
+        let (_open, closed) = (m.stream_open("session"), m.stream_open("session"));
+        drop(closed);
         let text = m.encode().expect("encode");
         for line in [
             "damselfly_scheduler_hosts 3",
@@ -143,6 +173,7 @@ mod tests {
             "damselfly_scheduler_seeds 1",
             "damselfly_scheduler_seed_refusals_total{call=\"announce_host\"} 1",
             "damselfly_scheduler_decisions_total{kind=\"seed\"} 1",
+            "damselfly_scheduler_streams{kind=\"session\"} 1",
             "damselfly_scheduler_decision_duration_seconds_bucket{le=\"0.1\"} 1",
             "damselfly_scheduler_decision_duration_seconds_bucket{le=\"0.00001\"} 0",
         ] {

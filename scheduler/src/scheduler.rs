@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::SchedulerConfig;
 use crate::decide::{parse_sha, pin_all, Env, SEED_WAIT};
@@ -16,6 +17,7 @@ use crate::download::{channel, check_digest, check_id, DownloadHandle, MAX_PIECE
 use crate::error::SchedulerError;
 use crate::hosts::{Host, HostIx};
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, SessionTx};
 use crate::proto::{self, DownloadResponse, Register, SeedTask, TaskInfo};
 use crate::select::location_labels;
 use crate::state::{piece_count, Id, PeerState, Sha, State};
@@ -41,12 +43,15 @@ struct Inner {
     metrics: Metrics,
     /// One lock for all state (why: see `state.rs`); never held across an await.
     state: Mutex<State>,
+    /// Cancelled when the streams close for shutdown: session streams end then too.
+    closing: CancellationToken,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         let state = Mutex::new(State::new(SmallRng::from_entropy()));
-        Scheduler { inner: Arc::new(Inner { config, metrics: Metrics::new(), state }) }
+        let closing = CancellationToken::new();
+        Scheduler { inner: Arc::new(Inner { config, metrics: Metrics::new(), state, closing }) }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -113,8 +118,28 @@ impl Scheduler {
         reg: Register,
     ) -> Result<(DownloadHandle, mpsc::Receiver<DownloadResponse>), SchedulerError> {
         let (tx, rx) = channel();
-        let (digest, host, gen) = self.with(|st, env| st.register(env, &reg, tx))?;
-        Ok((DownloadHandle { sched: self.clone(), digest, host, gen, ended: false }, rx))
+        let handle = self.register(reg, Outbox::Stream(tx))?;
+        Ok((handle, rx))
+    }
+
+    /// Opens download `id` of a host's session: its responses go to `to`, tagged with `id`.
+    pub fn download_in_session(
+        &self,
+        reg: Register,
+        to: &SessionTx,
+        id: u64,
+    ) -> Result<DownloadHandle, SchedulerError> {
+        self.register(reg, Outbox::session(to, id))
+    }
+
+    fn register(&self, reg: Register, outbox: Outbox) -> Result<DownloadHandle, SchedulerError> {
+        let (digest, host, gen) = self.with(|st, env| st.register(env, &reg, outbox))?;
+        Ok(DownloadHandle { sched: self.clone(), digest, host, gen, ended: false, quiet: false })
+    }
+
+    /// Cancelled once the streams close for shutdown.
+    pub fn closing(&self) -> CancellationToken {
+        self.inner.closing.clone()
     }
 
     pub fn stat_task(&self, req: &proto::StatTaskRequest) -> Result<proto::StatTaskResponse, SchedulerError> {
@@ -223,6 +248,7 @@ impl Scheduler {
 
     /// Ends every stream (downloads and seeds) and refuses new ones: for shutdown.
     pub fn close_streams(&self) {
+        self.inner.closing.cancel();
         self.with(|st, _| {
             st.shut = true;
             for task in st.tasks.values_mut() {

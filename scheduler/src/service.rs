@@ -9,10 +9,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::download::DownloadHandle;
 use crate::identity::SeedName;
+use crate::metrics::OpenStream;
 use crate::proto::download_request::Kind as Req;
 use crate::proto::scheduler_server::{self, SchedulerServer};
-use crate::proto::{self, DownloadRequest, DownloadResponse, SeedTask};
+use crate::proto::{self, DownloadRequest, DownloadResponse, SeedTask, SessionRequest, SessionResponse};
 use crate::scheduler::Scheduler;
+use crate::session::{ActFor, SessionStream};
 
 /// Largest message accepted: an announcement of many tasks with their piece digests.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -95,7 +97,26 @@ impl scheduler_server::Scheduler for SchedulerService {
         };
         self.act_for(may_seed, &reg.host_id, "download")?;
         let (handle, rx) = self.core.download(reg)?;
-        Ok(Response::new(Box::pin(DownloadStream { handle: Some(handle), inbound: Some(inbound), rx, error: None })))
+        let _open = self.core.metrics().stream_open("download");
+        Ok(Response::new(Box::pin(DownloadStream {
+            handle: Some(handle),
+            inbound: Some(inbound),
+            rx,
+            error: None,
+            _open,
+        })))
+    }
+
+    type DownloadsStream = BoxStream<SessionResponse>;
+
+    async fn downloads(
+        &self,
+        req: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::DownloadsStream>, Status> {
+        let may_seed = self.may_seed(&req);
+        let me = SchedulerService { core: self.core.clone(), seed_name: self.seed_name.clone() };
+        let act_for: ActFor = Box::new(move |host_id: &str| me.act_for(may_seed, host_id, "download"));
+        Ok(Response::new(Box::pin(SessionStream::new(self.core.clone(), act_for, req.into_inner()))))
     }
 
     async fn stat_task(
@@ -145,6 +166,7 @@ struct DownloadStream {
     inbound: Option<Streaming<DownloadRequest>>,
     rx: mpsc::Receiver<DownloadResponse>,
     error: Option<Status>,
+    _open: OpenStream,
 }
 
 impl DownloadStream {

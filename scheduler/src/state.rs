@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::rngs::SmallRng;
-use tokio::sync::mpsc;
 
 use crate::hosts::{HostIx, Hosts};
+use crate::outbox::{Outbox, Unsent};
 use crate::pieces::PieceSet;
-use crate::proto::{download_response::Kind, DownloadResponse, Source};
+use crate::proto::{download_response::Kind, Source};
 
 pub(crate) type Id = Arc<str>;
 /// Maps and sets keyed by ids: foldhash is several times faster than SipHash on short keys and
@@ -64,7 +64,7 @@ pub(crate) struct Peer {
     pub children: Set<Id>,
     /// The download stream that owns this peer now; events from older streams are refused.
     pub gen: u64,
-    pub tx: Option<mpsc::Sender<DownloadResponse>>,
+    pub tx: Option<Outbox>,
 }
 
 impl Peer {
@@ -112,12 +112,12 @@ impl Peer {
         }
     }
 
-    /// Queues a response on the peer's stream. A full queue means the client stopped reading:
-    /// its stream is ended rather than buffering without bound (it re-registers).
+    /// Queues a response for the peer's download. A full queue means the client stopped
+    /// reading: its download is ended rather than buffering without bound (it re-registers).
     pub fn push(&mut self, kind: Kind) {
         let Some(tx) = &self.tx else { return };
-        if let Err(e) = tx.try_send(DownloadResponse { kind: Some(kind) }) {
-            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+        if let Err(e) = tx.send(kind) {
+            if e == Unsent::NotReading {
                 tracing::warn!(host = %self.host, "download stream not read; ending it");
             }
             self.tx = None;

@@ -8,6 +8,7 @@
 //! origin are hashed and their digests reported, which is what lets others take them from here.
 
 mod limit;
+mod mux;
 mod peer;
 mod schedulers;
 mod session;

@@ -8,15 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
+use damselfly_scheduler::proto::{self, DownloadRequest};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tonic::{Code, Streaming};
 
+use super::mux::{Mux, Responses};
 use super::{ClusterTls, NetError};
 
+/// Largest message taken from a scheduler: the digests of a 100,000-piece task are 7 MB.
+const MAX_MESSAGE: usize = 64 << 20;
 /// Connecting to a scheduler takes longer than this only when it is gone.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// Unary calls and the opening of a download stream.
@@ -40,6 +43,10 @@ struct Endpoint {
     tls: bool,
     /// Passed over by new downloads until then (see `DOWN_FOR`).
     down_until: Mutex<Option<Instant>>,
+    /// The host's session with this scheduler, carrying its downloads there.
+    session: tokio::sync::Mutex<Option<Arc<Mux>>>,
+    /// The scheduler answered that it has no sessions: a stream per download.
+    no_sessions: AtomicBool,
 }
 
 impl Endpoint {
@@ -52,10 +59,34 @@ impl Endpoint {
     }
 }
 
-/// An open download stream.
+/// An open download.
 pub(crate) struct DownloadStream {
-    pub responses: Streaming<DownloadResponse>,
+    pub responses: Responses,
     pub scheduler: String,
+}
+
+fn timed_out() -> tonic::Status {
+    tonic::Status::deadline_exceeded("timed out")
+}
+
+/// Registers a download on a session. The scheduler answers a registration at once, with the
+/// download's first messages or with why it refused it.
+async fn open_on_session(
+    mux: &Arc<Mux>,
+    first: DownloadRequest,
+) -> Result<(mpsc::UnboundedSender<DownloadRequest>, Responses), tonic::Status> {
+    let ended = || tonic::Status::unavailable("the scheduler session ended");
+    let mut started = mux.start(first).ok_or_else(ended)?;
+    let answer = tokio::time::timeout(CALL_TIMEOUT, started.responses.recv()).await;
+    match answer {
+        Ok(Some(Ok(resp))) => Ok((mux.requests(started.id), started.into_stream(resp))),
+        Ok(Some(Err(status))) => Err(status),
+        Ok(None) => Err(ended()),
+        Err(_) => {
+            mux.close(started.id);
+            Err(timed_out())
+        }
+    }
 }
 
 fn client_tls(tls: &ClusterTls) -> ClientTlsConfig {
@@ -100,9 +131,14 @@ impl Schedulers {
                 Ok(Endpoint {
                     tls: https,
                     url: url.clone(),
-                    client: SchedulerClient::new(ep.connect_lazy()),
+                    // As large as the scheduler takes: one download's pinned digests arrive in
+                    // one message, and on a session a message too large would end every
+                    // download on it.
+                    client: SchedulerClient::new(ep.connect_lazy()).max_decoding_message_size(MAX_MESSAGE),
                     announced: AtomicBool::new(false),
                     down_until: Mutex::new(None),
+                    session: tokio::sync::Mutex::new(None),
+                    no_sessions: AtomicBool::new(false),
                 })
             })
             .collect::<Result<Vec<_>, NetError>>()?;
@@ -157,9 +193,9 @@ impl Schedulers {
         self.endpoints[i].announced.store(false, Ordering::SeqCst);
     }
 
-    /// Opens a download stream for `key` on the first scheduler (in the key's order) that takes
-    /// it. `announce` is called for schedulers that may not know the host yet. The requests
-    /// sent on `rx` (starting with the registration) go to whichever scheduler answered.
+    /// Opens a download for `key` on the first scheduler (in the key's order) that takes it.
+    /// `announce` is called for schedulers that may not know the host yet. The requests sent
+    /// on the returned sender (after the registration) go to whichever scheduler answered.
     pub async fn open_download<A, F>(
         &self,
         key: &str,
@@ -182,30 +218,26 @@ impl Schedulers {
                         break;
                     }
                 }
-                let (tx, rx) = mpsc::unbounded_channel();
-                let _ = tx.send(for_endpoint(&first, self.endpoints[i].tls));
-                let mut client = self.endpoints[i].client.clone();
-                let call = client.download(UnboundedReceiverStream::new(rx));
-                match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                    Ok(Ok(resp)) => {
+                let first = for_endpoint(&first, self.endpoints[i].tls);
+                match self.try_open(i, first).await {
+                    Ok((tx, responses)) => {
                         self.endpoints[i].set_down(false);
-                        let stream = DownloadStream { responses: resp.into_inner(), scheduler: self.url(i).to_owned() };
-                        return Ok((tx, stream));
+                        return Ok((tx, DownloadStream { responses, scheduler: self.url(i).to_owned() }));
                     }
                     // The scheduler does not know this host (it restarted): announce, retry once.
-                    Ok(Err(s)) if s.code() == Code::FailedPrecondition => {
+                    Err(s) if s.code() == Code::FailedPrecondition => {
                         self.forget(i);
                         last = Some(s.message().to_owned());
                     }
-                    Ok(Err(s)) => {
-                        self.failed(i, &s);
-                        last = Some(s.message().to_owned());
-                        break;
-                    }
-                    Err(_) => {
+                    Err(s) if s.code() == Code::DeadlineExceeded => {
                         self.forget(i);
                         self.endpoints[i].set_down(true);
                         last = Some("timed out".to_owned());
+                        break;
+                    }
+                    Err(s) => {
+                        self.failed(i, &s);
+                        last = Some(s.message().to_owned());
                         break;
                     }
                 }
@@ -213,6 +245,52 @@ impl Schedulers {
         }
         let none = if self.endpoints.is_empty() { "no scheduler configured" } else { "every scheduler is down" };
         Err(NetError::NoScheduler(last.unwrap_or_else(|| none.to_owned())))
+    }
+
+    /// One try at opening a download on scheduler `i`: on the host's session with it, or on a
+    /// stream of its own where the scheduler has no sessions (an older one).
+    async fn try_open(
+        &self,
+        i: usize,
+        first: DownloadRequest,
+    ) -> Result<(mpsc::UnboundedSender<DownloadRequest>, Responses), tonic::Status> {
+        let ep = &self.endpoints[i];
+        if !ep.no_sessions.load(Ordering::Relaxed) {
+            match self.session(i).await {
+                Ok(mux) => return open_on_session(&mux, first).await,
+                Err(s) if s.code() == Code::Unimplemented => {
+                    tracing::info!(scheduler = %ep.url, "scheduler has no download sessions; a stream per download");
+                    ep.no_sessions.store(true, Ordering::Relaxed);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(first);
+        let mut client = ep.client.clone();
+        let call = client.download(UnboundedReceiverStream::new(rx));
+        let resp = tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| timed_out())??;
+        Ok((tx, Box::pin(resp.into_inner())))
+    }
+
+    /// The host's open session with scheduler `i`, opened now if it has none (one at a time:
+    /// the downloads of an image start together and share it).
+    async fn session(&self, i: usize) -> Result<Arc<Mux>, tonic::Status> {
+        let ep = &self.endpoints[i];
+        let mut slot = ep.session.lock().await;
+        if let Some(mux) = slot.as_ref().filter(|m| m.is_open()) {
+            return Ok(mux.clone());
+        }
+        // Downloads that queued behind an opening that timed out go on to the next scheduler
+        // now, instead of each waiting out a timeout of its own in turn.
+        if ep.is_down() {
+            return Err(tonic::Status::unavailable("the scheduler did not answer just now"));
+        }
+        *slot = None;
+        let mut client = ep.client.clone();
+        let mux = tokio::time::timeout(CALL_TIMEOUT, Mux::open(&mut client)).await.map_err(|_| timed_out())??;
+        *slot = Some(mux.clone());
+        Ok(mux)
     }
 
     /// Notes a failed call: transport-level failures mean the scheduler may have lost us.
@@ -309,17 +387,23 @@ mod tests {
         assert!(firsts.iter().all(|&n| n > 60), "{firsts:?}");
     }
 
-    #[tokio::test]
-    async fn a_hung_scheduler_cost_every_new_download_a_timeout_before_the_next_one() {
-        // One scheduler accepts connections and never answers; the other works.
+    /// A scheduler's port that accepts connections and never answers.
+    async fn hung_scheduler() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
         let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let hung_addr = hung.local_addr().expect("address");
-        let _hold = tokio::spawn(async move {
+        let addr = hung.local_addr().expect("address");
+        let hold = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((conn, _)) = hung.accept().await {
                 held.push(conn);
             }
         });
+        (addr, hold)
+    }
+
+    #[tokio::test]
+    async fn a_hung_scheduler_cost_every_new_download_a_timeout_before_the_next_one() {
+        // One scheduler accepts connections and never answers; the other works.
+        let (hung_addr, _hold) = hung_scheduler().await;
         let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let cfg = damselfly_scheduler::SchedulerConfig { secret: b"s".to_vec(), ..Default::default() };
         let running = damselfly_scheduler::start(cfg, good, None).await.expect("scheduler");
@@ -352,6 +436,25 @@ mod tests {
         assert_eq!(second.expect("opened"), urls[1]);
         assert!(took < CALL_TIMEOUT, "the next download waited on the hung scheduler again: {took:?}");
         running.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn downloads_starting_together_on_a_hung_scheduler_waited_out_its_timeout_one_after_another() {
+        let (hung_addr, _hold) = hung_scheduler().await;
+        let s = Schedulers::new(&[format!("http://{hung_addr}")], IpAddr::from([127, 0, 0, 1]), None).expect("ok");
+        s.endpoints[0].announced.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let opens = (0..6).map(|k| {
+            let key = format!("sha256:{k:064x}");
+            let reg = proto::Register { host_id: "h".into(), digest: key.clone(), ..Default::default() };
+            let first = DownloadRequest { kind: Some(proto::download_request::Kind::Register(reg)) };
+            let s = &s;
+            async move { s.open_download(&key, first, |_| async {}).await.is_err() }
+        });
+        let failed = futures_util::future::join_all(opens).await;
+        assert!(failed.iter().all(|&f| f), "nothing opens on a hung scheduler");
+        let took = started.elapsed();
+        assert!(took < CALL_TIMEOUT * 2, "six downloads took {took:?} to give up on one hung scheduler");
     }
 
     #[tokio::test]

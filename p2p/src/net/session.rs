@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use damselfly_scheduler::proto::{self, download_request, download_response, DownloadRequest, DownloadResponse};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use super::mux::Responses;
 use crate::digest::Digest;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,12 +309,12 @@ fn valid_sha(s: &str) -> bool {
 
 /// Reads the scheduler's answers into the session until the stream ends; then the session
 /// falls back to the origin.
-pub(crate) async fn pump(session: Arc<Session>, mut responses: tonic::Streaming<DownloadResponse>) -> bool {
+pub(crate) async fn pump(session: Arc<Session>, mut responses: Responses) -> bool {
     loop {
-        match responses.message().await {
-            Ok(Some(resp)) => session.apply(resp),
-            Ok(None) => return true,
-            Err(e) => {
+        match responses.next().await {
+            Some(Ok(resp)) => session.apply(resp),
+            None => return true,
+            Some(Err(e)) => {
                 tracing::debug!(digest = %session.digest, error = %e, "download stream ended");
                 // Parents already handed out keep serving without the scheduler; the stall timer
                 // sends the download to the origin if they stop.

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use damselfly_scheduler::proto::download_request::Kind as Req;
 use damselfly_scheduler::proto::download_response::Kind;
 use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
+use damselfly_scheduler::proto::session_response::Kind as SessionKind;
+use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse, SessionRequest, SessionResponse};
 use damselfly_scheduler::{start, DecisionKind, Scheduler, SchedulerConfig};
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
@@ -129,6 +130,59 @@ async fn peer(mut c: SchedulerClient<Channel>, i: usize) -> Vec<Duration> {
     drop(tx);
     while let Ok(Some(_)) = s.message().await {}
     took
+}
+
+/// A host's session stream, opened when it joined, as a node keeps one per scheduler.
+struct Session {
+    tx: mpsc::Sender<SessionRequest>,
+    rx: Streaming<SessionResponse>,
+}
+
+async fn open_session(mut c: SchedulerClient<Channel>) -> Session {
+    let (tx, rx) = mpsc::channel(PIECES as usize + 4);
+    let rx = c.downloads(ReceiverStream::new(rx)).await.expect("session").into_inner();
+    Session { tx, rx }
+}
+
+/// The next decision for download `id` of a session, skipping digests and piece news.
+async fn session_decision(s: &mut Streaming<SessionResponse>, id: u64) -> Option<Kind> {
+    while let Some(m) = s.message().await.ok()? {
+        let Some(SessionKind::Response(r)) = m.kind.filter(|_| m.id == id) else { continue };
+        if let k @ (Kind::Parents(_) | Kind::BackToSource(_) | Kind::Wait(_) | Kind::Quarantined(_)) = r.kind? {
+            return Some(k);
+        }
+    }
+    None
+}
+
+/// One peer on its host's session: register, report its pieces, ask again, finish, close.
+async fn session_peer(mut s: Session, i: usize) -> (Vec<Duration>, Session) {
+    const ID: u64 = 1;
+    let send = |k: Option<Req>| {
+        let request = k.map(|k| DownloadRequest { kind: Some(k) });
+        s.tx.try_send(SessionRequest { id: ID, request }).map_err(drop)
+    };
+    let t = Instant::now();
+    let _ = send(Some(Req::Register(register(i))));
+    let Some(first) = session_decision(&mut s.rx, ID).await else { return (vec![], s) };
+    let mut took = vec![t.elapsed()];
+    for n in 0..PIECES {
+        let _ = send(Some(report(&first, n)));
+    }
+    let t = Instant::now();
+    let _ = send(Some(Req::Reschedule(proto::Reschedule { stalled: vec![] })));
+    if session_decision(&mut s.rx, ID).await.is_some() {
+        took.push(t.elapsed());
+    }
+    let _ = send(Some(Req::Finished(proto::Finished {})));
+    let _ = send(None);
+    (took, s)
+}
+
+/// How the simulated peers carry their downloads: `LOAD_TRANSPORT=streams` for a `Download`
+/// stream each, otherwise on their host's `Downloads` session, as nodes do.
+fn sessions() -> bool {
+    std::env::var("LOAD_TRANSPORT").as_deref() != Ok("streams")
 }
 
 /// What answers the simulated peers.
@@ -272,6 +326,10 @@ fn over_grpc(serving: Serving) -> Run {
             async move { c.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![] }).await }
         });
         announces.buffer_unordered(CONCURRENCY).for_each(|r| async move { r.map(drop).expect("announce") }).await;
+        // A node opens its session when it joins and keeps it: not part of a download's cost.
+        let opens = futures_util::stream::iter(0..n).map(|i| open_session(clients[i % CONNECTIONS].clone()));
+        let mut sessions: Vec<Option<Session>> =
+            if sessions() { opens.buffered(CONCURRENCY).map(Some).collect().await } else { Vec::new() };
         // Open loop: peers arrive at a fixed rate whether or not earlier ones are done, so
         // latency includes any queueing the offered load causes.
         let (server_cpu, client_cpu) = (cpu_of(&server_stat), thread_cpu());
@@ -279,9 +337,19 @@ fn over_grpc(serving: Serving) -> Run {
         let mut flows = tokio::task::JoinSet::new();
         for i in 0..n {
             tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / offered)).into()).await;
-            flows.spawn(peer(clients[i % CONNECTIONS].clone(), i));
+            match sessions.get_mut(i).and_then(Option::take) {
+                Some(session) => flows.spawn(async move {
+                    let (took, session) = session_peer(session, i).await;
+                    (took, Some(session))
+                }),
+                None => {
+                    let c = clients[i % CONNECTIONS].clone();
+                    flows.spawn(async move { (peer(c, i).await, None) })
+                }
+            };
         }
-        let all: Vec<Vec<Duration>> = flows.join_all().await;
+        // Sessions stay open past the measurement, as a node's do.
+        let (all, _open): (Vec<Vec<Duration>>, Vec<Option<Session>>) = flows.join_all().await.into_iter().unzip();
         // The load generator's own CPU: a saturated generator would queue round trips itself.
         let (server_cpu, client_cpu) = (cpu_of(&server_stat) - server_cpu, thread_cpu() - client_cpu);
         (all.into_iter().flatten().collect::<Vec<_>>(), start.elapsed(), server_cpu, client_cpu)

@@ -58,6 +58,29 @@ impl Scheduler for TransportOnly {
         Ok(Response::new(Box::pin(answers)))
     }
 
+    type DownloadsStream = BoxStream<proto::SessionResponse>;
+
+    /// The same answers on a host's session stream, tagged with their download.
+    async fn downloads(
+        &self,
+        req: Request<Streaming<proto::SessionRequest>>,
+    ) -> Result<Response<Self::DownloadsStream>, Status> {
+        let answers = req.into_inner().filter_map(|m| async move {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            match m.request.and_then(|r| r.kind) {
+                Some(Req::Register(_) | Req::Reschedule(_)) => Some(Ok(proto::SessionResponse {
+                    id: m.id,
+                    kind: Some(proto::session_response::Kind::Response(decision())),
+                })),
+                _ => None,
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn stat_task(&self, _: Request<proto::StatTaskRequest>) -> Result<Response<proto::StatTaskResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }

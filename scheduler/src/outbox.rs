@@ -1,0 +1,158 @@
+//! Where a download's responses go: a `Download` stream of its own, or the `Downloads` session
+//! stream its host shares between all its downloads.
+//!
+//! A download loses its outbox when its stream ends, when a newer registration of the same
+//! download replaces it, when it fails, or when its reader stops reading. A stream of its own
+//! ends when its sender is dropped; a download in a session is told with an `Ended` message
+//! instead, since the session goes on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::proto::download_response::Kind;
+use crate::proto::session_response::Kind as SessionKind;
+use crate::proto::{DownloadResponse, Ended, SessionResponse};
+
+/// Messages queued for one host's session before it counts as not reading. A session carries
+/// all of a host's downloads, so it gets more room than one download stream.
+pub(crate) const SESSION_QUEUE: usize = 4096;
+
+/// The sending half of one host's session stream, shared by the downloads on it.
+#[derive(Clone)]
+pub struct SessionTx {
+    tx: mpsc::Sender<SessionResponse>,
+    /// A message did not fit: the host is not reading, and the whole session ends (each of its
+    /// downloads then falls back as after a broken stream).
+    overflow: Arc<AtomicBool>,
+}
+
+impl SessionTx {
+    pub fn new() -> (SessionTx, mpsc::Receiver<SessionResponse>) {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        (SessionTx { tx, overflow: Arc::default() }, rx)
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
+    fn queue(&self, msg: SessionResponse) -> Result<(), Unsent> {
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflow.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("scheduler session not read; ending it");
+                }
+                Err(Unsent::NotReading)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Unsent::Gone),
+        }
+    }
+
+    /// Tells the host that download `id` ended, with a gRPC status code (0: a clean end).
+    pub fn end(&self, id: u64, code: i32, message: String) {
+        let _ = self.queue(SessionResponse { id, kind: Some(SessionKind::Ended(Ended { code, message })) });
+    }
+}
+
+/// Why a response was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unsent {
+    /// The reader's queue is full.
+    NotReading,
+    /// The reader is gone.
+    Gone,
+}
+
+pub(crate) enum Outbox {
+    Stream(mpsc::Sender<DownloadResponse>),
+    Session {
+        to: SessionTx,
+        id: u64,
+        /// Dropping the outbox tells the host the download ended: set once the download is
+        /// registered (a refused registration is answered with its reason instead), cleared
+        /// when the host closed it itself.
+        tell_end: bool,
+    },
+}
+
+impl Outbox {
+    pub fn session(to: &SessionTx, id: u64) -> Outbox {
+        Outbox::Session { to: to.clone(), id, tell_end: false }
+    }
+
+    /// The outbox of a registered download: from now on its end is told.
+    pub fn installed(mut self) -> Outbox {
+        if let Outbox::Session { tell_end, .. } = &mut self {
+            *tell_end = true;
+        }
+        self
+    }
+
+    /// Drops the outbox without an `Ended`.
+    pub fn close_quietly(mut self) {
+        if let Outbox::Session { tell_end, .. } = &mut self {
+            *tell_end = false;
+        }
+    }
+
+    pub fn send(&self, kind: Kind) -> Result<(), Unsent> {
+        match self {
+            Outbox::Stream(tx) => tx.try_send(DownloadResponse { kind: Some(kind) }).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Unsent::NotReading,
+                mpsc::error::TrySendError::Closed(_) => Unsent::Gone,
+            }),
+            Outbox::Session { to, id, .. } => {
+                let response = DownloadResponse { kind: Some(kind) };
+                to.queue(SessionResponse { id: *id, kind: Some(SessionKind::Response(response)) })
+            }
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Outbox::Session { to, id, tell_end: true } = self {
+            to.end(*id, 0, String::new());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Wait;
+
+    fn wait() -> Kind {
+        Kind::Wait(Wait { retry_after_ms: 1 })
+    }
+
+    #[test]
+    fn a_session_download_is_told_it_ended_unless_it_was_closed_quietly() {
+        let (to, mut rx) = SessionTx::new();
+        let a = Outbox::session(&to, 7).installed();
+        a.send(wait()).expect("queued");
+        drop(a);
+        Outbox::session(&to, 8).installed().close_quietly();
+        drop(Outbox::session(&to, 9));
+        let first = rx.try_recv().expect("response");
+        assert!(first.id == 7 && matches!(first.kind, Some(SessionKind::Response(_))));
+        let second = rx.try_recv().expect("end");
+        assert!(second.id == 7 && matches!(second.kind, Some(SessionKind::Ended(Ended { code: 0, .. }))));
+        assert!(rx.try_recv().is_err(), "a quiet close, and a refused registration, say nothing");
+    }
+
+    #[test]
+    fn a_full_session_marks_the_whole_session_as_not_reading() {
+        let (to, _rx) = SessionTx::new();
+        let out = Outbox::session(&to, 1);
+        for _ in 0..SESSION_QUEUE {
+            out.send(wait()).expect("room");
+        }
+        assert_eq!(out.send(wait()), Err(Unsent::NotReading));
+        assert!(to.overflowed());
+        out.close_quietly();
+    }
+}
