@@ -210,6 +210,15 @@ impl Task {
         }
     }
 
+    /// A copy of the task's file in `range`, read with `pread`: for readers that touch the
+    /// bytes in user space (rustls encrypting them), where a mapped page whose disk read fails
+    /// is a SIGBUS that kills the daemon, and here an error.
+    pub(crate) fn read_copy(&self, range: Range<u64>) -> std::io::Result<Bytes> {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.file.read_exact_at(&mut buf, range.start)?;
+        Ok(Bytes::from(buf))
+    }
+
     /// Decides what a reader at `pos` (reading up to `end`) does next. `full` readers send the
     /// whole content and so must not receive its last byte before the digest matched.
     pub(crate) fn step(

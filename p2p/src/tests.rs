@@ -14,7 +14,7 @@ use crate::*;
 const MIB: usize = 1 << 20;
 
 #[derive(Default)]
-struct Faults {
+pub(crate) struct Faults {
     ignore_range: bool,
     /// Cut the stream after this many bytes, this many times.
     cut_after: Option<(usize, usize)>,
@@ -23,7 +23,7 @@ struct Faults {
     chunk_delay: Option<std::time::Duration>,
 }
 
-struct MemSource {
+pub(crate) struct MemSource {
     data: Bytes,
     faults: Mutex<Faults>,
     requests: Mutex<Vec<Option<Range<u64>>>>,
@@ -33,7 +33,7 @@ struct MemSource {
 }
 
 impl MemSource {
-    fn new(data: Bytes, faults: Faults) -> Arc<Self> {
+    pub(crate) fn new(data: Bytes, faults: Faults) -> Arc<Self> {
         let (requests, sent, taken) = (Mutex::default(), AtomicUsize::new(0), Arc::default());
         Arc::new(MemSource { data, faults: Mutex::new(faults), requests, sent, taken })
     }
@@ -87,7 +87,7 @@ impl Source for MemSource {
     }
 }
 
-fn blob(len: usize) -> (Bytes, Digest) {
+pub(crate) fn blob(len: usize) -> (Bytes, Digest) {
     let mut v = vec![0u8; len];
     let mut x: u32 = 0x9e3779b9 ^ len as u32;
     for b in v.iter_mut() {
@@ -108,11 +108,16 @@ fn overwrite(path: &std::path::Path, offset: usize, bytes: &[u8]) {
     f.write_all_at(bytes, offset as u64).unwrap();
 }
 
-fn open(dir: &std::path::Path, quota: u64) -> Store {
+pub(crate) fn open(dir: &std::path::Path, quota: u64) -> Store {
     Store::open(StoreConfig { dir: dir.to_owned(), quota, direct_io: true }, Arc::new(Metrics::default())).unwrap()
 }
 
-async fn collect(task: TaskRef, range: Range<u64>, full: bool, src: Arc<MemSource>) -> Result<Vec<u8>, ReadError> {
+pub(crate) async fn collect(
+    task: TaskRef,
+    range: Range<u64>,
+    full: bool,
+    src: Arc<MemSource>,
+) -> Result<Vec<u8>, ReadError> {
     let mut out = Vec::new();
     let mut s = Box::pin(read(task, range, full, src));
     while let Some(b) = s.next().await {
@@ -211,7 +216,7 @@ async fn a_cut_stream_is_resumed_by_range() {
     assert!(std::fs::read(data_file(dir.path(), &d)).unwrap() == data, "the file on disk differs");
 }
 
-fn data_file(dir: &std::path::Path, d: &Digest) -> std::path::PathBuf {
+pub(crate) fn data_file(dir: &std::path::Path, d: &Digest) -> std::path::PathBuf {
     dir.join("tasks/sha256").join(format!("{}.data", d.hex()))
 }
 

@@ -105,15 +105,35 @@ fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSe
             };
             let end = range.end.min(pos + frame);
             super::limit::take(&node.upload_limit, (end - pos) as usize).await;
-            node.metrics.upload_bytes.inc_by(end - pos);
-            let bytes = Bytes::from_owner(MapSlice { task, range: pos..end });
-            Some((Ok(Frame::data(bytes)), (end, permit)))
+            match frame_bytes(&task, pos..end, node.cfg.peer_tls).await {
+                Ok(bytes) => {
+                    node.metrics.upload_bytes.inc_by(end - pos);
+                    Some((Ok(Frame::data(bytes)), (end, permit)))
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %task.digest, error = %e, "piece unreadable; upload cut");
+                    // The child sees the body end early and takes the piece elsewhere.
+                    Some((Err(e), (range.end, permit)))
+                }
+            }
         }
     });
     let mut resp = Response::new(StreamBody::new(frames).boxed());
     resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     resp
+}
+
+/// The bytes of a frame. Plain HTTP hands the task's map to the kernel, where a page whose
+/// disk read fails is an error of the write. Over TLS rustls reads the frame in user space to
+/// encrypt it, where the same page would be a SIGBUS that kills the daemon: the frame is read
+/// with `pread` instead, for one copy more than the encryption makes anyway.
+async fn frame_bytes(task: &TaskRef, range: std::ops::Range<u64>, tls: bool) -> std::io::Result<Bytes> {
+    if !tls {
+        return Ok(Bytes::from_owner(MapSlice { task: task.clone(), range }));
+    }
+    let task = task.clone();
+    tokio::task::spawn_blocking(move || task.read_copy(range)).await.map_err(std::io::Error::other)?
 }
 
 /// `/pieces/<algorithm>:<hex>/<number>`, strictly.
@@ -137,7 +157,27 @@ fn plain(status: StatusCode, msg: &str) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_path;
+    use super::{frame_bytes, parse_path};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_piece_served_over_tls_from_a_file_cut_short_under_its_map_was_a_sigbus() {
+        use crate::tests::{blob, collect, data_file, open, Faults, MemSource};
+        const MIB: usize = 1 << 20;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = open(dir.path(), 1 << 30);
+        let (data, d) = blob(9 * MIB);
+        let src = MemSource::new(data.clone(), Faults::default());
+        let t = store.get_or_create(&d, data.len() as u64, None).expect("task");
+        assert!(collect(t.clone(), 0..data.len() as u64, true, src).await.expect("read") == data);
+        let whole = frame_bytes(&t, 0..MIB as u64, true).await.expect("readable");
+        assert_eq!(&whole[..], &data[..MIB]);
+        // What a disk read error does to a mapped page: rustls reading it would be a SIGBUS.
+        let file = std::fs::OpenOptions::new().write(true).open(data_file(dir.path(), &d)).expect("open");
+        file.set_len(0).expect("cut");
+        let cut = frame_bytes(&t, 0..MIB as u64, true).await;
+        // Touch every byte, as encrypting them would.
+        assert!(cut.map(|b| b.iter().map(|&x| u64::from(x)).sum::<u64>()).is_err());
+    }
 
     #[test]
     fn piece_paths_are_parsed_strictly() {
