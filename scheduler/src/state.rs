@@ -61,7 +61,7 @@ pub(crate) struct Peer {
     /// Parents this child stopped taking pieces from.
     pub blocked: Vec<Id>,
     pub parents: Vec<Id>,
-    pub children: Set<Id>,
+    pub children: Children,
     /// The download stream that owns this peer now; events from older streams are refused.
     pub gen: u64,
     pub tx: Option<Outbox>,
@@ -78,7 +78,7 @@ impl Peer {
             origin_slot: false,
             blocked: Vec::new(),
             parents: Vec::new(),
-            children: Set::default(),
+            children: Children::default(),
             gen: 0,
             tx: None,
         }
@@ -122,6 +122,57 @@ impl Peer {
             }
             self.tx = None;
         }
+    }
+}
+
+/// The children of a peer, by host id. A list, not a set: a parent has a few children (its
+/// upload slots' worth, more for a seed), and a decision links and unlinks several; scanning
+/// one short allocation beats hashing into a table of its own per peer, whose probes missed
+/// the cache on every link. Ids are the hosts' interned ones, so most comparisons are of
+/// pointers.
+#[derive(Default)]
+pub(crate) struct Children(Vec<Id>);
+
+fn same(a: &Id, b: &Id) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+impl Children {
+    /// Returns whether `id` was new.
+    pub fn insert(&mut self, id: Id) -> bool {
+        if self.0.iter().any(|c| same(c, &id)) {
+            return false;
+        }
+        self.0.push(id);
+        true
+    }
+
+    /// Returns whether `id` was there.
+    pub fn remove(&mut self, id: &Id) -> bool {
+        match self.0.iter().position(|c| same(c, id)) {
+            Some(i) => {
+                self.0.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.iter().any(|c| **c == *id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Id> {
+        self.0.iter()
+    }
+
+    pub fn into_vec(self) -> Vec<Id> {
+        self.0
     }
 }
 
@@ -200,7 +251,7 @@ impl Task {
         self.unlink_parents(hosts, i);
         self.release_slot(i);
         self.waiting.remove(host);
-        let children: Vec<Id> = self.peers[i].children.drain().collect();
+        let children: Vec<Id> = std::mem::take(&mut self.peers[i].children).into_vec();
         for c in &children {
             if let Some(ci) = self.idx(c) {
                 self.peers[ci].parents.retain(|p| &**p != host);
