@@ -267,6 +267,9 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     assert_eq!(as_impostor.withdraw_task(withdraw).await.unwrap_err().code(), tonic::Code::PermissionDenied);
     let leave = as_impostor.leave_host(proto::LeaveHostRequest { host_id: seed_id.clone() }).await;
     assert_eq!(leave.unwrap_err().code(), tonic::Code::PermissionDenied);
+    // Nor can it make every node forget a task.
+    let delete = as_impostor.delete_task(proto::DeleteTaskRequest { digest: first.clone() }).await;
+    assert_eq!(delete.unwrap_err().code(), tonic::Code::PermissionDenied);
     assert_eq!(scheduler_metric(&scheduler, "damselfly_scheduler_seeds", &[]).await, 1.0);
 
     pull(&second).await.assert_blob(&second, size);

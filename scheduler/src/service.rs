@@ -139,6 +139,11 @@ impl scheduler_server::Scheduler for SchedulerService {
     }
 
     async fn delete_task(&self, req: Request<proto::DeleteTaskRequest>) -> Result<Response<proto::Empty>, Status> {
+        // Forgetting a task for every node (its pinned digests, its holders) is not one node's
+        // to decide: with a seed name, only a certificate valid for it may.
+        if self.seed_name.is_some() && !self.may_seed(&req) {
+            return Err(self.refuse("delete_task", "deleting a task for the whole cluster needs"));
+        }
         self.core.delete_task(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
