@@ -14,6 +14,7 @@ use crate::proto::download_response::Kind;
 use crate::proto::{BackToSource, Parent, Parents, PieceDigest, PieceDigests, Quarantined, SeedTask, Wait};
 use crate::select::{select, Policy};
 use crate::state::{Id, PeerState, SeedTrigger, Set, Sha, State, Task};
+use crate::token::Grant;
 
 /// What `Wait` tells a download to expect.
 const WAIT_MS: u32 = 200;
@@ -160,7 +161,7 @@ fn pick_seed(hosts: &Hosts, seeds: &Set<Id>, task: &Task, ci: usize, now: Instan
     let tls = hosts.of(child.hix, &child.host).is_some_and(|h| h.peer_tls);
     seeds
         .iter()
-        .filter(|s| **s != child.host && !child.blocked.contains(s) && task.idx(s).is_none())
+        .filter(|s| **s != child.host && !child.blocked.contains(s) && task.idx(*s).is_none())
         .filter(|s| {
             hosts.get(s).is_some_and(|h| {
                 !h.blocked(now) && h.peer_tls == tls && h.seed_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
@@ -196,7 +197,7 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
     task.unlink_parents(hosts, ci);
     let child = task.peers[ci].host.clone();
     let count = task.piece_count();
-    let expiry = unix_now().saturating_add(env.cfg.token_ttl.as_secs());
+    let grant = Grant::new(&child, unix_now().saturating_add(env.cfg.token_ttl.as_secs()));
     let mut parents = Vec::with_capacity(chosen.len());
     for &pi in chosen {
         let peer = &task.peers[pi];
@@ -205,7 +206,7 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
             host_id: String::from(&*peer.host),
             ip: h.ip.clone(),
             port: h.port,
-            token: h.minter.mint(&task.digest, &child, expiry),
+            token: h.minter.mint_for(&grant, &task.digest),
             // Only what the parent holds: nobody is sent for a piece its parent is still
             // fetching, possibly from that very child. A parent still fetching from the
             // origin that already has children lists nothing here: each of its new pieces is

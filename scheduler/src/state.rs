@@ -230,7 +230,13 @@ impl Task {
         piece_count(self.length, self.piece_size)
     }
 
-    pub fn idx(&self, host: &str) -> Option<usize> {
+    /// The index of `host`'s peer. Called with an interned `&Id`, the key is matched by
+    /// pointer; with a `&str`, by its bytes.
+    pub fn idx<Q>(&self, host: &Q) -> Option<usize>
+    where
+        Id: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.index.get(host).copied()
     }
 

@@ -46,20 +46,42 @@ impl Minter {
     }
 
     pub fn mint(&self, digest: &str, child: &str, expiry: u64) -> String {
-        let expiry = expiry.to_string();
+        self.mint_for(&Grant::new(child, expiry), digest)
+    }
+
+    /// The token for `grant` on this parent: a decision makes one grant for its child and
+    /// mints it for each parent, so what does not depend on the parent is done once.
+    pub fn mint_for(&self, grant: &Grant, digest: &str) -> String {
         let mut m = self.0.clone();
-        for part in [digest.as_bytes(), b"|", child.as_bytes(), b"|", expiry.as_bytes()] {
+        for part in [digest.as_bytes(), b"|", grant.child.as_bytes(), b"|", grant.expiry.as_bytes()] {
             m.update(part);
         }
         let tag: [u8; KEY_LEN] = m.finalize().into_bytes().into();
-        let mut token = String::with_capacity(5 + expiry.len() + 2 * (child.len() + KEY_LEN));
-        token.push_str("v1.");
-        token.push_str(&expiry);
-        token.push('.');
-        push_hex(&mut token, child.as_bytes());
-        token.push('.');
+        let mut token = String::with_capacity(grant.prefix.len() + 2 * KEY_LEN);
+        token.push_str(&grant.prefix);
         push_hex(&mut token, &tag);
         token
+    }
+}
+
+/// What the tokens of one decision share: the child they let in, and until when.
+pub struct Grant {
+    child: String,
+    expiry: String,
+    /// `v1.<expiry>.<child in hex>.`
+    prefix: String,
+}
+
+impl Grant {
+    pub fn new(child: &str, expiry: u64) -> Grant {
+        let expiry = expiry.to_string();
+        let mut prefix = String::with_capacity(5 + expiry.len() + 2 * child.len());
+        prefix.push_str("v1.");
+        prefix.push_str(&expiry);
+        prefix.push('.');
+        push_hex(&mut prefix, child.as_bytes());
+        prefix.push('.');
+        Grant { child: child.to_owned(), expiry, prefix }
     }
 }
 
