@@ -82,7 +82,7 @@ impl DownloadHandle {
     /// Applies one request of the stream (anything but `Register`, which opened it).
     pub fn send(&mut self, req: DownloadRequest) -> Result<(), SchedulerError> {
         if self.ended {
-            return Err(SchedulerError::precondition("the download already failed"));
+            return Err(SchedulerError::DownloadEnded("the download already failed"));
         }
         let kind = req.kind.ok_or_else(|| SchedulerError::invalid("empty download request"))?;
         let failed = matches!(kind, Req::Failed(_));
@@ -201,8 +201,8 @@ impl State {
         let current = self.tasks.get(digest).and_then(|t| t.idx(host).map(|i| t.peers[i].gen == gen));
         match current {
             Some(true) => {}
-            Some(false) => return Err(SchedulerError::precondition("a newer stream took over this download")),
-            None => return Err(SchedulerError::precondition("the download is no longer registered")),
+            Some(false) => return Err(SchedulerError::DownloadEnded("a newer stream took over this download")),
+            None => return Err(SchedulerError::DownloadEnded("the download is no longer registered")),
         }
         match kind {
             Req::Register(_) => return Err(SchedulerError::invalid("register sent twice")),

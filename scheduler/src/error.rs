@@ -8,6 +8,10 @@ pub enum SchedulerError {
     InvalidArgument(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A request for a download that is over: it failed, a newer registration took it over,
+    /// or it was dropped. Its stream was already told.
+    #[error("failed precondition: {0}")]
+    DownloadEnded(&'static str),
     #[error("the scheduler is shutting down")]
     ShuttingDown,
     #[error("listener: {0}")]
@@ -31,6 +35,7 @@ impl From<SchedulerError> for tonic::Status {
         match e {
             SchedulerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             SchedulerError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            SchedulerError::DownloadEnded(m) => tonic::Status::failed_precondition(m),
             SchedulerError::ShuttingDown => tonic::Status::unavailable("the scheduler is shutting down"),
             SchedulerError::Io(e) => tonic::Status::internal(e.to_string()),
             SchedulerError::Tls(m) => tonic::Status::internal(m),

@@ -6,9 +6,10 @@
 //! ends when its sender is dropped; a download in a session is told with an `Ended` message
 //! instead, since the session goes on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::proto::download_response::Kind;
@@ -16,8 +17,15 @@ use crate::proto::session_response::Kind as SessionKind;
 use crate::proto::{DownloadResponse, Ended, SessionResponse};
 
 /// Messages queued for one host's session before it counts as not reading. A session carries
-/// all of a host's downloads, so it gets more room than one download stream.
-pub(crate) const SESSION_QUEUE: usize = 4096;
+/// all of a host's downloads (the layers of the images it pulls), so it gets room for many.
+pub(crate) const SESSION_QUEUE: usize = 65_536;
+/// Bytes queued for one session before it counts as not reading: a registration can queue a
+/// large message (the pinned digests of a 100,000-piece task are 7 MB), and a host that keeps
+/// registering without reading must not make the scheduler hold its answers without bound.
+pub(crate) const SESSION_BYTES: usize = 64 << 20;
+/// Past this many bytes queued, a session reads no more requests until its host has read
+/// some: requests that queue answers wait in the host's flow-control window instead of here.
+pub(crate) const SESSION_HIGH_WATER: usize = 8 << 20;
 
 /// The sending half of one host's session stream, shared by the downloads on it.
 #[derive(Clone)]
@@ -26,34 +34,74 @@ pub struct SessionTx {
     /// A message did not fit: the host is not reading, and the whole session ends (each of its
     /// downloads then falls back as after a broken stream).
     overflow: Arc<AtomicBool>,
+    /// Encoded bytes queued and not yet handed to the transport.
+    queued: Arc<AtomicUsize>,
 }
 
 impl SessionTx {
     pub fn new() -> (SessionTx, mpsc::Receiver<SessionResponse>) {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        (SessionTx { tx, overflow: Arc::default() }, rx)
+        (SessionTx { tx, overflow: Arc::default(), queued: Arc::default() }, rx)
     }
 
     pub fn overflowed(&self) -> bool {
         self.overflow.load(Ordering::Relaxed)
     }
 
+    /// Bytes queued and not yet handed out.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The count of queued bytes, for the reader to lower as it takes messages. Not a
+    /// sender: the queue must still end once every sender is gone.
+    pub fn budget(&self) -> Queued {
+        Queued(self.queued.clone())
+    }
+
     fn queue(&self, msg: SessionResponse) -> Result<(), Unsent> {
+        let len = msg.encoded_len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > SESSION_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(self.not_reading());
+        }
         match self.tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflow.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("scheduler session not read; ending it");
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(self.not_reading()),
+                    mpsc::error::TrySendError::Closed(_) => Err(Unsent::Gone),
                 }
-                Err(Unsent::NotReading)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Unsent::Gone),
         }
+    }
+
+    fn not_reading(&self) -> Unsent {
+        if !self.overflow.swap(true, Ordering::Relaxed) {
+            tracing::warn!("scheduler session not read; ending it");
+        }
+        Unsent::NotReading
     }
 
     /// Tells the host that download `id` ended, with a gRPC status code (0: a clean end).
     pub fn end(&self, id: u64, code: i32, message: String) {
         let _ = self.queue(SessionResponse { id, kind: Some(SessionKind::Ended(Ended { code, message })) });
+    }
+}
+
+/// Encoded bytes queued on a session (see `SessionTx::budget`).
+pub struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    /// `msg` was taken off the queue for the transport.
+    pub fn taken(&self, msg: &SessionResponse) {
+        self.0.fetch_sub(msg.encoded_len(), Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -153,6 +201,27 @@ mod tests {
         }
         assert_eq!(out.send(wait()), Err(Unsent::NotReading));
         assert!(to.overflowed());
+        out.close_quietly();
+    }
+
+    #[test]
+    fn a_session_holds_a_bounded_number_of_bytes_and_counts_what_is_taken() {
+        use crate::proto::{PieceDigest, PieceDigests};
+        let (to, mut rx) = SessionTx::new();
+        let out = Outbox::session(&to, 1);
+        let digest = |n| PieceDigest { number: n, sha256: "ab".repeat(32) };
+        let big = || Kind::PieceDigests(PieceDigests { piece_size: 1, digests: (0..100_000).map(digest).collect() });
+        let mut sent = 0;
+        while out.send(big()).is_ok() {
+            sent += 1;
+        }
+        assert!((1..=SESSION_BYTES / 7_000_000).contains(&sent), "{sent} messages of 7 MB queued");
+        assert!(to.overflowed() && to.queued() <= SESSION_BYTES);
+        let budget = to.budget();
+        while let Ok(msg) = rx.try_recv() {
+            budget.taken(&msg);
+        }
+        assert_eq!(to.queued(), 0);
         out.close_quietly();
     }
 }

@@ -13,8 +13,9 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use crate::download::DownloadHandle;
+use crate::error::SchedulerError;
 use crate::metrics::OpenStream;
-use crate::outbox::SessionTx;
+use crate::outbox::{Queued, SessionTx, SESSION_HIGH_WATER};
 use crate::proto::download_request::Kind as Req;
 use crate::proto::{DownloadRequest, Register, SessionRequest, SessionResponse};
 use crate::scheduler::Scheduler;
@@ -42,6 +43,8 @@ pub(crate) struct SessionStream {
     rx: mpsc::Receiver<SessionResponse>,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     error: Option<Status>,
+    /// Lowered as messages are handed out; kept past the session's end.
+    budget: Queued,
     _open: OpenStream,
 }
 
@@ -56,6 +59,7 @@ impl SessionStream {
             host: None,
             inbound: Some(inbound),
             downloads: Map::default(),
+            budget: to.budget(),
             to: Some(to),
             rx,
             closing,
@@ -85,10 +89,21 @@ impl SessionStream {
             kind => match self.downloads.get_mut(&id) {
                 // Ended by the scheduler already; the host learns from its `Ended`.
                 None => None,
-                Some(handle) => handle.send(DownloadRequest { kind: Some(kind) }).err().map(|e| {
-                    tracing::debug!(digest = %handle.digest(), host = %handle.host_id(), error = %e, "download request refused");
-                    Status::from(e)
-                }),
+                Some(handle) => match handle.send(DownloadRequest { kind: Some(kind) }) {
+                    Ok(()) => None,
+                    // Its end was told when it ended (taken over, failed, dropped): let go of
+                    // it without a second word.
+                    Err(SchedulerError::DownloadEnded(_)) => {
+                        if let Some(handle) = self.downloads.remove(&id) {
+                            handle.close_quietly();
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(digest = %handle.digest(), host = %handle.host_id(), error = %e, "download request refused");
+                        Some(Status::from(e))
+                    }
+                },
             },
         };
         if let Some(status) = refused {
@@ -109,18 +124,28 @@ impl SessionStream {
         if self.downloads.len() >= MAX_DOWNLOADS {
             return Err(Status::resource_exhausted(format!("more than {MAX_DOWNLOADS} downloads in one session")));
         }
-        match &self.host {
-            Some(host) if *host != reg.host_id => {
-                return Err(Status::invalid_argument("a session carries the downloads of one host"));
-            }
-            Some(_) => {}
-            None => (self.act_for)(&reg.host_id)?,
+        if self.host.as_ref().is_some_and(|host| *host != reg.host_id) {
+            return Err(Status::invalid_argument("a session carries the downloads of one host"));
         }
+        // At every registration, not only the first: the host may have become a seed since
+        // (it announced again with its certificate) while this session was bound to its id.
+        (self.act_for)(&reg.host_id)?;
         let host = reg.host_id.clone();
         let handle = self.core.download_in_session(reg, to, id)?;
         self.host.get_or_insert(host);
         self.downloads.insert(id, handle);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl SessionStream {
+    pub fn queued_bytes(&self) -> usize {
+        self.budget.get()
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.to.is_some()
     }
 }
 
@@ -133,6 +158,11 @@ impl Stream for SessionStream {
             this.end(None);
         }
         while let Some(inbound) = this.inbound.as_mut() {
+            // A host that is not reading its answers gets no more of them queued: its requests
+            // wait until it has read some (see `SESSION_HIGH_WATER`).
+            if this.to.as_ref().is_some_and(|to| to.overflowed() || to.queued() > SESSION_HIGH_WATER) {
+                break;
+            }
             match Pin::new(inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(req))) => this.apply(req),
                 Poll::Ready(Some(Err(status))) => {
@@ -147,7 +177,10 @@ impl Stream for SessionStream {
             this.end(Some(Status::resource_exhausted("the session was not read")));
         }
         match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(msg)) => Poll::Ready(Some(Ok(msg))),
+            Poll::Ready(Some(msg)) => {
+                this.budget.taken(&msg);
+                Poll::Ready(Some(Ok(msg)))
+            }
             Poll::Ready(None) => Poll::Ready(this.error.take().map(Err)),
             Poll::Pending => Poll::Pending,
         }

@@ -77,15 +77,30 @@ async fn open_on_session(
 ) -> Result<(mpsc::UnboundedSender<DownloadRequest>, Responses), tonic::Status> {
     let ended = || tonic::Status::unavailable("the scheduler session ended");
     let mut started = mux.start(first).ok_or_else(ended)?;
+    // Closed unless it is handed on: a caller that gives up on this future (a timeout around
+    // it) must not leave the download registered for the life of the session.
+    let opening = Opening { mux, id: started.id };
     let answer = tokio::time::timeout(CALL_TIMEOUT, started.responses.recv()).await;
     match answer {
-        Ok(Some(Ok(resp))) => Ok((mux.requests(started.id), started.into_stream(resp))),
+        Ok(Some(Ok(resp))) => {
+            std::mem::forget(opening);
+            Ok((mux.requests(started.id), started.into_stream(resp)))
+        }
         Ok(Some(Err(status))) => Err(status),
         Ok(None) => Err(ended()),
-        Err(_) => {
-            mux.close(started.id);
-            Err(timed_out())
-        }
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// A download being opened on a session; closed if dropped.
+struct Opening<'a> {
+    mux: &'a Mux,
+    id: u64,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.mux.close(self.id);
     }
 }
 

@@ -222,7 +222,7 @@ fn leaving_withdrawing_and_deleting_reschedule_or_end_downloads() {
     // The download's stream ended with the task.
     assert!(c.rx.try_recv().is_err() && c.rx.is_closed());
     let e = c.h.send(DownloadRequest { kind: Some(Req::Finished(proto::Finished {})) });
-    assert!(matches!(e, Err(SchedulerError::FailedPrecondition(_))));
+    assert!(matches!(e, Err(SchedulerError::DownloadEnded(_))));
     let text = s.metrics().encode().expect("metrics");
     assert!(text.contains("damselfly_scheduler_tasks 0") && text.contains("damselfly_scheduler_peers 0"), "{text}");
     assert!(text.contains("damselfly_scheduler_hosts 2"), "{text}");

@@ -4,6 +4,7 @@ mod lifecycle;
 mod pipelining;
 mod regressions;
 mod rules;
+mod sessions;
 
 use tokio::sync::mpsc;
 
