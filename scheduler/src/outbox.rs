@@ -30,7 +30,7 @@ pub(crate) const SESSION_HIGH_WATER: usize = 8 << 20;
 /// The sending half of one host's session stream, shared by the downloads on it.
 #[derive(Clone)]
 pub struct SessionTx {
-    tx: mpsc::Sender<SessionResponse>,
+    tx: mpsc::Sender<Counted>,
     /// A message did not fit: the host is not reading, and the whole session ends (each of its
     /// downloads then falls back as after a broken stream).
     overflow: Arc<AtomicBool>,
@@ -39,7 +39,7 @@ pub struct SessionTx {
 }
 
 impl SessionTx {
-    pub fn new() -> (SessionTx, mpsc::Receiver<SessionResponse>) {
+    pub fn new() -> (SessionTx, mpsc::Receiver<Counted>) {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         (SessionTx { tx, overflow: Arc::default(), queued: Arc::default() }, rx)
     }
@@ -65,7 +65,7 @@ impl SessionTx {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return Err(self.not_reading());
         }
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(Counted { len, msg }) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.queued.fetch_sub(len, Ordering::Relaxed);
@@ -90,13 +90,20 @@ impl SessionTx {
     }
 }
 
+/// A queued message with its encoded length, counted once.
+pub struct Counted {
+    len: usize,
+    msg: SessionResponse,
+}
+
 /// Encoded bytes queued on a session (see `SessionTx::budget`).
 pub struct Queued(Arc<AtomicUsize>);
 
 impl Queued {
-    /// `msg` was taken off the queue for the transport.
-    pub fn taken(&self, msg: &SessionResponse) {
-        self.0.fetch_sub(msg.encoded_len(), Ordering::Relaxed);
+    /// A message was taken off the queue for the transport.
+    pub fn taken(&self, counted: Counted) -> SessionResponse {
+        self.0.fetch_sub(counted.len, Ordering::Relaxed);
+        counted.msg
     }
 
     #[cfg(test)]
@@ -185,9 +192,9 @@ mod tests {
         drop(a);
         Outbox::session(&to, 8).installed().close_quietly();
         drop(Outbox::session(&to, 9));
-        let first = rx.try_recv().expect("response");
+        let first = rx.try_recv().expect("response").msg;
         assert!(first.id == 7 && matches!(first.kind, Some(SessionKind::Response(_))));
-        let second = rx.try_recv().expect("end");
+        let second = rx.try_recv().expect("end").msg;
         assert!(second.id == 7 && matches!(second.kind, Some(SessionKind::Ended(Ended { code: 0, .. }))));
         assert!(rx.try_recv().is_err(), "a quiet close, and a refused registration, say nothing");
     }
@@ -218,8 +225,8 @@ mod tests {
         assert!((1..=SESSION_BYTES / 7_000_000).contains(&sent), "{sent} messages of 7 MB queued");
         assert!(to.overflowed() && to.queued() <= SESSION_BYTES);
         let budget = to.budget();
-        while let Ok(msg) = rx.try_recv() {
-            budget.taken(&msg);
+        while let Ok(counted) = rx.try_recv() {
+            budget.taken(counted);
         }
         assert_eq!(to.queued(), 0);
         out.close_quietly();

@@ -15,7 +15,7 @@ use tonic::{Status, Streaming};
 use crate::download::DownloadHandle;
 use crate::error::SchedulerError;
 use crate::metrics::OpenStream;
-use crate::outbox::{Queued, SessionTx, SESSION_HIGH_WATER};
+use crate::outbox::{Counted, Queued, SessionTx, SESSION_HIGH_WATER};
 use crate::proto::download_request::Kind as Req;
 use crate::proto::{DownloadRequest, Register, SessionRequest, SessionResponse};
 use crate::scheduler::Scheduler;
@@ -40,7 +40,7 @@ pub(crate) struct SessionStream {
     downloads: Map<u64, DownloadHandle>,
     /// Dropped when the session ends, so that `rx` ends once the downloads let go of theirs.
     to: Option<SessionTx>,
-    rx: mpsc::Receiver<SessionResponse>,
+    rx: mpsc::Receiver<Counted>,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     error: Option<Status>,
     /// Lowered as messages are handed out; kept past the session's end.
@@ -177,10 +177,7 @@ impl Stream for SessionStream {
             this.end(Some(Status::resource_exhausted("the session was not read")));
         }
         match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(msg)) => {
-                this.budget.taken(&msg);
-                Poll::Ready(Some(Ok(msg)))
-            }
+            Poll::Ready(Some(counted)) => Poll::Ready(Some(Ok(this.budget.taken(counted)))),
             Poll::Ready(None) => Poll::Ready(this.error.take().map(Err)),
             Poll::Pending => Poll::Pending,
         }
