@@ -19,6 +19,7 @@ use crate::session::{ActFor, SessionStream};
 /// Largest message accepted: an announcement of many tasks with their piece digests.
 const MAX_MESSAGE: usize = 64 << 20;
 
+#[derive(Clone)]
 pub struct SchedulerService {
     core: Scheduler,
     /// Set: only hosts whose client certificate is valid for this name may be seeds.
@@ -114,7 +115,7 @@ impl scheduler_server::Scheduler for SchedulerService {
         req: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::DownloadsStream>, Status> {
         let may_seed = self.may_seed(&req);
-        let me = SchedulerService { core: self.core.clone(), seed_name: self.seed_name.clone() };
+        let me = self.clone();
         let act_for: ActFor = Box::new(move |host_id: &str| me.act_for(may_seed, host_id, "download"));
         Ok(Response::new(Box::pin(SessionStream::new(self.core.clone(), act_for, req.into_inner()))))
     }

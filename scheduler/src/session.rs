@@ -84,34 +84,33 @@ impl SessionStream {
             }
             return;
         };
-        let refused = match kind {
-            Req::Register(reg) => self.register(id, reg).err(),
-            kind => match self.downloads.get_mut(&id) {
-                // Ended by the scheduler already; the host learns from its `Ended`.
-                None => None,
-                Some(handle) => match handle.send(DownloadRequest { kind: Some(kind) }) {
-                    Ok(()) => None,
-                    // Its end was told when it ended (taken over, failed, dropped): let go of
-                    // it without a second word.
-                    Err(SchedulerError::DownloadEnded(_)) => {
-                        if let Some(handle) = self.downloads.remove(&id) {
-                            handle.close_quietly();
-                        }
-                        None
-                    }
-                    Err(e) => {
-                        tracing::debug!(digest = %handle.digest(), host = %handle.host_id(), error = %e, "download request refused");
-                        Some(Status::from(e))
-                    }
-                },
-            },
+        let outcome = match kind {
+            Req::Register(reg) => self.register(id, reg).map_err(Some),
+            kind => self.request(id, kind),
         };
-        if let Some(status) = refused {
-            if let Some(to) = &self.to {
+        // Refused: the host is told why, unless it was told already; either way the download
+        // is let go of.
+        if let Err(tell) = outcome {
+            if let (Some(status), Some(to)) = (tell, &self.to) {
                 to.end(id, status.code() as i32, status.message().to_owned());
             }
             if let Some(handle) = self.downloads.remove(&id) {
                 handle.close_quietly();
+            }
+        }
+    }
+
+    /// Applies one request of open download `id`. `Err(None)`: the download ended already
+    /// (taken over, failed, dropped) and its end was told then.
+    fn request(&mut self, id: u64, kind: Req) -> Result<(), Option<Status>> {
+        // Unknown: ended by the scheduler already; the host learns from its `Ended`.
+        let Some(handle) = self.downloads.get_mut(&id) else { return Ok(()) };
+        match handle.send(DownloadRequest { kind: Some(kind) }) {
+            Ok(()) => Ok(()),
+            Err(SchedulerError::DownloadEnded(_)) => Err(None),
+            Err(e) => {
+                tracing::debug!(digest = %handle.digest(), host = %handle.host_id(), error = %e, "download request refused");
+                Err(Some(Status::from(e)))
             }
         }
     }

@@ -51,8 +51,32 @@ impl Mux {
         self.routes().is_some() && !self.tx.is_closed()
     }
 
+    /// Registers a download. The scheduler answers a registration at once, with the
+    /// download's first messages or with why it refused it; no answer within `timeout` is a
+    /// `DeadlineExceeded`.
+    pub async fn open_download(
+        self: &Arc<Self>,
+        first: DownloadRequest,
+        timeout: std::time::Duration,
+    ) -> Result<(mpsc::UnboundedSender<DownloadRequest>, Responses), Status> {
+        let ended = || Status::unavailable("the scheduler session ended");
+        let mut started = self.start(first).ok_or_else(ended)?;
+        // Closed unless it is handed on: a caller that gives up on this future (a timeout
+        // around it) must not leave the download registered for the life of the session.
+        let mut opening = Opening { mux: self, id: started.id, open: true };
+        match tokio::time::timeout(timeout, started.responses.recv()).await {
+            Ok(Some(Ok(resp))) => {
+                opening.open = false;
+                Ok((self.requests(started.id), started.into_stream(resp)))
+            }
+            Ok(Some(Err(status))) => Err(status),
+            Ok(None) => Err(ended()),
+            Err(_) => Err(Status::deadline_exceeded("timed out")),
+        }
+    }
+
     /// Sends `first` (a registration) as a new download. `None`: the session has ended.
-    pub fn start(&self, first: DownloadRequest) -> Option<Started> {
+    fn start(&self, first: DownloadRequest) -> Option<Started> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (route, rx) = mpsc::unbounded_channel();
         self.routes().as_mut()?.insert(id, route);
@@ -65,7 +89,7 @@ impl Mux {
 
     /// The requests of download `id`, as a sender like a stream of its own would take: what
     /// goes in reaches the scheduler in order, and closing it closes the download.
-    pub fn requests(self: &Arc<Self>, id: u64) -> mpsc::UnboundedSender<DownloadRequest> {
+    fn requests(self: &Arc<Self>, id: u64) -> mpsc::UnboundedSender<DownloadRequest> {
         let (tx, mut rx) = mpsc::unbounded_channel::<DownloadRequest>();
         let mux = self.clone();
         tokio::spawn(async move {
@@ -80,7 +104,7 @@ impl Mux {
     }
 
     /// Closes download `id`: the scheduler is told, and its responses end here.
-    pub fn close(&self, id: u64) {
+    fn close(&self, id: u64) {
         let _ = self.tx.send(SessionRequest { id, request: None });
         self.forget(id);
     }
@@ -120,15 +144,30 @@ impl Mux {
     }
 }
 
+/// A download being opened on a session; closed if dropped while `open`.
+struct Opening<'a> {
+    mux: &'a Mux,
+    id: u64,
+    open: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.mux.close(self.id);
+        }
+    }
+}
+
 /// A download just started on a session.
-pub(crate) struct Started {
-    pub id: u64,
-    pub responses: mpsc::UnboundedReceiver<Result<DownloadResponse, Status>>,
+struct Started {
+    id: u64,
+    responses: mpsc::UnboundedReceiver<Result<DownloadResponse, Status>>,
 }
 
 impl Started {
     /// The responses as a stream, `first` (already read) ahead of the rest.
-    pub fn into_stream(self, first: DownloadResponse) -> Responses {
+    fn into_stream(self, first: DownloadResponse) -> Responses {
         let rest = UnboundedReceiverStream::new(self.responses);
         Box::pin(futures_util::StreamExt::chain(futures_util::stream::iter([Ok(first)]), rest))
     }

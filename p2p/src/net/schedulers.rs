@@ -69,41 +69,6 @@ fn timed_out() -> tonic::Status {
     tonic::Status::deadline_exceeded("timed out")
 }
 
-/// Registers a download on a session. The scheduler answers a registration at once, with the
-/// download's first messages or with why it refused it.
-async fn open_on_session(
-    mux: &Arc<Mux>,
-    first: DownloadRequest,
-) -> Result<(mpsc::UnboundedSender<DownloadRequest>, Responses), tonic::Status> {
-    let ended = || tonic::Status::unavailable("the scheduler session ended");
-    let mut started = mux.start(first).ok_or_else(ended)?;
-    // Closed unless it is handed on: a caller that gives up on this future (a timeout around
-    // it) must not leave the download registered for the life of the session.
-    let opening = Opening { mux, id: started.id };
-    let answer = tokio::time::timeout(CALL_TIMEOUT, started.responses.recv()).await;
-    match answer {
-        Ok(Some(Ok(resp))) => {
-            std::mem::forget(opening);
-            Ok((mux.requests(started.id), started.into_stream(resp)))
-        }
-        Ok(Some(Err(status))) => Err(status),
-        Ok(None) => Err(ended()),
-        Err(_) => Err(timed_out()),
-    }
-}
-
-/// A download being opened on a session; closed if dropped.
-struct Opening<'a> {
-    mux: &'a Mux,
-    id: u64,
-}
-
-impl Drop for Opening<'_> {
-    fn drop(&mut self) {
-        self.mux.close(self.id);
-    }
-}
-
 fn client_tls(tls: &ClusterTls) -> ClientTlsConfig {
     let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
     match &tls.identity {
@@ -272,7 +237,7 @@ impl Schedulers {
         let ep = &self.endpoints[i];
         if !ep.no_sessions.load(Ordering::Relaxed) {
             match self.session(i).await {
-                Ok(mux) => return open_on_session(&mux, first).await,
+                Ok(mux) => return mux.open_download(first, CALL_TIMEOUT).await,
                 Err(s) if s.code() == Code::Unimplemented => {
                     tracing::info!(scheduler = %ep.url, "scheduler has no download sessions; a stream per download");
                     ep.no_sessions.store(true, Ordering::Relaxed);
