@@ -12,7 +12,6 @@ declare -A PKG_FOR_CMD=(
   [skopeo]=skopeo
   [containerd]=containerd
   [ctr]=containerd
-  [protoc]=protobuf-compiler
   [python3]=python3
   [curl]=curl
   [openssl]=openssl

@@ -11,7 +11,7 @@ use damselfly_integration::token_auth::{PASSWORD, USER};
 use damselfly_integration::{
     fetch, http_client, poll_until, random_bytes, Metrics, Mirror, MirrorOpts, Registry, TokenAuthFront, MIB,
 };
-use damselfly_scheduler::proto::{self, scheduler_client::SchedulerClient};
+use damselfly_proto::v1::{self as proto, scheduler_client::SchedulerClient};
 use damselfly_scheduler::{Running, SchedulerConfig, ServerTls};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};

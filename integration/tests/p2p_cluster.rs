@@ -117,15 +117,15 @@ async fn upload_servers_refuse_peers_without_a_scheduler_issued_token() {
     fetch(client.get(node.blob_url_ns(REPO, &digest, &origin.host())), false).await.unwrap().assert_blob(&digest, size);
 
     let piece = format!("http://{}/pieces/{digest}/0", node.upload_addr.expect("upload server"));
-    let key = damselfly_scheduler::token::upload_key(SECRET, &node_id(0));
-    let other_key = damselfly_scheduler::token::upload_key(b"another cluster's secret", &node_id(0));
+    let key = damselfly_proto::token::upload_key(SECRET, &node_id(0));
+    let other_key = damselfly_proto::token::upload_key(b"another cluster's secret", &node_id(0));
     let expiry = 4_000_000_000;
     let cases = [
         (None, 403),
         (Some("v1.4000000000.6162.00".to_owned()), 403),
-        (Some(damselfly_scheduler::token::mint(&other_key, &digest, "stranger", expiry)), 403),
-        (Some(damselfly_scheduler::token::mint(&key, &digest, "stranger", 1)), 403),
-        (Some(damselfly_scheduler::token::mint(&key, &digest, "child", expiry)), 200),
+        (Some(damselfly_proto::token::mint(&other_key, &digest, "stranger", expiry)), 403),
+        (Some(damselfly_proto::token::mint(&key, &digest, "stranger", 1)), 403),
+        (Some(damselfly_proto::token::mint(&key, &digest, "child", expiry)), 200),
     ];
     for (token, want) in cases {
         let mut req = client.get(&piece);

@@ -5,20 +5,23 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use damselfly_p2p::{Metrics as StoreMetrics, Store, StoreConfig, StoreError};
-use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
+use http_body_util::Full;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::metrics::ApiMetrics;
-use crate::api::response::{full, Body};
 use crate::api::App;
 use crate::config::MirrorConfig;
 use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
-use damselfly_p2p::serve::serve;
+use damselfly_serve::serve;
+
+/// Dragonfly's dfdaemon answers health checks at `/server/ping`; `/healthy` is the project's own.
+const HEALTH_PATHS: &[&str] = &["/server/ping", "/healthy"];
 
 pub struct Listeners {
     pub api: TcpListener,
@@ -147,7 +150,11 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     };
     let tasks = vec![
         tokio::spawn(serve(listeners.api, api, shutdown.clone())),
-        tokio::spawn(serve(listeners.health, |req| async move { health(&req) }, shutdown.clone())),
+        tokio::spawn(serve(
+            listeners.health,
+            |req| async move { damselfly_serve::health(req.uri().path(), HEALTH_PATHS) },
+            shutdown.clone(),
+        )),
         tokio::spawn(serve(listeners.metrics, metrics, shutdown.clone())),
     ];
     tracing::info!(api = %addrs.0, health = %addrs.1, metrics = %addrs.2, data_dir = %config.data_dir.display(), "damselfly mirror started");
@@ -200,12 +207,6 @@ impl Running {
         }
         self.store.flush_all();
     }
-
-    /// Resolves when the daemon is asked to stop from inside (never, for now) — kept so the
-    /// binary can wait on signals and this together.
-    pub fn token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
 }
 
 /// Starts the in-process scheduler, if asked for; returns it and where this node reaches it.
@@ -228,39 +229,15 @@ async fn start_scheduler(
     Ok((Some(running), Some(own)))
 }
 
-fn health<B>(req: &Request<B>) -> Response<Body> {
-    match req.uri().path() {
-        "/server/ping" | "/healthy" => text(StatusCode::OK, "OK"),
-        _ => text(StatusCode::NOT_FOUND, "not found"),
-    }
-}
-
 /// The daemon's metrics, and those of the scheduler it runs in-process if it does.
 fn metrics_response<B>(
     req: &Request<B>,
     registry: &Mutex<Registry>,
     scheduler: Option<&damselfly_scheduler::Scheduler>,
-) -> Response<Body> {
-    use prometheus_client::encoding::text::{encode_eof, encode_registry};
-    if req.uri().path() != "/metrics" {
-        return text(StatusCode::NOT_FOUND, "not found");
-    }
-    let mut out = String::new();
-    let encoded = encode_registry(&mut out, &registry.lock().unwrap_or_else(|e| e.into_inner()))
-        .and_then(|()| scheduler.map_or(Ok(()), |s| s.metrics().encode_families(&mut out)))
-        .and_then(|()| encode_eof(&mut out));
-    if let Err(e) = encoded {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
-    }
-    let mut resp = Response::new(full(out));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
-    resp
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut resp = Response::new(full(body.to_owned()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp
+) -> Response<Full<Bytes>> {
+    damselfly_serve::metrics(req.uri().path(), |out| {
+        let registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode_registry(out, &registry)?;
+        scheduler.map_or(Ok(()), |s| s.metrics().encode_families(out))
+    })
 }

@@ -2,7 +2,6 @@
 //! pieces, stored one file per task with crash-safe metadata, and the fetch engine that fills
 //! them from a [`Source`] while any number of readers stream the bytes as they land.
 
-pub mod digest;
 mod fetch;
 pub mod meta;
 pub mod metrics;
@@ -12,16 +11,18 @@ pub mod passthrough;
 pub mod piece;
 mod provenance;
 pub mod reader;
-pub mod serve;
+mod share;
 pub mod source;
 mod stage;
 pub mod store;
 mod task;
 mod verify;
 
-pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use damselfly_proto::digest;
+pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
 pub use reader::{read, ReadError};
+pub use share::{Fetcher, StoreEvent};
 pub use source::{Origin, Source, SourceError, SourceResponse, SourceSpec};
 pub use store::{Store, StoreConfig, StoreError};
 pub use task::{Task, TaskRef};

@@ -206,9 +206,9 @@ impl Writer {
     fn new(task: TaskRef, id: u64, error: Arc<Mutex<Option<String>>>) -> Self {
         let wanted = task.store.upgrade().is_some_and(|s| s.direct_io);
         let direct = wanted.then(|| reopen_direct(&task.file)).flatten();
-        // Piece digests are what other peers verify pieces by; a node alone has no use for
-        // them, so it does not spend a second hash over every byte.
-        let sha = task.store_has_network().then(|| Hasher::new(Algorithm::Sha256));
+        // Piece digests are what other nodes verify pieces by; a store that shares nothing has
+        // no use for them, so it does not spend a second hash over every byte.
+        let sha = task.is_shared().then(|| Hasher::new(Algorithm::Sha256));
         Writer { task, id, direct, crc: 0, sha, summed_from: None, written_until: 0, error }
     }
 

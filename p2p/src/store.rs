@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::digest::{Algorithm, Digest};
 use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
 use crate::metrics::Metrics;
 use crate::piece::Layout;
+use crate::share::{Fetcher, Sharing, StoreEvent};
 use crate::task::{Task, TaskRef};
 
 /// Free disk space kept untouched: below it, downloads stream through without caching.
@@ -48,8 +50,8 @@ pub(crate) struct Inner {
     pub(crate) direct_io: bool,
     index: Mutex<Index>,
     pub(crate) metrics: Arc<Metrics>,
-    /// The node's P2P side, when it is part of a cluster.
-    network: std::sync::OnceLock<std::sync::Weak<crate::net::Node>>,
+    /// How pieces are fetched and who hears of them, once the store shares its pieces.
+    sharing: std::sync::OnceLock<Sharing>,
     /// Held (with an exclusive flock) for the store's lifetime.
     _lock: File,
 }
@@ -98,7 +100,7 @@ impl Store {
             direct_io: cfg.direct_io,
             index: Mutex::new(index),
             metrics,
-            network: Default::default(),
+            sharing: Default::default(),
             _lock: lock,
         };
         Ok(Store { inner: Arc::new(inner) })
@@ -188,15 +190,19 @@ impl Store {
         Ok(task)
     }
 
-    /// Writes every dirty task's metadata: called at shutdown so a clean restart loses nothing.
-    /// Makes missing pieces come from other peers through `node` (set once, at start-up).
-    pub(crate) fn attach_network(&self, node: &Arc<crate::net::Node>) {
-        let _ = self.inner.network.set(Arc::downgrade(node));
+    /// Shares this store's pieces: from now on `fetcher` fills missing pieces, every piece
+    /// written gets its sha256 (what other nodes verify it by), and what others need to hear
+    /// goes out on the returned channel. Set once, by whoever composes the node; `None` when
+    /// the store is shared already.
+    pub fn share(&self, fetcher: Arc<dyn Fetcher>) -> Option<UnboundedReceiver<StoreEvent>> {
+        let (sharing, events) = Sharing::new(fetcher);
+        self.inner.sharing.set(sharing).ok()?;
+        Some(events)
     }
 
-    /// Whether missing pieces may come from other peers.
-    pub fn in_cluster(&self) -> bool {
-        self.inner.network().is_some()
+    /// Whether this store shares its pieces (missing ones may come from other nodes).
+    pub fn is_shared(&self) -> bool {
+        self.inner.sharing.get().is_some()
     }
 
     /// Up to `max` verified tasks whose piece digests are all known, most recently used first,
@@ -233,6 +239,7 @@ impl Store {
         })
     }
 
+    /// Writes every dirty task's metadata: called at shutdown so a clean restart loses nothing.
     pub fn flush_all(&self) {
         let tasks: Vec<Arc<Task>> = self.inner.index().lru.iter().filter_map(|(_, e)| e.task.clone()).collect();
         for t in tasks {
@@ -246,8 +253,14 @@ fn has_piece_digests(m: &TaskMeta) -> bool {
 }
 
 impl Inner {
-    pub(crate) fn network(&self) -> Option<Arc<crate::net::Node>> {
-        self.network.get()?.upgrade()
+    pub(crate) fn sharing(&self) -> Option<&Sharing> {
+        self.sharing.get()
+    }
+
+    fn emit(&self, event: StoreEvent) {
+        if let Some(sharing) = self.sharing() {
+            sharing.emit(event);
+        }
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
@@ -329,9 +342,7 @@ impl Inner {
             }
             self.delete_files(&victim);
             self.metrics.evictions.inc();
-            if let Some(node) = self.network() {
-                node.withdrawn(&victim);
-            }
+            self.emit(StoreEvent::Withdrawn(victim.clone()));
             tracing::info!(digest = %victim, "evicted from the cache");
         }
         Ok(())
@@ -348,9 +359,7 @@ impl Inner {
             self.delete_files(digest);
             self.publish(&index);
             drop(index);
-            if let Some(node) = self.network() {
-                node.withdrawn(digest);
-            }
+            self.emit(StoreEvent::Withdrawn(digest.clone()));
         }
     }
 

@@ -21,6 +21,7 @@ use crate::digest::Digest;
 use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
 use crate::metrics::Metrics;
 use crate::piece::Layout;
+use crate::share::{Direct, Fetcher, StoreEvent};
 use crate::source::Source;
 use crate::stage::staged_at;
 use crate::store::Inner as StoreInner;
@@ -329,17 +330,17 @@ impl Task {
             record.sha256 = Some(sha256.clone());
             st.dirty = true;
         }
-        // The digest of a piece read from the origin is what the cluster verifies it by.
-        if let Some(node) = self.network() {
-            node.piece_hashed(&self.digest, i, sha256);
-        }
+        // The digest of a piece read from a source is what other nodes verify it by.
+        self.emit(StoreEvent::PieceHashed { digest: self.digest.clone(), piece: i, sha256 });
         self.announce_if_ready();
     }
 
-    /// Once the task is verified and every piece digest known, every scheduler hears that this
-    /// node holds it: a scheduler that takes over the task later finds it here.
+    /// Once the task is verified and every piece digest known, whoever the store shares its
+    /// pieces with hears that it holds the whole task.
     fn announce_if_ready(&self) {
-        let Some(node) = self.network() else { return };
+        if !self.is_shared() {
+            return;
+        }
         {
             let mut st = self.lock();
             let ready = st.verified
@@ -349,7 +350,7 @@ impl Task {
             }
             st.announced = true;
         }
-        node.task_ready(self.meta());
+        self.emit(StoreEvent::TaskReady(self.meta()));
     }
 
     /// Piece `i`, fetched by `id` from another peer and verified against its pinned digest.
@@ -394,12 +395,15 @@ impl Task {
         }
     }
 
-    pub(crate) fn network(&self) -> Option<Arc<crate::net::Node>> {
-        self.store.upgrade()?.network()
+    /// Whether the store shares its pieces with other nodes (see `share.rs`).
+    pub(crate) fn is_shared(&self) -> bool {
+        self.store.upgrade().is_some_and(|s| s.sharing().is_some())
     }
 
-    pub(crate) fn store_has_network(&self) -> bool {
-        self.network().is_some()
+    fn emit(&self, event: StoreEvent) {
+        if let Some(sharing) = self.store.upgrade().as_deref().and_then(StoreInner::sharing) {
+            sharing.emit(event);
+        }
     }
 
     /// Whether piece `i` is this fetch's to write.
@@ -546,13 +550,14 @@ impl Task {
         self.file.write_all_at(data, offset)
     }
 
-    /// Starts fetch `id` of `pieces` from `source` in the background.
+    /// Starts fetch `id` of `pieces` in the background, with the fetcher the store was handed
+    /// (from `source` alone, unless the store shares its pieces).
     pub(crate) fn spawn_fetch(self: &Arc<Self>, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
         let task = TaskRef::pin(self.clone());
-        match self.network() {
-            Some(node) => tokio::spawn(crate::net::swarm::run(node, task, id, pieces, source)),
-            None => tokio::spawn(crate::fetch::run(task, id, pieces, source)),
-        };
+        match self.store.upgrade().as_deref().and_then(StoreInner::sharing) {
+            Some(sharing) => sharing.fetcher.fetch(task, id, pieces, source),
+            None => Direct.fetch(task, id, pieces, source),
+        }
     }
 }
 

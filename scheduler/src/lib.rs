@@ -2,24 +2,11 @@
 //! the rules that tell each download where to get its pieces.
 //!
 //! [`Scheduler`] is the core, callable in-process; [`start`] serves it over gRPC (with the
-//! standard health service) and HTTP `/healthy` and `/metrics`.
+//! standard health service) and HTTP `/healthy` and `/metrics`. The wire protocol, the upload
+//! tokens and the digest type are in `damselfly-proto`, which the nodes share.
 
-pub mod proto {
-    tonic::include_proto!("damselfly.scheduler.v1");
-
-    /// Written by hand so that the credential never reaches a log.
-    impl std::fmt::Debug for Source {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("Source")
-                .field("registry", &self.registry)
-                .field("repository", &self.repository)
-                .field("insecure", &self.insecure)
-                .field("credential", &if self.credential.is_empty() { "" } else { "<redacted>" })
-                .finish()
-        }
-    }
-}
-pub mod token;
+// The protocol and the tokens are shared with the nodes (`damselfly-proto`).
+use damselfly_proto::{token, v1 as proto};
 
 mod config;
 mod decide;

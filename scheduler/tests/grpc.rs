@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use damselfly_scheduler::proto::download_request::Kind as Req;
-use damselfly_scheduler::proto::download_response::Kind;
-use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
-use damselfly_scheduler::{start, token, Running, SchedulerConfig};
+use damselfly_proto::token;
+use damselfly_proto::v1::download_request::Kind as Req;
+use damselfly_proto::v1::download_response::Kind;
+use damselfly_proto::v1::scheduler_client::SchedulerClient;
+use damselfly_proto::v1::{self as proto, DownloadRequest, DownloadResponse};
+use damselfly_scheduler::{start, Running, SchedulerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

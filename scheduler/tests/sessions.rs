@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use damselfly_scheduler::proto::download_request::Kind as Req;
-use damselfly_scheduler::proto::download_response::Kind;
-use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::session_response::Kind as SessionKind;
-use damselfly_scheduler::proto::{self, DownloadRequest, Ended, SessionRequest, SessionResponse};
+use damselfly_proto::v1::download_request::Kind as Req;
+use damselfly_proto::v1::download_response::Kind;
+use damselfly_proto::v1::scheduler_client::SchedulerClient;
+use damselfly_proto::v1::session_response::Kind as SessionKind;
+use damselfly_proto::v1::{self as proto, DownloadRequest, Ended, SessionRequest, SessionResponse};
 use damselfly_scheduler::{start, Running, SchedulerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

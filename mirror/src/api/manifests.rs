@@ -57,7 +57,7 @@ pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Response<Body> {
             }
             _ => {}
         }
-        if req.method == Method::GET && app.store.in_cluster() {
+        if req.method == Method::GET && app.store.is_shared() {
             if let Some(resp) = through_cluster(&app, &req, digest).await {
                 return resp;
             }

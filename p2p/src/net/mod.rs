@@ -2,17 +2,17 @@
 //! that hands pieces to other peers, and the swarm that takes pieces from them.
 //!
 //! Flow of a miss: a reader claims missing pieces and [`swarm::run`] fills them. The task's
-//! [`session::Session`] (one download stream per task) registers with the scheduler chosen
+//! [`download::Download`] (one download stream per task) registers with the scheduler chosen
 //! for the digest; its answers say which parents hold which pieces, or to go to the origin.
 //! Pieces from parents are verified against the digests the scheduler pinned; pieces from the
 //! origin are hashed and their digests reported, which is what lets others take them from here.
 
+mod download;
 mod limit;
 mod mux;
 mod peer;
 mod schedulers;
-mod session;
-pub(crate) mod swarm;
+mod swarm;
 mod tls;
 mod upload;
 
@@ -21,11 +21,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use damselfly_scheduler::proto::{self, download_request, DownloadRequest};
-use damselfly_scheduler::token::{self, KEY_LEN};
+use damselfly_proto::token::{self, KEY_LEN};
+use damselfly_proto::v1::{self as proto, download_request, DownloadRequest};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +34,12 @@ pub use limit::RateLimit;
 pub use upload::parse_path as parse_piece_path;
 
 use crate::digest::Digest;
+use crate::share::StoreEvent;
 use crate::source::{Source, SourceSpec};
 use crate::store::Store;
 use crate::task::TaskRef;
+use download::{Download, Mode};
 use schedulers::Schedulers;
-use session::{Mode, Session};
 
 /// Tasks in one announcement, the most recently used first (the scheduler takes up to 10,000).
 const MAX_ANNOUNCED: usize = 5_000;
@@ -145,7 +147,7 @@ pub struct Node {
     pub(crate) cfg: NodeConfig,
     pub(crate) store: Store,
     schedulers: Arc<Schedulers>,
-    sessions: Mutex<HashMap<Digest, Arc<Session>>>,
+    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Upload keys from the schedulers this host announced to.
     keys: RwLock<Vec<[u8; KEY_LEN]>>,
     pub(crate) http: reqwest::Client,
@@ -154,8 +156,6 @@ pub struct Node {
     pub(crate) upload_slots: Arc<Semaphore>,
     pub(crate) metrics: NetMetrics,
     shutdown: CancellationToken,
-    /// Hooks run on the store's threads (the piece hasher), outside the runtime.
-    runtime: tokio::runtime::Handle,
     upload_server: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -211,7 +211,7 @@ impl Node {
             .map_err(|e| NetError::Config(format!("peer HTTP client: {e}")))?;
         let node = Arc::new(Node {
             schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip, cfg.cluster_tls.as_ref())?),
-            sessions: Mutex::new(HashMap::new()),
+            downloads: Mutex::new(HashMap::new()),
             keys: RwLock::new(Vec::new()),
             http,
             upload_limit: cfg.upload_rate.map(RateLimit::new),
@@ -219,12 +219,16 @@ impl Node {
             upload_slots: Arc::new(Semaphore::new(cfg.max_uploads.max(1))),
             metrics,
             shutdown,
-            runtime: tokio::runtime::Handle::current(),
             upload_server: Mutex::new(None),
             store: store.clone(),
             cfg,
         });
-        store.attach_network(&node);
+        // The store's missing pieces now come from the swarm, and this node hears what it
+        // must tell the schedulers.
+        let events = store
+            .share(Arc::new(swarm::SwarmFetcher(Arc::downgrade(&node))))
+            .ok_or_else(|| NetError::Config("the store is shared with another node already".into()))?;
+        tokio::spawn(node.clone().hear(events));
         spawn_backfill(store, node.shutdown.clone());
         let server = tokio::spawn(upload::serve(node.clone(), upload, acceptor, node.shutdown.clone()));
         *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
@@ -279,15 +283,15 @@ impl Node {
     /// A task just became complete and verified here: tell the other schedulers now rather
     /// than at the next announcement. The one its download stream runs on learns it there, in
     /// order with the piece reports.
-    pub(crate) fn task_ready(self: &Arc<Self>, meta: crate::meta::TaskMeta) {
+    fn task_ready(self: &Arc<Self>, meta: crate::meta::TaskMeta) {
         let node = self.clone();
-        let session = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).cloned();
-        if let Some(s) = &session {
+        let download = self.downloads.lock().unwrap_or_else(|e| e.into_inner()).get(&meta.digest).cloned();
+        if let Some(s) = &download {
             s.finished();
         }
-        let streaming_to = session.and_then(|s| s.scheduler());
+        let streaming_to = download.and_then(|s| s.scheduler());
         let info = task_info(meta);
-        self.runtime.spawn(async move {
+        tokio::spawn(async move {
             for i in 0..node.schedulers.len() {
                 if streaming_to.as_deref() != Some(node.schedulers.url(i)) {
                     let _ = node.announce_tasks(i, vec![info.clone()]).await;
@@ -407,15 +411,15 @@ impl Node {
         token::verify(&keys, token, &digest.to_string(), now)
     }
 
-    /// The task's session, opening its download stream if there is none.
-    pub(crate) fn session(self: &Arc<Self>, task: &TaskRef, source: &dyn Source) -> Arc<Session> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = sessions.get(task.digest()) {
+    /// The task's download, opening its download stream if there is none.
+    pub(crate) fn download(self: &Arc<Self>, task: &TaskRef, source: &dyn Source) -> Arc<Download> {
+        let mut downloads = self.downloads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = downloads.get(task.digest()) {
             return s.clone();
         }
-        let session = Session::new(task.digest().clone(), task.layout().count());
-        sessions.insert(task.digest().clone(), session.clone());
-        drop(sessions);
+        let download = Download::new(task.digest().clone(), task.layout().count());
+        downloads.insert(task.digest().clone(), download.clone());
+        drop(downloads);
         let spec = source.describe().unwrap_or_default();
         let register = proto::Register {
             host_id: self.cfg.host_id.clone(),
@@ -430,13 +434,13 @@ impl Node {
             }),
             pieces: task.present_pieces(),
         };
-        tokio::spawn(self.clone().open(session.clone(), register));
-        session
+        tokio::spawn(self.clone().open(download.clone(), register));
+        download
     }
 
-    async fn open(self: Arc<Self>, session: Arc<Session>, register: proto::Register) {
+    async fn open(self: Arc<Self>, download: Arc<Download>, register: proto::Register) {
         let first = DownloadRequest { kind: Some(download_request::Kind::Register(register)) };
-        let key = session.digest.to_string();
+        let key = download.digest.to_string();
         let opened = self
             .schedulers
             .open_download(&key, first, |i| {
@@ -449,57 +453,73 @@ impl Node {
         match opened {
             Ok((tx, stream)) => {
                 let scheduler = stream.scheduler.clone();
-                if !session.connect(tx, &scheduler) {
+                if !download.connect(tx, &scheduler) {
                     return;
                 }
-                if !session::pump(session.clone(), stream.responses).await {
+                if !download::pump(download.clone(), stream.responses).await {
                     self.schedulers.stream_failed(&scheduler);
                 }
             }
             Err(e) => {
-                tracing::info!(digest = %session.digest, error = %e, "no scheduler; fetching from the origin");
+                tracing::info!(digest = %download.digest, error = %e, "no scheduler; fetching from the origin");
                 self.metrics.scheduler_errors.inc();
-                session.set_mode(Mode::Origin);
+                download.set_mode(Mode::Origin);
             }
         }
-        self.forget(&session);
+        self.forget(&download);
     }
 
-    /// A fetch is done with `session`: once no fetch has used it for a while, close it.
-    pub(crate) fn release(self: &Arc<Self>, session: &Arc<Session>) {
-        if session.detach() > 0 {
+    /// A fetch is done with `download`: once no fetch has used it for a while, close it.
+    pub(crate) fn release(self: &Arc<Self>, download: &Arc<Download>) {
+        if download.detach() > 0 {
             return;
         }
         let node = self.clone();
-        let session = session.clone();
+        let download = download.clone();
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
-            if session.attached() == 0 {
-                let finished = node.store.get(&session.digest).ok().flatten().is_some_and(|t| t.is_verified());
-                session.close(finished);
-                node.forget(&session);
+            if download.attached() == 0 {
+                let finished = node.store.get(&download.digest).ok().flatten().is_some_and(|t| t.is_verified());
+                download.close(finished);
+                node.forget(&download);
             }
         });
     }
 
-    fn forget(&self, session: &Arc<Session>) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if sessions.get(&session.digest).is_some_and(|s| Arc::ptr_eq(s, session)) {
-            sessions.remove(&session.digest);
+    fn forget(&self, download: &Arc<Download>) {
+        let mut downloads = self.downloads.lock().unwrap_or_else(|e| e.into_inner());
+        if downloads.get(&download.digest).is_some_and(|s| Arc::ptr_eq(s, download)) {
+            downloads.remove(&download.digest);
         }
     }
 
     /// Piece `i` of `digest`, read from the origin, hashed to `sha256`: the scheduler pins it
     /// and hands the piece to others.
-    pub(crate) fn piece_hashed(&self, digest: &Digest, i: usize, sha256: String) {
-        let session = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
-        if let Some(s) = session {
+    fn piece_hashed(&self, digest: &Digest, i: usize, sha256: String) {
+        let download = self.downloads.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
+        if let Some(s) = download {
             s.piece_from_origin(i, sha256);
         }
     }
 
     /// The store dropped `digest` (evicted, or discarded).
-    pub(crate) fn withdrawn(&self, digest: &Digest) {
-        self.runtime.spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
+    fn withdrawn(&self, digest: &Digest) {
+        tokio::spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
+    }
+
+    /// Passes on what the store says, in order, until shutdown.
+    async fn hear(self: Arc<Self>, mut events: UnboundedReceiver<StoreEvent>) {
+        loop {
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                Some(StoreEvent::PieceHashed { digest, piece, sha256 }) => self.piece_hashed(&digest, piece, sha256),
+                Some(StoreEvent::TaskReady(meta)) => self.task_ready(meta),
+                Some(StoreEvent::Withdrawn(digest)) => self.withdrawn(&digest),
+                None => return,
+            }
+        }
     }
 }

@@ -12,9 +12,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::session_response::Kind;
-use damselfly_scheduler::proto::{DownloadRequest, DownloadResponse, SessionRequest, SessionResponse};
+use damselfly_proto::v1::scheduler_client::SchedulerClient;
+use damselfly_proto::v1::session_response::Kind;
+use damselfly_proto::v1::{DownloadRequest, DownloadResponse, SessionRequest, SessionResponse};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -196,8 +196,8 @@ async fn read(mux: std::sync::Weak<Mux>, mut responses: Streaming<SessionRespons
 mod tests {
     use std::net::IpAddr;
 
-    use damselfly_scheduler::proto::scheduler_server::{Scheduler as Service, SchedulerServer};
-    use damselfly_scheduler::proto::{self, download_request};
+    use damselfly_proto::v1::scheduler_server::{Scheduler as Service, SchedulerServer};
+    use damselfly_proto::v1::{self as proto, download_request};
     use damselfly_scheduler::{Scheduler, SchedulerConfig, SchedulerService};
     use tonic::{Request, Response};
 

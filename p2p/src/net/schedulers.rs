@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use damselfly_scheduler::proto::scheduler_client::SchedulerClient;
-use damselfly_scheduler::proto::{self, DownloadRequest};
+use damselfly_proto::v1::scheduler_client::SchedulerClient;
+use damselfly_proto::v1::{self as proto, DownloadRequest};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;

@@ -5,18 +5,19 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use damselfly_scheduler::proto::{self, download_request};
+use damselfly_proto::v1::{self as proto, download_request};
 use std::panic::AssertUnwindSafe;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 
+use super::download::{Download, Mode};
 use super::peer::{self, PieceError, PieceJob};
-use super::session::{Mode, Session};
 use super::Node;
+use crate::share::{Direct, Fetcher};
 use crate::source::{Source, SourceError};
 use crate::task::TaskRef;
 
@@ -48,7 +49,7 @@ struct Swarm {
     task: TaskRef,
     id: u64,
     run: Range<usize>,
-    session: Arc<Session>,
+    download: Arc<Download>,
     /// Pieces being downloaded, and from which parent.
     inflight: HashMap<usize, String>,
     /// Milliseconds since `epoch` at which the last byte arrived from a parent.
@@ -56,15 +57,29 @@ struct Swarm {
     epoch: Instant,
 }
 
-pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
-    let session = node.session(&task, &*source);
-    session.attach();
+/// What a shared store is handed to fetch with (see `share.rs`): its missing pieces come
+/// from other nodes first. It holds the node weakly, since the node holds the store.
+pub(crate) struct SwarmFetcher(pub(crate) Weak<Node>);
+
+impl Fetcher for SwarmFetcher {
+    fn fetch(&self, task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+        match self.0.upgrade() {
+            Some(node) => drop(tokio::spawn(run(node, task, id, pieces, source))),
+            // The node is gone (shutting down): the source alone.
+            None => Direct.fetch(task, id, pieces, source),
+        }
+    }
+}
+
+async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>) {
+    let download = node.download(&task, &*source);
+    download.attach();
     let mut swarm = Swarm {
         node: node.clone(),
         task: task.clone(),
         id,
         run: pieces,
-        session: session.clone(),
+        download: download.clone(),
         inflight: HashMap::new(),
         last_byte: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
@@ -80,7 +95,7 @@ pub(crate) async fn run(node: Arc<Node>, task: TaskRef, id: u64, pieces: Range<u
     if let Err(why) = &take_from_peers {
         tracing::debug!(digest = %task.digest(), reason = %why, "took the rest from the origin");
     }
-    node.release(&session);
+    node.release(&download);
     task.finish_fetch(id, hashing, result.err().map(|e| e.message));
     // Pieces from peers and from origin ranges: nobody streamed the whole content through a
     // hash, and a seed or background fill has no full reader to ask for it.
@@ -93,7 +108,7 @@ impl Swarm {
     /// Downloads claimed pieces from parents until none are left (`Ok`) or the origin must
     /// take over (`Err` says why).
     async fn take_from_peers(&mut self) -> Result<(), &'static str> {
-        let mut changed = self.session.subscribe();
+        let mut changed = self.download.subscribe();
         let mut jobs = FuturesUnordered::new();
         let mut tick = tokio::time::interval(TICK);
         let mut refreshed = Instant::now();
@@ -102,14 +117,14 @@ impl Swarm {
             if want.is_empty() {
                 return Ok(());
             }
-            match self.session.mode() {
+            match self.download.mode() {
                 Mode::Origin => return Err("the scheduler sent this node to the origin"),
                 Mode::Parents => {
                     self.start(&want, &mut jobs);
                     let starved = self.inflight.is_empty();
                     let due = if starved { STARVED_REFRESH } else { REFRESH };
                     if refreshed.elapsed() >= due {
-                        self.session.reschedule(Vec::new());
+                        self.download.reschedule(Vec::new());
                         refreshed = Instant::now();
                     }
                 }
@@ -117,7 +132,7 @@ impl Swarm {
             }
             if self.stalled() {
                 let stalled: Vec<String> = {
-                    let st = self.session.lock();
+                    let st = self.download.lock();
                     tracing::debug!(
                         digest = %self.task.digest(),
                         mode = ?st.mode,
@@ -130,7 +145,7 @@ impl Swarm {
                     );
                     st.parents.iter().map(|p| p.host_id.clone()).collect()
                 };
-                self.session.reschedule(stalled);
+                self.download.reschedule(stalled);
                 self.node.metrics.fallbacks.inc();
                 return Err("no bytes from any parent in time");
             }
@@ -144,7 +159,7 @@ impl Swarm {
 
     /// Downloads cut short by the origin taking over no longer load their parents.
     fn abandon_inflight(&mut self) {
-        let mut st = self.session.lock();
+        let mut st = self.download.lock();
         for (_, parent) in self.inflight.drain() {
             if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == parent) {
                 p.inflight = p.inflight.saturating_sub(1);
@@ -155,7 +170,7 @@ impl Swarm {
     /// No bytes from a parent and no news of parents or pieces for the stall time.
     fn stalled(&self) -> bool {
         let (news, limit) = {
-            let st = self.session.lock();
+            let st = self.download.lock();
             let pinned = st.digests.iter().any(Option::is_some);
             (st.news_at.max(self.epoch), patience(st.mode, pinned, self.node.cfg.stall_timeout))
         };
@@ -169,7 +184,7 @@ impl Swarm {
     /// from the least busy parent that holds it.
     fn start(&mut self, want: &[usize], jobs: &mut FuturesUnordered<peer::JobFuture>) {
         use rand::Rng;
-        let mut st = self.session.lock();
+        let mut st = self.download.lock();
         let mut rng = rand::thread_rng();
         let mut order: Vec<(usize, u32, usize)> = want
             .iter()
@@ -216,7 +231,7 @@ impl Swarm {
     fn finished(&mut self, job: PieceJob, result: Result<crate::meta::PieceRecord, PieceError>) {
         self.inflight.remove(&job.number);
         {
-            let mut st = self.session.lock();
+            let mut st = self.download.lock();
             if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == job.parent) {
                 p.inflight = p.inflight.saturating_sub(1);
             }
@@ -235,7 +250,7 @@ impl Swarm {
                     .get_or_create(&crate::metrics::SourceLabel { source: "peer" })
                     .inc_by(len);
                 let cost = job.started.elapsed().as_micros().max(1) as u64;
-                self.session.send(download_request::Kind::PieceFinished(proto::PieceFinished {
+                self.download.send(download_request::Kind::PieceFinished(proto::PieceFinished {
                     number: job.number as u32,
                     parent_id: job.parent,
                     sha256: String::new(),
@@ -244,7 +259,7 @@ impl Swarm {
             }
             Err(PieceError::Busy) => {
                 self.task.metrics.piece_failed(PieceError::Busy.reason());
-                let mut st = self.session.lock();
+                let mut st = self.download.lock();
                 if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == job.parent) {
                     p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
                 }
@@ -257,7 +272,7 @@ impl Swarm {
             Err(e) => {
                 tracing::info!(digest = %self.task.digest(), piece = job.number, parent = %job.parent, error = %e, "piece from a parent failed; blocking it");
                 self.task.metrics.piece_failed(e.reason());
-                self.session.block(&job.parent, job.number, &e);
+                self.download.block(&job.parent, job.number, &e);
             }
         }
     }

@@ -34,7 +34,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let handler = move |req| handle(node.clone(), req);
-    crate::serve::serve_with(listener, tls, handler, shutdown).await;
+    damselfly_serve::serve_with(listener, tls, handler, shutdown).await;
 }
 
 async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {

@@ -4,10 +4,10 @@
 
 use std::pin::Pin;
 
-use damselfly_scheduler::proto::download_request::Kind as Req;
-use damselfly_scheduler::proto::download_response::Kind;
-use damselfly_scheduler::proto::scheduler_server::{Scheduler, SchedulerServer};
-use damselfly_scheduler::proto::{self, DownloadRequest, DownloadResponse};
+use damselfly_proto::v1::download_request::Kind as Req;
+use damselfly_proto::v1::download_response::Kind;
+use damselfly_proto::v1::scheduler_server::{Scheduler, SchedulerServer};
+use damselfly_proto::v1::{self as proto, DownloadRequest, DownloadResponse};
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 

@@ -1,5 +1,6 @@
 //! Serving HTTP on a bound listener until a shutdown signal: the one loop behind every server
-//! of the daemon (the mirror API, health, metrics, and the piece upload server).
+//! of the project (the mirror API, health, metrics, the piece upload server, and the
+//! scheduler's HTTP port).
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use damselfly_scheduler::proto::{self, download_request, download_response, DownloadRequest, DownloadResponse};
+use damselfly_proto::v1::{self as proto, download_request, download_response, DownloadRequest, DownloadResponse};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -48,7 +48,7 @@ pub(crate) struct State {
     pub news_at: Instant,
 }
 
-pub(crate) struct Session {
+pub(crate) struct Download {
     pub digest: Digest,
     pieces: usize,
     tx: Mutex<Option<mpsc::UnboundedSender<DownloadRequest>>>,
@@ -63,9 +63,9 @@ pub(crate) struct Session {
     finished_sent: std::sync::atomic::AtomicBool,
 }
 
-impl Session {
-    pub fn new(digest: Digest, pieces: usize) -> Arc<Session> {
-        Arc::new(Session {
+impl Download {
+    pub fn new(digest: Digest, pieces: usize) -> Arc<Download> {
+        Arc::new(Download {
             digest,
             pieces,
             tx: Mutex::new(None),
@@ -118,7 +118,7 @@ impl Session {
         self.attached.load(Ordering::SeqCst)
     }
 
-    /// Returns `false` (dropping `tx`, which ends the stream) when the session was closed
+    /// Returns `false` (dropping `tx`, which ends the stream) when the download was closed
     /// while its stream was being opened.
     pub fn connect(&self, tx: mpsc::UnboundedSender<DownloadRequest>, scheduler: &str) -> bool {
         let mut slot = self.tx.lock().unwrap_or_else(|e| e.into_inner());
@@ -307,23 +307,23 @@ fn valid_sha(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Reads the scheduler's answers into the session until the stream ends; then the session
+/// Reads the scheduler's answers into the download until the stream ends; then the download
 /// falls back to the origin.
-pub(crate) async fn pump(session: Arc<Session>, mut responses: Responses) -> bool {
+pub(crate) async fn pump(download: Arc<Download>, mut responses: Responses) -> bool {
     loop {
         match responses.next().await {
-            Some(Ok(resp)) => session.apply(resp),
+            Some(Ok(resp)) => download.apply(resp),
             None => return true,
             Some(Err(e)) => {
-                tracing::debug!(digest = %session.digest, error = %e, "download stream ended");
+                tracing::debug!(digest = %download.digest, error = %e, "download stream ended");
                 // Parents already handed out keep serving without the scheduler; the stall timer
                 // sends the download to the origin if they stop.
-                let mut st = session.lock();
+                let mut st = download.lock();
                 if st.mode != Mode::Parents {
                     st.mode = Mode::Origin;
                 }
                 drop(st);
-                session.notify();
+                download.notify();
                 return false;
             }
         }
