@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::source::UpstreamBlob;
+use crate::api::source::UpstreamSource;
 use crate::api::{App, Target};
 use crate::config::MirrorConfig;
 
@@ -255,7 +255,7 @@ impl SeedSource for Seeder {
             v
         });
         let target = Target { registry, repo: spec.repository.clone(), client_auth, digest: digest.clone() };
-        Some(Arc::new(UpstreamBlob::for_seed(self.app.clone(), target)))
+        Some(Arc::new(UpstreamSource::for_seed(self.app.clone(), target)))
     }
 }
 

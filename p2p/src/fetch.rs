@@ -187,7 +187,7 @@ impl Fill {
         self.task
             .metrics
             .fetched_bytes
-            .get_or_create(&crate::metrics::SourceLabel { source: crate::Origin::Origin.label() })
+            .get_or_create(&crate::metrics::SourceLabel { source: crate::ByteSource::Origin.label() })
             .inc_by(chunk.len() as u64);
         if let Some(h) = &self.whole {
             h.update(chunk.clone()).await?;

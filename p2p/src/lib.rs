@@ -23,7 +23,7 @@ pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
 pub use reader::{read, ReadError};
 pub use share::{Fetcher, StoreEvent};
-pub use source::{Origin, Source, SourceError, SourceResponse, SourceSpec};
+pub use source::{ByteSource, Source, SourceError, SourceResponse, SourceSpec};
 pub use store::{Store, StoreConfig, StoreError};
 pub use task::{Task, TaskRef};
 

@@ -36,12 +36,12 @@ pub struct TaskMeta {
     /// Manifests remember their media type so they can be served without the origin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    /// `registry/repository` scopes in which the origin served this content anonymously, with
+    /// `registry/repository` pairs in which the origin served this content anonymously, with
     /// when that was last confirmed (seconds since the Unix epoch).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub public_in: BTreeMap<String, u64>,
     /// The registry whose bytes fill this content while it is not verified (see
-    /// `Task::bytes_from`). Absent in metadata written before it was recorded.
+    /// `Task::claim_supplier`). Absent in metadata written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supplier: Option<String>,
 }

@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::source::Origin;
+use crate::source::ByteSource;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
@@ -68,8 +68,8 @@ impl Metrics {
         m
     }
 
-    pub fn downloaded(&self, origin: Origin, n: u64) {
-        self.download_bytes.get_or_create(&SourceLabel { source: origin.label() }).inc_by(n);
+    pub fn downloaded(&self, from: ByteSource, n: u64) {
+        self.download_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);
     }
 
     pub fn piece_failed(&self, reason: &'static str) {

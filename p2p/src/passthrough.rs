@@ -58,7 +58,7 @@ impl Verify {
                         .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
                         .inc_by(chunk.len() as u64);
                     if let Some(prev) = self.held.replace(chunk) {
-                        self.metrics.downloaded(crate::Origin::Origin, prev.len() as u64);
+                        self.metrics.downloaded(crate::ByteSource::Origin, prev.len() as u64);
                         return Ok(Some(prev));
                     }
                 }
@@ -79,7 +79,7 @@ impl Verify {
         }
         let last = self.held.take();
         if let Some(b) = &last {
-            self.metrics.downloaded(crate::Origin::Origin, b.len() as u64);
+            self.metrics.downloaded(crate::ByteSource::Origin, b.len() as u64);
         }
         Ok(last)
     }

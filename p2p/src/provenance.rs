@@ -4,16 +4,17 @@
 use crate::meta::now_secs;
 use crate::task::Task;
 
-/// Repository scopes a task remembers as public (see `Task::mark_public`).
-const MAX_PUBLIC_SCOPES: usize = 64;
+/// Repositories a task remembers as public (see `Task::mark_public`).
+const MAX_PUBLIC_REPOS: usize = 64;
 
 impl Task {
-    /// Whether a request whose bytes would come from `registry` may read this task. A range
-    /// cannot be checked against the blob's digest, so until the whole content is verified its
-    /// pieces must all come from one registry: the first to read it claims it. Otherwise one
+    /// Claims this task's bytes for `registry` if nobody supplied any yet; returns whether a
+    /// request whose bytes would come from `registry` may read the task. A range cannot be
+    /// checked against the blob's digest, so until the whole content is verified its pieces
+    /// must all come from one registry: the first to read it claims it. Otherwise one
     /// registry could answer for a digest with other bytes and have them served to the
     /// clients of another. Verified content is the digest's, whoever supplied it.
-    pub fn bytes_from(&self, registry: &str) -> bool {
+    pub fn claim_supplier(&self, registry: &str) -> bool {
         let mut st = self.lock();
         if st.verified {
             return true;
@@ -28,13 +29,13 @@ impl Task {
         }
     }
 
-    /// Remembers that the origin just served this content to anyone in `scope` (`registry/repo`).
-    pub fn mark_public(&self, scope: &str) {
+    /// Remembers that the origin just served this content to anyone in `repo` (`registry/repo`).
+    pub fn mark_public(&self, repo: &str) {
         let mut st = self.lock();
-        st.public_in.insert(scope.to_owned(), now_secs());
-        // Anyone may name repositories: keep the most recently confirmed ones only (a scope
+        st.public_in.insert(repo.to_owned(), now_secs());
+        // Anyone may name repositories: keep the most recently confirmed ones only (one
         // forgotten costs one access check when it is used again).
-        if st.public_in.len() > MAX_PUBLIC_SCOPES {
+        if st.public_in.len() > MAX_PUBLIC_REPOS {
             if let Some(oldest) = st.public_in.iter().min_by_key(|(_, at)| **at).map(|(s, _)| s.clone()) {
                 st.public_in.remove(&oldest);
             }
@@ -42,8 +43,8 @@ impl Task {
         st.dirty = true;
     }
 
-    /// How many seconds ago the origin last served this content anonymously in `scope`.
-    pub fn public_age(&self, scope: &str) -> Option<u64> {
-        self.lock().public_in.get(scope).map(|at| now_secs().saturating_sub(*at))
+    /// How many seconds ago the origin last served this content anonymously in `repo`.
+    pub fn public_age(&self, repo: &str) -> Option<u64> {
+        self.lock().public_in.get(repo).map(|at| now_secs().saturating_sub(*at))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::{self, Stream};
 
-use crate::source::{Origin, Source};
+use crate::source::{ByteSource, Source};
 use crate::task::{Step, TaskRef};
 
 /// Largest frame handed to the HTTP layer: big enough for few wake-ups, small enough that
@@ -113,14 +113,14 @@ impl Cursor {
                     self.pos = range.end;
                     self.task.reader_at(self.id, self.pos);
                     let n = range.end - range.start;
-                    let origin = if cached && range.start >= self.fetched_until {
-                        Origin::Cache
+                    let from = if cached && range.start >= self.fetched_until {
+                        ByteSource::Cache
                     } else if self.task.is_from_peer(self.task.layout().piece_of(range.start)) {
-                        Origin::Peer
+                        ByteSource::Peer
                     } else {
-                        self.source.origin()
+                        ByteSource::Origin
                     };
-                    self.task.metrics.downloaded(origin, n);
+                    self.task.metrics.downloaded(from, n);
                     if let Some(chunk) = staged {
                         return Ok(chunk.slice(..n as usize));
                     }

@@ -1,6 +1,6 @@
-//! Where a task's bytes come from when they are not on disk. The mirror implements [`Source`]
-//! for a blob in an upstream registry (with the requesting client's credentials); the next
-//! source will be a parent peer.
+//! Where a task's bytes come from when neither the disk nor another node has them: a [`Source`]
+//! (the mirror's is a blob or manifest in an upstream registry, fetched with the requesting
+//! client's credentials).
 
 use std::fmt;
 use std::ops::Range;
@@ -9,20 +9,23 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
-/// Where fetched bytes came from, for the download metrics.
+/// Where bytes sent to a client came from, for the download metrics' `source` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Origin {
+pub enum ByteSource {
+    /// Fetched from a [`Source`] (the origin registry) for this request.
     Origin,
+    /// Taken from another node.
     Peer,
+    /// On disk before the request.
     Cache,
 }
 
-impl Origin {
+impl ByteSource {
     pub fn label(self) -> &'static str {
         match self {
-            Origin::Origin => "origin",
-            Origin::Peer => "peer",
-            Origin::Cache => "cache",
+            ByteSource::Origin => "origin",
+            ByteSource::Peer => "peer",
+            ByteSource::Cache => "cache",
         }
     }
 }
@@ -89,7 +92,7 @@ pub trait Source: Send + Sync + 'static {
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>>;
 
     /// Who vouches for the bytes this source sends (a registry's host): content not yet
-    /// verified takes bytes from one supplier only (`Task::bytes_from`). `None`: no claim.
+    /// verified takes bytes from one supplier only (`Task::claim_supplier`). `None`: no claim.
     fn supplier(&self) -> Option<String> {
         None
     }
@@ -98,10 +101,5 @@ pub trait Source: Send + Sync + 'static {
     /// fetch it; `None` when no other node could fetch it.
     fn describe(&self) -> Option<SourceSpec> {
         None
-    }
-
-    /// Which metric label the bytes from this source count under.
-    fn origin(&self) -> Origin {
-        Origin::Origin
     }
 }

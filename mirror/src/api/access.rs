@@ -13,6 +13,7 @@ use sha2::Digest as _;
 
 use super::response::{bad_gateway, relay_refusal, Body};
 use super::{App, Target};
+use crate::oci::ContentKind;
 use crate::upstream::CredentialKind;
 
 /// How long a successful check with a client's credentials is trusted.
@@ -69,29 +70,28 @@ pub fn identity(client_auth: &Option<http::HeaderValue>) -> String {
 /// Records what a successful origin fetch proved about who may read this content.
 pub fn remember(app: &App, target: &Target, task: &TaskRef, credential: CredentialKind) {
     if credential == CredentialKind::Anonymous {
-        task.mark_public(&target.scope());
+        task.mark_public(&target.origin_repo());
     } else {
-        app.access.grant((target.scope(), target.digest.clone(), identity(&target.client_auth)));
+        app.access.grant((target.origin_repo(), target.digest.clone(), identity(&target.client_auth)));
     }
 }
 
 /// `Ok` when the requester may read cached `task`; otherwise the response to send instead.
-pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: bool) -> Result<(), Response<Body>> {
-    let scope = target.scope();
-    let public_age = task.public_age(&scope);
+pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: ContentKind) -> Result<(), Response<Body>> {
+    let repo = target.origin_repo();
+    let public_age = task.public_age(&repo);
     if public_age.is_some_and(|age| age < PUBLIC_TTL.as_secs()) {
         app.metrics.access("public");
         return Ok(());
     }
-    let key = (scope, target.digest.clone(), identity(&target.client_auth));
+    let key = (repo, target.digest.clone(), identity(&target.client_auth));
     if app.access.allowed(&key) {
         app.metrics.access("remembered");
         return Ok(());
     }
     app.metrics.origin("access_check");
-    let kind = if manifest { "manifests" } else { "blobs" };
     let mut headers = http::HeaderMap::new();
-    if manifest {
+    if kind == ContentKind::Manifest {
         // Registries answer 404 to a manifest HEAD whose Accept does not list its type.
         for t in task.media_type().iter().map(String::as_str).chain(MANIFEST_TYPES) {
             if let Ok(v) = http::HeaderValue::from_str(t) {
@@ -104,7 +104,7 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
         // Some registries and proxies answer no HEAD; a client would GET. One byte of a blob,
         // or the (small) manifest, says as much.
         Ok(r) if matches!(r.response.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) => {
-            if !manifest {
+            if kind == ContentKind::Blob {
                 headers.insert(http::header::RANGE, http::HeaderValue::from_static("bytes=0-0"));
             }
             app.upstream.send(target.request(Method::GET, kind, headers)).await
@@ -132,5 +132,5 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, manifest: boo
     }
     app.metrics.access("denied");
     tracing::info!(digest = %target.digest, repo = %target.repo, status = %reply.response.status(), "cached content refused");
-    Err(relay_refusal(&reply.response, manifest))
+    Err(relay_refusal(&reply.response, kind))
 }

@@ -8,9 +8,9 @@ use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::access::{authorize, remember};
 use super::response::{bad_gateway, empty, oci_error, relay_refusal, stream, Body, CONTENT_DIGEST};
-use super::source::UpstreamBlob;
+use super::source::UpstreamSource;
 use super::{App, Target};
-use crate::oci::{content_range, parse_range, unsatisfied_content_range, RangeSpec};
+use crate::oci::{content_range, parse_range, unsatisfied_content_range, ContentKind, RangeSpec};
 use crate::upstream::CredentialKind;
 
 pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &HeaderMap) -> Response<Body> {
@@ -25,7 +25,7 @@ pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &He
         };
     let task = match app.store.get(&target.digest) {
         Ok(Some(task)) => {
-            if let Err(refusal) = authorize(&app, &target, &task, false).await {
+            if let Err(refusal) = authorize(&app, &target, &task, ContentKind::Blob).await {
                 return refusal;
             }
             task
@@ -43,7 +43,7 @@ pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &He
             return pass_through_unknown(app, target, method, range).await;
         }
     };
-    if !task.bytes_from(&target.registry.host) {
+    if !task.claim_supplier(&target.registry.host) {
         // Unverified bytes another registry supplied: this client gets its own registry's.
         tracing::debug!(digest = %target.digest, registry = %target.registry.host, "cached bytes are another registry's and unverified; passing through");
         // Its length too is only that registry's word: ask this one.
@@ -83,10 +83,10 @@ async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
 /// which credentials the origin agreed to serve it.
 async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), Response<Body>> {
     app.metrics.origin("blob_head");
-    let req = target.request(Method::HEAD, "blobs", HeaderMap::new());
+    let req = target.request(Method::HEAD, ContentKind::Blob, HeaderMap::new());
     let reply = app.upstream.send(req).await.map_err(|e| bad_gateway(&format!("origin unreachable: {e}")))?;
     if reply.response.status() != StatusCode::OK {
-        return Err(relay_refusal(&reply.response, false));
+        return Err(relay_refusal(&reply.response, ContentKind::Blob));
     }
     let len = reply
         .response
@@ -105,7 +105,7 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
         }
         return zero_length(&target, method);
     }
-    let source = Arc::new(UpstreamBlob::blob(app.clone(), target.clone()));
+    let source = Arc::new(UpstreamSource::blob(app.clone(), target.clone()));
     let (status, span) = match range {
         None => (StatusCode::OK, 0..len),
         Some(spec) => match spec.resolve(len) {
@@ -161,7 +161,7 @@ fn zero_length(target: &Target, method: &Method) -> Response<Body> {
 }
 
 /// After a cold range read, fetch the rest so the next reader finds the whole blob.
-fn fill_in_background(task: TaskRef, source: Arc<UpstreamBlob>) {
+fn fill_in_background(task: TaskRef, source: Arc<UpstreamSource>) {
     tokio::spawn(damselfly_p2p::reader::fill(task, source));
 }
 
@@ -192,7 +192,7 @@ async fn pass_through(
     if let Some(span) = span {
         return pass_through_range(app, target, span, len).await;
     }
-    let source = UpstreamBlob::blob(app.clone(), target.clone());
+    let source = UpstreamSource::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
     match source.fetch(None).await {
         Ok(r) => {
@@ -206,7 +206,7 @@ async fn pass_through(
 }
 
 async fn pass_through_range(app: Arc<App>, target: Target, span: std::ops::Range<u64>, len: u64) -> Response<Body> {
-    let source = UpstreamBlob::blob(app.clone(), target.clone());
+    let source = UpstreamSource::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
     match source.fetch(Some(span.clone())).await {
         Ok(r) if r.range_honoured => {

@@ -124,7 +124,7 @@ async fn a_cached_manifest_was_refused_because_the_origin_does_not_answer_head()
 }
 
 #[tokio::test]
-async fn the_public_scopes_of_one_task_grew_without_bound() {
+async fn a_task_remembers_a_bounded_number_of_public_repositories() {
     let dir = tempfile::tempdir().expect("dir");
     let app = fake_registry::app(dir.path(), 1 << 30, UpstreamConfig::default());
     let body = Bytes::from(vec![7u8; 1000]);
@@ -138,8 +138,8 @@ async fn the_public_scopes_of_one_task_grew_without_bound() {
         assert_eq!(status, StatusCode::OK);
     }
     let task = app.store.get(&d).expect("store").expect("task");
-    // The test names its registry over plain HTTP, a scope apart from the host over TLS.
+    // The test names its registry over plain HTTP, a repository apart from the same host over TLS.
     let kept = (0..n).filter(|i| task.public_age(&format!("http://{reg}/r{i}")).is_some()).count();
-    assert!(kept <= 64, "{kept} public scopes kept for one task");
+    assert!(kept <= 64, "{kept} public repositories kept for one task");
     assert!(task.public_age(&format!("http://{reg}/r{}", n - 1)).is_some(), "the newest is kept");
 }

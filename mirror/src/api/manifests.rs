@@ -14,8 +14,8 @@ use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::access::{authorize, identity, remember, MANIFEST_TYPES};
 use super::response::{bad_gateway, full, oci_error, Body, CONTENT_DIGEST};
-use super::{App, Scope};
-use crate::oci::Reference;
+use super::{App, ClientRepo};
+use crate::oci::{ContentKind, Reference};
 use crate::upstream::{CredentialKind, UpstreamRequest};
 
 /// containerd's manifest size limit (4·1048·1048 bytes, slightly over 4 MiB); the mirror buffers
@@ -39,7 +39,7 @@ pub struct TagFlights {
 }
 
 pub struct ManifestRequest {
-    pub scope: Scope,
+    pub repo: ClientRepo,
     pub reference: Reference,
     pub method: Method,
     pub accept: Vec<HeaderValue>,
@@ -49,8 +49,8 @@ pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Response<Body> {
     if let Reference::Digest(digest) = &req.reference {
         match app.store.get(digest) {
             Ok(Some(task)) if task.is_verified() && task.media_type().is_some() => {
-                let target = req.scope.target(digest.clone());
-                if let Err(refusal) = authorize(&app, &target, &task, true).await {
+                let target = req.repo.target(digest.clone());
+                if let Err(refusal) = authorize(&app, &target, &task, ContentKind::Manifest).await {
                     return refusal;
                 }
                 return from_cache(&req, digest, &task).await;
@@ -75,12 +75,12 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
     let accept: Vec<&str> = req.accept.iter().filter_map(|v| v.to_str().ok()).collect();
     let key = format!(
         "{}|{}|{}|{}|{}|{}",
-        req.scope.registry.host,
-        req.scope.repo,
+        req.repo.registry.host,
+        req.repo.repo,
         req.reference,
         req.method,
         accept.join(","),
-        identity(&req.scope.client_auth)
+        identity(&req.repo.client_auth)
     );
     let flight = {
         let mut map = app.tags.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,7 +114,7 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
 /// `None`: the origin did not answer the HEAD usefully; fetch directly.
 async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest) -> Option<Response<Body>> {
     let head = ManifestRequest {
-        scope: req.scope.clone(),
+        repo: req.repo.clone(),
         reference: req.reference.clone(),
         method: Method::HEAD,
         accept: req.accept.clone(),
@@ -130,9 +130,9 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
     let media_type = media_type(&f.headers).filter(|t| MANIFEST_TYPES.contains(&t.as_str()))?;
     let len = content_length(&f.headers).filter(|&l| l > 0 && l <= MAX_MANIFEST as u64)?;
     let task = app.store.get_or_create(digest, len, Some(&media_type)).ok()?;
-    let target = req.scope.target(digest.clone());
+    let target = req.repo.target(digest.clone());
     remember(app, &target, &task, f.credential);
-    let source = Arc::new(super::source::UpstreamBlob::manifest(app.clone(), target, req.accept.clone()));
+    let source = Arc::new(super::source::UpstreamSource::manifest(app.clone(), target, req.accept.clone()));
     let mut out = Vec::with_capacity(len as usize);
     let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..len, true, source));
     while let Some(chunk) = s.next().await {
@@ -177,7 +177,7 @@ fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
     for v in &req.accept {
         headers.append(ACCEPT, v.clone());
     }
-    req.scope.request(req.method.clone(), format!("manifests/{}", req.reference), headers)
+    req.repo.request(req.method.clone(), format!("manifests/{}", req.reference), headers)
 }
 
 async fn fetch(app: Arc<App>, ureq: UpstreamRequest) -> Result<Fetched, String> {
@@ -232,7 +232,7 @@ fn cache(app: &App, req: &ManifestRequest, digest: &Digest, f: &Fetched, media_t
     let Some(media_type) = media_type.and_then(|t| checked_type(&f.body, t)) else { return };
     match app.store.put_verified(digest, &f.body, Some(&media_type)) {
         Ok(task) => {
-            let target = req.scope.target(digest.clone());
+            let target = req.repo.target(digest.clone());
             remember(app, &target, &task, f.credential);
         }
         Err(e) => tracing::debug!(error = %e, "manifest not cached"),
@@ -300,7 +300,7 @@ fn manifest_response(
 fn refusal(f: &Fetched) -> Response<Body> {
     let status =
         if f.status.is_client_error() || f.status.is_server_error() { f.status } else { StatusCode::BAD_GATEWAY };
-    let code = super::response::code_for_upstream(status, true);
+    let code = super::response::code_for_upstream(status, ContentKind::Manifest);
     let mut resp = oci_error(status, code, &format!("origin answered {}", f.status));
     for v in f.headers.get_all(http::header::WWW_AUTHENTICATE) {
         resp.headers_mut().append(http::header::WWW_AUTHENTICATE, v.clone());

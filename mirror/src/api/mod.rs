@@ -23,7 +23,7 @@ use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_T
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tracing::Instrument;
 
-use crate::oci::{parse_route, ErrorCode, RouteKind};
+use crate::oci::{parse_route, ContentKind, ErrorCode, RouteKind};
 use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
@@ -45,13 +45,13 @@ pub struct App {
 
 /// A repository at an upstream registry, as one requester sees it (with its credentials).
 #[derive(Clone)]
-pub struct Scope {
+pub struct ClientRepo {
     pub registry: RegistryEndpoint,
     pub repo: String,
     pub client_auth: Option<HeaderValue>,
 }
 
-/// One piece of content in a [`Scope`].
+/// One piece of content in a [`ClientRepo`], by digest.
 #[derive(Clone)]
 pub struct Target {
     pub registry: RegistryEndpoint,
@@ -60,7 +60,7 @@ pub struct Target {
     pub digest: Digest,
 }
 
-impl Scope {
+impl ClientRepo {
     pub fn target(&self, digest: Digest) -> Target {
         Target {
             registry: self.registry.clone(),
@@ -77,16 +77,16 @@ impl Scope {
 }
 
 impl Target {
-    /// A request for this content upstream: `kind` is `blobs` or `manifests`.
-    pub fn request(&self, method: Method, kind: &str, headers: HeaderMap) -> UpstreamRequest {
-        let path = format!("{kind}/{}", self.digest);
+    /// A request for this content upstream.
+    pub fn request(&self, method: Method, kind: ContentKind, headers: HeaderMap) -> UpstreamRequest {
+        let path = format!("{}/{}", kind.path_segment(), self.digest);
         upstream_request(&self.registry, &self.repo, &self.client_auth, method, path, headers)
     }
 
     /// `registry/repository`: the unit in which the origin decides who may read what. A
     /// registry a client names over plain HTTP is another origin than the same host over TLS
     /// (anyone on the path can answer for it): what it says is kept apart.
-    pub fn scope(&self) -> String {
+    pub fn origin_repo(&self) -> String {
         match self.registry.scheme {
             crate::upstream::SchemePolicy::Http => format!("http://{}/{}", self.registry.host, self.repo),
             _ => format!("{}/{}", self.registry.host, self.repo),
@@ -132,18 +132,17 @@ impl App {
             Ok(r) => r,
             Err(e) => return ("invalid", oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, &e.to_string())),
         };
-        let scope = Scope { registry, repo: name, client_auth: req.headers().get(AUTHORIZATION).cloned() };
+        let client_repo = ClientRepo { registry, repo: name, client_auth: req.headers().get(AUTHORIZATION).cloned() };
         match reference {
             Ok(reference) => {
-                let span = tracing::info_span!("manifest", registry = %scope.registry.host, repo = %scope.repo, reference = %reference);
+                let span = tracing::info_span!("manifest", registry = %client_repo.registry.host, repo = %client_repo.repo, reference = %reference);
                 let accept = req.headers().get_all(ACCEPT).iter().cloned().collect();
-                let mreq = manifests::ManifestRequest { scope, reference, method, accept };
+                let mreq = manifests::ManifestRequest { repo: client_repo, reference, method, accept };
                 ("manifest", manifests::handle(self, mreq).instrument(span).await)
             }
             Err(digest) => {
-                let span =
-                    tracing::info_span!("blob", registry = %scope.registry.host, repo = %scope.repo, digest = %digest);
-                let target = scope.target(digest);
+                let span = tracing::info_span!("blob", registry = %client_repo.registry.host, repo = %client_repo.repo, digest = %digest);
+                let target = client_repo.target(digest);
                 ("blob", blobs::handle(self, target, &method, req.headers()).instrument(span).await)
             }
         }

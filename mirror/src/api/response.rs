@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 
-use crate::oci::{error_body, ErrorCode};
+use crate::oci::{error_body, ContentKind, ErrorCode};
 
 /// An error inside a response body: hyper aborts the connection instead of ending the body, so
 /// the client sees a broken transfer, never a clean short or wrong one.
@@ -51,12 +51,14 @@ pub fn oci_error(status: StatusCode, code: ErrorCode, message: &str) -> Response
 
 /// The status to send when the origin answered `status` to us: what clients need in order to
 /// authenticate themselves (401 with the challenge) or to fall back (404, 5xx).
-pub fn code_for_upstream(status: StatusCode, manifest: bool) -> ErrorCode {
+pub fn code_for_upstream(status: StatusCode, kind: ContentKind) -> ErrorCode {
     match status {
         StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
         StatusCode::FORBIDDEN => ErrorCode::Denied,
-        StatusCode::NOT_FOUND if manifest => ErrorCode::ManifestUnknown,
-        StatusCode::NOT_FOUND => ErrorCode::BlobUnknown,
+        StatusCode::NOT_FOUND => match kind {
+            ContentKind::Manifest => ErrorCode::ManifestUnknown,
+            ContentKind::Blob => ErrorCode::BlobUnknown,
+        },
         StatusCode::TOO_MANY_REQUESTS => ErrorCode::TooManyRequests,
         _ => ErrorCode::Unavailable,
     }
@@ -64,11 +66,11 @@ pub fn code_for_upstream(status: StatusCode, manifest: bool) -> ErrorCode {
 
 /// Relays an upstream refusal: its status and every `WWW-Authenticate` challenge (so that
 /// containerd and docker fetch a token themselves and come back), with an OCI error body.
-pub fn relay_refusal(upstream: &reqwest::Response, manifest: bool) -> Response<Body> {
+pub fn relay_refusal(upstream: &reqwest::Response, kind: ContentKind) -> Response<Body> {
     let status = upstream.status();
     // Statuses the client could mistake for success or a redirect must not pass through.
     let status = if status.is_client_error() || status.is_server_error() { status } else { StatusCode::BAD_GATEWAY };
-    let code = code_for_upstream(status, manifest);
+    let code = code_for_upstream(status, kind);
     let mut resp = oci_error(status, code, &format!("origin answered {}", upstream.status()));
     for v in upstream.headers().get_all(WWW_AUTHENTICATE) {
         resp.headers_mut().append(WWW_AUTHENTICATE, v.clone());

@@ -11,53 +11,68 @@ use http::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use http::{HeaderMap, Method, StatusCode};
 
 use super::{App, Target};
+use crate::oci::ContentKind;
 
-pub struct UpstreamBlob {
+/// A blob or manifest in an upstream registry, as a [`Source`] for the piece store.
+pub struct UpstreamSource {
     pub app: Arc<App>,
     pub target: Target,
-    /// `Accept` values for a manifest; `None` for a blob.
-    pub manifest_accept: Option<Vec<HeaderValue>>,
-    /// Fetch without the daemon's configured credentials (see [`UpstreamBlob::for_seed`]).
-    pub anonymous: bool,
+    pub fetching: Fetching,
 }
 
-impl UpstreamBlob {
+/// What an [`UpstreamSource`] fetches, and with whose credentials.
+#[derive(Clone)]
+pub enum Fetching {
+    /// A blob, for a client, with its credentials (or the daemon's configured ones).
+    Blob,
+    /// A blob, for whichever node registered the task (a seed's fetch): only what the origin
+    /// gives anyone, so that a stranger cannot make a seed pull private content with its
+    /// credentials.
+    SeedBlob,
+    /// A manifest by digest, for a client, with the media types it accepts.
+    Manifest { accept: Vec<HeaderValue> },
+}
+
+impl UpstreamSource {
     pub fn blob(app: Arc<App>, target: Target) -> Self {
-        UpstreamBlob { app, target, manifest_accept: None, anonymous: false }
+        UpstreamSource { app, target, fetching: Fetching::Blob }
     }
 
-    /// A seed fetches for whichever node registered the task: only what the origin gives
-    /// anyone, so that a stranger cannot make it pull private content with its credentials.
     pub fn for_seed(app: Arc<App>, target: Target) -> Self {
-        UpstreamBlob { app, target, manifest_accept: None, anonymous: true }
+        UpstreamSource { app, target, fetching: Fetching::SeedBlob }
     }
 
     pub fn manifest(app: Arc<App>, target: Target, accept: Vec<HeaderValue>) -> Self {
-        UpstreamBlob { app, target, manifest_accept: Some(accept), anonymous: false }
+        UpstreamSource { app, target, fetching: Fetching::Manifest { accept } }
     }
 
     async fn get(
         app: Arc<App>,
         target: Target,
-        (accept, anonymous): (Option<Vec<HeaderValue>>, bool),
+        fetching: Fetching,
         range: Option<Range<u64>>,
     ) -> Result<SourceResponse, SourceError> {
         let mut headers = HeaderMap::new();
-        for v in accept.iter().flatten() {
-            headers.append(http::header::ACCEPT, v.clone());
+        if let Fetching::Manifest { accept } = &fetching {
+            for v in accept {
+                headers.append(http::header::ACCEPT, v.clone());
+            }
         }
         if let Some(r) = &range {
             let v = format!("bytes={}-{}", r.start, r.end - 1);
             headers.insert(RANGE, HeaderValue::from_str(&v).map_err(|e| SourceError::fatal(e.to_string()))?);
         }
-        let kind = if accept.is_some() { "manifests" } else { "blobs" };
-        app.metrics.origin(match (accept.is_some(), range.is_some()) {
-            (true, _) => "manifest",
-            (false, true) => "blob_range",
-            (false, false) => "blob",
+        let kind = match fetching {
+            Fetching::Manifest { .. } => ContentKind::Manifest,
+            Fetching::Blob | Fetching::SeedBlob => ContentKind::Blob,
+        };
+        app.metrics.origin(match (kind, range.is_some()) {
+            (ContentKind::Manifest, _) => "manifest",
+            (ContentKind::Blob, true) => "blob_range",
+            (ContentKind::Blob, false) => "blob",
         });
         let mut req = target.request(Method::GET, kind, headers);
-        req.anonymous = anonymous;
+        req.anonymous = matches!(fetching, Fetching::SeedBlob);
         let reply = app
             .upstream
             .send(req)
@@ -85,10 +100,9 @@ impl UpstreamBlob {
     }
 }
 
-impl Source for UpstreamBlob {
+impl Source for UpstreamSource {
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>> {
-        let how = (self.manifest_accept.clone(), self.anonymous);
-        Box::pin(Self::get(self.app.clone(), self.target.clone(), how, range))
+        Box::pin(Self::get(self.app.clone(), self.target.clone(), self.fetching.clone(), range))
     }
 
     fn supplier(&self) -> Option<String> {
@@ -98,7 +112,7 @@ impl Source for UpstreamBlob {
     fn describe(&self) -> Option<SourceSpec> {
         use crate::upstream::SchemePolicy;
         // Seeds fetch blobs; a manifest is small and its node fetches it from the origin itself.
-        if self.manifest_accept.is_some() {
+        if let Fetching::Manifest { .. } = self.fetching {
             return None;
         }
         let r = &self.target.registry;

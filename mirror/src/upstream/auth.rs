@@ -13,7 +13,7 @@ use url::Url;
 
 use super::challenge::{self, Challenge};
 use super::token::{self, Identity, TokenCache, TokenKey};
-use super::transport::{Target, Transport};
+use super::transport::{PreparedRequest, Transport};
 use super::{CredentialKind, RegistryCredential, RegistryEndpoint, SchemePolicy, UpstreamError, UpstreamReply};
 
 /// The challenge memo holds one entry per registry host; this only bounds a flood of bogus hosts.
@@ -54,7 +54,7 @@ struct Attached {
 
 struct Ctx<'a> {
     transport: &'a Transport,
-    target: &'a Target,
+    prepared: &'a PreparedRequest,
     scope: String,
     cred: Option<&'a RegistryCredential>,
 }
@@ -66,22 +66,22 @@ pub(crate) struct Authenticator {
 }
 
 impl Authenticator {
-    /// Sends `target` with the daemon's own credentials or anonymously. Request bodies are empty
+    /// Sends `prepared` with the daemon's own credentials or anonymously. Request bodies are empty
     /// (GET/HEAD), so resending after a 401 is always safe.
     pub(crate) async fn send(
         &self,
         transport: &Transport,
-        target: &Target,
+        prepared: &PreparedRequest,
         repo: &str,
         cred: Option<&RegistryCredential>,
     ) -> Result<UpstreamReply, UpstreamError> {
-        let ctx = Ctx { transport, target, scope: format!("repository:{repo}:pull"), cred };
-        let host = &target.endpoint.host;
+        let ctx = Ctx { transport, prepared, scope: format!("repository:{repo}:pull"), cred };
+        let host = &prepared.endpoint.host;
         let sent = match self.known(host) {
             Some(known) => self.pre_attach(&ctx, &known).await?,
             None => None,
         };
-        let first = transport.execute(target, sent.as_ref().map(|a| &a.header)).await?;
+        let first = transport.execute(prepared, sent.as_ref().map(|a| &a.header)).await?;
         let sent_kind = sent.as_ref().map_or(CredentialKind::Anonymous, |a| a.kind);
         let done = |response: reqwest::Response| -> Result<UpstreamReply, UpstreamError> {
             Ok(UpstreamReply { response, credential: sent_kind })
@@ -112,7 +112,7 @@ impl Authenticator {
         if sent.as_ref().is_some_and(|a| a.header == next.header) {
             return done(first);
         }
-        let response = transport.execute(target, Some(&next.header)).await?;
+        let response = transport.execute(prepared, Some(&next.header)).await?;
         Ok(UpstreamReply { response, credential: next.kind })
     }
 
@@ -134,7 +134,7 @@ impl Authenticator {
             KnownAuth::Basic => return Ok(ctx.cred.map(basic)),
             KnownAuth::Bearer { realm, service } => (realm, service.as_deref()),
         };
-        let endpoint = &ctx.target.endpoint;
+        let endpoint = &ctx.prepared.endpoint;
         let cred = ctx.cred.filter(|_| may_receive_credentials(realm, endpoint));
         if ctx.cred.is_some() && cred.is_none() {
             tracing::debug!(host = %endpoint.host, %realm, "realm not trusted with credentials; anonymous token");

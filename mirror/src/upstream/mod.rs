@@ -20,7 +20,7 @@ pub(crate) use select::canonical_credential_host as canonical_host;
 pub use select::{RegistryEndpoint, SchemePolicy, DOCKER_HUB_HOST};
 
 use select::InsecureSet;
-use transport::{Target, Transport};
+use transport::{PreparedRequest, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -229,13 +229,13 @@ impl Upstream {
     /// Sends one GET/HEAD upstream with the right credentials (see the module docs). Any status,
     /// including 401, is a successful reply; errors are transport, token and input failures.
     pub async fn send(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
-        let target = Target::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
+        let prepared = PreparedRequest::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
         if let Some(auth) = req.client_auth {
-            let response = self.transport.execute(&target, Some(&auth)).await?;
+            let response = self.transport.execute(&prepared, Some(&auth)).await?;
             return Ok(UpstreamReply { response, credential: CredentialKind::Client });
         }
-        let usable = !req.anonymous && configured_credentials_may_go(&target.endpoint, &self.insecure);
-        let cred = if usable { self.credentials.get(&target.endpoint.host) } else { None };
-        self.auth.send(&self.transport, &target, &req.repo, cred).await
+        let usable = !req.anonymous && configured_credentials_may_go(&prepared.endpoint, &self.insecure);
+        let cred = if usable { self.credentials.get(&prepared.endpoint.host) } else { None };
+        self.auth.send(&self.transport, &prepared, &req.repo, cred).await
     }
 }

@@ -20,7 +20,7 @@ const MAX_REDIRECTS: usize = 10;
 
 /// A validated request, rebuilt for each attempt (auth retry, scheme fallback).
 #[derive(Debug)]
-pub(crate) struct Target {
+pub(crate) struct PreparedRequest {
     pub endpoint: RegistryEndpoint,
     pub method: Method,
     /// `/v2/<repo>/<path>[?query]`
@@ -28,7 +28,7 @@ pub(crate) struct Target {
     pub headers: HeaderMap,
 }
 
-impl Target {
+impl PreparedRequest {
     pub(crate) fn new(
         endpoint: RegistryEndpoint,
         method: Method,
@@ -41,7 +41,7 @@ impl Target {
         }
         let full = format!("/v2/{repo}/{path}");
         check_path(&full)?;
-        Ok(Target { endpoint, method, path: full, headers: forwardable(headers) })
+        Ok(PreparedRequest { endpoint, method, path: full, headers: forwardable(headers) })
     }
 
     fn url(&self, scheme: &str) -> Result<Url, UpstreamError> {
@@ -166,15 +166,15 @@ impl Transport {
     /// Sends the request with the given `Authorization`, choosing the scheme by policy.
     pub(crate) async fn execute(
         &self,
-        target: &Target,
+        prepared: &PreparedRequest,
         auth: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let host = &target.endpoint.host;
-        match target.endpoint.scheme {
-            SchemePolicy::Https => self.attempt(&self.verified, Scheme::Https, target, auth).await,
-            SchemePolicy::Http => self.attempt(&self.verified, Scheme::Http, target, auth).await,
+        let host = &prepared.endpoint.host;
+        match prepared.endpoint.scheme {
+            SchemePolicy::Https => self.attempt(&self.verified, Scheme::Https, prepared, auth).await,
+            SchemePolicy::Http => self.attempt(&self.verified, Scheme::Http, prepared, auth).await,
             SchemePolicy::InsecureHttpsThenHttp if self.uses_plain_http(host) => {
-                let res = self.attempt(&self.unverified, Scheme::Http, target, auth).await;
+                let res = self.attempt(&self.unverified, Scheme::Http, prepared, auth).await;
                 if matches!(&res, Err(e) if e.is_connect()) {
                     // The registry may have moved (or gained TLS): probe again next time.
                     self.memo().remove(host);
@@ -182,10 +182,10 @@ impl Transport {
                 res
             }
             SchemePolicy::InsecureHttpsThenHttp => {
-                match self.attempt(&self.unverified, Scheme::Https, target, auth).await {
+                match self.attempt(&self.unverified, Scheme::Https, prepared, auth).await {
                     Err(e) if e.is_connect() => {
                         tracing::debug!(%host, error = %e, "TLS attempt failed, trying plain HTTP");
-                        let res = self.attempt(&self.unverified, Scheme::Http, target, auth).await?;
+                        let res = self.attempt(&self.unverified, Scheme::Http, prepared, auth).await?;
                         let mut memo = self.memo();
                         // Clients may name any number of loopback names: forgetting them all
                         // costs one TLS attempt each.
@@ -205,15 +205,15 @@ impl Transport {
         &self,
         client: &reqwest::Client,
         scheme: Scheme,
-        target: &Target,
+        prepared: &PreparedRequest,
         auth: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut req = client
-            .request(target.method.clone(), target.url(scheme.as_str())?)
+            .request(prepared.method.clone(), prepared.url(scheme.as_str())?)
             .build()
-            .map_err(|e| UpstreamError::request(&target.endpoint.host, e))?;
+            .map_err(|e| UpstreamError::request(&prepared.endpoint.host, e))?;
         // Appending, not inserting, keeps repeated headers (several Accept lines) separate.
-        for (name, value) in &target.headers {
+        for (name, value) in &prepared.headers {
             req.headers_mut().append(name, value.clone());
         }
         if let Some(auth) = auth {
@@ -224,14 +224,14 @@ impl Transport {
         let res = client.execute(req).await;
         let status = res.as_ref().map(|r| r.status().as_u16()).ok();
         tracing::debug!(
-            method = %target.method,
-            host = %target.endpoint.host,
+            method = %prepared.method,
+            host = %prepared.endpoint.host,
             scheme = scheme.as_str(),
-            path = %target.path,
+            path = %prepared.path,
             status,
             "upstream request"
         );
-        res.map_err(|e| UpstreamError::request(&target.endpoint.host, e))
+        res.map_err(|e| UpstreamError::request(&prepared.endpoint.host, e))
     }
 }
 
@@ -255,14 +255,14 @@ mod tests {
 
     #[test]
     fn paths_are_checked() {
-        let t = |path: &str| Target::new(ep(), Method::GET, "library/alpine", path, HeaderMap::new());
+        let t = |path: &str| PreparedRequest::new(ep(), Method::GET, "library/alpine", path, HeaderMap::new());
         assert_eq!(t("manifests/latest").unwrap().path, "/v2/library/alpine/manifests/latest");
         assert!(t("blobs/sha256:abc").is_ok());
         assert!(t("tags/list?n=10").is_ok());
         for bad in ["../x", "manifests/../../x", "manifests//x", "a b", "x#y", "x\\y", "é", ""] {
             assert!(t(bad).is_err(), "{bad:?}");
         }
-        assert!(Target::new(ep(), Method::POST, "a", "manifests/x", HeaderMap::new()).is_err());
+        assert!(PreparedRequest::new(ep(), Method::POST, "a", "manifests/x", HeaderMap::new()).is_err());
     }
 
     #[test]
@@ -277,7 +277,7 @@ mod tests {
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("5"));
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
-        let t = Target::new(ep(), Method::GET, "a", "manifests/x", h).unwrap();
+        let t = PreparedRequest::new(ep(), Method::GET, "a", "manifests/x", h).unwrap();
         assert_eq!(t.headers.get_all(header::ACCEPT).iter().count(), 2);
         assert!(t.headers.contains_key(header::RANGE));
         assert_eq!(t.headers.len(), 3);

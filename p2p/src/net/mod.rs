@@ -398,7 +398,7 @@ impl Node {
             _ => return,
         };
         // A blob this node holds unverified bytes of from another registry is left to them.
-        if source.supplier().is_some_and(|s| !task.bytes_from(&s)) {
+        if source.supplier().is_some_and(|s| !task.claim_supplier(&s)) {
             return;
         }
         tracing::info!(%digest, "seeding on the scheduler's request");
