@@ -6,17 +6,14 @@ mod fetch;
 pub mod meta;
 pub mod metrics;
 pub mod net;
-mod pace;
 pub mod passthrough;
 pub mod piece;
-mod provenance;
 pub mod reader;
 mod share;
 pub mod source;
 mod stage;
 pub mod store;
 mod task;
-mod verify;
 
 pub use damselfly_proto::digest;
 pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};

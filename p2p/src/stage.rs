@@ -1,6 +1,6 @@
 //! Write-behind for a fetch: bytes from the source are copied into aligned blocks that a
 //! writer thread puts on disk with `O_DIRECT`, while readers are served the source's own
-//! chunks from memory (`Task::stage`).
+//! chunks from memory (`Task::stage`, kept in `task/staged.rs`).
 //!
 //! Why: through the page cache, a cold blob cost the daemon a second copy of every byte plus the
 //! filesystem's per-page bookkeeping, on the thread that also receives and serves, and it filled
@@ -13,7 +13,6 @@
 //! memory only after they are on disk, so a reader always finds every byte below the fetch's
 //! position in one place or the other.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -25,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::digest::{Algorithm, Hasher};
 use crate::meta::PieceRecord;
 use crate::source::SourceError;
-use crate::task::{Task, TaskRef};
+use crate::task::TaskRef;
 
 /// Bytes per block: divides every piece size, so piece ends fall on block ends.
 pub(crate) const BLOCK: usize = 1 << 20;
@@ -77,7 +76,7 @@ pub(crate) struct Stage {
 impl Stage {
     /// Starts the writer of fetch `id`.
     pub(crate) fn start(task: &TaskRef, id: u64) -> Result<Self, SourceError> {
-        if let Some(why) = task.lock().failed.clone() {
+        if let Some(why) = task.failure() {
             return Err(SourceError::fatal(why));
         }
         let (jobs_tx, jobs_rx) = mpsc::channel(POOL);
@@ -204,8 +203,7 @@ struct Writer {
 
 impl Writer {
     fn new(task: TaskRef, id: u64, error: Arc<Mutex<Option<String>>>) -> Self {
-        let wanted = task.store.upgrade().is_some_and(|s| s.direct_io);
-        let direct = wanted.then(|| reopen_direct(&task.file)).flatten();
+        let direct = task.direct_io().then(|| reopen_direct(task.file())).flatten();
         // Piece digests are what other nodes verify pieces by; a store that shares nothing has
         // no use for them, so it does not spend a second hash over every byte.
         let sha = task.is_shared().then(|| Hasher::new(Algorithm::Sha256));
@@ -290,27 +288,6 @@ impl Writer {
         }
         self.task.write_at(tail, offset + span.end as u64)
     }
-}
-
-impl Task {
-    /// Keeps `chunk`, the bytes at `offset` taken by fetch `id`, in memory for readers until
-    /// the fetch has written them.
-    pub(crate) fn stage(&self, id: u64, offset: u64, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.lock().staged.insert(offset, (id, chunk));
-        }
-    }
-
-    /// Forgets the chunks of fetch `id` that end at or below `below`: they are on disk.
-    pub(crate) fn unstage(&self, id: u64, below: u64) {
-        self.lock().staged.retain(|at, (f, chunk)| *f != id || *at + chunk.len() as u64 > below);
-    }
-}
-
-/// The staged chunk holding byte `pos`, with its offset.
-pub(crate) fn staged_at(staged: &BTreeMap<u64, (u64, Bytes)>, pos: u64) -> Option<(u64, &Bytes)> {
-    let (at, (_, chunk)) = staged.range(..=pos).next_back()?;
-    (pos < at + chunk.len() as u64).then_some((*at, chunk))
 }
 
 /// `file` opened again with `O_DIRECT`. Through `/proc/self/fd`, not the task's path: a task

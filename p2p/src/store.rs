@@ -11,7 +11,7 @@ use lru::LruCache;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::digest::{Algorithm, Digest};
-use crate::meta::{now_secs, PieceRecord, TaskMeta, META_VERSION};
+use crate::meta::{now_secs, TaskMeta, META_VERSION};
 use crate::metrics::Metrics;
 use crate::piece::Layout;
 use crate::share::{Fetcher, Sharing, StoreEvent};
@@ -331,13 +331,13 @@ impl Inner {
                 .lru
                 .iter()
                 .rev()
-                .find(|(_, e)| e.task.as_ref().is_none_or(|t| t.pins.load(std::sync::atomic::Ordering::SeqCst) == 0))
+                .find(|(_, e)| e.task.as_ref().is_none_or(|t| !t.is_pinned()))
                 .map(|(d, _)| d.clone());
             let Some(victim) = victim else { return Err(StoreError::NoSpace(len)) };
             if let Some(entry) = index.lru.pop(&victim) {
                 index.used -= entry.len;
                 if let Some(task) = entry.task {
-                    task.lock().failed = Some("evicted".to_owned());
+                    task.fail("evicted");
                 }
             }
             self.delete_files(&victim);
@@ -368,27 +368,6 @@ impl Inner {
         // Metadata first: a crash in between leaves an orphan data file, which a scan removes.
         let _ = fs::remove_file(meta);
         let _ = fs::remove_file(data);
-    }
-}
-
-impl Task {
-    /// Writes all of `bytes` (already verified by the caller) and marks the task complete.
-    pub(crate) fn fill_verified(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.write_at(bytes, 0)?;
-        {
-            let mut st = self.lock();
-            for i in 0..self.layout.count() {
-                let r = self.layout.piece_range(i);
-                let piece = &bytes[r.start as usize..r.end as usize];
-                let record = PieceRecord {
-                    crc32c: crc32c::crc32c(piece),
-                    sha256: Some(Digest::of(Algorithm::Sha256, piece).hex().to_owned()),
-                };
-                st.pieces[i] = crate::task::Piece::Present { record, checked: Some(std::time::Instant::now()) };
-            }
-        }
-        self.set_verified();
-        Ok(())
     }
 }
 

@@ -423,7 +423,7 @@ async fn a_fetch_waits_for_a_slow_reader_that_keeps_up() {
     assert!(got == data);
     // Unpaced, the fetch would take the whole body long before this reader got far.
     let slack = 2 * MIB;
-    assert!(most_ahead <= crate::pace::AHEAD as usize + slack, "fetch got {most_ahead} bytes ahead");
+    assert!(most_ahead <= crate::task::AHEAD as usize + slack, "fetch got {most_ahead} bytes ahead");
     assert!(t.is_verified());
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::Node;
 use crate::digest::Digest;
 use crate::reader::MapSlice;
-use crate::task::TaskRef;
+use crate::task::{TaskRef, Uploadable};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -75,13 +75,13 @@ async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 /// Whether piece `number` is present and passes its at-rest check.
 async fn ready(task: &TaskRef, number: usize) -> bool {
     match task.uploadable(number) {
-        Ok(true) => true,
-        Ok(false) => {
+        Uploadable::Ready => true,
+        Uploadable::AfterCheck => {
             let t = task.clone();
             let _ = tokio::task::spawn_blocking(move || t.check_piece(number)).await;
-            task.uploadable(number) == Ok(true)
+            task.uploadable(number) == Uploadable::Ready
         }
-        Err(()) => false,
+        Uploadable::Absent => false,
     }
 }
 
@@ -111,7 +111,7 @@ fn piece_response(node: Arc<Node>, task: TaskRef, number: usize, permit: OwnedSe
                     Some((Ok(Frame::data(bytes)), (end, permit)))
                 }
                 Err(e) => {
-                    tracing::warn!(digest = %task.digest, error = %e, "piece unreadable; upload cut");
+                    tracing::warn!(digest = %task.digest(), error = %e, "piece unreadable; upload cut");
                     // The child sees the body end early and takes the piece elsewhere.
                     Some((Err(e), (range.end, permit)))
                 }

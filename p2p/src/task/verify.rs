@@ -1,23 +1,75 @@
-//! Verifying stored pieces against their crc32c, and a task assembled from pieces (from peers,
-//! from ranges, or read back after a restart) against its digest. The whole-content hash runs ahead over the pieces present in
-//! order while the rest still arrive, so a multi-gigabyte blob is not read again in full after
-//! its last piece: the reader holding back the last byte waits for the hash of what came last.
+//! Whether a task's content is its digest's, and how that is found out.
+//!
+//! Three ways, and the invariants that keep them honest:
+//! - a fetch that streams the whole content hashes it on the way ("streaming"); the match
+//!   vouches for the file only if the stream wrote every piece and no piece was dropped
+//!   (demoted) meanwhile;
+//! - a task assembled from pieces (from peers, from ranges, or read back after a restart) is
+//!   hashed "ahead": over the pieces present in order while the rest still arrive, so a
+//!   multi-gigabyte blob is not read again in full after its last piece; a demotion during the
+//!   pass starts it over;
+//! - a verified task whose piece digests are unknown (cached alone) is hashed whole again
+//!   before they are published.
+//!
+//! Stored pieces are also checked against their crc32c before they are served from disk. A
+//! piece that fails is demoted, and the task is no longer verified until it is back.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use crate::digest::Hasher;
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::task::{Task, TaskRef};
 
 /// Bytes read at a time when checking and hashing stored pieces.
 const CHUNK: usize = 1 << 20;
-use crate::task::{Piece, State, Task, TaskRef};
+
+/// What is known of the content as a whole.
+#[derive(Default)]
+pub(crate) struct Verification {
+    /// The whole content matched its digest.
+    verified: bool,
+    /// A fetch streams the whole content through its own hash.
+    streaming: bool,
+    /// The hash ahead so far, between passes.
+    ahead: Option<Ahead>,
+    /// A pass of the hash ahead runs.
+    ahead_running: bool,
+}
 
 /// The hash so far, over pieces `0..next`.
-pub(crate) struct Ahead {
+struct Ahead {
     hasher: Hasher,
     next: usize,
     /// Demotions when the hash started: a piece replaced since means starting over.
     demotions: u64,
+}
+
+impl Verification {
+    pub(crate) fn new(verified: bool) -> Self {
+        Verification { verified, ..Default::default() }
+    }
+
+    pub(crate) fn is_verified(&self) -> bool {
+        self.verified
+    }
+
+    pub(crate) fn is_streaming(&self) -> bool {
+        self.streaming
+    }
+
+    /// A piece was dropped: the content is not known to be whole until it is back.
+    pub(crate) fn unverify(&mut self) {
+        self.verified = false;
+    }
+
+    /// The fetch streaming the content through its hash ended.
+    pub(crate) fn end_streaming(&mut self) {
+        self.streaming = false;
+    }
+
+    fn set_verified(&mut self) {
+        self.verified = true;
+        self.streaming = false;
+    }
 }
 
 impl Task {
@@ -29,30 +81,17 @@ impl Task {
         let mut actual = 0;
         let read = self.read_file(range, |chunk| actual = crc32c::crc32c_append(actual, chunk));
         let mut st = self.lock();
-        if let Piece::Present { record, checked } = &mut st.pieces[i] {
-            let why = match read {
-                Ok(()) if record.crc32c == actual => {
-                    *checked = Some(Instant::now());
-                    return;
-                }
-                Ok(()) => "failed its crc32c check".to_owned(),
-                Err(e) => format!("could not be read ({e})"),
-            };
-            tracing::warn!(digest = %self.digest, piece = i, "piece {why}; fetching it again");
-            self.demote(&mut st, i);
-        }
-    }
-
-    /// Drops present piece `i` (its state locked by the caller): it is fetched again, and the
-    /// task verified again once it is back.
-    fn demote(&self, st: &mut State, i: usize) {
-        if matches!(st.pieces[i], Piece::Present { .. }) {
-            self.metrics.piece_failed("corrupt");
-            st.pieces[i] = Piece::Missing;
-            st.demotions += 1;
-            st.verified = false;
-            st.dirty = true;
-        }
+        let Some(record) = st.pieces.record(i) else { return };
+        let why = match read {
+            Ok(()) if record.crc32c == actual => {
+                st.pieces.mark_checked(i);
+                return;
+            }
+            Ok(()) => "failed its crc32c check".to_owned(),
+            Err(e) => format!("could not be read ({e})"),
+        };
+        tracing::warn!(digest = %self.digest, piece = i, "piece {why}; fetching it again");
+        self.demote(&mut st, i);
     }
 
     /// Asks the kernel to read piece `i` and the next one from disk in large requests: a piece
@@ -81,16 +120,48 @@ impl Task {
         Ok(())
     }
 
+    /// A fetch that streams the whole content hashes it; no separate verification pass is
+    /// needed. Returns the demotion count to hand back to [`Task::streamed_verified`].
+    pub(crate) fn begin_streaming_verify(&self) -> u64 {
+        let mut st = self.lock();
+        st.verification.streaming = true;
+        st.pieces.demotions()
+    }
+
+    /// The streamed content matched the digest. It vouches for the file only if the stream
+    /// wrote every piece and none was replaced meanwhile; otherwise a full read hashes the file.
+    pub(crate) fn streamed_verified(&self, wrote_all: bool, demotions_at_start: u64) {
+        let vouches = wrote_all && {
+            let st = self.lock();
+            st.pieces.demotions() == demotions_at_start && st.pieces.all_present()
+        };
+        if vouches {
+            self.set_verified();
+        } else {
+            tracing::debug!(digest = %self.digest, "stream matched, but the file holds other bytes too; verifying on read");
+        }
+    }
+
+    pub(crate) fn set_verified(&self) {
+        {
+            let mut st = self.lock();
+            st.verification.set_verified();
+            st.dirty = true;
+        }
+        self.after_verified();
+    }
+
     /// Hashes on from where the hash got to, as far as pieces are present, on a blocking
     /// thread; verifies the task when it gets to the end. Does nothing while a fetch streams the
     /// whole content through its own hash, or while a pass is already running.
     pub(crate) fn verify_ahead(self: &Arc<Self>) {
         {
             let mut st = self.lock();
-            if st.verified || st.verifying || st.ahead_running || st.failed.is_some() {
+            let v = &st.verification;
+            if v.verified || v.streaming || v.ahead_running || st.failed.is_some() {
                 return;
             }
-            st.ahead_running = true;
+            st.verification.ahead_running = true;
         }
         let task = TaskRef::pin(self.clone());
         tokio::task::spawn_blocking(move || task.task().run_ahead());
@@ -103,15 +174,15 @@ impl Task {
             // in the same critical section, so a piece landing right after starts a new pass).
             let (mut ahead, range) = {
                 let mut st = self.lock();
-                let demotions = st.demotions;
-                let ahead = match st.ahead.take() {
+                let demotions = st.pieces.demotions();
+                let ahead = match st.verification.ahead.take() {
                     Some(a) if a.demotions == demotions => a,
                     _ => Ahead { hasher: Hasher::new(self.digest.algorithm()), next: 0, demotions },
                 };
-                let present = matches!(st.pieces.get(ahead.next), Some(Piece::Present { .. }));
-                if !present || st.verifying || st.failed.is_some() {
-                    st.ahead = Some(ahead);
-                    st.ahead_running = false;
+                let present = st.pieces.get(ahead.next).is_some_and(|p| p.is_present());
+                if !present || st.verification.streaming || st.failed.is_some() {
+                    st.verification.ahead = Some(ahead);
+                    st.verification.ahead_running = false;
                     return;
                 }
                 let range = self.layout.piece_range(ahead.next);
@@ -123,12 +194,12 @@ impl Task {
                 tracing::warn!(digest = %self.digest, piece = i, error = %e, "piece could not be read; fetching it again");
                 let mut st = self.lock();
                 self.demote(&mut st, i);
-                st.ahead_running = false;
+                st.verification.ahead_running = false;
                 return;
             }
             ahead.next += 1;
             if ahead.next < count {
-                self.lock().ahead = Some(ahead);
+                self.lock().verification.ahead = Some(ahead);
                 continue;
             }
             let demotions = ahead.demotions;
@@ -137,10 +208,10 @@ impl Task {
             // otherwise leave a verified task with a piece nobody checked against the digest.
             let replaced = {
                 let mut st = self.lock();
-                st.ahead_running = false;
-                let replaced = st.demotions != demotions;
+                st.verification.ahead_running = false;
+                let replaced = st.pieces.demotions() != demotions;
                 if !replaced && matches {
-                    st.verified = true;
+                    st.verification.verified = true;
                     st.dirty = true;
                 }
                 replaced
@@ -156,9 +227,7 @@ impl Task {
             return;
         }
     }
-}
 
-impl Task {
     /// Gives a verified task cached by a node alone (which keeps no piece digests) the sha256
     /// of every piece, so that a cluster can take it from here. The whole content is hashed in
     /// the same pass: digests of bytes that rotted on disk are never published. Returns whether
@@ -166,16 +235,15 @@ impl Task {
     pub(crate) fn backfill_piece_digests(&self) -> bool {
         let demotions = {
             let st = self.lock();
-            let complete = st.pieces.iter().all(|p| matches!(p, Piece::Present { .. }));
-            if !st.verified || !complete || st.failed.is_some() {
+            if !st.verification.verified || !st.pieces.all_present() || st.failed.is_some() {
                 return false;
             }
-            st.demotions
+            st.pieces.demotions()
         };
         let Some((whole, pieces)) = self.hash_file() else { return false };
         {
             let st = self.lock();
-            if st.demotions != demotions || !st.verified {
+            if st.pieces.demotions() != demotions || !st.verification.verified {
                 // Changed under the pass; a later pass may try again.
                 return false;
             }
@@ -191,23 +259,16 @@ impl Task {
     }
 
     /// The digest of the task file, and the sha256 (hex) of each of its pieces.
-    fn hash_file(&self) -> Option<(crate::Digest, Vec<String>)> {
-        use std::os::unix::fs::FileExt;
-        // pread, not the map: a file changed under a map is a SIGBUS, under pread a short read.
-        let mut buf = vec![0u8; 1 << 20];
+    fn hash_file(&self) -> Option<(Digest, Vec<String>)> {
         let mut whole = Hasher::new(self.digest.algorithm());
         let mut pieces = Vec::with_capacity(self.layout.count());
         for i in 0..self.layout.count() {
-            let range = self.layout.piece_range(i);
-            let mut piece = Hasher::new(crate::Algorithm::Sha256);
-            let mut pos = range.start;
-            while pos < range.end {
-                let n = buf.len().min((range.end - pos) as usize);
-                self.file.read_exact_at(&mut buf[..n], pos).ok()?;
-                whole.update(&buf[..n]);
-                piece.update(&buf[..n]);
-                pos += n as u64;
-            }
+            let mut piece = Hasher::new(Algorithm::Sha256);
+            let read = self.read_file(self.layout.piece_range(i), |chunk| {
+                whole.update(chunk);
+                piece.update(chunk);
+            });
+            read.ok()?;
             pieces.push(piece.finish().hex().to_owned());
         }
         Some((whole.finish(), pieces))
