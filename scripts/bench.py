@@ -548,10 +548,10 @@ def ensure_binary(path):
         return path
     if os.path.abspath(path) != os.path.join(REPO_ROOT, "target", "release", "damselfly"):
         raise BenchError(f"--binary {path} does not exist")
-    log(f"{path} missing: cargo build --release -p damselfly-mirror")
-    r = subprocess.run(["cargo", "build", "--release", "-p", "damselfly-mirror"], cwd=REPO_ROOT, timeout=3600)
+    log(f"{path} missing: cargo build --release -p damselfly")
+    r = subprocess.run(["cargo", "build", "--release", "-p", "damselfly"], cwd=REPO_ROOT, timeout=3600)
     if r.returncode != 0 or not os.path.exists(path):
-        raise BenchError("cargo build --release -p damselfly-mirror failed")
+        raise BenchError("cargo build --release -p damselfly failed")
     return path
 
 

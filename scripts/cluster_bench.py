@@ -25,7 +25,7 @@ is blob size / --rate.
 
 Run (root): sudo python3 scripts/cluster_bench.py --nodes 8 --size 256 [--json out.json]
 Needs: ip, tc, curl, sha256sum, docker-registry; target/release/damselfly (cargo build --release
--p damselfly-mirror --bin damselfly). Python stdlib only.
+-p damselfly). Python stdlib only.
 """
 
 import argparse
@@ -625,7 +625,7 @@ def preflight(args):
             raise BenchError(f"`{tool}` not found (docker-registry: apt-get install docker-registry; "
                              "ip/tc: iproute2; or run scripts/install-test-deps.sh)")
     if "damselfly" in args.scenarios and not os.access(args.binary, os.X_OK):
-        raise BenchError(f"{args.binary} missing: cargo build --release -p damselfly-mirror --bin damselfly")
+        raise BenchError(f"{args.binary} missing: cargo build --release -p damselfly")
 
 
 def main():

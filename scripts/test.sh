@@ -32,8 +32,8 @@ scripts/install-test-deps.sh
 unit_threads=${DAMSELFLY_UNIT_TEST_THREADS:-2}
 integration_threads=${DAMSELFLY_INTEGRATION_TEST_THREADS:-1}
 
-echo "==> cargo build -p damselfly-mirror --bin damselfly"
-cargo build --locked "$@" -p damselfly-mirror --bin damselfly
+echo "==> cargo build -p damselfly"
+cargo build --locked "$@" -p damselfly
 
 # Both phases always run, so one failing unit test does not hide the end-to-end picture.
 status=0

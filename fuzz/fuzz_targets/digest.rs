@@ -2,7 +2,7 @@
 //! in the piece store, so two spellings of one digest must not exist).
 #![no_main]
 
-use damselfly_p2p::{Algorithm, Digest};
+use damselfly_proto::{Algorithm, Digest};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use damselfly_p2p::net::parse_piece_path;
-use damselfly_scheduler::token;
+use damselfly_proto::token;
 use libfuzzer_sys::fuzz_target;
 
 const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";

@@ -199,7 +199,7 @@ impl Mirror {
     }
 
     /// Runs the `damselfly` binary (built next to the test executable by
-    /// `cargo build -p damselfly-mirror --bin damselfly`, which scripts/test.sh does) as
+    /// `cargo build -p damselfly`, which scripts/test.sh does) as
     /// `damselfly mirror --listen .. --health-listen .. --metrics-listen .. --data-dir .. ARGS`
     /// on free loopback ports, and waits until its health endpoint answers.
     pub async fn spawn_binary(args: &[&str]) -> Result<MirrorProcess> {
@@ -272,10 +272,7 @@ fn damselfly_binary() -> Result<PathBuf> {
     let profile_dir = exe.parent().and_then(Path::parent).context("test executable location")?;
     let binary = profile_dir.join("damselfly");
     if !binary.is_file() {
-        bail!(
-            "{} not found: build it first with `cargo build -p damselfly-mirror --bin damselfly` (scripts/test.sh does)",
-            binary.display()
-        );
+        bail!("{} not found: build it first with `cargo build -p damselfly` (scripts/test.sh does)", binary.display());
     }
     Ok(binary)
 }

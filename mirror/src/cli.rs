@@ -1,42 +1,42 @@
-//! The `damselfly` command line. Precedence: defaults < config file < `DAMSELFLY_REGISTRY_AUTH`
-//! (auth only) < flags. A flag replaces the file's value, lists included, so what the command
-//! line says is what runs.
+//! `damselfly mirror`: its flags, how they layer over the config file, and the daemon's life
+//! (bind, serve until asked to stop, shut down). The `damselfly` binary only dispatches here.
+//!
+//! Precedence: defaults < config file < `DAMSELFLY_REGISTRY_AUTH` (auth only) < flags. A flag
+//! replaces the file's value, lists included, so what the command line says is what runs.
+//! Each flag is named after its config key, and the layering goes by those names (see
+//! [`layer`]): a new setting is a config field and a flag field, nothing else.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-
-mod scheduler;
-
-pub use scheduler::{SchedulerArgs, SchedulerArgsError, SECRET_ENV};
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::config::{parse_auth_list, ByteSize, ConfigError, LogFormat, MirrorConfig, RegistryAuth};
+use crate::daemon::{self, DaemonError, Listeners};
 
 /// Keeps registry passwords out of `ps`: comma- or newline-separated `HOST=USER:PASS` entries.
 pub const REGISTRY_AUTH_ENV: &str = "DAMSELFLY_REGISTRY_AUTH";
 
-#[derive(Debug, Parser)]
-#[command(name = "damselfly", version, about = "Peer-to-peer container registry mirror")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
+/// Runs the daemon on `config` until `stop` resolves, then shuts it down.
+pub async fn run(config: MirrorConfig, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let listeners = Listeners::bind(&config).await?;
+    let running = daemon::start(config, listeners).await?;
+    stop.await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
 }
 
-// Parsed once at start: the size difference between the variants costs nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the node daemon that container runtimes pull through.
-    Mirror(MirrorArgs),
-    /// Run a scheduler that steers the node daemons of a cluster.
-    Scheduler(SchedulerArgs),
-}
-
-#[derive(Debug, Clone, Default, Args)]
+/// The flags of `damselfly mirror`. Every field but `config` is named after the config key it
+/// sets; unset fields (`None`, no values) leave the key alone.
+#[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct MirrorArgs {
     /// TOML config file (see config/mirror.example.toml).
     #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Registry mirror API address [default: 127.0.0.1:65001].
     #[arg(long, value_name = "ADDR")]
@@ -132,8 +132,8 @@ pub struct MirrorArgs {
     /// Pieces uploaded at once [default: 64].
     #[arg(long, value_name = "N")]
     pub max_uploads: Option<usize>,
-    /// Log output format [default: human].
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    /// Log output format: human or json [default: human].
+    #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Log filter in EnvFilter syntax; RUST_LOG overrides it [default: info].
     #[arg(long, value_name = "LEVEL")]
@@ -153,99 +153,62 @@ impl MirrorArgs {
     }
 
     fn into_config_with_env(self, env_auth: Option<&str>) -> Result<MirrorConfig, ConfigError> {
-        let mut cfg = match &self.config {
+        let file = match &self.config {
             Some(path) => MirrorConfig::from_file(path)?,
             None => MirrorConfig::default(),
         };
-        if let Some(env) = env_auth {
+        let mut env = None;
+        if let Some(value) = env_auth {
             let entries =
-                parse_auth_list(env).map_err(|source| ConfigError::EnvAuth { var: REGISTRY_AUTH_ENV, source })?;
+                parse_auth_list(value).map_err(|source| ConfigError::EnvAuth { var: REGISTRY_AUTH_ENV, source })?;
             // An empty variable is treated as unset rather than as "no credentials at all".
-            if !entries.is_empty() {
-                cfg.registry_auth = entries;
-            }
+            env = Some(entries).filter(|e| !e.is_empty());
         }
-        self.apply(&mut cfg);
+        let mut cfg = layer(&file, env, &self)?;
         cfg.load_registry_auth_file()?;
         cfg.validate()?;
         Ok(cfg)
     }
+}
 
-    fn apply(self, cfg: &mut MirrorConfig) {
-        fn set<T>(target: &mut T, flag: Option<T>) {
-            if let Some(v) = flag {
-                *target = v;
-            }
-        }
-        fn replace<T>(target: &mut Vec<T>, flag: Vec<T>) {
-            if !flag.is_empty() {
-                *target = flag;
-            }
-        }
-        set(&mut cfg.listen, self.listen);
-        set(&mut cfg.health_listen, self.health_listen);
-        set(&mut cfg.metrics_listen, self.metrics_listen);
-        set(&mut cfg.data_dir, self.data_dir);
-        set(&mut cfg.cache_quota, self.cache_quota);
-        set(&mut cfg.registry_mirror, self.registry_mirror);
-        replace(&mut cfg.insecure_registries, self.insecure_registries);
-        replace(&mut cfg.registry_auth, self.registry_auth);
-        if self.registry_auth_file.is_some() {
-            cfg.registry_auth_file = self.registry_auth_file;
-        }
-        set(&mut cfg.background_fill, self.background_fill);
-        set(&mut cfg.cache_direct_io, self.cache_direct_io);
-        replace(&mut cfg.schedulers, self.schedulers);
-        for (slot, flag) in [
-            (&mut cfg.cluster_ca, self.cluster_ca),
-            (&mut cfg.cluster_cert, self.cluster_cert),
-            (&mut cfg.cluster_key, self.cluster_key),
-        ] {
-            if flag.is_some() {
-                *slot = flag;
-            }
-        }
-        set(&mut cfg.peer_tls, self.peer_tls);
-        set(&mut cfg.share_tokens_with_seeds, self.share_tokens_with_seeds);
-        set(&mut cfg.upload_listen, self.upload_listen);
-        if self.advertise_ip.is_some() {
-            cfg.advertise_ip = self.advertise_ip;
-        }
-        if self.host_id.is_some() {
-            cfg.host_id = self.host_id;
-        }
-        set(&mut cfg.idc, self.idc);
-        set(&mut cfg.location, self.location);
-        set(&mut cfg.seed, self.seed);
-        replace(&mut cfg.seed_registries, self.seed_registries);
-        if self.upload_rate_limit.is_some() {
-            cfg.upload_rate_limit = self.upload_rate_limit;
-        }
-        if self.download_rate_limit.is_some() {
-            cfg.download_rate_limit = self.download_rate_limit;
-        }
-        set(&mut cfg.max_uploads, self.max_uploads);
-        if self.scheduler_listen.is_some() {
-            cfg.scheduler_listen = self.scheduler_listen;
-        }
-        if self.scheduler_seed_name.is_some() {
-            cfg.scheduler_seed_name.clone_from(&self.scheduler_seed_name);
-        }
-        set(&mut cfg.log_format, self.log_format);
-        set(&mut cfg.log_level, self.log_level);
+/// `base` with the environment's credentials and the flags set in `flags` over it, key by key.
+fn layer(
+    base: &MirrorConfig,
+    env_auth: Option<Vec<RegistryAuth>>,
+    flags: &MirrorArgs,
+) -> Result<MirrorConfig, ConfigError> {
+    let invalid =
+        |e: serde_json::Error| ConfigError::Parse { origin: "the command line".to_owned(), message: e.to_string() };
+    let mut merged = serde_json::to_value(base).map_err(invalid)?;
+    let keys = merged.as_object_mut().ok_or_else(|| invalid(serde::ser::Error::custom("not a table")))?;
+    if let Some(auth) = env_auth {
+        keys.insert("registry_auth".to_owned(), serde_json::to_value(auth).map_err(invalid)?);
     }
+    if let Value::Object(set) = serde_json::to_value(flags).map_err(invalid)? {
+        for (key, value) in set {
+            let unset = value.is_null() || value.as_array().is_some_and(Vec::is_empty);
+            if !unset {
+                keys.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(merged).map_err(invalid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: MirrorArgs,
+    }
 
     fn mirror_args(args: &[&str]) -> MirrorArgs {
-        let argv = ["damselfly", "mirror"].iter().chain(args);
-        match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Mirror(m) => m,
-            _ => unreachable!("mirror subcommand"),
-        }
+        let argv = ["mirror"].iter().chain(args);
+        Cli::try_parse_from(argv).expect("parses").args
     }
 
     fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
@@ -364,7 +327,7 @@ mod tests {
             &["--registry-auth", "no-equals"],
             &["--unknown"],
         ] {
-            let argv = ["damselfly", "mirror"].iter().chain(bad);
+            let argv = ["mirror"].iter().chain(bad);
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
         let err = mirror_args(&["--registry-mirror", "ftp://x"]).into_config_with_env(None).unwrap_err();
@@ -419,6 +382,82 @@ mod tests {
         assert!(msg.contains(REGISTRY_AUTH_ENV) && !msg.contains("S3CRET"), "{msg}");
         let dup = mirror_args(&[]).into_config_with_env(Some("a.io=u:p,a.io=v:q")).unwrap_err();
         assert!(dup.to_string().contains("more than one"), "{dup}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_set_flag_wins_and_an_unset_one_keeps_the_file_value(
+            file_port in 1u16.., flag_port in proptest::option::of(1u16..),
+            file_hosts in proptest::collection::vec("[a-z]{1,8}:[0-9]{1,4}", 0..3),
+            flag_hosts in proptest::collection::vec("[a-z]{1,8}:[0-9]{1,4}", 0..3),
+            file_uploads in 1usize..1000, flag_uploads in proptest::option::of(1usize..1000),
+            flag_seed in proptest::option::of(proptest::bool::ANY),
+        ) {
+            let file = MirrorConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], file_port)),
+                insecure_registries: file_hosts.clone(),
+                max_uploads: file_uploads,
+                ..MirrorConfig::default()
+            };
+            let flags = MirrorArgs {
+                listen: flag_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+                insecure_registries: flag_hosts.clone(),
+                max_uploads: flag_uploads,
+                seed: flag_seed,
+                ..MirrorArgs::default()
+            };
+            let cfg = layer(&file, None, &flags).expect("layers");
+            proptest::prop_assert_eq!(cfg.listen.port(), flag_port.unwrap_or(file_port));
+            let hosts = if flag_hosts.is_empty() { file_hosts } else { flag_hosts };
+            proptest::prop_assert_eq!(cfg.insecure_registries, hosts);
+            proptest::prop_assert_eq!(cfg.max_uploads, flag_uploads.unwrap_or(file_uploads));
+            proptest::prop_assert_eq!(cfg.seed, flag_seed.unwrap_or(false));
+            proptest::prop_assert_eq!(cfg.data_dir, file.data_dir);
+        }
+    }
+
+    #[test]
+    fn every_flag_sets_a_config_key_of_its_name() {
+        // The config rejects unknown keys: a flag whose name is no key fails to layer.
+        let all = mirror_args(&[
+            "--listen=127.0.0.1:1",
+            "--health-listen=127.0.0.1:2",
+            "--metrics-listen=127.0.0.1:3",
+            "--data-dir=/d",
+            "--cache-quota=1GiB",
+            "--registry-mirror=http://r:1",
+            "--insecure-registry=a:1",
+            "--registry-auth=x.io=u:p",
+            "--registry-auth-file=/f",
+            "--background-fill",
+            "--cache-direct-io=false",
+            "--scheduler=s:1",
+            "--cluster-ca=/ca",
+            "--cluster-cert=/c",
+            "--cluster-key=/k",
+            "--peer-tls",
+            "--share-tokens-with-seeds",
+            "--upload-listen=127.0.0.1:4",
+            "--advertise-ip=127.0.0.5",
+            "--host-id=h",
+            "--idc=i",
+            "--location=l",
+            "--seed",
+            "--seed-registry=*",
+            "--upload-rate-limit=1MiB",
+            "--download-rate-limit=2MiB",
+            "--scheduler-listen=127.0.0.1:5",
+            "--scheduler-seed-name=n",
+            "--max-uploads=3",
+            "--log-format=json",
+            "--log-level=debug",
+        ]);
+        let cfg = layer(&MirrorConfig::default(), None, &all).expect("every flag names a key");
+        assert_ne!(cfg, MirrorConfig::default());
+        let set = serde_json::to_value(&all).expect("flags");
+        let unset: Vec<_> =
+            set.as_object().expect("object").iter().filter(|(_, v)| v.is_null()).map(|(k, _)| k).collect();
+        assert!(unset.is_empty(), "flags left out of this test: {unset:?}");
     }
 
     #[test]

@@ -8,14 +8,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+pub use damselfly_serve::LogFormat;
+use serde::{Deserialize, Serialize};
 
 use crate::oci::route::is_host_port;
 
 /// Where the upstream lives when a request names none (dfdaemon's `registryMirror.addr` default).
 pub const DEFAULT_REGISTRY_MIRROR: &str = "https://index.docker.io";
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MirrorConfig {
     pub listen: SocketAddr,
@@ -112,14 +113,6 @@ impl Default for MirrorConfig {
             scheduler_seed_name: None,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,8 +214,8 @@ impl MirrorConfig {
             }
         }
         self.validate_cluster()?;
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| ConfigError::LogLevel { value: self.log_level.clone(), reason: e.to_string() })?;
+        damselfly_serve::check_log_level(&self.log_level)
+            .map_err(|reason| ConfigError::LogLevel { value: self.log_level.clone(), reason })?;
         Ok(())
     }
 
@@ -425,6 +418,13 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// Written as it reads back: `50GiB`, or a plain number of bytes.
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
@@ -449,7 +449,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// Credentials the daemon uses for one registry. `Debug` never shows the password, so the
 /// whole config can be logged.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryAuth {
     pub host: String,

@@ -64,6 +64,8 @@ pub enum DaemonError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("in-process scheduler: {0}")]
     Scheduler(#[from] damselfly_scheduler::SchedulerError),
+    #[error("in-process scheduler: {0}")]
+    SchedulerConfig(#[from] damselfly_scheduler::cli::SchedulerArgsError),
 }
 
 pub struct Running {
@@ -217,10 +219,7 @@ async fn start_scheduler(
     seed_name: Option<&str>,
 ) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
-    let mut config = damselfly_scheduler::SchedulerConfig::default();
-    if let Some(secret) = std::env::var_os(crate::cli::SECRET_ENV) {
-        config.secret = secret.into_encoded_bytes();
-    }
+    let mut config = damselfly_scheduler::cli::in_process_config()?;
     config.tls = crate::cluster::own_scheduler_tls(tls, seed_name);
     let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use clap::Parser;
-use damselfly_mirror::cli::{Cli, Command};
+use damselfly::{Cli, Command};
 
 /// The `args:` lists of a manifest, with Kubernetes' `$(VAR)` references filled in.
 fn args_lists(text: &str) -> Vec<Vec<String>> {

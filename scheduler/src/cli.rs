@@ -1,13 +1,18 @@
-//! `damselfly scheduler`: flags and their translation into the scheduler's configuration.
+//! `damselfly scheduler`: its flags, their translation into the scheduler's configuration,
+//! and the process's life (bind, serve until asked to stop, shut down). The `damselfly` binary
+//! only dispatches here.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use damselfly_scheduler::{SchedulerConfig, ServerTls};
+use damselfly_serve::LogFormat;
+use tokio::net::TcpListener;
 
-use crate::config::LogFormat;
+use crate::config::{SchedulerConfig, ServerTls};
+use crate::error::SchedulerError;
 
 /// Shared token secret for several schedulers, kept out of `ps`.
 pub const SECRET_ENV: &str = "DAMSELFLY_SCHEDULER_SECRET";
@@ -50,8 +55,8 @@ pub struct SchedulerArgs {
     /// ordinary nodes. Without it, any certificate from --tls-client-ca may seed.
     #[arg(long, value_name = "NAME", requires = "tls_client_ca")]
     pub tls_seed_name: Option<String>,
-    /// Log output format.
-    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
+    /// Log output format: human or json.
+    #[arg(long, value_name = "FORMAT", default_value = "human")]
     pub log_format: LogFormat,
     /// Log filter in EnvFilter syntax; RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -68,28 +73,66 @@ pub enum SchedulerArgsError {
     Zero(&'static str),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Start(#[from] SchedulerError),
+}
+
+/// Runs `damselfly scheduler` until `stop` resolves, then shuts down.
+pub async fn run(args: SchedulerArgs, stop: impl Future<Output = ()>) -> Result<(), SchedulerArgsError> {
+    let config = args.to_config()?;
+    let bind =
+        |addr| async move { TcpListener::bind(addr).await.map_err(|source| SchedulerArgsError::Bind { addr, source }) };
+    let grpc = bind(args.listen).await?;
+    let http = bind(args.http_listen).await?;
+    let running = crate::start(config, grpc, Some(http)).await?;
+    stop.await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// The configuration of a scheduler a node daemon runs in-process (`--scheduler-listen`):
+/// the defaults, with the token secret taken from the environment as `damselfly scheduler`
+/// takes it.
+pub fn in_process_config() -> Result<SchedulerConfig, SchedulerArgsError> {
+    let mut cfg = SchedulerConfig::default();
+    if let Some(secret) = secret_from(None, env_secret())? {
+        cfg.secret = secret;
+    }
+    Ok(cfg)
+}
+
+fn env_secret() -> Option<Vec<u8>> {
+    std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes())
+}
+
+/// The secret in `file`, else `env`; trimmed, and refused when shorter than 16 bytes.
+fn secret_from(file: Option<&PathBuf>, env: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, SchedulerArgsError> {
+    let secret = match file {
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?)
+        }
+        None => env,
+    };
+    let Some(secret) = secret else { return Ok(None) };
+    let trimmed = secret.trim_ascii().to_vec();
+    if trimmed.len() < 16 {
+        return Err(SchedulerArgsError::ShortSecret);
+    }
+    Ok(Some(trimmed))
 }
 
 impl SchedulerArgs {
     pub fn to_config(&self) -> Result<SchedulerConfig, SchedulerArgsError> {
-        let env = std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes());
-        self.to_config_with(env)
+        self.to_config_with(env_secret())
     }
 
     fn to_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
         let mut cfg = SchedulerConfig::default();
-        let secret = match &self.secret_file {
-            Some(path) => {
-                Some(std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?)
-            }
-            None => env_secret,
-        };
-        if let Some(secret) = secret {
-            let trimmed = secret.trim_ascii().to_vec();
-            if trimmed.len() < 16 {
-                return Err(SchedulerArgsError::ShortSecret);
-            }
-            cfg.secret = trimmed;
+        if let Some(secret) = secret_from(self.secret_file.as_ref(), env_secret)? {
+            cfg.secret = secret;
         }
         for (name, v) in [("origin-limit", self.origin_limit), ("max-parents", self.max_parents)] {
             if v == 0 {
@@ -122,15 +165,17 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, SchedulerArgsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
     use clap::Parser;
 
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SchedulerArgs,
+    }
+
     fn args(extra: &[&str]) -> SchedulerArgs {
-        let argv = ["damselfly", "scheduler"].iter().chain(extra);
-        match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Scheduler(s) => s,
-            _ => unreachable!("scheduler subcommand"),
-        }
+        let argv = ["scheduler"].iter().chain(extra);
+        Cli::try_parse_from(argv).expect("parses").args
     }
 
     #[test]
@@ -159,7 +204,7 @@ mod tests {
     #[test]
     fn tls_needs_a_certificate_and_its_key() {
         let argv = |extra: &[&str]| {
-            let all = ["damselfly", "scheduler"].iter().chain(extra).copied().collect::<Vec<_>>();
+            let all = ["scheduler"].iter().chain(extra).copied().collect::<Vec<_>>();
             Cli::try_parse_from(all).map(drop)
         };
         assert!(argv(&["--tls-cert", "c.pem"]).is_err());

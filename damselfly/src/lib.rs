@@ -1,0 +1,43 @@
+//! The `damselfly` command line: one subcommand per part, each parsed by the crate that
+//! implements it (`damselfly-mirror`, `damselfly-scheduler`). `main.rs` runs the one chosen.
+
+use clap::{Parser, Subcommand};
+use damselfly_mirror::cli::MirrorArgs;
+use damselfly_scheduler::cli::SchedulerArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "damselfly", version, about = "Peer-to-peer container registry mirror")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once at start: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon that container runtimes pull through.
+    Mirror(MirrorArgs),
+    /// Run a scheduler that steers the node daemons of a cluster.
+    Scheduler(SchedulerArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn each_subcommand_parses_its_own_flags() {
+        let mirror = Cli::try_parse_from(["damselfly", "mirror", "--listen", "127.0.0.1:1", "--log-format", "json"]);
+        assert!(matches!(mirror.map(|c| c.command), Ok(Command::Mirror(_))));
+        let scheduler = Cli::try_parse_from(["damselfly", "scheduler", "--origin-limit", "2"]);
+        assert!(matches!(scheduler.map(|c| c.command), Ok(Command::Scheduler(_))));
+        assert!(Cli::try_parse_from(["damselfly", "mirror", "--origin-limit", "2"]).is_err());
+    }
+}
