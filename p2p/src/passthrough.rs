@@ -48,7 +48,7 @@ impl Verify {
                 Some(Ok(chunk)) => {
                     self.seen += chunk.len() as u64;
                     if self.seen > self.len {
-                        return Err(ReadError("source sent more bytes than announced".into()));
+                        return Err(ReadError::TooLong);
                     }
                     if let Some(h) = &mut self.hasher {
                         h.update(&chunk);
@@ -62,7 +62,7 @@ impl Verify {
                         return Ok(Some(prev));
                     }
                 }
-                Some(Err(e)) => return Err(ReadError(e.message)),
+                Some(Err(e)) => return Err(ReadError::Source(e.message)),
                 None => return self.finish(),
             }
         }
@@ -71,11 +71,11 @@ impl Verify {
     fn finish(&mut self) -> Result<Option<Bytes>, ReadError> {
         let Some(h) = self.hasher.take() else { return Ok(None) };
         if self.seen != self.len {
-            return Err(ReadError(format!("source ended after {} of {} bytes", self.seen, self.len)));
+            return Err(ReadError::TooShort { seen: self.seen, len: self.len });
         }
         if h.finish() != self.digest {
             self.metrics.verify_failures.inc();
-            return Err(ReadError("content does not match its digest".into()));
+            return Err(ReadError::DigestMismatch);
         }
         let last = self.held.take();
         if let Some(b) = &last {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, Stream};
 
 use crate::source::{ByteSource, Source};
-use crate::task::{Step, TaskRef};
+use crate::task::{Step, StepError, TaskRef};
 
 /// Largest frame handed to the HTTP layer: big enough for few wake-ups, small enough that
 /// a slow client does not pin much of the map at once.
@@ -17,9 +17,46 @@ const MAX_FRAME: u64 = 512 << 10;
 /// Longest wait for a progress signal before the reader re-examines the task by itself.
 const RESTEP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Why a read ended before its range did. The response it feeds must be aborted: the client
+/// sees a broken transfer, never a short or wrong one.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ReadError(pub String);
+pub enum ReadError {
+    /// The task can serve nothing more: its content proved wrong, it was evicted, or a write
+    /// to it failed (the reason).
+    #[error("{0}")]
+    TaskFailed(String),
+    /// The fetch this read waited on gave up (its reason).
+    #[error("{0}")]
+    FetchFailed(String),
+    /// A piece this read already sent was dropped since: it failed its check.
+    #[error("content changed while it was being read")]
+    Changed,
+    /// The check of a stored piece could not run.
+    #[error("piece check failed: {0}")]
+    Check(String),
+    /// Passing through: the source failed (its message).
+    #[error("{0}")]
+    Source(String),
+    /// Passing through: the source sent more than the announced length.
+    #[error("source sent more bytes than announced")]
+    TooLong,
+    /// Passing through: the source ended short of the announced length.
+    #[error("source ended after {seen} of {len} bytes")]
+    TooShort { seen: u64, len: u64 },
+    /// Passing through: the whole content does not match its digest.
+    #[error("content does not match its digest")]
+    DigestMismatch,
+}
+
+impl From<StepError> for ReadError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::TaskFailed(why) => ReadError::TaskFailed(why),
+            StepError::FetchFailed(why) => ReadError::FetchFailed(why),
+            StepError::Changed => ReadError::Changed,
+        }
+    }
+}
 
 /// A slice of a task's map that keeps the task pinned while the HTTP layer holds it.
 pub(crate) struct MapSlice {
@@ -107,7 +144,7 @@ impl Drop for Cursor {
 impl Cursor {
     async fn next_frame(&mut self) -> Result<Bytes, ReadError> {
         loop {
-            match self.task.task().step(self.pos, self.end, self.full, self.waited_on).map_err(ReadError)? {
+            match self.task.task().step(self.pos, self.end, self.full, self.waited_on)? {
                 Step::Ready { range, cached, staged } => {
                     let range = range.start..range.end.min(range.start + MAX_FRAME);
                     self.pos = range.end;
@@ -130,7 +167,7 @@ impl Cursor {
                     let task = self.task.clone();
                     tokio::task::spawn_blocking(move || task.check_piece(i))
                         .await
-                        .map_err(|e| ReadError(format!("piece check failed: {e}")))?;
+                        .map_err(|e| ReadError::Check(e.to_string()))?;
                 }
                 Step::Fetch { pieces, id } => {
                     self.waited_on = Some(id);

@@ -91,7 +91,7 @@ pub trait Source: Send + Sync + 'static {
     /// Fetches `range` of the content (`None` = all of it) as a stream of bytes.
     fn fetch(&self, range: Option<Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>>;
 
-    /// Who vouches for the bytes this source sends (a registry's host): content not yet
+    /// Who vouches for the bytes this source sends (for the mirror, a registry's id): content not yet
     /// verified takes bytes from one supplier only (`Task::claim_supplier`). `None`: no claim.
     fn supplier(&self) -> Option<String> {
         None

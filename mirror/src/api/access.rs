@@ -7,11 +7,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use damselfly_p2p::{Digest, TaskRef};
-use http::{Method, Response, StatusCode};
+use http::{Method, StatusCode};
 use lru::LruCache;
 use sha2::Digest as _;
 
-use super::response::{bad_gateway, relay_refusal, Body};
+use super::error::ApiError;
 use super::{App, Target};
 use crate::oci::ContentKind;
 use crate::upstream::CredentialKind;
@@ -76,8 +76,8 @@ pub fn remember(app: &App, target: &Target, task: &TaskRef, credential: Credenti
     }
 }
 
-/// `Ok` when the requester may read cached `task`; otherwise the response to send instead.
-pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: ContentKind) -> Result<(), Response<Body>> {
+/// `Ok` when the requester may read cached `task`; otherwise why not.
+pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: ContentKind) -> Result<(), ApiError> {
     let repo = target.origin_repo();
     let public_age = task.public_age(&repo);
     if public_age.is_some_and(|age| age < PUBLIC_TTL.as_secs()) {
@@ -122,7 +122,7 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: Content
         }
         Err(e) => {
             app.metrics.access("unavailable");
-            return Err(bad_gateway(&format!("cannot check access with the origin: {e}")));
+            return Err(ApiError::origin(format!("cannot check access with the origin: {e}")));
         }
     };
     if matches!(reply.response.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
@@ -132,5 +132,5 @@ pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: Content
     }
     app.metrics.access("denied");
     tracing::info!(digest = %target.digest, repo = %target.repo, status = %reply.response.status(), "cached content refused");
-    Err(relay_refusal(&reply.response, kind))
+    Err(ApiError::refused(reply.response.status(), reply.response.headers(), kind))
 }

@@ -7,43 +7,41 @@ use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CO
 use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::access::{authorize, remember};
-use super::response::{bad_gateway, empty, oci_error, relay_refusal, stream, Body, CONTENT_DIGEST};
+use super::error::ApiError;
+use super::response::{empty, stream, Body, CONTENT_DIGEST};
 use super::source::UpstreamSource;
 use super::{App, Target};
-use crate::oci::{content_range, parse_range, unsatisfied_content_range, ContentKind, RangeSpec};
+use crate::oci::{content_range, parse_range, ContentKind, RangeSpec};
 use crate::upstream::CredentialKind;
 
-pub async fn handle(app: Arc<App>, target: Target, method: &Method, headers: &HeaderMap) -> Response<Body> {
-    let range =
-        match headers.get(RANGE).map(|v| v.to_str().map_err(|_| ()).and_then(|s| parse_range(s).map_err(|_| ()))) {
-            None => None,
-            Some(Ok(r)) => r,
-            Some(Err(())) => {
-                let (status, code) = (StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid);
-                return oci_error(status, code, "malformed Range header");
-            }
-        };
+pub async fn handle(
+    app: Arc<App>,
+    target: Target,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, ApiError> {
+    let range = match headers.get(RANGE) {
+        None => None,
+        Some(v) => v.to_str().ok().and_then(|s| parse_range(s).ok()).ok_or(ApiError::BadRange)?,
+    };
     let task = match app.store.get(&target.digest) {
         Ok(Some(task)) => {
-            if let Err(refusal) = authorize(&app, &target, &task, ContentKind::Blob).await {
-                return refusal;
-            }
+            authorize(&app, &target, &task, ContentKind::Blob).await?;
             task
         }
         // A HEAD of an uncached blob asks the origin and reserves nothing: clients that only
         // check for existence must not evict what others are using.
         Ok(None) if *method == Method::HEAD => return pass_through_unknown(app, target, method, range).await,
-        Ok(None) => match cold(&app, &target).await {
-            Ok(Cold::Cached(task)) => task,
-            Ok(Cold::PassThrough(len)) => return pass_through(app, target, method, len, range).await,
-            Err(resp) => return resp,
+        Ok(None) => match cold(&app, &target).await? {
+            Cold::Cached(task) => task,
+            Cold::PassThrough(len) => return pass_through(app, target, method, len, range).await,
         },
         Err(e) => {
             tracing::error!(error = %e, "piece store failed");
             return pass_through_unknown(app, target, method, range).await;
         }
     };
-    if !task.claim_supplier(&target.registry.host) {
+    if !task.claim_supplier(target.registry.id().as_str()) {
         // Unverified bytes another registry supplied: this client gets its own registry's.
         tracing::debug!(digest = %target.digest, registry = %target.registry.host, "cached bytes are another registry's and unverified; passing through");
         // Its length too is only that registry's word: ask this one.
@@ -60,11 +58,11 @@ enum Cold {
 
 /// A blob the store does not have: ask the origin for its length (which also proves the
 /// requester may read it) and make room for it.
-async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
+async fn cold(app: &App, target: &Target) -> Result<Cold, ApiError> {
     let (len, credential) = head_len(app, target).await?;
     if len == 0 && !is_empty_digest(&target.digest) {
         // Caching it would answer every later request for the digest with this error.
-        return Err(bad_gateway("origin says a non-empty digest has zero length"));
+        return Err(zero_length_refused());
     }
     match app.store.get_or_create(&target.digest, len, None) {
         Ok(task) => {
@@ -81,36 +79,42 @@ async fn cold(app: &App, target: &Target) -> Result<Cold, Response<Body>> {
 
 /// `HEAD` of the blob at the origin with the requester's credentials: its length, and with
 /// which credentials the origin agreed to serve it.
-async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), Response<Body>> {
+async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), ApiError> {
     app.metrics.origin("blob_head");
     let req = target.request(Method::HEAD, ContentKind::Blob, HeaderMap::new());
-    let reply = app.upstream.send(req).await.map_err(|e| bad_gateway(&format!("origin unreachable: {e}")))?;
+    let reply = app.upstream.send(req).await.map_err(|e| ApiError::origin(format!("origin unreachable: {e}")))?;
     if reply.response.status() != StatusCode::OK {
-        return Err(relay_refusal(&reply.response, ContentKind::Blob));
+        return Err(ApiError::refused(reply.response.status(), reply.response.headers(), ContentKind::Blob));
     }
     let len = reply
         .response
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .ok_or_else(|| bad_gateway("origin did not say how long the blob is"))?;
+        .ok_or_else(|| ApiError::origin("origin did not say how long the blob is"))?;
     Ok((len, reply.credential))
 }
 
-fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: Option<RangeSpec>) -> Response<Body> {
+fn serve(
+    app: Arc<App>,
+    target: Target,
+    task: TaskRef,
+    method: &Method,
+    range: Option<RangeSpec>,
+) -> Result<Response<Body>, ApiError> {
     let len = task.len();
     if len == 0 {
         if !is_empty_digest(&target.digest) {
             task.abandon("zero length for a non-empty digest");
         }
-        return zero_length(&target, method);
+        return zero_length(&target);
     }
     let source = Arc::new(UpstreamSource::blob(app.clone(), target.clone()));
     let (status, span) = match range {
         None => (StatusCode::OK, 0..len),
         Some(spec) => match spec.resolve(len) {
             Some(r) => (StatusCode::PARTIAL_CONTENT, r),
-            None => return unsatisfiable(len),
+            None => return Err(ApiError::Unsatisfiable { len }),
         },
     };
     let body = if *method == Method::HEAD {
@@ -130,7 +134,7 @@ fn serve(app: Arc<App>, target: Target, task: TaskRef, method: &Method, range: O
     if status == StatusCode::PARTIAL_CONTENT {
         insert(h, CONTENT_RANGE.as_str(), &content_range(&span, len));
     }
-    resp
+    Ok(resp)
 }
 
 fn blob_headers(h: &mut HeaderMap, target: &Target, content_len: u64) {
@@ -150,14 +154,19 @@ fn is_empty_digest(digest: &damselfly_p2p::Digest) -> bool {
     *digest == damselfly_p2p::Digest::of(digest.algorithm(), b"")
 }
 
-fn zero_length(target: &Target, method: &Method) -> Response<Body> {
+/// The empty blob, whose digest is the digest of nothing; any other digest of zero length is
+/// the origin's mistake.
+fn zero_length(target: &Target) -> Result<Response<Body>, ApiError> {
     if !is_empty_digest(&target.digest) {
-        return bad_gateway("origin says a non-empty digest has zero length");
+        return Err(zero_length_refused());
     }
-    let _ = method;
     let mut resp = Response::new(empty());
     blob_headers(resp.headers_mut(), target, 0);
-    resp
+    Ok(resp)
+}
+
+fn zero_length_refused() -> ApiError {
+    ApiError::origin("origin says a non-empty digest has zero length")
 }
 
 /// After a cold range read, fetch the rest so the next reader finds the whole blob.
@@ -174,59 +183,51 @@ async fn pass_through(
     method: &Method,
     len: u64,
     range: Option<RangeSpec>,
-) -> Response<Body> {
+) -> Result<Response<Body>, ApiError> {
     if len == 0 {
-        return zero_length(&target, method);
+        return zero_length(&target);
     }
     let span = match range.map(|spec| spec.resolve(len)) {
         None => None,
         Some(Some(span)) if span == (0..len) => None,
         Some(Some(span)) => Some(span),
-        Some(None) => return unsatisfiable(len),
+        Some(None) => return Err(ApiError::Unsatisfiable { len }),
     };
     if *method == Method::HEAD {
         let mut resp = Response::new(empty());
         blob_headers(resp.headers_mut(), &target, len);
-        return resp;
+        return Ok(resp);
     }
     if let Some(span) = span {
         return pass_through_range(app, target, span, len).await;
     }
     let source = UpstreamSource::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
-    match source.fetch(None).await {
-        Ok(r) => {
-            let body = passthrough::verify(target.digest.clone(), len, r.body, app.store.metrics().clone());
-            let mut resp = Response::new(stream(body));
-            blob_headers(resp.headers_mut(), &target, len);
-            resp
-        }
-        Err(e) => bad_gateway(&e.message),
-    }
+    let r = source.fetch(None).await.map_err(|e| ApiError::Origin(e.message))?;
+    let body = passthrough::verify(target.digest.clone(), len, r.body, app.store.metrics().clone());
+    let mut resp = Response::new(stream(body));
+    blob_headers(resp.headers_mut(), &target, len);
+    Ok(resp)
 }
 
-async fn pass_through_range(app: Arc<App>, target: Target, span: std::ops::Range<u64>, len: u64) -> Response<Body> {
+async fn pass_through_range(
+    app: Arc<App>,
+    target: Target,
+    span: std::ops::Range<u64>,
+    len: u64,
+) -> Result<Response<Body>, ApiError> {
     let source = UpstreamSource::blob(app.clone(), target.clone());
     use damselfly_p2p::Source as _;
-    match source.fetch(Some(span.clone())).await {
-        Ok(r) if r.range_honoured => {
-            let mut resp = Response::new(stream(r.body));
-            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-            blob_headers(resp.headers_mut(), &target, span.end - span.start);
-            insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &content_range(&span, len));
-            resp
-        }
+    let r = source.fetch(Some(span.clone())).await.map_err(|e| ApiError::Origin(e.message))?;
+    if !r.range_honoured {
         // Skipping to the range through the whole blob is the origin's job, not a pass-through's.
-        Ok(_) => bad_gateway("origin ignored the Range of a blob that cannot be cached"),
-        Err(e) => bad_gateway(&e.message),
+        return Err(ApiError::origin("origin ignored the Range of a blob that cannot be cached"));
     }
-}
-
-fn unsatisfiable(len: u64) -> Response<Body> {
-    let mut resp =
-        oci_error(StatusCode::RANGE_NOT_SATISFIABLE, crate::oci::ErrorCode::RangeInvalid, "range not satisfiable");
-    insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &unsatisfied_content_range(len));
-    resp
+    let mut resp = Response::new(stream(r.body));
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    blob_headers(resp.headers_mut(), &target, span.end - span.start);
+    insert(resp.headers_mut(), CONTENT_RANGE.as_str(), &content_range(&span, len));
+    Ok(resp)
 }
 
 async fn pass_through_unknown(
@@ -234,9 +235,7 @@ async fn pass_through_unknown(
     target: Target,
     method: &Method,
     range: Option<RangeSpec>,
-) -> Response<Body> {
-    match head_len(&app, &target).await {
-        Ok((len, _)) => pass_through(app, target, method, len, range).await,
-        Err(resp) => resp,
-    }
+) -> Result<Response<Body>, ApiError> {
+    let (len, _) = head_len(&app, &target).await?;
+    pass_through(app, target, method, len, range).await
 }

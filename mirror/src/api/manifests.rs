@@ -13,7 +13,8 @@ use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::access::{authorize, identity, remember, MANIFEST_TYPES};
-use super::response::{bad_gateway, full, oci_error, Body, CONTENT_DIGEST};
+use super::error::ApiError;
+use super::response::{full, Body, CONTENT_DIGEST};
 use super::{App, ClientRepo};
 use crate::oci::{ContentKind, Reference};
 use crate::upstream::{CredentialKind, UpstreamRequest};
@@ -45,28 +46,23 @@ pub struct ManifestRequest {
     pub accept: Vec<HeaderValue>,
 }
 
-pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Result<Response<Body>, ApiError> {
     if let Reference::Digest(digest) = &req.reference {
         match app.store.get(digest) {
             Ok(Some(task)) if task.is_verified() && task.media_type().is_some() => {
                 let target = req.repo.target(digest.clone());
-                if let Err(refusal) = authorize(&app, &target, &task, ContentKind::Manifest).await {
-                    return refusal;
-                }
+                authorize(&app, &target, &task, ContentKind::Manifest).await?;
                 return from_cache(&req, digest, &task).await;
             }
             _ => {}
         }
         if req.method == Method::GET && app.store.is_shared() {
-            if let Some(resp) = through_cluster(&app, &req, digest).await {
-                return resp;
+            if let Some(answer) = through_cluster(&app, &req, digest).await {
+                return answer;
             }
         }
     }
-    let fetched = match fetch_shared(app.clone(), &req).await {
-        Ok(f) => f,
-        Err(e) => return bad_gateway(&e),
-    };
+    let fetched = fetch_shared(app.clone(), &req).await.map_err(ApiError::Origin)?;
     respond(&app, &req, fetched)
 }
 
@@ -75,7 +71,7 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
     let accept: Vec<&str> = req.accept.iter().filter_map(|v| v.to_str().ok()).collect();
     let key = format!(
         "{}|{}|{}|{}|{}|{}",
-        req.repo.registry.host,
+        req.repo.registry.id(),
         req.repo.repo,
         req.reference,
         req.method,
@@ -112,7 +108,11 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
 /// (which proves the requester may read it and gives its length and media type); the bytes
 /// come through the piece store and are verified against the digest before the response.
 /// `None`: the origin did not answer the HEAD usefully; fetch directly.
-async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest) -> Option<Response<Body>> {
+async fn through_cluster(
+    app: &Arc<App>,
+    req: &ManifestRequest,
+    digest: &Digest,
+) -> Option<Result<Response<Body>, ApiError>> {
     let head = ManifestRequest {
         repo: req.repo.clone(),
         reference: req.reference.clone(),
@@ -125,7 +125,7 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
         return None;
     }
     if !f.status.is_success() {
-        return Some(refusal(&f));
+        return Some(Err(refusal(&f)));
     }
     let media_type = media_type(&f.headers).filter(|t| MANIFEST_TYPES.contains(&t.as_str()))?;
     let len = content_length(&f.headers).filter(|&l| l > 0 && l <= MAX_MANIFEST as u64)?;
@@ -150,7 +150,7 @@ async fn through_cluster(app: &Arc<App>, req: &ManifestRequest, digest: &Digest)
         task.abandon("manifest media type does not match its body");
         return None;
     }
-    Some(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len)))
+    Some(Ok(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len))))
 }
 
 /// The media type a cached manifest may be served with: a manifest type, and the one the body
@@ -197,9 +197,9 @@ async fn fetch(app: Arc<App>, ureq: UpstreamRequest) -> Result<Fetched, String> 
     Ok(Fetched { status, headers, body: Bytes::from(body), credential: reply.credential })
 }
 
-fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Response<Body> {
+fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Result<Response<Body>, ApiError> {
     if !f.status.is_success() {
-        return refusal(&f);
+        return Err(refusal(&f));
     }
     let media_type = media_type(&f.headers);
     let is_get = req.method == Method::GET;
@@ -216,7 +216,7 @@ fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Response<Body> {
         };
         if expected.is_some_and(|e| e != actual) {
             tracing::error!(reference = %req.reference, "origin manifest does not match its digest");
-            return bad_gateway("manifest from the origin does not match its digest");
+            return Err(ApiError::origin("manifest from the origin does not match its digest"));
         }
         cache(app, req, &actual, &f, media_type.as_deref());
         Some(actual)
@@ -225,7 +225,7 @@ fn respond(app: &App, req: &ManifestRequest, f: Fetched) -> Response<Body> {
     };
     let len = if is_get { Some(f.body.len() as u64) } else { content_length(&f.headers) };
     let body = if is_get { full(f.body.clone()) } else { super::response::empty() };
-    manifest_response(body, media_type.as_deref(), digest.as_ref(), len)
+    Ok(manifest_response(body, media_type.as_deref(), digest.as_ref(), len))
 }
 
 fn cache(app: &App, req: &ManifestRequest, digest: &Digest, f: &Fetched, media_type: Option<&str>) {
@@ -239,18 +239,14 @@ fn cache(app: &App, req: &ManifestRequest, digest: &Digest, f: &Fetched, media_t
     }
 }
 
-async fn from_cache(req: &ManifestRequest, digest: &Digest, task: &TaskRef) -> Response<Body> {
+async fn from_cache(req: &ManifestRequest, digest: &Digest, task: &TaskRef) -> Result<Response<Body>, ApiError> {
     let media_type = task.media_type();
     let len = task.len();
-    let body = if req.method == Method::HEAD {
-        super::response::empty()
-    } else {
-        match read_all(task).await {
-            Ok(b) => full(b),
-            Err(e) => return bad_gateway(&e),
-        }
+    let body = match req.method == Method::HEAD {
+        true => super::response::empty(),
+        false => full(read_all(task).await.map_err(ApiError::Origin)?),
     };
-    manifest_response(body, media_type.as_deref(), Some(digest), Some(len))
+    Ok(manifest_response(body, media_type.as_deref(), Some(digest), Some(len)))
 }
 
 /// Reads a small complete task; a piece that fails its check makes this fail (the caller then
@@ -297,19 +293,8 @@ fn manifest_response(
     resp
 }
 
-fn refusal(f: &Fetched) -> Response<Body> {
-    let status =
-        if f.status.is_client_error() || f.status.is_server_error() { f.status } else { StatusCode::BAD_GATEWAY };
-    let code = super::response::code_for_upstream(status, ContentKind::Manifest);
-    let mut resp = oci_error(status, code, &format!("origin answered {}", f.status));
-    for v in f.headers.get_all(http::header::WWW_AUTHENTICATE) {
-        resp.headers_mut().append(http::header::WWW_AUTHENTICATE, v.clone());
-    }
-    // A client told to slow down (429) is told when it may ask again, as for blobs.
-    if let Some(v) = f.headers.get(http::header::RETRY_AFTER) {
-        resp.headers_mut().insert(http::header::RETRY_AFTER, v.clone());
-    }
-    resp
+fn refusal(f: &Fetched) -> ApiError {
+    ApiError::refused(f.status, &f.headers, ContentKind::Manifest)
 }
 
 /// The media type without parameters, as clients compare it verbatim.

@@ -1,12 +1,13 @@
 //! The registry mirror API: the pull half of the OCI distribution spec, served from the piece
 //! store and the origin. Requests flow `handle` → route → `manifests` | `blobs`, which consult
-//! `access` for cached content and `source` for bytes the store lacks. Every error becomes a
-//! response in `response`.
+//! `access` for cached content and `source` for bytes the store lacks. Handlers return an
+//! [`ApiError`], which becomes a response in one place, here (`error.rs` says how).
 
 mod access;
 #[cfg(test)]
 mod blob_tests;
 mod blobs;
+mod error;
 #[cfg(test)]
 mod fake_registry;
 #[cfg(test)]
@@ -20,15 +21,17 @@ use std::sync::Arc;
 
 use damselfly_p2p::{Digest, Store};
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response};
 use tracing::Instrument;
 
-use crate::oci::{parse_route, ContentKind, ErrorCode, RouteKind};
+use crate::oci::{parse_route, ContentKind, RouteKind};
 use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
 use metrics::{ApiMetrics, RequestLabels};
-use response::{full, oci_error, Body, API_VERSION};
+use response::{full, Body, API_VERSION};
+
+pub use error::ApiError;
 
 /// The header Dragonfly-era configs use to name the upstream registry (a URL with scheme).
 pub const REGISTRY_HEADER: &str = "X-Dragonfly-Registry";
@@ -83,21 +86,18 @@ impl Target {
         upstream_request(&self.registry, &self.repo, &self.client_auth, method, path, headers)
     }
 
-    /// `registry/repository`: the unit in which the origin decides who may read what. A
-    /// registry a client names over plain HTTP is another origin than the same host over TLS
-    /// (anyone on the path can answer for it): what it says is kept apart.
+    /// `registry/repository`: the unit in which the origin decides who may read what, the
+    /// registry named by its [`RegistryId`](crate::upstream::RegistryId).
     pub fn origin_repo(&self) -> String {
-        match self.registry.scheme {
-            crate::upstream::SchemePolicy::Http => format!("http://{}/{}", self.registry.host, self.repo),
-            _ => format!("{}/{}", self.registry.host, self.repo),
-        }
+        format!("{}/{}", self.registry.id(), self.repo)
     }
 }
 
 impl App {
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body> {
         let method = req.method().clone();
-        let (route, mut resp) = self.clone().dispatch(req).await;
+        let (route, answer) = self.clone().dispatch(req).await;
+        let mut resp = answer.unwrap_or_else(ApiError::into_response);
         resp.headers_mut().insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
         if method == Method::HEAD {
             // HEAD answers carry the length of what a GET would send; the body stays empty.
@@ -108,29 +108,25 @@ impl App {
         resp
     }
 
-    async fn dispatch<B>(self: Arc<Self>, req: Request<B>) -> (&'static str, Response<Body>) {
+    /// Routes the request; returns the route's metric label and the answer.
+    async fn dispatch<B>(self: Arc<Self>, req: Request<B>) -> (&'static str, Result<Response<Body>, ApiError>) {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
-            let resp =
-                oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "this mirror serves pulls only");
-            return ("other", resp);
+            return ("other", Err(ApiError::Method));
         }
         let route = match parse_route(req.uri().path(), req.uri().query()) {
             Ok(r) => r,
-            Err(e) => {
-                let (status, code) = e.status_and_code();
-                return ("invalid", oci_error(status, code, &e.to_string()));
-            }
+            Err(e) => return ("invalid", Err(e.into())),
         };
         let (name, reference) = match route.kind {
-            RouteKind::Base => return ("base", base()),
+            RouteKind::Base => return ("base", Ok(base())),
             RouteKind::Manifest { name, reference } => (name, Ok(reference)),
             RouteKind::Blob { name, digest } => (name, Err(digest)),
         };
         let header = req.headers().get(REGISTRY_HEADER).and_then(|v| v.to_str().ok());
         let registry = match self.upstream.select(header, route.ns.as_deref()) {
             Ok(r) => r,
-            Err(e) => return ("invalid", oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, &e.to_string())),
+            Err(e) => return ("invalid", Err(ApiError::Registry(e))),
         };
         let client_repo = ClientRepo { registry, repo: name, client_auth: req.headers().get(AUTHORIZATION).cloned() };
         match reference {

@@ -106,7 +106,7 @@ impl Source for UpstreamSource {
     }
 
     fn supplier(&self) -> Option<String> {
-        Some(self.target.registry.host.clone())
+        Some(self.target.registry.id().to_string())
     }
 
     fn describe(&self) -> Option<SourceSpec> {

@@ -17,7 +17,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub(crate) use select::canonical_credential_host as canonical_host;
-pub use select::{RegistryEndpoint, SchemePolicy, DOCKER_HUB_HOST};
+pub use select::{RegistryEndpoint, RegistryId, RegistryNameError, SchemePolicy, DOCKER_HUB_HOST};
 
 use select::InsecureSet;
 use transport::{PreparedRequest, Transport};
@@ -26,7 +26,7 @@ use transport::{PreparedRequest, Transport};
 pub enum UpstreamError {
     /// The registry named by the request (header or `ns`) is unusable: the handler answers 400.
     #[error("bad registry: {0}")]
-    BadRegistry(String),
+    BadRegistry(#[from] RegistryNameError),
     #[error("invalid upstream configuration: {0}")]
     Config(String),
     /// The handler asked for something this module refuses to forward.

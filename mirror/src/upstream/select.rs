@@ -6,6 +6,28 @@ use url::{Host, Url};
 
 use super::UpstreamError;
 
+/// Why a registry name (a URL, containerd's `ns`, a configured host) names no usable registry.
+/// Messages quote the input, which is never a secret: credentials in URLs are refused first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryNameError {
+    #[error("{0:?} is not a URL: {1}")]
+    NotUrl(String, String),
+    #[error("{0:?}: unsupported scheme {1:?}")]
+    Scheme(String, String),
+    #[error("{0:?}: credentials in the registry URL are not accepted")]
+    Credentials(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?}: bad port")]
+    BadPort(String),
+    #[error("{0:?}: bad host name")]
+    BadHost(String),
+    #[error("{0:?}: unclosed '['")]
+    UnclosedBracket(String),
+    #[error("{0:?}: junk after IPv6 address")]
+    JunkAfterIpv6(String),
+}
+
 /// The host every Docker Hub spelling maps to, so that cache keys and credentials never split
 /// between `docker.io`, `index.docker.io` and `registry-1.docker.io` (`https://docker.io/v2/`
 /// is not even a registry API: it redirects to an HTML page).
@@ -19,6 +41,37 @@ pub struct RegistryEndpoint {
     /// `host[:port]`, lowercase; `registry-1.docker.io` for Docker Hub.
     pub host: String,
     pub scheme: SchemePolicy,
+}
+
+impl RegistryEndpoint {
+    /// Who this registry is (see [`RegistryId`]).
+    pub fn id(&self) -> RegistryId {
+        match self.scheme {
+            SchemePolicy::Http => RegistryId(format!("http://{}", self.host)),
+            SchemePolicy::Https | SchemePolicy::InsecureHttpsThenHttp => RegistryId(self.host.clone()),
+        }
+    }
+}
+
+/// Who a registry is, wherever the node keys a decision on it: whose bytes an unverified task
+/// holds, whose word says who may read what, which requests may share one upstream answer. It
+/// is the endpoint's `host[:port]` (Docker Hub as its API host), and a registry a client names
+/// over plain HTTP is another registry than the same host over TLS: anyone on the path can
+/// answer for it. Insecure registries the operator configured, and loopback hosts, keep their
+/// host's name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RegistryId(String);
+
+impl RegistryId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RegistryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,18 +119,18 @@ impl InsecureSet {
 
 /// Parses a registry given as a URL (`X-Dragonfly-Registry`, `--registry-mirror`): only the
 /// scheme and authority matter, a path is ignored.
-pub(crate) fn endpoint_from_url(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
-    let url = Url::parse(raw.trim()).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+pub(crate) fn endpoint_from_url(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, RegistryNameError> {
+    let url = Url::parse(raw.trim()).map_err(|e| RegistryNameError::NotUrl(raw.to_owned(), e.to_string()))?;
     let secure = match url.scheme() {
         "https" => true,
         "http" => false,
-        other => return Err(format!("{raw:?}: unsupported scheme {other:?}")),
+        other => return Err(RegistryNameError::Scheme(raw.to_owned(), other.to_owned())),
     };
     if !url.username().is_empty() || url.password().is_some() {
         // Credentials in a header would end up in logs and cache keys; they belong in the config.
-        return Err(format!("{raw:?}: credentials in the registry URL are not accepted"));
+        return Err(RegistryNameError::Credentials(raw.to_owned()));
     }
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{raw:?} has no host"))?;
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| RegistryNameError::NoHost(raw.to_owned()))?;
     // `Url::port` is None for the scheme's default port, so `https://h:443` and `https://h` agree.
     let host = join_port(host, url.port());
     if let Some(hub) = docker_hub(&host) {
@@ -95,7 +148,7 @@ pub(crate) fn endpoint_from_url(raw: &str, insecure: &InsecureSet) -> Result<Reg
 
 /// Parses containerd's `ns` parameter (`host[:port]`, no scheme). As in dockerd, HTTPS is the
 /// default and insecure registries and loopback hosts get the TLS-then-plain-HTTP treatment.
-pub(crate) fn endpoint_from_ns(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
+pub(crate) fn endpoint_from_ns(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, RegistryNameError> {
     let host = parse_host_port(raw)?;
     if let Some(hub) = docker_hub(&host) {
         return Ok(hub);
@@ -110,7 +163,7 @@ pub(crate) fn endpoint_from_ns(raw: &str, insecure: &InsecureSet) -> Result<Regi
 
 /// The default registry may be configured with or without a scheme; without one it is read the
 /// way `ns` is.
-pub(crate) fn endpoint_from_default(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, String> {
+pub(crate) fn endpoint_from_default(raw: &str, insecure: &InsecureSet) -> Result<RegistryEndpoint, RegistryNameError> {
     if raw.contains("://") {
         endpoint_from_url(raw, insecure)
     } else {
@@ -120,7 +173,7 @@ pub(crate) fn endpoint_from_default(raw: &str, insecure: &InsecureSet) -> Result
 
 /// Normalises a configured credential's registry (`docker.io`, `https://index.docker.io/v1/`,
 /// `myreg:5000`) to the `host[:port]` that [`RegistryEndpoint::host`] uses.
-pub(crate) fn canonical_credential_host(raw: &str) -> Result<String, String> {
+pub(crate) fn canonical_credential_host(raw: &str) -> Result<String, RegistryNameError> {
     let host = parse_host_port(strip_scheme_and_path(raw.trim()))?;
     Ok(match docker_hub(&host) {
         Some(hub) => hub.host,
@@ -149,28 +202,28 @@ fn join_port(host: &str, port: Option<u16>) -> String {
 
 /// Strictly validates `host[:port]` (hostname, IPv4, or bracketed IPv6) and returns it in
 /// canonical form: lowercase, IP literals normalised by the URL host parser.
-pub(crate) fn parse_host_port(raw: &str) -> Result<String, String> {
+pub(crate) fn parse_host_port(raw: &str) -> Result<String, RegistryNameError> {
     let (host, port) = split_host_port(raw)?;
     let port = match port {
         None => None,
-        Some(p) => Some(parse_port(p).ok_or_else(|| format!("{raw:?}: bad port"))?),
+        Some(p) => Some(parse_port(p).ok_or_else(|| RegistryNameError::BadPort(raw.to_owned()))?),
     };
     if !host.starts_with('[') && !is_hostname(host) {
-        return Err(format!("{raw:?}: bad host name"));
+        return Err(RegistryNameError::BadHost(raw.to_owned()));
     }
-    let parsed = Host::parse(host).map_err(|e| format!("{raw:?}: {e}"))?;
+    let parsed = Host::parse(host).map_err(|_| RegistryNameError::BadHost(raw.to_owned()))?;
     Ok(join_port(&parsed.to_string().to_ascii_lowercase(), port))
 }
 
-fn split_host_port(raw: &str) -> Result<(&str, Option<&str>), String> {
+fn split_host_port(raw: &str) -> Result<(&str, Option<&str>), RegistryNameError> {
     if raw.starts_with('[') {
-        let end = raw.find(']').ok_or_else(|| format!("{raw:?}: unclosed '['"))?;
+        let end = raw.find(']').ok_or_else(|| RegistryNameError::UnclosedBracket(raw.to_owned()))?;
         let (host, rest) = raw.split_at(end + 1);
         return match rest {
             "" => Ok((host, None)),
             _ => match rest.strip_prefix(':') {
                 Some(port) => Ok((host, Some(port))),
-                None => Err(format!("{raw:?}: junk after IPv6 address")),
+                None => Err(RegistryNameError::JunkAfterIpv6(raw.to_owned())),
             },
         };
     }

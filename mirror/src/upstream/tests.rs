@@ -298,7 +298,23 @@ fn selection_order_and_errors() {
     assert_eq!(up.select(Some("https://reg.local:5000"), None).unwrap().scheme, SchemePolicy::InsecureHttpsThenHttp);
     assert!(matches!(up.select(Some("reg.local"), None), Err(UpstreamError::BadRegistry(_))));
     assert!(matches!(up.select(None, Some("bad/host")), Err(UpstreamError::BadRegistry(_))));
-    assert!(!UpstreamError::BadRegistry(String::new()).is_retryable());
+    assert!(!UpstreamError::BadRegistry(RegistryNameError::NoHost(String::new())).is_retryable());
+}
+
+#[test]
+fn a_registry_named_over_plain_http_is_another_registry_than_over_tls() {
+    let up = Upstream::new(UpstreamConfig {
+        insecure_registries: vec!["reg.local:5000".into()],
+        ..UpstreamConfig::default()
+    })
+    .unwrap();
+    let id = |header: Option<&str>, ns: Option<&str>| up.select(header, ns).unwrap().id().to_string();
+    assert_eq!(id(Some("https://r.example"), None), "r.example");
+    assert_eq!(id(None, Some("r.example")), "r.example");
+    assert_eq!(id(Some("http://r.example"), None), "http://r.example");
+    // The operator's insecure registries and Docker Hub's spellings keep one name.
+    assert_eq!(id(None, Some("reg.local:5000")), id(Some("https://reg.local:5000"), None));
+    assert_eq!(id(Some("http://docker.io"), None), DOCKER_HUB_HOST);
 }
 
 #[test]

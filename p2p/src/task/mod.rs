@@ -116,6 +116,17 @@ pub(crate) enum Step {
     Wait(watch::Receiver<u64>, Option<u64>),
 }
 
+/// Why a reader cannot go on.
+#[derive(Debug)]
+pub(crate) enum StepError {
+    /// The task failed (why).
+    TaskFailed(String),
+    /// The fetch the reader waited on gave up (why).
+    FetchFailed(String),
+    /// A piece the reader already sent was dropped since.
+    Changed,
+}
+
 /// Whether a piece can be handed to another peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Uploadable {
@@ -238,10 +249,10 @@ impl Task {
         end: u64,
         full: bool,
         waited_on: Option<u64>,
-    ) -> Result<Step, String> {
+    ) -> Result<Step, StepError> {
         let mut st = self.lock();
         if let Some(why) = &st.failed {
-            return Err(why.clone());
+            return Err(StepError::TaskFailed(why.clone()));
         }
         let i = self.layout.piece_of(pos);
         let piece_end = self.layout.piece_range(i).end.min(end);
@@ -260,7 +271,7 @@ impl Task {
             }
             _ => {
                 if let Some(why) = waited_on.and_then(|id| st.pieces.failure_of(id)) {
-                    return Err(why.clone());
+                    return Err(StepError::FetchFailed(why.clone()));
                 }
                 let (pieces, id) = st.pieces.claim(i, end);
                 return Ok(Step::Fetch { pieces, id });
@@ -272,7 +283,7 @@ impl Task {
             if !st.verification.is_streaming() && ready == pos {
                 if st.pieces.any_missing() {
                     // A piece this reader already sent was found corrupt and dropped since.
-                    return Err("content changed while it was being read".to_owned());
+                    return Err(StepError::Changed);
                 }
                 if st.pieces.all_present() {
                     // Subscribe first: a small task may be verified before this returns.
