@@ -32,8 +32,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Streaming churns through buffers of a few hundred KiB (socket reads, staged chunks). By
 /// default glibc hands such blocks back to the kernel as soon as they are freed, and the next
-/// read faults in fresh zeroed pages: a cold blob cost a fifth more CPU that way. Freed memory is
-/// kept for reuse instead, up to a bound.
+/// read faults in fresh zeroed pages, which costs CPU on every cold blob (`docs/benchmarks.md`).
+/// Freed memory is kept for reuse instead, up to a bound.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.

@@ -265,7 +265,7 @@ async fn a_node_running_the_scheduler_in_process_serves_a_second_node() {
 /// registry (token exchange, redirect to a CDN) often takes longer than the stall time. Nodes
 /// the scheduler told to wait used to give up after one stall and all fetch from the origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_told_to_wait_went_to_the_origin_when_its_first_byte_took_over_a_second() {
+async fn nodes_told_to_wait_outlast_a_slow_first_byte_at_the_origin() {
     let origin = Registry::start().await.unwrap();
     let size = 16 * MIB;
     let digest = origin.push_blob(REPO, random_bytes(size as usize)).await.unwrap();

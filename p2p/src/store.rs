@@ -476,7 +476,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_task_that_could_not_be_opened_for_now_had_its_files_deleted() {
+    fn a_task_that_cannot_be_opened_for_now_keeps_its_files() {
         let os = |code| StoreError::Io(io::Error::from_raw_os_error(code));
         // EMFILE, ENFILE, ENOMEM, EIO: the files may be fine.
         for code in [24, 23, 12, 5] {

@@ -483,7 +483,7 @@ async fn a_reader_waiting_for_the_fetch_is_not_slowed_by_a_slower_one() {
 }
 
 #[test]
-fn a_swarm_fetch_kept_taking_pieces_for_a_task_abandoned_after_a_write_error() {
+fn a_swarm_fetch_takes_no_pieces_for_a_task_abandoned_after_a_write_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 1 << 30);
     let (data, digest) = blob(12 * MIB);
@@ -497,7 +497,7 @@ fn a_swarm_fetch_kept_taking_pieces_for_a_task_abandoned_after_a_write_error() {
 }
 
 #[test]
-fn every_task_read_since_start_up_kept_a_file_descriptor_open() {
+fn idle_tasks_past_the_open_bound_are_closed() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 1 << 30);
     let fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
@@ -531,7 +531,7 @@ fn read_bytes(store: &Store) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_range_read_with_background_fill_started_another_walk_over_the_whole_blob() {
+async fn background_fill_walks_a_blob_once_however_many_reads_ask() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 1 << 30);
     let (data, d) = blob(12 * MIB);
@@ -556,7 +556,7 @@ async fn every_range_read_with_background_fill_started_another_walk_over_the_who
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_file_cut_short_under_its_map_killed_the_daemon_at_the_next_check() {
+async fn a_task_file_cut_short_under_its_map_fails_its_check_instead_of_killing_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 1 << 30);
     let (data, d) = blob(9 * MIB);

@@ -32,18 +32,10 @@ const EWMA_ALPHA: f64 = 0.3;
 /// Responses queued for a download before it counts as not reading (see `Peer::push`).
 pub(crate) const QUEUE: usize = 1024;
 
-/// A blob digest as nodes key blobs: `sha256:` and 64 lower-case hex digits, or `sha512:` and
-/// 128. Anything else names no blob a node could hold.
+/// A blob digest as nodes key blobs (the one rule, `damselfly_proto::Digest`): anything else
+/// names no blob a node could hold.
 pub(crate) fn check_digest(s: &str) -> Result<(), SchedulerError> {
-    let hex = match s.split_once(':') {
-        Some(("sha256", hex)) if hex.len() == 64 => hex,
-        Some(("sha512", hex)) if hex.len() == 128 => hex,
-        _ => return Err(SchedulerError::invalid("digest is not sha256:<64 hex> or sha512:<128 hex>")),
-    };
-    if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(SchedulerError::invalid("digest is not lower-case hex"));
-    }
-    Ok(())
+    damselfly_proto::Digest::parse(s).map(drop).map_err(|e| SchedulerError::invalid(format!("digest: {e}")))
 }
 
 pub(crate) fn check_id(what: &str, s: &str) -> Result<(), SchedulerError> {

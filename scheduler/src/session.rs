@@ -1,8 +1,8 @@
 //! The `Downloads` stream: all downloads of one host over one stream it keeps open. Each
 //! request names its download; responses come back tagged the same way. Opening a download
 //! costs a message here, where a `Download` stream of its own costs a new HTTP/2 stream, its
-//! headers and trailers, and a task on either side: about a quarter of a core at 11,000
-//! downloads a second in the load benchmark.
+//! headers and trailers, and a task on either side (what that cost is in `docs/benchmarks.md`,
+//! scheduler load).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -84,7 +84,7 @@ async fn get(app: &Arc<App>, registry: SocketAddr, digest: &Digest, range: Optio
 }
 
 #[tokio::test]
-async fn range_bytes_one_registry_supplied_were_served_to_the_clients_of_another() {
+async fn unverified_range_bytes_serve_only_the_registry_that_supplied_them() {
     let dir = tempfile::tempdir().expect("dir");
     let app = app(dir.path(), 1 << 30, UpstreamConfig::default());
     let (data, digest) = blob(12 << 20, 1);
@@ -106,7 +106,7 @@ async fn range_bytes_one_registry_supplied_were_served_to_the_clients_of_another
 }
 
 #[tokio::test]
-async fn an_open_range_from_zero_was_never_held_back_for_the_digest() {
+async fn an_open_range_from_zero_holds_back_its_last_byte_for_the_digest() {
     let dir = tempfile::tempdir().expect("dir");
     let app = app(dir.path(), 1 << 30, UpstreamConfig::default());
     let (data, digest) = blob(3 << 20, 2);
@@ -120,7 +120,7 @@ async fn an_open_range_from_zero_was_never_held_back_for_the_digest() {
 }
 
 #[tokio::test]
-async fn a_range_of_a_blob_too_big_to_cache_got_the_whole_blob_with_200() {
+async fn a_range_of_a_blob_too_big_to_cache_passes_through_as_a_206_range() {
     let dir = tempfile::tempdir().expect("dir");
     let app = app(dir.path(), 1 << 20, UpstreamConfig::default());
     let (data, digest) = blob(2 << 20, 4);
@@ -150,7 +150,7 @@ async fn an_origin_saying_zero_bytes_for_a_digest_blocked_it_for_good() {
 }
 
 #[tokio::test]
-async fn a_silent_origin_hung_a_blob_request() {
+async fn a_silent_origin_times_out() {
     let dir = tempfile::tempdir().expect("dir");
     let upstream = UpstreamConfig { read_timeout: Duration::from_millis(500), ..Default::default() };
     let app = app(dir.path(), 1 << 30, upstream);

@@ -85,7 +85,7 @@ fn manifest(with_media_type: bool) -> (Bytes, Digest) {
 }
 
 #[tokio::test]
-async fn a_manifest_media_type_one_registry_chose_was_served_to_the_clients_of_another() {
+async fn a_cached_manifest_keeps_the_media_type_its_body_names() {
     let dir = tempfile::tempdir().expect("dir");
     let app = fake_registry::app(dir.path(), 1 << 30, UpstreamConfig::default());
     for with_media_type in [true, false] {
@@ -102,7 +102,7 @@ async fn a_manifest_media_type_one_registry_chose_was_served_to_the_clients_of_a
 }
 
 #[tokio::test]
-async fn a_cached_manifest_was_refused_because_the_origin_does_not_answer_head() {
+async fn a_cached_manifest_is_served_where_the_origin_answers_no_head() {
     let dir = tempfile::tempdir().expect("dir");
     let app = fake_registry::app(dir.path(), 1 << 30, UpstreamConfig::default());
     let (body, d) = manifest(true);

@@ -84,7 +84,7 @@ pub enum RouteError {
 
 impl RouteError {
     /// Unknown and unsupported paths get 404 because every pull client falls back to the
-    /// origin on a 404 (reference/clients.md §0), and a mirror has nothing else to offer there.
+    /// origin on a 404 (`docs/design.md`, what the clients send), and a mirror has nothing else to offer there.
     pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         use RouteError::*;
         match self {

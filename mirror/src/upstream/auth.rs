@@ -1,6 +1,6 @@
 //! The mirror's own upstream authentication: the daemon's configured credentials, else the
 //! anonymous token flow; a 401 that survives both goes back to the caller so the client can
-//! authenticate itself (DESIGN.md, Security).
+//! authenticate itself (`docs/security.md`, upstream credentials).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,5 +1,5 @@
 //! Talking to upstream registries: which registry a request is for, how to reach it (TLS policy,
-//! dockerd's insecure-registry fallback), and with which credentials (DESIGN.md, Security):
+//! dockerd's insecure-registry fallback), and with which credentials (`docs/security.md`):
 //! the client's own `Authorization`, else the daemon's configured credentials, else the anonymous
 //! token flow, else the registry's 401 goes back to the caller to relay to the client.
 

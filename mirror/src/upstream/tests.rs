@@ -339,7 +339,7 @@ fn config_validation() {
 }
 
 #[tokio::test]
-async fn percent_encoded_dot_segments_took_a_request_out_of_v2() {
+async fn percent_encoded_dot_segments_never_leave_v2() {
     let (up, state, addr) = setup(vec![]).await;
     let ep = http_endpoint(&up, addr);
     for repo in ["a/%2e%2e/%2e%2e/landing?", "a/%2E%2E/b", "a%2fb"] {
@@ -349,7 +349,7 @@ async fn percent_encoded_dot_segments_took_a_request_out_of_v2() {
 }
 
 #[test]
-fn a_client_naming_plain_http_got_the_configured_password_sent_in_the_clear() {
+fn configured_credentials_never_cross_plain_http_to_a_host_a_client_names() {
     use super::{configured_credentials_may_go, InsecureSet};
     let insecure = InsecureSet::new(&["lab.example:5000".to_owned()]).expect("insecure set");
     let ep = |host: &str, scheme| RegistryEndpoint { host: host.to_owned(), scheme };

@@ -65,7 +65,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn forty_children_of_a_rate_limited_parent_waited_a_second_between_frames() {
+    async fn forty_children_of_a_rate_limited_parent_each_move_within_half_a_second() {
         let limit = std::sync::Arc::new(RateLimit::new(10 << 20));
         let sharers = 40;
         let chunk = limit.chunk(sharers, 256 << 10);

@@ -24,8 +24,8 @@ use crate::task::TaskRef;
 /// Pieces downloaded at once by one fetch, and from one parent. One per parent: a child that
 /// queued several pieces at the first holder (often the seed) would take them all from there,
 /// even after its siblings got them, and each would arrive later, since they share that
-/// parent's uplink; a piece that arrives sooner is passed on sooner. In the 8-peer cluster
-/// benchmark one per parent brought the last peer from 1.51 to 1.40 × ideal.
+/// parent's uplink; a piece that arrives sooner is passed on sooner (measured in
+/// `docs/benchmarks.md`, cluster).
 const MAX_INFLIGHT: usize = 8;
 const PER_PARENT: usize = 1;
 /// How long a parent that answered "busy" is left alone.
@@ -321,7 +321,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waiting_nodes_went_to_the_origin_one_stall_after_the_scheduler_said_wait() {
+    fn nodes_told_to_wait_are_patient_until_the_first_piece_exists() {
         let stall = Duration::from_secs(1);
         assert_eq!(patience(Mode::Wait, false, stall), FIRST_PIECE_WAIT);
         assert_eq!(patience(Mode::Parents, false, stall), FIRST_PIECE_WAIT);

@@ -160,7 +160,7 @@ mod tests {
     use super::{frame_bytes, parse_path};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_piece_served_over_tls_from_a_file_cut_short_under_its_map_was_a_sigbus() {
+    async fn a_piece_served_over_tls_from_a_file_cut_short_is_an_error_not_a_sigbus() {
         use crate::tests::{blob, collect, data_file, open, Faults, MemSource};
         const MIB: usize = 1 << 20;
         let dir = tempfile::tempdir().expect("dir");

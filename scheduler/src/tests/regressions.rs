@@ -9,7 +9,7 @@ fn leave(s: &Scheduler, id: &str) {
 }
 
 #[test]
-fn a_task_with_pinned_digests_was_kept_after_every_peer_left() {
+fn a_task_is_forgotten_when_its_last_peer_leaves() {
     let s = sched(|_| {});
     let mut a = Dl::open(&s, host("a"));
     a.piece(0, "", &sha(1));
@@ -36,7 +36,7 @@ fn a_wrong_length_pinned_once_refused_every_later_registration() {
 }
 
 #[test]
-fn a_made_up_digest_or_a_piece_of_an_unknown_count_was_taken() {
+fn a_made_up_digest_or_a_piece_of_an_unknown_count_is_refused() {
     let s = sched(|_| {});
     announce(&s, host("x"), vec![]);
     for digest in ["not-a-digest", "sha256:abc", &format!("sha256:{}", "A".repeat(64))] {
@@ -56,7 +56,7 @@ fn a_made_up_digest_or_a_piece_of_an_unknown_count_was_taken() {
 }
 
 #[test]
-fn corrupt_reports_about_a_host_that_was_not_the_reporters_parent_blocked_it_for_everyone() {
+fn corrupt_reports_count_only_against_the_reporters_own_parents() {
     let s = sched(|_| {});
     holder(&s, host("p"));
     let other = "sha256:00000000000000000000000000000000000000000000000000000000000000bb";
@@ -72,7 +72,7 @@ fn corrupt_reports_about_a_host_that_was_not_the_reporters_parent_blocked_it_for
 }
 
 #[test]
-fn a_stalled_parent_stayed_blocked_for_the_next_download_of_the_same_host() {
+fn a_new_download_starts_with_no_blocked_parents() {
     let s = sched(|_| {});
     holder(&s, host("p"));
     let mut c = Dl::open(&s, host("c"));
@@ -92,7 +92,7 @@ fn from(registry: &str, host: &str) -> Register {
 }
 
 #[test]
-fn a_download_from_one_registry_took_pieces_another_registry_sent_before_anyone_verified_them() {
+fn until_a_blob_is_verified_a_download_takes_pieces_only_from_its_own_registry() {
     let s = sched(|c| c.origin_limit = 2);
     announce(&s, host("e"), vec![]);
     let mut e = Dl::register(&s, from("https://evil.example", "e"));
@@ -117,7 +117,7 @@ fn a_download_from_one_registry_took_pieces_another_registry_sent_before_anyone_
 }
 
 #[test]
-fn a_holder_whose_withdrawal_was_lost_ranked_first_for_every_child() {
+fn a_holder_that_tells_a_child_it_has_nothing_is_forgotten_for_the_task() {
     let s = sched(|_| {});
     holder(&s, host("p"));
     holder(&s, host("q"));

@@ -43,7 +43,7 @@ async fn next(rx: &mut tonic::Streaming<SessionResponse>) -> SessionResponse {
 }
 
 #[tokio::test]
-async fn a_session_bound_before_its_host_became_a_seed_went_on_acting_for_the_seed() {
+async fn the_seed_check_runs_at_every_registration_on_a_session() {
     let core = sched(|_| {});
     let (mut c, server) = serve(&core).await;
     announce(&core, host("s"), vec![]);
@@ -63,7 +63,7 @@ async fn a_session_bound_before_its_host_became_a_seed_went_on_acting_for_the_se
 }
 
 #[tokio::test]
-async fn a_host_registering_without_reading_made_its_session_hold_answers_without_bound() {
+async fn a_session_whose_host_does_not_read_holds_a_bounded_backlog() {
     let core = sched(|_| {});
     // A task with 10,000 pinned pieces: every registration is answered with all their digests.
     let shas: Vec<String> = (0..10_000u32).map(|n| format!("{n:064x}")).collect();
