@@ -13,7 +13,7 @@ use crate::metrics::{DecisionKind, Metrics};
 use crate::proto::download_response::Kind;
 use crate::proto::{BackToSource, Parent, Parents, PieceDigest, PieceDigests, Quarantined, SeedTask, Wait};
 use crate::select::{select, Policy};
-use crate::state::{Id, PeerState, SeedTrigger, Set, Sha, State, Task};
+use crate::state::{Id, PeerState, SeedTrigger, Set, Sha, SoftState, Task};
 use crate::token::Grant;
 
 /// What `Wait` tells a download to expect.
@@ -37,12 +37,12 @@ enum Choice {
     Wait,
 }
 
-impl State {
+impl SoftState {
     /// Decides where peer `child` of `digest` gets its pieces and tells it. With `quiet`, a
     /// peer that is waiting and has to go on waiting is not told again.
     pub fn decide(&mut self, env: &Env, digest: &str, child: &str, quiet: bool) -> Option<DecisionKind> {
         let started = Instant::now();
-        let State { hosts, tasks, seeds, seed_waits, rng, .. } = self;
+        let SoftState { hosts, tasks, seeds, seed_waits, rng, .. } = self;
         let task = tasks.get_mut(digest)?;
         let ci = task.idx(child)?;
         // Nobody to tell (the stream ended or stopped reading), or nothing left to fetch.

@@ -14,7 +14,7 @@ use crate::proto::{
     DownloadRequest, DownloadResponse, PieceAvailable, PieceDigests, PieceFailed, PieceFinished, Register,
 };
 use crate::scheduler::Scheduler;
-use crate::state::{piece_count, Id, PeerState, State};
+use crate::state::{piece_count, Id, PeerState, SoftState};
 
 /// Pieces a task may have.
 pub(crate) const MAX_PIECES: u32 = 100_000;
@@ -113,7 +113,7 @@ pub(crate) fn channel() -> (mpsc::Sender<DownloadResponse>, mpsc::Receiver<Downl
     mpsc::channel(QUEUE)
 }
 
-impl State {
+impl SoftState {
     /// Registers a download and makes its first decision. Returns the task, host and stream
     /// generation the handle needs.
     pub fn register(&mut self, env: &Env, reg: &Register, tx: Outbox) -> Result<(Id, Id, u64), SchedulerError> {
@@ -148,7 +148,7 @@ impl State {
             h.streams += 1;
             h.last_seen = env.now;
         }
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(&digest) else { return Err(SchedulerError::precondition("task vanished")) };
         (task.length, task.piece_size) = (length, piece_size);
         // A credential is kept only when every caller showed a certificate from the cluster's
@@ -221,7 +221,7 @@ impl State {
     }
 
     fn piece_finished(&mut self, digest: &Id, host: &Id, p: &PieceFinished) -> Result<(), SchedulerError> {
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return Ok(()) };
         let Some(i) = task.idx(host) else { return Ok(()) };
         // Nodes register with the length and piece size they know; without them a piece
@@ -334,7 +334,7 @@ impl State {
     }
 
     fn finish(&mut self, digest: &Id, host: &Id) {
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return };
         let Some(i) = task.idx(host) else { return };
         task.unlink_parents(hosts, i);
@@ -349,7 +349,7 @@ impl State {
 
     /// Removes a peer; the children it leaves are decided again.
     pub fn drop_peer(&mut self, env: &Env, digest: &str, host: &str) {
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return };
         let Some((_peer, children)) = task.remove_peer(hosts, host) else { return };
         self.peers -= 1;
@@ -374,7 +374,7 @@ impl State {
         if how.failed {
             return;
         }
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(digest) else { return };
         let Some(i) = task.idx(host).filter(|&i| task.peers[i].gen == gen) else { return };
         if let Some(outbox) = task.peers[i].tx.take() {

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SessionTx};
 use crate::proto::{self, DownloadResponse, Register, SeedTask, TaskInfo};
 use crate::select::location_labels;
-use crate::state::{piece_count, Id, PeerState, Sha, State};
+use crate::state::{piece_count, Id, PeerState, Sha, SoftState};
 use crate::token;
 
 /// Tasks one announcement may list.
@@ -42,14 +42,14 @@ struct Inner {
     config: SchedulerConfig,
     metrics: Metrics,
     /// One lock for all state (why: see `state.rs`); never held across an await.
-    state: Mutex<State>,
+    state: Mutex<SoftState>,
     /// Cancelled when the streams close for shutdown: session streams end then too.
     closing: CancellationToken,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        let state = Mutex::new(State::new(SmallRng::from_entropy()));
+        let state = Mutex::new(SoftState::new(SmallRng::from_entropy()));
         let closing = CancellationToken::new();
         Scheduler { inner: Arc::new(Inner { config, metrics: Metrics::new(), state, closing }) }
     }
@@ -62,16 +62,16 @@ impl Scheduler {
         &self.inner.metrics
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        // State stays consistent between statements that could panic; keep serving.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SoftState> {
+        // The state stays consistent between statements that could panic; keep serving.
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut State, &Env) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut SoftState, &Env) -> R) -> R {
         self.with_at(Instant::now(), f)
     }
 
-    fn with_at<R>(&self, now: Instant, f: impl FnOnce(&mut State, &Env) -> R) -> R {
+    fn with_at<R>(&self, now: Instant, f: impl FnOnce(&mut SoftState, &Env) -> R) -> R {
         let env = Env { cfg: &self.inner.config, metrics: &self.inner.metrics, now };
         let mut st = self.lock();
         let r = f(&mut st, &env);
@@ -179,7 +179,7 @@ impl Scheduler {
     pub fn delete_task(&self, req: &proto::DeleteTaskRequest) -> Result<(), SchedulerError> {
         check_id("digest", &req.digest)?;
         self.with(|st, _| {
-            let State { tasks, hosts, .. } = st;
+            let SoftState { tasks, hosts, .. } = st;
             let Some(mut task) = tasks.remove(req.digest.as_str()) else { return };
             for i in 0..task.peers.len() {
                 task.unlink_parents(hosts, i);
@@ -277,7 +277,7 @@ impl Scheduler {
     }
 }
 
-impl State {
+impl SoftState {
     fn announce_task(&mut self, env: &Env, host: &Id, hix: HostIx, info: &TaskInfo, shas: &[Sha]) {
         let existing = self.tasks.get_key_value(info.digest.as_str());
         let (length, piece_size) = existing.map_or((0, 0), |(_, t)| (t.length, t.piece_size));
@@ -294,13 +294,13 @@ impl State {
         }
         let digest: Id = existing.map_or_else(|| info.digest.as_str().into(), |(k, _)| k.clone());
         let i = self.add_peer(&digest, host, hix);
-        let State { tasks, hosts, .. } = self;
+        let SoftState { tasks, hosts, .. } = self;
         let Some(task) = tasks.get_mut(&digest) else { return };
         (task.length, task.piece_size) = (length, piece_size);
         if task.peers[i].state != PeerState::Finished {
             task.unlink_parents(hosts, i);
             task.release_slot(i);
-            // State first: filling pieces first would hide that a new candidate appeared.
+            // The peer state first: filling pieces first would hide that a new candidate appeared.
             task.set_state(i, PeerState::Finished);
             if let Some(c) = count {
                 task.peers[i].pieces.fill(c);
@@ -347,7 +347,7 @@ impl State {
     }
 }
 
-fn upsert_host(st: &mut State, env: &Env, h: proto::Host, key: &[u8; token::KEY_LEN]) -> (Id, HostIx) {
+fn upsert_host(st: &mut SoftState, env: &Env, h: proto::Host, key: &[u8; token::KEY_LEN]) -> (Id, HostIx) {
     let location = location_labels(&h.location);
     if let Some((id, ix)) = st.hosts.ix(&h.id) {
         if let Some(host) = st.hosts.at_mut(ix) {

@@ -360,7 +360,9 @@ pub(crate) fn piece_count(length: u64, piece_size: u64) -> Option<u32> {
     u32::try_from(length.div_ceil(piece_size)).ok()
 }
 
-pub(crate) struct State {
+/// What the scheduler knows: hosts, tasks and their peers, seeds. Soft: rebuilt from the
+/// nodes' announcements after a restart.
+pub(crate) struct SoftState {
     pub hosts: Hosts,
     pub tasks: Map<Id, Task>,
     /// Hosts with an open `SeedTasks` stream.
@@ -375,9 +377,9 @@ pub(crate) struct State {
     pub next_expiry: Option<Instant>,
 }
 
-impl State {
+impl SoftState {
     pub fn new(rng: SmallRng) -> Self {
-        State {
+        SoftState {
             hosts: Hosts::default(),
             tasks: Map::default(),
             seeds: Set::default(),
@@ -417,7 +419,7 @@ mod tests {
 
     #[test]
     fn removing_a_peer_undoes_its_edges_and_load_and_keeps_the_index_right() {
-        let mut st = State::new(SmallRng::seed_from_u64(1));
+        let mut st = SoftState::new(SmallRng::seed_from_u64(1));
         let (d, a, b, c): (Id, Id, Id, Id) = ("d".into(), "a".into(), "b".into(), "c".into());
         let mut add = |id: &Id| {
             let ix = st.hosts.insert(test_host(id));
@@ -425,7 +427,7 @@ mod tests {
             st.add_peer(&d, &id, ix)
         };
         let (ia, ib, ic) = (add(&a), add(&b), add(&c));
-        let State { tasks, hosts, .. } = &mut st;
+        let SoftState { tasks, hosts, .. } = &mut st;
         let t = tasks.get_mut(&d).expect("task");
         t.link(hosts, ib, ia);
         t.link(hosts, ic, ia);

@@ -37,7 +37,7 @@ pub(crate) struct Parent {
     pub busy_until: Option<Instant>,
 }
 
-pub(crate) struct State {
+pub(crate) struct DownloadState {
     pub mode: Mode,
     pub parents: Vec<Parent>,
     /// Pinned sha256 (hex) per piece, from the scheduler.
@@ -54,7 +54,7 @@ pub(crate) struct Download {
     tx: Mutex<Option<mpsc::UnboundedSender<DownloadRequest>>>,
     /// URL of the scheduler the stream runs on.
     scheduler: Mutex<Option<String>>,
-    state: Mutex<State>,
+    state: Mutex<DownloadState>,
     changed: watch::Sender<u64>,
     attached: AtomicUsize,
     /// Closed by the node: a stream that opens after this is dropped at once.
@@ -70,7 +70,7 @@ impl Download {
             pieces,
             tx: Mutex::new(None),
             scheduler: Mutex::new(None),
-            state: Mutex::new(State {
+            state: Mutex::new(DownloadState {
                 mode: Mode::Pending,
                 parents: Vec::new(),
                 digests: vec![None; pieces],
@@ -84,7 +84,7 @@ impl Download {
         })
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    pub fn lock(&self) -> MutexGuard<'_, DownloadState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -255,7 +255,7 @@ impl Download {
         self.notify();
     }
 
-    fn parent(&self, st: &State, p: proto::Parent) -> Option<Parent> {
+    fn parent(&self, st: &DownloadState, p: proto::Parent) -> Option<Parent> {
         if st.blocked.contains(&p.host_id) {
             return None;
         }

@@ -50,7 +50,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything about a task that changes, under one lock. Each part keeps its own invariants
 /// in its own file; what crosses parts (a demotion unverifies the task) is decided here.
-struct State {
+struct TaskState {
     /// Which pieces are present, and which running fetch claims which (`pieces.rs`).
     pieces: PieceMap,
     /// Whether the content is its digest's, and the hash passes that find out (`verify.rs`).
@@ -72,7 +72,7 @@ struct State {
     last_access: u64,
 }
 
-impl State {
+impl TaskState {
     /// Drops present piece `i`: it is fetched again, and the task verified again once it is
     /// back.
     fn demote(&mut self, i: usize) -> bool {
@@ -92,7 +92,7 @@ pub struct Task {
     file: File,
     map: Option<Mmap>,
     meta_path: PathBuf,
-    state: Mutex<State>,
+    state: Mutex<TaskState>,
     progress: watch::Sender<u64>,
     /// Readers moved on (see `pace.rs`).
     consumed: tokio::sync::Notify,
@@ -148,7 +148,7 @@ impl Task {
     ) -> Result<Task, StoreError> {
         let layout = Layout::with_piece_size(meta.len, meta.piece_size);
         let map = map_file(&file, meta.len)?;
-        let state = State {
+        let state = TaskState {
             pieces: PieceMap::new(layout, meta.pieces),
             verification: Verification::new(meta.verified),
             provenance: Provenance::new(meta.media_type, meta.public_in, meta.supplier),
@@ -192,7 +192,7 @@ impl Task {
         self.layout
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, TaskState> {
         // A panic while holding this lock would be a bug elsewhere; the state itself stays
         // consistent piece by piece, so keep serving rather than poisoning every reader.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -461,7 +461,7 @@ impl Task {
     }
 
     /// Drops present piece `i` (its state locked by the caller).
-    fn demote(&self, st: &mut State, i: usize) {
+    fn demote(&self, st: &mut TaskState, i: usize) {
         if st.demote(i) {
             self.metrics.piece_failed("corrupt");
         }
