@@ -17,7 +17,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use damselfly_p2p::piece::{piece_size_for, Layout};
-use damselfly_p2p::{read, Algorithm, Digest, Metrics, Source, SourceError, SourceResponse, Store, StoreConfig};
+use damselfly_p2p::{
+    read, Algorithm, Delivery, Digest, Metrics, Source, SourceError, SourceResponse, Store, StoreConfig,
+};
 use futures_util::future::BoxFuture;
 use futures_util::{stream, StreamExt};
 
@@ -63,7 +65,7 @@ fn open(dir: &std::path::Path) -> Store {
 /// Streams the whole task; with `buf`, copies every frame into it. Returns the bytes seen.
 async fn stream_all(store: &Store, d: &Digest, src: &Arc<MemSource>, mut buf: Option<&mut [u8]>) -> usize {
     let task = store.get_or_create(d, TASK_LEN as u64, None).unwrap();
-    let mut s = Box::pin(read(task, 0..TASK_LEN as u64, true, src.clone()));
+    let mut s = Box::pin(read(task, 0..TASK_LEN as u64, Delivery::Whole, src.clone()));
     let mut n = 0;
     while let Some(frame) = s.next().await {
         let frame = frame.unwrap();

@@ -18,7 +18,7 @@ mod task;
 pub use damselfly_proto::digest;
 pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
-pub use reader::{read, ReadError};
+pub use reader::{read, Delivery, ReadError};
 pub use share::{Fetcher, StoreEvent};
 pub use source::{ByteSource, Source, SourceError, SourceResponse, SourceSpec};
 pub use store::{Store, StoreConfig, StoreError};

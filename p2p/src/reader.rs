@@ -84,16 +84,27 @@ struct Cursor {
     fetched_until: u64,
 }
 
-/// Streams `range` of the task. `full` marks a whole-content response, whose last byte is held
-/// back until the content matched its digest. The stream ends with an error (and the caller
-/// must abort the response) if the bytes cannot be had or fail verification.
+/// What a read delivers to its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The whole content as one response: its last byte is held back until the content
+    /// matched its digest, so a client never completes a response with wrong bytes.
+    Whole,
+    /// A part (a range), which no digest covers.
+    Part,
+}
+
+/// Streams `range` of the task to a client receiving it as `delivery`. The stream ends with an
+/// error (and the caller must abort the response) if the bytes cannot be had or fail
+/// verification.
 pub fn read(
     task: TaskRef,
     range: Range<u64>,
-    full: bool,
+    delivery: Delivery,
     source: Arc<dyn Source>,
 ) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
     let id = task.reader_open(range.start);
+    let full = delivery == Delivery::Whole;
     let cursor = Cursor { task, id, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
     stream::unfold(Some(cursor), |cursor| async move {
         let mut c = cursor?;
@@ -127,7 +138,7 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
     }
     let _filling = Filling(task.clone());
     let len = task.len();
-    let mut s = std::pin::pin!(read(task, 0..len, false, source));
+    let mut s = std::pin::pin!(read(task, 0..len, Delivery::Part, source));
     while let Some(r) = s.next().await {
         if r.is_err() {
             break;

@@ -68,6 +68,14 @@ struct Index {
 /// 1,024 open files ran out of them.
 const MAX_OPEN: usize = 256;
 
+/// Whether a lookup is a use of the task (which keeps it from eviction longer) or a look only
+/// (the background digest pass must not make every task look recently used).
+#[derive(Clone, Copy)]
+enum Lookup {
+    Use,
+    Peek,
+}
+
 struct Entry {
     len: u64,
     task: Option<Arc<Task>>,
@@ -117,13 +125,16 @@ impl Store {
 
     /// The task for `digest`, pinned, if the store has it (complete or not).
     pub fn get(&self, digest: &Digest) -> Result<Option<TaskRef>, StoreError> {
-        self.lookup(digest, true)
+        self.lookup(digest, Lookup::Use)
     }
 
-    /// Like [`Store::get`]; `use_it` marks the task as recently used.
-    fn lookup(&self, digest: &Digest, use_it: bool) -> Result<Option<TaskRef>, StoreError> {
+    /// Like [`Store::get`], counting as a use for eviction or not.
+    fn lookup(&self, digest: &Digest, how: Lookup) -> Result<Option<TaskRef>, StoreError> {
         let mut index = self.inner.index();
-        let found = if use_it { index.lru.get_mut(digest) } else { index.lru.peek_mut(digest) };
+        let found = match how {
+            Lookup::Use => index.lru.get_mut(digest),
+            Lookup::Peek => index.lru.peek_mut(digest),
+        };
         let Some(entry) = found else { return Ok(None) };
         if let Some(task) = &entry.task {
             return Ok(Some(TaskRef::pin(task.clone())));
@@ -222,7 +233,7 @@ impl Store {
             if stop() {
                 break;
             }
-            if let Ok(Some(task)) = self.lookup(&digest, false) {
+            if let Ok(Some(task)) = self.lookup(&digest, Lookup::Peek) {
                 done += usize::from(task.backfill_piece_digests());
             }
         }

@@ -115,11 +115,11 @@ pub(crate) fn open(dir: &std::path::Path, quota: u64) -> Store {
 pub(crate) async fn collect(
     task: TaskRef,
     range: Range<u64>,
-    full: bool,
+    delivery: Delivery,
     src: Arc<MemSource>,
 ) -> Result<Vec<u8>, ReadError> {
     let mut out = Vec::new();
-    let mut s = Box::pin(read(task, range, full, src));
+    let mut s = Box::pin(read(task, range, delivery, src));
     while let Some(b) = s.next().await {
         out.extend_from_slice(&b?);
     }
@@ -136,7 +136,7 @@ async fn concurrent_cold_readers_share_one_fetch() {
     for _ in 0..8 {
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
         let (src, len) = (src.clone(), data.len() as u64);
-        joins.push(tokio::spawn(async move { collect(t, 0..len, true, src).await }));
+        joins.push(tokio::spawn(async move { collect(t, 0..len, Delivery::Whole, src).await }));
     }
     for j in joins {
         assert!(j.await.unwrap().unwrap() == data);
@@ -153,11 +153,11 @@ async fn range_read_fetches_only_covered_pieces() {
     let src = MemSource::new(data.clone(), Faults::default());
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
     let r = (5 * MIB) as u64..(6 * MIB) as u64;
-    let got = collect(t.clone(), r.clone(), false, src.clone()).await.unwrap();
+    let got = collect(t.clone(), r.clone(), Delivery::Part, src.clone()).await.unwrap();
     assert!(got == data[5 * MIB..6 * MIB]);
     assert_eq!(src.sent.load(Ordering::SeqCst), 4 * MIB);
     // The same piece again comes from disk.
-    collect(t, r, false, src.clone()).await.unwrap();
+    collect(t, r, Delivery::Part, src.clone()).await.unwrap();
     assert_eq!(src.requests.lock().unwrap().len(), 1);
 }
 
@@ -168,9 +168,9 @@ async fn source_ignoring_range_is_read_once_whole() {
     let (data, d) = blob(9 * MIB);
     let src = MemSource::new(data.clone(), Faults { ignore_range: true, ..Faults::default() });
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-    let got = collect(t.clone(), (5 * MIB) as u64..(5 * MIB + 10) as u64, false, src.clone()).await.unwrap();
+    let got = collect(t.clone(), (5 * MIB) as u64..(5 * MIB + 10) as u64, Delivery::Part, src.clone()).await.unwrap();
     assert!(got == data[5 * MIB..5 * MIB + 10]);
-    let full = collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap();
+    let full = collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap();
     assert!(full == data);
     assert_eq!(src.requests.lock().unwrap().len(), 1);
     assert!(t.is_verified());
@@ -189,8 +189,8 @@ async fn full_read_during_a_range_ignoring_fetch_gets_the_right_bytes() {
     let src = MemSource::new(data.clone(), faults);
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
     let len = data.len() as u64;
-    let ranged = tokio::spawn(collect(t.clone(), (8 * MIB) as u64..(8 * MIB + 10) as u64, false, src.clone()));
-    let full = collect(t.clone(), 0..len, true, src.clone()).await.unwrap();
+    let ranged = tokio::spawn(collect(t.clone(), (8 * MIB) as u64..(8 * MIB + 10) as u64, Delivery::Part, src.clone()));
+    let full = collect(t.clone(), 0..len, Delivery::Whole, src.clone()).await.unwrap();
     assert!(full == data, "a full read got other bytes than the content");
     assert!(ranged.await.unwrap().unwrap() == data[8 * MIB..8 * MIB + 10]);
     // The full reader may claim the first pieces before the range fetch learns that the source
@@ -206,7 +206,7 @@ async fn a_cut_stream_is_resumed_by_range() {
     let (data, d) = blob(9 * MIB);
     let src = MemSource::new(data.clone(), Faults { cut_after: Some((3 * MIB + 5, 2)), ..Faults::default() });
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-    let got = collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap();
+    let got = collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap();
     assert!(got == data);
     let reqs = src.requests.lock().unwrap().clone();
     assert_eq!(reqs[0], None);
@@ -231,14 +231,14 @@ async fn without_direct_io_fills_go_through_the_page_cache() {
         let cfg = StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false };
         let store = Store::open(cfg, Arc::new(Metrics::default())).unwrap();
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-        assert!(collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+        assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
         assert!(t.is_verified());
         store.flush_all();
     }
     assert!(std::fs::read(data_file(dir.path(), &d)).unwrap() == data, "the file on disk differs");
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().expect("task survives a restart");
-    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert!(collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
     assert_eq!(src.requests.lock().unwrap().len(), 2, "read again from the origin after the restart");
 }
 
@@ -249,7 +249,7 @@ async fn wrong_bytes_are_never_completed() {
     let (data, d) = blob(6 * MIB);
     let src = MemSource::new(data.clone(), Faults { corrupt: true, ..Faults::default() });
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-    let res = collect(t, 0..data.len() as u64, true, src.clone()).await;
+    let res = collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await;
     assert!(res.is_err());
     assert_eq!(store.metrics().verify_failures.get(), 1);
     // The task is gone: the next request starts afresh.
@@ -264,13 +264,13 @@ async fn restart_keeps_the_cache_and_catches_corruption() {
     {
         let store = open(dir.path(), 1 << 30);
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap();
+        collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap();
         store.flush_all();
     }
     {
         let store = open(dir.path(), 1 << 30);
         let t = store.get(&d).unwrap().expect("task survives a restart");
-        assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+        assert!(collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
         assert_eq!(src.requests.lock().unwrap().len(), 1);
     }
     // Flip one byte in the second piece on disk, as a failing disk would.
@@ -279,7 +279,7 @@ async fn restart_keeps_the_cache_and_catches_corruption() {
     overwrite(&path, 5 * MIB, &[bytes[5 * MIB] ^ 0xff]);
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().unwrap();
-    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert!(collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
     assert_eq!(src.requests.lock().unwrap().last().unwrap(), &Some((4 * MIB) as u64..(8 * MIB) as u64));
     assert_eq!(store.metrics().piece_failures.get_or_create(&metrics::ReasonLabel { reason: "corrupt" }).get(), 1);
 }
@@ -292,7 +292,7 @@ async fn torn_write_recovery_never_serves_unwritten_bytes() {
     {
         let store = open(dir.path(), 1 << 30);
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap();
+        collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap();
         store.flush_all();
     }
     // Simulate a crash that kept the metadata but lost the data pages (no fsync): zero the file.
@@ -300,7 +300,7 @@ async fn torn_write_recovery_never_serves_unwritten_bytes() {
     overwrite(&path, 0, &vec![0u8; data.len()]);
     let store = open(dir.path(), 1 << 30);
     let t = store.get(&d).unwrap().unwrap();
-    assert!(collect(t, 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert!(collect(t, 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
     // Each piece was found bad and fetched again: exactly one more copy of the content.
     assert_eq!(src.sent.load(Ordering::SeqCst), 2 * data.len());
 }
@@ -313,7 +313,7 @@ async fn quota_evicts_least_recently_used_unpinned_tasks() {
     for (data, d) in &blobs {
         let src = MemSource::new(data.clone(), Faults::default());
         let t = store.get_or_create(d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, true, src).await.unwrap();
+        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
         assert!(store.used() <= (10 * MIB) as u64);
     }
     assert!(store.get(&blobs[0].1).unwrap().is_none());
@@ -376,7 +376,7 @@ fn a_second_store_on_the_same_dir_is_refused() {
 
 /// Reads a frame, then nothing for `pause`, then the rest.
 async fn read_with_pause(task: TaskRef, len: u64, src: Arc<MemSource>, pause: std::time::Duration) -> Vec<u8> {
-    let mut s = Box::pin(read(task, 0..len, true, src));
+    let mut s = Box::pin(read(task, 0..len, Delivery::Whole, src));
     let mut out = s.next().await.unwrap().unwrap().to_vec();
     tokio::time::sleep(pause).await;
     while let Some(b) = s.next().await {
@@ -397,7 +397,7 @@ async fn a_stalled_reader_neither_holds_the_fetch_back_nor_misses_bytes() {
     // on, its bytes have left memory and come from disk.
     let stalled = tokio::spawn(read_with_pause(t.clone(), len, src.clone(), std::time::Duration::from_millis(2500)));
     let started = std::time::Instant::now();
-    let other = collect(t.clone(), 0..len, true, src.clone()).await.unwrap();
+    let other = collect(t.clone(), 0..len, Delivery::Whole, src.clone()).await.unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(2), "held back for {:?}", started.elapsed());
     assert!(other == data);
     assert!(stalled.await.unwrap() == data);
@@ -412,7 +412,7 @@ async fn a_fetch_waits_for_a_slow_reader_that_keeps_up() {
     let (data, d) = blob(24 * MIB);
     let src = MemSource::new(data.clone(), Faults::default());
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-    let mut s = Box::pin(read(t.clone(), 0..data.len() as u64, true, src.clone()));
+    let mut s = Box::pin(read(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()));
     let (mut got, mut most_ahead) = (Vec::new(), 0);
     while let Some(b) = s.next().await {
         got.extend_from_slice(&b.unwrap());
@@ -436,7 +436,7 @@ async fn piece_digests_are_backfilled_only_for_content_that_still_matches_its_di
     for (data, d) in [(&good, &dg), (&rotten, &dr)] {
         let src = MemSource::new(data.clone(), Faults::default());
         let t = store.get_or_create(d, data.len() as u64, None).unwrap();
-        assert!(collect(t, 0..data.len() as u64, true, src).await.unwrap() == *data);
+        assert!(collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap() == *data);
     }
     assert!(store.verified_tasks(10).is_empty(), "a node alone keeps no piece digests");
     overwrite(&data_file(dir.path(), &dr), 100, b"rot");
@@ -466,7 +466,7 @@ async fn a_reader_waiting_for_the_fetch_is_not_slowed_by_a_slower_one() {
     let slow = {
         let (t, src) = (t.clone(), src.clone());
         tokio::spawn(async move {
-            let mut s = Box::pin(read(t, 0..len, true, src));
+            let mut s = Box::pin(read(t, 0..len, Delivery::Whole, src));
             let mut n = 0;
             while let Some(b) = s.next().await {
                 n += b.unwrap().len();
@@ -476,7 +476,7 @@ async fn a_reader_waiting_for_the_fetch_is_not_slowed_by_a_slower_one() {
         })
     };
     let started = std::time::Instant::now();
-    assert!(collect(t.clone(), 0..len, true, src.clone()).await.unwrap() == data);
+    assert!(collect(t.clone(), 0..len, Delivery::Whole, src.clone()).await.unwrap() == data);
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_millis(1500), "the fast reader took {took:?}");
     assert_eq!(slow.await.unwrap(), data.len());
@@ -562,7 +562,7 @@ async fn a_task_file_cut_short_under_its_map_fails_its_check_instead_of_killing_
     let (data, d) = blob(9 * MIB);
     let src = MemSource::new(data.clone(), Faults::default());
     let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
-    assert!(collect(t.clone(), 0..data.len() as u64, true, src.clone()).await.unwrap() == data);
+    assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
     // What a disk read error does to a mapped page: reading it through the map is a SIGBUS.
     std::fs::OpenOptions::new().write(true).open(data_file(dir.path(), &d)).unwrap().set_len(0).unwrap();
     let task = t.task().clone();
@@ -570,5 +570,5 @@ async fn a_task_file_cut_short_under_its_map_fails_its_check_instead_of_killing_
     tokio::task::spawn_blocking(move || (0..count).for_each(|i| task.check_piece(i))).await.unwrap();
     assert!(!t.is_verified() && t.present_pieces().is_empty());
     // The pieces are fetched again, and the content is whole once more.
-    assert!(collect(t.clone(), 0..data.len() as u64, true, src).await.unwrap() == data);
+    assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src).await.unwrap() == data);
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use damselfly_p2p::{passthrough, StoreError, TaskRef};
+use damselfly_p2p::{passthrough, Delivery, StoreError, TaskRef};
 use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
@@ -125,7 +125,8 @@ fn serve(
         }
         // `bytes=0-` (how containerd opens a blob) is the whole content too: its last byte
         // waits for the digest like a plain GET's.
-        stream(damselfly_p2p::read(task, span.clone(), span == (0..len), source))
+        let delivery = if span == (0..len) { Delivery::Whole } else { Delivery::Part };
+        stream(damselfly_p2p::read(task, span.clone(), delivery, source))
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use damselfly_p2p::{Algorithm, Digest, TaskRef};
+use damselfly_p2p::{Algorithm, Delivery, Digest, TaskRef};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
 use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
@@ -134,7 +134,7 @@ async fn through_cluster(
     remember(app, &target, &task, f.credential);
     let source = Arc::new(super::source::UpstreamSource::manifest(app.clone(), target, req.accept.clone()));
     let mut out = Vec::with_capacity(len as usize);
-    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..len, true, source));
+    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..len, Delivery::Whole, source));
     while let Some(chunk) = s.next().await {
         match chunk {
             Ok(c) => out.extend_from_slice(&c),
@@ -254,7 +254,7 @@ async fn from_cache(req: &ManifestRequest, digest: &Digest, task: &TaskRef) -> R
 async fn read_all(task: &TaskRef) -> Result<Bytes, String> {
     let source = Arc::new(NoSource);
     let mut out = Vec::with_capacity(task.len() as usize);
-    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..task.len(), true, source));
+    let mut s = std::pin::pin!(damselfly_p2p::read(task.clone(), 0..task.len(), Delivery::Whole, source));
     while let Some(chunk) = s.next().await {
         out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
     }

@@ -168,7 +168,7 @@ mod tests {
         let (data, d) = blob(9 * MIB);
         let src = MemSource::new(data.clone(), Faults::default());
         let t = store.get_or_create(&d, data.len() as u64, None).expect("task");
-        assert!(collect(t.clone(), 0..data.len() as u64, true, src).await.expect("read") == data);
+        assert!(collect(t.clone(), 0..data.len() as u64, crate::Delivery::Whole, src).await.expect("read") == data);
         let whole = frame_bytes(&t, 0..MIB as u64, true).await.expect("readable");
         assert_eq!(&whole[..], &data[..MIB]);
         // What a disk read error does to a mapped page: rustls reading it would be a SIGBUS.
