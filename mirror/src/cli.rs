@@ -49,6 +49,7 @@ pub struct MirrorArgs {
     pub metrics_listen: Option<SocketAddr>,
     /// Cache and state directory [default: /var/lib/damselfly as root, else the XDG data dir].
     #[arg(long, value_name = "DIR")]
+    #[serde(with = "crate::config::paths::option")]
     pub data_dir: Option<PathBuf>,
     /// Disk quota for cached content, e.g. 50GiB or 100GB [default: 50GiB].
     #[arg(long, value_name = "SIZE")]
@@ -65,6 +66,7 @@ pub struct MirrorArgs {
     pub registry_auth: Vec<RegistryAuth>,
     /// File of HOST=USER:PASS lines, added to the other credentials.
     #[arg(long, value_name = "FILE")]
+    #[serde(with = "crate::config::paths::option")]
     pub registry_auth_file: Option<PathBuf>,
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -78,13 +80,16 @@ pub struct MirrorArgs {
     /// PEM CA certificates of the cluster: https:// schedulers (and peers, with --peer-tls)
     /// must show certificates that chain to one.
     #[arg(long, value_name = "FILE")]
+    #[serde(with = "crate::config::paths::option")]
     pub cluster_ca: Option<PathBuf>,
     /// PEM certificate of this node, for schedulers that ask for one and for peers (naming
     /// the node's advertised address).
     #[arg(long, value_name = "FILE")]
+    #[serde(with = "crate::config::paths::option")]
     pub cluster_cert: Option<PathBuf>,
     /// PEM private key of --cluster-cert.
     #[arg(long, value_name = "FILE")]
+    #[serde(with = "crate::config::paths::option")]
     pub cluster_key: Option<PathBuf>,
     /// Pieces between nodes over mutual TLS with --cluster-ca and --cluster-cert; schedulers
     /// pair only nodes that agree on it [default: false].
@@ -132,8 +137,8 @@ pub struct MirrorArgs {
     /// Pieces uploaded at once [default: 64].
     #[arg(long, value_name = "N")]
     pub max_uploads: Option<usize>,
-    /// Log output format: human or json [default: human].
-    #[arg(long, value_name = "FORMAT")]
+    /// Log output format [default: human].
+    #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Log filter in EnvFilter syntax; RUST_LOG overrides it [default: info].
     #[arg(long, value_name = "LEVEL")]
@@ -414,6 +419,18 @@ mod tests {
             proptest::prop_assert_eq!(cfg.seed, flag_seed.unwrap_or(false));
             proptest::prop_assert_eq!(cfg.data_dir, file.data_dir);
         }
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_come_through_the_layering_whole() {
+        use std::os::unix::ffi::OsStringExt;
+        let odd = |tail: &[u8]| PathBuf::from(std::ffi::OsString::from_vec([b"/tmp/d\xff".as_slice(), tail].concat()));
+        let base = MirrorConfig { data_dir: odd(b""), ..MirrorConfig::default() };
+        let flags = MirrorArgs { cluster_ca: Some(odd(b"/ca")), ..MirrorArgs::default() };
+        let cfg = layer(&base, None, &flags).expect("layers");
+        assert_eq!((cfg.data_dir, cfg.cluster_ca), (odd(b""), Some(odd(b"/ca"))));
+        let flags = MirrorArgs { data_dir: Some(odd(b"/x")), ..MirrorArgs::default() };
+        assert_eq!(layer(&MirrorConfig::default(), None, &flags).expect("layers").data_dir, odd(b"/x"));
     }
 
     #[test]

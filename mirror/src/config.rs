@@ -22,11 +22,13 @@ pub struct MirrorConfig {
     pub listen: SocketAddr,
     pub health_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    #[serde(with = "paths")]
     pub data_dir: PathBuf,
     pub cache_quota: ByteSize,
     pub registry_mirror: String,
     pub insecure_registries: Vec<String>,
     pub registry_auth: Vec<RegistryAuth>,
+    #[serde(with = "paths::option")]
     pub registry_auth_file: Option<PathBuf>,
     pub background_fill: bool,
     /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
@@ -38,10 +40,13 @@ pub struct MirrorConfig {
     pub schedulers: Vec<String>,
     /// PEM CA certificates of the cluster: `https://` schedulers, and peers with `peer_tls`,
     /// are verified against them.
+    #[serde(with = "paths::option")]
     pub cluster_ca: Option<PathBuf>,
     /// PEM certificate and key of this node, shown to schedulers that require one and, with
     /// `peer_tls`, to other nodes (its certificate must name its advertised address).
+    #[serde(with = "paths::option")]
     pub cluster_cert: Option<PathBuf>,
+    #[serde(with = "paths::option")]
     pub cluster_key: Option<PathBuf>,
     /// Pieces between nodes over mutual TLS; schedulers pair only nodes that agree on it.
     pub peer_tls: bool,
@@ -520,5 +525,6 @@ pub fn parse_auth_list(s: &str) -> Result<Vec<RegistryAuth>, AuthEntryError> {
     s.split(sep).map(str::trim).filter(|e| !e.is_empty()).map(str::parse).collect()
 }
 
+pub(crate) mod paths;
 #[cfg(test)]
 mod tests;

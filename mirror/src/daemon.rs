@@ -65,7 +65,7 @@ pub enum DaemonError {
     #[error("in-process scheduler: {0}")]
     Scheduler(#[from] damselfly_scheduler::SchedulerError),
     #[error("in-process scheduler: {0}")]
-    SchedulerConfig(#[from] damselfly_scheduler::cli::SchedulerArgsError),
+    SchedulerSecret(#[from] damselfly_scheduler::SecretError),
 }
 
 pub struct Running {
@@ -219,7 +219,7 @@ async fn start_scheduler(
     seed_name: Option<&str>,
 ) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
-    let mut config = damselfly_scheduler::cli::in_process_config()?;
+    let mut config = damselfly_scheduler::SchedulerConfig::from_env()?;
     config.tls = crate::cluster::own_scheduler_tls(tls, seed_name);
     let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;

@@ -184,11 +184,7 @@ impl Fill {
     /// Takes bytes at `self.pos`: writes the parts of owned pieces, checksums, publishes progress.
     async fn accept(&mut self, chunk: Bytes) -> Result<(), SourceError> {
         let layout = self.task.layout();
-        self.task
-            .metrics
-            .fetched_bytes
-            .get_or_create(&crate::metrics::SourceLabel { source: crate::ByteSource::Origin.label() })
-            .inc_by(chunk.len() as u64);
+        self.task.metrics.fetched(crate::ByteSource::Origin, chunk.len() as u64);
         if let Some(h) = &self.whole {
             h.update(chunk.clone()).await?;
         }

@@ -19,7 +19,6 @@ pub use damselfly_proto::digest;
 pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
 pub use reader::{read, Delivery, ReadError};
-pub use share::{Fetcher, StoreEvent};
 pub use source::{ByteSource, Source, SourceError, SourceResponse, SourceSpec};
 pub use store::{Store, StoreConfig, StoreError};
 pub use task::{Task, TaskRef};

@@ -46,7 +46,10 @@ pub struct TaskMeta {
     pub supplier: Option<String>,
 }
 
-pub const META_VERSION: u32 = 1;
+/// 2: `supplier` is the supplier's full name as its `Source` gives it (for the mirror, a
+/// registry named over plain HTTP is named apart from the same host over TLS). Version 1
+/// recorded a registry's host alone.
+pub const META_VERSION: u32 = 2;
 
 impl TaskMeta {
     pub fn load(path: &Path) -> io::Result<TaskMeta> {
@@ -60,6 +63,13 @@ impl TaskMeta {
         let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
         fs::write(&tmp, bytes)?;
         fs::rename(&tmp, path)
+    }
+
+    /// An unverified task whose supplier was recorded by an earlier version, under a name
+    /// that may stand for another supplier now: its bytes cannot be attributed, so the store
+    /// drops it and they are fetched again. Verified content needs no supplier.
+    pub fn supplier_predates_its_naming(&self) -> bool {
+        self.version < 2 && !self.verified && self.supplier.is_some()
     }
 
     pub fn present_count(&self) -> usize {

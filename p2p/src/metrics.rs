@@ -21,7 +21,7 @@ pub struct ReasonLabel {
 #[derive(Default)]
 pub struct Metrics {
     /// Bytes sent to clients, by where they came from.
-    pub download_bytes: Family<SourceLabel, Counter>,
+    pub sent_bytes: Family<SourceLabel, Counter>,
     /// Bytes received from sources (the origin) into the store.
     pub fetched_bytes: Family<SourceLabel, Counter>,
     pub cache_bytes: Gauge,
@@ -39,7 +39,7 @@ impl Metrics {
         registry.register(
             "damselfly_download_bytes",
             "Bytes sent to clients, by where they came from",
-            m.download_bytes.clone(),
+            m.sent_bytes.clone(),
         );
         registry.register(
             "damselfly_fetched_bytes",
@@ -68,8 +68,14 @@ impl Metrics {
         m
     }
 
-    pub fn downloaded(&self, from: ByteSource, n: u64) {
-        self.download_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);
+    /// `n` bytes from `from` went to a client.
+    pub fn sent(&self, from: ByteSource, n: u64) {
+        self.sent_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);
+    }
+
+    /// `n` bytes from `from` came into the store.
+    pub fn fetched(&self, from: ByteSource, n: u64) {
+        self.fetched_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);
     }
 
     pub fn piece_failed(&self, reason: &'static str) {

@@ -53,12 +53,9 @@ impl Verify {
                     if let Some(h) = &mut self.hasher {
                         h.update(&chunk);
                     }
-                    self.metrics
-                        .fetched_bytes
-                        .get_or_create(&crate::metrics::SourceLabel { source: "origin" })
-                        .inc_by(chunk.len() as u64);
+                    self.metrics.fetched(crate::ByteSource::Origin, chunk.len() as u64);
                     if let Some(prev) = self.held.replace(chunk) {
-                        self.metrics.downloaded(crate::ByteSource::Origin, prev.len() as u64);
+                        self.metrics.sent(crate::ByteSource::Origin, prev.len() as u64);
                         return Ok(Some(prev));
                     }
                 }
@@ -79,7 +76,7 @@ impl Verify {
         }
         let last = self.held.take();
         if let Some(b) = &last {
-            self.metrics.downloaded(crate::ByteSource::Origin, b.len() as u64);
+            self.metrics.sent(crate::ByteSource::Origin, b.len() as u64);
         }
         Ok(last)
     }

@@ -168,7 +168,7 @@ impl Cursor {
                     } else {
                         ByteSource::Origin
                     };
-                    self.task.metrics.downloaded(from, n);
+                    self.task.metrics.sent(from, n);
                     if let Some(chunk) = staged {
                         return Ok(chunk.slice(..n as usize));
                     }

@@ -15,7 +15,7 @@ use crate::task::TaskRef;
 
 /// What a store tells whoever its pieces are shared with, in the order it happened.
 #[derive(Debug)]
-pub enum StoreEvent {
+pub(crate) enum StoreEvent {
     /// Piece `piece` of `digest`, written here from a source, hashed to `sha256` (hex): what
     /// other nodes will verify it by.
     PieceHashed { digest: Digest, piece: usize, sha256: String },
@@ -26,7 +26,7 @@ pub enum StoreEvent {
 }
 
 /// Fills the pieces a reader claimed (fetch `id` of `pieces`), in the background.
-pub trait Fetcher: Send + Sync + 'static {
+pub(crate) trait Fetcher: Send + Sync + 'static {
     fn fetch(&self, task: TaskRef, id: u64, pieces: Range<usize>, source: Arc<dyn Source>);
 }
 

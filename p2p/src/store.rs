@@ -205,7 +205,7 @@ impl Store {
     /// written gets its sha256 (what other nodes verify it by), and what others need to hear
     /// goes out on the returned channel. Set once, by whoever composes the node; `None` when
     /// the store is shared already.
-    pub fn share(&self, fetcher: Arc<dyn Fetcher>) -> Option<UnboundedReceiver<StoreEvent>> {
+    pub(crate) fn share(&self, fetcher: Arc<dyn Fetcher>) -> Option<UnboundedReceiver<StoreEvent>> {
         let (sharing, events) = Sharing::new(fetcher);
         self.inner.sharing.set(sharing).ok()?;
         Some(events)
@@ -390,6 +390,11 @@ fn scan(dir: &Path, found: &mut Vec<TaskMeta>) -> Result<(), StoreError> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "meta" => match TaskMeta::load(&path) {
+                Ok(meta) if meta.supplier_predates_its_naming() => {
+                    tracing::info!(digest = %meta.digest, "removing an unverified task whose supplier was recorded by host alone");
+                    let _ = fs::remove_file(path.with_extension("data"));
+                    let _ = fs::remove_file(&path);
+                }
                 Ok(meta) if data_matches(&path.with_extension("data"), meta.len) => found.push(meta),
                 _ => {
                     tracing::warn!(path = %path.display(), "removing an unreadable task");

@@ -526,7 +526,7 @@ fn idle_tasks_past_the_open_bound_are_closed() {
 fn read_bytes(store: &Store) -> u64 {
     ["origin", "cache", "peer"]
         .into_iter()
-        .map(|source| store.metrics().download_bytes.get_or_create(&metrics::SourceLabel { source }).get())
+        .map(|source| store.metrics().sent_bytes.get_or_create(&metrics::SourceLabel { source }).get())
         .sum()
 }
 
@@ -571,4 +571,30 @@ async fn a_task_file_cut_short_under_its_map_fails_its_check_instead_of_killing_
     assert!(!t.is_verified() && t.present_pieces().is_empty());
     // The pieces are fetched again, and the content is whole once more.
     assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src).await.unwrap() == data);
+}
+
+#[test]
+fn an_unverified_task_whose_supplier_was_named_by_an_earlier_version_is_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let digests: Vec<Digest> = (0..3u8).map(|i| Digest::of(Algorithm::Sha256, &[i])).collect();
+    {
+        let store = open(dir.path(), 1 << 30);
+        for d in &digests {
+            store.get_or_create(d, 10, None).unwrap();
+        }
+    }
+    // Rewrite the metadata as version 1 wrote it.
+    let rewrite = |d: &Digest, verified: bool, supplier: Option<&str>| {
+        let path = dir.path().join("tasks/sha256").join(format!("{}.meta", d.hex()));
+        let mut meta = crate::meta::TaskMeta::load(&path).unwrap();
+        (meta.version, meta.verified, meta.supplier) = (1, verified, supplier.map(str::to_owned));
+        meta.store(&path).unwrap();
+    };
+    rewrite(&digests[0], false, Some("registry.example"));
+    rewrite(&digests[1], true, Some("registry.example"));
+    rewrite(&digests[2], false, None);
+    let store = open(dir.path(), 1 << 30);
+    assert!(store.get(&digests[0]).unwrap().is_none(), "its bytes cannot be attributed");
+    assert!(store.get(&digests[1]).unwrap().is_some(), "verified content needs no supplier");
+    assert!(store.get(&digests[2]).unwrap().is_some(), "nobody claimed it yet");
 }

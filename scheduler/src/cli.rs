@@ -11,11 +11,8 @@ use clap::Args;
 use damselfly_serve::LogFormat;
 use tokio::net::TcpListener;
 
-use crate::config::{SchedulerConfig, ServerTls};
+use crate::config::{env_secret, secret_from, SchedulerConfig, SecretError, ServerTls};
 use crate::error::SchedulerError;
-
-/// Shared token secret for several schedulers, kept out of `ps`.
-pub const SECRET_ENV: &str = "DAMSELFLY_SCHEDULER_SECRET";
 
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerArgs {
@@ -55,8 +52,8 @@ pub struct SchedulerArgs {
     /// ordinary nodes. Without it, any certificate from --tls-client-ca may seed.
     #[arg(long, value_name = "NAME", requires = "tls_client_ca")]
     pub tls_seed_name: Option<String>,
-    /// Log output format: human or json.
-    #[arg(long, value_name = "FORMAT", default_value = "human")]
+    /// Log output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "human")]
     pub log_format: LogFormat,
     /// Log filter in EnvFilter syntax; RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -65,10 +62,8 @@ pub struct SchedulerArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerArgsError {
-    #[error("cannot read the secret file {path}: {source}")]
-    Secret { path: PathBuf, source: std::io::Error },
-    #[error("the token secret must be at least 16 bytes")]
-    ShortSecret,
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("cannot read {path}: {source}")]
@@ -93,37 +88,6 @@ pub async fn run(args: SchedulerArgs, stop: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
-/// The configuration of a scheduler a node daemon runs in-process (`--scheduler-listen`):
-/// the defaults, with the token secret taken from the environment as `damselfly scheduler`
-/// takes it.
-pub fn in_process_config() -> Result<SchedulerConfig, SchedulerArgsError> {
-    let mut cfg = SchedulerConfig::default();
-    if let Some(secret) = secret_from(None, env_secret())? {
-        cfg.secret = secret;
-    }
-    Ok(cfg)
-}
-
-fn env_secret() -> Option<Vec<u8>> {
-    std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes())
-}
-
-/// The secret in `file`, else `env`; trimmed, and refused when shorter than 16 bytes.
-fn secret_from(file: Option<&PathBuf>, env: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, SchedulerArgsError> {
-    let secret = match file {
-        Some(path) => {
-            Some(std::fs::read(path).map_err(|source| SchedulerArgsError::Secret { path: path.clone(), source })?)
-        }
-        None => env,
-    };
-    let Some(secret) = secret else { return Ok(None) };
-    let trimmed = secret.trim_ascii().to_vec();
-    if trimmed.len() < 16 {
-        return Err(SchedulerArgsError::ShortSecret);
-    }
-    Ok(Some(trimmed))
-}
-
 impl SchedulerArgs {
     pub fn to_config(&self) -> Result<SchedulerConfig, SchedulerArgsError> {
         self.to_config_with(env_secret())
@@ -131,7 +95,7 @@ impl SchedulerArgs {
 
     fn to_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
         let mut cfg = SchedulerConfig::default();
-        if let Some(secret) = secret_from(self.secret_file.as_ref(), env_secret)? {
+        if let Some(secret) = secret_from(self.secret_file.as_deref(), env_secret)? {
             cfg.secret = secret;
         }
         for (name, v) in [("origin-limit", self.origin_limit), ("max-parents", self.max_parents)] {

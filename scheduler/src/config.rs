@@ -1,8 +1,50 @@
 //! What a scheduler is told at start.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::RngCore;
+
+/// The shared token secret of several schedulers, kept out of `ps`.
+pub const SECRET_ENV: &str = "DAMSELFLY_SCHEDULER_SECRET";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read the secret file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the token secret must be at least 16 bytes")]
+    Short,
+}
+
+impl SchedulerConfig {
+    /// The defaults, with the token secret from the environment (`SECRET_ENV`) if it is set:
+    /// what a scheduler a node daemon runs in-process starts with.
+    pub fn from_env() -> Result<SchedulerConfig, SecretError> {
+        let mut cfg = SchedulerConfig::default();
+        if let Some(secret) = secret_from(None, env_secret())? {
+            cfg.secret = secret;
+        }
+        Ok(cfg)
+    }
+}
+
+pub(crate) fn env_secret() -> Option<Vec<u8>> {
+    std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes())
+}
+
+/// The secret in `file`, else `env`; trimmed, and refused when shorter than 16 bytes.
+pub(crate) fn secret_from(file: Option<&Path>, env: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, SecretError> {
+    let secret = match file {
+        Some(path) => Some(std::fs::read(path).map_err(|source| SecretError::Read { path: path.to_owned(), source })?),
+        None => env,
+    };
+    let Some(secret) = secret else { return Ok(None) };
+    let trimmed = secret.trim_ascii().to_vec();
+    if trimmed.len() < 16 {
+        return Err(SecretError::Short);
+    }
+    Ok(Some(trimmed))
+}
 
 #[derive(Clone)]
 pub struct SchedulerConfig {

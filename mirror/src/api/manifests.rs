@@ -177,7 +177,8 @@ fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
     for v in &req.accept {
         headers.append(ACCEPT, v.clone());
     }
-    req.repo.request(req.method.clone(), format!("manifests/{}", req.reference), headers)
+    let path = format!("{}/{}", ContentKind::Manifest.path_segment(), req.reference);
+    req.repo.request(req.method.clone(), path, headers)
 }
 
 async fn fetch(app: Arc<App>, ureq: UpstreamRequest) -> Result<Fetched, String> {

@@ -22,6 +22,8 @@ pub enum RegistryNameError {
     BadPort(String),
     #[error("{0:?}: bad host name")]
     BadHost(String),
+    #[error("{0:?}: {1}")]
+    Host(String, String),
     #[error("{0:?}: unclosed '['")]
     UnclosedBracket(String),
     #[error("{0:?}: junk after IPv6 address")]
@@ -55,10 +57,11 @@ impl RegistryEndpoint {
 
 /// Who a registry is, wherever the node keys a decision on it: whose bytes an unverified task
 /// holds, whose word says who may read what, which requests may share one upstream answer. It
-/// is the endpoint's `host[:port]` (Docker Hub as its API host), and a registry a client names
-/// over plain HTTP is another registry than the same host over TLS: anyone on the path can
-/// answer for it. Insecure registries the operator configured, and loopback hosts, keep their
-/// host's name.
+/// is the endpoint's `host[:port]` (Docker Hub as its API host), except that a registry named
+/// with an `http://` URL (header or default) is `http://host[:port]`, another registry than the
+/// same host over TLS: anyone on the path can answer for it. Named by `ns` or an `https://`
+/// URL, insecure-listed and loopback hosts keep their host's name, though they may be reached
+/// over plain HTTP too: the operator vouched for them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RegistryId(String);
 
@@ -211,7 +214,7 @@ pub(crate) fn parse_host_port(raw: &str) -> Result<String, RegistryNameError> {
     if !host.starts_with('[') && !is_hostname(host) {
         return Err(RegistryNameError::BadHost(raw.to_owned()));
     }
-    let parsed = Host::parse(host).map_err(|_| RegistryNameError::BadHost(raw.to_owned()))?;
+    let parsed = Host::parse(host).map_err(|e| RegistryNameError::Host(raw.to_owned(), e.to_string()))?;
     Ok(join_port(&parsed.to_string().to_ascii_lowercase(), port))
 }
 

@@ -243,12 +243,7 @@ impl Swarm {
                     self.task.layout().piece_range(job.number).end - self.task.layout().piece_range(job.number).start;
                 self.task.piece_from_peer(self.id, job.number, record);
                 self.task.task().verify_ahead();
-                self.node
-                    .store
-                    .metrics()
-                    .fetched_bytes
-                    .get_or_create(&crate::metrics::SourceLabel { source: "peer" })
-                    .inc_by(len);
+                self.node.store.metrics().fetched(crate::ByteSource::Peer, len);
                 let cost = job.started.elapsed().as_micros().max(1) as u64;
                 self.download.send(download_request::Kind::PieceFinished(proto::PieceFinished {
                     number: job.number as u32,

@@ -265,7 +265,7 @@ impl Task {
                 }
                 (piece_end, true)
             }
-            Some(Piece::Fetching(id)) => {
+            Some(Piece::Claimed(id)) => {
                 fetch = Some(*id);
                 (st.pieces.fetch_pos(*id).min(piece_end), false)
             }

@@ -1,7 +1,7 @@
 //! The piece map of one task, and the fetches that hold claims on it.
 //!
 //! Invariants kept here, and nowhere else:
-//! - a piece is `Missing`, `Fetching(id)` (claimed by exactly one running fetch), or `Present`
+//! - a piece is `Missing`, `Claimed(id)` by exactly one running fetch, or `Present`
 //!   with the checksums it was written with;
 //! - only the fetch that claimed a piece makes it present; a fetch's end returns its unfinished
 //!   claims to `Missing`, so no piece stays claimed by a fetch that no longer runs;
@@ -26,8 +26,12 @@ const MAX_FAILED_FETCHES: usize = 64;
 #[derive(Clone, Debug)]
 pub(crate) enum Piece {
     Missing,
-    Fetching(u64),
-    Present { record: PieceRecord, checked: Option<Instant> },
+    /// Claimed by the running fetch with this id.
+    Claimed(u64),
+    Present {
+        record: PieceRecord,
+        checked: Option<Instant>,
+    },
 }
 
 impl Piece {
@@ -128,7 +132,7 @@ impl PieceMap {
         let last = if self.range_unsupported { self.layout.count() } else { self.layout.piece_of(end - 1) + 1 };
         let mut stop = first;
         while stop < last && matches!(self.pieces[stop], Piece::Missing) {
-            self.pieces[stop] = Piece::Fetching(id);
+            self.pieces[stop] = Piece::Claimed(id);
             stop += 1;
         }
         self.fetch_pos.insert(id, self.layout.piece_range(first).start);
@@ -142,7 +146,7 @@ impl PieceMap {
         self.fetch_pos.insert(id, 0);
         for p in self.pieces.iter_mut() {
             if matches!(p, Piece::Missing) {
-                *p = Piece::Fetching(id);
+                *p = Piece::Claimed(id);
             }
         }
     }
@@ -153,7 +157,7 @@ impl PieceMap {
 
     /// Whether piece `i` is claimed by fetch `id`.
     pub(crate) fn owns(&self, id: u64, i: usize) -> bool {
-        matches!(self.pieces.get(i), Some(Piece::Fetching(f)) if *f == id)
+        matches!(self.pieces.get(i), Some(Piece::Claimed(f)) if *f == id)
     }
 
     /// The pieces of `run` still claimed by fetch `id`.
@@ -177,7 +181,7 @@ impl PieceMap {
     pub(crate) fn release(&mut self, id: u64, error: Option<String>) {
         self.fetch_pos.remove(&id);
         for p in self.pieces.iter_mut() {
-            if matches!(p, Piece::Fetching(f) if *f == id) {
+            if matches!(p, Piece::Claimed(f) if *f == id) {
                 *p = Piece::Missing;
             }
         }
