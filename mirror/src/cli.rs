@@ -182,8 +182,10 @@ fn layer(
     env_auth: Option<Vec<RegistryAuth>>,
     flags: &MirrorArgs,
 ) -> Result<MirrorConfig, ConfigError> {
-    let invalid =
-        |e: serde_json::Error| ConfigError::Parse { origin: "the command line".to_owned(), message: e.to_string() };
+    let invalid = |e: serde_json::Error| ConfigError::Parse {
+        origin: "from the command line".to_owned(),
+        message: e.to_string(),
+    };
     let mut merged = serde_json::to_value(base).map_err(invalid)?;
     let keys = merged.as_object_mut().ok_or_else(|| invalid(serde::ser::Error::custom("not a table")))?;
     if let Some(auth) = env_auth {

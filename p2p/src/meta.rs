@@ -68,7 +68,7 @@ impl TaskMeta {
     /// An unverified task whose supplier was recorded by an earlier version, under a name
     /// that may stand for another supplier now: its bytes cannot be attributed, so the store
     /// drops it and they are fetched again. Verified content needs no supplier.
-    pub fn supplier_predates_its_naming(&self) -> bool {
+    pub(crate) fn supplier_predates_its_naming(&self) -> bool {
         self.version < 2 && !self.verified && self.supplier.is_some()
     }
 

@@ -268,7 +268,8 @@ impl Inner {
         self.sharing.get()
     }
 
-    fn emit(&self, event: StoreEvent) {
+    /// Tells whoever the store shares its pieces with, if anyone.
+    pub(crate) fn emit(&self, event: StoreEvent) {
         if let Some(sharing) = self.sharing() {
             sharing.emit(event);
         }

@@ -429,8 +429,8 @@ impl Task {
     }
 
     fn emit(&self, event: StoreEvent) {
-        if let Some(sharing) = self.store.upgrade().as_deref().and_then(StoreInner::sharing) {
-            sharing.emit(event);
+        if let Some(store) = self.store.upgrade() {
+            store.emit(event);
         }
     }
 
