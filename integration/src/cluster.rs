@@ -10,8 +10,19 @@ use crate::mirror::{Mirror, MirrorOpts};
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
 
-/// The token secret the test schedulers share, so tests can mint tokens of their own.
+/// The cluster secret the test schedulers and nodes share, so tests can mint tokens and
+/// membership proofs of their own.
 pub const SECRET: &[u8] = b"damselfly-integration-test-secret";
+
+/// A file holding [`SECRET`], as nodes are given it (`secret_file`); one per test process.
+pub fn secret_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let mut f = tempfile::Builder::new().prefix("damselfly-secret-").tempfile().expect("secret file");
+        std::io::Write::write_all(&mut f, SECRET).expect("write the secret");
+        f.into_temp_path()
+    })
+}
 
 pub struct Cluster {
     pub schedulers: Vec<Scheduler>,

@@ -45,12 +45,14 @@ impl MirrorOpts {
         self.ip = ip;
         self.config.schedulers = schedulers.to_vec();
         self.config.host_id = Some(host_id.to_owned());
+        self.config.secret_file = Some(crate::cluster::secret_file().to_owned());
         self
     }
 
     /// Runs a scheduler inside this daemon (on the node's address).
     pub fn with_scheduler(mut self) -> MirrorOpts {
         self.config.scheduler_listen = Some(SocketAddr::new(self.ip, 0));
+        self.config.secret_file = Some(crate::cluster::secret_file().to_owned());
         self
     }
 

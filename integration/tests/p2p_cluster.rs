@@ -119,12 +119,15 @@ async fn upload_servers_refuse_peers_without_a_scheduler_issued_token() {
     let piece = format!("http://{}/pieces/{digest}/0", node.upload_addr.expect("upload server"));
     let key = damselfly_proto::token::upload_key(SECRET, &node_id(0));
     let other_key = damselfly_proto::token::upload_key(b"another cluster's secret", &node_id(0));
-    let expiry = 4_000_000_000;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let expiry = now + 600;
     let cases = [
         (None, 403),
-        (Some("v1.4000000000.6162.00".to_owned()), 403),
+        (Some(format!("v1.{expiry}.6162.00")), 403),
         (Some(damselfly_proto::token::mint(&other_key, &digest, "stranger", expiry)), 403),
         (Some(damselfly_proto::token::mint(&key, &digest, "stranger", 1)), 403),
+        // The lifetime is the parent's to cap, whoever minted the token.
+        (Some(damselfly_proto::token::mint(&key, &digest, "child", now + 30 * 24 * 3600)), 403),
         (Some(damselfly_proto::token::mint(&key, &digest, "child", expiry)), 200),
     ];
     for (token, want) in cases {

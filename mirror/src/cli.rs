@@ -99,6 +99,14 @@ pub struct MirrorArgs {
     /// that fetches the blob [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub share_tokens_with_seeds: Option<bool>,
+    /// File holding the cluster secret shared by every node and scheduler [default: env
+    /// DAMSELFLY_SCHEDULER_SECRET].
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Join a cluster without its secret (a lab on a closed network: its schedulers must run
+    /// --insecure-cluster too).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub insecure_cluster: Option<bool>,
     /// Where other peers fetch pieces from this node [default: 0.0.0.0:65002].
     #[arg(long, value_name = "ADDR")]
     pub upload_listen: Option<SocketAddr>,
@@ -292,6 +300,8 @@ mod tests {
             "--cluster-key",
             "/etc/node.key",
             "--peer-tls",
+            "--secret-file=/s",
+            "--insecure-cluster",
             "--share-tokens-with-seeds",
         ]);
         assert_eq!(m.background_fill, Some(true));
@@ -318,6 +328,7 @@ mod tests {
         assert_eq!(cfg.cluster_ca, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(cfg.cluster_key, Some(PathBuf::from("/etc/node.key")));
         assert!(cfg.peer_tls && cfg.share_tokens_with_seeds);
+        assert_eq!((cfg.secret_file.as_deref(), cfg.insecure_cluster), (Some(std::path::Path::new("/s")), true));
         assert_eq!(cfg.scheduler_listen, Some("127.0.0.2:8002".parse().expect("addr")));
         assert_eq!(cfg.scheduler_seed_name.as_deref(), Some("seed.internal"));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
@@ -455,6 +466,8 @@ mod tests {
             "--cluster-cert=/c",
             "--cluster-key=/k",
             "--peer-tls",
+            "--secret-file=/s",
+            "--insecure-cluster",
             "--share-tokens-with-seeds",
             "--upload-listen=127.0.0.1:4",
             "--advertise-ip=127.0.0.5",

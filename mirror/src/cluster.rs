@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use damselfly_p2p::net::{ClusterTls, NetError, NetMetrics, Node, NodeConfig, SeedSource};
+use damselfly_p2p::net::{ClusterTls, NetError, NetMetrics, Node, NodeConfig, OwnerToken, SeedSource};
 use damselfly_p2p::{Digest, Source, SourceSpec, Store};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -31,6 +31,10 @@ pub enum ClusterError {
     Net(#[from] NetError),
     #[error("scheduler TLS: {0}")]
     Tls(String),
+    #[error("cluster secret: {0}")]
+    Secret(#[from] damselfly_scheduler::SecretError),
+    #[error("owner token file {path}: {source}")]
+    OwnerToken { path: String, source: std::io::Error },
 }
 
 pub struct ClusterParts<'a> {
@@ -38,6 +42,8 @@ pub struct ClusterParts<'a> {
     pub own_scheduler: Option<OwnScheduler>,
     /// The cluster's CA and this node's certificate, read by [`cluster_tls`].
     pub tls: Option<ClusterTls>,
+    /// Read by [`cluster_secret`]; `None` in an insecure cluster.
+    pub secret: Option<Vec<u8>>,
     pub config: &'a MirrorConfig,
     pub store: &'a Store,
     pub app: &'a Arc<App>,
@@ -62,8 +68,11 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         Some(id) => id.clone(),
         None => host_id(&config.data_dir)?,
     };
+    let owner = owner_token(&config.data_dir)?;
     let cfg = NodeConfig {
         schedulers,
+        owner,
+        cluster_secret: parts.secret,
         cluster_tls: parts.tls,
         peer_tls: config.peer_tls,
         share_tokens_with_seeds: config.share_tokens_with_seeds,
@@ -173,6 +182,47 @@ async fn advertise_ip(upload: SocketAddr, scheduler: &str) -> Result<IpAddr, Clu
     let sock = std::net::UdpSocket::bind(bind).map_err(|e| fail(&e))?;
     sock.connect(target).map_err(|e| fail(&e))?;
     Ok(sock.local_addr().map_err(|e| fail(&e))?.ip())
+}
+
+/// The cluster secret (`secret_file`, else the environment), read once at start. A node
+/// without one joins only schedulers that require its certificate, or an insecure cluster.
+pub fn cluster_secret(config: &MirrorConfig) -> Result<Option<Vec<u8>>, ClusterError> {
+    let secret = damselfly_scheduler::load_secret(config.secret_file.as_deref())?;
+    match secret {
+        Some(secret) => Ok(Some(secret)),
+        None if config.insecure_cluster => {
+            tracing::warn!("insecure cluster: this node proves no membership, and only schedulers that take anyone take it");
+            Ok(None)
+        }
+        // Its certificate proves membership to schedulers that require one.
+        None if config.cluster_cert.is_some() => Ok(None),
+        None => Err(damselfly_scheduler::SecretError::Missing.into()),
+    }
+}
+
+/// The owner token kept in the data dir (owner-only), created on first use: what makes this
+/// node's host id its own at the schedulers, across restarts.
+fn owner_token(data_dir: &Path) -> Result<OwnerToken, ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("owner-token");
+    let err = |source| ClusterError::OwnerToken { path: path.display().to_string(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(hex) => {
+            return OwnerToken::parse(&hex)
+                .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not 64 hex digits")))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let token = OwnerToken::new(rand::random());
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+    file.write_all(format!("{}\n", token.to_hex()).as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(token)
 }
 
 /// The host id kept in the data dir, created on first use.

@@ -50,6 +50,13 @@ pub struct MirrorConfig {
     pub cluster_key: Option<PathBuf>,
     /// Pieces between nodes over mutual TLS; schedulers pair only nodes that agree on it.
     pub peer_tls: bool,
+    /// The cluster secret every node and scheduler shares (at least 16 bytes); default: the
+    /// `DAMSELFLY_SCHEDULER_SECRET` environment variable. Nodes prove membership with it.
+    #[serde(with = "paths::option")]
+    pub secret_file: Option<PathBuf>,
+    /// Join schedulers (and run the in-process one) without a cluster secret: a lab on a
+    /// closed network, where anyone who reaches a scheduler is a member.
+    pub insecure_cluster: bool,
     /// Send a client's Bearer token with a download's registration to `https://` schedulers,
     /// which pass it to the seed peer fetching the blob (only when they require client
     /// certificates). For registries whose Bearer tokens are short-lived and scoped to one
@@ -103,6 +110,8 @@ impl Default for MirrorConfig {
             cluster_cert: None,
             cluster_key: None,
             peer_tls: false,
+            secret_file: None,
+            insecure_cluster: false,
             share_tokens_with_seeds: false,
             upload_listen: DEFAULT_UPLOAD_LISTEN,
             advertise_ip: None,

@@ -119,14 +119,20 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         true => crate::cluster::cluster_tls(&config)?,
         false => None,
     };
+    let secret = match config.in_cluster() {
+        true => crate::cluster::cluster_secret(&config)?,
+        false => None,
+    };
     let seed_name = config.scheduler_seed_name.as_deref();
-    let (scheduler, own_scheduler) = start_scheduler(listeners.scheduler, tls.as_ref(), seed_name).await?;
+    let (scheduler, own_scheduler) =
+        start_scheduler(listeners.scheduler, tls.as_ref(), seed_name, secret.clone()).await?;
     let scheduler_addr = scheduler.as_ref().map(|s| s.grpc_addr);
     let node = match listeners.upload {
         Some(upload) => {
             let parts = crate::cluster::ClusterParts {
                 own_scheduler,
                 tls,
+                secret,
                 config: &config,
                 store: &store,
                 app: &app,
@@ -217,10 +223,18 @@ async fn start_scheduler(
     listener: Option<TcpListener>,
     tls: Option<&damselfly_p2p::net::ClusterTls>,
     seed_name: Option<&str>,
+    secret: Option<Vec<u8>>,
 ) -> Result<(Option<damselfly_scheduler::Running>, Option<crate::cluster::OwnScheduler>), DaemonError> {
     let Some(listener) = listener else { return Ok((None, None)) };
-    let mut config = damselfly_scheduler::SchedulerConfig::from_env()?;
-    config.tls = crate::cluster::own_scheduler_tls(tls, seed_name);
+    // The node's own secret: it and the others it serves prove membership with it, or with
+    // their certificates when this scheduler requires them. Without either the node was
+    // started insecure (`cluster_secret` refuses it otherwise), and so is its scheduler.
+    let tls = crate::cluster::own_scheduler_tls(tls, seed_name);
+    let mut config = match secret {
+        Some(secret) => damselfly_scheduler::SchedulerConfig::for_cluster(Some(secret), false)?,
+        None => damselfly_scheduler::SchedulerConfig { insecure: tls.is_none(), ..Default::default() },
+    };
+    config.tls = tls;
     let tls = config.tls.is_some();
     let running = damselfly_scheduler::start(config, listener, None).await?;
     tracing::info!(grpc = %running.grpc_addr, tls, "in-process scheduler started");

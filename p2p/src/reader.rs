@@ -46,6 +46,10 @@ pub enum ReadError {
     /// Passing through: the whole content does not match its digest.
     #[error("content does not match its digest")]
     DigestMismatch,
+    /// The range asked for is not within the task (a caller's length disagrees with the
+    /// task's own).
+    #[error("range {start}..{end} is outside the task's {len} bytes")]
+    OutOfRange { start: u64, end: u64, len: u64 },
 }
 
 impl From<StepError> for ReadError {
@@ -103,16 +107,24 @@ pub fn read(
     delivery: Delivery,
     source: Arc<dyn Source>,
 ) -> impl Stream<Item = Result<Bytes, ReadError>> + Send {
-    let id = task.reader_open(range.start);
-    let full = delivery == Delivery::Whole;
-    let cursor = Cursor { task, id, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 };
-    stream::unfold(Some(cursor), |cursor| async move {
-        let mut c = cursor?;
+    let len = task.len();
+    let start = if range.start <= range.end && range.end <= len {
+        let id = task.reader_open(range.start);
+        let full = delivery == Delivery::Whole;
+        Ok(Cursor { task, id, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 })
+    } else {
+        Err(ReadError::OutOfRange { start: range.start, end: range.end, len })
+    };
+    stream::unfold(Some(start), |state| async move {
+        let mut c = match state? {
+            Ok(c) => c,
+            Err(e) => return Some((Err(e), None)),
+        };
         if c.pos >= c.end {
             return None;
         }
         match c.next_frame().await {
-            Ok(bytes) => Some((Ok(bytes), Some(c))),
+            Ok(bytes) => Some((Ok(bytes), Some(Ok(c)))),
             Err(e) => Some((Err(e), None)),
         }
     })

@@ -29,6 +29,10 @@ pub enum StoreError {
     /// Not an error for the client: the content is streamed without caching.
     #[error("no room in the cache for {0} bytes")]
     NoSpace(u64),
+    /// The digest is cached as content of another media type (a blob asked for as a manifest,
+    /// say). The cached task is left alone: a request must not change what others are served.
+    #[error("the digest is cached with another media type")]
+    OtherType,
 }
 
 #[derive(Clone, Debug)]
@@ -163,8 +167,14 @@ impl Store {
 
     /// The task for `digest`, creating an empty one of `len` bytes if needed (evicting
     /// least-recently-used tasks to stay under the quota). `NoSpace` means: stream it through.
+    /// A verified task is returned whatever `len` says: read it by its own length. With a
+    /// `media_type`, a task cached with another one (or with none, a blob) is `OtherType`.
     pub fn get_or_create(&self, digest: &Digest, len: u64, media_type: Option<&str>) -> Result<TaskRef, StoreError> {
+        let other_type = |task: &TaskRef| media_type.is_some() && task.media_type().as_deref() != media_type;
         if let Some(task) = self.get(digest)? {
+            if other_type(&task) {
+                return Err(StoreError::OtherType);
+            }
             if task.len() == len {
                 return Ok(task);
             }
@@ -178,7 +188,8 @@ impl Store {
         let mut index = self.inner.index();
         if let Some(entry) = index.lru.get(digest) {
             if let Some(task) = &entry.task {
-                return Ok(TaskRef::pin(task.clone()));
+                let task = TaskRef::pin(task.clone());
+                return if other_type(&task) { Err(StoreError::OtherType) } else { Ok(task) };
             }
         }
         self.inner.make_room(&mut index, len)?;

@@ -1,8 +1,9 @@
 //! What a node and a scheduler must agree on, and nothing else: the gRPC protocol
-//! (`scheduler.proto`, as [`v1`]), the upload tokens a scheduler mints and a parent checks
+//! (`scheduler.proto`, as [`v1`]), how a node proves it belongs to the cluster ([`member`]), the upload tokens a scheduler mints and a parent checks
 //! ([`token`]), and the content digest that names every task ([`digest`]).
 
 pub mod digest;
+pub mod member;
 pub mod token;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};

@@ -22,7 +22,13 @@ pub enum TokenError {
     Expired,
     #[error("upload token not valid for this host and task")]
     BadSignature,
+    #[error("upload token lives longer than {MAX_TOKEN_LIFETIME} s")]
+    TooLong,
 }
+
+/// The longest a token may have left to live: a parent refuses one that runs out later, so a
+/// token, once seen, is worth an hour at most whoever minted it.
+pub const MAX_TOKEN_LIFETIME: u64 = 3600;
 
 /// The key host `host_id` checks tokens with.
 pub fn upload_key(secret: &[u8], host_id: &str) -> [u8; KEY_LEN] {
@@ -100,6 +106,9 @@ pub fn verify(keys: &[[u8; KEY_LEN]], token: &str, digest: &str, now: u64) -> Re
     if expiry < now {
         return Err(TokenError::Expired);
     }
+    if expiry - now > MAX_TOKEN_LIFETIME {
+        return Err(TokenError::TooLong);
+    }
     let expiry = expiry.to_string();
     let message: [&[u8]; 5] = [digest.as_bytes(), b"|", child.as_bytes(), b"|", expiry.as_bytes()];
     let ok = keys.iter().any(|key| {
@@ -132,7 +141,7 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn push_hex(s: &mut String, bytes: &[u8]) {
+pub(crate) fn push_hex(s: &mut String, bytes: &[u8]) {
     // A table, not `write!`: tokens are minted for every parent of every decision.
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for &b in bytes {
@@ -141,7 +150,7 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     }
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || s.len() > 1024 {
         return None;
     }
@@ -171,7 +180,7 @@ mod tests {
         let m = Minter::new(&k);
         for (child, expiry) in [("c", 1), ("other child", 99_999_999_999)] {
             assert_eq!(m.mint(D, child, expiry), mint(&k, D, child, expiry));
-            assert_eq!(verify(&[k], &m.mint(D, child, expiry), D, 0), Ok(child.to_owned()));
+            assert_eq!(verify(&[k], &m.mint(D, child, expiry), D, expiry), Ok(child.to_owned()));
         }
     }
 
@@ -179,6 +188,8 @@ mod tests {
     fn expired_and_malformed_tokens_are_refused() {
         let k = upload_key(b"secret", "p");
         assert_eq!(verify(&[k], &mint(&k, D, "c", 10), D, 11), Err(TokenError::Expired));
+        let far = mint(&k, D, "c", 10 + MAX_TOKEN_LIFETIME + 1);
+        assert_eq!(verify(&[k], &far, D, 10), Err(TokenError::TooLong));
         for bad in ["", "v1", "v2.1.63.00", "v1.x.63.00", "v1.99.6.00", "v1.99.63.0g", "v1.99.63.00.1"] {
             assert_eq!(verify(&[k], bad, D, 0), Err(TokenError::Malformed), "{bad}");
         }

@@ -22,10 +22,15 @@ pub struct SchedulerArgs {
     /// HTTP address of /healthy and /metrics.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
-    /// File holding the secret upload tokens are derived from. Schedulers of one cluster
-    /// should share it (or DAMSELFLY_SCHEDULER_SECRET) [default: random per start].
+    /// File holding the cluster secret (or DAMSELFLY_SCHEDULER_SECRET): nodes prove they
+    /// belong to the cluster with it, and upload tokens derive from it. Every node and
+    /// scheduler of the cluster shares it.
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Run without a cluster secret: anyone who reaches the gRPC port is taken as a member
+    /// (a lab on a closed network only).
+    #[arg(long)]
+    pub insecure_cluster: bool,
     /// Peers of one task that may fetch from the origin at once.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub origin_limit: usize,
@@ -94,10 +99,12 @@ impl SchedulerArgs {
     }
 
     fn to_config_with(&self, env_secret: Option<Vec<u8>>) -> Result<SchedulerConfig, SchedulerArgsError> {
-        let mut cfg = SchedulerConfig::default();
-        if let Some(secret) = secret_from(self.secret_file.as_deref(), env_secret)? {
-            cfg.secret = secret;
-        }
+        let secret = secret_from(self.secret_file.as_deref(), env_secret)?;
+        let mut cfg = match (secret, self.insecure_cluster, self.tls_client_ca.is_some()) {
+            // Members prove themselves by certificate; upload keys come from a random secret.
+            (None, false, true) => SchedulerConfig::default(),
+            (secret, insecure, _) => SchedulerConfig::for_cluster(secret, insecure)?,
+        };
         for (name, v) in [("origin-limit", self.origin_limit), ("max-parents", self.max_parents)] {
             if v == 0 {
                 return Err(SchedulerArgsError::Zero(name));
@@ -144,10 +151,19 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_documented_ports() {
-        let a = args(&[]);
+        let a = args(&["--insecure-cluster"]);
         assert_eq!((a.listen.port(), a.http_listen.port()), (8002, 8080));
         let cfg = a.to_config_with(None).expect("config");
         assert_eq!((cfg.origin_limit, cfg.max_parents, cfg.idc_only), (1, 4, false));
+    }
+
+    #[test]
+    fn a_scheduler_without_a_secret_refuses_to_start_unless_insecure() {
+        let err = args(&[]).to_config_with(None).expect_err("no secret");
+        assert!(err.to_string().contains("--insecure-cluster"), "{err}");
+        assert!(args(&["--insecure-cluster"]).to_config_with(None).expect("lab").insecure);
+        let secured = args(&[]).to_config_with(Some(b"0123456789abcdef".to_vec())).expect("secret");
+        assert!(!secured.insecure);
     }
 
     #[test]
@@ -162,7 +178,7 @@ mod tests {
         let env = args(&[]).to_config_with(Some(b"from-the-environment".to_vec())).expect("config");
         assert_eq!(env.secret, b"from-the-environment");
         assert!(args(&[]).to_config_with(Some(b"short".to_vec())).is_err());
-        assert!(args(&["--max-parents", "0"]).to_config_with(None).is_err());
+        assert!(args(&["--max-parents", "0", "--insecure-cluster"]).to_config_with(None).is_err());
     }
 
     #[test]
@@ -180,12 +196,13 @@ mod tests {
         std::fs::write(&cert, "cert").expect("write");
         std::fs::write(&key, "key").expect("write");
         let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
-        let tls = args(&["--tls-cert", c, "--tls-key", k]).to_config_with(None).expect("config").tls.expect("tls");
+        let lab = Some(b"0123456789abcdef".to_vec());
+        let tls = args(&["--tls-cert", c, "--tls-key", k]).to_config_with(lab.clone()).expect("config").tls.expect("tls");
         assert_eq!((tls.cert.as_slice(), tls.key.as_slice(), tls.client_ca), (&b"cert"[..], &b"key"[..], None));
         let seeds = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", c, "--tls-seed-name", "seed.internal"]);
-        let tls = seeds.to_config_with(None).expect("config").tls.expect("tls");
+        let tls = seeds.to_config_with(lab.clone()).expect("config").tls.expect("tls");
         assert_eq!(tls.seed_name.as_deref(), Some("seed.internal"));
         let missing = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", "/nonexistent/ca.pem"]);
-        assert!(missing.to_config_with(None).is_err());
+        assert!(missing.to_config_with(lab).is_err());
     }
 }

@@ -12,27 +12,30 @@ pub const SECRET_ENV: &str = "DAMSELFLY_SCHEDULER_SECRET";
 pub enum SecretError {
     #[error("cannot read the secret file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("the token secret must be at least 16 bytes")]
+    #[error("the cluster secret must be at least 16 bytes")]
     Short,
+    #[error("the cluster secret is the example's placeholder; generate one (openssl rand -hex 32)")]
+    Placeholder,
+    #[error("no cluster secret: give one with --secret-file or {SECRET_ENV} (every node and scheduler of the cluster shares it), or run a lab cluster open to anyone who reaches it with --insecure-cluster")]
+    Missing,
 }
 
-impl SchedulerConfig {
-    /// The defaults, with the token secret from the environment (`SECRET_ENV`) if it is set:
-    /// what a scheduler a node daemon runs in-process starts with.
-    pub fn from_env() -> Result<SchedulerConfig, SecretError> {
-        let mut cfg = SchedulerConfig::default();
-        if let Some(secret) = secret_from(None, env_secret())? {
-            cfg.secret = secret;
-        }
-        Ok(cfg)
-    }
+/// Example secrets that ship in `deploy/`: a cluster running on one is open to anyone who has
+/// read the example.
+const PLACEHOLDERS: &[&str] = &["replace-me"];
+
+/// The cluster secret in `file`, else in the environment (`SECRET_ENV`); `None` if neither
+/// names one.
+pub fn load_secret(file: Option<&Path>) -> Result<Option<Vec<u8>>, SecretError> {
+    secret_from(file, env_secret())
 }
 
 pub(crate) fn env_secret() -> Option<Vec<u8>> {
     std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes())
 }
 
-/// The secret in `file`, else `env`; trimmed, and refused when shorter than 16 bytes.
+/// The secret in `file`, else `env`; trimmed, and refused when shorter than 16 bytes or a
+/// placeholder.
 pub(crate) fn secret_from(file: Option<&Path>, env: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, SecretError> {
     let secret = match file {
         Some(path) => Some(std::fs::read(path).map_err(|source| SecretError::Read { path: path.to_owned(), source })?),
@@ -40,16 +43,36 @@ pub(crate) fn secret_from(file: Option<&Path>, env: Option<Vec<u8>>) -> Result<O
     };
     let Some(secret) = secret else { return Ok(None) };
     let trimmed = secret.trim_ascii().to_vec();
+    if PLACEHOLDERS.iter().any(|p| trimmed.starts_with(p.as_bytes())) {
+        return Err(SecretError::Placeholder);
+    }
     if trimmed.len() < 16 {
         return Err(SecretError::Short);
     }
     Ok(Some(trimmed))
 }
 
+impl SchedulerConfig {
+    /// The defaults for a cluster with `secret`; without one only an `insecure` cluster (which
+    /// takes calls from anyone who reaches it) may start.
+    pub fn for_cluster(secret: Option<Vec<u8>>, insecure: bool) -> Result<SchedulerConfig, SecretError> {
+        let mut cfg = SchedulerConfig { insecure, ..SchedulerConfig::default() };
+        match secret {
+            Some(secret) => cfg.secret = secret,
+            None if insecure => {}
+            None => return Err(SecretError::Missing),
+        }
+        Ok(cfg)
+    }
+}
+
 #[derive(Clone)]
 pub struct SchedulerConfig {
-    /// HMAC secret upload tokens derive from; schedulers that share it accept each other's tokens.
+    /// The cluster secret: nodes prove membership with it, and upload tokens derive from it
+    /// (schedulers that share it accept each other's tokens).
     pub secret: Vec<u8>,
+    /// Take calls without a membership proof (a lab): anyone who reaches the port is a member.
+    pub insecure: bool,
     /// Peers of one task allowed to fetch from the origin at once (K).
     pub origin_limit: usize,
     /// Parents per `Parents` message.
@@ -86,6 +109,7 @@ impl Default for SchedulerConfig {
         rand::thread_rng().fill_bytes(&mut secret);
         SchedulerConfig {
             secret,
+            insecure: false,
             origin_limit: 1,
             max_parents: 4,
             idc_only: false,
@@ -101,6 +125,7 @@ impl std::fmt::Debug for SchedulerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SchedulerConfig")
             .field("secret", &"<redacted>")
+            .field("insecure", &self.insecure)
             .field("origin_limit", &self.origin_limit)
             .field("max_parents", &self.max_parents)
             .field("idc_only", &self.idc_only)
@@ -123,5 +148,16 @@ mod tests {
         assert_ne!(a.secret, b.secret);
         assert!(!format!("{a:?}").contains(&format!("{:?}", a.secret)));
         assert_eq!((a.origin_limit, a.max_parents, a.announce_interval.as_secs()), (1, 4, 30));
+    }
+
+    #[test]
+    fn a_cluster_needs_a_real_secret_unless_it_is_insecure() {
+        assert!(matches!(SchedulerConfig::for_cluster(None, false), Err(SecretError::Missing)));
+        let lab = SchedulerConfig::for_cluster(None, true).expect("insecure");
+        assert!(lab.insecure);
+        let cfg = SchedulerConfig::for_cluster(Some(b"0123456789abcdef".to_vec()), false).expect("secret");
+        assert_eq!((cfg.secret.as_slice(), cfg.insecure), (&b"0123456789abcdef"[..], false));
+        let example = b"replace-me-with-openssl-rand-hex-32".to_vec();
+        assert!(matches!(secret_from(None, Some(example)), Err(SecretError::Placeholder)));
     }
 }

@@ -197,7 +197,8 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
     task.unlink_parents(hosts, ci);
     let child = task.peers[ci].host.clone();
     let count = task.piece_count();
-    let grant = Grant::new(&child, unix_now().saturating_add(env.cfg.token_ttl.as_secs()));
+    let ttl = env.cfg.token_ttl.as_secs().min(crate::token::MAX_TOKEN_LIFETIME);
+    let grant = Grant::new(&child, unix_now().saturating_add(ttl));
     let mut parents = Vec::with_capacity(chosen.len());
     for &pi in chosen {
         let peer = &task.peers[pi];

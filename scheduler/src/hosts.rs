@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use damselfly_proto::member::Owner;
 use tokio::sync::mpsc;
 
 use crate::proto::SeedTask;
@@ -42,6 +43,9 @@ pub(crate) struct Host {
     pub corrupt: Vec<(Id, Instant)>,
     /// Tasks this host has a peer in, so leaving costs its own peers and not a scan.
     pub tasks: Set<Id>,
+    /// The node that announced this id first (see `damselfly_proto::member`); `None` for a
+    /// host announced without an owner token, which anyone may act for.
+    pub owner: Option<Owner>,
 }
 
 impl Host {
@@ -65,6 +69,7 @@ impl Host {
             corrupt: Vec::new(),
             blocked_until: None,
             tasks: Set::default(),
+            owner: None,
         }
     }
 
@@ -72,6 +77,11 @@ impl Host {
         self.streams > 0
             || self.seed_stream.is_some()
             || now.saturating_duration_since(self.last_seen) < announce_interval.saturating_mul(3)
+    }
+
+    /// Whether a caller with `owner` may act for this host.
+    pub fn owned_by(&self, owner: Option<&Owner>) -> bool {
+        self.owner.is_none() || self.owner.as_ref() == owner
     }
 
     pub fn blocked(&self, now: Instant) -> bool {

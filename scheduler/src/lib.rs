@@ -28,7 +28,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use config::{SchedulerConfig, SecretError, ServerTls, SECRET_ENV};
+pub use config::{load_secret, SchedulerConfig, SecretError, ServerTls, SECRET_ENV};
 pub use download::DownloadHandle;
 pub use error::SchedulerError;
 pub use metrics::{DecisionKind, Metrics};

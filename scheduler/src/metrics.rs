@@ -50,6 +50,11 @@ struct CallLabel {
     call: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     hosts: Gauge,
@@ -59,6 +64,7 @@ pub struct Metrics {
     decisions: Family<KindLabel, Counter>,
     decision_seconds: Histogram,
     seed_refusals: Family<CallLabel, Counter>,
+    member_refusals: Family<ReasonLabel, Counter>,
     streams: Family<StreamLabel, Gauge>,
 }
 
@@ -83,6 +89,7 @@ impl Metrics {
         let (hosts, tasks, peers, seeds) = (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let decisions = Family::<KindLabel, Counter>::default();
         let seed_refusals = Family::<CallLabel, Counter>::default();
+        let member_refusals = Family::<ReasonLabel, Counter>::default();
         let streams = Family::<StreamLabel, Gauge>::default();
         let decision_seconds = Histogram::new(BUCKETS);
         registry.register("damselfly_scheduler_hosts", "Hosts the scheduler knows", hosts.clone());
@@ -93,6 +100,11 @@ impl Metrics {
             "damselfly_scheduler_seed_refusals",
             "Calls refused the seed role or acting for a seed, for want of a seed certificate, by call",
             seed_refusals.clone(),
+        );
+        registry.register(
+            "damselfly_scheduler_member_refusals",
+            "Calls refused for want of a valid membership proof, or acting for a host another node owns, by reason",
+            member_refusals.clone(),
         );
         registry.register("damselfly_scheduler_decisions", "Decisions sent to downloads, by kind", decisions.clone());
         registry.register(
@@ -106,7 +118,18 @@ impl Metrics {
             Unit::Seconds,
             decision_seconds.clone(),
         );
-        Metrics { registry, hosts, tasks, peers, seeds, decisions, decision_seconds, seed_refusals, streams }
+        Metrics {
+            registry,
+            hosts,
+            tasks,
+            peers,
+            seeds,
+            decisions,
+            decision_seconds,
+            seed_refusals,
+            member_refusals,
+            streams,
+        }
     }
 
     /// The registry in the OpenMetrics text format.
@@ -147,6 +170,11 @@ impl Metrics {
         self.seed_refusals.get_or_create(&CallLabel { call }).inc();
     }
 
+    /// `reason`: `missing`, `malformed`, `stale`, `bad_proof`, `other_host` or `not_owner`.
+    pub(crate) fn member_refused(&self, reason: &'static str) {
+        self.member_refusals.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
     /// Decisions of one kind so far (for tests and benchmarks).
     pub fn decisions(&self, kind: DecisionKind) -> u64 {
         self.decisions.get_or_create(&KindLabel { kind: kind.label() }).get()
@@ -162,6 +190,7 @@ mod tests {
         let m = Metrics::new();
         m.sizes(3, 2, 1, 1);
         m.seed_refused("announce_host");
+        m.member_refused("bad_proof");
         m.decision(DecisionKind::Seed, Duration::from_micros(15));
         let (_open, closed) = (m.stream_open("session"), m.stream_open("session"));
         drop(closed);
@@ -172,6 +201,7 @@ mod tests {
             "damselfly_scheduler_peers 1",
             "damselfly_scheduler_seeds 1",
             "damselfly_scheduler_seed_refusals_total{call=\"announce_host\"} 1",
+            "damselfly_scheduler_member_refusals_total{reason=\"bad_proof\"} 1",
             "damselfly_scheduler_decisions_total{kind=\"seed\"} 1",
             "damselfly_scheduler_streams{kind=\"session\"} 1",
             "damselfly_scheduler_decision_duration_seconds_bucket{le=\"0.1\"} 1",

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use damselfly_proto::member::Owner;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -79,10 +80,21 @@ impl Scheduler {
         r
     }
 
-    /// Adds or refreshes a host and the complete tasks it holds.
+    /// Adds or refreshes a host and the complete tasks it holds, for a caller without an
+    /// owner token (in-process callers, tests).
     pub fn announce_host(
         &self,
         req: proto::AnnounceHostRequest,
+    ) -> Result<proto::AnnounceHostResponse, SchedulerError> {
+        self.announce_host_by(req, None)
+    }
+
+    /// Adds or refreshes a host for the node with `owner`: the first to announce an id owns
+    /// it, and another owner is refused while the host is known.
+    pub fn announce_host_by(
+        &self,
+        req: proto::AnnounceHostRequest,
+        owner: Option<Owner>,
     ) -> Result<proto::AnnounceHostResponse, SchedulerError> {
         let host = req.host.ok_or_else(|| SchedulerError::invalid("host missing"))?;
         check_id("host id", &host.id)?;
@@ -95,16 +107,29 @@ impl Scheduler {
         let tasks = req.tasks.iter().map(parse_task).collect::<Result<Vec<_>, _>>()?;
         let key = token::upload_key(&self.inner.config.secret, &host.id);
         self.with(|st, env| {
+            if st.hosts.get(&host.id).is_some_and(|h| !h.owned_by(owner.as_ref())) {
+                return Err(SchedulerError::NotOwner(host.id.clone()));
+            }
             let (id, hix) = upsert_host(st, env, host, &key);
+            if let Some(h) = st.hosts.at_mut(hix) {
+                h.owner = h.owner.or(owner);
+            }
             for (info, shas) in tasks {
                 st.announce_task(env, &id, hix, info, &shas);
             }
-        });
+            Ok(())
+        })?;
         let secs = self.inner.config.announce_interval.as_secs();
         Ok(proto::AnnounceHostResponse {
             upload_key: key.to_vec(),
             announce_interval_secs: u32::try_from(secs).unwrap_or(u32::MAX).max(1),
         })
+    }
+
+    /// Whether a caller with `owner` may act for `host_id`: the host is unknown, unowned, or
+    /// its own.
+    pub fn may_act_for(&self, host_id: &str, owner: Option<&Owner>) -> bool {
+        self.lock().hosts.get(host_id).is_none_or(|h| h.owned_by(owner))
     }
 
     /// Whether `host_id` names a host that announced itself a seed.

@@ -40,6 +40,9 @@ pub async fn start(
     http: Option<TcpListener>,
 ) -> Result<Running, SchedulerError> {
     let seed_name = seed_name(&config)?;
+    if config.insecure {
+        tracing::warn!("insecure cluster: calls are taken without a membership proof, from anyone who reaches the gRPC port");
+    }
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let scheduler = Scheduler::new(config.clone());

@@ -1,13 +1,16 @@
-//! The gRPC service: a thin adapter from tonic to [`Scheduler`].
+//! The gRPC service: a thin adapter from tonic to [`Scheduler`], and the edge where callers
+//! are checked: membership (`damselfly_proto::member`), host ownership and the seed role.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use damselfly_proto::member::{JoinKey, MemberError, Owner, OwnerToken, HOST_HEADER, OWNER_HEADER, PROOF_HEADER};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::download::DownloadHandle;
+use crate::error::SchedulerError;
 use crate::identity::SeedName;
 use crate::metrics::OpenStream;
 use crate::proto::download_request::Kind as Req;
@@ -24,16 +27,64 @@ pub struct SchedulerService {
     core: Scheduler,
     /// Set: only hosts whose client certificate is valid for this name may be seeds.
     seed_name: Option<SeedName>,
+    /// Checks membership proofs; `None` in an insecure cluster.
+    join: Option<JoinKey>,
+    /// Client certificates are required and verified against the cluster's CA: one proves
+    /// membership as well as a proof does.
+    mutual_tls: bool,
+}
+
+/// Who makes a call, as far as it proved it.
+struct Caller {
+    /// Its client certificate names a seed (or no seed name is configured).
+    may_seed: bool,
+    /// The host id it says it is: the one its membership proof is for when `proven`.
+    host: Option<String>,
+    /// Its membership rests on a proof for `host` (not on a certificate, which names no host
+    /// id, nor on an insecure cluster's trust).
+    proven: bool,
+    owner: Option<Owner>,
 }
 
 impl SchedulerService {
     pub fn new(core: Scheduler) -> Self {
-        SchedulerService { core, seed_name: None }
+        let join = (!core.config().insecure).then(|| JoinKey::new(&core.config().secret));
+        let mutual_tls = core.config().tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        SchedulerService { core, seed_name: None, join, mutual_tls }
     }
 
     /// The service ready to add to a tonic router.
     pub(crate) fn server(core: Scheduler, seed_name: Option<SeedName>) -> SchedulerServer<SchedulerService> {
-        SchedulerServer::new(SchedulerService { core, seed_name }).max_decoding_message_size(MAX_MESSAGE)
+        let service = SchedulerService { seed_name, ..SchedulerService::new(core) };
+        SchedulerServer::new(service).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// The caller of `req`, refused unless it proves membership: by a client certificate of
+    /// the cluster's CA, or by a proof made with the cluster secret.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let md = req.metadata();
+        let text = |name: &str| md.get(name).and_then(|v| v.to_str().ok());
+        let host = text(HOST_HEADER).map(str::to_owned);
+        let token = text(OWNER_HEADER).and_then(OwnerToken::parse);
+        // The handshake verified it against the client CA already.
+        let certified = self.mutual_tls && req.peer_certs().is_some_and(|c| !c.is_empty());
+        if let Some(join) = self.join.as_ref().filter(|_| !certified) {
+            let proven = match (&host, &token, text(PROOF_HEADER)) {
+                (Some(host), Some(token), Some(proof)) => join.verify(host, token, proof, unix_now()),
+                _ => Err(MemberError::Missing),
+            };
+            if let Err(e) = proven {
+                self.core.metrics().member_refused(match e {
+                    MemberError::Missing => "missing",
+                    MemberError::Malformed => "malformed",
+                    MemberError::Stale => "stale",
+                    MemberError::BadProof => "bad_proof",
+                });
+                return Err(Status::unauthenticated(e.to_string()));
+            }
+        }
+        let proven = self.join.is_some() && !certified;
+        Ok(Caller { may_seed: self.may_seed(req), host, proven, owner: token.map(|t| t.owner()) })
     }
 
     fn may_seed<T>(&self, req: &Request<T>) -> bool {
@@ -49,17 +100,31 @@ impl SchedulerService {
         Status::permission_denied(format!("{what} a client certificate valid for {name}"))
     }
 
-    /// Refuses a call made for seed host `host_id` over a connection without a seed certificate.
-    /// Host ids are not in certificates, so otherwise any node of the cluster could announce a
-    /// seed's id as an ordinary host (ending its seed stream), make it leave, or take over its
-    /// downloads. A seed that announces between this check and the call is demoted once, until
-    /// its next announcement.
-    fn act_for(&self, may_seed: bool, host_id: &str, call: &'static str) -> Result<(), Status> {
-        if may_seed || !self.core.is_seed(host_id) {
+    /// Refuses a call made for host `host_id` by a caller that is not that host: its proof is
+    /// for another id, another node owns the id, or the id is a seed's and the connection has
+    /// no seed certificate. Host ids are not in certificates, so otherwise any node of the
+    /// cluster could announce a seed's id as an ordinary host (ending its seed stream), make
+    /// it leave, or take over its downloads. A seed that announces between this check and the
+    /// call is demoted once, until its next announcement.
+    fn act_for(&self, caller: &Caller, host_id: &str, call: &'static str) -> Result<(), Status> {
+        if self.join.is_some() && caller.proven && caller.host.as_deref() != Some(host_id) {
+            self.core.metrics().member_refused("other_host");
+            let proven = caller.host.as_deref().unwrap_or_default();
+            return Err(Status::permission_denied(format!("the membership proof is for {proven}, not {host_id}")));
+        }
+        if !self.core.may_act_for(host_id, caller.owner.as_ref()) {
+            self.core.metrics().member_refused("not_owner");
+            return Err(SchedulerError::NotOwner(host_id.to_owned()).into());
+        }
+        if caller.may_seed || !self.core.is_seed(host_id) {
             return Ok(());
         }
         Err(self.refuse(call, &format!("{host_id} is a seed: acting for it needs")))
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -70,18 +135,22 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<proto::AnnounceHostRequest>,
     ) -> Result<Response<proto::AnnounceHostResponse>, Status> {
-        let may_seed = self.may_seed(&req);
+        let caller = self.caller(&req)?;
         let mut announce = req.into_inner();
         if let Some(host) = announce.host.as_mut() {
-            self.act_for(may_seed, &host.id, "announce_host")?;
-            if host.seed && !may_seed {
+            self.act_for(&caller, &host.id, "announce_host")?;
+            if host.seed && !caller.may_seed {
                 // Still a host like any other: its own pulls go on through the cluster.
                 tracing::warn!(host = %host.id, seed_name = ?self.seed_name, "a host without a seed certificate announced itself a seed; taken as an ordinary host");
                 self.core.metrics().seed_refused("announce_host");
                 host.seed = false;
             }
         }
-        Ok(Response::new(self.core.announce_host(announce)?))
+        let announced = self.core.announce_host_by(announce, caller.owner);
+        if let Err(SchedulerError::NotOwner(_)) = &announced {
+            self.core.metrics().member_refused("not_owner");
+        }
+        Ok(Response::new(announced?))
     }
 
     type DownloadStream = BoxStream<DownloadResponse>;
@@ -90,13 +159,13 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<Streaming<DownloadRequest>>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        let may_seed = self.may_seed(&req);
+        let caller = self.caller(&req)?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty download stream"))?;
         let Some(Req::Register(reg)) = first.kind else {
             return Err(Status::invalid_argument("the first message must be Register"));
         };
-        self.act_for(may_seed, &reg.host_id, "download")?;
+        self.act_for(&caller, &reg.host_id, "download")?;
         let (handle, rx) = self.core.download(reg)?;
         let _open = self.core.metrics().stream_open("download");
         Ok(Response::new(Box::pin(DownloadStream {
@@ -114,9 +183,9 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::DownloadsStream>, Status> {
-        let may_seed = self.may_seed(&req);
+        let caller = self.caller(&req)?;
         let me = self.clone();
-        let act_for: ActFor = Box::new(move |host_id: &str| me.act_for(may_seed, host_id, "download"));
+        let act_for: ActFor = Box::new(move |host_id: &str| me.act_for(&caller, host_id, "download"));
         Ok(Response::new(Box::pin(SessionStream::new(self.core.clone(), act_for, req.into_inner()))))
     }
 
@@ -124,17 +193,18 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<proto::StatTaskRequest>,
     ) -> Result<Response<proto::StatTaskResponse>, Status> {
+        self.caller(&req)?;
         Ok(Response::new(self.core.stat_task(req.get_ref())?))
     }
 
     async fn withdraw_task(&self, req: Request<proto::WithdrawTaskRequest>) -> Result<Response<proto::Empty>, Status> {
-        self.act_for(self.may_seed(&req), &req.get_ref().host_id, "withdraw_task")?;
+        self.act_for(&self.caller(&req)?, &req.get_ref().host_id, "withdraw_task")?;
         self.core.withdraw_task(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
 
     async fn leave_host(&self, req: Request<proto::LeaveHostRequest>) -> Result<Response<proto::Empty>, Status> {
-        self.act_for(self.may_seed(&req), &req.get_ref().host_id, "leave_host")?;
+        self.act_for(&self.caller(&req)?, &req.get_ref().host_id, "leave_host")?;
         self.core.leave_host(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
@@ -142,7 +212,8 @@ impl scheduler_server::Scheduler for SchedulerService {
     async fn delete_task(&self, req: Request<proto::DeleteTaskRequest>) -> Result<Response<proto::Empty>, Status> {
         // Forgetting a task for every node (its pinned digests, its holders) is not one node's
         // to decide: with a seed name, only a certificate valid for it may.
-        if self.seed_name.is_some() && !self.may_seed(&req) {
+        let caller = self.caller(&req)?;
+        if self.seed_name.is_some() && !caller.may_seed {
             return Err(self.refuse("delete_task", "deleting a task for the whole cluster needs"));
         }
         self.core.delete_task(req.get_ref())?;
@@ -155,9 +226,11 @@ impl scheduler_server::Scheduler for SchedulerService {
         &self,
         req: Request<proto::SeedTasksRequest>,
     ) -> Result<Response<Self::SeedTasksStream>, Status> {
-        if !self.may_seed(&req) {
+        let caller = self.caller(&req)?;
+        if !caller.may_seed {
             return Err(self.refuse("seed_tasks", "a seed needs"));
         }
+        self.act_for(&caller, &req.get_ref().host_id, "seed_tasks")?;
         let sub = self.core.seed_tasks(req.get_ref())?;
         Ok(Response::new(Box::pin(sub.map(Ok))))
     }

@@ -22,10 +22,11 @@ const D: &str = "sha256:00000000000000000000000000000000000000000000000000000000
 const SECRET: &[u8] = b"grpc test secret";
 const WAIT: Duration = Duration::from_secs(5);
 
+/// Membership is checked in `src/tests/members.rs`: these clients prove none.
 async fn serve() -> Running {
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = SchedulerConfig { secret: SECRET.to_vec(), ..Default::default() };
+    let config = SchedulerConfig { secret: SECRET.to_vec(), insecure: true, ..Default::default() };
     start(config, grpc, Some(http)).await.expect("start")
 }
 
@@ -84,7 +85,8 @@ async fn two_hosts_exchange_pieces_over_download_streams() {
     let Kind::Parents(p) = next(&mut b).await else { panic!("parents expected") };
     assert_eq!((p.length, p.piece_size, p.parents.len()), (8 << 20, 4 << 20, 1));
     let key: [u8; 32] = key.upload_key.try_into().expect("key length");
-    assert_eq!(token::verify(&[key], &p.parents[0].token, D, 0), Ok("b".to_owned()));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    assert_eq!(token::verify(&[key], &p.parents[0].token, D, now), Ok("b".to_owned()));
 
     let sha = "ab".repeat(32);
     let piece = proto::PieceFinished { number: 1, parent_id: String::new(), sha256: sha.clone(), cost_micros: 10 };
@@ -182,7 +184,7 @@ async fn a_scheduler_with_a_broken_certificate_does_not_start() {
         client_ca: None,
         seed_name: None,
     };
-    let config = SchedulerConfig { tls: Some(tls), ..Default::default() };
+    let config = SchedulerConfig { tls: Some(tls), insecure: true, ..Default::default() };
     assert!(start(config, grpc, None).await.is_err());
 }
 
@@ -202,7 +204,7 @@ async fn a_seed_name_without_client_certificates_or_that_is_no_name_does_not_sta
         [(tls(None, "seed.internal"), false), (tls(ca.clone(), "not a name"), false), (tls(ca, "seed.internal"), true)]
     {
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let config = SchedulerConfig { tls: Some(tls), ..Default::default() };
+        let config = SchedulerConfig { tls: Some(tls), insecure: true, ..Default::default() };
         match start(config, grpc, None).await {
             Ok(running) => {
                 assert!(starts, "started");

@@ -20,7 +20,8 @@ const WAIT: Duration = Duration::from_secs(5);
 
 async fn serve() -> Running {
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = SchedulerConfig { secret: b"session test secret".to_vec(), ..Default::default() };
+    // Membership is checked in `src/tests/members.rs`: these clients prove none.
+    let config = SchedulerConfig { secret: b"session test secret".to_vec(), insecure: true, ..Default::default() };
     start(config, grpc, None).await.expect("start")
 }
 

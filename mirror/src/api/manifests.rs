@@ -129,7 +129,9 @@ async fn through_cluster(
     }
     let media_type = media_type(&f.headers).filter(|t| MANIFEST_TYPES.contains(&t.as_str()))?;
     let len = content_length(&f.headers).filter(|&l| l > 0 && l <= MAX_MANIFEST as u64)?;
-    let task = app.store.get_or_create(digest, len, Some(&media_type)).ok()?;
+    // A task of this digest cached as a blob, or with another length, is left alone: the
+    // direct path serves this request without touching what others are served.
+    let task = app.store.get_or_create(digest, len, Some(&media_type)).ok().filter(|t| t.len() == len)?;
     let target = req.repo.target(digest.clone());
     remember(app, &target, &task, f.credential);
     let source = Arc::new(super::source::UpstreamSource::manifest(app.clone(), target, req.accept.clone()));

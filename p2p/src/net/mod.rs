@@ -9,6 +9,7 @@
 
 mod download;
 mod limit;
+mod member;
 mod mux;
 mod peer;
 mod schedulers;
@@ -30,6 +31,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+pub use damselfly_proto::member::OwnerToken;
 pub use limit::RateLimit;
 pub use upload::parse_path as parse_piece_path;
 
@@ -77,6 +79,12 @@ pub struct NodeConfig {
     /// seed that fetches the blob.
     pub share_tokens_with_seeds: bool,
     pub host_id: String,
+    /// Makes `host_id` this node's at the schedulers: the first owner token to announce an id
+    /// owns it. Keep it across restarts (the daemon keeps it in its data dir).
+    pub owner: OwnerToken,
+    /// The cluster secret membership is proven with; `None` for schedulers that run an
+    /// insecure cluster.
+    pub cluster_secret: Option<Vec<u8>>,
     /// The address the upload server is bound to and outgoing peer connections come from.
     pub advertise_ip: IpAddr,
     pub upload_port: u16,
@@ -210,7 +218,12 @@ impl Node {
             .build()
             .map_err(|e| NetError::Config(format!("peer HTTP client: {e}")))?;
         let node = Arc::new(Node {
-            schedulers: Arc::new(Schedulers::new(&cfg.schedulers, cfg.advertise_ip, cfg.cluster_tls.as_ref())?),
+            schedulers: Arc::new(Schedulers::new(
+                &cfg.schedulers,
+                cfg.advertise_ip,
+                cfg.cluster_tls.as_ref(),
+                member::Membership::new(&cfg.host_id, &cfg.owner, cfg.cluster_secret.as_deref())?,
+            )?),
             downloads: Mutex::new(HashMap::new()),
             keys: RwLock::new(Vec::new()),
             http,

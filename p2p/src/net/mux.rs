@@ -12,13 +12,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use damselfly_proto::v1::scheduler_client::SchedulerClient;
 use damselfly_proto::v1::session_response::Kind;
 use damselfly_proto::v1::{DownloadRequest, DownloadResponse, SessionRequest, SessionResponse};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 /// A download's responses, whichever stream carries them.
@@ -35,7 +33,7 @@ pub(crate) struct Mux {
 
 impl Mux {
     /// Opens a session; returns once the scheduler took the stream.
-    pub async fn open(client: &mut SchedulerClient<Channel>) -> Result<Arc<Mux>, Status> {
+    pub async fn open(client: &mut super::schedulers::Client) -> Result<Arc<Mux>, Status> {
         let (tx, rx) = mpsc::unbounded_channel();
         let responses = client.downloads(UnboundedReceiverStream::new(rx)).await?.into_inner();
         let mux = Arc::new(Mux { tx, routes: Mutex::new(Some(HashMap::new())), next: AtomicU64::new(1) });
@@ -274,7 +272,8 @@ mod tests {
     /// Opens downloads of `D` and `E` for host `h` through `urls`' first scheduler; returns
     /// the first response of each, and what keeps the downloads open.
     async fn open_two(urls: &[String]) -> (Vec<DownloadResponse>, Vec<mpsc::UnboundedSender<DownloadRequest>>) {
-        let s = Schedulers::new(urls, IpAddr::from([127, 0, 0, 1]), None).expect("schedulers");
+        let member = super::super::schedulers::tests::member();
+        let s = Schedulers::new(urls, IpAddr::from([127, 0, 0, 1]), None, member).expect("schedulers");
         let announce = |i| {
             let s = &s;
             async move {

@@ -12,9 +12,11 @@ use damselfly_proto::v1::{self as proto, DownloadRequest};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity};
 use tonic::{Code, Streaming};
 
+use super::member::Membership;
 use super::mux::{Mux, Responses};
 use super::{ClusterTls, NetError};
 
@@ -29,13 +31,16 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// timeout; after this they try it again.
 const DOWN_FOR: Duration = Duration::from_secs(5);
 
+/// A scheduler client whose every call carries this node's membership.
+pub(crate) type Client = SchedulerClient<InterceptedService<Channel, Membership>>;
+
 pub(crate) struct Schedulers {
     endpoints: Vec<Endpoint>,
 }
 
 struct Endpoint {
     url: String,
-    client: SchedulerClient<Channel>,
+    client: Client,
     /// The scheduler knows this host (as far as we can tell): cleared on transport errors so
     /// that the next use announces first, which is how a restarted scheduler learns of us.
     announced: AtomicBool,
@@ -91,7 +96,7 @@ fn for_endpoint(first: &DownloadRequest, tls: bool) -> DownloadRequest {
 }
 
 impl Schedulers {
-    pub fn new(urls: &[String], local: IpAddr, tls: Option<&ClusterTls>) -> Result<Self, NetError> {
+    pub fn new(urls: &[String], local: IpAddr, tls: Option<&ClusterTls>, member: Membership) -> Result<Self, NetError> {
         let endpoints = urls
             .iter()
             .map(|url| {
@@ -114,7 +119,8 @@ impl Schedulers {
                     // As large as the scheduler takes: one download's pinned digests arrive in
                     // one message, and on a session a message too large would end every
                     // download on it.
-                    client: SchedulerClient::new(ep.connect_lazy()).max_decoding_message_size(MAX_MESSAGE),
+                    client: SchedulerClient::with_interceptor(ep.connect_lazy(), member.clone())
+                        .max_decoding_message_size(MAX_MESSAGE),
                     announced: AtomicBool::new(false),
                     down_until: Mutex::new(None),
                     session: tokio::sync::Mutex::new(None),
@@ -318,12 +324,18 @@ impl Schedulers {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A node's membership in the test schedulers' cluster (secret `s`).
+    pub(crate) fn member() -> Membership {
+        let owner = damselfly_proto::member::OwnerToken::new([7; 32]);
+        Membership::new("h", &owner, Some(b"s")).expect("membership")
+    }
 
     fn schedulers(n: usize) -> Schedulers {
         let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8002")).collect();
-        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None).expect("valid urls")
+        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None, member()).expect("valid urls")
     }
 
     #[test]
@@ -343,11 +355,11 @@ mod tests {
     async fn an_https_scheduler_needs_a_ca() {
         let local = IpAddr::from([127, 0, 0, 1]);
         let urls = ["https://10.0.0.1:8002".to_owned()];
-        assert!(matches!(Schedulers::new(&urls, local, None), Err(NetError::Config(_))));
+        assert!(matches!(Schedulers::new(&urls, local, None, member()), Err(NetError::Config(_))));
         // Certificates are checked when the connection is made; plain http ignores the CA.
         let tls = ClusterTls { ca: b"not pem".to_vec(), identity: None };
-        assert!(Schedulers::new(&urls, local, Some(&tls)).is_ok());
-        assert!(Schedulers::new(&["http://10.0.0.1:8002".to_owned()], local, Some(&tls)).is_ok());
+        assert!(Schedulers::new(&urls, local, Some(&tls), member()).is_ok());
+        assert!(Schedulers::new(&["http://10.0.0.1:8002".to_owned()], local, Some(&tls), member()).is_ok());
     }
 
     #[tokio::test]
@@ -388,7 +400,7 @@ mod tests {
         let cfg = damselfly_scheduler::SchedulerConfig { secret: b"s".to_vec(), ..Default::default() };
         let running = damselfly_scheduler::start(cfg, good, None).await.expect("scheduler");
         let urls = [format!("http://{hung_addr}"), format!("http://{}", running.grpc_addr)];
-        let s = Schedulers::new(&urls, IpAddr::from([127, 0, 0, 1]), None).expect("schedulers");
+        let s = Schedulers::new(&urls, IpAddr::from([127, 0, 0, 1]), None, member()).expect("schedulers");
         // Tasks whose order starts with the hung scheduler.
         let keys: Vec<String> =
             (0..100).map(|k| format!("sha256:{k:064x}")).filter(|k| s.ranked(k)[0] == 0).take(2).collect();
@@ -421,7 +433,7 @@ mod tests {
     #[tokio::test]
     async fn downloads_starting_together_on_a_hung_scheduler_move_on_together() {
         let (hung_addr, _hold) = hung_scheduler().await;
-        let s = Schedulers::new(&[format!("http://{hung_addr}")], IpAddr::from([127, 0, 0, 1]), None).expect("ok");
+        let s = Schedulers::new(&[format!("http://{hung_addr}")], IpAddr::from([127, 0, 0, 1]), None, member()).expect("ok");
         s.endpoints[0].announced.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let opens = (0..6).map(|k| {

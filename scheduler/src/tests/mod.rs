@@ -1,6 +1,7 @@
 //! Rule tests: the scheduler driven in-process, as a node would over gRPC.
 
 mod lifecycle;
+mod members;
 mod pipelining;
 mod regressions;
 mod rules;

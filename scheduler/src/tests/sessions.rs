@@ -44,7 +44,8 @@ async fn next(rx: &mut tonic::Streaming<SessionResponse>) -> SessionResponse {
 
 #[tokio::test]
 async fn the_seed_check_runs_at_every_registration_on_a_session() {
-    let core = sched(|_| {});
+    // Membership is another test's (`members.rs`): these callers prove none.
+    let core = sched(|c| c.insecure = true);
     let (mut c, server) = serve(&core).await;
     announce(&core, host("s"), vec![]);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -64,7 +65,8 @@ async fn the_seed_check_runs_at_every_registration_on_a_session() {
 
 #[tokio::test]
 async fn a_session_whose_host_does_not_read_holds_a_bounded_backlog() {
-    let core = sched(|_| {});
+    // Membership is another test's (`members.rs`): these callers prove none.
+    let core = sched(|c| c.insecure = true);
     // A task with 10,000 pinned pieces: every registration is answered with all their digests.
     let shas: Vec<String> = (0..10_000u32).map(|n| format!("{n:064x}")).collect();
     let info = TaskInfo { digest: D.into(), length: 10_000 * PS, piece_size: PS, piece_sha256: shas };
