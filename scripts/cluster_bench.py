@@ -333,8 +333,13 @@ class Cluster:
         ns, ip = hosts["sched"]
         lf = os.path.join(self.logs, f"{run_id}-scheduler.log")
         self.pki = make_pki(os.path.join(work, "pki", run_id), hosts) if args.tls else None
+        # The cluster secret every member proves itself with, as a deployment has it.
+        self.secret = os.path.join(work, "pki", f"{run_id}-secret")
+        os.makedirs(os.path.dirname(self.secret), exist_ok=True)
+        with open(os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(os.urandom(32).hex())
         argv = [binary, "scheduler", "--listen", f"{ip}:8002", "--http-listen", f"{ip}:8080",
-                "--log-level", args.log_level] + args.scheduler_arg
+                "--secret-file", self.secret, "--log-level", args.log_level] + args.scheduler_arg
         if self.pki:
             cert, key = self.pki["sched"]
             argv += ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", self.pki["ca"]]
@@ -359,7 +364,8 @@ class Cluster:
                 "--metrics-listen", f"{ip}:{METRICS}", "--data-dir", data,
                 "--registry-mirror", f"http://{ORIGIN_IP}:{REG_PORT}", "--insecure-registry", f"{ORIGIN_IP}:{REG_PORT}",
                 "--scheduler", f"{'https' if self.pki else 'http'}://{SCHED_IP}:8002", "--upload-listen", f"{ip}:{UPLOAD}",
-                "--advertise-ip", ip, "--host-id", f"{name}-{run_id}", "--log-level", self.args.log_level]
+                "--advertise-ip", ip, "--host-id", f"{name}-{run_id}", "--secret-file", self.secret,
+                "--log-level", self.args.log_level]
         if name == "seed":
             argv.append("--seed")
         if self.pki:

@@ -1,5 +1,6 @@
 //! The example Kubernetes manifests in deploy/ must match the command line: every container's
-//! `args` list parses and validates as the binary would.
+//! `args` list parses and validates as the binary would, and every member of the cluster reads
+//! the cluster secret.
 
 use std::path::Path;
 
@@ -35,11 +36,18 @@ fn args_lists(text: &str) -> Vec<Vec<String>> {
 #[test]
 fn every_manifest_runs_a_valid_command_line() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    the_example_secret_is_refused_until_replaced(&dir);
+    // What the manifests' Secret holds once the user replaced its placeholder. The only test in
+    // this binary: nothing else reads the environment meanwhile.
+    unsafe { std::env::set_var(damselfly_scheduler::SECRET_ENV, "a-cluster-secret-of-32-bytes-....") };
     let mut commands = 0;
     for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read manifest");
-        for args in args_lists(&text) {
+        let lists = args_lists(&text);
+        let secret_refs = text.matches("secretKeyRef: {name: damselfly-cluster-secret, key: secret}").count();
+        assert_eq!(secret_refs, lists.len(), "{}: a member without the cluster secret", path.display());
+        for args in lists {
             let argv = std::iter::once("damselfly".to_owned()).chain(args.clone());
             let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{}: {args:?}: {e}", path.display()));
             match cli.command {
@@ -56,4 +64,17 @@ fn every_manifest_runs_a_valid_command_line() {
     }
     // Scheduler, seed peers, node daemon.
     assert!(commands >= 3, "found only {commands} commands");
+}
+
+
+fn the_example_secret_is_refused_until_replaced(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("namespace.yaml")).expect("namespace.yaml");
+    let line = text.lines().find(|l| l.trim_start().starts_with("secret:")).expect("the Secret's value");
+    let value = line.split_once(':').expect("key: value").1.trim().trim_matches('"');
+    let file = std::env::temp_dir().join(format!("damselfly-example-secret-{}", std::process::id()));
+    std::fs::write(&file, value).expect("write");
+    let refused = damselfly_scheduler::load_secret(Some(&file));
+    let _ = std::fs::remove_file(&file);
+    let err = refused.expect_err("the placeholder");
+    assert!(err.to_string().contains("placeholder"), "{err}");
 }

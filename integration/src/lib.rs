@@ -12,7 +12,8 @@
 //! - [`Scheduler`]: the scheduler, in-process, restartable on its address;
 //! - [`Metrics`]: a Prometheus text scraper;
 //! - [`FaultProxy`]: a TCP proxy that cuts or corrupts upstream responses;
-//! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry.
+//! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry;
+//! - [`Liar`]: a registry that says yes to everything, as an attacker runs one.
 //!
 //! The one lesson (see the shared reference docs): every client silently falls back to the
 //! origin when the mirror fails, so tests assert on the origin's access log and on the daemon's
@@ -22,6 +23,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod fault_proxy;
 pub mod http;
+pub mod liar;
 pub mod metrics;
 pub mod mirror;
 pub mod registry;
@@ -34,6 +36,7 @@ pub use cluster::Cluster;
 pub use containerd::Containerd;
 pub use fault_proxy::{FaultProxy, Times};
 pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
+pub use liar::{Claim, Liar};
 pub use metrics::Metrics;
 pub use mirror::{Mirror, MirrorOpts, MirrorProcess};
 pub use registry::{AccessEntry, AccessLog, Image, Registry};

@@ -332,6 +332,17 @@ impl AccessLog {
         }
     }
 
+    /// Like [`AccessLog::assert_copies_at_most`], besides `proofs` windows: in a cluster every
+    /// node's first request for a blob asks the registry to show a window of it
+    /// (`PROOF_WINDOW` bytes, or all of a smaller blob).
+    pub fn assert_copies_besides_proofs(&self, blobs: &[(String, u64)], max_copies: f64, proofs: u64) {
+        for (digest, size) in blobs {
+            let window = damselfly_mirror::api::PROOF_WINDOW.min(*size);
+            let allowed = max_copies + (proofs * window) as f64 / *size as f64;
+            self.assert_copies_at_most(&[(digest.clone(), *size)], allowed);
+        }
+    }
+
     /// Number of requests with this method whose URI contains `path_substring`.
     pub fn count(&self, method: &str, path_substring: &str) -> usize {
         self.entries.iter().filter(|e| e.method == method && e.uri.contains(path_substring)).count()

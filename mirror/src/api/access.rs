@@ -1,17 +1,18 @@
 //! Who may read cached content. A digest is a content address, not a permission: content is
-//! served from the cache only to a client the origin would serve it to — it is public in that
-//! repository, or the client's credentials pass an upstream `HEAD` (remembered briefly).
+//! served from the cache only to a client the origin would serve it to, and only after that
+//! origin showed it holds the content (`proof.rs`): it is public in that repository, or the
+//! origin served the client's credentials the content itself (remembered briefly).
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use damselfly_p2p::{Digest, TaskRef};
-use http::{Method, StatusCode};
 use lru::LruCache;
 use sha2::Digest as _;
 
 use super::error::ApiError;
+use super::proof::{probe_blob, prove_manifest, Probe};
 use super::{App, Target};
 use crate::oci::ContentKind;
 use crate::upstream::CredentialKind;
@@ -76,61 +77,73 @@ pub fn remember(app: &App, target: &Target, task: &TaskRef, credential: Credenti
     }
 }
 
-/// `Ok` when the requester may read cached `task`; otherwise why not.
-pub async fn authorize(app: &App, target: &Target, task: &TaskRef, kind: ContentKind) -> Result<(), ApiError> {
+/// How a requester is let read cached content.
+pub enum Access {
+    /// Its registry showed it holds the content before (it is public there, or it served the
+    /// requester's credentials recently).
+    Granted,
+    /// Its registry sent these first bytes of the span asked for: the response must start with
+    /// them (`proof::matching`), and the grant is remembered once it did.
+    Window(Probe),
+}
+
+/// Whether the requester may read cached `task` (a blob from `start`), or why not.
+pub async fn authorize(
+    app: &App,
+    target: &Target,
+    task: &TaskRef,
+    kind: ContentKind,
+    start: u64,
+) -> Result<Access, ApiError> {
     let repo = target.origin_repo();
     let public_age = task.public_age(&repo);
     if public_age.is_some_and(|age| age < PUBLIC_TTL.as_secs()) {
         app.metrics.access("public");
-        return Ok(());
+        return Ok(Access::Granted);
     }
     let key = (repo, target.digest.clone(), identity(&target.client_auth));
     if app.access.allowed(&key) {
         app.metrics.access("remembered");
-        return Ok(());
+        return Ok(Access::Granted);
     }
     app.metrics.origin("access_check");
-    let mut headers = http::HeaderMap::new();
-    if kind == ContentKind::Manifest {
-        // Registries answer 404 to a manifest HEAD whose Accept does not list its type.
-        for t in task.media_type().iter().map(String::as_str).chain(MANIFEST_TYPES) {
-            if let Ok(v) = http::HeaderValue::from_str(t) {
-                headers.append(http::header::ACCEPT, v);
+    let checked = match kind {
+        ContentKind::Blob => probe_blob(app, target, start).await.map(Access::Window),
+        ContentKind::Manifest => {
+            // Registries answer 404 to a manifest request whose Accept does not list its type.
+            let mut accept = http::HeaderMap::new();
+            for t in task.media_type().iter().map(String::as_str).chain(MANIFEST_TYPES) {
+                if let Ok(v) = http::HeaderValue::from_str(t) {
+                    accept.append(http::header::ACCEPT, v);
+                }
             }
+            prove_manifest(app, target, accept).await.map(|credential| {
+                remember(app, target, task, credential);
+                Access::Granted
+            })
         }
-    }
-    let req = target.request(Method::HEAD, kind, headers.clone());
-    let reply = match app.upstream.send(req).await {
-        // Some registries and proxies answer no HEAD; a client would GET. One byte of a blob,
-        // or the (small) manifest, says as much.
-        Ok(r) if matches!(r.response.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) => {
-            if kind == ContentKind::Blob {
-                headers.insert(http::header::RANGE, http::HeaderValue::from_static("bytes=0-0"));
-            }
-            app.upstream.send(target.request(Method::GET, kind, headers)).await
-        }
-        r => r,
     };
-    let reply = match reply {
-        Ok(r) => r,
+    match checked {
+        Ok(access) => {
+            app.metrics.access("checked");
+            Ok(access)
+        }
         // Content the origin served to anyone is still served while the origin cannot be
         // asked: nothing says it changed, and a mirror must not fail a pull the cache can serve.
-        Err(e) if public_age.is_some() => {
+        Err(ApiError::Origin(e)) if public_age.is_some() => {
             tracing::info!(error = %e, "origin unreachable; serving content last seen public");
             app.metrics.access("public_stale");
-            return Ok(());
+            Ok(Access::Granted)
         }
         Err(e) => {
-            app.metrics.access("unavailable");
-            return Err(ApiError::origin(format!("cannot check access with the origin: {e}")));
+            let outcome = match &e {
+                ApiError::Disproved(_) => "disproved",
+                ApiError::Origin(_) => "unavailable",
+                _ => "denied",
+            };
+            app.metrics.access(outcome);
+            tracing::info!(digest = %target.digest, repo = %target.repo, registry = %target.registry.host, error = %e, "cached content refused");
+            Err(e)
         }
-    };
-    if matches!(reply.response.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
-        app.metrics.access("checked");
-        remember(app, target, task, reply.credential);
-        return Ok(());
     }
-    app.metrics.access("denied");
-    tracing::info!(digest = %target.digest, repo = %target.repo, status = %reply.response.status(), "cached content refused");
-    Err(ApiError::refused(reply.response.status(), reply.response.headers(), kind))
 }

@@ -41,16 +41,20 @@ fn answer(r: &Reg, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         *resp.body_mut() = Full::new(data);
         return resp;
     };
+    // The length it announces, in `Content-Range` as in a HEAD's `Content-Length`.
+    let claimed = r.head_len.map_or(data.len(), |l| l as usize);
     let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
     let a: usize = a.parse().unwrap_or(0);
-    if a >= data.len() {
+    if a >= claimed.min(data.len()) {
         *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+        let value = format!("bytes */{claimed}");
+        resp.headers_mut().insert(header::CONTENT_RANGE, value.parse().expect("header"));
         return resp;
     }
     let b = b.parse::<usize>().map_or(data.len() - 1, |b| b.min(data.len() - 1));
     *resp.body_mut() = Full::new(data.slice(a..b + 1));
     *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-    let value = format!("bytes {a}-{b}/{}", data.len());
+    let value = format!("bytes {a}-{b}/{claimed}");
     resp.headers_mut().insert(header::CONTENT_RANGE, value.parse().expect("header"));
     resp
 }

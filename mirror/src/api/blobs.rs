@@ -3,16 +3,19 @@
 use std::sync::Arc;
 
 use damselfly_p2p::{passthrough, Delivery, StoreError, TaskRef};
+use futures_util::StreamExt;
+
+use crate::upstream::CredentialKind;
 use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
-use super::access::{authorize, remember};
+use super::access::{authorize, remember, Access};
 use super::error::ApiError;
+use super::proof::{self, probe_blob, ProofError};
 use super::response::{empty, stream, Body, CONTENT_DIGEST};
 use super::source::UpstreamSource;
 use super::{App, Target};
 use crate::oci::{content_range, parse_range, ContentKind, RangeSpec};
-use crate::upstream::CredentialKind;
 
 pub async fn handle(
     app: Arc<App>,
@@ -24,16 +27,18 @@ pub async fn handle(
         None => None,
         Some(v) => v.to_str().ok().and_then(|s| parse_range(s).ok()).ok_or(ApiError::BadRange)?,
     };
-    let task = match app.store.get(&target.digest) {
+    let (task, access) = match app.store.get(&target.digest) {
         Ok(Some(task)) => {
-            authorize(&app, &target, &task, ContentKind::Blob).await?;
-            task
+            let span = range.and_then(|spec| spec.resolve(task.len())).unwrap_or(0..task.len());
+            let at = proof_offset(&task, &span);
+            let access = authorize(&app, &target, &task, ContentKind::Blob, at).await?;
+            (task, access)
         }
         // A HEAD of an uncached blob asks the origin and reserves nothing: clients that only
         // check for existence must not evict what others are using.
         Ok(None) if *method == Method::HEAD => return pass_through_unknown(app, target, method, range).await,
-        Ok(None) => match cold(&app, &target).await? {
-            Cold::Cached(task) => task,
+        Ok(None) => match cold(&app, &target, range).await? {
+            Cold::Cached(task, access) => (task, access),
             Cold::PassThrough(len) => return pass_through(app, target, method, len, range).await,
         },
         Err(e) => {
@@ -48,29 +53,75 @@ pub async fn handle(
         drop(task);
         return pass_through_unknown(app, target, method, range).await;
     }
-    serve(app, target, task, method, range)
+    serve(app, target, task, access, method, range).await
 }
 
 enum Cold {
-    Cached(TaskRef),
+    /// A task made for the blob, and how the requester may read it.
+    Cached(TaskRef, Access),
     PassThrough(u64),
 }
 
-/// A blob the store does not have: ask the origin for its length (which also proves the
-/// requester may read it) and make room for it.
-async fn cold(app: &App, target: &Target) -> Result<Cold, ApiError> {
-    let (len, credential) = head_len(app, target).await?;
+/// Where a span starts when it can be told without the blob's length.
+fn start_hint(range: Option<RangeSpec>) -> u64 {
+    match range {
+        Some(RangeSpec::FromTo(start, _) | RangeSpec::From(start)) => start,
+        Some(RangeSpec::Suffix(_)) | None => 0,
+    }
+}
+
+/// Where in `span` a registry is asked to show a window: a random place this node holds the
+/// bytes of (so the requester cannot choose what is compared), else the span's start.
+fn proof_offset(task: &TaskRef, span: &std::ops::Range<u64>) -> u64 {
+    let room = (span.end - span.start).saturating_sub(proof::WINDOW);
+    for _ in 0..4 {
+        let at = span.start + if room == 0 { 0 } else { rand::random::<u64>() % (room + 1) };
+        let end = (at + proof::WINDOW).min(span.end);
+        if task.present_copy(at..end).is_some() {
+            return at;
+        }
+    }
+    span.start
+}
+
+/// A blob the store does not have: its length, which also proves the requester may read it,
+/// and room for it. Alone, the bytes then come from that registry (checked against the digest
+/// on the way), and its `HEAD` is enough. In a cluster they may come from other nodes: the
+/// registry shows a window of the span first ([`proof`]).
+async fn cold(app: &App, target: &Target, range: Option<RangeSpec>) -> Result<Cold, ApiError> {
+    let (len, access) = match app.store.is_shared() {
+        false => {
+            let (len, credential) = head_len(app, target).await?;
+            (len, Err(credential))
+        }
+        true => {
+            let probe = probe_blob(app, target, start_hint(range)).await?;
+            (probe.len, Ok(probe))
+        }
+    };
     if len == 0 && !is_empty_digest(&target.digest) {
         // Caching it would answer every later request for the digest with this error.
         return Err(zero_length_refused());
     }
-    match app.store.get_or_create(&target.digest, len, None) {
-        Ok(task) => {
-            remember(app, target, &task, credential);
-            Ok(Cold::Cached(task))
+    let made = match &access {
+        // A blob no bigger than a window came whole: no node need fetch it again.
+        Ok(probe) if probe.is_whole() && damselfly_p2p::Digest::of(target.digest.algorithm(), &probe.window) == target.digest => {
+            app.store.put_verified(&target.digest, &probe.window, None)
         }
-        Err(StoreError::NoSpace(_)) => Ok(Cold::PassThrough(len)),
-        Err(e) => {
+        _ => app.store.get_or_create(&target.digest, len, None),
+    };
+    match (made, access) {
+        (Ok(task), Err(credential)) => {
+            remember(app, target, &task, credential);
+            Ok(Cold::Cached(task, Access::Granted))
+        }
+        (Ok(task), Ok(probe)) if task.is_verified() && probe.is_whole() => {
+            remember(app, target, &task, probe.credential);
+            Ok(Cold::Cached(task, Access::Granted))
+        }
+        (Ok(task), Ok(probe)) => Ok(Cold::Cached(task, Access::Window(probe))),
+        (Err(StoreError::NoSpace(_)), _) => Ok(Cold::PassThrough(len)),
+        (Err(e), _) => {
             tracing::warn!(error = %e, "cannot cache; streaming through");
             Ok(Cold::PassThrough(len))
         }
@@ -78,7 +129,8 @@ async fn cold(app: &App, target: &Target) -> Result<Cold, ApiError> {
 }
 
 /// `HEAD` of the blob at the origin with the requester's credentials: its length, and with
-/// which credentials the origin agreed to serve it.
+/// which credentials the origin agreed to serve it. For content this node then takes from
+/// that origin itself.
 async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), ApiError> {
     app.metrics.origin("blob_head");
     let req = target.request(Method::HEAD, ContentKind::Blob, HeaderMap::new());
@@ -95,10 +147,11 @@ async fn head_len(app: &App, target: &Target) -> Result<(u64, CredentialKind), A
     Ok((len, reply.credential))
 }
 
-fn serve(
+async fn serve(
     app: Arc<App>,
     target: Target,
     task: TaskRef,
+    access: Access,
     method: &Method,
     range: Option<RangeSpec>,
 ) -> Result<Response<Body>, ApiError> {
@@ -109,7 +162,6 @@ fn serve(
         }
         return zero_length(&target);
     }
-    let source = Arc::new(UpstreamSource::blob(app.clone(), target.clone()));
     let (status, span) = match range {
         None => (StatusCode::OK, 0..len),
         Some(spec) => match spec.resolve(len) {
@@ -117,6 +169,54 @@ fn serve(
             None => return Err(ApiError::Unsatisfiable { len }),
         },
     };
+    let window = match access {
+        Access::Granted => None,
+        Access::Window(probe) => {
+            if probe.len != len {
+                // Not the blob cached here: the client gets what its registry has, checked
+                // against the digest on the way.
+                tracing::info!(digest = %target.digest, registry = %target.registry.host, "the registry's blob has another length than the cached one; passing through");
+                drop(task);
+                return pass_through(app, target, method, probe.len, range).await;
+            }
+            if !probe.proves(&span) {
+                // Bytes anyone could guess (a run of zeros) prove nothing: the span comes from
+                // the client's own registry, and a HEAD says only what that registry said.
+                app.metrics.access("unproven");
+                drop(task);
+                return pass_through(app, target, method, len, range).await;
+            }
+            let shown = probe.within(&span);
+            match task.present_copy(probe.start..probe.start + shown.len() as u64) {
+                Some(cached) if cached == shown => {
+                    remember(&app, &target, &task, probe.credential);
+                    None
+                }
+                Some(_) => {
+                    app.metrics.access("disproved");
+                    tracing::warn!(digest = %target.digest, registry = %target.registry.host, "the registry's bytes are not the cached ones");
+                    return Err(ApiError::Disproved(ContentKind::Blob));
+                }
+                // Nothing of the window here: a HEAD says what the registry said.
+                None if *method == Method::HEAD => None,
+                // The bytes will come from the registry itself or from other nodes: the
+                // response's first bytes must be the registry's.
+                None => {
+                    let probe = match probe.start == span.start {
+                        true => probe,
+                        false => probe_blob(&app, &target, span.start).await?,
+                    };
+                    if probe.len != len || !probe.proves(&span) {
+                        app.metrics.access("unproven");
+                        drop(task);
+                        return pass_through(app, target, method, len, range).await;
+                    }
+                    Some((probe.within(&span), probe.credential))
+                }
+            }
+        }
+    };
+    let source = Arc::new(UpstreamSource::blob(app.clone(), target.clone()));
     let body = if *method == Method::HEAD {
         empty()
     } else {
@@ -126,7 +226,19 @@ fn serve(
         // `bytes=0-` (how containerd opens a blob) is the whole content too: its last byte
         // waits for the digest like a plain GET's.
         let delivery = if span == (0..len) { Delivery::Whole } else { Delivery::Part };
-        stream(damselfly_p2p::read(task, span.clone(), delivery, source))
+        let bytes = damselfly_p2p::read(task.clone(), span.clone(), delivery, source);
+        match window {
+            None => stream(bytes),
+            Some((shown, credential)) => {
+                let (app, target, metrics_app) = (app.clone(), target.clone(), app.clone());
+                let proven = Box::new(move || remember(&app, &target, &task, credential));
+                stream(proof::matching(bytes, shown, proven).inspect(move |r| {
+                    if let Err(ProofError::Disproved) = r {
+                        metrics_app.metrics.access("disproved");
+                    }
+                }))
+            }
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

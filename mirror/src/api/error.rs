@@ -33,6 +33,10 @@ pub enum ApiError {
     /// client (nydusd's mirror mode included) treats as "try the next source".
     #[error("{0}")]
     Origin(String),
+    /// The registry the request names said it holds the content and failed to show it
+    /// (`proof.rs`): to this client the content is unknown there.
+    #[error("the registry named by the request does not hold this content")]
+    Disproved(ContentKind),
 }
 
 /// An origin's refusal, as the client must see it: containerd and docker fetch a token
@@ -80,6 +84,9 @@ impl ApiError {
             }
             ApiError::Refused(r) => r.into_response(),
             ApiError::Origin(_) => oci_error(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, &message),
+            ApiError::Disproved(kind) => {
+                oci_error(StatusCode::NOT_FOUND, code_for_upstream(StatusCode::NOT_FOUND, kind), &message)
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::upstream::{CredentialKind, UpstreamRequest};
 
 /// containerd's manifest size limit (4·1048·1048 bytes, slightly over 4 MiB); the mirror buffers
 /// manifests, so it refuses larger ones too.
-const MAX_MANIFEST: usize = 4 * 1048 * 1048;
+pub(super) const MAX_MANIFEST: usize = 4 * 1048 * 1048;
 
 /// An upstream manifest answer, shareable between the requests that waited for it.
 #[derive(Clone)]
@@ -51,12 +51,14 @@ pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Result<Response<Body
         match app.store.get(digest) {
             Ok(Some(task)) if task.is_verified() && task.media_type().is_some() => {
                 let target = req.repo.target(digest.clone());
-                authorize(&app, &target, &task, ContentKind::Manifest).await?;
+                authorize(&app, &target, &task, ContentKind::Manifest, 0).await?;
                 return from_cache(&req, digest, &task).await;
             }
             _ => {}
         }
-        if req.method == Method::GET && app.store.is_shared() {
+        // Through the cluster only on the word (a HEAD) of a registry the operator named: a
+        // registry any client can name must show the manifest itself.
+        if req.method == Method::GET && app.store.is_shared() && app.upstream.is_configured(&req.repo.registry) {
             if let Some(answer) = through_cluster(&app, &req, digest).await {
                 return answer;
             }
@@ -104,9 +106,10 @@ async fn fetch_shared(app: Arc<App>, req: &ManifestRequest) -> Result<Fetched, S
 }
 
 /// In a cluster, a manifest by digest comes from peers like a blob: a thousand nodes starting
-/// one image must not cost the registry a thousand manifest GETs. The origin answers a `HEAD`
-/// (which proves the requester may read it and gives its length and media type); the bytes
-/// come through the piece store and are verified against the digest before the response.
+/// one image must not cost the registry a thousand manifest GETs (Docker Hub counts each as a
+/// pull). The origin, one the operator configured, answers a `HEAD` (which says the requester
+/// may read it and gives its length and media type); the bytes come through the piece store
+/// and are verified against the digest before the response.
 /// `None`: the origin did not answer the HEAD usefully; fetch directly.
 async fn through_cluster(
     app: &Arc<App>,

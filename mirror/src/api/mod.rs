@@ -14,6 +14,7 @@ mod fake_registry;
 mod manifest_tests;
 mod manifests;
 pub mod metrics;
+mod proof;
 pub mod response;
 pub mod source;
 
@@ -28,6 +29,9 @@ use crate::oci::{parse_route, ContentKind, RouteKind};
 use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
+/// Bytes of a blob a cluster node asks the client's registry to show before serving bytes that
+/// come from elsewhere (see `proof.rs`).
+pub use proof::WINDOW as PROOF_WINDOW;
 use metrics::{ApiMetrics, RequestLabels};
 use response::{full, Body, API_VERSION};
 

@@ -214,6 +214,14 @@ impl Upstream {
         &self.default
     }
 
+    /// Whether the operator named this registry (the default, an insecure registry, or one
+    /// with credentials), as opposed to one only a client named.
+    pub fn is_configured(&self, registry: &RegistryEndpoint) -> bool {
+        registry.host == self.default.host
+            || self.insecure.contains(&registry.host)
+            || self.credentials.contains_key(&registry.host)
+    }
+
     /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else
     /// containerd's `ns` parameter (`host[:port]`, already percent-decoded), else the default.
     pub fn select(&self, header: Option<&str>, ns: Option<&str>) -> Result<RegistryEndpoint, UpstreamError> {

@@ -232,6 +232,23 @@ impl Task {
         Ok(Bytes::from(buf))
     }
 
+    /// A copy of `range` if every piece it covers is here, for comparing with bytes from
+    /// elsewhere; read with `pread` like [`Task::read_copy`].
+    pub fn present_copy(&self, range: Range<u64>) -> Option<Bytes> {
+        if range.start >= range.end || range.end > self.layout.len {
+            return None;
+        }
+        let pieces = self.layout.piece_of(range.start)..=self.layout.piece_of(range.end - 1);
+        let present = {
+            let st = self.lock();
+            pieces.into_iter().all(|i| st.pieces.get(i).is_some_and(|p| p.is_present()))
+        };
+        if !present {
+            return None;
+        }
+        self.read_copy(range).ok()
+    }
+
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(data, offset)
     }
