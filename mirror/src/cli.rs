@@ -125,6 +125,10 @@ pub struct MirrorArgs {
     /// Make this node a seed peer: it fetches new tasks from the origin for the cluster.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub seed: Option<bool>,
+    /// Registry a client may name (repeatable): `*`, HOST[:PORT] or *.DOMAIN [default: any].
+    /// Named registries may be on private addresses; others only on public ones.
+    #[arg(long = "allow-registry", value_name = "PATTERN")]
+    pub allow_registries: Vec<String>,
     /// Registry a seed fetches from when a scheduler asks (repeatable; `*` for any) [default:
     /// the registries named by --registry-mirror, --insecure-registry and --registry-auth].
     #[arg(long = "seed-registry", value_name = "HOST[:PORT]")]
@@ -475,6 +479,7 @@ mod tests {
             "--idc=i",
             "--location=l",
             "--seed",
+            "--allow-registry=*.example.com",
             "--seed-registry=*",
             "--upload-rate-limit=1MiB",
             "--download-rate-limit=2MiB",

@@ -27,6 +27,10 @@ pub struct MirrorConfig {
     pub cache_quota: ByteSize,
     pub registry_mirror: String,
     pub insecure_registries: Vec<String>,
+    /// Registries a client may name (`*`, `HOST[:PORT]`, `*.DOMAIN`); empty: any. The ones
+    /// named here (and in `registry_mirror`, `insecure_registries`, `registry_auth`) may be on
+    /// private addresses; others only on public ones.
+    pub allow_registries: Vec<String>,
     pub registry_auth: Vec<RegistryAuth>,
     #[serde(with = "paths::option")]
     pub registry_auth_file: Option<PathBuf>,
@@ -99,6 +103,7 @@ impl Default for MirrorConfig {
             cache_quota: ByteSize(50 << 30),
             registry_mirror: DEFAULT_REGISTRY_MIRROR.to_owned(),
             insecure_registries: Vec::new(),
+            allow_registries: Vec::new(),
             registry_auth: Vec::new(),
             registry_auth_file: None,
             background_fill: false,

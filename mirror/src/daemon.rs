@@ -102,6 +102,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
                 password: a.password.clone(),
             })
             .collect(),
+        allow_registries: config.allow_registries.clone(),
         connect_timeout: Duration::from_secs(5),
         read_timeout: crate::upstream::READ_TIMEOUT,
     })?;

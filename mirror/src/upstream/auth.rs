@@ -13,6 +13,7 @@ use url::Url;
 
 use super::challenge::{self, Challenge};
 use super::token::{self, Identity, TokenCache, TokenKey};
+use super::guard;
 use super::transport::{PreparedRequest, Transport};
 use super::{CredentialKind, RegistryCredential, RegistryEndpoint, SchemePolicy, UpstreamError, UpstreamReply};
 
@@ -141,7 +142,13 @@ impl Authenticator {
         }
         let identity = cred.map_or(Identity::Anonymous, |c| Identity::Configured { username: c.username.clone() });
         let key = TokenKey { host: endpoint.host.clone(), scope: ctx.scope.clone(), identity };
-        let client = ctx.transport.realm_client(realm, endpoint);
+        // A realm is as trusted as its registry: it may send the daemon where the registry may.
+        guard::check_url(realm, ctx.prepared.reach).map_err(|reason| UpstreamError::Token {
+            realm: realm.to_string(),
+            reason,
+            retryable: false,
+        })?;
+        let client = ctx.transport.realm_client(realm, endpoint, ctx.prepared.reach);
         let token =
             self.tokens.get_or_fetch(key, stale, || token::fetch(client, realm, service, &ctx.scope, cred)).await?;
         let header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Token {

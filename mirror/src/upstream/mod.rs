@@ -5,6 +5,7 @@
 
 mod auth;
 pub mod challenge;
+pub mod guard;
 mod select;
 mod token;
 mod transport;
@@ -19,6 +20,7 @@ use std::time::Duration;
 pub(crate) use select::canonical_credential_host as canonical_host;
 pub use select::{RegistryEndpoint, RegistryId, RegistryNameError, SchemePolicy, DOCKER_HUB_HOST};
 
+use guard::{AddrClass, AllowList, Reach};
 use select::InsecureSet;
 use transport::{PreparedRequest, Transport};
 
@@ -44,6 +46,10 @@ pub enum UpstreamError {
     TokenRejected { realm: String, status: http::StatusCode },
     #[error("token from {realm}: {reason}")]
     Token { realm: String, reason: String, retryable: bool },
+    /// The registry named by the request is not one this daemon may reach (`guard.rs`): the
+    /// handler answers 400.
+    #[error("registry {0} is not allowed here")]
+    NotAllowed(String),
 }
 
 impl UpstreamError {
@@ -55,7 +61,10 @@ impl UpstreamError {
     /// as opposed to failures that will repeat (bad input, refused credentials).
     pub fn is_retryable(&self) -> bool {
         match self {
-            UpstreamError::BadRegistry(_) | UpstreamError::Config(_) | UpstreamError::InvalidRequest(_) => false,
+            UpstreamError::BadRegistry(_)
+            | UpstreamError::Config(_)
+            | UpstreamError::InvalidRequest(_)
+            | UpstreamError::NotAllowed(_) => false,
             UpstreamError::Http { source, .. } => {
                 // `is_request` covers failures while sending, such as a reset connection.
                 source.is_connect() || source.is_timeout() || source.is_request()
@@ -84,6 +93,9 @@ pub struct UpstreamConfig {
     pub insecure_registries: Vec<String>,
     pub credentials: Vec<RegistryCredential>,
     pub connect_timeout: Duration,
+    /// Registries clients may name (`*`, `host[:port]`, `*.domain`); empty: any. Those the
+    /// operator named elsewhere are always allowed.
+    pub allow_registries: Vec<String>,
     /// Longest wait for any read from an upstream connection (response heads and bodies):
     /// an origin that accepts and then says nothing must not hang a pull. Blob fetches have
     /// their own, shorter stall timer; this bounds everything else (HEADs, manifests, tokens,
@@ -99,6 +111,7 @@ impl Default for UpstreamConfig {
             default_registry: "https://index.docker.io".into(),
             insecure_registries: Vec::new(),
             credentials: Vec::new(),
+            allow_registries: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             read_timeout: READ_TIMEOUT,
         }
@@ -174,6 +187,7 @@ pub struct Upstream {
     insecure: InsecureSet,
     default: RegistryEndpoint,
     credentials: HashMap<String, RegistryCredential>,
+    allow: AllowList,
     transport: Transport,
     auth: auth::Authenticator,
 }
@@ -200,10 +214,12 @@ impl Upstream {
             }
             credentials.insert(host.clone(), RegistryCredential { host, ..cred });
         }
+        let allow = AllowList::new(&cfg.allow_registries).map_err(UpstreamError::Config)?;
         Ok(Upstream {
             insecure,
             default,
             credentials,
+            allow,
             transport: Transport::new(cfg.connect_timeout, cfg.read_timeout)?,
             auth: auth::Authenticator::default(),
         })
@@ -224,20 +240,40 @@ impl Upstream {
 
     /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else
     /// containerd's `ns` parameter (`host[:port]`, already percent-decoded), else the default.
+    /// Refused: a registry at an address never reached (`guard.rs`), or one outside
+    /// `allow_registries`.
     pub fn select(&self, header: Option<&str>, ns: Option<&str>) -> Result<RegistryEndpoint, UpstreamError> {
-        if let Some(url) = header {
-            return select::endpoint_from_url(url, &self.insecure).map_err(UpstreamError::BadRegistry);
+        let endpoint = match (header, ns) {
+            (Some(url), _) => select::endpoint_from_url(url, &self.insecure)?,
+            (None, Some(ns)) => select::endpoint_from_ns(ns, &self.insecure)?,
+            (None, None) => return Ok(self.default.clone()),
+        };
+        let forbidden = select::host_ip(&endpoint.host).is_some_and(|ip| guard::classify(ip) == AddrClass::Forbidden);
+        if forbidden || !(self.allow.allows(&endpoint.host) || self.is_configured(&endpoint)) {
+            return Err(UpstreamError::NotAllowed(endpoint.host));
         }
-        if let Some(ns) = ns {
-            return select::endpoint_from_ns(ns, &self.insecure).map_err(UpstreamError::BadRegistry);
+        Ok(endpoint)
+    }
+
+    /// Which addresses requests for `registry` may reach: internal ones only for a registry
+    /// that is internal itself (an address literal, `localhost`) or that the operator named.
+    fn reach_of(&self, registry: &RegistryEndpoint) -> Reach {
+        let listed = !self.allow.is_open() && self.allow.allows(&registry.host);
+        let internal = match select::host_ip(&registry.host) {
+            Some(ip) => guard::classify(ip) == AddrClass::Internal,
+            None => select::is_loopback(&registry.host),
+        };
+        match internal || listed || self.is_configured(registry) {
+            true => Reach::Private,
+            false => Reach::Public,
         }
-        Ok(self.default.clone())
     }
 
     /// Sends one GET/HEAD upstream with the right credentials (see the module docs). Any status,
     /// including 401, is a successful reply; errors are transport, token and input failures.
     pub async fn send(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
-        let prepared = PreparedRequest::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
+        let mut prepared = PreparedRequest::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
+        prepared.reach = self.reach_of(&prepared.endpoint);
         if let Some(auth) = req.client_auth {
             let response = self.transport.execute(&prepared, Some(&auth)).await?;
             return Ok(UpstreamReply { response, credential: CredentialKind::Client });

@@ -255,7 +255,7 @@ fn is_hostname(host: &str) -> bool {
     !host.is_empty() && host.len() <= 253 && host.split('.').all(label_ok)
 }
 
-fn host_ip(host_port: &str) -> Option<IpAddr> {
+pub(crate) fn host_ip(host_port: &str) -> Option<IpAddr> {
     let host = split_host_port(host_port).ok()?.0;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     host.parse().ok()

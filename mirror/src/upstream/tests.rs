@@ -89,6 +89,12 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let other = state.other.get().unwrap();
             reply(StatusCode::TEMPORARY_REDIRECT, &[(header::LOCATION, format!("http://{other}/landing"))], "")
         }
+        "/v2/redir/app/blobs/sha256:metadata" => reply(
+            StatusCode::TEMPORARY_REDIRECT,
+            &[(header::LOCATION, "http://169.254.169.254/latest/meta-data/".to_owned())],
+            "",
+        ),
+        "/v2/metadata/app/manifests/latest" => denied(r#"Bearer realm="http://169.254.169.254/token""#.to_owned()),
         "/v2/redir/app/blobs/sha256:same" => {
             reply(StatusCode::TEMPORARY_REDIRECT, &[(header::LOCATION, "/landing".to_owned())], "")
         }
@@ -358,4 +364,65 @@ fn configured_credentials_never_cross_plain_http_to_a_host_a_client_names() {
     assert!(configured_credentials_may_go(&ep("lab.example:5000", SchemePolicy::Http), &insecure));
     assert!(configured_credentials_may_go(&ep("127.0.0.1:5000", SchemePolicy::Http), &insecure));
     assert!(configured_credentials_may_go(&ep("lab.example:5000", SchemePolicy::InsecureHttpsThenHttp), &insecure));
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_link_local_address_is_not_followed() {
+    let (up, state, addr) = setup(vec![]).await;
+    let ep = http_endpoint(&up, addr);
+    let started = std::time::Instant::now();
+    let Err(err) = up.send(request(&ep, "redir/app", "blobs/sha256:metadata")).await else { panic!("followed") };
+    assert!(format!("{err:?}").contains("169.254.169.254"), "{err:?}");
+    // Refused before any connection was tried (one would wait for the connect timeout).
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(state.seen("/latest").is_empty());
+}
+
+#[tokio::test]
+async fn a_token_realm_on_a_link_local_address_is_not_asked() {
+    let (up, state, addr) = setup(vec![]).await;
+    let ep = http_endpoint(&up, addr);
+    let got = up.send(request(&ep, "metadata/app", "manifests/latest")).await;
+    match got {
+        // The registry's 401 goes back to the client, or the token error does: never a
+        // "token" fetched from the metadata service and forwarded.
+        Ok(reply) => assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED),
+        Err(e) => assert!(e.to_string().contains("169.254.169.254"), "{e}"),
+    }
+    assert_eq!(state.token_calls.load(Ordering::SeqCst), 0);
+    let sent: Vec<_> = state.seen("/v2/metadata").into_iter().filter_map(|s| s.1).collect();
+    assert!(sent.is_empty(), "something was sent as a token: {sent:?}");
+}
+
+#[tokio::test]
+async fn clients_cannot_name_registries_on_link_local_addresses_or_outside_the_allow_list() {
+    let up = Upstream::new(UpstreamConfig::default()).unwrap();
+    for ns in ["169.254.169.254", "169.254.169.254:80", "[fe80::1]:5000", "0.0.0.0:5000"] {
+        assert!(matches!(up.select(None, Some(ns)), Err(UpstreamError::NotAllowed(_))), "{ns}");
+    }
+    assert!(matches!(up.select(Some("http://169.254.169.254/"), None), Err(UpstreamError::NotAllowed(_))));
+    let cfg = UpstreamConfig {
+        allow_registries: vec!["*.example.com".into()],
+        insecure_registries: vec!["10.0.0.5:5000".into()],
+        ..UpstreamConfig::default()
+    };
+    let listed = Upstream::new(cfg).unwrap();
+    assert!(listed.select(None, Some("r.example.com")).is_ok());
+    assert!(listed.select(None, Some("10.0.0.5:5000")).is_ok(), "the operator named it");
+    assert!(listed.select(None, Some("index.docker.io")).is_ok(), "the default registry");
+    assert!(matches!(listed.select(None, Some("ghcr.io")), Err(UpstreamError::NotAllowed(_))));
+}
+
+#[tokio::test]
+async fn internal_addresses_are_reached_only_for_internal_or_named_registries() {
+    let open = Upstream::new(UpstreamConfig::default()).unwrap();
+    let reach = |up: &Upstream, ns: &str| up.reach_of(&up.select(None, Some(ns)).unwrap());
+    assert_eq!(reach(&open, "127.0.0.1:5000"), Reach::Private, "a loopback registry named as such");
+    assert_eq!(reach(&open, "10.1.2.3"), Reach::Private);
+    assert_eq!(reach(&open, "localhost:5000"), Reach::Private);
+    assert_eq!(reach(&open, "index.docker.io"), Reach::Private, "the operator's default registry");
+    assert_eq!(reach(&open, "ghcr.io"), Reach::Public, "a name any client may give");
+    let cfg = UpstreamConfig { allow_registries: vec!["registry.internal".into()], ..UpstreamConfig::default() };
+    let listed = Upstream::new(cfg).unwrap();
+    assert_eq!(reach(&listed, "registry.internal"), Reach::Private, "allow-listed by name");
 }

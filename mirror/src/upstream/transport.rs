@@ -4,7 +4,9 @@
 //! Redirects: reqwest follows up to 10 and itself drops `Authorization` (and cookies) when a
 //! redirect changes host or port (`reqwest::redirect::remove_sensitive_headers`), which is what
 //! the distribution spec asks of clients: Docker Hub answers blob GETs with a 307 to a signed
-//! CDN URL that must not see the registry token. A test below pins that behaviour.
+//! CDN URL that must not see the registry token. A test below pins that behaviour. Where a
+//! request, its redirects and its realm may go is the registry's reach (`guard.rs`): each
+//! reach has its own clients, whose resolver and redirect policy enforce it.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -14,6 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use url::Url;
 
+use super::guard::{self, Reach};
 use super::{RegistryEndpoint, SchemePolicy, UpstreamError};
 
 const MAX_REDIRECTS: usize = 10;
@@ -26,6 +29,8 @@ pub(crate) struct PreparedRequest {
     /// `/v2/<repo>/<path>[?query]`
     pub path: String,
     pub headers: HeaderMap,
+    /// Where it may go; public addresses only until the upstream says otherwise.
+    pub reach: Reach,
 }
 
 impl PreparedRequest {
@@ -41,7 +46,7 @@ impl PreparedRequest {
         }
         let full = format!("/v2/{repo}/{path}");
         check_path(&full)?;
-        Ok(PreparedRequest { endpoint, method, path: full, headers: forwardable(headers) })
+        Ok(PreparedRequest { endpoint, method, path: full, headers: forwardable(headers), reach: Reach::Public })
     }
 
     fn url(&self, scheme: &str) -> Result<Url, UpstreamError> {
@@ -120,37 +125,64 @@ impl Scheme {
 /// Hosts remembered as speaking plain HTTP.
 const MAX_PLAIN_HTTP_HOSTS: usize = 1024;
 
-pub(crate) struct Transport {
+/// The clients of one reach: certificates verified, or not (insecure registries).
+struct Clients {
     verified: reqwest::Client,
     unverified: reqwest::Client,
+}
+
+pub(crate) struct Transport {
+    public: Clients,
+    private: Clients,
     /// Insecure registries found to speak plain HTTP, so later requests skip the TLS attempt.
     plain_http: Mutex<HashSet<String>>,
 }
 
 impl Transport {
     pub(crate) fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, UpstreamError> {
-        let build = |insecure: bool| {
+        let build = |reach: Reach, insecure: bool| {
+            let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error("too many redirects");
+                }
+                match guard::check_url(attempt.url(), reach) {
+                    Ok(()) => attempt.follow(),
+                    Err(why) => attempt.error(why),
+                }
+            });
             reqwest::Client::builder()
                 .use_rustls_tls()
                 .connect_timeout(connect_timeout)
                 .read_timeout(read_timeout)
-                .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+                .redirect(redirects)
+                .dns_resolver(guard::resolver(reach))
                 .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")))
                 .danger_accept_invalid_certs(insecure)
                 .build()
                 .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))
         };
-        Ok(Transport { verified: build(false)?, unverified: build(true)?, plain_http: Mutex::default() })
+        let clients = |reach| -> Result<Clients, UpstreamError> {
+            Ok(Clients { verified: build(reach, false)?, unverified: build(reach, true)? })
+        };
+        Ok(Transport { public: clients(Reach::Public)?, private: clients(Reach::Private)?, plain_http: Mutex::default() })
     }
 
-    /// The client for a token realm: certificate checks are skipped only where the registry
-    /// itself is insecure and the realm lives on that same host.
-    pub(crate) fn realm_client(&self, realm: &Url, endpoint: &RegistryEndpoint) -> &reqwest::Client {
+    fn clients(&self, reach: Reach) -> &Clients {
+        match reach {
+            Reach::Public => &self.public,
+            Reach::Private => &self.private,
+        }
+    }
+
+    /// The client for a token realm, which shares its registry's reach: certificate checks are
+    /// skipped only where the registry itself is insecure and the realm lives on that same host.
+    pub(crate) fn realm_client(&self, realm: &Url, endpoint: &RegistryEndpoint, reach: Reach) -> &reqwest::Client {
         let same_host = authority(realm).is_some_and(|a| a == endpoint.host);
+        let clients = self.clients(reach);
         if same_host && endpoint.scheme == SchemePolicy::InsecureHttpsThenHttp {
-            &self.unverified
+            &clients.unverified
         } else {
-            &self.verified
+            &clients.verified
         }
     }
 
@@ -170,11 +202,12 @@ impl Transport {
         auth: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let host = &prepared.endpoint.host;
+        let Clients { verified, unverified } = self.clients(prepared.reach);
         match prepared.endpoint.scheme {
-            SchemePolicy::Https => self.attempt(&self.verified, Scheme::Https, prepared, auth).await,
-            SchemePolicy::Http => self.attempt(&self.verified, Scheme::Http, prepared, auth).await,
+            SchemePolicy::Https => self.attempt(verified, Scheme::Https, prepared, auth).await,
+            SchemePolicy::Http => self.attempt(verified, Scheme::Http, prepared, auth).await,
             SchemePolicy::InsecureHttpsThenHttp if self.uses_plain_http(host) => {
-                let res = self.attempt(&self.unverified, Scheme::Http, prepared, auth).await;
+                let res = self.attempt(unverified, Scheme::Http, prepared, auth).await;
                 if matches!(&res, Err(e) if e.is_connect()) {
                     // The registry may have moved (or gained TLS): probe again next time.
                     self.memo().remove(host);
@@ -182,10 +215,10 @@ impl Transport {
                 res
             }
             SchemePolicy::InsecureHttpsThenHttp => {
-                match self.attempt(&self.unverified, Scheme::Https, prepared, auth).await {
+                match self.attempt(unverified, Scheme::Https, prepared, auth).await {
                     Err(e) if e.is_connect() => {
                         tracing::debug!(%host, error = %e, "TLS attempt failed, trying plain HTTP");
-                        let res = self.attempt(&self.unverified, Scheme::Http, prepared, auth).await?;
+                        let res = self.attempt(unverified, Scheme::Http, prepared, auth).await?;
                         let mut memo = self.memo();
                         // Clients may name any number of loopback names: forgetting them all
                         // costs one TLS attempt each.
