@@ -146,3 +146,99 @@ async fn a_cached_manifest_is_not_read_through_a_registry_that_says_yes_to_every
     }
     cluster.shutdown().await;
 }
+
+/// A member of the cluster gone bad: it holds the cluster secret, announces a blob nobody has
+/// yet with piece digests of its own, and serves its own bytes for them. No byte of it reaches
+/// a client as the blob; the node that assembled it reports it, the scheduler drops those
+/// digests and blocks the member, and the blob comes from the origin again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_announcing_digests_of_its_own_is_found_out_and_cleared() {
+    use damselfly_proto::member::{JoinKey, OwnerToken, HOST_HEADER, OWNER_HEADER, PROOF_HEADER};
+    use damselfly_proto::v1::scheduler_client::SchedulerClient;
+    use damselfly_proto::v1::{AnnounceHostRequest, Host, TaskInfo};
+
+    let origin = Registry::start().await.unwrap();
+    let size = 12 * MIB;
+    let data = random_bytes(size as usize);
+    let digest = origin.push_blob(REPO, data.clone()).await.unwrap();
+    let cluster = Cluster::start(&origin, 1, 2, |_, o| o).await.unwrap();
+
+    // The member's bytes: as long as the blob, with their own piece digests.
+    let piece = damselfly_integration::piece_size(size);
+    let evil: Vec<u8> = (0..size).map(|i| damselfly_integration::liar::noise(i)).collect();
+    let list: Vec<String> =
+        evil.chunks(piece as usize).map(|c| damselfly_integration::sha256_digest(c)[7..].to_owned()).collect();
+    let upload = tokio::net::TcpListener::bind((node_ip(7), 0)).await.unwrap();
+    let upload_addr = upload.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (evil_bytes, count) = (bytes::Bytes::from(evil), served.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = upload.accept().await {
+            let (evil_bytes, count) = (evil_bytes.clone(), count.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let n: u64 = req.uri().path().rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    let start = (n * piece).min(evil_bytes.len() as u64) as usize;
+                    let end = ((n + 1) * piece).min(evil_bytes.len() as u64) as usize;
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = http_body_util::Full::new(evil_bytes.slice(start..end));
+                    std::future::ready(Ok::<_, std::convert::Infallible>(hyper::Response::new(body)))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    let mut member = SchedulerClient::connect(cluster.schedulers[0].url()).await.unwrap();
+    let announce = || {
+        let host = Host {
+            id: "member-gone-bad".into(),
+            ip: upload_addr.ip().to_string(),
+            upload_port: u32::from(upload_addr.port()),
+            upload_slots: 8,
+            ..Default::default()
+        };
+        let task = TaskInfo { digest: digest.clone(), length: size, piece_size: piece, piece_sha256: list.clone() };
+        let mut req = tonic::Request::new(AnnounceHostRequest { host: Some(host), tasks: vec![task] });
+        let owner = OwnerToken::new([9; 32]);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let md = req.metadata_mut();
+        md.insert(HOST_HEADER, "member-gone-bad".parse().unwrap());
+        md.insert(OWNER_HEADER, owner.to_hex().parse().unwrap());
+        md.insert(PROOF_HEADER, JoinKey::new(SECRET).prove("member-gone-bad", &owner, now).parse().unwrap());
+        req
+    };
+    member.announce_host(announce()).await.expect("a member is heard");
+
+    // Whatever the first pulls get, never the member's bytes as the blob, and never a clean
+    // wrong body; the node reports what it assembled, and a retry gets the blob.
+    let node = cluster.node(0);
+    let url = node.blob_url_ns(REPO, &digest, &origin.host());
+    let mut pulled = false;
+    for _ in 0..40 {
+        let got = fetch(http_client().get(&url), true).await.unwrap();
+        assert!(!got.is_clean_but_wrong(&digest, size), "a clean body with other bytes");
+        let body = got.body.clone().unwrap_or_default();
+        let from_member = body.len() >= 64 && body.iter().take(64).enumerate().all(|(i, &b)| b == noise(i as u64));
+        assert!(!(got.status.is_success() && from_member), "the member's bytes reached a client");
+        if got.is_complete() && got.status.is_success() {
+            got.assert_blob(&digest, size);
+            pulled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(pulled, "the blob never came through the node");
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) > 0, "the attack was not tried");
+    assert_eq!(metric(node, "damselfly_poisoned_tasks_total", &[]).await, 1.0);
+    let sched = damselfly_integration::Metrics::scrape(&cluster.schedulers[0].metrics_url()).await.unwrap();
+    assert_eq!(sched.sum("damselfly_scheduler_poison_reports_total", &[]), 1.0);
+
+    // The member announces again; the other node takes nothing from it.
+    let _ = member.announce_host(announce()).await;
+    let before = served.load(std::sync::atomic::Ordering::SeqCst);
+    let url = cluster.node(1).blob_url_ns(REPO, &digest, &origin.host());
+    fetch(http_client().get(url), false).await.unwrap().assert_blob(&digest, size);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), before, "the blocked member was asked for pieces");
+    cluster.shutdown().await;
+}

@@ -21,6 +21,9 @@ pub(crate) enum StoreEvent {
     PieceHashed { digest: Digest, piece: usize, sha256: String },
     /// The task is verified and every piece's digest is known: others can take all of it here.
     TaskReady(TaskMeta),
+    /// Content assembled here with pieces from other nodes failed its digest: the piece
+    /// digests it was checked against were wrong. `Withdrawn` follows.
+    Poisoned(Digest),
     /// The store dropped the task (evicted, or its content proved wrong).
     Withdrawn(Digest),
 }

@@ -232,6 +232,7 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
 fn back_to_source(task: &mut Task, hosts: &mut Hosts, ci: usize, reason: &str) {
     task.unlink_parents(hosts, ci);
     task.take_slot(ci);
+    task.peers[ci].may_pin = true;
     task.set_state(ci, PeerState::Origin);
     task.peers[ci].push(Kind::BackToSource(BackToSource { reason: reason.to_owned() }));
 }
@@ -278,6 +279,9 @@ pub(crate) fn pin_piece(task: &mut Task, hosts: &mut Hosts, from: usize, n: u32,
     match task.digests[slot] {
         None => {
             task.digests[slot] = Some(sha);
+            if task.pinned_by.is_none() {
+                task.pinned_by = Some(task.peers[from].host.clone());
+            }
             let msg = PieceDigests {
                 piece_size: task.piece_size,
                 digests: vec![PieceDigest { number: n, sha256: hex(&sha) }],
@@ -289,9 +293,10 @@ pub(crate) fn pin_piece(task: &mut Task, hosts: &mut Hosts, from: usize, n: u32,
     }
 }
 
-/// Pins a full digest list from an announcement: fills what is not pinned, quarantines on any
-/// difference with what is.
-pub(crate) fn pin_all(task: &mut Task, hosts: &mut Hosts, list: &[Sha]) {
+/// Pins a full digest list announced by `by`: fills what is not pinned, quarantines on any
+/// difference with what is. The list is a member's word that it verified the blob; the task
+/// is trusted only once a download verified content checked against it (`finish`).
+pub(crate) fn pin_all(task: &mut Task, hosts: &mut Hosts, list: &[Sha], by: &Id) {
     if task.digests.len() < list.len() {
         task.digests.resize(list.len(), None);
     }
@@ -306,8 +311,9 @@ pub(crate) fn pin_all(task: &mut Task, hosts: &mut Hosts, list: &[Sha]) {
             Some(_) => return quarantine(task, hosts, format!("two different sha256 lists announced (piece {n})")),
         }
     }
-    // Announced lists are of blobs their nodes verified.
-    task.trusted = true;
+    if !new.is_empty() && task.pinned_by.is_none() {
+        task.pinned_by = Some(by.clone());
+    }
     if !new.is_empty() {
         task.push_all(&Kind::PieceDigests(PieceDigests { piece_size: task.piece_size, digests: new }), None);
     }

@@ -29,6 +29,8 @@ const CORRUPT_REPORTERS: usize = 2;
 const CORRUPT_BLOCK: Duration = Duration::from_secs(600);
 /// Weight of the newest sample in a host's throughput average.
 const EWMA_ALPHA: f64 = 0.3;
+/// How long a host whose word pinned digests that proved wrong is handed to nobody.
+const POISON_BLOCK: Duration = Duration::from_secs(3600);
 /// Responses queued for a download before it counts as not reading (see `Peer::push`).
 pub(crate) const QUEUE: usize = 1024;
 
@@ -211,6 +213,10 @@ impl SoftState {
                 self.decide(env, digest, host, false);
             }
             Req::Finished(_) => self.finish(digest, host),
+            Req::Failed(f) if f.poisoned => {
+                self.poisoned(env, digest, host);
+                self.drop_peer(env, digest, host);
+            }
             Req::Failed(f) => {
                 tracing::debug!(%digest, %host, reason = %f.reason, "download failed");
                 self.drop_peer(env, digest, host);
@@ -241,8 +247,13 @@ impl SoftState {
         }
         let new = task.mark_piece(i, p.number);
         match (p.parent_id.is_empty(), sha) {
-            // Only origin bytes are trusted to pin: a parent's would vouch for themselves.
-            (true, Some(sha)) => pin_piece(task, hosts, i, p.number, sha),
+            // Only origin bytes are trusted to pin (a parent's would vouch for themselves), and
+            // only from a download this scheduler sent to the origin: anyone else's report
+            // would let it choose the digests everyone checks pieces against.
+            (true, Some(sha)) if task.peers[i].may_pin => pin_piece(task, hosts, i, p.number, sha),
+            (true, Some(_)) => {
+                tracing::debug!(%digest, %host, piece = p.number, "origin piece from a download not sent to the origin; not pinned");
+            }
             (false, _) if p.cost_micros > 0 && task.piece_size > 0 => {
                 if let Some(h) = hosts.get_mut(p.parent_id.as_str()) {
                     let rate = task.piece_size as f64 / (p.cost_micros as f64 / 1e6);
@@ -331,6 +342,29 @@ impl SoftState {
             h.blocked_until = Some(env.now + CORRUPT_BLOCK);
             h.corrupt.clear();
         }
+    }
+
+    /// `host` assembled content of `digest` from pieces checked against the pinned digests,
+    /// and it failed the blob's digest: the pins are wrong. Unless a download verified content
+    /// checked against them before (then the report is what is wrong, or the reporter), they
+    /// are dropped and the host whose word pinned them is blocked and leaves the task, so the
+    /// next origin fetch pins the right ones.
+    fn poisoned(&mut self, env: &Env, digest: &Id, host: &Id) {
+        let SoftState { tasks, hosts, .. } = self;
+        let Some(task) = tasks.get_mut(digest) else { return };
+        if task.trusted {
+            tracing::warn!(%digest, %host, "a host reports content that failed its digest, checked against digests another download verified; ignored");
+            return;
+        }
+        let pinner = task.pinned_by.take();
+        tracing::warn!(%digest, reporter = %host, pinned_by = ?pinner, "content checked against the pinned digests failed its digest; unpinning");
+        env.metrics.poison_reported();
+        task.digests.clear();
+        let Some(pinner) = pinner.filter(|p| p != host) else { return };
+        if let Some(h) = hosts.get_mut(&pinner) {
+            h.blocked_until = Some(env.now + POISON_BLOCK);
+        }
+        self.drop_peer(env, digest, &pinner);
     }
 
     fn finish(&mut self, digest: &Id, host: &Id) {

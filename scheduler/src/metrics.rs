@@ -65,6 +65,7 @@ pub struct Metrics {
     decision_seconds: Histogram,
     seed_refusals: Family<CallLabel, Counter>,
     member_refusals: Family<ReasonLabel, Counter>,
+    poison_reports: Counter,
     streams: Family<StreamLabel, Gauge>,
 }
 
@@ -90,6 +91,7 @@ impl Metrics {
         let decisions = Family::<KindLabel, Counter>::default();
         let seed_refusals = Family::<CallLabel, Counter>::default();
         let member_refusals = Family::<ReasonLabel, Counter>::default();
+        let poison_reports = Counter::default();
         let streams = Family::<StreamLabel, Gauge>::default();
         let decision_seconds = Histogram::new(BUCKETS);
         registry.register("damselfly_scheduler_hosts", "Hosts the scheduler knows", hosts.clone());
@@ -105,6 +107,11 @@ impl Metrics {
             "damselfly_scheduler_member_refusals",
             "Calls refused for want of a valid membership proof, or acting for a host another node owns, by reason",
             member_refusals.clone(),
+        );
+        registry.register(
+            "damselfly_scheduler_poison_reports",
+            "Downloads whose content, checked against the pinned digests, failed its digest (the pins were dropped)",
+            poison_reports.clone(),
         );
         registry.register("damselfly_scheduler_decisions", "Decisions sent to downloads, by kind", decisions.clone());
         registry.register(
@@ -128,6 +135,7 @@ impl Metrics {
             decision_seconds,
             seed_refusals,
             member_refusals,
+            poison_reports,
             streams,
         }
     }
@@ -173,6 +181,10 @@ impl Metrics {
     /// `reason`: `missing`, `malformed`, `stale`, `bad_proof`, `other_host` or `not_owner`.
     pub(crate) fn member_refused(&self, reason: &'static str) {
         self.member_refusals.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub(crate) fn poison_reported(&self) {
+        self.poison_reports.inc();
     }
 
     /// Decisions of one kind so far (for tests and benchmarks).

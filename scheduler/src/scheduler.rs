@@ -333,7 +333,7 @@ impl SoftState {
         }
         if !shas.is_empty() {
             if count == Some(shas.len() as u32) {
-                pin_all(task, hosts, shas);
+                pin_all(task, hosts, shas, host);
             } else {
                 tracing::debug!(%host, %digest, "announced digest list does not cover the task; not pinned");
             }

@@ -54,6 +54,9 @@ pub(crate) struct Peer {
     pub state: PeerState,
     /// Counted in the task's origin fetchers.
     pub origin_slot: bool,
+    /// The scheduler sent this download to the origin (it is a seed's, or it had an origin
+    /// slot): its origin pieces' digests may be pinned. Nobody else's are.
+    pub may_pin: bool,
     pub pieces: PieceSet,
     /// The registry this download fetches from (its host), empty when unknown (a holder
     /// known from an announcement).
@@ -76,6 +79,7 @@ impl Peer {
             pieces: PieceSet::default(),
             state: PeerState::Idle,
             origin_slot: false,
+            may_pin: false,
             blocked: Vec::new(),
             parents: Vec::new(),
             children: Children::default(),
@@ -190,6 +194,9 @@ pub(crate) struct Task {
     pub piece_size: u64,
     /// Pinned sha256 per piece; grows as pieces are pinned.
     pub digests: Vec<Option<Sha>>,
+    /// The host whose word pinned the first digests: an origin fetcher this scheduler sent, or
+    /// a host that announced the task. Blocked when content checked against them fails.
+    pub pinned_by: Option<Id>,
     pub quarantined: Option<String>,
     pub source: Option<Source>,
     pub peers: Vec<Peer>,
@@ -214,6 +221,7 @@ impl Task {
             length: 0,
             piece_size: 0,
             digests: Vec::new(),
+            pinned_by: None,
             quarantined: None,
             source: None,
             peers: Vec::new(),

@@ -44,6 +44,8 @@ pub(crate) struct DownloadState {
     pub digests: Vec<Option<String>>,
     /// Parents this node stopped taking pieces from.
     pub blocked: HashSet<String>,
+    /// Parents that supplied pieces: who is reported when the content fails its digest.
+    pub suppliers: HashSet<String>,
     /// When the swarm last got news that lets it make progress (new parents or pieces).
     pub news_at: Instant,
 }
@@ -75,6 +77,7 @@ impl Download {
                 parents: Vec::new(),
                 digests: vec![None; pieces],
                 blocked: HashSet::new(),
+                suppliers: HashSet::new(),
                 news_at: Instant::now(),
             }),
             changed: watch::channel(0).0,
@@ -292,6 +295,27 @@ impl Download {
             gone: e.is_gone(),
         }));
         self.notify();
+    }
+
+    /// The content assembled with pieces from this download's parents failed its digest:
+    /// every parent that supplied a piece is reported, then the download, which holds nothing
+    /// any more, ends as poisoned (the scheduler drops the digests it pinned).
+    pub fn poisoned(&self) {
+        let suppliers: Vec<String> = self.lock().suppliers.drain().collect();
+        for parent_id in suppliers {
+            self.send(download_request::Kind::PieceFailed(proto::PieceFailed {
+                number: 0,
+                parent_id,
+                reason: "supplied pieces of content that failed its digest".to_owned(),
+                corrupt: true,
+                gone: false,
+            }));
+        }
+        self.send(download_request::Kind::Failed(proto::Failed {
+            reason: "content assembled from peers failed its digest".to_owned(),
+            poisoned: true,
+        }));
+        self.finished_sent.store(true, Ordering::SeqCst);
     }
 
     pub fn reschedule(&self, stalled: Vec<String>) {

@@ -52,6 +52,10 @@ const LINGER: Duration = Duration::from_secs(5);
 /// A scheduler that refused this host (the seed role, or acting for its host id) is asked
 /// again this often: a certificate may be renewed into one that carries the role.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
+/// How long a task whose content from peers failed its digest is taken from the origin only.
+const POISONED_FOR: Duration = Duration::from_secs(600);
+/// Poisoned tasks remembered at once; the oldest is forgotten first.
+const MAX_POISONED: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -126,6 +130,7 @@ pub struct NetMetrics {
     pub upload_refused: Counter,
     pub fallbacks: Counter,
     pub scheduler_errors: Counter,
+    pub poisoned: Counter,
 }
 
 impl NetMetrics {
@@ -147,6 +152,11 @@ impl NetMetrics {
             "Downloads that found no scheduler and went to the origin",
             m.scheduler_errors.clone(),
         );
+        registry.register(
+            "damselfly_poisoned_tasks",
+            "Tasks whose content from peers failed its digest (their suppliers were reported)",
+            m.poisoned.clone(),
+        );
         m
     }
 }
@@ -156,6 +166,9 @@ pub struct Node {
     pub(crate) store: Store,
     schedulers: Arc<Schedulers>,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Tasks whose content from peers failed its digest here, and until when they are taken
+    /// from the origin only: the client's retry must not meet the same pieces.
+    poisoned: Mutex<HashMap<Digest, std::time::Instant>>,
     /// Upload keys from the schedulers this host announced to.
     keys: RwLock<Vec<[u8; KEY_LEN]>>,
     pub(crate) http: reqwest::Client,
@@ -225,6 +238,7 @@ impl Node {
                 member::Membership::new(&cfg.host_id, &cfg.owner, cfg.cluster_secret.as_deref())?,
             )?),
             downloads: Mutex::new(HashMap::new()),
+            poisoned: Mutex::new(HashMap::new()),
             keys: RwLock::new(Vec::new()),
             http,
             upload_limit: cfg.upload_rate.map(RateLimit::new),
@@ -424,13 +438,18 @@ impl Node {
         token::verify(&keys, token, &digest.to_string(), now)
     }
 
-    /// The task's download, opening its download stream if there is none.
+    /// The task's download, opening its download stream if there is none. A task poisoned
+    /// here lately gets a download that goes to the origin and tells no scheduler.
     pub(crate) fn download(self: &Arc<Self>, task: &TaskRef, source: &dyn Source) -> Arc<Download> {
         let mut downloads = self.downloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = downloads.get(task.digest()) {
             return s.clone();
         }
         let download = Download::new(task.digest().clone(), task.layout().count());
+        if self.is_poisoned(task.digest()) {
+            download.set_mode(Mode::Origin);
+            return download;
+        }
         downloads.insert(task.digest().clone(), download.clone());
         drop(downloads);
         let spec = source.describe().unwrap_or_default();
@@ -515,6 +534,34 @@ impl Node {
         }
     }
 
+    fn is_poisoned(&self, digest: &Digest) -> bool {
+        let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        poisoned.retain(|_, until| *until > now);
+        poisoned.contains_key(digest)
+    }
+
+    /// Content of `digest` assembled with pieces from peers failed its digest: its suppliers
+    /// are reported, and the task comes from the origin here for a while.
+    fn poisoned(&self, digest: &Digest) {
+        tracing::warn!(%digest, "content from peers failed its digest; reporting its suppliers and taking it from the origin");
+        self.metrics.poisoned.inc();
+        {
+            let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+            if poisoned.len() >= MAX_POISONED {
+                let oldest = poisoned.iter().min_by_key(|(_, until)| **until).map(|(d, _)| d.clone());
+                if let Some(d) = oldest {
+                    poisoned.remove(&d);
+                }
+            }
+            poisoned.insert(digest.clone(), std::time::Instant::now() + POISONED_FOR);
+        }
+        let download = self.downloads.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
+        if let Some(download) = download {
+            download.poisoned();
+        }
+    }
+
     /// The store dropped `digest` (evicted, or discarded).
     fn withdrawn(&self, digest: &Digest) {
         tokio::spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
@@ -530,6 +577,7 @@ impl Node {
             match event {
                 Some(StoreEvent::PieceHashed { digest, piece, sha256 }) => self.piece_hashed(&digest, piece, sha256),
                 Some(StoreEvent::TaskReady(meta)) => self.task_ready(meta),
+                Some(StoreEvent::Poisoned(digest)) => self.poisoned(&digest),
                 Some(StoreEvent::Withdrawn(digest)) => self.withdrawn(&digest),
                 None => return,
             }

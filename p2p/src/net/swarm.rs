@@ -235,6 +235,9 @@ impl Swarm {
             if let Some(p) = st.parents.iter_mut().find(|p| p.host_id == job.parent) {
                 p.inflight = p.inflight.saturating_sub(1);
             }
+            if result.is_ok() {
+                st.suppliers.insert(job.parent.clone());
+            }
         }
         match result {
             Ok(record) => {

@@ -445,7 +445,7 @@ impl Task {
         self.store.upgrade().is_some_and(|s| s.sharing().is_some())
     }
 
-    fn emit(&self, event: StoreEvent) {
+    pub(crate) fn emit(&self, event: StoreEvent) {
         if let Some(store) = self.store.upgrade() {
             store.emit(event);
         }

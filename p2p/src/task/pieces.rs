@@ -247,6 +247,11 @@ impl PieceMap {
         }
     }
 
+    /// Whether any piece came from another node.
+    pub(crate) fn any_from_peer(&self) -> bool {
+        self.from_peer.iter().any(|&p| p)
+    }
+
     pub(crate) fn is_from_peer(&self, i: usize) -> bool {
         self.from_peer.get(i).copied().unwrap_or(false)
     }

@@ -2,6 +2,7 @@
 
 mod lifecycle;
 mod members;
+mod pins;
 mod pipelining;
 mod regressions;
 mod rules;

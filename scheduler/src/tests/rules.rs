@@ -169,7 +169,7 @@ fn waiting_peers_go_to_the_origin_when_the_fetcher_fails_or_leaves() {
     let mut b = Dl::open(&s, at("b", "2", ""));
     let mut c = Dl::open(&s, at("c", "3", ""));
     assert_eq!((last(&a.take()), last(&b.take()), last(&c.take())), ("back_to_source", "wait", "wait"));
-    a.send(Req::Failed(proto::Failed { reason: "origin said 500".into() }));
+    a.send(Req::Failed(proto::Failed { reason: "origin said 500".into(), ..Default::default() }));
     let (b_msgs, c_msgs) = (b.take(), c.take());
     // One of them takes the freed slot; the other keeps waiting, untold.
     let mut got = [last(&b_msgs), last(&c_msgs)];
