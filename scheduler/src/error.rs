@@ -14,6 +14,9 @@ pub enum SchedulerError {
     DownloadEnded(&'static str),
     #[error("the scheduler is shutting down")]
     ShuttingDown,
+    /// A bound on the scheduler's state was reached (hosts, a host's tasks).
+    #[error("{0}")]
+    Exhausted(String),
     /// Another node owns this host id (it announced it first, with another owner token).
     #[error("host id {0} belongs to another node")]
     NotOwner(String),
@@ -40,6 +43,7 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             SchedulerError::DownloadEnded(m) => tonic::Status::failed_precondition(m),
             SchedulerError::ShuttingDown => tonic::Status::unavailable("the scheduler is shutting down"),
+            SchedulerError::Exhausted(m) => tonic::Status::resource_exhausted(m),
             SchedulerError::NotOwner(id) => tonic::Status::permission_denied(format!("host id {id} belongs to another node")),
             SchedulerError::Io(e) => tonic::Status::internal(e.to_string()),
             SchedulerError::Tls(m) => tonic::Status::internal(m),

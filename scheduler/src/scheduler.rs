@@ -26,6 +26,10 @@ use crate::token;
 
 /// Tasks one announcement may list.
 const MAX_ANNOUNCED_TASKS: usize = 10_000;
+/// Hosts one scheduler keeps; more are refused until some leave or expire.
+const MAX_HOSTS: usize = 50_000;
+/// Tasks one host may hold a peer in; announcements beyond it are ignored.
+pub(crate) const MAX_HOST_TASKS: usize = 20_000;
 /// Free-form host fields longer than this are refused.
 const MAX_FIELD: usize = 1024;
 /// Seed tasks queued for a seed that is not reading them.
@@ -107,8 +111,12 @@ impl Scheduler {
         let tasks = req.tasks.iter().map(parse_task).collect::<Result<Vec<_>, _>>()?;
         let key = token::upload_key(&self.inner.config.secret, &host.id);
         self.with(|st, env| {
-            if st.hosts.get(&host.id).is_some_and(|h| !h.owned_by(owner.as_ref())) {
-                return Err(SchedulerError::NotOwner(host.id.clone()));
+            match st.hosts.get(&host.id) {
+                Some(h) if !h.owned_by(owner.as_ref()) => return Err(SchedulerError::NotOwner(host.id.clone())),
+                None if st.hosts.len() >= MAX_HOSTS => {
+                    return Err(SchedulerError::Exhausted(format!("the scheduler holds {MAX_HOSTS} hosts")))
+                }
+                _ => {}
             }
             let (id, hix) = upsert_host(st, env, host, &key);
             if let Some(h) = st.hosts.at_mut(hix) {
@@ -315,6 +323,11 @@ impl SoftState {
         let (length, piece_size) = (length.max(info.length), piece_size.max(info.piece_size));
         let count = piece_count(length, piece_size);
         if count.is_some_and(|c| c > MAX_PIECES) {
+            return;
+        }
+        let full = self.hosts.at(hix).is_some_and(|h| h.tasks.len() >= MAX_HOST_TASKS && !h.tasks.contains(info.digest.as_str()));
+        if full {
+            tracing::debug!(%host, digest = %info.digest, "host holds {MAX_HOST_TASKS} tasks here; announced task ignored");
             return;
         }
         let digest: Id = existing.map_or_else(|| info.digest.as_str().into(), |(k, _)| k.clone());

@@ -151,3 +151,21 @@ async fn a_task_remembers_a_bounded_number_of_public_repositories() {
     assert!(kept <= 64, "{kept} public repositories kept for one task");
     assert!(task.public_age(&format!("http://{reg}/r{}", n - 1)).is_some(), "the newest is kept");
 }
+
+#[tokio::test]
+async fn a_manifest_naming_no_media_type_is_served_with_the_type_its_structure_says() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = fake_registry::app(dir.path(), 1 << 30, UpstreamConfig::default());
+    let (body, d) = manifest(false);
+    // This registry calls every manifest an index; containerd fails an image pull on that.
+    let index = "application/vnd.oci.image.index.v1+json";
+    let wrong = serve(Reg { body: body.clone(), content_type: index, no_head: false }).await;
+    let right = serve(Reg { body: body.clone(), content_type: OCI_MANIFEST, no_head: false }).await;
+    let path = format!("/v2/lib/app/manifests/{d}");
+    let (status, _, _) = call(&app, Method::GET, &path, wrong, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, got) = call(&app, Method::GET, &path, right, None).await;
+    assert_eq!((status, got), (StatusCode::OK, body));
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    assert_eq!(content_type, Some(OCI_MANIFEST), "another registry's word reached this registry's client");
+}

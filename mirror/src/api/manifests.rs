@@ -150,32 +150,45 @@ async fn through_cluster(
             }
         }
     }
-    if task.media_type().is_none_or(|t| checked_type(&out, &t).is_none()) {
-        // The type this task was made with is not the one its body names.
+    if task.media_type().is_none_or(|t| checked_type(&out, &t).as_deref() != Some(t.as_str())) {
+        // The type this task was made with is not the one its body names or has.
         task.abandon("manifest media type does not match its body");
         return None;
     }
     Some(Ok(manifest_response(full(Bytes::from(out)), Some(&media_type), Some(digest), Some(len))))
 }
 
-/// The media type a cached manifest may be served with: a manifest type, and the one the body
-/// itself names when it names one. A registry's `Content-Type` alone is only its word, and a
-/// cached manifest answers clients of every registry (a wrong type fails containerd's pull,
-/// which does not fall back after a 200).
+/// The media type a cached manifest is served with: the one its body names, or, when it names
+/// none (OCI makes `mediaType` optional), the one its structure says. A registry's
+/// `Content-Type` is only that registry's word, and a cached manifest answers clients of every
+/// registry: a wrong type fails containerd's pull, which does not fall back after a 200.
+/// `claimed` must still be a manifest type: a registry that calls the body something else is
+/// not serving a manifest.
 fn checked_type(body: &[u8], claimed: &str) -> Option<String> {
     if !MANIFEST_TYPES.contains(&claimed) {
         return None;
     }
     #[derive(serde::Deserialize)]
-    struct Named {
+    struct Shape {
         #[serde(rename = "mediaType")]
         media_type: Option<String>,
+        manifests: Option<serde::de::IgnoredAny>,
+        config: Option<serde::de::IgnoredAny>,
+        layers: Option<serde::de::IgnoredAny>,
     }
-    match serde_json::from_slice::<Named>(body).ok()?.media_type {
-        Some(named) if named != claimed => None,
-        _ => Some(claimed.to_owned()),
-    }
+    let shape = serde_json::from_slice::<Shape>(body).ok()?;
+    let t = match (shape.media_type, shape.manifests, shape.config, shape.layers) {
+        (Some(named), ..) => named,
+        (None, Some(_), None, None) => OCI_INDEX.to_owned(),
+        (None, None, Some(_), Some(_)) => OCI_MANIFEST.to_owned(),
+        // Neither shape: nothing says what it is.
+        _ => return None,
+    };
+    MANIFEST_TYPES.contains(&t.as_str()).then_some(t)
 }
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 fn upstream_request(req: &ManifestRequest) -> UpstreamRequest {
     let mut headers = HeaderMap::new();

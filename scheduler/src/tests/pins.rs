@@ -71,3 +71,37 @@ fn a_poison_report_against_digests_a_download_verified_changes_nothing() {
     assert_eq!(pinned(&s), N as usize);
     assert!(!s.lock().hosts.get("a").is_some_and(|h| h.blocked(std::time::Instant::now())));
 }
+
+#[test]
+fn announcing_thousands_of_large_tasks_costs_no_piece_bitmaps() {
+    let s = sched(|_| {});
+    // 100,000 pieces of 1 byte each, times thousands: once a full bitmap per peer (12.5 KiB).
+    let tasks: Vec<TaskInfo> = (0..5_000u32)
+        .map(|i| TaskInfo {
+            digest: format!("sha256:{i:064x}"),
+            length: 100_000,
+            piece_size: 1,
+            piece_sha256: vec![],
+        })
+        .collect();
+    announce(&s, host("big"), tasks);
+    let st = s.lock();
+    assert_eq!(st.tasks.len(), 5_000);
+    let words: usize = st.tasks.values().flat_map(|t| t.peers.iter()).map(|p| p.pieces.words()).sum();
+    assert_eq!(words, 0);
+}
+
+#[test]
+fn a_host_holds_a_bounded_number_of_tasks() {
+    let s = sched(|_| {});
+    let batch = |from: usize| -> Vec<TaskInfo> {
+        (from..from + 10_000)
+            .map(|i| TaskInfo { digest: format!("sha256:{i:064x}"), length: 10, piece_size: 4, piece_sha256: vec![] })
+            .collect()
+    };
+    for from in [0, 10_000, 20_000] {
+        announce(&s, host("greedy"), batch(from));
+    }
+    let held = s.lock().hosts.get("greedy").map_or(0, |h| h.tasks.len());
+    assert_eq!(held, crate::scheduler::MAX_HOST_TASKS);
+}
