@@ -87,7 +87,12 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     let mut registry = Registry::default();
     let store_metrics = Arc::new(StoreMetrics::register(&mut registry));
     let store = Store::open(
-        StoreConfig { dir: config.data_dir.clone(), quota: config.cache_quota.0, direct_io: config.cache_direct_io },
+        StoreConfig {
+            dir: config.data_dir.clone(),
+            quota: config.cache_quota.0,
+            direct_io: config.cache_direct_io,
+            max_tasks: damselfly_p2p::DEFAULT_MAX_TASKS,
+        },
         store_metrics,
     )?;
     let upstream = Upstream::new(UpstreamConfig {

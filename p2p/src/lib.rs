@@ -20,7 +20,7 @@ pub use damselfly_proto::{Algorithm, Digest, DigestError, Hasher};
 pub use metrics::Metrics;
 pub use reader::{read, Delivery, ReadError};
 pub use source::{ByteSource, Source, SourceError, SourceResponse, SourceSpec};
-pub use store::{Store, StoreConfig, StoreError};
+pub use store::{Store, StoreConfig, StoreError, DEFAULT_MAX_TASKS};
 pub use task::{Task, TaskRef};
 
 #[cfg(test)]

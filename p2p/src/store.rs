@@ -41,6 +41,8 @@ pub struct StoreConfig {
     pub quota: u64,
     /// Write fetched bytes with `O_DIRECT` where the filesystem allows it (see `stage.rs`).
     pub direct_io: bool,
+    /// Tasks kept at most (see [`DEFAULT_MAX_TASKS`]).
+    pub max_tasks: usize,
 }
 
 #[derive(Clone)]
@@ -51,6 +53,7 @@ pub struct Store {
 pub(crate) struct Inner {
     dir: PathBuf,
     quota: u64,
+    max_tasks: usize,
     pub(crate) direct_io: bool,
     index: Mutex<Index>,
     pub(crate) metrics: Arc<Metrics>,
@@ -82,7 +85,22 @@ enum Lookup {
 
 struct Entry {
     len: u64,
+    /// What the task counts against the quota: the bytes it holds, in filesystem blocks, and
+    /// a block of metadata (see [`charge_of`]). It follows what arrives, not the length a
+    /// registry announced, so a made-up length cannot empty the cache.
+    charged: u64,
     task: Option<Arc<Task>>,
+}
+
+/// Filesystem block: the least a file costs on disk.
+const BLOCK: u64 = 4096;
+/// Tasks kept at most unless configured, whatever their size: each costs two inodes and its
+/// metadata.
+pub const DEFAULT_MAX_TASKS: usize = 200_000;
+
+/// The charge of a task holding `held` bytes: at least one block of data, and one of metadata.
+pub(crate) fn charge_of(held: u64) -> u64 {
+    held.div_ceil(BLOCK).max(1) * BLOCK + BLOCK
 }
 
 impl Store {
@@ -100,8 +118,9 @@ impl Store {
         found.sort_by_key(|m| m.last_access);
         let mut index = Index { lru: LruCache::unbounded(), used: 0, opened: 0 };
         for meta in found {
-            index.used += meta.len;
-            index.lru.put(meta.digest.clone(), Entry { len: meta.len, task: None });
+            let charged = charge_of(meta.stored_bytes());
+            index.used += charged;
+            index.lru.put(meta.digest.clone(), Entry { len: meta.len, charged, task: None });
         }
         metrics.cache_bytes.set(index.used as i64);
         metrics.cache_tasks.set(index.lru.len() as i64);
@@ -109,6 +128,7 @@ impl Store {
         let inner = Inner {
             dir: cfg.dir,
             quota: cfg.quota,
+            max_tasks: cfg.max_tasks.max(1),
             direct_io: cfg.direct_io,
             index: Mutex::new(index),
             metrics,
@@ -122,7 +142,8 @@ impl Store {
         &self.inner.metrics
     }
 
-    /// Bytes reserved by cached tasks (their full lengths).
+    /// Bytes cached tasks count against the quota (what they hold, in blocks, and their
+    /// metadata).
     pub fn used(&self) -> u64 {
         self.inner.index().used
     }
@@ -155,9 +176,9 @@ impl Store {
             Err(e) if !unreadable(&e) => Err(e),
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "dropping unreadable task");
-                let len = entry.len;
+                let charged = entry.charged;
                 index.lru.pop(digest);
-                index.used -= len;
+                index.used -= charged;
                 self.inner.delete_files(digest);
                 self.inner.publish(&index);
                 Ok(None)
@@ -192,10 +213,18 @@ impl Store {
                 return if other_type(&task) { Err(StoreError::OtherType) } else { Ok(task) };
             }
         }
-        self.inner.make_room(&mut index, len)?;
+        // Too big for the cache or the disk, or for what the tasks in use leave of the cache:
+        // stream it through. Nothing is evicted for a length yet, only for bytes that arrive.
+        let in_use: u64 = index.lru.iter().filter_map(|(_, e)| e.task.as_ref().filter(|t| t.is_pinned()).map(|_| e.charged)).sum();
+        let disk_full = free_disk(&self.inner.dir).is_some_and(|free| free < len + DISK_HEADROOM);
+        if len > self.inner.quota.saturating_sub(in_use) || disk_full {
+            return Err(StoreError::NoSpace(len));
+        }
+        let charged = charge_of(0);
+        self.inner.make_room(&mut index, charged, true)?;
         let task = Arc::new(self.inner.create(digest, len, media_type)?);
-        index.used += len;
-        index.lru.put(digest.clone(), Entry { len, task: Some(task.clone()) });
+        index.used += charged;
+        index.lru.put(digest.clone(), Entry { len, charged, task: Some(task.clone()) });
         let pinned = TaskRef::pin(task);
         close_idle(&mut index);
         self.inner.publish(&index);
@@ -344,12 +373,37 @@ impl Inner {
         Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))
     }
 
-    /// Evicts unpinned tasks, least recently used first, until `len` more bytes fit.
-    fn make_room(&self, index: &mut Index, len: u64) -> Result<(), StoreError> {
-        if len > self.quota || free_disk(&self.dir).is_some_and(|free| free < len + DISK_HEADROOM) {
+    /// Task `task` of `digest` now holds `held` bytes: its charge follows, and tasks nobody
+    /// uses are evicted, least recently used first, to make room. When everything else is in
+    /// use the cache runs over its quota for a while (the task is read or fetched, and the
+    /// next room made evicts it first once it is not): a pull never fails for want of room.
+    /// The disk was asked for the blocks when the task was made (`reserve`): this only counts.
+    pub(crate) fn charge(&self, digest: &Digest, task: &Task, held: u64) {
+        let mut index = self.index();
+        let Some(entry) = index.lru.peek(digest) else { return };
+        if !entry.task.as_ref().is_some_and(|t| std::ptr::eq(&**t, task)) {
+            return;
+        }
+        let delta = charge_of(held.min(entry.len)).saturating_sub(entry.charged);
+        if delta == 0 {
+            return;
+        }
+        // No room is not an error here: see above.
+        let _ = self.make_room(&mut index, delta, false);
+        if let Some(entry) = index.lru.peek_mut(digest) {
+            entry.charged += delta;
+            index.used += delta;
+        }
+        self.publish(&index);
+    }
+
+    /// Evicts unpinned tasks, least recently used first, until `len` more bytes (and, for a
+    /// `new_task`, one more task) fit.
+    fn make_room(&self, index: &mut Index, len: u64, new_task: bool) -> Result<(), StoreError> {
+        if len > self.quota {
             return Err(StoreError::NoSpace(len));
         }
-        while index.used + len > self.quota {
+        while index.used + len > self.quota || (new_task && index.lru.len() >= self.max_tasks) {
             let victim = index
                 .lru
                 .iter()
@@ -358,7 +412,7 @@ impl Inner {
                 .map(|(d, _)| d.clone());
             let Some(victim) = victim else { return Err(StoreError::NoSpace(len)) };
             if let Some(entry) = index.lru.pop(&victim) {
-                index.used -= entry.len;
+                index.used -= entry.charged;
                 if let Some(task) = entry.task {
                     task.fail("evicted");
                 }
@@ -377,7 +431,7 @@ impl Inner {
         let same = index.lru.peek(digest).and_then(|e| e.task.as_ref()).is_some_and(|t| std::ptr::eq(&**t, task));
         if same {
             if let Some(entry) = index.lru.pop(digest) {
-                index.used -= entry.len;
+                index.used -= entry.charged;
             }
             self.delete_files(digest);
             self.publish(&index);

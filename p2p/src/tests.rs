@@ -109,7 +109,12 @@ fn overwrite(path: &std::path::Path, offset: usize, bytes: &[u8]) {
 }
 
 pub(crate) fn open(dir: &std::path::Path, quota: u64) -> Store {
-    Store::open(StoreConfig { dir: dir.to_owned(), quota, direct_io: true }, Arc::new(Metrics::default())).unwrap()
+    open_capped(dir, quota, DEFAULT_MAX_TASKS)
+}
+
+fn open_capped(dir: &std::path::Path, quota: u64, max_tasks: usize) -> Store {
+    let cfg = StoreConfig { dir: dir.to_owned(), quota, direct_io: true, max_tasks };
+    Store::open(cfg, Arc::new(Metrics::default())).unwrap()
 }
 
 pub(crate) async fn collect(
@@ -228,7 +233,7 @@ async fn without_direct_io_fills_go_through_the_page_cache() {
     let (data, d) = blob(9 * MIB + 11);
     let src = MemSource::new(data.clone(), Faults { cut_after: Some((5 * MIB + 3, 1)), ..Faults::default() });
     {
-        let cfg = StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false };
+        let cfg = StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false, max_tasks: DEFAULT_MAX_TASKS };
         let store = Store::open(cfg, Arc::new(Metrics::default())).unwrap();
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
         assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);
@@ -326,6 +331,71 @@ async fn quota_evicts_least_recently_used_unpinned_tasks() {
     assert!(matches!(store.get_or_create(&bd, big.len() as u64, None), Err(StoreError::NoSpace(_))));
 }
 
+/// A registry can announce any length: until bytes arrive, nothing is evicted for it, and
+/// once its fetch ends without them, the blocks allocated for it go back to the disk.
+#[tokio::test]
+async fn a_made_up_length_evicts_nothing_and_holds_no_disk_once_its_fetch_ends() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), (10 * MIB) as u64);
+    let cached: Vec<_> = (1..=2).map(|i| blob(4 * MIB + i)).collect();
+    for (data, d) in &cached {
+        let src = MemSource::new(data.clone(), Faults::default());
+        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
+        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
+    }
+    let used = store.used();
+    // The registry says 9 MiB and sends nothing.
+    let (claimed, d) = blob(9 * MIB);
+    let silent = MemSource::new(claimed.clone(), Faults { cut_after: Some((0, 100)), ..Faults::default() });
+    let t = store.get_or_create(&d, claimed.len() as u64, None).unwrap();
+    assert!(collect(t.clone(), 0..claimed.len() as u64, Delivery::Whole, silent).await.is_err());
+    assert_eq!(store.metrics().evictions.get(), 0, "a length alone evicted cached content");
+    assert!(cached.iter().all(|(_, d)| store.get(d).unwrap().is_some()));
+    assert!(store.used() - used <= 8192, "charged {} for a task holding nothing", store.used() - used);
+    drop(t);
+    let file = std::fs::read_dir(dir.path().join("tasks/sha256"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "data") && p.to_string_lossy().contains(d.hex()))
+        .expect("the task's data file");
+    let blocks = std::fs::metadata(&file).unwrap().blocks() * 512;
+    assert!(blocks < MIB as u64, "{blocks} bytes of disk held by a task that received none");
+}
+
+/// Bytes that arrive evict what they need: a task is charged as it fills.
+#[tokio::test]
+async fn eviction_follows_the_bytes_that_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), (10 * MIB) as u64);
+    let blobs: Vec<_> = (1..=3).map(|i| blob(4 * MIB + i)).collect();
+    for (data, d) in &blobs {
+        let src = MemSource::new(data.clone(), Faults::default());
+        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
+        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
+    }
+    assert_eq!(store.metrics().evictions.get(), 1);
+    assert!(store.get(&blobs[0].1).unwrap().is_none() && store.get(&blobs[2].1).unwrap().is_some());
+    assert!(store.used() <= (10 * MIB) as u64);
+}
+
+/// One-byte tasks cost a data block, a metadata block and two inodes each, not one byte: the
+/// charge says so, and their number is capped.
+#[tokio::test]
+async fn tiny_tasks_are_charged_their_blocks_and_capped_in_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_capped(dir.path(), 1 << 30, 16);
+    for i in 0..40u32 {
+        let (data, d) = (Bytes::from(i.to_be_bytes().to_vec()), Digest::of(Algorithm::Sha256, &i.to_be_bytes()));
+        store.put_verified(&d, &data, None).unwrap();
+    }
+    let tasks = store.metrics().cache_tasks.get();
+    assert_eq!(tasks, 16);
+    assert_eq!(store.used(), 16 * 8192);
+    assert_eq!(store.metrics().evictions.get(), 24);
+}
+
 /// Another writer filling the disk must not make a task's writes fail half way: a new task's
 /// blocks are allocated before anything is fetched (on filesystems that can).
 #[test]
@@ -365,7 +435,7 @@ fn a_second_store_on_the_same_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _a = open(dir.path(), 1 << 20);
     let b = Store::open(
-        StoreConfig { dir: dir.path().to_owned(), quota: 1, direct_io: true },
+        StoreConfig { dir: dir.path().to_owned(), quota: 1, direct_io: true, max_tasks: DEFAULT_MAX_TASKS },
         Arc::new(Metrics::default()),
     );
     assert!(matches!(b, Err(StoreError::Locked(_))));

@@ -21,7 +21,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,9 @@ pub struct Task {
     /// Readers moved on (see `pace.rs`).
     consumed: tokio::sync::Notify,
     pins: AtomicUsize,
+    /// Bytes of pieces that arrived (a piece fetched again counts again; the store's charge
+    /// stops at the task's length).
+    held: AtomicU64,
     /// A whole-task fill runs (see `reader::fill`).
     pub(crate) filling: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Arc<Metrics>,
@@ -148,6 +151,7 @@ impl Task {
     ) -> Result<Task, StoreError> {
         let layout = Layout::with_piece_size(meta.len, meta.piece_size);
         let map = map_file(&file, meta.len)?;
+        let held = AtomicU64::new(meta.stored_bytes());
         let state = TaskState {
             pieces: PieceMap::new(layout, meta.pieces),
             verification: Verification::new(meta.verified),
@@ -170,6 +174,7 @@ impl Task {
             progress: watch::channel(0).0,
             consumed: tokio::sync::Notify::new(),
             pins: AtomicUsize::new(0),
+            held,
             filling: Default::default(),
             metrics,
             store,
@@ -332,15 +337,26 @@ impl Task {
     /// Piece `i`, claimed by fetch `id`, is on disk. `checked` is when its bytes were last
     /// seen to match `record` where readers will read them; `None` makes the first read check.
     pub(crate) fn piece_done(&self, id: u64, i: usize, record: PieceRecord, checked: Option<Instant>) {
-        let flush = {
+        let (flush, new) = {
             let mut st = self.lock();
-            if st.pieces.done(id, i, record, checked) {
-                st.dirty = true;
-            }
-            st.last_flush.elapsed() > FLUSH_EVERY
+            let new = st.pieces.done(id, i, record, checked);
+            st.dirty |= new;
+            (st.last_flush.elapsed() > FLUSH_EVERY, new)
         };
+        if new {
+            let range = self.layout.piece_range(i);
+            self.hold(range.end - range.start);
+        }
         if flush {
             self.flush();
+        }
+    }
+
+    /// `more` bytes arrived: the store charges the task for them (see `Store::charge`).
+    fn hold(&self, more: u64) {
+        let held = self.held.fetch_add(more, Ordering::SeqCst) + more;
+        if let Some(store) = self.store.upgrade() {
+            store.charge(&self.digest, self, held);
         }
     }
 
@@ -418,6 +434,12 @@ impl Task {
                 st.verification.end_streaming();
             }
             st.pieces.release(id, error);
+            // The blocks allocated up front for pieces that did not come go back to the disk
+            // (under the lock, so no fetch claims one meanwhile): a length a registry made up
+            // holds no disk once its fetch ended.
+            for run in st.pieces.idle_missing_runs() {
+                punch_hole(&self.file, run);
+            }
         }
         self.flush();
         self.notify();
@@ -498,6 +520,7 @@ impl Task {
             })
             .collect();
         self.lock().pieces.fill(records);
+        self.hold(bytes.len() as u64);
         self.set_verified();
         Ok(())
     }
@@ -611,5 +634,19 @@ impl std::ops::Deref for TaskRef {
     type Target = Task;
     fn deref(&self) -> &Task {
         &self.0
+    }
+}
+
+/// Gives the blocks of `range` back to the filesystem, keeping the file's length; where the
+/// filesystem cannot, they stay allocated (the file reads zeros there either way).
+fn punch_hole(file: &File, range: Range<u64>) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(range.start), libc::off_t::try_from(range.end - range.start)) else {
+        return;
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot give back a task's unused blocks");
     }
 }

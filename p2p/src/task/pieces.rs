@@ -94,6 +94,26 @@ impl PieceMap {
         self.pieces.iter().all(|p| matches!(p, Piece::Present { record, .. } if record.sha256.is_some()))
     }
 
+    /// The byte ranges of missing pieces, in runs, when no fetch claims any piece: what a task
+    /// may give back of the blocks allocated for it.
+    pub(crate) fn idle_missing_runs(&self) -> Vec<std::ops::Range<u64>> {
+        if self.pieces.iter().any(|p| matches!(p, Piece::Claimed(_))) {
+            return Vec::new();
+        }
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for (i, p) in self.pieces.iter().enumerate() {
+            if !matches!(p, Piece::Missing) {
+                continue;
+            }
+            let r = self.layout.piece_range(i);
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => runs.push(r),
+            }
+        }
+        runs
+    }
+
     pub(crate) fn present_numbers(&self) -> Vec<u32> {
         (0..self.pieces.len()).filter(|&i| self.pieces[i].is_present()).map(|i| i as u32).collect()
     }
