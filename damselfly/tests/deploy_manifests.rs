@@ -66,7 +66,6 @@ fn every_manifest_runs_a_valid_command_line() {
     assert!(commands >= 3, "found only {commands} commands");
 }
 
-
 fn the_example_secret_is_refused_until_replaced(dir: &Path) {
     let text = std::fs::read_to_string(dir.join("namespace.yaml")).expect("namespace.yaml");
     let line = text.lines().find(|l| l.trim_start().starts_with("secret:")).expect("the Secret's value");

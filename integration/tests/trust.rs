@@ -4,7 +4,9 @@
 
 use damselfly_integration::cluster::{node_ip, SECRET};
 use damselfly_integration::liar::noise;
-use damselfly_integration::{fetch, http_client, random_bytes, Claim, Cluster, Liar, Mirror, MirrorOpts, Registry, MIB};
+use damselfly_integration::{
+    fetch, http_client, random_bytes, Claim, Cluster, Liar, Mirror, MirrorOpts, Registry, MIB,
+};
 
 const REPO: &str = "test/trust";
 const REGISTRY_HEADER: &str = "X-Dragonfly-Registry";

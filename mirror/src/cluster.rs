@@ -191,7 +191,9 @@ pub fn cluster_secret(config: &MirrorConfig) -> Result<Option<Vec<u8>>, ClusterE
     match secret {
         Some(secret) => Ok(Some(secret)),
         None if config.insecure_cluster => {
-            tracing::warn!("insecure cluster: this node proves no membership, and only schedulers that take anyone take it");
+            tracing::warn!(
+                "insecure cluster: this node proves no membership, and only schedulers that take anyone take it"
+            );
             Ok(None)
         }
         // Its certificate proves membership to schedulers that require one.
@@ -218,7 +220,8 @@ fn owner_token(data_dir: &Path) -> Result<OwnerToken, ClusterError> {
     std::fs::create_dir_all(data_dir).map_err(err)?;
     let token = OwnerToken::new(rand::random());
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
     file.write_all(format!("{}\n", token.to_hex()).as_bytes()).map_err(err)?;
     file.sync_all().map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)?;

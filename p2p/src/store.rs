@@ -215,7 +215,8 @@ impl Store {
         }
         // Too big for the cache or the disk, or for what the tasks in use leave of the cache:
         // stream it through. Nothing is evicted for a length yet, only for bytes that arrive.
-        let in_use: u64 = index.lru.iter().filter_map(|(_, e)| e.task.as_ref().filter(|t| t.is_pinned()).map(|_| e.charged)).sum();
+        let in_use: u64 =
+            index.lru.iter().filter_map(|(_, e)| e.task.as_ref().filter(|t| t.is_pinned()).map(|_| e.charged)).sum();
         let disk_full = free_disk(&self.inner.dir).is_some_and(|free| free < len + DISK_HEADROOM);
         if len > self.inner.quota.saturating_sub(in_use) || disk_full {
             return Err(StoreError::NoSpace(len));

@@ -233,7 +233,8 @@ async fn without_direct_io_fills_go_through_the_page_cache() {
     let (data, d) = blob(9 * MIB + 11);
     let src = MemSource::new(data.clone(), Faults { cut_after: Some((5 * MIB + 3, 1)), ..Faults::default() });
     {
-        let cfg = StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false, max_tasks: DEFAULT_MAX_TASKS };
+        let cfg =
+            StoreConfig { dir: dir.path().to_owned(), quota: 1 << 30, direct_io: false, max_tasks: DEFAULT_MAX_TASKS };
         let store = Store::open(cfg, Arc::new(Metrics::default())).unwrap();
         let t = store.get_or_create(&d, data.len() as u64, None).unwrap();
         assert!(collect(t.clone(), 0..data.len() as u64, Delivery::Whole, src.clone()).await.unwrap() == data);

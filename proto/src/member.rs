@@ -30,7 +30,9 @@ pub const MAX_SKEW: u64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemberError {
-    #[error("no cluster membership proof: the node needs the cluster secret (--secret-file or DAMSELFLY_SCHEDULER_SECRET)")]
+    #[error(
+        "no cluster membership proof: the node needs the cluster secret (--secret-file or DAMSELFLY_SCHEDULER_SECRET)"
+    )]
     Missing,
     #[error("malformed membership proof")]
     Malformed,

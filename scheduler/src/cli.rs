@@ -197,7 +197,8 @@ mod tests {
         std::fs::write(&key, "key").expect("write");
         let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
         let lab = Some(b"0123456789abcdef".to_vec());
-        let tls = args(&["--tls-cert", c, "--tls-key", k]).to_config_with(lab.clone()).expect("config").tls.expect("tls");
+        let tls =
+            args(&["--tls-cert", c, "--tls-key", k]).to_config_with(lab.clone()).expect("config").tls.expect("tls");
         assert_eq!((tls.cert.as_slice(), tls.key.as_slice(), tls.client_ca), (&b"cert"[..], &b"key"[..], None));
         let seeds = args(&["--tls-cert", c, "--tls-key", k, "--tls-client-ca", c, "--tls-seed-name", "seed.internal"]);
         let tls = seeds.to_config_with(lab.clone()).expect("config").tls.expect("tls");

@@ -44,7 +44,9 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::DownloadEnded(m) => tonic::Status::failed_precondition(m),
             SchedulerError::ShuttingDown => tonic::Status::unavailable("the scheduler is shutting down"),
             SchedulerError::Exhausted(m) => tonic::Status::resource_exhausted(m),
-            SchedulerError::NotOwner(id) => tonic::Status::permission_denied(format!("host id {id} belongs to another node")),
+            SchedulerError::NotOwner(id) => {
+                tonic::Status::permission_denied(format!("host id {id} belongs to another node"))
+            }
             SchedulerError::Io(e) => tonic::Status::internal(e.to_string()),
             SchedulerError::Tls(m) => tonic::Status::internal(m),
         }

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use damselfly_proto::member::Owner;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use damselfly_proto::member::Owner;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -325,7 +325,10 @@ impl SoftState {
         if count.is_some_and(|c| c > MAX_PIECES) {
             return;
         }
-        let full = self.hosts.at(hix).is_some_and(|h| h.tasks.len() >= MAX_HOST_TASKS && !h.tasks.contains(info.digest.as_str()));
+        let full = self
+            .hosts
+            .at(hix)
+            .is_some_and(|h| h.tasks.len() >= MAX_HOST_TASKS && !h.tasks.contains(info.digest.as_str()));
         if full {
             tracing::debug!(%host, digest = %info.digest, "host holds {MAX_HOST_TASKS} tasks here; announced task ignored");
             return;

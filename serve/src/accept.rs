@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,8 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::activity::{Activity, Limits, Watched};
 
 /// Request heads larger than this are refused (431) before any routing.
 const MAX_HEAD_BYTES: usize = 32 << 10;
@@ -26,7 +30,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown`; then drains open
-/// connections for a few seconds and ends the rest.
+/// connections for a few seconds and ends the rest, within the default [`Limits`].
 pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -50,17 +54,49 @@ pub async fn serve_with<H, F, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_limited(listener, tls, Limits::default(), handler, shutdown).await;
+}
+
+/// [`serve_with`] within `limits`.
+pub async fn serve_limited<H, F, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: Limits,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .max_buf_size(MAX_HEAD_BYTES.max(8192))
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         // Reap finished connections so the set stays as large as the open connections.
         while conns.try_join_next().is_some() {}
+        // At the cap, new connections wait in the backlog: the daemon keeps its descriptors.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -79,7 +115,9 @@ pub async fn serve_with<H, F, B>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
-        let conn = Conn { tls: tls.clone(), builder: builder.clone(), watcher: graceful.watcher(), peer };
+        let watcher = graceful.watcher();
+        let conn =
+            Conn { tls: tls.clone(), builder: builder.clone(), watcher, peer, permit, idle: limits.idle_timeout };
         conns.spawn(conn.serve(stream, svc, shutdown.clone()));
     }
     drop(listener);
@@ -96,6 +134,9 @@ struct Conn {
     builder: auto::Builder<TokioExecutor>,
     watcher: Watcher,
     peer: SocketAddr,
+    /// Held while the connection is open (see [`Limits`]).
+    permit: OwnedSemaphorePermit,
+    idle: Duration,
 }
 
 impl Conn {
@@ -106,10 +147,12 @@ impl Conn {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Conn { tls, builder, watcher, peer } = self;
+        let Conn { tls, builder, watcher, peer, permit: _permit, idle } = self;
+        let activity = Activity::new();
+        let stream = Watched::new(stream, activity.clone());
         let Some(tls) = tls else {
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-            return log_end(peer, conn.await);
+            return log_end(peer, until_idle(conn, &activity, idle).await);
         };
         // A handshake left unfinished neither holds up shutdown nor lasts past its timeout.
         let stream = tokio::select! {
@@ -121,12 +164,84 @@ impl Conn {
             },
         };
         let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-        log_end(peer, conn.await);
+        log_end(peer, until_idle(conn, &activity, idle).await);
+    }
+}
+
+/// Runs `conn` until it ends, or until it moved no byte for `timeout`.
+async fn until_idle<F, E>(conn: F, activity: &Activity, timeout: Duration) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    loop {
+        let left = timeout.saturating_sub(activity.idle());
+        if left.is_zero() {
+            tracing::debug!("closing an idle connection");
+            return Ok(());
+        }
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = tokio::time::sleep(left) => {}
+        }
     }
 }
 
 fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(limits: Limits) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let stop = CancellationToken::new();
+        let handler = |_req: Request<Incoming>| async { Response::new(http_body_util::Full::new(Bytes::from("ok"))) };
+        tokio::spawn(serve_limited(listener, None, limits, handler, stop.clone()));
+        (addr, stop)
+    }
+
+    async fn get(stream: &mut TcpStream) -> String {
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut buf = vec![0u8; 1024];
+        let n = stream.read(&mut buf).await.expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let (addr, stop) = start(Limits { max_connections: 8, idle_timeout: Duration::from_millis(300) }).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        assert!(get(&mut c).await.starts_with("HTTP/1.1 200"));
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("closed in time");
+        assert_eq!(closed.expect("clean close"), 0);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_one_to_close() {
+        let (addr, stop) = start(Limits { max_connections: 2, idle_timeout: Duration::from_secs(60) }).await;
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        assert!(get(&mut first).await.starts_with("HTTP/1.1 200"));
+        assert!(get(&mut second).await.starts_with("HTTP/1.1 200"));
+        let mut third = TcpStream::connect(addr).await.expect("the backlog takes it");
+        let waiting = tokio::time::timeout(Duration::from_millis(300), get(&mut third)).await;
+        assert!(waiting.is_err(), "a third connection was served past the cap");
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = vec![0u8; 1024];
+            let n = third.read(&mut buf).await.expect("read");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert!(served.await.expect("served once a slot freed").starts_with("HTTP/1.1 200"));
+        stop.cancel();
     }
 }

@@ -5,9 +5,11 @@
 //! this; none of them has an accept loop of its own.
 
 mod accept;
+mod activity;
 mod endpoints;
 mod logging;
 
-pub use accept::{serve, serve_with};
+pub use accept::{serve, serve_limited, serve_with};
+pub use activity::Limits;
 pub use endpoints::{health, metrics, text, OPENMETRICS};
 pub use logging::{check_log_level, init_logging, LogFormat};

@@ -105,7 +105,10 @@ async fn cold(app: &App, target: &Target, range: Option<RangeSpec>) -> Result<Co
     }
     let made = match &access {
         // A blob no bigger than a window came whole: no node need fetch it again.
-        Ok(probe) if probe.is_whole() && damselfly_p2p::Digest::of(target.digest.algorithm(), &probe.window) == target.digest => {
+        Ok(probe)
+            if probe.is_whole()
+                && damselfly_p2p::Digest::of(target.digest.algorithm(), &probe.window) == target.digest =>
+        {
             app.store.put_verified(&target.digest, &probe.window, None)
         }
         _ => app.store.get_or_create(&target.digest, len, None),

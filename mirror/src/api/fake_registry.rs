@@ -48,7 +48,8 @@ pub async fn serve(answer: impl Answer) -> SocketAddr {
 }
 
 pub fn app(dir: &std::path::Path, quota: u64, upstream: UpstreamConfig) -> Arc<App> {
-    let config = StoreConfig { dir: dir.to_owned(), quota, direct_io: false, max_tasks: damselfly_p2p::DEFAULT_MAX_TASKS };
+    let config =
+        StoreConfig { dir: dir.to_owned(), quota, direct_io: false, max_tasks: damselfly_p2p::DEFAULT_MAX_TASKS };
     let store = Store::open(config, Arc::new(Metrics::default())).expect("store");
     Arc::new(App {
         upstream: Upstream::new(upstream).expect("upstream"),

@@ -29,10 +29,10 @@ use crate::oci::{parse_route, ContentKind, RouteKind};
 use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
+use metrics::{ApiMetrics, RequestLabels};
 /// Bytes of a blob a cluster node asks the client's registry to show before serving bytes that
 /// come from elsewhere (see `proof.rs`).
 pub use proof::WINDOW as PROOF_WINDOW;
-use metrics::{ApiMetrics, RequestLabels};
 use response::{full, Body, API_VERSION};
 
 pub use error::ApiError;

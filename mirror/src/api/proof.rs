@@ -258,7 +258,8 @@ mod tests {
 
     #[test]
     fn a_window_of_zeros_proves_nothing_unless_it_is_all_that_is_asked() {
-        let zeros = Probe { start: 0, len: 1 << 20, credential: CredentialKind::Anonymous, window: Bytes::from(vec![0; 4096]) };
+        let zeros =
+            Probe { start: 0, len: 1 << 20, credential: CredentialKind::Anonymous, window: Bytes::from(vec![0; 4096]) };
         assert!(!zeros.proves(&(0..1 << 20)));
         assert!(zeros.proves(&(0..4096)));
         let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();

@@ -12,8 +12,8 @@ use http::StatusCode;
 use url::Url;
 
 use super::challenge::{self, Challenge};
-use super::token::{self, Identity, TokenCache, TokenKey};
 use super::guard;
+use super::token::{self, Identity, TokenCache, TokenKey};
 use super::transport::{PreparedRequest, Transport};
 use super::{CredentialKind, RegistryCredential, RegistryEndpoint, SchemePolicy, UpstreamError, UpstreamReply};
 

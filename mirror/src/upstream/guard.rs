@@ -156,7 +156,9 @@ impl AllowList {
         }
         let host = host_without_port(host_port);
         self.patterns.iter().any(|p| match p.strip_prefix("*.") {
-            Some(domain) => host.len() > domain.len() && host.ends_with(domain) && host[..host.len() - domain.len()].ends_with('.'),
+            Some(domain) => {
+                host.len() > domain.len() && host.ends_with(domain) && host[..host.len() - domain.len()].ends_with('.')
+            }
             None => p == host_port || (!p.contains(':') && p == host),
         })
     }
@@ -179,7 +181,17 @@ mod tests {
 
     #[test]
     fn metadata_and_link_local_addresses_are_never_reached() {
-        for a in ["169.254.169.254", "169.254.0.1", "fe80::1", "0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "::ffff:169.254.169.254", "0.1.2.3"] {
+        for a in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::ffff:169.254.169.254",
+            "0.1.2.3",
+        ] {
             assert_eq!(classify(ip(a)), AddrClass::Forbidden, "{a}");
             assert!(!allows(Reach::Private, ip(a)), "{a}");
         }
@@ -187,7 +199,9 @@ mod tests {
 
     #[test]
     fn internal_addresses_are_reached_only_for_registries_that_are_internal_themselves() {
-        for a in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "::1", "fd00::1", "::ffff:10.0.0.1"] {
+        for a in
+            ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "::1", "fd00::1", "::ffff:10.0.0.1"]
+        {
             assert_eq!(classify(ip(a)), AddrClass::Internal, "{a}");
             assert!(allows(Reach::Private, ip(a)) && !allows(Reach::Public, ip(a)), "{a}");
         }
@@ -218,7 +232,8 @@ mod tests {
 
     #[test]
     fn allow_list_patterns_match_hosts_and_domains() {
-        let list = AllowList::new(&["registry.internal:5000".into(), "*.example.com".into(), "ghcr.io".into()]).expect("list");
+        let list =
+            AllowList::new(&["registry.internal:5000".into(), "*.example.com".into(), "ghcr.io".into()]).expect("list");
         assert!(list.allows("registry.internal:5000") && !list.allows("registry.internal:5001"));
         assert!(list.allows("a.example.com") && list.allows("b.a.example.com:443"));
         assert!(!list.allows("example.com") && !list.allows("evilexample.com"));

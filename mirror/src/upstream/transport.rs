@@ -164,7 +164,11 @@ impl Transport {
         let clients = |reach| -> Result<Clients, UpstreamError> {
             Ok(Clients { verified: build(reach, false)?, unverified: build(reach, true)? })
         };
-        Ok(Transport { public: clients(Reach::Public)?, private: clients(Reach::Private)?, plain_http: Mutex::default() })
+        Ok(Transport {
+            public: clients(Reach::Public)?,
+            private: clients(Reach::Private)?,
+            plain_http: Mutex::default(),
+        })
     }
 
     fn clients(&self, reach: Reach) -> &Clients {

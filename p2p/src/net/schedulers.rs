@@ -335,7 +335,8 @@ pub(crate) mod tests {
 
     fn schedulers(n: usize) -> Schedulers {
         let urls: Vec<String> = (0..n).map(|i| format!("http://10.0.0.{i}:8002")).collect();
-        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None, member()).expect("valid urls")
+        Schedulers::new(&urls, "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])), None, member())
+            .expect("valid urls")
     }
 
     #[test]
@@ -433,7 +434,8 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn downloads_starting_together_on_a_hung_scheduler_move_on_together() {
         let (hung_addr, _hold) = hung_scheduler().await;
-        let s = Schedulers::new(&[format!("http://{hung_addr}")], IpAddr::from([127, 0, 0, 1]), None, member()).expect("ok");
+        let s = Schedulers::new(&[format!("http://{hung_addr}")], IpAddr::from([127, 0, 0, 1]), None, member())
+            .expect("ok");
         s.endpoints[0].announced.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let opens = (0..6).map(|k| {

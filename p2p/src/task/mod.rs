@@ -641,11 +641,13 @@ impl std::ops::Deref for TaskRef {
 /// filesystem cannot, they stay allocated (the file reads zeros there either way).
 fn punch_hole(file: &File, range: Range<u64>) {
     use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(range.start), libc::off_t::try_from(range.end - range.start)) else {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(range.start), libc::off_t::try_from(range.end - range.start))
+    else {
         return;
     };
     // SAFETY: fallocate on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    let rc =
+        unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
     if rc != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot give back a task's unused blocks");
     }

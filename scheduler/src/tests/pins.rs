@@ -77,12 +77,7 @@ fn announcing_thousands_of_large_tasks_costs_no_piece_bitmaps() {
     let s = sched(|_| {});
     // 100,000 pieces of 1 byte each, times thousands: once a full bitmap per peer (12.5 KiB).
     let tasks: Vec<TaskInfo> = (0..5_000u32)
-        .map(|i| TaskInfo {
-            digest: format!("sha256:{i:064x}"),
-            length: 100_000,
-            piece_size: 1,
-            piece_sha256: vec![],
-        })
+        .map(|i| TaskInfo { digest: format!("sha256:{i:064x}"), length: 100_000, piece_size: 1, piece_sha256: vec![] })
         .collect();
     announce(&s, host("big"), tasks);
     let st = s.lock();
