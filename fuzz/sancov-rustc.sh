@@ -7,7 +7,7 @@
 #
 # Safe only because these instrumented units never share a hash with uninstrumented ones:
 # rustc flags added by a wrapper are invisible to cargo's fingerprints, but damselfly-mirror and
-# -p2p are non-members of the fuzz workspace and so get `[profile.dev.package."*"]` opt-level 3
+# -p2p (and -scheduler) are non-members of the fuzz workspace and so get `[profile.dev.package."*"]` opt-level 3
 # there, unlike their opt-level-0 member builds in the root workspace; and the targets' crates
 # exist only here. Registry crates are matched by neither test (note `digest` is also a
 # RustCrypto crate: hence the match on the source path, not the crate name).
@@ -17,7 +17,7 @@ instrument=
 prev=
 for arg in "$@"; do
   case "$prev $arg" in
-    "--crate-name damselfly_mirror" | "--crate-name damselfly_p2p") instrument=1 ;;
+    "--crate-name damselfly_mirror" | "--crate-name damselfly_p2p" | "--crate-name damselfly_scheduler") instrument=1 ;;
   esac
   case "$arg" in
     fuzz_targets/*.rs | */fuzz/fuzz_targets/*.rs) instrument=1 ;;
