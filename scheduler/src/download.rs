@@ -156,7 +156,7 @@ impl SoftState {
         // A credential is kept only when every caller showed a certificate from the cluster's
         // CA: otherwise anyone who reaches this port could announce a seed and collect it. A
         // later registration's credential replaces an earlier one, which may have run out.
-        task.peers[i].registry = registry_host(reg.source.as_ref().map_or("", |s| s.registry.as_str())).into();
+        task.peers[i].registry = registry_id(reg.source.as_ref().map_or("", |s| s.registry.as_str())).as_str().into();
         let mut source = reg.source.clone();
         if env.cfg.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
             if let Some(s) = source.as_mut() {
@@ -429,9 +429,16 @@ impl SoftState {
 
 /// The host of a registry URL: nodes with different TLS settings name one registry with
 /// different schemes.
-fn registry_host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split('/').next().unwrap_or(rest)
+/// Whose word a download's bytes are, as nodes name registries: the host, or `http://host`
+/// for a registry a client named over plain HTTP (anyone on the path chose those bytes), which
+/// is another registry than the same host over TLS.
+fn registry_id(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let host = rest.split('/').next().unwrap_or(rest);
+    match scheme {
+        "http" => format!("http://{host}"),
+        _ => host.to_owned(),
+    }
 }
 
 /// First non-zero value wins; a later different non-zero one is an error.
@@ -446,6 +453,14 @@ fn pin_value(what: &str, pinned: u64, offered: u64) -> Result<u64, SchedulerErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registry_named_over_plain_http_is_another_supplier_than_over_tls() {
+        assert_eq!(registry_id("https://r.example:5000/x"), "r.example:5000");
+        assert_eq!(registry_id("http://r.example:5000"), "http://r.example:5000");
+        assert_ne!(registry_id("http://r.example"), registry_id("https://r.example"));
+        assert_eq!(registry_id(""), "");
+    }
 
     #[test]
     fn the_first_non_zero_value_wins_and_a_different_one_is_refused() {

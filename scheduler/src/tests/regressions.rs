@@ -103,9 +103,15 @@ fn until_a_blob_is_verified_a_download_takes_pieces_only_from_its_own_registry()
     let mut c = Dl::register(&s, from("https://registry.example", "c"));
     let msgs = c.take();
     assert!(parent_ids(&msgs).is_empty(), "{msgs:?}");
-    // ... while a client of the same registry pipelines from it as usual (scheme aside).
+    // ... nor of a client naming that registry over plain HTTP, whose bytes anyone on the
+    // path chose ...
+    announce(&s, host("h"), vec![]);
+    let mut h = Dl::register(&s, from("http://evil.example", "h"));
+    let msgs = h.take();
+    assert!(parent_ids(&msgs).is_empty(), "{msgs:?}");
+    // ... while a client of the same registry pipelines from it as usual.
     announce(&s, host("d"), vec![]);
-    let mut d = Dl::register(&s, from("http://evil.example", "d"));
+    let mut d = Dl::register(&s, from("https://evil.example", "d"));
     assert_eq!(parent_ids(&d.take()), ["e"]);
     // Once a node verified the whole blob, its pieces and digests are the blob's.
     for n in 1..N {
