@@ -150,6 +150,8 @@ pub enum ConfigError {
     EmptyDataDir,
     #[error("registry_mirror {value:?}: {reason}")]
     RegistryMirror { value: String, reason: String },
+    #[error("{0}")]
+    AllowRegistry(String),
     #[error("insecure_registries entry {0:?} is not HOST[:PORT]")]
     InsecureRegistry(String),
     #[error("seed_registries entry {0:?} is neither HOST[:PORT] nor *")]
@@ -225,6 +227,7 @@ impl MirrorConfig {
         if let Some(bad) = self.insecure_registries.iter().find(|h| !is_host_port(h)) {
             return Err(ConfigError::InsecureRegistry(bad.clone()));
         }
+        crate::upstream::guard::AllowList::new(&self.allow_registries).map_err(ConfigError::AllowRegistry)?;
         let mut seen = std::collections::HashSet::new();
         for auth in &self.registry_auth {
             auth.validate().map_err(ConfigError::Auth)?;
