@@ -117,6 +117,13 @@ fn open_capped(dir: &std::path::Path, quota: u64, max_tasks: usize) -> Store {
     Store::open(cfg, Arc::new(Metrics::default())).unwrap()
 }
 
+/// Reads all of `data` into the store, from a source that does as asked.
+async fn cache_whole(store: &Store, data: &Bytes, d: &Digest) {
+    let src = MemSource::new(data.clone(), Faults::default());
+    let t = store.get_or_create(d, data.len() as u64, None).unwrap();
+    collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
+}
+
 pub(crate) async fn collect(
     task: TaskRef,
     range: Range<u64>,
@@ -317,9 +324,7 @@ async fn quota_evicts_least_recently_used_unpinned_tasks() {
     let store = open(dir.path(), (10 * MIB) as u64);
     let blobs: Vec<_> = (1..=3).map(|i| blob(4 * MIB + i)).collect();
     for (data, d) in &blobs {
-        let src = MemSource::new(data.clone(), Faults::default());
-        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
+        cache_whole(&store, data, d).await;
         assert!(store.used() <= (10 * MIB) as u64);
     }
     assert!(store.get(&blobs[0].1).unwrap().is_none());
@@ -341,9 +346,7 @@ async fn a_made_up_length_evicts_nothing_and_holds_no_disk_once_its_fetch_ends()
     let store = open(dir.path(), (10 * MIB) as u64);
     let cached: Vec<_> = (1..=2).map(|i| blob(4 * MIB + i)).collect();
     for (data, d) in &cached {
-        let src = MemSource::new(data.clone(), Faults::default());
-        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
+        cache_whole(&store, data, d).await;
     }
     let used = store.used();
     // The registry says 9 MiB and sends nothing.
@@ -363,22 +366,6 @@ async fn a_made_up_length_evicts_nothing_and_holds_no_disk_once_its_fetch_ends()
         .expect("the task's data file");
     let blocks = std::fs::metadata(&file).unwrap().blocks() * 512;
     assert!(blocks < MIB as u64, "{blocks} bytes of disk held by a task that received none");
-}
-
-/// Bytes that arrive evict what they need: a task is charged as it fills.
-#[tokio::test]
-async fn eviction_follows_the_bytes_that_arrive() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path(), (10 * MIB) as u64);
-    let blobs: Vec<_> = (1..=3).map(|i| blob(4 * MIB + i)).collect();
-    for (data, d) in &blobs {
-        let src = MemSource::new(data.clone(), Faults::default());
-        let t = store.get_or_create(d, data.len() as u64, None).unwrap();
-        collect(t, 0..data.len() as u64, Delivery::Whole, src).await.unwrap();
-    }
-    assert_eq!(store.metrics().evictions.get(), 1);
-    assert!(store.get(&blobs[0].1).unwrap().is_none() && store.get(&blobs[2].1).unwrap().is_some());
-    assert!(store.used() <= (10 * MIB) as u64);
 }
 
 /// One-byte tasks cost a data block, a metadata block and two inodes each, not one byte: the
