@@ -19,6 +19,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingM
 use damselfly_p2p::piece::{piece_size_for, Layout};
 use damselfly_p2p::{
     read, Algorithm, Delivery, Digest, Metrics, Source, SourceError, SourceResponse, Store, StoreConfig,
+    DEFAULT_MAX_TASKS,
 };
 use futures_util::future::BoxFuture;
 use futures_util::{stream, StreamExt};
@@ -58,8 +59,8 @@ fn blob(len: usize) -> (Bytes, Digest) {
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(StoreConfig { dir: dir.to_owned(), quota: 1 << 30, direct_io: true }, Arc::new(Metrics::default()))
-        .unwrap()
+    let cfg = StoreConfig { dir: dir.to_owned(), quota: 1 << 30, direct_io: true, max_tasks: DEFAULT_MAX_TASKS };
+    Store::open(cfg, Arc::new(Metrics::default())).unwrap()
 }
 
 /// Streams the whole task; with `buf`, copies every frame into it. Returns the bytes seen.
