@@ -128,8 +128,10 @@ impl SoftState {
 }
 
 fn seed_or_origin(hosts: &Hosts, seeds: &Set<Id>, task: &Task, ci: usize, env: &Env) -> Choice {
-    // A seed can only fetch what names its registry and repository.
-    let fetchable = task.source.as_ref().is_some_and(|s| !s.registry.is_empty() && !s.repository.is_empty());
+    // A seed can only fetch what names its registry and repository, with the task's length
+    // (a seed registers the digest's first length).
+    let fetchable = !task.is_alternate()
+        && task.source.as_ref().is_some_and(|s| !s.registry.is_empty() && !s.repository.is_empty());
     let may_trigger = fetchable
         && match &task.seed {
             None => true,
@@ -182,7 +184,7 @@ fn trigger_seed(
     seed: Id,
     now: Instant,
 ) {
-    let msg = SeedTask { digest: String::from(&*task.digest), length: task.length, source: task.source.clone() };
+    let msg = SeedTask { digest: task.content_digest().to_owned(), length: task.length, source: task.source.clone() };
     if let Some((_, tx)) = hosts.get(&seed).and_then(|h| h.seed_stream.as_ref()) {
         if tx.try_send(msg).is_err() {
             // The trigger still times out, after which the origin rules apply.
@@ -207,7 +209,7 @@ fn give_parents(task: &mut Task, hosts: &mut Hosts, ci: usize, chosen: &[usize],
             host_id: String::from(&*peer.host),
             ip: h.ip.clone(),
             port: h.port,
-            token: h.minter.mint_for(&grant, &task.digest),
+            token: h.minter.mint_for(&grant, task.content_digest()),
             // Only what the parent holds: nobody is sent for a piece its parent is still
             // fetching, possibly from that very child. A parent still fetching from the
             // origin that already has children lists nothing here: each of its new pieces is

@@ -128,7 +128,8 @@ impl SoftState {
             .hosts
             .ix(&reg.host_id)
             .ok_or_else(|| SchedulerError::precondition(format!("unknown host {}: announce first", reg.host_id)))?;
-        let existing = self.tasks.get_key_value(reg.digest.as_str());
+        let key = self.task_key(reg)?;
+        let existing = self.tasks.get_key_value(key.as_str());
         let (length, piece_size) = existing.map_or((0, 0), |(_, t)| (t.length, t.piece_size));
         let length = pin_value("length", length, reg.length)?;
         let piece_size = pin_value("piece size", piece_size, reg.piece_size)?;
@@ -142,7 +143,7 @@ impl SoftState {
         if let Some(&n) = reg.pieces.iter().find(|&&n| n >= count.unwrap_or(MAX_PIECES)) {
             return Err(SchedulerError::invalid(format!("piece {n} out of range")));
         }
-        let digest: Id = existing.map_or_else(|| reg.digest.as_str().into(), |(k, _)| k.clone());
+        let digest: Id = existing.map_or_else(|| key.as_str().into(), |(k, _)| k.clone());
         let gen = self.next_gen;
         self.next_gen += 1;
         let i = self.add_peer(&digest, &host, hix);
@@ -189,6 +190,28 @@ impl SoftState {
         self.decide(env, &digest, &host, false);
         self.settle(env, &digest);
         Ok((digest, host, gen))
+    }
+
+    /// The task a registration joins: the digest's, or, when it registers another length
+    /// before anyone verified the content, a task of that length apart (`<digest>#<length>`).
+    /// One length is wrong, and whoever registered it first must not keep everyone else from
+    /// sharing the content; a verified task's length is the content's, and another is refused.
+    fn task_key(&self, reg: &Register) -> Result<String, SchedulerError> {
+        let apart = format!("{}#{}", reg.digest, reg.length);
+        let Some(task) = self.tasks.get(reg.digest.as_str()) else {
+            // The digest's first task is gone; one of this length apart from it is joined.
+            return Ok(if self.tasks.contains_key(apart.as_str()) { apart } else { reg.digest.clone() });
+        };
+        if task.length == 0 || reg.length == 0 || task.length == reg.length {
+            return Ok(reg.digest.clone());
+        }
+        if task.trusted {
+            return Err(SchedulerError::invalid(format!(
+                "length {} differs from the verified length {} of the task",
+                reg.length, task.length
+            )));
+        }
+        Ok(apart)
     }
 
     pub fn event(&mut self, env: &Env, digest: &Id, host: &Id, gen: u64, kind: Req) -> Result<(), SchedulerError> {

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SessionTx};
 use crate::proto::{self, DownloadResponse, Register, SeedTask, TaskInfo};
 use crate::select::location_labels;
-use crate::state::{piece_count, Id, PeerState, Sha, SoftState};
+use crate::state::{content_digest, piece_count, Id, PeerState, Sha, SoftState};
 use crate::token;
 
 /// Tasks one announcement may list.
@@ -198,7 +198,15 @@ impl Scheduler {
     pub fn withdraw_task(&self, req: &proto::WithdrawTaskRequest) -> Result<(), SchedulerError> {
         check_id("host id", &req.host_id)?;
         check_id("digest", &req.digest)?;
-        self.with(|st, env| st.drop_peer(env, &req.digest, &req.host_id));
+        self.with(|st, env| {
+            // The host's peer of the digest, under whichever length it registered.
+            let keys: Vec<Id> = st.hosts.get(&req.host_id).map_or_else(Vec::new, |h| {
+                h.tasks.iter().filter(|k| content_digest(k) == req.digest).cloned().collect()
+            });
+            for key in keys {
+                st.drop_peer(env, &key, &req.host_id);
+            }
+        });
         Ok(())
     }
 

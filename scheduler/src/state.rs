@@ -189,6 +189,8 @@ pub(crate) struct SeedTrigger {
 }
 
 pub(crate) struct Task {
+    /// The task's key: its digest, or `<digest>#<length>` for downloads that register another
+    /// length than the task's before anyone verified it (see `SoftState::register`).
     pub digest: Id,
     pub length: u64,
     pub piece_size: u64,
@@ -232,6 +234,16 @@ impl Task {
             wake: false,
             trusted: false,
         }
+    }
+
+    /// The content digest, whatever the key: what tokens and seed tasks name.
+    pub fn content_digest(&self) -> &str {
+        content_digest(&self.digest)
+    }
+
+    /// A task of a length other than the first one registered for its digest.
+    pub fn is_alternate(&self) -> bool {
+        self.digest.contains('#')
     }
 
     pub fn piece_count(&self) -> Option<u32> {
@@ -458,4 +470,9 @@ mod tests {
         assert_eq!(piece_count(8, 4), Some(2));
         assert_eq!((piece_count(0, 4), piece_count(8, 0)), (None, None));
     }
+}
+
+/// The digest a task key names (see `Task::digest`).
+pub(crate) fn content_digest(key: &str) -> &str {
+    key.split_once('#').map_or(key, |(digest, _)| digest)
 }

@@ -137,10 +137,10 @@ fn register_is_validated() {
     assert!(matches!(bad(Register { pieces: vec![N], ..reg("a") }), Some(SchedulerError::InvalidArgument(_))));
     let mut a = Dl::register(&s, Register { length: 0, piece_size: 0, ..reg("a") });
     assert!(matches!(a.take().last(), Some(Kind::BackToSource(_))));
-    // Unknown shape first, then pinned by the next non-zero values; different ones are refused.
+    // Unknown shape first, then pinned by the next non-zero values; another piece size is
+    // refused (another length makes a task of its own: `regressions.rs`).
     let mut b = Dl::open(&s, host("b"));
     assert_eq!(stat(&s).piece_count, N);
-    assert!(matches!(bad(Register { length: 5, ..reg("b") }), Some(SchedulerError::InvalidArgument(_))));
     assert!(matches!(bad(Register { piece_size: 5, ..reg("b") }), Some(SchedulerError::InvalidArgument(_))));
     let twice = b.h.send(DownloadRequest { kind: Some(Req::Register(reg("b"))) });
     assert!(matches!(twice, Err(SchedulerError::InvalidArgument(_))));

@@ -21,18 +21,40 @@ fn a_task_is_forgotten_when_its_last_peer_leaves() {
 }
 
 #[test]
-fn a_wrong_length_pinned_once_refused_every_later_registration() {
+fn a_wrong_length_registered_first_keeps_nobody_from_sharing_the_content() {
     let s = sched(|_| {});
     announce(&s, host("x"), vec![]);
     let mut bad = Dl::register(&s, Register { length: u64::from(N) * PS + 1, ..reg("x") });
     bad.piece(0, "", &sha(9));
-    // While the peer that brought it holds the task, another length is refused ...
+    // Registrations of the other length form a task of their own: the first goes to the
+    // origin, the next takes pieces from it.
     announce(&s, host("c"), vec![]);
-    assert!(matches!(s.download(reg("c")).err(), Some(SchedulerError::InvalidArgument(_))));
-    // ... but not after it left.
+    let mut c = Dl::register(&s, reg("c"));
+    assert_eq!(last(&c.take()), "back_to_source");
+    c.piece(0, "", &sha(1));
+    announce(&s, host("d"), vec![]);
+    let mut d = Dl::register(&s, reg("d"));
+    assert_eq!(parent_ids(&d.take()), ["c"]);
+    // When the wrong length's task is gone, that length's registrations still join the
+    // others of their length.
     drop(bad);
     leave(&s, "x");
-    assert!(s.download(reg("c")).is_ok());
+    announce(&s, host("e"), vec![]);
+    let mut e = Dl::register(&s, reg("e"));
+    assert!(parent_ids(&e.take()).contains(&"c".to_owned()));
+}
+
+#[test]
+fn another_length_than_a_verified_one_is_refused() {
+    let s = sched(|_| {});
+    let mut a = Dl::open(&s, host("a"));
+    for n in 0..N {
+        a.piece(n, "", &sha(n as u8 + 1));
+    }
+    a.send(Req::Finished(proto::Finished {}));
+    announce(&s, host("z"), vec![]);
+    let other = s.download(Register { length: u64::from(N) * PS + 1, ..reg("z") });
+    assert!(matches!(other.err(), Some(SchedulerError::InvalidArgument(_))));
 }
 
 #[test]
