@@ -151,8 +151,9 @@ async fn a_cached_manifest_is_not_read_through_a_registry_that_says_yes_to_every
 
 /// A member of the cluster gone bad: it holds the cluster secret, announces a blob nobody has
 /// yet with piece digests of its own, and serves its own bytes for them. No byte of it reaches
-/// a client as the blob; the node that assembled it reports it, the scheduler drops those
-/// digests and blocks the member, and the blob comes from the origin again.
+/// a client as the blob (the client's pull is served from its registry instead); the node that
+/// assembled it reports it, the scheduler drops those digests and blocks the member, and the
+/// next node takes nothing from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_announcing_digests_of_its_own_is_found_out_and_cleared() {
     use damselfly_proto::member::{JoinKey, OwnerToken, HOST_HEADER, OWNER_HEADER, PROOF_HEADER};
@@ -232,9 +233,18 @@ async fn a_member_announcing_digests_of_its_own_is_found_out_and_cleared() {
     }
     assert!(pulled, "the blob never came through the node");
     assert!(served.load(std::sync::atomic::Ordering::SeqCst) > 0, "the attack was not tried");
+    // The node finishes assembling what it took from the member, finds it wrong, and says so.
+    let sched_url = cluster.schedulers[0].metrics_url();
+    damselfly_integration::poll_until("the poison reported", std::time::Duration::from_secs(30), || {
+        let sched_url = sched_url.clone();
+        async move {
+            let m = damselfly_integration::Metrics::scrape(&sched_url).await?;
+            Ok((m.sum("damselfly_scheduler_poison_reports_total", &[]) >= 1.0).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(metric(node, "damselfly_poisoned_tasks_total", &[]).await, 1.0);
-    let sched = damselfly_integration::Metrics::scrape(&cluster.schedulers[0].metrics_url()).await.unwrap();
-    assert_eq!(sched.sum("damselfly_scheduler_poison_reports_total", &[]), 1.0);
 
     // The member announces again; the other node takes nothing from it.
     let _ = member.announce_host(announce()).await;

@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Response, StatusCode};
 
 use super::access::{authorize, remember, Access};
 use super::error::ApiError;
-use super::proof::{self, probe_blob, ProofError};
+use super::proof::{self, probe_blob};
 use super::response::{empty, stream, Body, CONTENT_DIGEST};
 use super::source::UpstreamSource;
 use super::{App, Target};
@@ -233,13 +233,10 @@ async fn serve(
         match window {
             None => stream(bytes),
             Some((shown, credential)) => {
-                let (app, target, metrics_app) = (app.clone(), target.clone(), app.clone());
+                let fallback = from_own_registry(app.clone(), target.clone(), task.clone(), span.clone(), delivery);
+                let (app, target) = (app.clone(), target.clone());
                 let proven = Box::new(move || remember(&app, &target, &task, credential));
-                stream(proof::matching(bytes, shown, proven).inspect(move |r| {
-                    if let Err(ProofError::Disproved) = r {
-                        metrics_app.metrics.access("disproved");
-                    }
-                }))
+                stream(proof::matching(bytes, shown, proven, Some(fallback)))
             }
         }
     };
@@ -251,6 +248,43 @@ async fn serve(
         insert(h, CONTENT_RANGE.as_str(), &content_range(&span, len));
     }
     Ok(resp)
+}
+
+/// The span from the client's own registry, for a response whose first bytes (from the cache
+/// or from other nodes) were not that registry's: the client gets what it would get from its
+/// registry directly, a whole blob checked against the digest on the way. A registry the
+/// operator named is believed: the task's bytes are dropped, and reported if other nodes
+/// supplied them. Any other registry may be the one lying, and the task is left alone.
+fn from_own_registry(
+    app: Arc<App>,
+    target: Target,
+    task: TaskRef,
+    span: std::ops::Range<u64>,
+    delivery: Delivery,
+) -> proof::Fallback {
+    let len = task.len();
+    Box::new(move || {
+        Box::pin(async move {
+            app.metrics.access("disproved");
+            tracing::warn!(digest = %target.digest, registry = %target.registry.host, "the bytes at hand are not the registry's; serving the registry's own");
+            if app.upstream.is_configured(&target.registry) {
+                task.contradict("a registry the operator named holds other bytes");
+            }
+            drop(task);
+            use damselfly_p2p::Source as _;
+            let source = UpstreamSource::blob(app.clone(), target.clone());
+            let whole = delivery == Delivery::Whole;
+            let r = source.fetch((!whole).then(|| span.clone())).await.map_err(|e| e.message)?;
+            if whole {
+                let body = passthrough::verify(target.digest.clone(), len, r.body, app.store.metrics().clone());
+                return Ok(body.map(|r| r.map_err(|e| e.to_string())).boxed());
+            }
+            if !r.range_honoured {
+                return Err("origin ignored the Range".to_owned());
+            }
+            Ok(r.body.map(|r| r.map_err(|e| e.message)).boxed())
+        })
+    })
 }
 
 fn blob_headers(h: &mut HeaderMap, target: &Target, content_len: u64) {

@@ -14,6 +14,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -121,71 +123,136 @@ fn total_of(v: Option<&HeaderValue>) -> Option<u64> {
     v?.to_str().ok()?.rsplit_once('/')?.1.trim().parse().ok()
 }
 
+/// Bytes from the client's own registry for the span, when the first bytes from elsewhere
+/// turn out not to be its registry's.
+pub type Fallback =
+    Box<dyn FnOnce() -> BoxFuture<'static, Result<BoxStream<'static, Result<Bytes, String>>, String>> + Send>;
+
 /// Passes `inner` on once its first bytes equal `window`: until then, frames are held (at most
-/// one window plus a frame). On a mismatch the stream ends with an error before anything was
-/// passed on. `proven` runs once the bytes matched.
-pub fn matching<S, E>(inner: S, window: Bytes, proven: Box<dyn FnOnce() + Send>) -> Matching<S>
+/// one window plus a frame). `proven` runs once the bytes matched. On a mismatch nothing was
+/// passed on yet: the response continues with `fallback` (the span from the client's own
+/// registry, which is what the client would get from it directly), or ends with an error.
+pub fn matching<S, E>(
+    inner: S,
+    window: Bytes,
+    proven: Box<dyn FnOnce() + Send>,
+    fallback: Option<Fallback>,
+) -> Matching<S, E>
 where
     S: Stream<Item = Result<Bytes, E>>,
 {
-    Matching { inner: Box::pin(inner), window, held: BytesMut::new(), proven: Some(proven), done: false }
+    let state = State::Checking { held: BytesMut::new(), proven, fallback };
+    Matching { inner: Some(Box::pin(inner)), window, state }
 }
 
-pub struct Matching<S> {
-    inner: Pin<Box<S>>,
+pub struct Matching<S, E> {
+    /// Dropped when the registry takes over, so that the read lets go of the task.
+    inner: Option<Pin<Box<S>>>,
     window: Bytes,
-    held: BytesMut,
-    proven: Option<Box<dyn FnOnce() + Send>>,
-    done: bool,
+    state: State<E>,
 }
 
-/// Why a response was ended before its first byte.
+enum State<E> {
+    /// The first bytes are being held and compared.
+    Checking {
+        held: BytesMut,
+        proven: Box<dyn FnOnce() + Send>,
+        fallback: Option<Fallback>,
+    },
+    /// They matched: `inner` streams on.
+    Passing,
+    /// They did not: the client's own registry is asked.
+    Opening(BoxFuture<'static, Result<BoxStream<'static, Result<Bytes, String>>, String>>),
+    FromRegistry(BoxStream<'static, Result<Bytes, String>>),
+    Done(std::marker::PhantomData<E>),
+}
+
+/// Why a response was ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ProofError<E> {
     #[error("the registry named by the request does not hold this content")]
     Disproved,
+    /// Asking the client's own registry instead failed.
+    #[error("{0}")]
+    Fallback(String),
     #[error(transparent)]
     Inner(E),
 }
 
-impl<S, E> Stream for Matching<S>
+impl<S, E> Stream for Matching<S, E>
 where
     S: Stream<Item = Result<Bytes, E>>,
+    E: Unpin,
 {
     type Item = Result<Bytes, ProofError<E>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if this.proven.is_none() {
-            return this.inner.poll_next_unpin(cx).map(|o| o.map(|r| r.map_err(ProofError::Inner)));
-        }
         loop {
-            if this.held.len() >= this.window.len() {
-                if this.held[..this.window.len()] != this.window[..] {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(ProofError::Disproved)));
+            match &mut this.state {
+                State::Done(_) => return Poll::Ready(None),
+                State::Passing => {
+                    let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+                    return inner.as_mut().poll_next(cx).map(|o| o.map(|r| r.map_err(ProofError::Inner)));
                 }
-                if let Some(proven) = this.proven.take() {
-                    proven();
+                State::FromRegistry(body) => {
+                    return match body.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Err(e))) => {
+                            this.state = State::Done(std::marker::PhantomData);
+                            Poll::Ready(Some(Err(ProofError::Fallback(e))))
+                        }
+                        other => other.map(|o| o.map(|r| r.map_err(ProofError::Fallback))),
+                    };
                 }
-                let held = std::mem::take(&mut this.held).freeze();
-                return Poll::Ready(Some(Ok(held)));
-            }
-            match this.inner.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(chunk))) => this.held.extend_from_slice(&chunk),
-                Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(ProofError::Inner(e))));
+                State::Opening(opening) => match opening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(body)) => this.state = State::FromRegistry(body),
+                    Poll::Ready(Err(e)) => {
+                        this.state = State::Done(std::marker::PhantomData);
+                        return Poll::Ready(Some(Err(ProofError::Fallback(e))));
+                    }
+                },
+                State::Checking { held, .. } if held.len() >= this.window.len() => {
+                    let matched = held[..this.window.len()] == this.window[..];
+                    let held = std::mem::take(held).freeze();
+                    let State::Checking { proven, fallback, .. } =
+                        std::mem::replace(&mut this.state, State::Done(std::marker::PhantomData))
+                    else {
+                        unreachable!("matched above")
+                    };
+                    if matched {
+                        proven();
+                        this.state = State::Passing;
+                        return Poll::Ready(Some(Ok(held)));
+                    }
+                    this.inner = None;
+                    match fallback {
+                        Some(open) => this.state = State::Opening(open()),
+                        None => return Poll::Ready(Some(Err(ProofError::Disproved))),
+                    }
                 }
-                // Shorter than the window: nothing was passed on, and nothing proven.
-                Poll::Ready(None) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(ProofError::Disproved)));
+                State::Checking { held, fallback, .. } => {
+                    let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+                    match inner.as_mut().poll_next(cx) {
+                        Poll::Ready(Some(Ok(chunk))) => held.extend_from_slice(&chunk),
+                        Poll::Ready(Some(Err(e))) => {
+                            this.state = State::Done(std::marker::PhantomData);
+                            return Poll::Ready(Some(Err(ProofError::Inner(e))));
+                        }
+                        // Shorter than the window: nothing was passed on, and nothing proven.
+                        Poll::Ready(None) => match fallback.take() {
+                            Some(open) => {
+                                this.inner = None;
+                                this.state = State::Opening(open());
+                            }
+                            None => {
+                                this.state = State::Done(std::marker::PhantomData);
+                                return Poll::Ready(Some(Err(ProofError::Disproved)));
+                            }
+                        },
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -242,18 +309,26 @@ mod tests {
         let proven = Box::new(move || {
             r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
-        let s = matching(frames(&[b"ab", b"cdef", b"gh"]), Bytes::from_static(b"abcd"), proven);
+        let s = matching(frames(&[b"ab", b"cdef", b"gh"]), Bytes::from_static(b"abcd"), proven, None);
         assert_eq!(collect(s).await.expect("matches"), b"abcdefgh");
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_different_window_ends_the_stream_before_any_byte() {
-        let mut s = matching(frames(&[b"ab", b"XX", b"ef"]), Bytes::from_static(b"abcd"), Box::new(|| {}));
+        let mut s = matching(frames(&[b"ab", b"XX", b"ef"]), Bytes::from_static(b"abcd"), Box::new(|| {}), None);
         assert!(matches!(s.next().await, Some(Err(ProofError::Disproved))));
         assert!(s.next().await.is_none());
-        let short = matching(frames(&[b"ab"]), Bytes::from_static(b"abcd"), Box::new(|| panic!("not proven")));
+        let short = matching(frames(&[b"ab"]), Bytes::from_static(b"abcd"), Box::new(|| panic!("not proven")), None);
         assert!(collect(short).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_different_window_hands_the_response_to_the_clients_own_registry() {
+        let fallback: Fallback =
+            Box::new(|| Box::pin(async { Ok(stream::iter(vec![Ok(Bytes::from_static(b"abcdefgh"))]).boxed()) }));
+        let s = matching(frames(&[b"ab", b"XX", b"ef"]), Bytes::from_static(b"abcd"), Box::new(|| {}), Some(fallback));
+        assert_eq!(collect(s).await.expect("the registry's bytes"), b"abcdefgh");
     }
 
     #[test]

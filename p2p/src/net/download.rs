@@ -300,8 +300,12 @@ impl Download {
     /// The content assembled with pieces from this download's parents failed its digest:
     /// every parent that supplied a piece is reported, then the download, which holds nothing
     /// any more, ends as poisoned (the scheduler drops the digests it pinned).
-    pub fn poisoned(&self) {
+    /// Returns whether the report went out (the download has a stream).
+    pub fn poisoned(&self) -> bool {
         let suppliers: Vec<String> = self.lock().suppliers.drain().collect();
+        if self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return false;
+        }
         for parent_id in suppliers {
             self.send(download_request::Kind::PieceFailed(proto::PieceFailed {
                 number: 0,
@@ -316,6 +320,7 @@ impl Download {
             poisoned: true,
         }));
         self.finished_sent.store(true, Ordering::SeqCst);
+        true
     }
 
     pub fn reschedule(&self, stalled: Vec<String>) {

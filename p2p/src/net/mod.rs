@@ -169,6 +169,9 @@ pub struct Node {
     /// Tasks whose content from peers failed its digest here, and until when they are taken
     /// from the origin only: the client's retry must not meet the same pieces.
     poisoned: Mutex<HashMap<Digest, std::time::Instant>>,
+    /// Of those, the ones whose download stream carried the report, which ends the peer at its
+    /// scheduler: withdrawing it too could arrive first and leave the report unheard.
+    reported: Mutex<std::collections::HashSet<Digest>>,
     /// Upload keys from the schedulers this host announced to.
     keys: RwLock<Vec<[u8; KEY_LEN]>>,
     pub(crate) http: reqwest::Client,
@@ -239,6 +242,7 @@ impl Node {
             )?),
             downloads: Mutex::new(HashMap::new()),
             poisoned: Mutex::new(HashMap::new()),
+            reported: Mutex::default(),
             keys: RwLock::new(Vec::new()),
             http,
             upload_limit: cfg.upload_rate.map(RateLimit::new),
@@ -557,13 +561,21 @@ impl Node {
             poisoned.insert(digest.clone(), std::time::Instant::now() + POISONED_FOR);
         }
         let download = self.downloads.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
-        if let Some(download) = download {
-            download.poisoned();
+        if download.is_some_and(|d| d.poisoned()) {
+            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+            // Each is removed by the withdrawal that follows; a bound all the same.
+            if reported.len() >= MAX_POISONED {
+                reported.clear();
+            }
+            reported.insert(digest.clone());
         }
     }
 
     /// The store dropped `digest` (evicted, or discarded).
     fn withdrawn(&self, digest: &Digest) {
+        if self.reported.lock().unwrap_or_else(|e| e.into_inner()).remove(digest) {
+            return;
+        }
         tokio::spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
     }
 

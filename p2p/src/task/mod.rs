@@ -539,6 +539,19 @@ impl Task {
         self.abandon(why);
     }
 
+    /// A registry the operator trusts sent other bytes than the ones held here (before the
+    /// content was verified): they are dropped, and said to be poisoned if other nodes supplied
+    /// any, so that their suppliers are reported.
+    pub fn contradict(&self, why: &str) {
+        if self.is_verified() {
+            return;
+        }
+        if self.lock().pieces.any_from_peer() {
+            self.emit(StoreEvent::Poisoned(self.digest.clone()));
+        }
+        self.discard(why);
+    }
+
     /// Drops the task from the store and fails its readers, freeing its disk space: after a
     /// write error (a full disk), so that the client's retry streams through uncached instead
     /// of meeting the same error, or when what the origin said of it proved wrong.
