@@ -10,6 +10,7 @@ use damselfly_proto::{token, v1 as proto};
 
 pub mod cli;
 mod config;
+mod conn;
 mod decide;
 mod download;
 mod error;

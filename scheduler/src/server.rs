@@ -4,10 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -24,8 +21,6 @@ use crate::service::SchedulerService;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often waits on seeds and host expiry are looked at.
 const TICK: Duration = Duration::from_secs(1);
-/// gRPC connections open at once.
-const MAX_CONNECTIONS: usize = 8192;
 /// Streams one gRPC connection may open at once.
 const MAX_STREAMS: u32 = 256;
 
@@ -57,7 +52,7 @@ pub async fn start(
     reporter.set_serving::<SchedulerServer<SchedulerService>>().await;
     reporter.set_service_status("", ServingStatus::Serving).await;
     let shutdown = CancellationToken::new();
-    let incoming = limited(grpc);
+    let incoming = crate::conn::limited(grpc);
     // Keep-alive pings find peers that went away; a node's one session carries all its
     // downloads, so a few streams per connection is what nodes use.
     let mut builder = tonic::transport::Server::builder()
@@ -81,69 +76,6 @@ pub async fn start(
     tasks.push(tokio::spawn(upkeep(scheduler.clone(), shutdown.clone())));
     tracing::info!(grpc = %grpc_addr, http = ?http_addr, "damselfly scheduler started");
     Ok(Running { grpc_addr, http_addr, scheduler, shutdown, tasks })
-}
-
-/// Connections accepted while fewer than [`MAX_CONNECTIONS`] are open; more wait in the
-/// kernel's backlog, so that a flood of connections cannot take the scheduler's descriptors.
-fn limited(listener: TcpListener) -> impl futures_util::Stream<Item = std::io::Result<Limited>> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    futures_util::stream::unfold((listener, slots), |(listener, slots)| async move {
-        let permit = slots.clone().acquire_owned().await.ok()?;
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            // Decisions are small messages that must not wait for more to fill a segment.
-            let _ = stream.set_nodelay(true);
-            Limited { stream, _permit: permit }
-        });
-        Some((accepted, (listener, slots)))
-    })
-}
-
-/// A connection holding its place among the [`MAX_CONNECTIONS`].
-struct Limited {
-    stream: tokio::net::TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl tonic::transport::server::Connected for Limited {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::Connected::connect_info(&self.stream)
-    }
-}
-
-impl tokio::io::AsyncRead for Limited {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Limited {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 fn server_tls(tls: &ServerTls) -> ServerTlsConfig {
