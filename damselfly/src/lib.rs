@@ -1,7 +1,9 @@
 //! The `damselfly` command line: one subcommand per part, each parsed by the crate that
-//! implements it (`damselfly-mirror`, `damselfly-scheduler`). `main.rs` runs the one chosen.
+//! implements it (`damselfly-mirror`, `damselfly-scheduler`, `damselfly-hosts-gen`). `main.rs`
+//! runs the one chosen.
 
 use clap::{Parser, Subcommand};
+use damselfly_hosts_gen::cli::HostsGenArgs;
 use damselfly_mirror::cli::MirrorArgs;
 use damselfly_scheduler::cli::SchedulerArgs;
 
@@ -20,6 +22,8 @@ pub enum Command {
     Mirror(MirrorArgs),
     /// Run a scheduler that steers the node daemons of a cluster.
     Scheduler(SchedulerArgs),
+    /// Point a container runtime at the daemon (merging into its configuration), or put it back.
+    HostsGen(HostsGenArgs),
 }
 
 #[cfg(test)]

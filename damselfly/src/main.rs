@@ -27,6 +27,9 @@ fn main() -> anyhow::Result<()> {
                 damselfly_scheduler::cli::run(args, stop).await.context("the scheduler failed")
             })
         }
+        Command::HostsGen(args) => {
+            damselfly_hosts_gen::cli::run(&args, &mut std::io::stdout()).context("hosts-gen failed")
+        }
     }
 }
 
