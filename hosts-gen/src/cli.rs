@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::containerd::{self, HostsError};
+use crate::cri::{self, CriError};
+use crate::docker::{self, DockerError};
 use crate::files::{self, Backup, Change, FileError};
 use crate::registry::{Registry, RegistryError};
 
@@ -18,6 +20,46 @@ pub struct HostsGenArgs {
 pub enum Runtime {
     /// containerd's hosts.toml files (ctr --hosts-dir, and the CRI plugin's config_path).
     Containerd(ContainerdArgs),
+    /// dockerd's daemon.json (registry-mirrors; dockerd mirrors Docker Hub only).
+    Docker(DockerArgs),
+    /// Print the registry backend of a nydusd configuration (its `device.backend` object).
+    Nydusd(NydusdArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NydusdArgs {
+    /// The registry holding the image: HOST[:PORT] or a URL.
+    #[arg(long, value_name = "R")]
+    pub registry: String,
+    /// The image's repository, e.g. library/ubuntu.
+    #[arg(long, value_name = "REPO")]
+    pub repo: String,
+    /// How nydusd reaches the daemon. Only `mirror` for now: proxy mode needs the daemon's
+    /// HTTP proxy, which is not built yet.
+    #[arg(long, value_name = "MODE", default_value = "mirror", value_parser = ["mirror"])]
+    pub mode: String,
+    /// The daemon's mirror address.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:65001")]
+    pub mirror: String,
+    /// The daemon's health endpoint, which nydusd pings while the daemon is failing.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:40901/healthy")]
+    pub health: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DockerArgs {
+    /// dockerd's configuration file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/docker/daemon.json")]
+    pub daemon_json: PathBuf,
+    /// The daemon's mirror address.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:65001")]
+    pub mirror: String,
+    /// Print a unified diff of the change, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Put the file back as it was before the first run (or remove it if there was none).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub restore: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +77,10 @@ pub struct ContainerdArgs {
     /// The daemon's mirror address.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:65001")]
     pub mirror: String,
+    /// containerd's config (e.g. /etc/containerd/config.toml): make the CRI plugin, which
+    /// kubelet pulls through, read --config-path (config version 2 or 3).
+    #[arg(long, value_name = "FILE")]
+    pub containerd_config: Option<PathBuf>,
     /// How long containerd waits to connect to the daemon before it goes to the registry
     /// (containerd 2.1 and later read it), e.g. 200ms.
     #[arg(long, value_name = "DUR")]
@@ -54,7 +100,13 @@ pub enum HostsGenError {
     #[error(transparent)]
     Hosts(#[from] HostsError),
     #[error(transparent)]
+    Cri(#[from] CriError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
     File(#[from] FileError),
+    #[error("{0}: no such file")]
+    Missing(PathBuf),
     #[error("nothing to do: name a registry with --registry, or use --all-registries")]
     Nothing,
     #[error("--mirror {0:?} is not an http(s):// URL")]
@@ -65,14 +117,59 @@ pub enum HostsGenError {
 pub fn run(args: &HostsGenArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
     match &args.runtime {
         Runtime::Containerd(a) => containerd_cmd(a, out),
+        Runtime::Docker(a) => docker_cmd(a, out),
+        Runtime::Nydusd(a) => {
+            let registry = Registry::parse(&a.registry)?;
+            let backend = crate::nydusd::backend(&registry, &a.repo, &a.mirror, &a.health);
+            let text = serde_json::to_string_pretty(&backend).unwrap_or_default();
+            let _ = writeln!(out, "{text}");
+            Ok(())
+        }
     }
 }
 
-fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
-    let backup = Backup { base: a.config_path.clone(), root: a.config_path.join("_backup") };
+/// Originals of files outside a hosts directory are kept beside them.
+fn backup_beside(file: &std::path::Path) -> Backup {
+    let base = file.parent().unwrap_or(std::path::Path::new(".")).to_owned();
+    Backup { root: base.join(".damselfly-backup"), base }
+}
+
+fn docker_cmd(a: &DockerArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
+    let backup = backup_beside(&a.daemon_json);
     if a.restore {
         for path in backup.restore()? {
             let _ = writeln!(out, "restored {}", path.display());
+        }
+        return Ok(());
+    }
+    if !(a.mirror.starts_with("http://") || a.mirror.starts_with("https://")) {
+        return Err(HostsGenError::Mirror(a.mirror.clone()));
+    }
+    let before = files::read(&a.daemon_json)?;
+    let after = docker::merge(&a.daemon_json, before.as_deref(), &a.mirror)?;
+    let change = Change { path: a.daemon_json.clone(), before, after };
+    if a.dry_run {
+        if !change.is_noop() {
+            let _ = write!(out, "{}", change.diff());
+        }
+        return Ok(());
+    }
+    let wrote = files::apply(&change, &backup)?;
+    let _ = writeln!(out, "{} {}", if wrote { "wrote" } else { "unchanged" }, change.path.display());
+    if wrote {
+        let _ = writeln!(out, "restart dockerd (systemctl restart docker) for it to read the mirror");
+    }
+    Ok(())
+}
+
+fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
+    let hosts_backup = Backup { base: a.config_path.clone(), root: a.config_path.join("_backup") };
+    let config_backup = a.containerd_config.as_deref().map(backup_beside);
+    if a.restore {
+        for backup in std::iter::once(&hosts_backup).chain(config_backup.as_ref()) {
+            for path in backup.restore()? {
+                let _ = writeln!(out, "restored {}", path.display());
+            }
         }
         return Ok(());
     }
@@ -84,7 +181,7 @@ fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<()
     if a.all_registries {
         targets.push(None);
     }
-    if targets.is_empty() {
+    if targets.is_empty() && a.containerd_config.is_none() {
         return Err(HostsGenError::Nothing);
     }
     let mut changes = Vec::new();
@@ -93,17 +190,116 @@ fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<()
         let before = files::read(&path)?;
         let after =
             containerd::merge(&path, before.as_deref(), registry.as_ref(), &a.mirror, a.dial_timeout.as_deref())?;
-        changes.push(Change { path, before, after });
+        changes.push((Change { path, before, after }, &hosts_backup));
     }
-    for change in &changes {
+    if let (Some(file), Some(backup)) = (&a.containerd_config, &config_backup) {
+        let before = files::read(file)?.ok_or_else(|| HostsGenError::Missing(file.clone()))?;
+        let after = cri::merge(file, &before, &a.config_path.to_string_lossy())?;
+        changes.push((Change { path: file.clone(), before: Some(before), after }, backup));
+    }
+    for (change, backup) in &changes {
         if a.dry_run {
             if !change.is_noop() {
                 let _ = write!(out, "{}", change.diff());
             }
             continue;
         }
-        let verb = if files::apply(change, &backup)? { "wrote" } else { "unchanged" };
-        let _ = writeln!(out, "{verb} {}", change.path.display());
+        let wrote = files::apply(change, backup)?;
+        let _ = writeln!(out, "{} {}", if wrote { "wrote" } else { "unchanged" }, change.path.display());
+        if wrote && Some(&change.path) == a.containerd_config.as_ref() {
+            let _ = writeln!(out, "restart containerd (systemctl restart containerd) for the CRI plugin to read it");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &std::path::Path, registries: &[&str]) -> ContainerdArgs {
+        ContainerdArgs {
+            config_path: dir.join("certs.d"),
+            registries: registries.iter().map(|r| r.to_string()).collect(),
+            all_registries: false,
+            containerd_config: Some(dir.join("config.toml")),
+            mirror: "http://127.0.0.1:65001".into(),
+            dial_timeout: None,
+            dry_run: false,
+            restore: false,
+        }
+    }
+
+    fn run_quietly(a: &ContainerdArgs) -> Result<String, HostsGenError> {
+        let mut out = Vec::new();
+        containerd_cmd(a, &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn generate_then_restore_gives_every_file_back_byte_for_byte(
+            comment in "[a-z #]{0,30}",
+            skip in proptest::bool::ANY,
+            spaces in "[ \t]{0,3}",
+            have_hosts in proptest::bool::ANY,
+            sandbox in "[a-z]{1,10}",
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            let hosts = dir.path().join("certs.d/ghcr.io/hosts.toml");
+            let user_hosts = format!("# {comment}\nserver = \"https://ghcr.io\"\n[host.\"https://office\"]\n{spaces}skip_verify = {skip}\n");
+            if have_hosts {
+                std::fs::create_dir_all(hosts.parent().expect("dir")).expect("mkdir");
+                std::fs::write(&hosts, &user_hosts).expect("write");
+            }
+            let config = dir.path().join("config.toml");
+            let user_config = format!("version = 2\n# {comment}\n[plugins.\"io.containerd.grpc.v1.cri\"]\n{spaces}sandbox_image = \"{sandbox}\"\n");
+            std::fs::write(&config, &user_config).expect("write");
+            let a = args(dir.path(), &["ghcr.io", "docker.io"]);
+            run_quietly(&a).expect("generates");
+            let once = (std::fs::read(&hosts).expect("hosts"), std::fs::read(&config).expect("config"));
+            run_quietly(&a).expect("again");
+            proptest::prop_assert_eq!(&(std::fs::read(&hosts).expect("hosts"), std::fs::read(&config).expect("config")), &once);
+            run_quietly(&ContainerdArgs { registries: vec![], restore: true, ..a }).expect("restores");
+            proptest::prop_assert_eq!(std::fs::read(&config).expect("config"), user_config.into_bytes());
+            match have_hosts {
+                true => proptest::prop_assert_eq!(std::fs::read(&hosts).expect("hosts"), user_hosts.into_bytes()),
+                false => proptest::prop_assert!(!hosts.exists()),
+            }
+            proptest::prop_assert!(!dir.path().join("certs.d/docker.io").exists());
+        }
+    }
+
+    #[test]
+    fn daemon_json_is_merged_and_restored_byte_for_byte() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("daemon.json");
+        let user = "{\n    \"log-driver\": \"journald\"\n}\n";
+        std::fs::write(&file, user).expect("write");
+        let a = DockerArgs {
+            daemon_json: file.clone(),
+            mirror: "http://127.0.0.1:65001".into(),
+            dry_run: false,
+            restore: false,
+        };
+        let mut out = Vec::new();
+        docker_cmd(&a, &mut out).expect("merges");
+        let merged = std::fs::read_to_string(&file).expect("read");
+        assert!(merged.contains("registry-mirrors") && merged.contains("journald"), "{merged}");
+        docker_cmd(&a, &mut out).expect("again");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), merged);
+        docker_cmd(&DockerArgs { restore: true, ..a }, &mut out).expect("restores");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), user);
+    }
+
+    #[test]
+    fn a_dry_run_writes_nothing_and_shows_the_diff() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("config.toml"), "version = 3\n").expect("write");
+        let out = run_quietly(&ContainerdArgs { dry_run: true, ..args(dir.path(), &["ghcr.io"]) }).expect("dry run");
+        assert!(out.contains("+++ ") && out.contains("config_path"), "{out}");
+        assert!(!dir.path().join("certs.d").exists());
+        assert_eq!(std::fs::read_to_string(dir.path().join("config.toml")).expect("config"), "version = 3\n");
+    }
 }
