@@ -12,6 +12,7 @@ fn args(config_path: &std::path::Path, registry: &str, mirror: &str) -> HostsGen
             config_path: config_path.to_owned(),
             registries: vec![registry.to_owned()],
             all_registries: false,
+            containerd_config: None,
             mirror: mirror.to_owned(),
             dial_timeout: None,
             dry_run: false,
@@ -71,8 +72,9 @@ async fn containerd_pulls_through_the_daemon_with_the_users_hosts_toml_merged_an
     assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
 
     let mut restore = gen.clone();
-    let Runtime::Containerd(a) = &mut restore.runtime;
-    (a.registries, a.restore) = (Vec::new(), true);
+    if let Runtime::Containerd(a) = &mut restore.runtime {
+        (a.registries, a.restore) = (Vec::new(), true);
+    }
     hosts_gen(&restore);
     assert_eq!(std::fs::read(dir.join("hosts.toml")).unwrap(), theirs.as_bytes(), "restored byte for byte");
     assert!(!ctd.hosts_dir().join("_backup").exists());
