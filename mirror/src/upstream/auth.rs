@@ -90,7 +90,17 @@ impl Authenticator {
         if first.status() != StatusCode::UNAUTHORIZED {
             return done(first);
         }
-        let challenges = challenge::parse_all(first.headers().get_all(WWW_AUTHENTICATE));
+        let mut first = first;
+        let mut challenges = challenge::parse_all(first.headers().get_all(WWW_AUTHENTICATE));
+        if challenges.is_empty() {
+            // Some registries challenge only at `/v2/` and answer everything else a bare 401,
+            // as docker's client learns it: ask there. The client gets the challenge too, so
+            // that it can authenticate itself.
+            if let Some(learned) = self.challenge_at_root(transport, prepared).await {
+                challenges = challenge::parse(learned.to_str().unwrap_or_default());
+                first.headers_mut().insert(WWW_AUTHENTICATE, learned);
+            }
+        }
         let Some(known) = KnownAuth::from_challenges(&challenges) else {
             return done(first);
         };
@@ -162,6 +172,15 @@ impl Authenticator {
 
     fn known(&self, host: &str) -> Option<KnownAuth> {
         self.known.lock().unwrap_or_else(|e| e.into_inner()).get(host).cloned()
+    }
+
+    /// The challenge the registry answers `GET /v2/` with, if it answers one.
+    async fn challenge_at_root(&self, transport: &Transport, prepared: &PreparedRequest) -> Option<HeaderValue> {
+        let root = transport.execute(&prepared.api_root(), None).await.ok()?;
+        if root.status() != StatusCode::UNAUTHORIZED {
+            return None;
+        }
+        root.headers().get(WWW_AUTHENTICATE).cloned()
     }
 
     fn remember(&self, host: &str, known: KnownAuth) {

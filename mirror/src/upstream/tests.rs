@@ -30,6 +30,8 @@ struct State {
     tls_probes: AtomicUsize,
     unauthorized: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
+    /// `/v2/` challenges (the quiet registry's routes).
+    quiet: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -80,6 +82,18 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Some("Bearer tok-user") => reply(StatusCode::OK, &[], "secret"),
             Some(_) => denied(format!(r#"{bearer},error="insufficient_scope""#)),
             None => denied(bearer),
+        },
+        // A registry that challenges only at `/v2/`, and answers a bare 401 elsewhere.
+        "/v2/" if state.quiet.load(Ordering::SeqCst) => match auth {
+            Some(a) if a == format!("Basic {USER_PASS_B64}") => reply(StatusCode::OK, &[], ""),
+            _ => denied(r#"Basic realm="quiet""#.to_owned()),
+        },
+        "/v2/quiet/app/manifests/latest" => match auth {
+            Some(a) if a == format!("Basic {USER_PASS_B64}") => reply(StatusCode::OK, &[], "quiet"),
+            _ => {
+                state.unauthorized.fetch_add(1, Ordering::SeqCst);
+                reply(StatusCode::UNAUTHORIZED, &[], "")
+            }
         },
         "/v2/basic/app/manifests/latest" => match auth {
             Some(a) if a == format!("Basic {USER_PASS_B64}") => reply(StatusCode::OK, &[], "basic"),
@@ -425,4 +439,26 @@ async fn internal_addresses_are_reached_only_for_internal_or_named_registries() 
     let cfg = UpstreamConfig { allow_registries: vec!["registry.internal".into()], ..UpstreamConfig::default() };
     let listed = Upstream::new(cfg).unwrap();
     assert_eq!(reach(&listed, "registry.internal"), Reach::Private, "allow-listed by name");
+}
+
+#[tokio::test]
+async fn a_registry_that_challenges_only_at_its_root_gets_the_configured_credentials() {
+    let (up, state, addr) = setup(vec![user("pass")]).await;
+    state.quiet.store(true, Ordering::SeqCst);
+    let ep = http_endpoint(&up, addr);
+    let reply = up.send(request(&ep, "quiet/app", "manifests/latest")).await.unwrap();
+    assert_eq!(reply.response.status(), StatusCode::OK);
+    assert_eq!(reply.credential, CredentialKind::Configured);
+    assert_eq!(reply.response.text().await.unwrap(), "quiet");
+}
+
+#[tokio::test]
+async fn a_bare_401_reaches_the_client_with_the_challenge_its_credentials_need() {
+    let (up, state, addr) = setup(vec![]).await;
+    state.quiet.store(true, Ordering::SeqCst);
+    let ep = http_endpoint(&up, addr);
+    let reply = up.send(request(&ep, "quiet/app", "manifests/latest")).await.unwrap();
+    assert_eq!(reply.response.status(), StatusCode::UNAUTHORIZED);
+    let challenge = reply.response.headers().get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(challenge.as_deref(), Some(r#"Basic realm="quiet""#));
 }

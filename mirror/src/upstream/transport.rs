@@ -49,6 +49,18 @@ impl PreparedRequest {
         Ok(PreparedRequest { endpoint, method, path: full, headers: forwardable(headers), reach: Reach::Public })
     }
 
+    /// `GET /v2/` of the same registry, with the same reach: where a registry that keeps
+    /// its challenge off its other answers says how to authenticate.
+    pub(crate) fn api_root(&self) -> PreparedRequest {
+        PreparedRequest {
+            endpoint: self.endpoint.clone(),
+            method: Method::GET,
+            path: "/v2/".to_owned(),
+            headers: HeaderMap::new(),
+            reach: self.reach,
+        }
+    }
+
     fn url(&self, scheme: &str) -> Result<Url, UpstreamError> {
         let raw = format!("{scheme}://{}{}", self.endpoint.host, self.path);
         Url::parse(&raw).map_err(|e| UpstreamError::InvalidRequest(format!("{raw}: {e}")))
