@@ -79,3 +79,37 @@ async fn containerd_pulls_through_the_daemon_with_the_users_hosts_toml_merged_an
     assert_eq!(std::fs::read(dir.join("hosts.toml")).unwrap(), theirs.as_bytes(), "restored byte for byte");
     assert!(!ctd.hosts_dir().join("_backup").exists());
 }
+
+/// A daemon that answers 500 to everything: containerd, pointed at it by `hosts-gen`, goes on
+/// down its list to the registry, and the pull succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_falls_back_to_the_registry_when_the_daemon_answers_500() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("test/hostsgen500", "v1", 1).await.unwrap();
+    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken_url = format!("http://{}", broken.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = broken.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                    std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    let ctd = Containerd::start().await.unwrap();
+    hosts_gen(&args(&ctd.hosts_dir(), &origin.url(), &broken_url));
+    ctd.pull(&image.reference).await.expect("the pull falls back to the registry");
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) > 0, "containerd never asked the daemon");
+    let log = origin.settled_access_log().await;
+    let (big, _) = image.largest_blob();
+    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+}
