@@ -137,45 +137,24 @@ fn backup_beside(file: &std::path::Path) -> Backup {
 fn docker_cmd(a: &DockerArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
     let backup = backup_beside(&a.daemon_json);
     if a.restore {
-        for path in backup.restore()? {
-            let _ = writeln!(out, "restored {}", path.display());
-        }
-        return Ok(());
+        return restore(&[&backup], out);
     }
-    if !(a.mirror.starts_with("http://") || a.mirror.starts_with("https://")) {
-        return Err(HostsGenError::Mirror(a.mirror.clone()));
-    }
+    check_mirror(&a.mirror)?;
     let before = files::read(&a.daemon_json)?;
     let after = docker::merge(&a.daemon_json, before.as_deref(), &a.mirror)?;
     let change = Change { path: a.daemon_json.clone(), before, after };
-    if a.dry_run {
-        if !change.is_noop() {
-            let _ = write!(out, "{}", change.diff());
-        }
-        return Ok(());
-    }
-    let wrote = files::apply(&change, &backup)?;
-    let _ = writeln!(out, "{} {}", if wrote { "wrote" } else { "unchanged" }, change.path.display());
-    if wrote {
-        let _ = writeln!(out, "restart dockerd (systemctl restart docker) for it to read the mirror");
-    }
-    Ok(())
+    let restart = "restart dockerd (systemctl restart docker) for it to read the mirror";
+    write_or_show(&[(change, &backup, Some(restart))], a.dry_run, out)
 }
 
 fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
     let hosts_backup = Backup { base: a.config_path.clone(), root: a.config_path.join("_backup") };
     let config_backup = a.containerd_config.as_deref().map(backup_beside);
     if a.restore {
-        for backup in std::iter::once(&hosts_backup).chain(config_backup.as_ref()) {
-            for path in backup.restore()? {
-                let _ = writeln!(out, "restored {}", path.display());
-            }
-        }
-        return Ok(());
+        let backups: Vec<&Backup> = std::iter::once(&hosts_backup).chain(config_backup.as_ref()).collect();
+        return restore(&backups, out);
     }
-    if !(a.mirror.starts_with("http://") || a.mirror.starts_with("https://")) {
-        return Err(HostsGenError::Mirror(a.mirror.clone()));
-    }
+    check_mirror(&a.mirror)?;
     let mut targets: Vec<Option<Registry>> =
         a.registries.iter().map(|r| Registry::parse(r).map(Some)).collect::<Result<_, _>>()?;
     if a.all_registries {
@@ -190,15 +169,43 @@ fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<()
         let before = files::read(&path)?;
         let after =
             containerd::merge(&path, before.as_deref(), registry.as_ref(), &a.mirror, a.dial_timeout.as_deref())?;
-        changes.push((Change { path, before, after }, &hosts_backup));
+        changes.push((Change { path, before, after }, &hosts_backup, None));
     }
     if let (Some(file), Some(backup)) = (&a.containerd_config, &config_backup) {
         let before = files::read(file)?.ok_or_else(|| HostsGenError::Missing(file.clone()))?;
         let after = cri::merge(file, &before, &a.config_path.to_string_lossy())?;
-        changes.push((Change { path: file.clone(), before: Some(before), after }, backup));
+        let restart = "restart containerd (systemctl restart containerd) for the CRI plugin to read it";
+        changes.push((Change { path: file.clone(), before: Some(before), after }, backup, Some(restart)));
     }
-    for (change, backup) in &changes {
-        if a.dry_run {
+    write_or_show(&changes, a.dry_run, out)
+}
+
+fn check_mirror(mirror: &str) -> Result<(), HostsGenError> {
+    match mirror.starts_with("http://") || mirror.starts_with("https://") {
+        true => Ok(()),
+        false => Err(HostsGenError::Mirror(mirror.to_owned())),
+    }
+}
+
+/// Puts back what each backup holds, saying what it did.
+fn restore(backups: &[&Backup], out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
+    for backup in backups {
+        for path in backup.restore()? {
+            let _ = writeln!(out, "restored {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Applies each change (keeping its original in its backup), or with `dry_run` prints its
+/// diff; a written change's note (what to restart) is printed after it.
+fn write_or_show(
+    changes: &[(Change, &Backup, Option<&str>)],
+    dry_run: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), HostsGenError> {
+    for (change, backup, note) in changes {
+        if dry_run {
             if !change.is_noop() {
                 let _ = write!(out, "{}", change.diff());
             }
@@ -206,8 +213,8 @@ fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<()
         }
         let wrote = files::apply(change, backup)?;
         let _ = writeln!(out, "{} {}", if wrote { "wrote" } else { "unchanged" }, change.path.display());
-        if wrote && Some(&change.path) == a.containerd_config.as_ref() {
-            let _ = writeln!(out, "restart containerd (systemctl restart containerd) for the CRI plugin to read it");
+        if let Some(note) = note.filter(|_| wrote) {
+            let _ = writeln!(out, "{note}");
         }
     }
     Ok(())

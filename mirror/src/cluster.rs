@@ -205,45 +205,41 @@ pub fn cluster_secret(config: &MirrorConfig) -> Result<Option<Vec<u8>>, ClusterE
 /// The owner token kept in the data dir (owner-only), created on first use: what makes this
 /// node's host id its own at the schedulers, across restarts.
 fn owner_token(data_dir: &Path) -> Result<OwnerToken, ClusterError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("owner-token");
     let err = |source| ClusterError::OwnerToken { path: path.display().to_string(), source };
-    match std::fs::read_to_string(&path) {
-        Ok(hex) => {
-            return OwnerToken::parse(&hex)
-                .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not 64 hex digits")))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    std::fs::create_dir_all(data_dir).map_err(err)?;
-    let token = OwnerToken::new(rand::random());
-    let tmp = path.with_extension("tmp");
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
-    file.write_all(format!("{}\n", token.to_hex()).as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    Ok(token)
+    let hex = kept(&path, 0o600, || OwnerToken::new(rand::random()).to_hex()).map_err(err)?;
+    OwnerToken::parse(&hex)
+        .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not 64 hex digits")))
 }
 
 /// The host id kept in the data dir, created on first use.
 fn host_id(data_dir: &Path) -> Result<String, ClusterError> {
     let path = data_dir.join("host-id");
-    let err = |source| ClusterError::HostId { path: path.display().to_string(), source };
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+    kept(&path, 0o644, || format!("host-{:016x}", rand::random::<u64>()))
+        .map_err(|source| ClusterError::HostId { path: path.display().to_string(), source })
+}
+
+/// The value in the one-line file at `path`, or a new one from `make`, written there (with
+/// `mode`, through a temporary file) for the next start.
+fn kept(path: &Path, mode: u32, make: impl FnOnce() -> String) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(v) if !v.trim().is_empty() => return Ok(v.trim().to_owned()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
+        Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(data_dir).map_err(err)?;
-    let id = format!("host-{:016x}", rand::random::<u64>());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let value = make();
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    Ok(id)
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    file.write_all(format!("{value}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(value)
 }
 
 /// Fetches content for the cluster from the registry a scheduler named, never with its own

@@ -12,7 +12,7 @@ use lru::LruCache;
 use sha2::Digest as _;
 
 use super::error::ApiError;
-use super::proof::{probe_blob, prove_manifest, Probe};
+use super::proof::{probe_blob, prove_manifest, window_offset, Probe};
 use super::{App, Target};
 use crate::oci::ContentKind;
 use crate::upstream::CredentialKind;
@@ -87,13 +87,13 @@ pub enum Access {
     Window(Probe),
 }
 
-/// Whether the requester may read cached `task` (a blob from `start`), or why not.
+/// Whether the requester may read `span` of cached `task`, or why not.
 pub async fn authorize(
     app: &App,
     target: &Target,
     task: &TaskRef,
     kind: ContentKind,
-    start: u64,
+    span: std::ops::Range<u64>,
 ) -> Result<Access, ApiError> {
     let repo = target.origin_repo();
     let public_age = task.public_age(&repo);
@@ -108,7 +108,7 @@ pub async fn authorize(
     }
     app.metrics.origin("access_check");
     let checked = match kind {
-        ContentKind::Blob => probe_blob(app, target, start).await.map(Access::Window),
+        ContentKind::Blob => probe_blob(app, target, window_offset(task, &span)).await.map(Access::Window),
         ContentKind::Manifest => {
             // Registries answer 404 to a manifest request whose Accept does not list its type.
             let mut accept = http::HeaderMap::new();

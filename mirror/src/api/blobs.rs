@@ -4,8 +4,6 @@ use std::sync::Arc;
 
 use damselfly_p2p::{passthrough, Delivery, StoreError, TaskRef};
 use futures_util::StreamExt;
-
-use crate::upstream::CredentialKind;
 use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, Method, Response, StatusCode};
 
@@ -16,6 +14,7 @@ use super::response::{empty, stream, Body, CONTENT_DIGEST};
 use super::source::UpstreamSource;
 use super::{App, Target};
 use crate::oci::{content_range, parse_range, ContentKind, RangeSpec};
+use crate::upstream::CredentialKind;
 
 pub async fn handle(
     app: Arc<App>,
@@ -30,8 +29,7 @@ pub async fn handle(
     let (task, access) = match app.store.get(&target.digest) {
         Ok(Some(task)) => {
             let span = range.and_then(|spec| spec.resolve(task.len())).unwrap_or(0..task.len());
-            let at = proof_offset(&task, &span);
-            let access = authorize(&app, &target, &task, ContentKind::Blob, at).await?;
+            let access = authorize(&app, &target, &task, ContentKind::Blob, span).await?;
             (task, access)
         }
         // A HEAD of an uncached blob asks the origin and reserves nothing: clients that only
@@ -68,20 +66,6 @@ fn start_hint(range: Option<RangeSpec>) -> u64 {
         Some(RangeSpec::FromTo(start, _) | RangeSpec::From(start)) => start,
         Some(RangeSpec::Suffix(_)) | None => 0,
     }
-}
-
-/// Where in `span` a registry is asked to show a window: a random place this node holds the
-/// bytes of (so the requester cannot choose what is compared), else the span's start.
-fn proof_offset(task: &TaskRef, span: &std::ops::Range<u64>) -> u64 {
-    let room = (span.end - span.start).saturating_sub(proof::WINDOW);
-    for _ in 0..4 {
-        let at = span.start + if room == 0 { 0 } else { rand::random::<u64>() % (room + 1) };
-        let end = (at + proof::WINDOW).min(span.end);
-        if task.present_copy(at..end).is_some() {
-            return at;
-        }
-    }
-    span.start
 }
 
 /// A blob the store does not have: its length, which also proves the requester may read it,

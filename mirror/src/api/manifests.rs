@@ -51,7 +51,7 @@ pub async fn handle(app: Arc<App>, req: ManifestRequest) -> Result<Response<Body
         match app.store.get(digest) {
             Ok(Some(task)) if task.is_verified() && task.media_type().is_some() => {
                 let target = req.repo.target(digest.clone());
-                authorize(&app, &target, &task, ContentKind::Manifest, 0).await?;
+                authorize(&app, &target, &task, ContentKind::Manifest, 0..task.len()).await?;
                 return from_cache(&req, digest, &task).await;
             }
             _ => {}

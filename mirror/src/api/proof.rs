@@ -60,6 +60,20 @@ impl Probe {
     }
 }
 
+/// Where in `span` a registry is asked to show a window of a cached blob: a random place this
+/// node holds the bytes of (so the requester cannot choose what is compared), else the span's
+/// start.
+pub fn window_offset(task: &damselfly_p2p::TaskRef, span: &Range<u64>) -> u64 {
+    let room = (span.end - span.start).saturating_sub(WINDOW);
+    for _ in 0..4 {
+        let at = span.start + if room == 0 { 0 } else { rand::random::<u64>() % (room + 1) };
+        if task.holds(at..(at + WINDOW).min(span.end)) {
+            return at;
+        }
+    }
+    span.start
+}
+
 fn distinct_bytes(b: &[u8]) -> usize {
     let mut seen = [false; 256];
     b.iter().for_each(|&x| seen[usize::from(x)] = true);

@@ -161,17 +161,23 @@ impl NetMetrics {
     }
 }
 
+/// A task whose content from peers failed its digest here.
+struct Poisoned {
+    /// Taken from the origin only until then: the client's retry must not meet the same pieces.
+    until: std::time::Instant,
+    /// The download stream carried the report, which ends the peer at its scheduler: the
+    /// withdrawal that follows is not sent, since it could arrive first and leave the report
+    /// unheard.
+    reported: bool,
+}
+
 pub struct Node {
     pub(crate) cfg: NodeConfig,
     pub(crate) store: Store,
     schedulers: Arc<Schedulers>,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
-    /// Tasks whose content from peers failed its digest here, and until when they are taken
-    /// from the origin only: the client's retry must not meet the same pieces.
-    poisoned: Mutex<HashMap<Digest, std::time::Instant>>,
-    /// Of those, the ones whose download stream carried the report, which ends the peer at its
-    /// scheduler: withdrawing it too could arrive first and leave the report unheard.
-    reported: Mutex<std::collections::HashSet<Digest>>,
+    /// Tasks whose content from peers failed its digest here (see [`Poisoned`]).
+    poisoned: Mutex<HashMap<Digest, Poisoned>>,
     /// Upload keys from the schedulers this host announced to.
     keys: RwLock<Vec<[u8; KEY_LEN]>>,
     pub(crate) http: reqwest::Client,
@@ -242,7 +248,6 @@ impl Node {
             )?),
             downloads: Mutex::new(HashMap::new()),
             poisoned: Mutex::new(HashMap::new()),
-            reported: Mutex::default(),
             keys: RwLock::new(Vec::new()),
             http,
             upload_limit: cfg.upload_rate.map(RateLimit::new),
@@ -541,7 +546,7 @@ impl Node {
     fn is_poisoned(&self, digest: &Digest) -> bool {
         let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
-        poisoned.retain(|_, until| *until > now);
+        poisoned.retain(|_, p| p.until > now);
         poisoned.contains_key(digest)
     }
 
@@ -550,32 +555,26 @@ impl Node {
     fn poisoned(&self, digest: &Digest) {
         tracing::warn!(%digest, "content from peers failed its digest; reporting its suppliers and taking it from the origin");
         self.metrics.poisoned.inc();
-        {
-            let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
-            if poisoned.len() >= MAX_POISONED {
-                let oldest = poisoned.iter().min_by_key(|(_, until)| **until).map(|(d, _)| d.clone());
-                if let Some(d) = oldest {
-                    poisoned.remove(&d);
-                }
-            }
-            poisoned.insert(digest.clone(), std::time::Instant::now() + POISONED_FOR);
-        }
         let download = self.downloads.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
-        if download.is_some_and(|d| d.poisoned()) {
-            let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            // Each is removed by the withdrawal that follows; a bound all the same.
-            if reported.len() >= MAX_POISONED {
-                reported.clear();
+        let reported = download.is_some_and(|d| d.poisoned());
+        let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        if poisoned.len() >= MAX_POISONED {
+            let oldest = poisoned.iter().min_by_key(|(_, p)| p.until).map(|(d, _)| d.clone());
+            if let Some(d) = oldest {
+                poisoned.remove(&d);
             }
-            reported.insert(digest.clone());
         }
+        poisoned.insert(digest.clone(), Poisoned { until: std::time::Instant::now() + POISONED_FOR, reported });
     }
 
     /// The store dropped `digest` (evicted, or discarded).
     fn withdrawn(&self, digest: &Digest) {
-        if self.reported.lock().unwrap_or_else(|e| e.into_inner()).remove(digest) {
+        let mut poisoned = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = poisoned.get_mut(digest).filter(|p| p.reported) {
+            p.reported = false;
             return;
         }
+        drop(poisoned);
         tokio::spawn(self.schedulers.clone().withdraw(self.cfg.host_id.clone(), digest.to_string()));
     }
 

@@ -240,18 +240,20 @@ impl Task {
     /// A copy of `range` if every piece it covers is here, for comparing with bytes from
     /// elsewhere; read with `pread` like [`Task::read_copy`].
     pub fn present_copy(&self, range: Range<u64>) -> Option<Bytes> {
-        if range.start >= range.end || range.end > self.layout.len {
-            return None;
-        }
-        let pieces = self.layout.piece_of(range.start)..=self.layout.piece_of(range.end - 1);
-        let present = {
-            let st = self.lock();
-            pieces.into_iter().all(|i| st.pieces.get(i).is_some_and(|p| p.is_present()))
-        };
-        if !present {
+        if !self.holds(range.clone()) {
             return None;
         }
         self.read_copy(range).ok()
+    }
+
+    /// Whether every piece `range` covers is here (a non-empty range within the task).
+    pub fn holds(&self, range: Range<u64>) -> bool {
+        if range.start >= range.end || range.end > self.layout.len {
+            return false;
+        }
+        let pieces = self.layout.piece_of(range.start)..=self.layout.piece_of(range.end - 1);
+        let st = self.lock();
+        pieces.into_iter().all(|i| st.pieces.get(i).is_some_and(|p| p.is_present()))
     }
 
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
@@ -467,7 +469,7 @@ impl Task {
         self.store.upgrade().is_some_and(|s| s.sharing().is_some())
     }
 
-    pub(crate) fn emit(&self, event: StoreEvent) {
+    fn emit(&self, event: StoreEvent) {
         if let Some(store) = self.store.upgrade() {
             store.emit(event);
         }
@@ -543,9 +545,14 @@ impl Task {
     /// content was verified): they are dropped, and said to be poisoned if other nodes supplied
     /// any, so that their suppliers are reported.
     pub fn contradict(&self, why: &str) {
-        if self.is_verified() {
-            return;
+        if !self.is_verified() {
+            self.discard_wrong(why);
         }
+    }
+
+    /// The content here is wrong: it is discarded, after saying it was poisoned if other
+    /// nodes supplied any of it (its suppliers are then reported).
+    pub(crate) fn discard_wrong(&self, why: &str) {
         if self.lock().pieces.any_from_peer() {
             self.emit(StoreEvent::Poisoned(self.digest.clone()));
         }

@@ -222,10 +222,7 @@ impl Task {
             } else if matches {
                 self.after_verified();
             } else {
-                if self.lock().pieces.any_from_peer() {
-                    self.emit(crate::share::StoreEvent::Poisoned(self.digest.clone()));
-                }
-                self.discard("assembled content does not match its digest");
+                self.discard_wrong("assembled content does not match its digest");
             }
             return;
         }
