@@ -1,10 +1,12 @@
 //! `parse_route(path, query)`: the request target as hyper hands it over, split at the first
 //! `?`. Besides not panicking, whatever is accepted must be canonical: it satisfies the
-//! name/tag/ns grammars and reads back to the same route when written out again.
+//! name/tag/ns grammars and reads back to the same route when written out again; a registry
+//! read from the name's first component is spelled back to that component, and what follows
+//! it is a repository name.
 #![no_main]
 
 use damselfly_mirror::oci::route::{is_host_port, is_valid_name, is_valid_tag};
-use damselfly_mirror::oci::{parse_route, Reference, Route, RouteKind};
+use damselfly_mirror::oci::{parse_route, registry_prefix, Reference, Route, RouteKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -27,6 +29,7 @@ fn check(route: &Route) {
         RouteKind::Base => "/v2/".to_owned(),
         RouteKind::Manifest { name, reference } => {
             assert!(is_valid_name(name), "accepted name {name:?}");
+            check_prefix(name);
             if let Reference::Tag(t) = reference {
                 assert!(is_valid_tag(t), "accepted tag {t:?}");
             }
@@ -34,6 +37,7 @@ fn check(route: &Route) {
         }
         RouteKind::Blob { name, digest } => {
             assert!(is_valid_name(name), "accepted name {name:?}");
+            check_prefix(name);
             format!("/v2/{name}/blobs/{digest}")
         }
     };
@@ -43,4 +47,12 @@ fn check(route: &Route) {
     let query = route.ns.as_ref().map(|ns| format!("ns={ns}"));
     let again = parse_route(&path, query.as_deref()).expect("a written-out route parses");
     assert_eq!(&again, route, "route does not round-trip through {path:?} {query:?}");
+}
+
+fn check_prefix(name: &str) {
+    if let Some((host_port, repo)) = registry_prefix::split(name) {
+        assert!(is_valid_name(repo), "{name:?}: the rest {repo:?} is not a name");
+        let first = name.split('/').next().unwrap_or_default();
+        assert_eq!(registry_prefix::spell(&host_port).as_deref(), Some(first), "{name:?} read as {host_port:?}");
+    }
 }

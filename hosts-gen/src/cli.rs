@@ -8,6 +8,7 @@ use crate::containerd::{self, HostsError};
 use crate::cri::{self, CriError};
 use crate::docker::{self, DockerError};
 use crate::files::{self, Backup, Change, FileError};
+use crate::registries_conf::{self, ConfError, Entry, MirrorLocation};
 use crate::registry::{Registry, RegistryError};
 
 #[derive(Debug, Clone, Args)]
@@ -22,8 +23,39 @@ pub enum Runtime {
     Containerd(ContainerdArgs),
     /// dockerd's daemon.json (registry-mirrors; dockerd mirrors Docker Hub only).
     Docker(DockerArgs),
+    /// A containers-registries.conf drop-in (skopeo, podman, CRI-O): the daemon as each
+    /// registry's first mirror, the registry named in its path.
+    RegistriesConf(RegistriesConfArgs),
     /// Print the registry backend of a nydusd configuration (its `device.backend` object).
     Nydusd(NydusdArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegistriesConfArgs {
+    /// The drop-in to write.
+    #[arg(long, value_name = "FILE", default_value = "/etc/containers/registries.conf.d/damselfly.conf")]
+    pub file: PathBuf,
+    /// The main registries.conf: an entry it has for a registry is carried into the drop-in,
+    /// which replaces it.
+    #[arg(long, value_name = "FILE", default_value = "/etc/containers/registries.conf")]
+    pub main_file: PathBuf,
+    /// A registry to pull through the daemon: HOST[:PORT] or a URL such as
+    /// http://10.0.0.5:5000 (repeatable).
+    #[arg(long = "registry", value_name = "R", required_unless_present = "restore")]
+    pub registries: Vec<String>,
+    /// The daemon's mirror address: HOST:PORT (plain HTTP) or an http(s):// URL.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:65001")]
+    pub mirror: String,
+    /// The registries themselves may be reached over plain HTTP or unverified TLS (a registry
+    /// given as an http:// URL always is).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Print a unified diff of the change, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Put the file back as it was before the first run (or remove it if there was none).
+    #[arg(long, conflicts_with_all = ["registries", "dry_run"])]
+    pub restore: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -104,6 +136,8 @@ pub enum HostsGenError {
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
+    Conf(#[from] ConfError),
+    #[error(transparent)]
     File(#[from] FileError),
     #[error("{0}: no such file")]
     Missing(PathBuf),
@@ -111,6 +145,8 @@ pub enum HostsGenError {
     Nothing,
     #[error("--mirror {0:?} is not an http(s):// URL")]
     Mirror(String),
+    #[error("--mirror {0:?} is neither HOST:PORT nor an http(s):// URL without a path")]
+    MirrorLocation(String),
 }
 
 /// Runs the command; what it changed (or would change) goes to `out`.
@@ -118,6 +154,7 @@ pub fn run(args: &HostsGenArgs, out: &mut dyn std::io::Write) -> Result<(), Host
     match &args.runtime {
         Runtime::Containerd(a) => containerd_cmd(a, out),
         Runtime::Docker(a) => docker_cmd(a, out),
+        Runtime::RegistriesConf(a) => registries_conf_cmd(a, out),
         Runtime::Nydusd(a) => {
             let registry = Registry::parse(&a.registry)?;
             let backend = crate::nydusd::backend(&registry, &a.repo, &a.mirror, &a.health);
@@ -145,6 +182,34 @@ fn docker_cmd(a: &DockerArgs, out: &mut dyn std::io::Write) -> Result<(), HostsG
     let change = Change { path: a.daemon_json.clone(), before, after };
     let restart = "restart dockerd (systemctl restart docker) for it to read the mirror";
     write_or_show(&[(change, &backup, Some(restart))], a.dry_run, out)
+}
+
+fn registries_conf_cmd(a: &RegistriesConfArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
+    let backup = backup_beside(&a.file);
+    if a.restore {
+        return restore(&[&backup], out);
+    }
+    let mirror = MirrorLocation::parse(&a.mirror).ok_or_else(|| HostsGenError::MirrorLocation(a.mirror.clone()))?;
+    let registries: Vec<Registry> = a.registries.iter().map(|r| Registry::parse(r)).collect::<Result<_, _>>()?;
+    let entries: Vec<Entry<'_>> = registries
+        .iter()
+        .map(|registry| Entry { registry, insecure: a.insecure || registry.url.starts_with("http://") })
+        .collect();
+    let before = files::read(&a.file)?;
+    let main = files::read(&a.main_file)?;
+    let after = registries_conf::merge(&a.file, before.as_deref(), main.as_deref(), &entries, &mirror)?;
+    let change = Change { path: a.file.clone(), before, after };
+    write_or_show(&[(change, &backup, None)], a.dry_run, out)?;
+    // The daemon reads a registry in the path as containerd's `ns`: over HTTPS, unless it is
+    // on loopback or the daemon lists it as insecure.
+    for r in registries.iter().filter(|r| r.url.starts_with("http://")) {
+        let _ = writeln!(
+            out,
+            "note: the daemon reaches {} over plain HTTP only if it is on loopback or listed with --insecure-registry {}",
+            r.host, r.host
+        );
+    }
+    Ok(())
 }
 
 fn containerd_cmd(a: &ContainerdArgs, out: &mut dyn std::io::Write) -> Result<(), HostsGenError> {
@@ -275,6 +340,47 @@ mod tests {
                 false => proptest::prop_assert!(!hosts.exists()),
             }
             proptest::prop_assert!(!dir.path().join("certs.d/docker.io").exists());
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn a_registries_conf_drop_in_is_generated_once_and_restored_byte_for_byte(
+            comment in "[a-z #]{0,30}",
+            blocked in proptest::bool::ANY,
+            spaces in "[ \t]{0,3}",
+            mirrors in proptest::collection::vec("[a-z]{1,8}\\.corp(/[a-z]{1,8})?", 0..3),
+            have_file in proptest::bool::ANY,
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            let file = dir.path().join("registries.conf.d/damselfly.conf");
+            let mut user = format!("# {comment}\n[[registry]]\nprefix = \"ghcr.io\"\n{spaces}blocked = {blocked}\n");
+            for m in &mirrors {
+                user.push_str(&format!("\n[[registry.mirror]]\nlocation = \"{m}\"\n"));
+            }
+            if have_file {
+                std::fs::create_dir_all(file.parent().expect("dir")).expect("mkdir");
+                std::fs::write(&file, &user).expect("write");
+            }
+            let a = RegistriesConfArgs {
+                file: file.clone(),
+                main_file: dir.path().join("registries.conf"),
+                registries: vec!["ghcr.io".into(), "127.0.0.1:5000".into()],
+                mirror: "127.0.0.1:65001".into(),
+                insecure: false,
+                dry_run: false,
+                restore: false,
+            };
+            registries_conf_cmd(&a, &mut Vec::new()).expect("generates");
+            let once = std::fs::read(&file).expect("written");
+            registries_conf_cmd(&a, &mut Vec::new()).expect("again");
+            proptest::prop_assert_eq!(std::fs::read(&file).expect("written"), once);
+            registries_conf_cmd(&RegistriesConfArgs { registries: vec![], restore: true, ..a }, &mut Vec::new()).expect("restores");
+            match have_file {
+                true => proptest::prop_assert_eq!(std::fs::read(&file).expect("restored"), user.into_bytes()),
+                false => proptest::prop_assert!(!file.exists()),
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! - containerd: `hosts.toml` per registry ([`containerd`]), and the CRI plugin's
 //!   `config_path` in `config.toml` ([`cri`]);
 //! - dockerd: `registry-mirrors` in `daemon.json` ([`docker`]);
+//! - skopeo, podman, CRI-O: a registries.conf drop-in ([`registries_conf`]);
 //! - nydusd: the registry backend of its configuration, printed ([`nydusd`]).
 
 pub mod cli;
@@ -14,4 +15,5 @@ pub mod cri;
 pub mod docker;
 pub mod files;
 pub mod nydusd;
+pub mod registries_conf;
 pub mod registry;

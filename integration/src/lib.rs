@@ -13,12 +13,14 @@
 //! - [`Metrics`]: a Prometheus text scraper;
 //! - [`FaultProxy`]: a TCP proxy that cuts or corrupts upstream responses;
 //! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry;
-//! - [`Liar`]: a registry that says yes to everything, as an attacker runs one.
+//! - [`Liar`]: a registry that says yes to everything, as an attacker runs one;
+//! - [`BrokenDaemon`]: a daemon that answers 500 to everything.
 //!
 //! The one lesson (see the shared reference docs): every client silently falls back to the
 //! origin when the mirror fails, so tests assert on the origin's access log and on the daemon's
 //! metrics, never only on "the pull succeeded".
 
+pub mod broken;
 pub mod cluster;
 pub mod containerd;
 pub mod fault_proxy;
@@ -32,6 +34,7 @@ pub mod skopeo;
 pub mod token_auth;
 pub mod util;
 
+pub use broken::BrokenDaemon;
 pub use cluster::Cluster;
 pub use containerd::Containerd;
 pub use fault_proxy::{FaultProxy, Times};
@@ -41,7 +44,7 @@ pub use metrics::Metrics;
 pub use mirror::{Mirror, MirrorOpts, MirrorProcess};
 pub use registry::{AccessEntry, AccessLog, Image, Registry};
 pub use scheduler::Scheduler;
-pub use skopeo::skopeo_copy_via_mirror;
+pub use skopeo::{skopeo, skopeo_copy_via_mirror};
 pub use token_auth::TokenAuthFront;
 pub use util::{
     covered_pieces, disk_usage, http_client, piece_size, pieces_total_bytes, poll_until, random_bytes, random_token,

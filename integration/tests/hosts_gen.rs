@@ -1,10 +1,17 @@
-//! `damselfly hosts-gen containerd` against a user's own `hosts.toml` and a real containerd:
-//! the merge keeps what the user wrote, a second run changes nothing, `ctr` pulls through the
-//! daemon, the daemon's absence sends containerd to the registry itself, and `--restore` puts
-//! the user's file back byte for byte.
+//! `damselfly hosts-gen` with real clients against the real registry.
+//!
+//! - containerd: the merge into a user's own `hosts.toml` keeps what the user wrote, a second
+//!   run changes nothing, `ctr` pulls through the daemon, the daemon's absence or a 500 sends
+//!   containerd to the registry itself, and `--restore` puts the user's file back byte for byte.
+//! - skopeo: one daemon serves two registries through a generated registries.conf drop-in, and
+//!   skopeo goes to the registry when the daemon is down or answers 500.
 
-use damselfly_hosts_gen::cli::{run, ContainerdArgs, HostsGenArgs, Runtime};
-use damselfly_integration::{Containerd, Mirror, MirrorOpts, Registry};
+use std::path::Path;
+
+use damselfly_hosts_gen::cli::{run, ContainerdArgs, HostsGenArgs, RegistriesConfArgs, Runtime};
+use damselfly_integration::{
+    sha256_digest, skopeo, AccessLog, BrokenDaemon, Containerd, Image, Mirror, MirrorOpts, Registry,
+};
 
 fn args(config_path: &std::path::Path, registry: &str, mirror: &str) -> HostsGenArgs {
     HostsGenArgs {
@@ -86,30 +93,100 @@ async fn containerd_pulls_through_the_daemon_with_the_users_hosts_toml_merged_an
 async fn containerd_falls_back_to_the_registry_when_the_daemon_answers_500() {
     let origin = Registry::start().await.unwrap();
     let image = origin.push_image("test/hostsgen500", "v1", 1).await.unwrap();
-    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broken_url = format!("http://{}", broken.local_addr().unwrap());
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = broken.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-                    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-                    std::future::ready(Ok::<_, std::convert::Infallible>(resp))
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-            });
-        }
-    });
+    let broken = BrokenDaemon::start().await.unwrap();
     let ctd = Containerd::start().await.unwrap();
-    hosts_gen(&args(&ctd.hosts_dir(), &origin.url(), &broken_url));
+    hosts_gen(&args(&ctd.hosts_dir(), &origin.url(), &broken.url()));
     ctd.pull(&image.reference).await.expect("the pull falls back to the registry");
-    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) > 0, "containerd never asked the daemon");
+    assert!(broken.hits() > 0, "containerd never asked the daemon");
     let log = origin.settled_access_log().await;
     let (big, _) = image.largest_blob();
     assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+}
+
+/// Writes the skopeo drop-in for `registries` through the daemon at `mirror` (`HOST:PORT`).
+fn registries_conf(file: &Path, registries: &[String], mirror: &str) -> String {
+    hosts_gen(&HostsGenArgs {
+        runtime: Runtime::RegistriesConf(RegistriesConfArgs {
+            file: file.to_owned(),
+            main_file: file.with_file_name("no-main-registries.conf"),
+            registries: registries.to_vec(),
+            mirror: mirror.to_owned(),
+            insecure: true,
+            dry_run: false,
+            restore: false,
+        }),
+    })
+}
+
+/// `skopeo copy` of `reference` with the drop-in as its registries.conf; checks every blob.
+async fn skopeo_copy(conf: &Path, image: &Image, dest: &Path) {
+    let conf = conf.to_string_lossy();
+    let src = format!("docker://{}", image.reference);
+    let dest_arg = format!("dir:{}", dest.display());
+    skopeo(&["--registries-conf", &conf, "copy", &src, &dest_arg]).await.expect("skopeo copies");
+    for (digest, size) in &image.blobs {
+        let file = std::fs::read(dest.join(digest.trim_start_matches("sha256:"))).unwrap();
+        assert_eq!((file.len() as u64, sha256_digest(&file)), (*size, digest.clone()), "{digest}");
+    }
+}
+
+/// Whether every blob GET of `image` that reached `origin` came from `user_agent`.
+fn blob_gets_all_from(log: &AccessLog, image: &Image, user_agent: &str) -> bool {
+    image.blobs.iter().all(|(digest, _)| {
+        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
+        !gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with(user_agent))
+    })
+}
+
+/// skopeo sends a mirror neither `ns` nor a header: the drop-in names each registry in the
+/// mirror's path, and one daemon, whose own default registry has none of these images, serves
+/// both registries. With the daemon gone, skopeo goes to each registry itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_two_registries_through_one_daemon_with_a_generated_drop_in() {
+    let (one, two) = (Registry::start().await.unwrap(), Registry::start().await.unwrap());
+    let image_one = one.push_image("team/one", "v1", 4).await.unwrap();
+    let image_two = two.push_image("team/two", "v1", 4).await.unwrap();
+    let elsewhere = Registry::start().await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&elsewhere.url())).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let conf = work.path().join("registries.conf.d/damselfly.conf");
+    let wrote = registries_conf(&conf, &[one.host(), two.host()], &mirror.host());
+    assert!(wrote.contains("wrote"), "{wrote}");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let spelled = format!("{}/127.0.0.1_{}", mirror.host(), one.addr().port());
+    assert!(text.contains(&spelled), "{text}");
+
+    skopeo_copy(&conf, &image_one, &work.path().join("one")).await;
+    skopeo_copy(&conf, &image_two, &work.path().join("two")).await;
+    for (origin, image) in [(&one, &image_one), (&two, &image_two)] {
+        let log = origin.settled_access_log().await;
+        assert!(blob_gets_all_from(&log, image, "damselfly/"), "{:#?}", log.matching("/blobs/"));
+    }
+    assert_eq!(elsewhere.settled_access_log().await.count("GET", "/blobs/"), 0);
+
+    // A second copy of each comes from the daemon's cache.
+    skopeo_copy(&conf, &image_one, &work.path().join("one-again")).await;
+    skopeo_copy(&conf, &image_two, &work.path().join("two-again")).await;
+    one.settled_access_log().await.assert_copies_at_most(&image_one.blobs, 1.05);
+    two.settled_access_log().await.assert_copies_at_most(&image_two.blobs, 1.05);
+
+    mirror.shutdown().await;
+    skopeo_copy(&conf, &image_one, &work.path().join("alone")).await;
+    let log = one.settled_access_log().await;
+    let (big, _) = image_one.largest_blob();
+    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("skopeo/")), "no fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_falls_back_to_the_registry_when_the_daemon_answers_500() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("team/broken", "v1", 1).await.unwrap();
+    let broken = BrokenDaemon::start().await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let conf = work.path().join("damselfly.conf");
+    registries_conf(&conf, &[origin.host()], &broken.host());
+    skopeo_copy(&conf, &image, &work.path().join("out")).await;
+    assert!(broken.hits() > 0, "skopeo never asked the daemon");
+    let log = origin.settled_access_log().await;
+    assert!(blob_gets_all_from(&log, &image, "skopeo/"), "{:#?}", log.matching("/blobs/"));
 }

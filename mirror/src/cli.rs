@@ -68,6 +68,10 @@ pub struct MirrorArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(with = "crate::config::paths::option")]
     pub registry_auth_file: Option<PathBuf>,
+    /// Take the registry from the repository's first component (/v2/ghcr.io/org/app/...) when a
+    /// request names none otherwise, as skopeo, podman and CRI-O mirrors do [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub registry_in_path: Option<bool>,
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
@@ -337,6 +341,9 @@ mod tests {
         assert_eq!(cfg.scheduler_seed_name.as_deref(), Some("seed.internal"));
         assert_eq!(mirror_args(&["--background-fill=false"]).background_fill, Some(false));
         assert_eq!(mirror_args(&["--cache-direct-io=false"]).cache_direct_io, Some(false));
+        assert!(
+            !mirror_args(&["--registry-in-path=false"]).into_config_with_env(None).expect("config").registry_in_path
+        );
         assert_eq!(mirror_args(&[]).cache_direct_io, None);
     }
 
@@ -463,6 +470,7 @@ mod tests {
             "--insecure-registry=a:1",
             "--registry-auth=x.io=u:p",
             "--registry-auth-file=/f",
+            "--registry-in-path=false",
             "--background-fill",
             "--cache-direct-io=false",
             "--scheduler=s:1",

@@ -34,6 +34,10 @@ pub struct MirrorConfig {
     pub registry_auth: Vec<RegistryAuth>,
     #[serde(with = "paths::option")]
     pub registry_auth_file: Option<PathBuf>,
+    /// A request naming no registry (no header, no `ns`) whose repository starts with one
+    /// (`/v2/ghcr.io/org/app/...`, `10.0.0.5_5000` for a port) goes to that registry: how
+    /// skopeo, podman and CRI-O reach several registries through one daemon.
+    pub registry_in_path: bool,
     pub background_fill: bool,
     /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
     pub cache_direct_io: bool,
@@ -106,6 +110,7 @@ impl Default for MirrorConfig {
             allow_registries: Vec::new(),
             registry_auth: Vec::new(),
             registry_auth_file: None,
+            registry_in_path: true,
             background_fill: false,
             cache_direct_io: true,
             log_format: LogFormat::Human,

@@ -118,6 +118,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         tags: Default::default(),
         metrics: ApiMetrics::register(&mut registry),
         background_fill: config.background_fill,
+        registry_in_path: config.registry_in_path,
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;

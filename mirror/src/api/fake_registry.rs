@@ -58,5 +58,6 @@ pub fn app(dir: &std::path::Path, quota: u64, upstream: UpstreamConfig) -> Arc<A
         tags: Default::default(),
         metrics: Default::default(),
         background_fill: false,
+        registry_in_path: true,
     })
 }

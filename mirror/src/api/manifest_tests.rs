@@ -169,3 +169,35 @@ async fn a_manifest_naming_no_media_type_is_served_with_the_type_its_structure_s
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     assert_eq!(content_type, Some(OCI_MANIFEST), "another registry's word reached this registry's client");
 }
+
+#[tokio::test]
+async fn a_repository_starting_with_a_registry_is_read_from_that_registry() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = fake_registry::app(dir.path(), 1 << 30, UpstreamConfig::default());
+    let (body, d) = manifest(true);
+    let reg = Reg { body: body.clone(), content_type: OCI_MANIFEST, no_head: false };
+    let at = fake_registry::serve(move |req: &Request<Incoming>| {
+        let mut resp = answer(&reg, req);
+        if !req.uri().path().starts_with("/v2/lib/app/") {
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+        }
+        Some(resp)
+    })
+    .await;
+    let prefixed = format!("/v2/127.0.0.1_{}/lib/app/manifests/{d}", at.port());
+    let get = |path: String, header: Option<String>| {
+        let mut b = Request::builder().uri(path).header(header::ACCEPT, OCI_MANIFEST);
+        if let Some(h) = header {
+            b = b.header(REGISTRY_HEADER, h);
+        }
+        let app = app.clone();
+        async move {
+            let (parts, body) = app.handle(b.body(()).expect("request")).await.into_parts();
+            (parts.status, body.collect().await.expect("body").to_bytes())
+        }
+    };
+    assert_eq!(get(prefixed.clone(), None).await, (StatusCode::OK, body));
+    // A request that names its registry keeps the whole path as its repository.
+    let (status, _) = get(prefixed, Some(format!("http://{at}"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -25,7 +25,7 @@ use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_T
 use http::{HeaderMap, Method, Request, Response};
 use tracing::Instrument;
 
-use crate::oci::{parse_route, ContentKind, RouteKind};
+use crate::oci::{parse_route, registry_prefix, ContentKind, RouteKind};
 use crate::upstream::{RegistryEndpoint, Upstream, UpstreamRequest};
 pub use access::AccessCache;
 pub use manifests::TagFlights;
@@ -48,6 +48,9 @@ pub struct App {
     pub tags: TagFlights,
     pub metrics: ApiMetrics,
     pub background_fill: bool,
+    /// Take the registry from the repository's first component when a request names none
+    /// otherwise (`oci::registry_prefix`).
+    pub registry_in_path: bool,
 }
 
 /// A repository at an upstream registry, as one requester sees it (with its credentials).
@@ -128,11 +131,18 @@ impl App {
             RouteKind::Blob { name, digest } => (name, Err(digest)),
         };
         let header = req.headers().get(REGISTRY_HEADER).and_then(|v| v.to_str().ok());
-        let registry = match self.upstream.select(header, route.ns.as_deref()) {
+        let (host_port, repo) = match (header, route.ns) {
+            (None, None) if self.registry_in_path => match registry_prefix::split(&name) {
+                Some((host_port, repo)) => (Some(host_port), repo.to_owned()),
+                None => (None, name),
+            },
+            (_, ns) => (ns, name),
+        };
+        let registry = match self.upstream.select(header, host_port.as_deref()) {
             Ok(r) => r,
             Err(e) => return ("invalid", Err(ApiError::Registry(e))),
         };
-        let client_repo = ClientRepo { registry, repo: name, client_auth: req.headers().get(AUTHORIZATION).cloned() };
+        let client_repo = ClientRepo { registry, repo, client_auth: req.headers().get(AUTHORIZATION).cloned() };
         match reference {
             Ok(reference) => {
                 let span = tracing::info_span!("manifest", registry = %client_repo.registry.host, repo = %client_repo.repo, reference = %reference);

@@ -35,6 +35,7 @@ fn example_config_documents_every_key_with_its_default() {
     assert_eq!(cfg.registry_mirror, d.registry_mirror);
     assert_eq!((cfg.background_fill, cfg.log_format, &cfg.log_level), (d.background_fill, d.log_format, &d.log_level));
     assert_eq!(cfg.cache_direct_io, d.cache_direct_io);
+    assert_eq!(cfg.registry_in_path, d.registry_in_path);
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/damselfly"));
     assert_eq!(cfg.insecure_registries, ["registry.local:5000"]);
     assert_eq!(cfg.registry_auth.len(), 1);
@@ -51,6 +52,7 @@ fn example_config_documents_every_key_with_its_default() {
         "insecure_registries",
         "[[registry_auth]]",
         "registry_auth_file",
+        "registry_in_path",
         "background_fill",
         "cache_direct_io",
         "seed_registries",

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod kind;
 pub mod range;
+pub mod registry_prefix;
 pub mod route;
 
 pub use error::{error_body, ErrorCode};

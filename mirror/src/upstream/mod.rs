@@ -238,14 +238,14 @@ impl Upstream {
             || self.credentials.contains_key(&registry.host)
     }
 
-    /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else
-    /// containerd's `ns` parameter (`host[:port]`, already percent-decoded), else the default.
-    /// Refused: a registry at an address never reached (`guard.rs`), or one outside
-    /// `allow_registries`.
-    pub fn select(&self, header: Option<&str>, ns: Option<&str>) -> Result<RegistryEndpoint, UpstreamError> {
-        let endpoint = match (header, ns) {
+    /// Picks the upstream: the `X-Dragonfly-Registry` header (a URL with scheme), else a
+    /// `host[:port]` the request names (containerd's `ns`, already percent-decoded, or the
+    /// repository's first component), else the default. Refused: a registry at an address
+    /// never reached (`guard.rs`), or one outside `allow_registries`.
+    pub fn select(&self, header: Option<&str>, host_port: Option<&str>) -> Result<RegistryEndpoint, UpstreamError> {
+        let endpoint = match (header, host_port) {
             (Some(url), _) => select::endpoint_from_url(url, &self.insecure)?,
-            (None, Some(ns)) => select::endpoint_from_ns(ns, &self.insecure)?,
+            (None, Some(host_port)) => select::endpoint_from_ns(host_port, &self.insecure)?,
             (None, None) => return Ok(self.default.clone()),
         };
         let forbidden = select::host_ip(&endpoint.host).is_some_and(|ip| guard::classify(ip) == AddrClass::Forbidden);
