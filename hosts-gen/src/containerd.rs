@@ -206,7 +206,7 @@ mod tests {
             proptest::prop_assert_eq!(merged(Some(&once), Some(&registry("ghcr.io"))), once.clone());
             let ours = once.find(&format!("[host.\"{MIRROR}\"]"));
             proptest::prop_assert!(ours.is_some(), "{}", once);
-            for (h, _) in &hosts {
+            for h in hosts.keys() {
                 let theirs = once.find(&format!("[host.\"https://{h}.mirror\"]"));
                 proptest::prop_assert!(theirs.is_some_and(|t| Some(t) > ours), "{}", once);
             }

@@ -61,7 +61,7 @@ fn table<'a>(parent: &'a mut Table, key: &str) -> &'a mut Table {
     });
     if !item.is_table() {
         // A dotted or inline form: keep its content as a table of its own.
-        if let Some(t) = item.clone().into_table().ok() {
+        if let Ok(t) = item.clone().into_table() {
             *item = Item::Table(t);
         }
     }

@@ -168,7 +168,7 @@ async fn a_member_announcing_digests_of_its_own_is_found_out_and_cleared() {
 
     // The member's bytes: as long as the blob, with their own piece digests.
     let piece = damselfly_integration::piece_size(size);
-    let evil: Vec<u8> = (0..size).map(|i| damselfly_integration::liar::noise(i)).collect();
+    let evil: Vec<u8> = (0..size).map(damselfly_integration::liar::noise).collect();
     let list: Vec<String> =
         evil.chunks(piece as usize).map(|c| damselfly_integration::sha256_digest(c)[7..].to_owned()).collect();
     let upload = tokio::net::TcpListener::bind((node_ip(7), 0)).await.unwrap();

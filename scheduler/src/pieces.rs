@@ -74,7 +74,7 @@ impl PieceSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        let all = self.full.then(|| 0..self.len).into_iter().flatten();
+        let all = self.full.then_some(0..self.len).into_iter().flatten();
         let bits = self.words.iter().enumerate().flat_map(|(i, &w)| {
             let mut w = w;
             std::iter::from_fn(move || {

@@ -431,6 +431,11 @@ impl SoftState {
     }
 }
 
+/// The digest a task key names (see `Task::digest`).
+pub(crate) fn content_digest(key: &str) -> &str {
+    key.split_once('#').map_or(key, |(digest, _)| digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,9 +475,4 @@ mod tests {
         assert_eq!(piece_count(8, 4), Some(2));
         assert_eq!((piece_count(0, 4), piece_count(8, 0)), (None, None));
     }
-}
-
-/// The digest a task key names (see `Task::digest`).
-pub(crate) fn content_digest(key: &str) -> &str {
-    key.split_once('#').map_or(key, |(digest, _)| digest)
 }
