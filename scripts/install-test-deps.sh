@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the external programs the test suite drives: a real registry (docker-registry), real
-# pull clients (skopeo, containerd/ctr), and the small tools the scripts use. Idempotent: a tool
-# that is already on PATH is not reinstalled, and apt-get update runs at most once per call.
+# pull clients (skopeo, containerd/ctr), the small tools the scripts use, and a Python venv with
+# the CRI client kubelet's pulls are tested with (PyPI container-runtime-interface-api), at
+# $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too).
+# Idempotent: a tool that is already on PATH is not reinstalled, the venv is kept once it
+# works, and apt-get update runs at most once per call.
 set -euo pipefail
 # nginx and friends live in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -32,22 +35,43 @@ for cmd in "${!PKG_FOR_CMD[@]}"; do
   fi
 done
 
-if ((${#missing[@]} == 0)); then
-  echo "install-test-deps: all test dependencies present"
-  exit 0
-fi
-
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then SUDO=(sudo); fi
+updated=0
+apt_install() {
+  if ((updated == 0)); then
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    updated=1
+  fi
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
 
-echo "install-test-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if ((${#missing[@]} == 0)); then
+  echo "install-test-deps: all test programs present"
+else
+  echo "install-test-deps: installing ${missing[*]}"
+  apt_install "${missing[@]}"
+  # Nothing auto-starts without systemd, but a package's postinst may still try; the tests start
+  # private instances with their own configs, so a stray system daemon is only noise.
+  for cmd in "${!PKG_FOR_CMD[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || { echo "install-test-deps: $cmd still missing" >&2; exit 1; }
+  done
+fi
 
-# Nothing auto-starts without systemd, but a package's postinst may still try; the tests start
-# private instances with their own configs, so a stray system daemon is only noise, not a problem.
-for cmd in "${!PKG_FOR_CMD[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || { echo "install-test-deps: $cmd still missing" >&2; exit 1; }
-done
+# The CRI client, pinned. Debian's python3 makes venvs only with python3-venv installed.
+CRI_API_VERSION=2.0.1
+venv=${DAMSELFLY_TEST_VENV:-$HOME/.cache/damselfly/test-venv}
+if "$venv/bin/python" -c "import cri_api.images" >/dev/null 2>&1; then
+  echo "install-test-deps: CRI client present in $venv"
+else
+  echo "install-test-deps: making $venv with container-runtime-interface-api $CRI_API_VERSION"
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    rm -rf "$venv"
+    apt_install python3-venv
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check "container-runtime-interface-api==$CRI_API_VERSION"
+  "$venv/bin/python" -c "import cri_api.images"
+fi
 echo "install-test-deps: done"

@@ -1,8 +1,11 @@
-//! A private containerd 1.6 (own root, state and socket in a temp dir) driven with `ctr`.
+//! A private containerd 1.6 (own root, state and socket in a temp dir) driven with `ctr`, or
+//! through its CRI plugin as kubelet drives it.
 //!
 //! `ctr` resolves and fetches inside the ctr process, using the `hosts.toml` files under
-//! `--hosts-dir`; the daemon only stores content and unpacks. Blobs already in the content
-//! store are never fetched again, hence [`Containerd::fresh`] for a cold second pull.
+//! `--hosts-dir`; the daemon only stores content and unpacks. The CRI plugin resolves and
+//! fetches inside containerd, reading the hosts files only where its config's
+//! `registry.config_path` points. Blobs already in the content store are never fetched again,
+//! hence [`Containerd::fresh`] for a cold second pull.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -22,40 +25,40 @@ pub struct Containerd {
     dir: TempDir,
 }
 
+/// A file under `d`, as the config names it.
+fn under(d: &Path, name: &str) -> String {
+    d.join(name).display().to_string()
+}
+
 impl Containerd {
     /// Starts containerd with everything under a temp dir and waits until `ctr version` works.
+    /// The CRI plugin is disabled: ctr does not use it, and it only adds start-up time and CNI
+    /// noise. ctr reads registry hosts from --hosts-dir.
     pub async fn start() -> Result<Containerd> {
         let dir = tempfile::Builder::new().prefix("damselfly-ctd-").tempdir()?;
+        let config = base_config(dir.path(), &["\"io.containerd.grpc.v1.cri\","])?;
+        std::fs::write(dir.path().join("config.toml"), config)?;
+        Containerd::spawn(dir).await
+    }
+
+    /// Starts containerd with its CRI plugin, from a config as a node has before `hosts-gen`:
+    /// CRI settings of its own (a comment, a sandbox image) and no `registry` table, so the
+    /// plugin reads no hosts files. `edit` may change `config.toml` (its path) and the hosts
+    /// directory (see [`Containerd::hosts_dir`]) before containerd reads them.
+    pub async fn start_cri(edit: impl FnOnce(&Path, &Path) -> Result<()>) -> Result<Containerd> {
+        let dir = tempfile::Builder::new().prefix("damselfly-cri-").tempdir()?;
+        let mut config = base_config(dir.path(), &[])?;
+        config.push_str(
+            "\n# the node's own CRI settings\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.invalid/pause:3.9\"\n",
+        );
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, config)?;
+        edit(&file, &dir.path().join("certs.d"))?;
+        Containerd::spawn(dir).await
+    }
+
+    async fn spawn(dir: TempDir) -> Result<Containerd> {
         let d = dir.path();
-        std::fs::create_dir_all(d.join("certs.d"))?;
-        // The CRI plugin is disabled: ctr does not use it, and it only adds start-up time and CNI
-        // noise. ctr reads registry hosts from --hosts-dir (the same certs.d layout that CRI's
-        // config_path would use). The opt plugin would otherwise create /opt/containerd.
-        std::fs::write(
-            d.join("config.toml"),
-            format!(
-                r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "{d}/certs.d"
-"#,
-                d = d.display()
-            ),
-        )?;
         let log = OpenOptions::new().create(true).append(true).open(d.join("containerd.log"))?;
         let child = Command::new("containerd")
             .arg("--config")
@@ -93,6 +96,35 @@ disabled_plugins = [
         })
         .await?;
         Ok(ctd)
+    }
+
+    /// Pulls `image_ref` through the CRI ImageService, as kubelet does (`scripts/cri-pull.py`
+    /// with the test venv's `container-runtime-interface-api`). `Err` carries its stderr.
+    pub async fn cri_pull(&self, image_ref: &str) -> Result<String> {
+        let venv = match std::env::var_os("DAMSELFLY_TEST_VENV") {
+            Some(v) => PathBuf::from(v),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/damselfly/test-venv"),
+        };
+        let mut cmd = tokio::process::Command::new(venv.join("bin/python"));
+        cmd.arg(crate::util::scripts_dir().join("cri-pull.py")).arg(self.socket()).arg(image_ref);
+        for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
+            cmd.env_remove(var);
+        }
+        cmd.kill_on_drop(true);
+        let out = tokio::time::timeout(CTR_TIMEOUT, cmd.output())
+            .await
+            .with_context(|| format!("CRI pull of {image_ref} timed out after {CTR_TIMEOUT:?}"))?
+            .with_context(|| format!("running {} (run scripts/install-test-deps.sh)", venv.display()))?;
+        if !out.status.success() {
+            bail!("{}\ncontainerd's log:\n{}", String::from_utf8_lossy(&out.stderr), self.log_tail());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// A second containerd with a fresh root and a copy of this one's `hosts.toml` files: a
@@ -178,6 +210,35 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What every instance's config has: its own root, state and sockets under `d`, the plugins
+/// that cannot run here disabled (and `extra_disabled`), and the opt plugin kept out of /opt.
+fn base_config(d: &Path, extra_disabled: &[&str]) -> Result<String> {
+    std::fs::create_dir_all(d.join("certs.d"))?;
+    let disabled = extra_disabled.iter().map(|p| format!("  {p}\n")).collect::<String>();
+    Ok(format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+{disabled}  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+        root = under(d, "root"),
+        state = under(d, "state"),
+        sock = under(d, "containerd.sock"),
+        opt = under(d, "opt"),
+    ))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {

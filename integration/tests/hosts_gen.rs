@@ -190,3 +190,41 @@ async fn skopeo_falls_back_to_the_registry_when_the_daemon_answers_500() {
     let log = origin.settled_access_log().await;
     assert!(blob_gets_all_from(&log, &image, "skopeo/"), "{:#?}", log.matching("/blobs/"));
 }
+
+/// Kubelet pulls through containerd's CRI plugin, which reads hosts files only where its
+/// `registry.config_path` points. `hosts-gen containerd --containerd-config` sets it in a
+/// node's own config (keeping the rest), and the CRI pull goes through the daemon; with the
+/// daemon gone, a CRI pull on a fresh node goes to the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cri_plugin_pulls_through_the_daemon_once_hosts_gen_sets_config_path() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("test/cri", "v1", 4).await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&origin.url())).await.unwrap();
+    let generate = |mirror_url: String| {
+        let origin_url = origin.url();
+        move |config: &Path, hosts_dir: &Path| {
+            let mut gen = args(hosts_dir, &origin_url, &mirror_url);
+            if let Runtime::Containerd(a) = &mut gen.runtime {
+                a.containerd_config = Some(config.to_owned());
+            }
+            let said = hosts_gen(&gen);
+            assert!(said.contains("restart containerd"), "{said}");
+            let text = std::fs::read_to_string(config).unwrap();
+            assert!(text.contains("# the node's own CRI settings") && text.contains("sandbox_image"), "{text}");
+            assert!(text.contains(&format!("config_path = \"{}\"", hosts_dir.display())), "{text}");
+            Ok(())
+        }
+    };
+    let node = Containerd::start_cri(generate(mirror.url())).await.unwrap();
+    node.cri_pull(&image.reference).await.expect("the CRI pull succeeds");
+    let log = origin.settled_access_log().await;
+    assert!(blob_gets_all_from(&log, &image, "damselfly/"), "{:#?}", log.matching("/blobs/"));
+
+    let daemon_url = mirror.url();
+    mirror.shutdown().await;
+    let alone = Containerd::start_cri(generate(daemon_url)).await.unwrap();
+    alone.cri_pull(&image.reference).await.expect("the CRI pull falls back to the registry");
+    let log = origin.settled_access_log().await;
+    let (big, _) = image.largest_blob();
+    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+}
