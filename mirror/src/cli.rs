@@ -72,6 +72,15 @@ pub struct MirrorArgs {
     /// request names none otherwise, as skopeo, podman and CRI-O mirrors do [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub registry_in_path: Option<bool>,
+    /// An HTTP proxy request for a registry URL matching this regular expression goes through
+    /// the cache; others are forwarded (repeatable; replaces the config file's list)
+    /// [default: blobs/sha256.*].
+    #[arg(long = "proxy-rule", value_name = "REGEX")]
+    pub proxy_rules: Vec<String>,
+    /// Clients in this network (CIDR or an address) may use the mirror port as an HTTP proxy,
+    /// besides loopback (repeatable; replaces the config file's list).
+    #[arg(long = "proxy-allow", value_name = "CIDR")]
+    pub proxy_allow: Vec<String>,
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
@@ -471,6 +480,8 @@ mod tests {
             "--registry-auth=x.io=u:p",
             "--registry-auth-file=/f",
             "--registry-in-path=false",
+            "--proxy-rule=manifests/sha256:.*",
+            "--proxy-allow=10.0.0.0/8",
             "--background-fill",
             "--cache-direct-io=false",
             "--scheduler=s:1",

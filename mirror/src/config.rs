@@ -38,6 +38,12 @@ pub struct MirrorConfig {
     /// (`/v2/ghcr.io/org/app/...`, `10.0.0.5_5000` for a port) goes to that registry: how
     /// skopeo, podman and CRI-O reach several registries through one daemon.
     pub registry_in_path: bool,
+    /// Regular expressions: an absolute-form (HTTP proxy) registry request whose URL matches
+    /// one is served through the cache; others are forwarded as they are.
+    pub proxy_rules: Vec<String>,
+    /// Networks (CIDR, or an address) whose clients may use the mirror port as an HTTP proxy,
+    /// besides loopback.
+    pub proxy_allow: Vec<String>,
     pub background_fill: bool,
     /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
     pub cache_direct_io: bool,
@@ -111,6 +117,8 @@ impl Default for MirrorConfig {
             registry_auth: Vec::new(),
             registry_auth_file: None,
             registry_in_path: true,
+            proxy_rules: vec![crate::proxy::DEFAULT_RULE.to_owned()],
+            proxy_allow: Vec::new(),
             background_fill: false,
             cache_direct_io: true,
             log_format: LogFormat::Human,
@@ -157,6 +165,8 @@ pub enum ConfigError {
     RegistryMirror { value: String, reason: String },
     #[error("{0}")]
     AllowRegistry(String),
+    #[error("{0}")]
+    Proxy(String),
     #[error("insecure_registries entry {0:?} is not HOST[:PORT]")]
     InsecureRegistry(String),
     #[error("seed_registries entry {0:?} is neither HOST[:PORT] nor *")]
@@ -233,6 +243,8 @@ impl MirrorConfig {
             return Err(ConfigError::InsecureRegistry(bad.clone()));
         }
         crate::upstream::guard::AllowList::new(&self.allow_registries).map_err(ConfigError::AllowRegistry)?;
+        crate::proxy::Rules::new(&self.proxy_rules).map_err(ConfigError::Proxy)?;
+        crate::proxy::parse_allow(&self.proxy_allow).map_err(ConfigError::Proxy)?;
         let mut seen = std::collections::HashSet::new();
         for auth in &self.registry_auth {
             auth.validate().map_err(ConfigError::Auth)?;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::metrics::ApiMetrics;
 use crate::api::App;
 use crate::config::MirrorConfig;
+use crate::proxy::{Proxy, ProxyConfig};
 use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
 use damselfly_serve::serve;
 
@@ -66,6 +67,8 @@ pub enum DaemonError {
     Scheduler(#[from] damselfly_scheduler::SchedulerError),
     #[error("in-process scheduler: {0}")]
     SchedulerSecret(#[from] damselfly_scheduler::SecretError),
+    #[error("proxy: {0}")]
+    Proxy(String),
 }
 
 pub struct Running {
@@ -154,9 +157,23 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     let registry = Arc::new(Mutex::new(registry));
     let sched_metrics = scheduler.as_ref().map(|s| s.scheduler().clone());
     let addrs = (listeners.api.local_addr()?, listeners.health.local_addr()?, listeners.metrics.local_addr()?);
+    let proxy_config = ProxyConfig { rules: config.proxy_rules.clone(), allow: config.proxy_allow.clone() };
+    let proxy = {
+        let mut registry = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Proxy::new(app.clone(), &proxy_config, &mut registry, shutdown.clone()).map_err(DaemonError::Proxy)?
+    };
+    let proxy = Arc::new(proxy);
     let api = {
         let app = app.clone();
-        move |req| app.clone().handle(req)
+        move |req: Request<hyper::body::Incoming>| {
+            let (app, proxy) = (app.clone(), proxy.clone());
+            async move {
+                match Proxy::claims(&req) {
+                    true => proxy.handle(req).await,
+                    false => app.handle(req).await,
+                }
+            }
+        }
     };
     let metrics = move |req: Request<hyper::body::Incoming>| {
         let registry = registry.clone();

@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod oci;
+pub mod proxy;
 pub mod upstream;

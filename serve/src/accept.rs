@@ -1,6 +1,8 @@
 //! Serving HTTP on a bound listener until a shutdown signal: the one loop behind every server
 //! of the project (the mirror API, health, metrics, the piece upload server, and the
-//! scheduler's HTTP port).
+//! scheduler's HTTP port). Each request carries its client's address ([`PeerAddr`]), and a
+//! handler may take over an HTTP/1 connection (`CONNECT`) with `hyper::upgrade::on`; what it
+//! does with the upgraded stream is its own to stop at shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,7 +16,6 @@ use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -28,6 +29,10 @@ const MAX_HEAD_BYTES: usize = 32 << 10;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections still open this long after shutdown was asked for are dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The address of the client that sent a request, in the request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Serves `handler` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown`; then drains open
 /// connections for a few seconds and ends the rest, within the default [`Limits`].
@@ -83,7 +88,6 @@ pub async fn serve_limited<H, F, B>(
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
-    let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -111,17 +115,18 @@ pub async fn serve_limited<H, F, B>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
-        let watcher = graceful.watcher();
-        let conn =
-            Conn { tls: tls.clone(), builder: builder.clone(), watcher, peer, permit, idle: limits.idle_timeout };
+        let conn = Conn { tls: tls.clone(), builder: builder.clone(), peer, permit, idle: limits.idle_timeout };
         conns.spawn(conn.serve(stream, svc, shutdown.clone()));
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    // Each connection finishes what it is answering on its own (see `Conn::serve`).
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
         tracing::info!(open = conns.len(), "dropping connections still open after the drain timeout");
     }
     // Ends whatever is left, so that nothing of the daemon outlives its shutdown.
@@ -132,7 +137,6 @@ pub async fn serve_limited<H, F, B>(
 struct Conn {
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
     peer: SocketAddr,
     /// Held while the connection is open (see [`Limits`]).
     permit: OwnedSemaphorePermit,
@@ -147,12 +151,12 @@ impl Conn {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Conn { tls, builder, watcher, peer, permit: _permit, idle } = self;
+        let Conn { tls, builder, peer, permit: _permit, idle } = self;
         let activity = Activity::new();
         let stream = Watched::new(stream, activity.clone());
         let Some(tls) = tls else {
-            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-            return log_end(peer, until_idle(conn, &activity, idle).await);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+            return log_end(peer, until_idle(conn, &activity, idle, &shutdown).await);
         };
         // A handshake left unfinished neither holds up shutdown nor lasts past its timeout.
         let stream = tokio::select! {
@@ -163,17 +167,29 @@ impl Conn {
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             },
         };
-        let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-        log_end(peer, until_idle(conn, &activity, idle).await);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        log_end(peer, until_idle(conn, &activity, idle, &shutdown).await);
     }
 }
 
-/// Runs `conn` until it ends, or until it moved no byte for `timeout`.
-async fn until_idle<F, E>(conn: F, activity: &Activity, timeout: Duration) -> Result<(), E>
+/// Runs `conn` until it ends, or until it moved no byte for `timeout`. At `shutdown` it is
+/// asked to finish what it is answering and take nothing new (the accept loop drops it if it
+/// is not done within the drain timeout).
+async fn until_idle<I, S, B>(
+    conn: auto::UpgradeableConnection<'static, I, S, TokioExecutor>,
+    activity: &Activity,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
-    F: Future<Output = Result<(), E>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
     loop {
         let left = timeout.saturating_sub(activity.idle());
         if left.is_zero() {
@@ -182,6 +198,10 @@ where
         }
         tokio::select! {
             ended = conn.as_mut() => return ended,
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
             _ = tokio::time::sleep(left) => {}
         }
     }

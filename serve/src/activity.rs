@@ -28,13 +28,19 @@ impl Default for Limits {
 
 /// When the connection last moved a byte, in milliseconds since `epoch`.
 #[derive(Clone)]
-pub(crate) struct Activity {
+pub struct Activity {
     epoch: Instant,
     last: Arc<AtomicU64>,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
 impl Activity {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Activity { epoch: Instant::now(), last: Arc::new(AtomicU64::new(0)) }
     }
 
@@ -43,20 +49,20 @@ impl Activity {
     }
 
     /// How long since the last byte moved.
-    pub(crate) fn idle(&self) -> Duration {
+    pub fn idle(&self) -> Duration {
         let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
         self.epoch.elapsed().saturating_sub(last)
     }
 }
 
 /// An I/O object that records its activity.
-pub(crate) struct Watched<T> {
+pub struct Watched<T> {
     inner: T,
     activity: Activity,
 }
 
 impl<T> Watched<T> {
-    pub(crate) fn new(inner: T, activity: Activity) -> Self {
+    pub fn new(inner: T, activity: Activity) -> Self {
         Watched { inner, activity }
     }
 }

@@ -9,7 +9,7 @@ mod activity;
 mod endpoints;
 mod logging;
 
-pub use accept::{serve, serve_limited, serve_with};
-pub use activity::Limits;
+pub use accept::{serve, serve_limited, serve_with, PeerAddr};
+pub use activity::{Activity, Limits, Watched};
 pub use endpoints::{health, metrics, text, OPENMETRICS};
 pub use logging::{check_log_level, init_logging, LogFormat};

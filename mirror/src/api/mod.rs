@@ -9,7 +9,7 @@ mod blob_tests;
 mod blobs;
 mod error;
 #[cfg(test)]
-mod fake_registry;
+pub(crate) mod fake_registry;
 #[cfg(test)]
 mod manifest_tests;
 mod manifests;

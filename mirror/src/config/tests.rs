@@ -53,6 +53,8 @@ fn example_config_documents_every_key_with_its_default() {
         "[[registry_auth]]",
         "registry_auth_file",
         "registry_in_path",
+        "proxy_rules",
+        "proxy_allow",
         "background_fill",
         "cache_direct_io",
         "seed_registries",

@@ -14,8 +14,12 @@
 //! redirect targets and realms are checked before the request. Behind an HTTP proxy
 //! (`HTTPS_PROXY`), the proxy resolves names, and only literals are checked here.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
 
 use url::{Host, Url};
 
@@ -113,6 +117,25 @@ impl reqwest::dns::Resolve for GuardedResolver {
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// Connects to `host:port` (a name, or an address literal, bracketed or not) on the first of
+/// its addresses that `reach` allows and that answers within `timeout`.
+pub(crate) async fn connect(host: &str, port: u16, reach: Reach, timeout: Duration) -> io::Result<TcpStream> {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let all: Vec<SocketAddr> = tokio::net::lookup_host((bare, port)).await?.collect();
+    let mut last = io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{host} has no address a client may send the daemon to"),
+    );
+    for addr in all.into_iter().filter(|a| allows(reach, a.ip())) {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")),
+        }
+    }
+    Err(last)
 }
 
 pub(crate) fn resolver(reach: Reach) -> Arc<GuardedResolver> {

@@ -18,6 +18,16 @@ use std::fmt;
 use std::time::Duration;
 
 pub(crate) use select::canonical_credential_host as canonical_host;
+pub(crate) use select::{cidr_contains, parse_cidr};
+
+/// Whether `host[:port]` names this host or its network by itself (an address literal,
+/// `localhost`).
+fn names_internal(host_port: &str) -> bool {
+    match select::host_ip(host_port) {
+        Some(ip) => guard::classify(ip) == AddrClass::Internal,
+        None => select::is_loopback(host_port),
+    }
+}
 pub use select::{RegistryEndpoint, RegistryId, RegistryNameError, SchemePolicy, DOCKER_HUB_HOST};
 
 use guard::{AddrClass, AllowList, Reach};
@@ -190,6 +200,7 @@ pub struct Upstream {
     allow: AllowList,
     transport: Transport,
     auth: auth::Authenticator,
+    connect_timeout: Duration,
 }
 
 impl Upstream {
@@ -221,6 +232,7 @@ impl Upstream {
             credentials,
             allow,
             transport: Transport::new(cfg.connect_timeout, cfg.read_timeout)?,
+            connect_timeout: cfg.connect_timeout,
             auth: auth::Authenticator::default(),
         })
     }
@@ -258,15 +270,33 @@ impl Upstream {
     /// Which addresses requests for `registry` may reach: internal ones only for a registry
     /// that is internal itself (an address literal, `localhost`) or that the operator named.
     fn reach_of(&self, registry: &RegistryEndpoint) -> Reach {
-        let listed = !self.allow.is_open() && self.allow.allows(&registry.host);
-        let internal = match select::host_ip(&registry.host) {
-            Some(ip) => guard::classify(ip) == AddrClass::Internal,
-            None => select::is_loopback(&registry.host),
-        };
-        match internal || listed || self.is_configured(registry) {
+        match names_internal(&registry.host) || self.operator_named(registry) {
             true => Reach::Private,
             false => Reach::Public,
         }
+    }
+
+    /// Whether the operator named this registry anywhere, `allow_registries` included.
+    fn operator_named(&self, registry: &RegistryEndpoint) -> bool {
+        (!self.allow.is_open() && self.allow.allows(&registry.host)) || self.is_configured(registry)
+    }
+
+    /// Whether an HTTP proxy client may reach `host:port` (`proxy/`), and where: the rules for a
+    /// registry named in the header (allow-list, addresses never reached), except that the
+    /// host's and its network's addresses are reached for a client on this host, or when the
+    /// operator named the destination, and for nobody else: a forward proxy reaches any path
+    /// there, not only a registry API.
+    pub fn proxy_reach(&self, host: &str, port: u16, local_client: bool) -> Result<Reach, UpstreamError> {
+        let authority =
+            if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+        let endpoint = self.select(Some(&format!("https://{authority}:{port}")), None)?;
+        let internal_ok = self.operator_named(&endpoint) || (local_client && names_internal(&endpoint.host));
+        Ok(if internal_ok { Reach::Private } else { Reach::Public })
+    }
+
+    /// A TCP connection to `host:port` on an address `reach` allows, within the connect timeout.
+    pub async fn connect(&self, host: &str, port: u16, reach: Reach) -> std::io::Result<tokio::net::TcpStream> {
+        guard::connect(host, port, reach, self.connect_timeout).await
     }
 
     /// Sends one GET/HEAD upstream with the right credentials (see the module docs). Any status,

@@ -270,7 +270,7 @@ pub(crate) fn is_loopback(host_port: &str) -> bool {
     host == "localhost" || host.ends_with(".localhost")
 }
 
-fn parse_cidr(entry: &str) -> Option<(IpAddr, u8)> {
+pub(crate) fn parse_cidr(entry: &str) -> Option<(IpAddr, u8)> {
     let (addr, bits) = entry.split_once('/')?;
     let addr: IpAddr = addr.parse().ok()?;
     let bits: u8 = bits.parse().ok()?;
@@ -278,7 +278,7 @@ fn parse_cidr(entry: &str) -> Option<(IpAddr, u8)> {
     (bits <= max).then_some((addr, bits))
 }
 
-fn cidr_contains(net: IpAddr, bits: u8, ip: IpAddr) -> bool {
+pub(crate) fn cidr_contains(net: IpAddr, bits: u8, ip: IpAddr) -> bool {
     let (net, ip, width) = match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(i)) => (u128::from(u32::from(n)), u128::from(u32::from(i)), 32),
         (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),

@@ -1,0 +1,98 @@
+//! The mirror port as an HTTP forward proxy, against the real registry: registry blob reads in
+//! absolute form come from the cache (the request line names the registry, whatever the
+//! daemon's default), other requests are forwarded, CONNECT is tunnelled, and destinations the
+//! daemon never reaches are refused.
+
+use std::time::Duration;
+
+use damselfly_integration::{raw_http, sha256_digest, Mirror, MirrorOpts, Registry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A client that sends everything through the daemon as its HTTP proxy.
+fn through(mirror: &Mirror) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(mirror.url()).expect("proxy url"))
+        .user_agent("proxy-test/1")
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_blob_reads_come_from_the_cache_and_other_requests_are_forwarded() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("team/proxied", "v1", 4).await.unwrap();
+    // The daemon's own default is another registry: only the request line can name the right one.
+    let elsewhere = Registry::start().await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&elsewhere.url())).await.unwrap();
+    let client = through(&mirror);
+    let (big, size) = image.largest_blob();
+    let url = origin.blob_url("team/proxied", &big);
+    for _ in 0..2 {
+        let body = client.get(&url).send().await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
+        assert_eq!((body.len() as u64, sha256_digest(&body)), (size, big.clone()));
+    }
+    let ranged = client.get(&url).header("Range", "bytes=1000-1999").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap().len(), 1000);
+
+    let manifest = client
+        .get(format!("{}/v2/team/proxied/manifests/v1", origin.url()))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), 200, "the manifest by tag is forwarded");
+
+    let log = origin.settled_access_log().await;
+    log.assert_copies_at_most(&[(big.clone(), size)], 1.05);
+    let blob_gets: Vec<_> = log.matching(&big).into_iter().filter(|e| e.method == "GET").collect();
+    assert!(blob_gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{blob_gets:#?}");
+    let forwarded = log.matching("/manifests/v1");
+    assert!(forwarded.iter().any(|e| e.user_agent == "proxy-test/1"), "{forwarded:#?}");
+    assert_eq!(elsewhere.settled_access_log().await.count("GET", "/blobs/"), 0);
+
+    let metrics = mirror.metrics().await.unwrap();
+    assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "cache")]) >= 3.0);
+    assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "forward")]) >= 1.0);
+    assert!(metrics.sum("damselfly_download_bytes_total", &[("source", "cache")]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_to_the_registry_and_never_to_what_the_daemon_must_not_reach() {
+    let origin = Registry::start().await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&origin.url())).await.unwrap();
+    let addr = mirror.url().trim_start_matches("http://").parse().unwrap();
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", origin.host());
+    stream.write_all(connect.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Inside the tunnel, the registry itself answers.
+    stream.write_all(b"GET /v2/ HTTP/1.1\r\nHost: registry\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut inner = String::new();
+    stream.read_to_string(&mut inner).await.unwrap();
+    assert!(inner.starts_with("HTTP/1.1 200") && inner.to_ascii_lowercase().contains("registry/2.0"), "{inner}");
+    assert!(!inner.to_ascii_lowercase().contains("via:"), "the tunnel changed the bytes: {inner}");
+
+    for refused in [
+        "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\n\r\n",
+        "GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+        "CONNECT [fe80::1]:443 HTTP/1.1\r\nHost: [fe80::1]:443\r\n\r\n",
+    ] {
+        let resp = raw_http(addr, refused.as_bytes()).await.unwrap().expect("an answer");
+        assert_eq!(resp.status, 403, "{refused}: {resp:?}");
+    }
+}
+
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "closed before the end of the head: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}

@@ -1,0 +1,124 @@
+//! Forwarding an absolute-form request as it is: one upstream connection per request, the
+//! request body and the response body streamed, hop-by-hop headers dropped in both directions
+//! (RFC 9110, section 7.6.1) and `Via` added.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Body as HttpBody;
+use hyper_util::rt::TokioIo;
+
+use super::{Proxy, ProxyError, Target};
+use crate::api::response::{Body, BodyError};
+
+/// How long the upstream has to start its answer.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Hop-by-hop headers: they describe one connection, not the message.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+const VIA_VALUE: &str = "1.1 damselfly";
+
+impl Proxy {
+    pub(super) async fn forward<B>(
+        &self,
+        req: Request<B>,
+        target: Target,
+        local: bool,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let reach = self.reach(&target.host, target.port, local)?;
+        let stream = self
+            .app
+            .upstream
+            .connect(&target.host, target.port, reach)
+            .await
+            .map_err(|e| ProxyError::Unreachable(target.authority.to_string(), e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(ProxyError::Upstream)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "forwarded connection ended with an error");
+            }
+        });
+        let (mut parts, body) = req.into_parts();
+        parts.uri = target.origin_form.clone();
+        strip_hop_by_hop(&mut parts.headers);
+        // RFC 9112, section 3.2.2: the request line's authority wins over a Host header.
+        if let Ok(host) = HeaderValue::from_str(target.authority.as_str()) {
+            parts.headers.insert(HOST, host);
+        }
+        parts.headers.append(VIA, HeaderValue::from_static(VIA_VALUE));
+        let sent = tokio::time::timeout(HEAD_TIMEOUT, sender.send_request(Request::from_parts(parts, body)));
+        let resp = match sent.await {
+            Ok(r) => r.map_err(ProxyError::Upstream)?,
+            Err(_) => {
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time");
+                return Err(ProxyError::Unreachable(target.authority.to_string(), e));
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.append(VIA, HeaderValue::from_static(VIA_VALUE));
+        let body = body.map_err(|e| BodyError(e.to_string())).boxed_unsync();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Drops the hop-by-hop headers, and those the `Connection` header names as such.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("accept", "a"),
+            ("authorization", "Bearer t"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        h.append("accept", HeaderValue::from_static("b"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "authorization"]);
+        assert_eq!(h.get_all("accept").iter().count(), 2, "repeated headers stay repeated");
+    }
+}

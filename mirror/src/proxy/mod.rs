@@ -1,0 +1,260 @@
+//! The mirror port as an HTTP forward proxy, for clients configured with a proxy rather than a
+//! mirror (nydusd's `proxy` backend, dockerd and others with `HTTP_PROXY`).
+//!
+//! - An absolute-form request (`GET http://registry/v2/<repo>/blobs/<digest>`) names its
+//!   registry in the request line. Registry API paths that match the rules (regular
+//!   expressions, default `blobs/sha256.*`) are answered by the mirror API as if the client had
+//!   named that registry in `X-Dragonfly-Registry`: the same piece cache, peers, access checks
+//!   and verification. Anything else is forwarded as it is, streaming both ways ([`forward`]).
+//! - `CONNECT host:port` is tunnelled untouched ([`tunnel`]).
+//!
+//! Not an open relay: only clients on loopback, or in the `proxy_allow` networks, are served,
+//! and destinations follow the upstream rules (`upstream::guard`: the allow-list, addresses
+//! never reached). A destination on this host or its network is reached for a client on this
+//! host, or when the operator named it, since a forward proxy reaches any path there.
+//!
+//! HTTP/2 requests always carry an authority and never are proxy requests; HTTP/1 requests in
+//! origin form go to the mirror API.
+
+mod forward;
+mod rules;
+mod tunnel;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use damselfly_serve::PeerAddr;
+use http::header::HeaderValue;
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Body as HttpBody;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::response::{full, Body};
+use crate::api::{App, REGISTRY_HEADER};
+use crate::oci::{parse_route, RouteKind};
+use crate::upstream::guard::Reach;
+use crate::upstream::UpstreamError;
+pub use rules::{Rules, DEFAULT_RULE};
+
+/// Tunnels open at once; more wait for none, they are refused (503).
+const MAX_TUNNELS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("this proxy serves clients on loopback and in the configured networks only; {0} is neither")]
+    ClientNotAllowed(IpAddr),
+    #[error("{0}")]
+    Destination(UpstreamError),
+    #[error("bad proxy request: {0}")]
+    BadRequest(&'static str),
+    #[error("cannot reach {0}: {1}")]
+    Unreachable(String, std::io::Error),
+    #[error("the upstream connection failed: {0}")]
+    Upstream(hyper::Error),
+    #[error("too many tunnels open")]
+    Busy,
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::Destination(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Unreachable(_, e) if e.kind() == std::io::ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+            ProxyError::Unreachable(_, e) if e.kind() == std::io::ErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Unreachable(..) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The one place a proxy error becomes a response: plain text, as proxies answer.
+    fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(full(format!("{self}\n")));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp
+    }
+}
+
+/// What the proxy is configured with (`proxy_rules`, `proxy_allow`).
+#[derive(Clone, Debug, Default)]
+pub struct ProxyConfig {
+    /// Regular expressions; an absolute-form registry API request whose URL matches one goes
+    /// through the cache.
+    pub rules: Vec<String>,
+    /// Networks (`CIDR` or a single address) whose clients may use the proxy, besides loopback.
+    pub allow: Vec<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    kind: &'static str,
+    status: u16,
+}
+
+pub struct Proxy {
+    app: Arc<App>,
+    rules: Rules,
+    allow: Vec<(IpAddr, u8)>,
+    tunnels: Arc<Semaphore>,
+    requests: Family<Labels, Counter>,
+    shutdown: CancellationToken,
+}
+
+impl Proxy {
+    pub fn new(
+        app: Arc<App>,
+        config: &ProxyConfig,
+        registry: &mut Registry,
+        shutdown: CancellationToken,
+    ) -> Result<Proxy, String> {
+        let rules = Rules::new(&config.rules)?;
+        let allow = parse_allow(&config.allow)?;
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "damselfly_proxy_requests",
+            "HTTP proxy requests by how they were served (cache, forward, tunnel, refused) and status",
+            requests.clone(),
+        );
+        Ok(Proxy { app, rules, allow, tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)), requests, shutdown })
+    }
+
+    /// Whether `req` is for the proxy rather than the mirror API.
+    pub fn claims<B>(req: &Request<B>) -> bool {
+        req.version() < Version::HTTP_2 && (req.method() == Method::CONNECT || req.uri().authority().is_some())
+    }
+
+    /// Answers a proxy request (see [`Proxy::claims`]).
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (kind, answer) = self.clone().dispatch(req).await;
+        let (kind, resp) = match answer {
+            Ok(resp) => (kind, resp),
+            Err(e) => {
+                tracing::debug!(error = %e, "proxy request refused");
+                ("refused", e.into_response())
+            }
+        };
+        self.requests.get_or_create(&Labels { kind, status: resp.status().as_u16() }).inc();
+        resp
+    }
+
+    async fn dispatch<B>(self: Arc<Self>, req: Request<B>) -> (&'static str, Result<Response<Body>, ProxyError>)
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+        let local = match self.client_allowed(peer) {
+            Ok(local) => local,
+            Err(e) => return ("refused", Err(e)),
+        };
+        if req.method() == Method::CONNECT {
+            return ("tunnel", self.tunnel(req, local).await);
+        }
+        let target = match Target::of(req.uri()) {
+            Ok(t) => t,
+            Err(e) => return ("refused", Err(e)),
+        };
+        if self.through_cache(&req) {
+            return ("cache", Ok(self.cached(req, &target).await));
+        }
+        ("forward", self.forward(req, target, local).await)
+    }
+
+    /// Whether `peer` may use the proxy, and whether it is on this host.
+    fn client_allowed(&self, peer: Option<IpAddr>) -> Result<bool, ProxyError> {
+        let Some(ip) = peer else {
+            return Err(ProxyError::ClientNotAllowed(IpAddr::from([0, 0, 0, 0])));
+        };
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_loopback() {
+            return Ok(true);
+        }
+        match self.allow.iter().any(|&(net, bits)| crate::upstream::cidr_contains(net, bits, ip)) {
+            true => Ok(false),
+            false => Err(ProxyError::ClientNotAllowed(ip)),
+        }
+    }
+
+    /// A registry API read (GET or HEAD of a blob or manifest) whose URL matches a rule.
+    fn through_cache<B>(&self, req: &Request<B>) -> bool {
+        let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+        let api = parse_route(req.uri().path(), req.uri().query())
+            .is_ok_and(|r| matches!(r.kind, RouteKind::Blob { .. } | RouteKind::Manifest { .. }));
+        readable && api && self.rules.matches(&req.uri().to_string())
+    }
+
+    /// Serves the request through the mirror API, with the registry the request line names.
+    async fn cached<B>(&self, req: Request<B>, target: &Target) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let registry = format!("{}://{}", target.scheme, target.authority);
+        parts.uri = target.origin_form.clone();
+        // The request line decides; a header naming another registry would be a second answer.
+        parts.headers.remove(REGISTRY_HEADER);
+        if let Ok(value) = HeaderValue::from_str(&registry) {
+            parts.headers.insert(REGISTRY_HEADER, value);
+        }
+        self.app.clone().handle(Request::from_parts(parts, body)).await
+    }
+
+    fn reach(&self, host: &str, port: u16, local: bool) -> Result<Reach, ProxyError> {
+        self.app.upstream.proxy_reach(host, port, local).map_err(ProxyError::Destination)
+    }
+}
+
+/// The `proxy_allow` networks: a CIDR range, or one address.
+pub fn parse_allow(entries: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
+    let parse = |entry: &String| match entry.trim().parse::<IpAddr>() {
+        Ok(ip) => Some((ip, if ip.is_ipv4() { 32 } else { 128 })),
+        Err(_) => crate::upstream::parse_cidr(entry.trim()),
+    };
+    entries
+        .iter()
+        .map(|e| parse(e).ok_or_else(|| format!("proxy_allow entry {e:?} is neither an address nor a CIDR range")))
+        .collect()
+}
+
+/// Where an absolute-form request goes.
+struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    host: String,
+    port: u16,
+    /// The request's path and query, as the origin gets them.
+    origin_form: Uri,
+}
+
+impl Target {
+    fn of(uri: &Uri) -> Result<Target, ProxyError> {
+        let authority = uri.authority().cloned().ok_or(ProxyError::BadRequest("no host in the request line"))?;
+        let scheme = uri.scheme().cloned().ok_or(ProxyError::BadRequest("no scheme in the request line"))?;
+        if scheme != Scheme::HTTP {
+            return Err(ProxyError::BadRequest("only http:// URLs are forwarded; https goes through CONNECT"));
+        }
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadRequest("credentials in the request line"));
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        let origin_form: Uri =
+            uri.path_and_query().map_or("/", |pq| pq.as_str()).parse().unwrap_or_else(|_| Uri::from_static("/"));
+        Ok(Target { host: authority.host().to_owned(), scheme, authority, port, origin_form })
+    }
+}
+
+#[cfg(test)]
+mod tests;
