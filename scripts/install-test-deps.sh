@@ -2,7 +2,8 @@
 # Installs the external programs the test suite drives: a real registry (docker-registry), real
 # pull clients (skopeo, containerd/ctr), the small tools the scripts use, and a Python venv with
 # the CRI client kubelet's pulls are tested with (PyPI container-runtime-interface-api), at
-# $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too).
+# $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too), and
+# nydusd with nydus-image.
 # Idempotent: a tool that is already on PATH is not reinstalled, the venv is kept once it
 # works, and apt-get update runs at most once per call.
 set -euo pipefail
@@ -73,5 +74,19 @@ else
   fi
   "$venv/bin/pip" install -q --disable-pip-version-check "container-runtime-interface-api==$CRI_API_VERSION"
   "$venv/bin/python" -c "import cri_api.images"
+fi
+# nydusd and nydus-image 2.2 (the last release with the registry backend's mirrors), built
+# once into $DAMSELFLY_NYDUS_ROOT (default ~/.cache/damselfly/nydus; the tests look there too).
+# Building needs cmake; about 4 minutes on 2 cores the first time.
+NYDUS_VERSION=2.2.0
+nydus_root=${DAMSELFLY_NYDUS_ROOT:-$HOME/.cache/damselfly/nydus}
+if "$nydus_root/bin/nydusd" --version 2>/dev/null | grep -q "$NYDUS_VERSION"; then
+  echo "install-test-deps: nydusd $NYDUS_VERSION present in $nydus_root"
+else
+  command -v cmake >/dev/null 2>&1 || apt_install cmake
+  echo "install-test-deps: building nydus-rs $NYDUS_VERSION into $nydus_root"
+  cargo install nydus-rs --version "$NYDUS_VERSION" --locked --quiet --root "$nydus_root" \
+    --target-dir "${TMPDIR:-/tmp}/damselfly-nydus-build"
+  rm -rf "${TMPDIR:-/tmp}/damselfly-nydus-build"
 fi
 echo "install-test-deps: done"

@@ -8,6 +8,7 @@ use crate::containerd::{self, HostsError};
 use crate::cri::{self, CriError};
 use crate::docker::{self, DockerError};
 use crate::files::{self, Backup, Change, FileError};
+use crate::nydusd::Mode;
 use crate::registries_conf::{self, ConfError, Entry, MirrorLocation};
 use crate::registry::{Registry, RegistryError};
 
@@ -66,11 +67,10 @@ pub struct NydusdArgs {
     /// The image's repository, e.g. library/ubuntu.
     #[arg(long, value_name = "REPO")]
     pub repo: String,
-    /// How nydusd reaches the daemon. Only `mirror` for now: proxy mode needs the daemon's
-    /// HTTP proxy, which is not built yet.
-    #[arg(long, value_name = "MODE", default_value = "mirror", value_parser = ["mirror"])]
-    pub mode: String,
-    /// The daemon's mirror address.
+    /// How nydusd reaches the daemon: as a registry mirror, or as its HTTP proxy.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Mode::Mirror)]
+    pub mode: Mode,
+    /// The daemon's mirror address (its HTTP proxy address too).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:65001")]
     pub mirror: String,
     /// The daemon's health endpoint, which nydusd pings while the daemon is failing.
@@ -157,7 +157,7 @@ pub fn run(args: &HostsGenArgs, out: &mut dyn std::io::Write) -> Result<(), Host
         Runtime::RegistriesConf(a) => registries_conf_cmd(a, out),
         Runtime::Nydusd(a) => {
             let registry = Registry::parse(&a.registry)?;
-            let backend = crate::nydusd::backend(&registry, &a.repo, &a.mirror, &a.health);
+            let backend = crate::nydusd::backend(&registry, &a.repo, a.mode, &a.mirror, &a.health);
             let text = serde_json::to_string_pretty(&backend).unwrap_or_default();
             let _ = writeln!(out, "{text}");
             Ok(())

@@ -7,6 +7,8 @@
 //!   parser ([`AccessLog`]) to count what actually reached the origin;
 //! - [`Containerd`]: a private containerd whose `ctr` pulls through a `hosts.toml` mirror entry;
 //! - [`skopeo_copy_via_mirror`]: skopeo with a `registries.conf` mirror;
+//! - [`Nydusd`]: nydusd mounting a RAFS image ([`NydusImage`]) whose blob is in the registry;
+//! - `scripts/cri-pull.py` through [`Containerd::cri_pull`]: kubelet's CRI pulls;
 //! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
 //!   binary ([`Mirror::spawn_binary`]);
 //! - [`Scheduler`]: the scheduler, in-process, restartable on its address;
@@ -28,9 +30,11 @@ pub mod http;
 pub mod liar;
 pub mod metrics;
 pub mod mirror;
+pub mod nydus;
 pub mod registry;
 pub mod scheduler;
 pub mod skopeo;
+pub mod tls;
 pub mod token_auth;
 pub mod util;
 
@@ -42,9 +46,11 @@ pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
 pub use liar::{Claim, Liar};
 pub use metrics::Metrics;
 pub use mirror::{Mirror, MirrorOpts, MirrorProcess};
+pub use nydus::{fuse_missing, NydusImage, Nydusd};
 pub use registry::{AccessEntry, AccessLog, Image, Registry};
 pub use scheduler::Scheduler;
 pub use skopeo::{skopeo, skopeo_copy_via_mirror};
+pub use tls::TestCa;
 pub use token_auth::TokenAuthFront;
 pub use util::{
     covered_pieces, disk_usage, http_client, piece_size, pieces_total_bytes, poll_until, random_bytes, random_token,

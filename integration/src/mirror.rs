@@ -91,6 +91,12 @@ impl MirrorOpts {
         self.config.background_fill = on;
         self
     }
+
+    /// Serve the API over HTTPS with this PEM certificate and key.
+    pub fn tls(mut self, cert: &Path, key: &Path) -> MirrorOpts {
+        (self.config.tls_cert, self.config.tls_key) = (Some(cert.to_owned()), Some(key.to_owned()));
+        self
+    }
 }
 
 /// `http://127.0.0.1:5000/x` → `127.0.0.1:5000`
@@ -111,6 +117,8 @@ pub struct Mirror {
     pub upload_addr: Option<SocketAddr>,
     /// The scheduler running inside this daemon, if asked for.
     pub scheduler_addr: Option<SocketAddr>,
+    /// `https` when the API is served over TLS.
+    scheme: &'static str,
     data_dir: PathBuf,
     _temp_data: Option<TempDir>,
 }
@@ -142,6 +150,7 @@ impl Mirror {
         config.health_listen = listeners.health.local_addr()?;
         config.metrics_listen = listeners.metrics.local_addr()?;
         config.data_dir = data_dir.clone();
+        let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
         let running = daemon::start(config, listeners).await.map_err(|e| anyhow!("daemon::start: {e}"))?;
         Ok(Mirror {
             upload_addr: running.upload_addr,
@@ -150,14 +159,15 @@ impl Mirror {
             health_addr: running.health_addr,
             metrics_addr: running.metrics_addr,
             running: Some(running),
+            scheme,
             data_dir,
             _temp_data: temp,
         })
     }
 
-    /// `http://127.0.0.1:PORT` of the pull API.
+    /// `http://127.0.0.1:PORT` of the pull API (`https://` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        format!("{}://{}", self.scheme, self.api_addr)
     }
 
     /// `127.0.0.1:PORT` of the pull API.

@@ -4,58 +4,19 @@
 //! pieces travel between nodes over mutual TLS too.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use damselfly_integration::token_auth::{PASSWORD, USER};
 use damselfly_integration::{
-    fetch, http_client, poll_until, random_bytes, Metrics, Mirror, MirrorOpts, Registry, TokenAuthFront, MIB,
+    fetch, http_client, poll_until, random_bytes, Metrics, Mirror, MirrorOpts, Registry, TestCa as Ca, TokenAuthFront,
+    MIB,
 };
 use damselfly_proto::v1::{self as proto, scheduler_client::SchedulerClient};
 use damselfly_scheduler::{Running, SchedulerConfig, ServerTls};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const REPO: &str = "test/tls";
-
-/// A CA and what it signed, as PEM files in a temporary directory.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    dir: PathBuf,
-    /// The CA certificate's file name in `dir`.
-    file: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let file = format!("{name}.pem");
-        std::fs::write(dir.join(&file), cert.pem()).unwrap();
-        Ca { cert, key, dir: dir.to_owned(), file }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    /// Signs a certificate for `names` (DNS names or IP addresses); writes NAME-by-CA.pem and
-    /// NAME-by-CA.key.
-    fn issue(&self, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let name = format!("{name}-by-{}", self.file.trim_end_matches(".pem"));
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let (c, k) = (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
 
 async fn metric(node: &Mirror, name: &str, filter: &[(&str, &str)]) -> f64 {
     node.metrics().await.unwrap().sum(name, filter)

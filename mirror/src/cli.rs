@@ -41,6 +41,14 @@ pub struct MirrorArgs {
     /// Registry mirror API address [default: 127.0.0.1:65001].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// PEM certificate chain: serve the mirror API over HTTPS (HTTP/2 and HTTP/1.1) with it.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[serde(with = "crate::config::paths::option")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[serde(with = "crate::config::paths::option")]
+    pub tls_key: Option<PathBuf>,
     /// Health endpoint address [default: 127.0.0.1:40901].
     #[arg(long, value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
@@ -480,6 +488,8 @@ mod tests {
             "--registry-auth=x.io=u:p",
             "--registry-auth-file=/f",
             "--registry-in-path=false",
+            "--tls-cert=/tls.pem",
+            "--tls-key=/tls.key",
             "--proxy-rule=manifests/sha256:.*",
             "--proxy-allow=10.0.0.0/8",
             "--background-fill",

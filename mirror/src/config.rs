@@ -20,6 +20,12 @@ pub const DEFAULT_REGISTRY_MIRROR: &str = "https://index.docker.io";
 #[serde(default, deny_unknown_fields)]
 pub struct MirrorConfig {
     pub listen: SocketAddr,
+    /// PEM certificate chain and key: the mirror API (`listen`) is served over HTTPS (HTTP/2
+    /// and HTTP/1.1 by ALPN) instead of plain HTTP.
+    #[serde(with = "paths::option")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(with = "paths::option")]
+    pub tls_key: Option<PathBuf>,
     pub health_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     #[serde(with = "paths")]
@@ -107,6 +113,8 @@ impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 65001)),
+            tls_cert: None,
+            tls_key: None,
             health_listen: SocketAddr::from(([127, 0, 0, 1], 40901)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             data_dir: default_data_dir(),
@@ -191,6 +199,8 @@ pub enum ConfigError {
     NeedsSchedulers(&'static str),
     #[error("{0}")]
     ClusterTls(&'static str),
+    #[error("{0}")]
+    Tls(&'static str),
     #[error("log_level {value:?}: {reason}")]
     LogLevel { value: String, reason: String },
 }
@@ -245,6 +255,9 @@ impl MirrorConfig {
         crate::upstream::guard::AllowList::new(&self.allow_registries).map_err(ConfigError::AllowRegistry)?;
         crate::proxy::Rules::new(&self.proxy_rules).map_err(ConfigError::Proxy)?;
         crate::proxy::parse_allow(&self.proxy_allow).map_err(ConfigError::Proxy)?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Tls("tls_cert and tls_key go together"));
+        }
         let mut seen = std::collections::HashSet::new();
         for auth in &self.registry_auth {
             auth.validate().map_err(ConfigError::Auth)?;

@@ -19,7 +19,7 @@ use crate::api::App;
 use crate::config::MirrorConfig;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
-use damselfly_serve::serve;
+use damselfly_serve::{serve, serve_with};
 
 /// Dragonfly's dfdaemon answers health checks at `/server/ping`; `/healthy` is the project's own.
 const HEALTH_PATHS: &[&str] = &["/server/ping", "/healthy"];
@@ -69,6 +69,8 @@ pub enum DaemonError {
     SchedulerSecret(#[from] damselfly_scheduler::SecretError),
     #[error("proxy: {0}")]
     Proxy(String),
+    #[error("mirror TLS: {0}")]
+    Tls(String),
 }
 
 pub struct Running {
@@ -125,6 +127,15 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
+    let api_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read =
+                |p: &std::path::Path| std::fs::read(p).map_err(|e| DaemonError::Tls(format!("{}: {e}", p.display())));
+            let acceptor = damselfly_serve::server_tls(&read(cert)?, &read(key)?);
+            Some(acceptor.map_err(|e| DaemonError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?)
+        }
+        _ => None,
+    };
     let tls = match config.in_cluster() {
         true => crate::cluster::cluster_tls(&config)?,
         false => None,
@@ -181,7 +192,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         async move { metrics_response(&req, &registry, sched.as_ref()) }
     };
     let tasks = vec![
-        tokio::spawn(serve(listeners.api, api, shutdown.clone())),
+        tokio::spawn(serve_with(listeners.api, api_tls, api, shutdown.clone())),
         tokio::spawn(serve(
             listeners.health,
             |req| async move { damselfly_serve::health(req.uri().path(), HEALTH_PATHS) },

@@ -8,8 +8,10 @@ mod accept;
 mod activity;
 mod endpoints;
 mod logging;
+mod tls;
 
 pub use accept::{serve, serve_limited, serve_with, PeerAddr};
 pub use activity::{Activity, Limits, Watched};
 pub use endpoints::{health, metrics, text, OPENMETRICS};
 pub use logging::{check_log_level, init_logging, LogFormat};
+pub use tls::server_tls;

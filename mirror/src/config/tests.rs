@@ -44,6 +44,8 @@ fn example_config_documents_every_key_with_its_default() {
     assert_eq!(cfg.scheduler_urls().expect("valid"), ["http://damselfly-scheduler.damselfly.svc:8002"]);
     let keys = [
         "listen",
+        "tls_cert",
+        "tls_key",
         "health_listen",
         "metrics_listen",
         "data_dir",
