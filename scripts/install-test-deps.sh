@@ -80,7 +80,8 @@ fi
 # Building needs cmake; about 4 minutes on 2 cores the first time.
 NYDUS_VERSION=2.2.0
 nydus_root=${DAMSELFLY_NYDUS_ROOT:-$HOME/.cache/damselfly/nydus}
-if "$nydus_root/bin/nydusd" --version 2>/dev/null | grep -q "$NYDUS_VERSION"; then
+# nydusd built from crates.io reports its version as "unknown"; cargo's own record says it.
+if [[ -x $nydus_root/bin/nydusd ]] && cargo install --list --root "$nydus_root" | grep -q "^nydus-rs v$NYDUS_VERSION:"; then
   echo "install-test-deps: nydusd $NYDUS_VERSION present in $nydus_root"
 else
   command -v cmake >/dev/null 2>&1 || apt_install cmake

@@ -250,8 +250,11 @@ impl Target {
             return Err(ProxyError::BadRequest("credentials in the request line"));
         }
         let port = authority.port_u16().unwrap_or(80);
-        let origin_form: Uri =
-            uri.path_and_query().map_or("/", |pq| pq.as_str()).parse().unwrap_or_else(|_| Uri::from_static("/"));
+        let origin_form: Uri = uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("the request line's path is not a valid origin-form target"))?;
         Ok(Target { host: authority.host().to_owned(), scheme, authority, port, origin_form })
     }
 }
