@@ -20,6 +20,24 @@ pub struct Registry {
     dir: TempDir,
     log_path: PathBuf,
     client: reqwest::Client,
+    /// Serving HTTPS (with a certificate the test made).
+    tls: bool,
+}
+
+/// A PEM certificate and its key.
+type Tls = (PathBuf, PathBuf);
+
+/// The client the harness talks to a registry with: its certificate is the test's own.
+fn client_for(tls: bool) -> reqwest::Client {
+    match tls {
+        false => http_client(),
+        true => reqwest::Client::builder()
+            .no_proxy()
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("reqwest client"),
+    }
 }
 
 /// An image pushed with [`Registry::push_image`].
@@ -45,14 +63,24 @@ impl Image {
 impl Registry {
     /// Starts a registry on a free loopback port and waits until `GET /v2/` answers 200.
     pub async fn start() -> Result<Registry> {
+        Registry::start_with(None).await
+    }
+
+    /// The same, serving HTTPS with this PEM certificate and key.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Result<Registry> {
+        Registry::start_with(Some((cert.to_owned(), key.to_owned()))).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> Result<Registry> {
         let dir = tempfile::Builder::new().prefix("damselfly-registry-").tempdir()?;
         let mut last_err = anyhow!("no attempt");
         // The port is free when picked but another process may grab it before the registry
         // binds; the registry then exits, and we retry with another port.
         for _attempt in 0..5 {
-            match Self::try_start(&dir).await {
+            match Self::try_start(&dir, tls.as_ref()).await {
                 Ok((child, addr, log_path)) => {
-                    return Ok(Registry { child, addr, dir, log_path, client: http_client() });
+                    let tls = tls.is_some();
+                    return Ok(Registry { child, addr, dir, log_path, client: client_for(tls), tls });
                 }
                 Err(e) => last_err = e,
             }
@@ -60,7 +88,7 @@ impl Registry {
         Err(last_err.context("starting docker-registry"))
     }
 
-    async fn try_start(dir: &TempDir) -> Result<(Child, SocketAddr, PathBuf)> {
+    async fn try_start(dir: &TempDir, tls: Option<&Tls>) -> Result<(Child, SocketAddr, PathBuf)> {
         let port = free_loopback_port();
         let addr = loopback(port);
         let storage = dir.path().join("storage");
@@ -74,9 +102,14 @@ impl Registry {
                 "version: 0.1\n\
                  log: {{level: info}}\n\
                  storage:\n  filesystem: {{rootdirectory: {storage}}}\n  delete: {{enabled: true}}\n\
-                 http:\n  addr: {addr}\n  secret: {secret}\n",
+                 http:\n  addr: {addr}\n  secret: {secret}\n{tls}",
                 storage = storage.display(),
                 secret = random_token(),
+                tls = match tls {
+                    Some((cert, key)) =>
+                        format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()),
+                    None => String::new(),
+                },
             ),
         )?;
         // Append mode: truncating a log a live process writes leaves NUL padding.
@@ -91,8 +124,8 @@ impl Registry {
             .spawn()
             .context("spawning docker-registry (run scripts/install-test-deps.sh)")?;
 
-        let client = http_client();
-        let url = format!("http://{addr}/v2/");
+        let client = client_for(tls.is_some());
+        let url = format!("{}://{addr}/v2/", if tls.is_some() { "https" } else { "http" });
         let listening = format!("listening on {addr}");
         let ready = poll_until("docker-registry to answer GET /v2/", Duration::from_secs(20), || {
             let exited = child.try_wait();
@@ -132,9 +165,9 @@ impl Registry {
         self.addr.to_string()
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` for a registry serving TLS)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     pub fn blob_url(&self, repo: &str, digest: &str) -> String {

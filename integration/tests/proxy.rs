@@ -1,11 +1,11 @@
 //! The mirror port as an HTTP forward proxy, against the real registry: registry blob reads in
 //! absolute form come from the cache (the request line names the registry, whatever the
-//! daemon's default), other requests are forwarded, CONNECT is tunnelled, and destinations the
-//! daemon never reaches are refused.
+//! daemon's default), other requests are forwarded, CONNECT is tunnelled (or intercepted, for a
+//! TLS registry), and destinations the daemon never reaches are refused.
 
 use std::time::Duration;
 
-use damselfly_integration::{raw_http, sha256_digest, Mirror, MirrorOpts, Registry};
+use damselfly_integration::{raw_http, sha256_digest, Mirror, MirrorOpts, Registry, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A client that sends everything through the daemon as its HTTP proxy.
@@ -95,4 +95,66 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
         head.push(byte[0]);
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A client that sends everything, HTTPS included, through the daemon, and trusts only `ca`.
+fn trusting(mirror: &Mirror, ca: &std::path::Path) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(mirror.url()).expect("proxy url"))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .user_agent("proxy-test/1")
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// A registry serving TLS with a certificate of its own CA: through an intercepting daemon, a
+/// client that trusts only the daemon's CA reads its blobs from the cache, and its other
+/// requests are forwarded over TLS, verified against the registry's CA (and refused by a
+/// daemon that does not trust it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intercepted_tls_registry_is_read_through_the_cache() {
+    let work = tempfile::tempdir().unwrap();
+    let registry_ca = TestCa::new(work.path(), "registry-ca");
+    let (cert, key) = registry_ca.issue("registry", &["127.0.0.1"]);
+    let origin = Registry::start_tls(&cert, &key).await.unwrap();
+    let image = origin.push_image("team/intercepted", "v1", 4).await.unwrap();
+    let elsewhere = Registry::start().await.unwrap();
+    let mut opts = MirrorOpts::new(&elsewhere.url());
+    opts.config.proxy_intercept = vec!["127.0.0.1".into()];
+    opts.config.upstream_ca_file = Some(registry_ca.cert_path());
+    let mirror = Mirror::start(opts).await.unwrap();
+    let daemon_ca = mirror.data_dir().join("proxy-ca.pem");
+    let client = trusting(&mirror, &daemon_ca);
+
+    let (big, size) = image.largest_blob();
+    let url = origin.blob_url("team/intercepted", &big);
+    assert!(url.starts_with("https://"));
+    for _ in 0..2 {
+        let body = client.get(&url).send().await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
+        assert_eq!((body.len() as u64, sha256_digest(&body)), (size, big.clone()));
+    }
+    let manifest = format!("{}/v2/team/intercepted/manifests/v1", origin.url());
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let resp = client.get(&manifest).header("Accept", accept).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the manifest by tag is forwarded over verified TLS");
+
+    let log = origin.settled_access_log().await;
+    log.assert_copies_at_most(&[(big.clone(), size)], 1.05);
+    let gets: Vec<_> = log.matching(&big).into_iter().filter(|e| e.method == "GET").collect();
+    assert!(gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
+    assert!(log.matching("/manifests/v1").iter().any(|e| e.user_agent == "proxy-test/1"));
+    let metrics = mirror.metrics().await.unwrap();
+    assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "cache")]) >= 2.0);
+    assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "intercept")]) >= 1.0);
+
+    // A daemon that does not trust the registry's CA forwards nothing to it.
+    let mut opts = MirrorOpts::new(&elsewhere.url());
+    opts.config.proxy_intercept = vec!["*".into()];
+    let doubting = Mirror::start(opts).await.unwrap();
+    let client = trusting(&doubting, &doubting.data_dir().join("proxy-ca.pem"));
+    let resp = client.get(&manifest).header("Accept", accept).send().await.unwrap();
+    assert_eq!(resp.status(), 502, "an unverified upstream was forwarded to");
 }

@@ -89,6 +89,23 @@ pub struct MirrorArgs {
     /// besides loopback (repeatable; replaces the config file's list).
     #[arg(long = "proxy-allow", value_name = "CIDR")]
     pub proxy_allow: Vec<String>,
+    /// Terminate CONNECT tunnels to this host (or `*`) with the proxy's CA and serve the HTTPS
+    /// requests inside through the cache (repeatable; replaces the config file's list).
+    #[arg(long = "proxy-intercept", value_name = "HOST")]
+    pub proxy_intercept: Vec<String>,
+    /// PEM certificate of the CA interception signs with [default: generated in the data dir].
+    #[arg(long, value_name = "FILE", requires = "proxy_ca_key")]
+    #[serde(with = "crate::config::paths::option")]
+    pub proxy_ca_cert: Option<PathBuf>,
+    /// PEM private key of --proxy-ca-cert.
+    #[arg(long, value_name = "FILE", requires = "proxy_ca_cert")]
+    #[serde(with = "crate::config::paths::option")]
+    pub proxy_ca_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for TLS to registries and to hosts the proxy forwards to,
+    /// besides the bundled public roots.
+    #[arg(long, value_name = "FILE")]
+    #[serde(with = "crate::config::paths::option")]
+    pub upstream_ca_file: Option<PathBuf>,
     /// After a cold Range read, fetch the rest of the blob in the background.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
@@ -492,6 +509,10 @@ mod tests {
             "--tls-key=/tls.key",
             "--proxy-rule=manifests/sha256:.*",
             "--proxy-allow=10.0.0.0/8",
+            "--proxy-intercept=ghcr.io",
+            "--proxy-ca-cert=/ca.pem",
+            "--proxy-ca-key=/ca.key",
+            "--upstream-ca-file=/extra.pem",
             "--background-fill",
             "--cache-direct-io=false",
             "--scheduler=s:1",

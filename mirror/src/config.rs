@@ -50,6 +50,18 @@ pub struct MirrorConfig {
     /// Networks (CIDR, or an address) whose clients may use the mirror port as an HTTP proxy,
     /// besides loopback.
     pub proxy_allow: Vec<String>,
+    /// Hosts (or `*`) whose `CONNECT` tunnels the proxy terminates with its CA, handling the
+    /// requests inside (HTTPS registries through the cache).
+    pub proxy_intercept: Vec<String>,
+    /// The CA interception signs with (PEM); default: one generated in `data_dir`.
+    #[serde(with = "paths::option")]
+    pub proxy_ca_cert: Option<PathBuf>,
+    #[serde(with = "paths::option")]
+    pub proxy_ca_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for TLS to upstreams (registries, and hosts the proxy
+    /// forwards to), besides the bundled public roots.
+    #[serde(with = "paths::option")]
+    pub upstream_ca_file: Option<PathBuf>,
     pub background_fill: bool,
     /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
     pub cache_direct_io: bool,
@@ -127,6 +139,10 @@ impl Default for MirrorConfig {
             registry_in_path: true,
             proxy_rules: vec![crate::proxy::DEFAULT_RULE.to_owned()],
             proxy_allow: Vec::new(),
+            proxy_intercept: Vec::new(),
+            proxy_ca_cert: None,
+            proxy_ca_key: None,
+            upstream_ca_file: None,
             background_fill: false,
             cache_direct_io: true,
             log_format: LogFormat::Human,
@@ -255,6 +271,9 @@ impl MirrorConfig {
         crate::upstream::guard::AllowList::new(&self.allow_registries).map_err(ConfigError::AllowRegistry)?;
         crate::proxy::Rules::new(&self.proxy_rules).map_err(ConfigError::Proxy)?;
         crate::proxy::parse_allow(&self.proxy_allow).map_err(ConfigError::Proxy)?;
+        if self.proxy_ca_cert.is_some() != self.proxy_ca_key.is_some() {
+            return Err(ConfigError::Tls("proxy_ca_cert and proxy_ca_key go together"));
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Tls("tls_cert and tls_key go together"));
         }

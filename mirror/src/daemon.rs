@@ -12,12 +12,13 @@ use http_body_util::Full;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::metrics::ApiMetrics;
 use crate::api::App;
 use crate::config::MirrorConfig;
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{InterceptCa, Proxy, ProxyConfig};
 use crate::upstream::{RegistryCredential, Upstream, UpstreamConfig, UpstreamError};
 use damselfly_serve::{serve, serve_with};
 
@@ -100,6 +101,10 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         },
         store_metrics,
     )?;
+    let extra_roots = match &config.upstream_ca_file {
+        Some(file) => read_certificates(file)?,
+        None => Vec::new(),
+    };
     let upstream = Upstream::new(UpstreamConfig {
         default_registry: config.registry_mirror.clone(),
         insecure_registries: config.insecure_registries.clone(),
@@ -113,6 +118,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
             })
             .collect(),
         allow_registries: config.allow_registries.clone(),
+        extra_roots: extra_roots.iter().map(|c| c.to_vec()).collect(),
         connect_timeout: Duration::from_secs(5),
         read_timeout: crate::upstream::READ_TIMEOUT,
     })?;
@@ -168,7 +174,20 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     let registry = Arc::new(Mutex::new(registry));
     let sched_metrics = scheduler.as_ref().map(|s| s.scheduler().clone());
     let addrs = (listeners.api.local_addr()?, listeners.health.local_addr()?, listeners.metrics.local_addr()?);
-    let proxy_config = ProxyConfig { rules: config.proxy_rules.clone(), allow: config.proxy_allow.clone() };
+    let ca = match config.proxy_intercept.is_empty() {
+        true => None,
+        false => {
+            let (cert, key) = (config.proxy_ca_cert.as_deref(), config.proxy_ca_key.as_deref());
+            Some(Arc::new(InterceptCa::load_or_create(cert, key, &config.data_dir).map_err(DaemonError::Proxy)?))
+        }
+    };
+    let proxy_config = ProxyConfig {
+        rules: config.proxy_rules.clone(),
+        allow: config.proxy_allow.clone(),
+        intercept: config.proxy_intercept.clone(),
+        ca,
+        extra_roots,
+    };
     let proxy = {
         let mut registry = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Proxy::new(app.clone(), &proxy_config, &mut registry, shutdown.clone()).map_err(DaemonError::Proxy)?
@@ -288,4 +307,16 @@ fn metrics_response<B>(
         prometheus_client::encoding::text::encode_registry(out, &registry)?;
         scheduler.map_or(Ok(()), |s| s.metrics().encode_families(out))
     })
+}
+
+/// The PEM certificates in `file`, at least one.
+fn read_certificates(file: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, DaemonError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let fail = |e: &dyn std::fmt::Display| DaemonError::Tls(format!("{}: {e}", file.display()));
+    let pem = std::fs::read(file).map_err(|e| fail(&e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| fail(&e))?;
+    match certs.is_empty() {
+        true => Err(fail(&"no PEM certificate in it")),
+        false => Ok(certs),
+    }
 }

@@ -2,14 +2,18 @@
 //! request body and the response body streamed, hop-by-hop headers dropped in both directions
 //! (RFC 9110, section 7.6.1) and `Via` added.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+use http::uri::Scheme;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
+use tokio_rustls::TlsConnector;
 
 use super::{Proxy, ProxyError, Target};
 use crate::api::response::{Body, BodyError};
@@ -49,13 +53,19 @@ impl Proxy {
             .connect(&target.host, target.port, reach)
             .await
             .map_err(|e| ProxyError::Unreachable(target.authority.to_string(), e))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(ProxyError::Upstream)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "forwarded connection ended with an error");
+        let mut sender = match target.scheme == Scheme::HTTPS {
+            false => open(stream).await?,
+            true => {
+                let name = ServerName::try_from(target.host.trim_start_matches('[').trim_end_matches(']').to_owned())
+                    .map_err(|_| ProxyError::BadRequest("the host is not a TLS server name"))?;
+                let tls = self
+                    .upstream_tls
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| ProxyError::Unreachable(target.authority.to_string(), e))?;
+                open(tls).await?
             }
-        });
+        };
         let (mut parts, body) = req.into_parts();
         parts.uri = target.origin_form.clone();
         strip_hop_by_hop(&mut parts.headers);
@@ -78,6 +88,39 @@ impl Proxy {
         let body = body.map_err(|e| BodyError(e.to_string())).boxed_unsync();
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven in its own task.
+async fn open<IO, B>(io: IO) -> Result<hyper::client::conn::http1::SendRequest<B>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(ProxyError::Upstream)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "forwarded connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// TLS to the hosts requests are forwarded to: the bundled roots and `extra` trusted, the
+/// host's name verified, HTTP/1.1.
+pub(super) fn upstream_tls(extra: &[CertificateDer<'static>]) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in extra {
+        roots.add(cert.clone()).map_err(|e| format!("upstream CA certificate: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// Drops the hop-by-hop headers, and those the `Connection` header names as such.

@@ -6,7 +6,11 @@
 //!   expressions, default `blobs/sha256.*`) are answered by the mirror API as if the client had
 //!   named that registry in `X-Dragonfly-Registry`: the same piece cache, peers, access checks
 //!   and verification. Anything else is forwarded as it is, streaming both ways ([`forward`]).
-//! - `CONNECT host:port` is tunnelled untouched ([`tunnel`]).
+//! - `CONNECT host:port` is tunnelled untouched ([`tunnel`]), except to hosts configured for
+//!   interception (`proxy_intercept`): the daemon answers TLS itself there with a certificate
+//!   its CA mints for the host ([`ca`]), and handles the requests inside as absolute-form
+//!   requests to `https://host:port` ([`intercept`]), so HTTPS registries are cached too. The
+//!   upstream's certificate is verified (the bundled roots and `upstream_ca_file`).
 //!
 //! Not an open relay: only clients on loopback, or in the `proxy_allow` networks, are served,
 //! and destinations follow the upstream rules (`upstream::guard`: the allow-list, addresses
@@ -16,7 +20,9 @@
 //! HTTP/2 requests always carry an authority and never are proxy requests; HTTP/1 requests in
 //! origin form go to the mirror API.
 
+mod ca;
 mod forward;
+mod intercept;
 mod rules;
 mod tunnel;
 
@@ -41,7 +47,10 @@ use crate::api::{App, REGISTRY_HEADER};
 use crate::oci::{parse_route, RouteKind};
 use crate::upstream::guard::Reach;
 use crate::upstream::UpstreamError;
+pub use ca::InterceptCa;
 pub use rules::{Rules, DEFAULT_RULE};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::TlsConnector;
 
 /// Tunnels open at once; more wait for none, they are refused (503).
 const MAX_TUNNELS: usize = 1024;
@@ -60,6 +69,8 @@ pub enum ProxyError {
     Upstream(hyper::Error),
     #[error("too many tunnels open")]
     Busy,
+    #[error("HTTPS interception of {0}: {1}")]
+    Intercept(String, String),
 }
 
 impl ProxyError {
@@ -72,6 +83,7 @@ impl ProxyError {
             ProxyError::Unreachable(_, e) if e.kind() == std::io::ErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unreachable(..) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Intercept(..) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -84,14 +96,20 @@ impl ProxyError {
     }
 }
 
-/// What the proxy is configured with (`proxy_rules`, `proxy_allow`).
-#[derive(Clone, Debug, Default)]
+/// What the proxy is configured with (`proxy_rules`, `proxy_allow`, `proxy_intercept`).
+#[derive(Clone, Default)]
 pub struct ProxyConfig {
     /// Regular expressions; an absolute-form registry API request whose URL matches one goes
     /// through the cache.
     pub rules: Vec<String>,
     /// Networks (`CIDR` or a single address) whose clients may use the proxy, besides loopback.
     pub allow: Vec<String>,
+    /// Hosts whose `CONNECT` tunnels are intercepted (`*`: every host).
+    pub intercept: Vec<String>,
+    /// The CA that signs for intercepted hosts; needed when `intercept` names any.
+    pub ca: Option<Arc<InterceptCa>>,
+    /// DER certificates trusted for upstream TLS besides the bundled roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +122,9 @@ pub struct Proxy {
     app: Arc<App>,
     rules: Rules,
     allow: Vec<(IpAddr, u8)>,
+    intercept: Intercept,
+    ca: Option<Arc<InterceptCa>>,
+    upstream_tls: TlsConnector,
     tunnels: Arc<Semaphore>,
     requests: Family<Labels, Counter>,
     shutdown: CancellationToken,
@@ -118,13 +139,28 @@ impl Proxy {
     ) -> Result<Proxy, String> {
         let rules = Rules::new(&config.rules)?;
         let allow = parse_allow(&config.allow)?;
+        let intercept = Intercept::new(&config.intercept)?;
+        if intercept != Intercept::None && config.ca.is_none() {
+            return Err("interception needs a CA".to_owned());
+        }
+        let upstream_tls = forward::upstream_tls(&config.extra_roots)?;
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "damselfly_proxy_requests",
             "HTTP proxy requests by how they were served (cache, forward, tunnel, refused) and status",
             requests.clone(),
         );
-        Ok(Proxy { app, rules, allow, tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)), requests, shutdown })
+        Ok(Proxy {
+            app,
+            rules,
+            allow,
+            intercept,
+            ca: config.ca.clone(),
+            upstream_tls,
+            tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+            requests,
+            shutdown,
+        })
     }
 
     /// Whether `req` is for the proxy rather than the mirror API.
@@ -146,7 +182,7 @@ impl Proxy {
                 ("refused", e.into_response())
             }
         };
-        self.requests.get_or_create(&Labels { kind, status: resp.status().as_u16() }).inc();
+        self.count(kind, &resp);
         resp
     }
 
@@ -161,16 +197,34 @@ impl Proxy {
             Err(e) => return ("refused", Err(e)),
         };
         if req.method() == Method::CONNECT {
-            return ("tunnel", self.tunnel(req, local).await);
+            return self.connect(req, local).await;
         }
-        let target = match Target::of(req.uri()) {
-            Ok(t) => t,
-            Err(e) => return ("refused", Err(e)),
-        };
+        match Target::of(req.uri(), false) {
+            Ok(target) => self.serve_target(req, target, local).await,
+            Err(e) => ("refused", Err(e)),
+        }
+    }
+
+    /// An absolute-form request (or one inside an intercepted tunnel): through the cache when
+    /// the rules say so, else forwarded.
+    async fn serve_target<B>(
+        &self,
+        req: Request<B>,
+        target: Target,
+        local: bool,
+    ) -> (&'static str, Result<Response<Body>, ProxyError>)
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         if self.through_cache(&req) {
             return ("cache", Ok(self.cached(req, &target).await));
         }
         ("forward", self.forward(req, target, local).await)
+    }
+
+    fn count(&self, kind: &'static str, resp: &Response<Body>) {
+        self.requests.get_or_create(&Labels { kind, status: resp.status().as_u16() }).inc();
     }
 
     /// Whether `peer` may use the proxy, and whether it is on this host.
@@ -217,6 +271,39 @@ impl Proxy {
     }
 }
 
+/// Which hosts' tunnels are intercepted.
+#[derive(Debug, PartialEq, Eq)]
+enum Intercept {
+    None,
+    All,
+    Hosts(Vec<String>),
+}
+
+impl Intercept {
+    fn new(entries: &[String]) -> Result<Intercept, String> {
+        let mut hosts = Vec::new();
+        for e in entries {
+            let e = e.trim().to_ascii_lowercase();
+            if e == "*" {
+                return Ok(Intercept::All);
+            }
+            if e.is_empty() || e.contains(['/', ':', '@', ' ']) && !e.starts_with('[') {
+                return Err(format!("proxy_intercept entry {e:?} is neither a host nor *"));
+            }
+            hosts.push(e);
+        }
+        Ok(if hosts.is_empty() { Intercept::None } else { Intercept::Hosts(hosts) })
+    }
+
+    fn covers(&self, host: &str) -> bool {
+        match self {
+            Intercept::None => false,
+            Intercept::All => true,
+            Intercept::Hosts(hosts) => hosts.iter().any(|h| h.eq_ignore_ascii_case(host)),
+        }
+    }
+}
+
 /// The `proxy_allow` networks: a CIDR range, or one address.
 pub fn parse_allow(entries: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
     let parse = |entry: &String| match entry.trim().parse::<IpAddr>() {
@@ -240,16 +327,18 @@ struct Target {
 }
 
 impl Target {
-    fn of(uri: &Uri) -> Result<Target, ProxyError> {
+    /// The target of `uri`; `https` only inside an intercepted tunnel (clients send https
+    /// URLs to a proxy with CONNECT).
+    fn of(uri: &Uri, intercepted: bool) -> Result<Target, ProxyError> {
         let authority = uri.authority().cloned().ok_or(ProxyError::BadRequest("no host in the request line"))?;
         let scheme = uri.scheme().cloned().ok_or(ProxyError::BadRequest("no scheme in the request line"))?;
-        if scheme != Scheme::HTTP {
+        if scheme != Scheme::HTTP && !(intercepted && scheme == Scheme::HTTPS) {
             return Err(ProxyError::BadRequest("only http:// URLs are forwarded; https goes through CONNECT"));
         }
         if authority.as_str().contains('@') {
             return Err(ProxyError::BadRequest("credentials in the request line"));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
         let origin_form: Uri = uri
             .path_and_query()
             .map_or("/", |pq| pq.as_str())

@@ -39,7 +39,7 @@ async fn registry(blob: Bytes) -> SocketAddr {
 
 fn proxy(dir: &std::path::Path, allow: &[&str]) -> Arc<Proxy> {
     let app = fake_registry::app(dir, 1 << 30, UpstreamConfig::default());
-    let config = ProxyConfig { rules: Vec::new(), allow: allow.iter().map(|s| s.to_string()).collect() };
+    let config = ProxyConfig { allow: allow.iter().map(|s| s.to_string()).collect(), ..ProxyConfig::default() };
     Arc::new(Proxy::new(app, &config, &mut Registry::default(), CancellationToken::new()).expect("proxy"))
 }
 

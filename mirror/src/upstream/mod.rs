@@ -111,6 +111,8 @@ pub struct UpstreamConfig {
     /// their own, shorter stall timer; this bounds everything else (HEADs, manifests, tokens,
     /// pass-through bodies).
     pub read_timeout: Duration,
+    /// DER CA certificates trusted for TLS besides the bundled public roots.
+    pub extra_roots: Vec<Vec<u8>>,
 }
 
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -122,6 +124,7 @@ impl Default for UpstreamConfig {
             insecure_registries: Vec::new(),
             credentials: Vec::new(),
             allow_registries: Vec::new(),
+            extra_roots: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             read_timeout: READ_TIMEOUT,
         }
@@ -231,7 +234,7 @@ impl Upstream {
             default,
             credentials,
             allow,
-            transport: Transport::new(cfg.connect_timeout, cfg.read_timeout)?,
+            transport: Transport::new(cfg.connect_timeout, cfg.read_timeout, &cfg.extra_roots)?,
             connect_timeout: cfg.connect_timeout,
             auth: auth::Authenticator::default(),
         })

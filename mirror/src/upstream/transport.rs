@@ -151,7 +151,16 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, UpstreamError> {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        read_timeout: Duration,
+        extra_roots: &[Vec<u8>],
+    ) -> Result<Self, UpstreamError> {
+        let roots = extra_roots
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UpstreamError::Config(format!("upstream CA certificate: {e}")))?;
         let build = |reach: Reach, insecure: bool| {
             let redirects = reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= MAX_REDIRECTS {
@@ -162,7 +171,8 @@ impl Transport {
                     Err(why) => attempt.error(why),
                 }
             });
-            reqwest::Client::builder()
+            let builder = roots.iter().fold(reqwest::Client::builder(), |b, root| b.add_root_certificate(root.clone()));
+            builder
                 .use_rustls_tls()
                 .connect_timeout(connect_timeout)
                 .read_timeout(read_timeout)

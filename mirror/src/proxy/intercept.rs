@@ -1,0 +1,100 @@
+//! HTTPS interception: a `CONNECT` to a host configured for it is answered with TLS the daemon
+//! terminates (a certificate its CA mints for the host), and each HTTP/1.1 request inside is
+//! handled as an absolute-form request to `https://host:port`: registry reads matching the
+//! rules through the cache, the rest forwarded over TLS to the real host, whose certificate
+//! is verified.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use damselfly_serve::{Activity, Watched};
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio_rustls::TlsAcceptor;
+
+use super::tunnel::{connected, IDLE_TIMEOUT};
+use super::{Proxy, ProxyError, Target};
+use crate::api::response::Body;
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Proxy {
+    pub(super) async fn intercept<B: Send + 'static>(
+        self: Arc<Self>,
+        req: Request<B>,
+        authority: Authority,
+        local: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let host = authority.host().to_owned();
+        let port = authority.port_u16().unwrap_or(443);
+        // Refused now, not request by request inside: the client learns it from the CONNECT.
+        self.reach(&host, port, local)?;
+        let ca = self.ca.clone().ok_or_else(|| ProxyError::Intercept(host.clone(), "no CA".to_owned()))?;
+        let tls = ca.server_config(&host).map_err(|e| ProxyError::Intercept(host.clone(), e))?;
+        let slot = self.tunnels.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            };
+            let activity = Activity::new();
+            let client = Watched::new(TokioIo::new(upgraded), activity.clone());
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(client)).await;
+            let stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%authority, error = %e, "intercepted TLS handshake failed"),
+                Err(_) => return tracing::debug!(%authority, "intercepted TLS handshake timed out"),
+            };
+            let proxy = self.clone();
+            let svc = hyper::service::service_fn(move |inner: Request<Incoming>| {
+                let (proxy, authority) = (proxy.clone(), authority.clone());
+                async move { Ok::<_, Infallible>(proxy.inner(inner, &authority, local).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            let mut draining = false;
+            loop {
+                let left = IDLE_TIMEOUT.saturating_sub(activity.idle());
+                if left.is_zero() {
+                    return tracing::debug!("closing an idle intercepted connection");
+                }
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+        });
+        Ok(connected())
+    }
+
+    /// One request inside an intercepted tunnel to `authority`.
+    async fn inner(&self, mut req: Request<Incoming>, authority: &Authority, local: bool) -> Response<Body> {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let (kind, answer) = match format!("https://{authority}{target}").parse::<Uri>() {
+            Ok(uri) => {
+                *req.uri_mut() = uri;
+                match Target::of(req.uri(), true) {
+                    Ok(target) => self.serve_target(req, target, local).await,
+                    Err(e) => ("refused", Err(e)),
+                }
+            }
+            Err(_) => ("refused", Err(ProxyError::BadRequest("the request's target is not a valid path"))),
+        };
+        let resp = answer.unwrap_or_else(ProxyError::into_response);
+        self.count(kind, &resp);
+        resp
+    }
+}
