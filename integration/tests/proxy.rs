@@ -113,7 +113,7 @@ fn trusting(mirror: &Mirror, ca: &std::path::Path) -> reqwest::Client {
 /// A registry serving TLS with a certificate of its own CA: through an intercepting daemon, a
 /// client that trusts only the daemon's CA reads its blobs from the cache, and its other
 /// requests are forwarded over TLS, verified against the registry's CA (and refused by a
-/// daemon that does not trust it).
+/// daemon that does not trust it, unless the registry is listed as insecure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intercepted_tls_registry_is_read_through_the_cache() {
     let work = tempfile::tempdir().unwrap();
@@ -157,4 +157,13 @@ async fn an_intercepted_tls_registry_is_read_through_the_cache() {
     let client = trusting(&doubting, &doubting.data_dir().join("proxy-ca.pem"));
     let resp = client.get(&manifest).header("Accept", accept).send().await.unwrap();
     assert_eq!(resp.status(), 502, "an unverified upstream was forwarded to");
+
+    // One that lists the registry as insecure takes its certificate unverified, as docker does.
+    let mut opts = MirrorOpts::new(&elsewhere.url());
+    opts.config.proxy_intercept = vec!["*".into()];
+    opts.config.insecure_registries.push(origin.host());
+    let trusting_all = Mirror::start(opts).await.unwrap();
+    let client = trusting(&trusting_all, &trusting_all.data_dir().join("proxy-ca.pem"));
+    let resp = client.get(&manifest).header("Accept", accept).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "an insecure registry's certificate was checked");
 }

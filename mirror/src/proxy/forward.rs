@@ -12,7 +12,9 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use hyper_util::rt::TokioIo;
-use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{self, DigitallySignedStruct};
 use tokio_rustls::TlsConnector;
 
 use super::{Proxy, ProxyError, Target};
@@ -58,8 +60,11 @@ impl Proxy {
             true => {
                 let name = ServerName::try_from(target.host.trim_start_matches('[').trim_end_matches(']').to_owned())
                     .map_err(|_| ProxyError::BadRequest("the host is not a TLS server name"))?;
-                let tls = self
-                    .upstream_tls
+                let connector = match self.app.upstream.is_insecure(&target.host, target.port) {
+                    true => &self.upstream_tls.unverified,
+                    false => &self.upstream_tls.verified,
+                };
+                let tls = connector
                     .connect(name, stream)
                     .await
                     .map_err(|e| ProxyError::Unreachable(target.authority.to_string(), e))?;
@@ -106,21 +111,78 @@ where
     Ok(sender)
 }
 
-/// TLS to the hosts requests are forwarded to: the bundled roots and `extra` trusted, the
-/// host's name verified, HTTP/1.1.
-pub(super) fn upstream_tls(extra: &[CertificateDer<'static>]) -> Result<TlsConnector, String> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for cert in extra {
-        roots.add(cert.clone()).map_err(|e| format!("upstream CA certificate: {e}"))?;
+/// TLS to the hosts requests are forwarded to, HTTP/1.1.
+pub(super) struct UpstreamTls {
+    /// The bundled roots and the configured extras trusted, the host's name verified.
+    verified: TlsConnector,
+    /// For hosts listed in `insecure_registries`: any certificate, as docker does for them
+    /// (the handshake's signatures are still checked).
+    unverified: TlsConnector,
+}
+
+impl UpstreamTls {
+    pub(super) fn new(extra: &[CertificateDer<'static>]) -> Result<UpstreamTls, String> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for cert in extra {
+            roots.add(cert.clone()).map_err(|e| format!("upstream CA certificate: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())
+        };
+        let mut verified = builder()?.with_root_certificates(roots).with_no_client_auth();
+        let mut unverified = builder()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.clone())))
+            .with_no_client_auth();
+        verified.alpn_protocols = vec![b"http/1.1".to_vec()];
+        unverified.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(UpstreamTls {
+            verified: TlsConnector::from(Arc::new(verified)),
+            unverified: TlsConnector::from(Arc::new(unverified)),
+        })
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Takes any certificate, and checks only that the server holds its key.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Drops the hop-by-hop headers, and those the `Connection` header names as such.

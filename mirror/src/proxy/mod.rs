@@ -50,7 +50,6 @@ use crate::upstream::UpstreamError;
 pub use ca::InterceptCa;
 pub use rules::{Rules, DEFAULT_RULE};
 use tokio_rustls::rustls::pki_types::CertificateDer;
-use tokio_rustls::TlsConnector;
 
 /// Tunnels open at once; more wait for none, they are refused (503).
 const MAX_TUNNELS: usize = 1024;
@@ -124,7 +123,7 @@ pub struct Proxy {
     allow: Vec<(IpAddr, u8)>,
     intercept: Intercept,
     ca: Option<Arc<InterceptCa>>,
-    upstream_tls: TlsConnector,
+    upstream_tls: forward::UpstreamTls,
     tunnels: Arc<Semaphore>,
     requests: Family<Labels, Counter>,
     shutdown: CancellationToken,
@@ -143,7 +142,7 @@ impl Proxy {
         if intercept != Intercept::None && config.ca.is_none() {
             return Err("interception needs a CA".to_owned());
         }
-        let upstream_tls = forward::upstream_tls(&config.extra_roots)?;
+        let upstream_tls = forward::UpstreamTls::new(&config.extra_roots)?;
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "damselfly_proxy_requests",

@@ -297,6 +297,13 @@ impl Upstream {
         Ok(if internal_ok { Reach::Private } else { Reach::Public })
     }
 
+    /// Whether the operator listed `host:port` (or `host`, on the default port) in
+    /// `insecure_registries`: TLS to it is not verified.
+    pub fn is_insecure(&self, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.insecure.contains(&format!("{host}:{port}")) || (port == 443 && self.insecure.contains(&host))
+    }
+
     /// A TCP connection to `host:port` on an address `reach` allows, within the connect timeout.
     pub async fn connect(&self, host: &str, port: u16, reach: Reach) -> std::io::Result<tokio::net::TcpStream> {
         guard::connect(host, port, reach, self.connect_timeout).await
