@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the external programs the test suite drives: a real registry (docker-registry), real
-# pull clients (skopeo, containerd/ctr), the small tools the scripts use, and a Python venv with
+# pull clients (skopeo, containerd/ctr, dockerd), the small tools the scripts use, and a Python venv with
 # the CRI client kubelet's pulls are tested with (PyPI container-runtime-interface-api), at
 # $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too), and
 # nydusd with nydus-image.
@@ -16,6 +16,9 @@ declare -A PKG_FOR_CMD=(
   [skopeo]=skopeo
   [containerd]=containerd
   [ctr]=containerd
+  # dockerd pulling through the proxy (HTTPS_PROXY); the package also brings runc.
+  [dockerd]=docker.io
+  [docker]=docker.io
   [python3]=python3
   [curl]=curl
   [openssl]=openssl

@@ -7,6 +7,7 @@
 //!   parser ([`AccessLog`]) to count what actually reached the origin;
 //! - [`Containerd`]: a private containerd whose `ctr` pulls through a `hosts.toml` mirror entry;
 //! - [`skopeo_copy_via_mirror`]: skopeo with a `registries.conf` mirror;
+//! - [`Dockerd`]: a private dockerd pulling through `HTTPS_PROXY`;
 //! - [`Nydusd`]: nydusd mounting a RAFS image ([`NydusImage`]) whose blob is in the registry;
 //! - `scripts/cri-pull.py` through [`Containerd::cri_pull`]: kubelet's CRI pulls;
 //! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
@@ -25,6 +26,7 @@
 pub mod broken;
 pub mod cluster;
 pub mod containerd;
+pub mod dockerd;
 pub mod fault_proxy;
 pub mod http;
 pub mod liar;
@@ -41,6 +43,7 @@ pub mod util;
 pub use broken::BrokenDaemon;
 pub use cluster::Cluster;
 pub use containerd::Containerd;
+pub use dockerd::{non_loopback_ipv4, DockerTrust, Dockerd};
 pub use fault_proxy::{FaultProxy, Times};
 pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
 pub use liar::{Claim, Liar};

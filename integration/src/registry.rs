@@ -2,7 +2,7 @@
 //! port, plus a parser of its access log: the ground truth for "what reached the origin".
 
 use std::fs::{File, OpenOptions};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
 use tempfile::TempDir;
 
-use crate::util::{free_loopback_port, http_client, loopback, poll_until, random_token, scripts_dir};
+use crate::util::{free_loopback_port, http_client, poll_until, random_token, scripts_dir};
 
 /// A running `docker-registry` with its own storage, config and append-mode log in a temp dir.
 pub struct Registry {
@@ -63,21 +63,27 @@ impl Image {
 impl Registry {
     /// Starts a registry on a free loopback port and waits until `GET /v2/` answers 200.
     pub async fn start() -> Result<Registry> {
-        Registry::start_with(None).await
+        Registry::start_with(None, IpAddr::from([127, 0, 0, 1])).await
     }
 
     /// The same, serving HTTPS with this PEM certificate and key.
     pub async fn start_tls(cert: &Path, key: &Path) -> Result<Registry> {
-        Registry::start_with(Some((cert.to_owned(), key.to_owned()))).await
+        Registry::start_with(Some((cert.to_owned(), key.to_owned())), IpAddr::from([127, 0, 0, 1])).await
     }
 
-    async fn start_with(tls: Option<Tls>) -> Result<Registry> {
+    /// HTTPS on `ip` (an address of this host): clients that never send loopback traffic
+    /// through a proxy, such as Go's, then send it through theirs.
+    pub async fn start_tls_at(ip: IpAddr, cert: &Path, key: &Path) -> Result<Registry> {
+        Registry::start_with(Some((cert.to_owned(), key.to_owned())), ip).await
+    }
+
+    async fn start_with(tls: Option<Tls>, ip: IpAddr) -> Result<Registry> {
         let dir = tempfile::Builder::new().prefix("damselfly-registry-").tempdir()?;
         let mut last_err = anyhow!("no attempt");
         // The port is free when picked but another process may grab it before the registry
         // binds; the registry then exits, and we retry with another port.
         for _attempt in 0..5 {
-            match Self::try_start(&dir, tls.as_ref()).await {
+            match Self::try_start(&dir, tls.as_ref(), ip).await {
                 Ok((child, addr, log_path)) => {
                     let tls = tls.is_some();
                     return Ok(Registry { child, addr, dir, log_path, client: client_for(tls), tls });
@@ -88,9 +94,9 @@ impl Registry {
         Err(last_err.context("starting docker-registry"))
     }
 
-    async fn try_start(dir: &TempDir, tls: Option<&Tls>) -> Result<(Child, SocketAddr, PathBuf)> {
+    async fn try_start(dir: &TempDir, tls: Option<&Tls>, ip: IpAddr) -> Result<(Child, SocketAddr, PathBuf)> {
         let port = free_loopback_port();
-        let addr = loopback(port);
+        let addr = SocketAddr::new(ip, port);
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)?;
         let config_path = dir.path().join("registry.yml");

@@ -1,0 +1,41 @@
+//! dockerd set up as Dragonfly users run it: `HTTPS_PROXY` at the daemon, which intercepts the
+//! registry's TLS, and dockerd trusting the daemon's CA for that registry. dockerd pulls an
+//! image from a TLS registry through it, and the second pull's blobs come from the cache.
+
+use std::collections::HashMap;
+
+use damselfly_integration::{non_loopback_ipv4, DockerTrust, Dockerd, Mirror, MirrorOpts, Registry, TestCa};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_pulls_a_tls_registry_through_the_intercepting_proxy() {
+    let Some(ip) = non_loopback_ipv4() else {
+        eprintln!("SKIPPED dockerd_pulls_a_tls_registry_through_the_intercepting_proxy: no non-loopback address");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let registry_ca = TestCa::new(work.path(), "registry-ca");
+    let (cert, key) = registry_ca.issue("registry", &[&ip.to_string()]);
+    let origin = Registry::start_tls_at(ip, &cert, &key).await.unwrap();
+    let image = origin.push_image("team/docker", "v1", 4).await.unwrap();
+    let elsewhere = Registry::start().await.unwrap();
+    let mut opts = MirrorOpts::new(&elsewhere.url());
+    opts.config.proxy_intercept = vec![ip.to_string()];
+    opts.config.upstream_ca_file = Some(registry_ca.cert_path());
+    let mirror = Mirror::start(opts).await.unwrap();
+    let _trust = DockerTrust::install(&origin.host(), &mirror.data_dir().join("proxy-ca.pem")).unwrap();
+    let env = HashMap::from([("HTTPS_PROXY", mirror.url()), ("HTTP_PROXY", mirror.url())]);
+    let dockerd = Dockerd::start(&env).await.unwrap();
+
+    dockerd.docker(&["pull", &image.reference]).await.unwrap();
+    let log = origin.settled_access_log().await;
+    for (digest, _) in &image.blobs {
+        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
+        assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
+    }
+    dockerd.docker(&["rmi", &image.reference]).await.unwrap();
+    dockerd.docker(&["pull", &image.reference]).await.unwrap();
+    origin.settled_access_log().await.assert_copies_at_most(&image.blobs, 1.05);
+    let metrics = mirror.metrics().await.unwrap();
+    assert!(metrics.sum("damselfly_download_bytes_total", &[("source", "cache")]) > 0.0);
+    assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "intercept")]) >= 2.0);
+}
