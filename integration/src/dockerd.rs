@@ -23,9 +23,16 @@ impl Dockerd {
     /// Starts dockerd with `env` added to its environment (`HTTPS_PROXY`, ...) and waits until
     /// `docker info` answers.
     pub async fn start(env: &HashMap<&str, String>) -> Result<Dockerd> {
+        Dockerd::start_with(env, |_| Ok(())).await
+    }
+
+    /// The same, after `edit` had its way with dockerd's `daemon.json` (its path; the file
+    /// holds a setting of the node's own, `max-concurrent-downloads`).
+    pub async fn start_with(env: &HashMap<&str, String>, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Dockerd> {
         let dir = tempfile::Builder::new().prefix("damselfly-dockerd-").tempdir()?;
         let d = dir.path();
-        std::fs::write(d.join("daemon.json"), "{}\n")?;
+        std::fs::write(d.join("daemon.json"), "{\n  \"max-concurrent-downloads\": 2\n}\n")?;
+        edit(&d.join("daemon.json"))?;
         let log = std::fs::File::create(d.join("dockerd.log"))?;
         let mut cmd = Command::new("dockerd");
         cmd.arg("--data-root")

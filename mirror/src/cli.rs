@@ -103,10 +103,11 @@ pub struct MirrorArgs {
     pub proxy_ca_key: Option<PathBuf>,
     /// PEM CA certificates trusted for TLS to registries and to hosts the proxy forwards to,
     /// besides the bundled public roots.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", alias = "proxy-ca-file")]
     #[serde(with = "crate::config::paths::option")]
     pub upstream_ca_file: Option<PathBuf>,
-    /// After a cold Range read, fetch the rest of the blob in the background.
+    /// After a cold Range read, fetch the rest of the blob in the background (always on seed
+    /// peers).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub background_fill: Option<bool>,
     /// Write cold blobs to the cache past the page cache (O_DIRECT) [default: true].

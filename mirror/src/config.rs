@@ -62,6 +62,7 @@ pub struct MirrorConfig {
     /// forwards to), besides the bundled public roots.
     #[serde(with = "paths::option")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// After a cold range read, fetch the rest of the blob (seeds always do).
     pub background_fill: bool,
     /// Write cold fills past the page cache (`O_DIRECT`) where the filesystem allows it.
     pub cache_direct_io: bool,

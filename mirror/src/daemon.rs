@@ -128,7 +128,8 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         access: Default::default(),
         tags: Default::default(),
         metrics: ApiMetrics::register(&mut registry),
-        background_fill: config.background_fill,
+        // A seed is there to hold whole blobs for the others: a range read fills the rest.
+        background_fill: config.background_fill || config.seed,
         registry_in_path: config.registry_in_path,
     });
     let shutdown = CancellationToken::new();

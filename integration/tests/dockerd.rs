@@ -1,9 +1,13 @@
-//! dockerd set up as Dragonfly users run it: `HTTPS_PROXY` at the daemon, which intercepts the
-//! registry's TLS, and dockerd trusting the daemon's CA for that registry. dockerd pulls an
-//! image from a TLS registry through it, and the second pull's blobs come from the cache.
+//! A real dockerd through the daemon, both ways users run it:
+//!
+//! - as Dragonfly users do: `HTTPS_PROXY` at the daemon, which intercepts the registry's TLS,
+//!   dockerd trusting the daemon's CA for that registry; dockerd pulls an image from a TLS
+//!   registry through it, and the second pull's blobs come from the cache;
+//! - with `registry-mirrors`, as `hosts-gen docker` writes it.
 
 use std::collections::HashMap;
 
+use damselfly_hosts_gen::cli::{run, DockerArgs, HostsGenArgs, Runtime};
 use damselfly_integration::{non_loopback_ipv4, DockerTrust, Dockerd, Mirror, MirrorOpts, Registry, TestCa};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,4 +42,36 @@ async fn dockerd_pulls_a_tls_registry_through_the_intercepting_proxy() {
     let metrics = mirror.metrics().await.unwrap();
     assert!(metrics.sum("damselfly_download_bytes_total", &[("source", "cache")]) > 0.0);
     assert!(metrics.sum("damselfly_proxy_requests_total", &[("kind", "intercept")]) >= 2.0);
+}
+
+/// dockerd's `registry-mirrors`, merged into its `daemon.json` by `hosts-gen docker`: dockerd
+/// sends Docker Hub pulls to the daemon, which reads them from its default registry (here a
+/// local one standing in for Docker Hub, which the tests cannot reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_pulls_docker_hub_images_through_the_mirror_hosts_gen_docker_wrote() {
+    let hub = Registry::start().await.unwrap();
+    let image = hub.push_image("library/damselfly-test", "v1", 4).await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&hub.url())).await.unwrap();
+    let dockerd = Dockerd::start_with(&HashMap::new(), |daemon_json| {
+        let args = HostsGenArgs {
+            runtime: Runtime::Docker(DockerArgs {
+                daemon_json: daemon_json.to_owned(),
+                mirror: mirror.url(),
+                dry_run: false,
+                restore: false,
+            }),
+        };
+        run(&args, &mut Vec::new())?;
+        let text = std::fs::read_to_string(daemon_json)?;
+        anyhow::ensure!(text.contains("max-concurrent-downloads") && text.contains(&mirror.url()), "{text}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    dockerd.docker(&["pull", "damselfly-test:v1"]).await.unwrap();
+    let log = hub.settled_access_log().await;
+    for (digest, _) in &image.blobs {
+        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
+        assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
+    }
 }
