@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
-use crate::util::poll_until;
+use crate::util::{poll_until, stop_gently};
 
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -103,17 +103,7 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         // SIGTERM lets dockerd stop the containerd it started and unmount its layers.
-        // SAFETY: kill with a child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gently(&mut self.child, Duration::from_secs(15));
     }
 }
 

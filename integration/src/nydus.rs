@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::util::{poll_until, random_bytes, sha256_digest};
+use crate::util::{poll_until, random_bytes, sha256_digest, stop_gently};
 use crate::Registry;
 
 /// Where the nydus binaries are.
@@ -176,17 +176,7 @@ impl Nydusd {
 impl Drop for Nydusd {
     fn drop(&mut self) {
         // SIGTERM makes nydusd unmount; a mount it leaves behind is detached.
-        // SAFETY: kill with a child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gently(&mut self.child, Duration::from_secs(5));
         let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).stderr(Stdio::null()).status();
     }
 }

@@ -142,6 +142,21 @@ pub fn init_logs() {
     }
 }
 
+/// Asks `child` to stop (SIGTERM), waits up to `grace` for it, then kills it.
+pub fn stop_gently(child: &mut std::process::Child, grace: Duration) {
+    // SAFETY: kill with a child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
-use super::tunnel::{connected, IDLE_TIMEOUT};
+use super::tunnel::{connected, take_over, until_idle};
 use super::{Proxy, ProxyError, Target};
 use crate::api::response::Body;
 
@@ -37,12 +37,7 @@ impl Proxy {
         let tls = ca.server_config(&host).map_err(|e| ProxyError::Intercept(host.clone(), e))?;
         let slot = self.tunnels.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            };
+        take_over(req, slot, move |upgraded| async move {
             let activity = Activity::new();
             let client = Watched::new(TokioIo::new(upgraded), activity.clone());
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(client)).await;
@@ -60,22 +55,11 @@ impl Proxy {
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), svc);
-            let mut conn = std::pin::pin!(conn);
-            let mut draining = false;
-            loop {
-                let left = IDLE_TIMEOUT.saturating_sub(activity.idle());
-                if left.is_zero() {
-                    return tracing::debug!("closing an idle intercepted connection");
-                }
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = shutdown.cancelled(), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = tokio::time::sleep(left) => {}
-                }
-            }
+            let drain = |conn: std::pin::Pin<&mut _>| {
+                hyper::server::conn::http1::Connection::graceful_shutdown(conn);
+                true
+            };
+            until_idle(std::pin::pin!(conn), &activity, &shutdown, drain).await;
         });
         Ok(connected())
     }

@@ -3,19 +3,24 @@
 //! tunnel moves nothing for the idle timeout, or the daemon shuts down. Hosts configured for
 //! interception go to `intercept.rs` instead.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use damselfly_serve::{Activity, Watched};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::{Proxy, ProxyError};
 use crate::api::response::{empty, Body};
 
 /// A tunnel that moves no byte for this long is closed, as idle connections are.
-pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Proxy {
     /// A `CONNECT`: intercepted for the hosts configured so, else tunnelled.
@@ -51,35 +56,62 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::Unreachable(authority.to_string(), e))?;
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            };
+        take_over(req, slot, move |upgraded| async move {
             let activity = Activity::new();
             let mut upstream = Watched::new(upstream, activity.clone());
             let mut client = TokioIo::new(upgraded);
-            let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-            let mut copy = std::pin::pin!(copy);
-            loop {
-                let left = IDLE_TIMEOUT.saturating_sub(activity.idle());
-                if left.is_zero() {
-                    return tracing::debug!(%authority, "closing an idle tunnel");
-                }
-                tokio::select! {
-                    done = copy.as_mut() => {
-                        if let Err(e) = done {
-                            tracing::debug!(%authority, error = %e, "tunnel ended with an error");
-                        }
-                        return;
-                    }
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(left) => {}
-                }
+            let copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
+            if let Some(Err(e)) = until_idle(copy, &activity, &shutdown, |_| false).await {
+                tracing::debug!(%authority, error = %e, "tunnel ended with an error");
             }
         });
         Ok(connected())
+    }
+}
+
+/// Once the 200 is sent, hands the client's connection to `work`, in a task of its own that
+/// holds `slot` (one of the tunnels allowed at once) until it ends.
+pub(super) fn take_over<B, F, Fut>(req: Request<B>, slot: OwnedSemaphorePermit, work: F)
+where
+    B: Send + 'static,
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let _slot = slot;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => work(upgraded).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+}
+
+/// Drives `work` until it ends (its output), or until nothing moved for the idle timeout
+/// (`activity`), or the daemon shuts down (`None`). At shutdown `drain` is called once; it
+/// says whether to go on driving `work` (to let it finish gracefully) or to drop it now.
+pub(super) async fn until_idle<F: Future>(
+    mut work: Pin<&mut F>,
+    activity: &Activity,
+    shutdown: &CancellationToken,
+    mut drain: impl FnMut(Pin<&mut F>) -> bool,
+) -> Option<F::Output> {
+    let mut draining = false;
+    loop {
+        let left = IDLE_TIMEOUT.saturating_sub(activity.idle());
+        if left.is_zero() {
+            tracing::debug!("closing an idle tunnel");
+            return None;
+        }
+        tokio::select! {
+            done = work.as_mut() => return Some(done),
+            _ = shutdown.cancelled(), if !draining => {
+                if !drain(work.as_mut()) {
+                    return None;
+                }
+                draining = true;
+            }
+            _ = tokio::time::sleep(left) => {}
+        }
     }
 }
 
