@@ -7,7 +7,8 @@
 //!   parser ([`AccessLog`]) to count what actually reached the origin;
 //! - [`Containerd`]: a private containerd whose `ctr` pulls through a `hosts.toml` mirror entry;
 //! - [`skopeo_copy_via_mirror`]: skopeo with a `registries.conf` mirror;
-//! - [`Dockerd`]: a private dockerd pulling through `HTTPS_PROXY`;
+//! - [`Dockerd`]: a private dockerd pulling through `HTTPS_PROXY`, and [`FakeHub`], the Docker
+//!   Hub it falls back to;
 //! - [`Nydusd`]: nydusd mounting a RAFS image ([`NydusImage`]) whose blob is in the registry;
 //! - `scripts/cri-pull.py` through [`Containerd::cri_pull`]: kubelet's CRI pulls;
 //! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
@@ -29,6 +30,7 @@ pub mod containerd;
 pub mod dockerd;
 pub mod fault_proxy;
 pub mod http;
+pub mod hub;
 pub mod liar;
 pub mod metrics;
 pub mod mirror;
@@ -46,6 +48,7 @@ pub use containerd::Containerd;
 pub use dockerd::{non_loopback_ipv4, DockerTrust, Dockerd};
 pub use fault_proxy::{FaultProxy, Times};
 pub use http::{fetch, raw_http, BodyOutcome, Fetched, RawResponse};
+pub use hub::FakeHub;
 pub use liar::{Claim, Liar};
 pub use metrics::Metrics;
 pub use mirror::{Mirror, MirrorOpts, MirrorProcess};

@@ -3,12 +3,15 @@
 //! - as Dragonfly users do: `HTTPS_PROXY` at the daemon, which intercepts the registry's TLS,
 //!   dockerd trusting the daemon's CA for that registry; dockerd pulls an image from a TLS
 //!   registry through it, and the second pull's blobs come from the cache;
-//! - with `registry-mirrors`, as `hosts-gen docker` writes it.
+//! - with `registry-mirrors`, as `hosts-gen docker` writes it; dockerd goes to Docker Hub (a
+//!   stand-in, `FakeHub`) when the daemon fails or is down.
 
 use std::collections::HashMap;
 
 use damselfly_hosts_gen::cli::{run, DockerArgs, HostsGenArgs, Runtime};
-use damselfly_integration::{non_loopback_ipv4, DockerTrust, Dockerd, Mirror, MirrorOpts, Registry, TestCa};
+use damselfly_integration::{
+    non_loopback_ipv4, BrokenDaemon, DockerTrust, Dockerd, FakeHub, Mirror, MirrorOpts, Registry, TestCa,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerd_pulls_a_tls_registry_through_the_intercepting_proxy() {
@@ -74,4 +77,44 @@ async fn dockerd_pulls_docker_hub_images_through_the_mirror_hosts_gen_docker_wro
         let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
         assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
     }
+}
+
+/// dockerd goes to Docker Hub itself when its mirror, the daemon, answers 500 or is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_falls_back_to_docker_hub_when_the_daemon_answers_500_or_is_down() {
+    let work = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start(work.path()).await.unwrap();
+    let image = hub.registry.push_image("library/damselfly-fallback", "v1", 1).await.unwrap();
+    let broken = BrokenDaemon::start().await.unwrap();
+    let env =
+        HashMap::from([("HTTPS_PROXY", hub.proxy_url.clone()), ("SSL_CERT_FILE", hub.ca_file.display().to_string())]);
+    let mirror_url = broken.url();
+    let dockerd = Dockerd::start_with(&env, |daemon_json| {
+        let args = HostsGenArgs {
+            runtime: Runtime::Docker(DockerArgs {
+                daemon_json: daemon_json.to_owned(),
+                mirror: mirror_url,
+                dry_run: false,
+                restore: false,
+            }),
+        };
+        run(&args, &mut Vec::new())?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let pulled_from_hub = |log: &damselfly_integration::AccessLog| {
+        let (big, _) = image.largest_blob();
+        log.matching(&big).iter().filter(|e| e.method == "GET" && e.user_agent.starts_with("docker/")).count()
+    };
+
+    dockerd.docker(&["pull", "damselfly-fallback:v1"]).await.expect("the pull falls back to Docker Hub");
+    assert!(broken.hits() > 0, "dockerd never asked the daemon");
+    assert_eq!(pulled_from_hub(&hub.registry.settled_access_log().await), 1);
+
+    dockerd.docker(&["rmi", "damselfly-fallback:v1"]).await.unwrap();
+    drop(broken);
+    dockerd.docker(&["pull", "damselfly-fallback:v1"]).await.expect("the pull falls back to Docker Hub");
+    assert_eq!(pulled_from_hub(&hub.registry.settled_access_log().await), 2);
+    assert!(hub.tunnels() > 0);
 }
