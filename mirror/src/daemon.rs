@@ -134,6 +134,12 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
     });
     let shutdown = CancellationToken::new();
     let upload_addr = listeners.upload.as_ref().map(|l| l.local_addr()).transpose()?;
+    if let Some(var) = proxy_env_naming(listeners.api.local_addr()?, |v| std::env::var(v).ok()) {
+        return Err(DaemonError::Proxy(format!(
+            "{var} names this daemon's own port: its requests to registries would go round through itself; \
+             unset it for the daemon (or add the registries to NO_PROXY)"
+        )));
+    }
     let api_tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let read =
@@ -310,6 +316,23 @@ fn metrics_response<B>(
     })
 }
 
+/// The proxy variable (`HTTPS_PROXY` and the like, read with `env`) that names `api`, the
+/// daemon's own mirror port, if one does.
+fn proxy_env_naming(api: SocketAddr, env: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
+    const VARS: [&str; 6] = ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"];
+    VARS.into_iter().find(|var| {
+        let Some(url) = env(var).and_then(|v| url::Url::parse(&v).ok()) else { return false };
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(v4)) => std::net::IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => std::net::IpAddr::V6(v6),
+            Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => std::net::IpAddr::from([127, 0, 0, 1]),
+            _ => return false,
+        };
+        let same_ip = ip == api.ip() || (api.ip().is_unspecified() && ip.is_loopback());
+        url.port_or_known_default() == Some(api.port()) && same_ip
+    })
+}
+
 /// The PEM certificates in `file`, at least one.
 fn read_certificates(file: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, DaemonError> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -319,5 +342,24 @@ fn read_certificates(file: &std::path::Path) -> Result<Vec<CertificateDer<'stati
     match certs.is_empty() {
         true => Err(fail(&"no PEM certificate in it")),
         false => Ok(certs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_variable_naming_the_daemons_own_port_is_found() {
+        let api: SocketAddr = "127.0.0.1:65001".parse().expect("addr");
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |var: &str| pairs.iter().find(|(k, _)| *k == var).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(proxy_env_naming(api, env(&[("HTTPS_PROXY", "http://127.0.0.1:65001")])), Some("HTTPS_PROXY"));
+        assert_eq!(proxy_env_naming(api, env(&[("http_proxy", "http://localhost:65001/")])), Some("http_proxy"));
+        assert_eq!(proxy_env_naming(api, env(&[("HTTPS_PROXY", "http://127.0.0.1:3128")])), None);
+        assert_eq!(proxy_env_naming(api, env(&[("HTTPS_PROXY", "http://proxy.corp:65001")])), None);
+        let any: SocketAddr = "0.0.0.0:65001".parse().expect("addr");
+        assert_eq!(proxy_env_naming(any, env(&[("ALL_PROXY", "http://127.0.0.1:65001")])), Some("ALL_PROXY"));
     }
 }

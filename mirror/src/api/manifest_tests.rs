@@ -178,6 +178,9 @@ async fn a_repository_starting_with_a_registry_is_read_from_that_registry() {
     let reg = Reg { body: body.clone(), content_type: OCI_MANIFEST, no_head: false };
     let at = fake_registry::serve(move |req: &Request<Incoming>| {
         let mut resp = answer(&reg, req);
+        if req.headers().contains_key(header::AUTHORIZATION) {
+            *resp.status_mut() = StatusCode::IM_A_TEAPOT;
+        }
         if !req.uri().path().starts_with("/v2/lib/app/") {
             *resp.status_mut() = StatusCode::NOT_FOUND;
         }
@@ -186,7 +189,11 @@ async fn a_repository_starting_with_a_registry_is_read_from_that_registry() {
     .await;
     let prefixed = format!("/v2/127.0.0.1_{}/lib/app/manifests/{d}", at.port());
     let get = |path: String, header: Option<String>| {
-        let mut b = Request::builder().uri(path).header(header::ACCEPT, OCI_MANIFEST);
+        // Credentials meant for whatever registry the client thinks it is talking to.
+        let mut b = Request::builder()
+            .uri(path)
+            .header(header::ACCEPT, OCI_MANIFEST)
+            .header(header::AUTHORIZATION, "Bearer theirs");
         if let Some(h) = header {
             b = b.header(REGISTRY_HEADER, h);
         }
@@ -196,7 +203,7 @@ async fn a_repository_starting_with_a_registry_is_read_from_that_registry() {
             (parts.status, body.collect().await.expect("body").to_bytes())
         }
     };
-    assert_eq!(get(prefixed.clone(), None).await, (StatusCode::OK, body));
+    assert_eq!(get(prefixed.clone(), None).await, (StatusCode::OK, body), "the client's credentials went along");
     // A request that names its registry keeps the whole path as its repository.
     let (status, _) = get(prefixed, Some(format!("http://{at}"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -131,9 +131,16 @@ impl App {
             RouteKind::Blob { name, digest } => (name, Err(digest)),
         };
         let header = req.headers().get(REGISTRY_HEADER).and_then(|v| v.to_str().ok());
+        let mut client_auth = req.headers().get(AUTHORIZATION).cloned();
         let (host_port, repo) = match (header, route.ns) {
             (None, None) if self.registry_in_path => match registry_prefix::split(&name) {
-                Some((host_port, repo)) => (Some(host_port), repo.to_owned()),
+                Some((host_port, repo)) => {
+                    // The client's credentials were meant for the registry it thought it was
+                    // asking (it sees the daemon, and a repository path): they never go to a
+                    // registry read from that path. Its configured credentials do.
+                    client_auth = None;
+                    (Some(host_port), repo.to_owned())
+                }
                 None => (None, name),
             },
             (_, ns) => (ns, name),
@@ -142,7 +149,7 @@ impl App {
             Ok(r) => r,
             Err(e) => return ("invalid", Err(ApiError::Registry(e))),
         };
-        let client_repo = ClientRepo { registry, repo, client_auth: req.headers().get(AUTHORIZATION).cloned() };
+        let client_repo = ClientRepo { registry, repo, client_auth };
         match reference {
             Ok(reference) => {
                 let span = tracing::info_span!("manifest", registry = %client_repo.registry.host, repo = %client_repo.repo, reference = %reference);

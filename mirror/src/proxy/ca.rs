@@ -10,7 +10,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
 use rcgen::{
@@ -21,6 +21,8 @@ use tokio_rustls::rustls::{self, ServerConfig};
 
 /// Minted certificates kept; more hosts than this mint again.
 const MINTED: usize = 1024;
+/// How long a minted certificate is served before one is minted again.
+const REMINT_AFTER: Duration = Duration::from_secs(30 * 86_400);
 const CERT_FILE: &str = "proxy-ca.pem";
 const KEY_FILE: &str = "proxy-ca.key";
 
@@ -29,7 +31,8 @@ pub struct InterceptCa {
     key: KeyPair,
     /// The CA certificate as configured or generated, for clients to trust.
     pub cert_pem: String,
-    minted: Mutex<LruCache<String, Arc<ServerConfig>>>,
+    /// By host: when it was minted, and the TLS made with it.
+    minted: Mutex<LruCache<String, (Instant, Arc<ServerConfig>)>>,
 }
 
 impl InterceptCa {
@@ -40,7 +43,13 @@ impl InterceptCa {
             (Some(c), Some(k)) => (c.to_owned(), k.to_owned()),
             (None, None) => {
                 let (c, k) = (data_dir.join(CERT_FILE), data_dir.join(KEY_FILE));
-                if !c.exists() && !k.exists() {
+                // One file without the other is a generation cut short: start again.
+                if !(c.exists() && k.exists()) {
+                    for lone in [&c, &k] {
+                        if lone.exists() {
+                            fs::remove_file(lone).map_err(|e| format!("{}: {e}", lone.display()))?;
+                        }
+                    }
                     generate(&c, &k)?;
                 }
                 (c, k)
@@ -60,8 +69,12 @@ impl InterceptCa {
     /// TLS for `host` (a name or an address) with a certificate this CA signs for it.
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, String> {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        if let Some(config) = self.minted.lock().unwrap_or_else(|e| e.into_inner()).get(&host) {
-            return Ok(config.clone());
+        if let Some((at, config)) = self.minted.lock().unwrap_or_else(|e| e.into_inner()).get(&host) {
+            // Minted certificates last a year or more; minting again well before keeps a
+            // long-running daemon from serving an expired one.
+            if at.elapsed() < REMINT_AFTER {
+                return Ok(config.clone());
+            }
         }
         let mut params = CertificateParams::new(vec![host.clone()]).map_err(|e| format!("{host}: {e}"))?;
         params.distinguished_name.push(DnType::CommonName, host.as_str());
@@ -84,7 +97,7 @@ impl InterceptCa {
             .map_err(|e| format!("{host}: {e}"))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        self.minted.lock().unwrap_or_else(|e| e.into_inner()).put(host, config.clone());
+        self.minted.lock().unwrap_or_else(|e| e.into_inner()).put(host, (Instant::now(), config.clone()));
         Ok(config)
     }
 }
@@ -139,6 +152,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = InterceptCa::load_or_create(None, None, dir.path()).expect("loaded");
         assert_eq!(ca.cert_pem, again.cert_pem, "a second start made a new CA");
+        // A key without its certificate (a first start cut short) is replaced by a new pair.
+        fs::remove_file(dir.path().join(CERT_FILE)).expect("remove");
+        let fresh = InterceptCa::load_or_create(None, None, dir.path()).expect("made again");
+        assert_ne!(fresh.cert_pem, ca.cert_pem);
         assert!(again.server_config("registry.example").is_ok());
         assert!(again.server_config("10.0.0.5").is_ok());
     }

@@ -17,14 +17,14 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{self, DigitallySignedStruct};
 use tokio_rustls::TlsConnector;
 
-use super::{Proxy, ProxyError, Target};
+use super::{Client, Proxy, ProxyError, Target};
 use crate::api::response::{Body, BodyError};
 
 /// How long the upstream has to start its answer.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Hop-by-hop headers: they describe one connection, not the message.
-const HOP_BY_HOP: [&str; 8] = [
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -32,6 +32,7 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
     "te",
     "trailer",
+    "transfer-encoding",
     "upgrade",
 ];
 
@@ -42,13 +43,13 @@ impl Proxy {
         &self,
         req: Request<B>,
         target: Target,
-        local: bool,
+        client: Client,
     ) -> Result<Response<Body>, ProxyError>
     where
         B: HttpBody<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let reach = self.reach(&target.host, target.port, local)?;
+        let reach = self.reach(target.scheme.as_str(), &target.host, target.port, client)?;
         let stream = self
             .app
             .upstream

@@ -16,9 +16,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
 use super::tunnel::{connected, take_over, until_idle};
-use super::{Proxy, ProxyError, Target};
+use super::{Client, Proxy, ProxyError, Target};
 use crate::api::response::Body;
 
+/// Request heads inside a tunnel are held to about what the mirror port takes.
+const MAX_HEAD_BYTES: usize = 64 << 10;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -27,20 +29,20 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<B>,
         authority: Authority,
-        local: bool,
+        client: Client,
     ) -> Result<Response<Body>, ProxyError> {
         let host = authority.host().to_owned();
         let port = authority.port_u16().unwrap_or(443);
         // Refused now, not request by request inside: the client learns it from the CONNECT.
-        self.reach(&host, port, local)?;
+        self.reach("https", &host, port, client)?;
+        let slot = self.tunnels.take(client.ip)?;
         let ca = self.ca.clone().ok_or_else(|| ProxyError::Intercept(host.clone(), "no CA".to_owned()))?;
         let tls = ca.server_config(&host).map_err(|e| ProxyError::Intercept(host.clone(), e))?;
-        let slot = self.tunnels.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
         let shutdown = self.shutdown.clone();
         take_over(req, slot, move |upgraded| async move {
             let activity = Activity::new();
-            let client = Watched::new(TokioIo::new(upgraded), activity.clone());
-            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(client)).await;
+            let io = Watched::new(TokioIo::new(upgraded), activity.clone());
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(io)).await;
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::debug!(%authority, error = %e, "intercepted TLS handshake failed"),
@@ -49,11 +51,12 @@ impl Proxy {
             let proxy = self.clone();
             let svc = hyper::service::service_fn(move |inner: Request<Incoming>| {
                 let (proxy, authority) = (proxy.clone(), authority.clone());
-                async move { Ok::<_, Infallible>(proxy.inner(inner, &authority, local).await) }
+                async move { Ok::<_, Infallible>(proxy.inner(inner, &authority, client).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(stream), svc);
             let drain = |conn: std::pin::Pin<&mut _>| {
                 hyper::server::conn::http1::Connection::graceful_shutdown(conn);
@@ -65,13 +68,21 @@ impl Proxy {
     }
 
     /// One request inside an intercepted tunnel to `authority`.
-    async fn inner(&self, mut req: Request<Incoming>, authority: &Authority, local: bool) -> Response<Body> {
+    async fn inner(&self, mut req: Request<Incoming>, authority: &Authority, client: Client) -> Response<Body> {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        // The default port is left out, as clients write the URL (and the Host header) too.
+        let authority = match authority.port_u16() {
+            Some(443) => authority.host(),
+            _ => authority.as_str(),
+        };
         let (kind, answer) = match format!("https://{authority}{target}").parse::<Uri>() {
+            _ if req.method() == http::Method::CONNECT => {
+                ("refused", Err(ProxyError::NotInTunnel(http::Method::CONNECT)))
+            }
             Ok(uri) => {
                 *req.uri_mut() = uri;
                 match Target::of(req.uri(), true) {
-                    Ok(target) => self.serve_target(req, target, local).await,
+                    Ok(target) => self.serve_target(req, target, client).await,
                     Err(e) => ("refused", Err(e)),
                 }
             }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use damselfly_serve::PeerAddr;
-use http::header::HeaderValue;
+use http::header::{HeaderValue, VIA};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Body as HttpBody;
@@ -39,7 +39,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::response::{full, Body};
@@ -50,9 +49,6 @@ use crate::upstream::UpstreamError;
 pub use ca::InterceptCa;
 pub use rules::{Rules, DEFAULT_RULE};
 use tokio_rustls::rustls::pki_types::CertificateDer;
-
-/// Tunnels open at once; more wait for none, they are refused (503).
-const MAX_TUNNELS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -70,6 +66,10 @@ pub enum ProxyError {
     Busy,
     #[error("HTTPS interception of {0}: {1}")]
     Intercept(String, String),
+    #[error("this request already went through a damselfly proxy: a loop")]
+    Loop,
+    #[error("this proxy does not take {0} inside an intercepted tunnel")]
+    NotInTunnel(Method),
 }
 
 impl ProxyError {
@@ -83,6 +83,8 @@ impl ProxyError {
             ProxyError::Unreachable(..) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Intercept(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Loop => StatusCode::LOOP_DETECTED,
+            ProxyError::NotInTunnel(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -124,7 +126,7 @@ pub struct Proxy {
     intercept: Intercept,
     ca: Option<Arc<InterceptCa>>,
     upstream_tls: forward::UpstreamTls,
-    tunnels: Arc<Semaphore>,
+    tunnels: tunnel::TunnelSlots,
     requests: Family<Labels, Counter>,
     shutdown: CancellationToken,
 }
@@ -156,7 +158,7 @@ impl Proxy {
             intercept,
             ca: config.ca.clone(),
             upstream_tls,
-            tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+            tunnels: tunnel::TunnelSlots::new(),
             requests,
             shutdown,
         })
@@ -191,15 +193,21 @@ impl Proxy {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-        let local = match self.client_allowed(peer) {
-            Ok(local) => local,
+        let client = match self.client_allowed(peer) {
+            Ok(client) => client,
             Err(e) => return ("refused", Err(e)),
         };
+        // A request that already went through a damselfly proxy is one this daemon would send
+        // round in a circle (its own HTTP_PROXY naming itself, or two daemons naming each other).
+        let via = req.headers().get_all(VIA).iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains("damselfly"));
+        if via {
+            return ("refused", Err(ProxyError::Loop));
+        }
         if req.method() == Method::CONNECT {
-            return self.connect(req, local).await;
+            return self.connect(req, client).await;
         }
         match Target::of(req.uri(), false) {
-            Ok(target) => self.serve_target(req, target, local).await,
+            Ok(target) => self.serve_target(req, target, client).await,
             Err(e) => ("refused", Err(e)),
         }
     }
@@ -210,16 +218,26 @@ impl Proxy {
         &self,
         req: Request<B>,
         target: Target,
-        local: bool,
+        client: Client,
     ) -> (&'static str, Result<Response<Body>, ProxyError>)
     where
         B: HttpBody<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if self.through_cache(&req) {
+            // The mirror API would reach a registry named by an internal address for anyone;
+            // through the proxy, only clients on this host may (or the operator named it).
+            let reach = match self.reach(target.scheme.as_str(), &target.host, target.port, client) {
+                Ok(r) => r,
+                Err(e) => return ("refused", Err(e)),
+            };
+            if reach == Reach::Public && crate::upstream::names_internal(&target.host) {
+                let refused = UpstreamError::NotAllowed(target.authority.to_string());
+                return ("refused", Err(ProxyError::Destination(refused)));
+            }
             return ("cache", Ok(self.cached(req, &target).await));
         }
-        ("forward", self.forward(req, target, local).await)
+        ("forward", self.forward(req, target, client).await)
     }
 
     fn count(&self, kind: &'static str, resp: &Response<Body>) {
@@ -227,7 +245,7 @@ impl Proxy {
     }
 
     /// Whether `peer` may use the proxy, and whether it is on this host.
-    fn client_allowed(&self, peer: Option<IpAddr>) -> Result<bool, ProxyError> {
+    fn client_allowed(&self, peer: Option<IpAddr>) -> Result<Client, ProxyError> {
         let Some(ip) = peer else {
             return Err(ProxyError::ClientNotAllowed(IpAddr::from([0, 0, 0, 0])));
         };
@@ -236,20 +254,20 @@ impl Proxy {
             v4 => v4,
         };
         if ip.is_loopback() {
-            return Ok(true);
+            return Ok(Client { ip, local: true });
         }
         match self.allow.iter().any(|&(net, bits)| crate::upstream::cidr_contains(net, bits, ip)) {
-            true => Ok(false),
+            true => Ok(Client { ip, local: false }),
             false => Err(ProxyError::ClientNotAllowed(ip)),
         }
     }
 
-    /// A registry API read (GET or HEAD of a blob or manifest) whose URL matches a rule.
+    /// A registry API read (GET or HEAD of a blob or manifest) whose path matches a rule.
     fn through_cache<B>(&self, req: &Request<B>) -> bool {
         let readable = matches!(*req.method(), Method::GET | Method::HEAD);
         let api = parse_route(req.uri().path(), req.uri().query())
             .is_ok_and(|r| matches!(r.kind, RouteKind::Blob { .. } | RouteKind::Manifest { .. }));
-        readable && api && self.rules.matches(&req.uri().to_string())
+        readable && api && self.rules.matches(req.uri().path())
     }
 
     /// Serves the request through the mirror API, with the registry the request line names.
@@ -265,8 +283,9 @@ impl Proxy {
         self.app.clone().handle(Request::from_parts(parts, body)).await
     }
 
-    fn reach(&self, host: &str, port: u16, local: bool) -> Result<Reach, ProxyError> {
-        self.app.upstream.proxy_reach(host, port, local).map_err(ProxyError::Destination)
+    /// Where `client` may reach at `host:port` (a `CONNECT` counts as `https`).
+    fn reach(&self, scheme: &str, host: &str, port: u16, client: Client) -> Result<Reach, ProxyError> {
+        self.app.upstream.proxy_reach(scheme, host, port, client.local).map_err(ProxyError::Destination)
     }
 }
 
@@ -286,7 +305,8 @@ impl Intercept {
             if e == "*" {
                 return Ok(Intercept::All);
             }
-            if e.is_empty() || e.contains(['/', ':', '@', ' ']) && !e.starts_with('[') {
+            let bracketed = e.starts_with('[') && e.ends_with(']');
+            if e.is_empty() || e.contains(['/', '@', ' ']) || (e.contains(':') && !bracketed) {
                 return Err(format!("proxy_intercept entry {e:?} is neither a host nor *"));
             }
             hosts.push(e);
@@ -315,7 +335,14 @@ pub fn parse_allow(entries: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
         .collect()
 }
 
-/// Where an absolute-form request goes.
+/// Who sent a proxy request: its address, and whether that is this host.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Client {
+    ip: IpAddr,
+    local: bool,
+}
+
+/// Where an absolute-form request (or a CONNECT) goes.
 struct Target {
     scheme: Scheme,
     authority: Authority,

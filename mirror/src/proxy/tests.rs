@@ -62,8 +62,20 @@ async fn only_loopback_and_allowed_clients_are_served() {
     assert_eq!(get(&closed, [127, 0, 0, 1], &url).await.2, blob);
     drop(closed);
     let open = proxy(dir.path(), &["10.0.0.0/8"]);
-    assert_eq!(get(&open, [10, 1, 2, 3], &url).await.2, blob, "an allowed network's blob read");
     assert_eq!(get(&open, [192, 168, 1, 1], &url).await.0, StatusCode::FORBIDDEN);
+    // An allowed client elsewhere is served, but not from this host's own addresses.
+    assert_eq!(get(&open, [10, 1, 2, 3], &url).await.0, StatusCode::FORBIDDEN, "a remote client read loopback");
+    assert_eq!(get(&open, [127, 0, 0, 1], &url).await.2, blob);
+}
+
+#[tokio::test]
+async fn a_request_that_went_through_a_damselfly_proxy_is_a_loop() {
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = proxy(dir.path(), &[]);
+    let mut req = Request::builder().uri("http://registry.example/v2/").header(header::VIA, "1.1 damselfly");
+    req = req.extension(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 1))));
+    let resp = proxy.clone().handle(req.body(Empty::<Bytes>::new()).expect("request")).await;
+    assert_eq!(resp.status(), StatusCode::LOOP_DETECTED);
 }
 
 #[tokio::test]

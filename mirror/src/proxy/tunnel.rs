@@ -3,39 +3,47 @@
 //! tunnel moves nothing for the idle timeout, or the daemon shuts down. Hosts configured for
 //! interception go to `intercept.rs` instead.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use damselfly_serve::{Activity, Watched};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{Proxy, ProxyError};
+use super::{Client, Proxy, ProxyError};
 use crate::api::response::{empty, Body};
 
 /// A tunnel that moves no byte for this long is closed, as idle connections are.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// What a tunnel asked to finish at shutdown gets before it is dropped, as connections get.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tunnels open at once; more are refused (503).
+const MAX_TUNNELS: usize = 1024;
+/// Tunnels one client address may hold open at once.
+const MAX_TUNNELS_PER_CLIENT: usize = 64;
 
 impl Proxy {
     /// A `CONNECT`: intercepted for the hosts configured so, else tunnelled.
     pub(super) async fn connect<B: Send + 'static>(
         self: Arc<Self>,
         req: Request<B>,
-        local: bool,
+        client: Client,
     ) -> (&'static str, Result<Response<Body>, ProxyError>) {
         let authority = match connect_target(&req) {
             Ok(a) => a,
             Err(e) => return ("refused", Err(e)),
         };
         match self.intercept.covers(authority.host()) {
-            true => ("intercept", self.intercept(req, authority, local).await),
-            false => ("tunnel", self.tunnel(req, authority, local).await),
+            true => ("intercept", self.intercept(req, authority, client).await),
+            false => ("tunnel", self.tunnel(req, authority, client).await),
         }
     }
 
@@ -43,12 +51,12 @@ impl Proxy {
         &self,
         req: Request<B>,
         authority: Authority,
-        local: bool,
+        client: Client,
     ) -> Result<Response<Body>, ProxyError> {
         let port = authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
         let host = authority.host().to_owned();
-        let slot = self.tunnels.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
-        let reach = self.reach(&host, port, local)?;
+        let slot = self.tunnels.take(client.ip)?;
+        let reach = self.reach("https", &host, port, client)?;
         let upstream = self
             .app
             .upstream
@@ -69,9 +77,52 @@ impl Proxy {
     }
 }
 
+/// Tunnels open at once: in all, and per client address.
+pub(super) struct TunnelSlots {
+    total: Arc<Semaphore>,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One open tunnel, given back when dropped.
+pub(super) struct Slot {
+    _total: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl TunnelSlots {
+    pub(super) fn new() -> TunnelSlots {
+        TunnelSlots { total: Arc::new(Semaphore::new(MAX_TUNNELS)), per_client: Arc::default() }
+    }
+
+    /// A slot for a tunnel of `ip`, or `Busy` when all of them, or all of its own, are taken.
+    pub(super) fn take(&self, ip: IpAddr) -> Result<Slot, ProxyError> {
+        let total = self.total.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
+        let mut counts = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= MAX_TUNNELS_PER_CLIENT {
+            return Err(ProxyError::Busy);
+        }
+        *count += 1;
+        Ok(Slot { _total: total, ip, per_client: self.per_client.clone() })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Once the 200 is sent, hands the client's connection to `work`, in a task of its own that
-/// holds `slot` (one of the tunnels allowed at once) until it ends.
-pub(super) fn take_over<B, F, Fut>(req: Request<B>, slot: OwnedSemaphorePermit, work: F)
+/// holds `slot` until it ends.
+pub(super) fn take_over<B, F, Fut>(req: Request<B>, slot: Slot, work: F)
 where
     B: Send + 'static,
     F: FnOnce(Upgraded) -> Fut + Send + 'static,
@@ -95,20 +146,23 @@ pub(super) async fn until_idle<F: Future>(
     shutdown: &CancellationToken,
     mut drain: impl FnMut(Pin<&mut F>) -> bool,
 ) -> Option<F::Output> {
-    let mut draining = false;
+    let mut draining: Option<Instant> = None;
     loop {
-        let left = IDLE_TIMEOUT.saturating_sub(activity.idle());
+        let mut left = IDLE_TIMEOUT.saturating_sub(activity.idle());
+        if let Some(since) = draining {
+            left = left.min(DRAIN_TIMEOUT.saturating_sub(since.elapsed()));
+        }
         if left.is_zero() {
-            tracing::debug!("closing an idle tunnel");
+            tracing::debug!("closing an idle or draining tunnel");
             return None;
         }
         tokio::select! {
             done = work.as_mut() => return Some(done),
-            _ = shutdown.cancelled(), if !draining => {
+            _ = shutdown.cancelled(), if draining.is_none() => {
                 if !drain(work.as_mut()) {
                     return None;
                 }
-                draining = true;
+                draining = Some(Instant::now());
             }
             _ = tokio::time::sleep(left) => {}
         }
@@ -130,4 +184,20 @@ pub(super) fn connected() -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_client_holds_at_most_its_share_of_tunnels() {
+        let slots = TunnelSlots::new();
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let mut held: Vec<Slot> = (0..MAX_TUNNELS_PER_CLIENT).map(|_| slots.take(a).expect("slot")).collect();
+        assert!(matches!(slots.take(a), Err(ProxyError::Busy)));
+        assert!(slots.take(b).is_ok(), "another client is served");
+        held.pop();
+        assert!(slots.take(a).is_ok(), "a closed tunnel gives its slot back");
+    }
 }

@@ -187,6 +187,13 @@ impl AllowList {
     }
 }
 
+impl AllowList {
+    /// Whether an entry names `host[:port]` exactly (no wildcard, the same port).
+    pub fn names(&self, host_port: &str) -> bool {
+        self.patterns.iter().any(|p| p == host_port)
+    }
+}
+
 fn host_without_port(host_port: &str) -> &str {
     if let Some(rest) = host_port.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);

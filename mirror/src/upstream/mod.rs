@@ -22,7 +22,7 @@ pub(crate) use select::{cidr_contains, parse_cidr};
 
 /// Whether `host[:port]` names this host or its network by itself (an address literal,
 /// `localhost`).
-fn names_internal(host_port: &str) -> bool {
+pub fn names_internal(host_port: &str) -> bool {
     match select::host_ip(host_port) {
         Some(ip) => guard::classify(ip) == AddrClass::Internal,
         None => select::is_loopback(host_port),
@@ -284,16 +284,18 @@ impl Upstream {
         (!self.allow.is_open() && self.allow.allows(&registry.host)) || self.is_configured(registry)
     }
 
-    /// Whether an HTTP proxy client may reach `host:port` (`proxy/`), and where: the rules for a
-    /// registry named in the header (allow-list, addresses never reached), except that the
-    /// host's and its network's addresses are reached for a client on this host, or when the
-    /// operator named the destination, and for nobody else: a forward proxy reaches any path
-    /// there, not only a registry API.
-    pub fn proxy_reach(&self, host: &str, port: u16, local_client: bool) -> Result<Reach, UpstreamError> {
+    /// Whether an HTTP proxy client may reach `scheme://host:port` (`proxy/`), and where: the
+    /// rules for a registry named in the header (allow-list, addresses never reached), except
+    /// that the host's and its network's addresses are reached only for a client on this host
+    /// (when the destination names such an address itself), or when the operator named this
+    /// very host and port (a registry setting, or an `allow_registries` entry that is no
+    /// wildcard): a forward proxy reaches any path and any port there, not only a registry API.
+    pub fn proxy_reach(&self, scheme: &str, host: &str, port: u16, local_client: bool) -> Result<Reach, UpstreamError> {
         let authority =
             if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
-        let endpoint = self.select(Some(&format!("https://{authority}:{port}")), None)?;
-        let internal_ok = self.operator_named(&endpoint) || (local_client && names_internal(&endpoint.host));
+        let endpoint = self.select(Some(&format!("{scheme}://{authority}:{port}")), None)?;
+        let named = self.is_configured(&endpoint) || (!self.allow.is_open() && self.allow.names(&endpoint.host));
+        let internal_ok = named || (local_client && names_internal(&endpoint.host));
         Ok(if internal_ok { Reach::Private } else { Reach::Public })
     }
 
