@@ -436,9 +436,11 @@ class Fetch:
                 f"curl: {self.curl_err[:300]}")
 
 
-def throughput(url, size, max_time):
-    """MB/s (10^6) of one `curl -o /dev/null` download, checking status and size."""
-    r = run(["curl", "-sS", "--max-time", str(int(max_time)), "-o", "/dev/null",
+def throughput(url, size, max_time, proxy=None):
+    """MB/s (10^6) of one `curl -o /dev/null` download (through `proxy` if given), checking
+    status and size."""
+    via = ["--proxy", proxy] if proxy else ["--noproxy", "*"]
+    r = run(["curl", "-sS", "--max-time", str(int(max_time)), "-o", "/dev/null", *via,
              "-w", "%{http_code} %{size_download} %{speed_download}", url], timeout=max_time + 30)
     parts = r.stdout.split()
     if r.returncode != 0 or len(parts) != 3 or parts[0] != "200" or int(parts[1]) != size:
@@ -714,26 +716,30 @@ def main():
             if not f.ok(hexd, size):
                 failed.append(f"damselfly warm-up GET: {f.describe()}")
                 raise BenchError(failed[-1] + tail_text(warm.log))
-            systems = [("damselfly (cached)", warm_url), ("nginx sendfile on", nginx_on),
-                       (f"nginx sendfile off (output_buffers {Nginx.OUTPUT_BUFFERS})", nginx_off),
-                       ("docker-registry direct", origin_blob_url)]
-            speeds = {name: [] for name, _ in systems}
+            # (name, url, proxy): the last row reads the same cached blob with the daemon as the
+            # client's HTTP proxy (the origin's URL in absolute form, as nydusd's proxy mode asks).
+            systems = [("damselfly (cached)", warm_url, None), ("nginx sendfile on", nginx_on, None),
+                       (f"nginx sendfile off (output_buffers {Nginx.OUTPUT_BUFFERS})", nginx_off, None),
+                       ("docker-registry direct", origin_blob_url, None),
+                       ("damselfly (cached, as HTTP proxy)", origin_blob_url, warm.url)]
+            speeds = {name: [] for name, _, _ in systems}
             for i in range(args.runs):
-                for name, url in systems:
-                    speeds[name].append(throughput(url, size, max_time))
+                for name, url, proxy in systems:
+                    speeds[name].append(throughput(url, size, max_time, proxy))
                 log(f"  run {i + 1}/{args.runs}: " + ", ".join(f"{fmt(v[-1], 0)}" for v in speeds.values()) + " MB/s")
             warm_origin_bytes, _ = origin.settled_bytes_since(off, blob_prefix)
             warm_metrics = warm.download_bytes_by_source()
             warm.stop()
             med_speed = {k: med(v) for k, v in speeds.items()}
-            names = [n for n, _ in systems]
-            d_speed, on_speed, off_speed, reg_speed = (med_speed[n] for n in names)
+            names = [n for n, _, _ in systems]
+            d_speed, on_speed, off_speed, reg_speed, proxy_speed = (med_speed[n] for n in names)
             best_nginx = max(on_speed, off_speed)
             results["cached"] = {
                 "mb_per_s_runs": speeds, "mb_per_s_median": med_speed,
                 "origin_copies_incl_warmup": warm_origin_bytes / size,
                 "damselfly_download_bytes_by_source": warm_metrics,
                 "ratio_vs_best_nginx": d_speed / best_nginx, "ratio_vs_registry": d_speed / reg_speed,
+                "proxy_vs_mirror": proxy_speed / d_speed,
             }
             if abs(warm_origin_bytes / size - 1.0) > 0.01:
                 notes.append(f"cached phase: origin served {warm_origin_bytes / size:.2f} copies "
@@ -950,7 +956,7 @@ def print_report(args, info, cmdline, r, hexd):
         c = r["cached"]
         sp = c["mb_per_s_median"]
         names = list(sp)
-        d, on, off, reg = (sp[x] for x in names)
+        d, on, off, reg, proxied = (sp[x] for x in names)
         best = max(on, off)
         w("")
         w("### Cached GET throughput (`curl -o /dev/null`, MB/s = 10^6 B/s)")
@@ -963,6 +969,7 @@ def print_report(args, info, cmdline, r, hexd):
         w(f"- damselfly / max(nginx) = {d / best:.2f} (goal ≥ {GOAL_CACHED_VS_NGINX:.2f}): "
           f"{verdict(d >= GOAL_CACHED_VS_NGINX * best)}")
         w(f"- damselfly / docker-registry = {d / reg:.2f} (goal ≥ 1.00): {verdict(d >= reg)}")
+        w(f"- damselfly as HTTP proxy / as mirror = {proxied / d:.2f}")
     if "cold" in r:
         k = r["cold"]
         w("")
