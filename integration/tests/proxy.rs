@@ -167,3 +167,21 @@ async fn an_intercepted_tls_registry_is_read_through_the_cache() {
     let resp = client.get(&manifest).header("Accept", accept).send().await.unwrap();
     assert_eq!(resp.status(), 200, "an insecure registry's certificate was checked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_ends_with_the_daemons_shutdown() {
+    let origin = Registry::start().await.unwrap();
+    let mirror = Mirror::start(MirrorOpts::new(&origin.url())).await.unwrap();
+    let addr: std::net::SocketAddr = mirror.url().trim_start_matches("http://").parse().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", origin.host());
+    stream.write_all(connect.as_bytes()).await.unwrap();
+    assert!(read_head(&mut stream).await.starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), mirror.shutdown()).await.expect("shutdown waited on the tunnel");
+    let mut buf = [0u8; 16];
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.expect("the tunnel is closed");
+    assert!(matches!(ended, Ok(0) | Err(_)), "the tunnel still carries bytes: {ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

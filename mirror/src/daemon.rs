@@ -86,6 +86,7 @@ pub struct Running {
     node: Option<Arc<damselfly_p2p::net::Node>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    proxy: Arc<Proxy>,
     store: Store,
 }
 
@@ -200,6 +201,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         Proxy::new(app.clone(), &proxy_config, &mut registry, shutdown.clone()).map_err(DaemonError::Proxy)?
     };
     let proxy = Arc::new(proxy);
+    let proxy_handle = proxy.clone();
     let api = {
         let app = app.clone();
         move |req: Request<hyper::body::Incoming>| {
@@ -237,6 +239,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         node,
         shutdown,
         tasks,
+        proxy: proxy_handle,
         store,
     })
 }
@@ -252,6 +255,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.proxy.closed().await;
         if let Some(s) = self.scheduler {
             s.shutdown().await;
         }
@@ -271,6 +275,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.proxy.closed().await;
         if let Some(s) = self.scheduler {
             s.shutdown().await;
         }

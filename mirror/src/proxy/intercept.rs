@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
-use super::tunnel::{connected, take_over, until_idle};
+use super::tunnel::{connected, until_idle};
 use super::{Client, Proxy, ProxyError, Target};
 use crate::api::response::Body;
 
@@ -39,7 +39,8 @@ impl Proxy {
         let ca = self.ca.clone().ok_or_else(|| ProxyError::Intercept(host.clone(), "no CA".to_owned()))?;
         let tls = ca.server_config(&host).map_err(|e| ProxyError::Intercept(host.clone(), e))?;
         let shutdown = self.shutdown.clone();
-        take_over(req, slot, move |upgraded| async move {
+        let proxy = self.clone();
+        self.take_over(req, slot, move |upgraded| async move {
             let activity = Activity::new();
             let io = Watched::new(TokioIo::new(upgraded), activity.clone());
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(io)).await;
@@ -48,7 +49,6 @@ impl Proxy {
                 Ok(Err(e)) => return tracing::debug!(%authority, error = %e, "intercepted TLS handshake failed"),
                 Err(_) => return tracing::debug!(%authority, "intercepted TLS handshake timed out"),
             };
-            let proxy = self.clone();
             let svc = hyper::service::service_fn(move |inner: Request<Incoming>| {
                 let (proxy, authority) = (proxy.clone(), authority.clone());
                 async move { Ok::<_, Infallible>(proxy.inner(inner, &authority, client).await) }

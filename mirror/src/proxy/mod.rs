@@ -28,6 +28,7 @@ mod tunnel;
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use damselfly_serve::PeerAddr;
@@ -40,6 +41,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::response::{full, Body};
 use crate::api::{App, REGISTRY_HEADER};
@@ -127,6 +129,8 @@ pub struct Proxy {
     ca: Option<Arc<InterceptCa>>,
     upstream_tls: forward::UpstreamTls,
     tunnels: tunnel::TunnelSlots,
+    /// The tunnels and intercepted connections running, so that shutdown waits for them.
+    running: TaskTracker,
     requests: Family<Labels, Counter>,
     shutdown: CancellationToken,
 }
@@ -159,9 +163,20 @@ impl Proxy {
             ca: config.ca.clone(),
             upstream_tls,
             tunnels: tunnel::TunnelSlots::new(),
+            running: TaskTracker::new(),
             requests,
             shutdown,
         })
+    }
+
+    /// Waits, after the shutdown signal, for the tunnels and intercepted connections to end
+    /// (they drain for a few seconds), so that nothing they started outlives the daemon's
+    /// shutdown.
+    pub async fn closed(&self) {
+        self.running.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.running.wait()).await.is_err() {
+            tracing::warn!(open = self.running.len(), "proxy tunnels still open after shutdown");
+        }
     }
 
     /// Whether `req` is for the proxy rather than the mirror API.

@@ -64,7 +64,7 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::Unreachable(authority.to_string(), e))?;
         let shutdown = self.shutdown.clone();
-        take_over(req, slot, move |upgraded| async move {
+        self.take_over(req, slot, move |upgraded| async move {
             let activity = Activity::new();
             let mut upstream = Watched::new(upstream, activity.clone());
             let mut client = TokioIo::new(upgraded);
@@ -120,21 +120,23 @@ impl Drop for Slot {
     }
 }
 
-/// Once the 200 is sent, hands the client's connection to `work`, in a task of its own that
-/// holds `slot` until it ends.
-pub(super) fn take_over<B, F, Fut>(req: Request<B>, slot: Slot, work: F)
-where
-    B: Send + 'static,
-    F: FnOnce(Upgraded) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    tokio::spawn(async move {
-        let _slot = slot;
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => work(upgraded).await,
-            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-        }
-    });
+impl Proxy {
+    /// Once the 200 is sent, hands the client's connection to `work`, in a task of its own
+    /// (tracked, for shutdown) that holds `slot` until it ends.
+    pub(super) fn take_over<B, F, Fut>(&self, req: Request<B>, slot: Slot, work: F)
+    where
+        B: Send + 'static,
+        F: FnOnce(Upgraded) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.running.spawn(async move {
+            let _slot = slot;
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => work(upgraded).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+    }
 }
 
 /// Drives `work` until it ends (its output), or until nothing moved for the idle timeout
