@@ -80,14 +80,19 @@ else
 fi
 # nydusd and nydus-image 2.2 (the last release with the registry backend's mirrors), built
 # once into $DAMSELFLY_NYDUS_ROOT (default ~/.cache/damselfly/nydus; the tests look there too).
-# Building needs cmake; about 4 minutes on 2 cores the first time.
+# About 4 minutes on 2 cores the first time.
 NYDUS_VERSION=2.2.0
 nydus_root=${DAMSELFLY_NYDUS_ROOT:-$HOME/.cache/damselfly/nydus}
 # nydusd built from crates.io reports its version as "unknown"; cargo's own record says it.
 if [[ -x $nydus_root/bin/nydusd ]] && cargo install --list --root "$nydus_root" | grep -q "^nydus-rs v$NYDUS_VERSION:"; then
   echo "install-test-deps: nydusd $NYDUS_VERSION present in $nydus_root"
 else
-  command -v cmake >/dev/null 2>&1 || apt_install cmake
+  # cmake for libz-sys; pkg-config and the OpenSSL headers for the crates that may link it.
+  build_deps=()
+  command -v cmake >/dev/null 2>&1 || build_deps+=(cmake)
+  command -v pkg-config >/dev/null 2>&1 || build_deps+=(pkg-config)
+  dpkg -s libssl-dev >/dev/null 2>&1 || build_deps+=(libssl-dev)
+  ((${#build_deps[@]} == 0)) || apt_install "${build_deps[@]}"
   echo "install-test-deps: building nydus-rs $NYDUS_VERSION into $nydus_root"
   cargo install nydus-rs --version "$NYDUS_VERSION" --locked --quiet --root "$nydus_root" \
     --target-dir "${TMPDIR:-/tmp}/damselfly-nydus-build"
