@@ -73,43 +73,9 @@ pub fn merge(
     for entry in entries {
         let prefix = &entry.registry.host;
         let component = registry_prefix::spell(prefix).ok_or_else(|| ConfError::Unspellable(prefix.clone()))?;
-        let location = format!("{}/{component}", mirror.authority);
-        let registries = registries_mut(&mut doc).ok_or_else(|| fail("`registry` is not a list of tables".into()))?;
-        let index = match find(registries, prefix) {
-            Some(i) => i,
-            None => {
-                let carried = main.as_ref().and_then(|m| m.get("registry")?.as_array_of_tables()).and_then(|list| {
-                    let i = find(list, prefix)?;
-                    list.get(i).cloned()
-                });
-                let mut table = carried.unwrap_or_else(|| new_registry(entry));
-                reposition(&mut table, next_position(&doc));
-                let registries = registries_mut(&mut doc).ok_or_else(|| fail("`registry` is not a list".into()))?;
-                registries.push(table);
-                registries.len() - 1
-            }
-        };
-        let registries = registries_mut(&mut doc).ok_or_else(|| fail("`registry` is not a list".into()))?;
-        let Some(table) = registries.get_mut(index) else { continue };
-        let ours = mirror_table(&location, mirror.plain_http);
-        let first_is_ours = mirrors(table).and_then(|m| m.get(0)).is_some_and(|t| same(t, &ours));
-        if first_is_ours {
-            continue;
-        }
-        let at = mirrors(table).and_then(|m| m.iter().filter_map(Table::position).min());
-        let at = at.or_else(|| table.position().map(|p| p + 1)).unwrap_or(usize::MAX / 2);
-        shift_from(doc.as_table_mut(), at);
-        let registries = registries_mut(&mut doc).ok_or_else(|| fail("`registry` is not a list".into()))?;
-        let Some(table) = registries.get_mut(index) else { continue };
-        let old: Vec<Table> = mirrors(table)
-            .map(|m| m.iter().filter(|t| location_of(t) != Some(location.as_str())).cloned().collect())
-            .unwrap_or_default();
-        let mut list = ArrayOfTables::new();
-        let mut ours = ours;
-        ours.set_position(at);
-        list.push(ours);
-        old.into_iter().for_each(|t| list.push(t));
-        table.insert("mirror", Item::ArrayOfTables(list));
+        let ours = mirror_table(&format!("{}/{component}", mirror.authority), mirror.plain_http);
+        let index = entry_for(&mut doc, main.as_ref(), entry).map_err(fail)?;
+        put_first(&mut doc, index, ours).map_err(fail)?;
     }
     let text = doc.to_string();
     match existing.is_some_and(|e| !e.trim().is_empty()) {
@@ -123,8 +89,48 @@ const HEADER: &str = "# Written by `damselfly hosts-gen registries-conf`: skopeo
                       # registries through the daemon, and from the registry itself when it is down.\n\
                       # `damselfly hosts-gen registries-conf --restore` removes it.";
 
-fn registries_mut(doc: &mut DocumentMut) -> Option<&mut ArrayOfTables> {
-    doc.entry("registry").or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new())).as_array_of_tables_mut()
+fn registries_mut(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables, String> {
+    let item = doc.entry("registry").or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()));
+    item.as_array_of_tables_mut().ok_or_else(|| "`registry` is not a list of tables".to_owned())
+}
+
+/// The index of `entry`'s `[[registry]]` in `doc`: the one there, else the main file's carried
+/// over, else a new one, appended.
+fn entry_for(doc: &mut DocumentMut, main: Option<&DocumentMut>, entry: &Entry<'_>) -> Result<usize, String> {
+    let prefix = &entry.registry.host;
+    if let Some(i) = find(registries_mut(doc)?, prefix) {
+        return Ok(i);
+    }
+    let carried = main.and_then(|m| m.get("registry")?.as_array_of_tables()).and_then(|list| {
+        let i = find(list, prefix)?;
+        list.get(i).cloned()
+    });
+    let mut table = carried.unwrap_or_else(|| new_registry(entry));
+    reposition(&mut table, next_position(doc));
+    let registries = registries_mut(doc)?;
+    registries.push(table);
+    Ok(registries.len() - 1)
+}
+
+/// Makes `ours` the first mirror of the `index`th `[[registry]]`, once: the others keep their
+/// order, and the tables after it in the file move down one place.
+fn put_first(doc: &mut DocumentMut, index: usize, mut ours: Table) -> Result<(), String> {
+    let table = registries_mut(doc)?.get_mut(index).ok_or("the registry entry vanished")?;
+    if mirrors(table).and_then(|m| m.get(0)).is_some_and(|t| same(t, &ours)) {
+        return Ok(());
+    }
+    let at = mirrors(table).and_then(|m| m.iter().filter_map(Table::position).min());
+    let at = at.or_else(|| table.position().map(|p| p + 1)).unwrap_or(usize::MAX / 2);
+    shift_from(doc.as_table_mut(), at);
+    let table = registries_mut(doc)?.get_mut(index).ok_or("the registry entry vanished")?;
+    let others = mirrors(table).into_iter().flat_map(|m| m.iter()).filter(|t| location_of(t) != location_of(&ours));
+    let others: Vec<Table> = others.cloned().collect();
+    ours.set_position(at);
+    let mut list = ArrayOfTables::new();
+    list.push(ours);
+    others.into_iter().for_each(|t| list.push(t));
+    table.insert("mirror", Item::ArrayOfTables(list));
+    Ok(())
 }
 
 /// The entry for `prefix`: its `prefix`, or its `location` when it has none (the file

@@ -391,6 +391,25 @@ impl AccessLog {
     pub fn matching(&self, path_substring: &str) -> Vec<&AccessEntry> {
         self.entries.iter().filter(|e| e.uri.contains(path_substring)).collect()
     }
+
+    /// The GETs of `digest` that reached the origin.
+    pub fn gets(&self, digest: &str) -> Vec<&AccessEntry> {
+        self.matching(digest).into_iter().filter(|e| e.method == "GET").collect()
+    }
+
+    /// Whether some GET of `digest` came from a client whose user agent starts with `agent`.
+    pub fn fetched_by(&self, digest: &str, agent: &str) -> bool {
+        self.gets(digest).iter().any(|e| e.user_agent.starts_with(agent))
+    }
+
+    /// Whether every blob was fetched from the origin, and only by clients whose user agent
+    /// starts with `agent` (`damselfly/`: nothing went around the daemon).
+    pub fn blobs_fetched_only_by(&self, blobs: &[(String, u64)], agent: &str) -> bool {
+        blobs.iter().all(|(digest, _)| {
+            let gets = self.gets(digest);
+            !gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with(agent))
+        })
+    }
 }
 
 fn parse_access_line(line: &str) -> Option<AccessEntry> {

@@ -35,10 +35,7 @@ async fn dockerd_pulls_a_tls_registry_through_the_intercepting_proxy() {
 
     dockerd.docker(&["pull", &image.reference]).await.unwrap();
     let log = origin.settled_access_log().await;
-    for (digest, _) in &image.blobs {
-        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
-        assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
-    }
+    assert!(log.blobs_fetched_only_by(&image.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
     dockerd.docker(&["rmi", &image.reference]).await.unwrap();
     dockerd.docker(&["pull", &image.reference]).await.unwrap();
     origin.settled_access_log().await.assert_copies_at_most(&image.blobs, 1.05);
@@ -73,10 +70,7 @@ async fn dockerd_pulls_docker_hub_images_through_the_mirror_hosts_gen_docker_wro
     .unwrap();
     dockerd.docker(&["pull", "damselfly-test:v1"]).await.unwrap();
     let log = hub.settled_access_log().await;
-    for (digest, _) in &image.blobs {
-        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
-        assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
-    }
+    assert!(log.blobs_fetched_only_by(&image.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
 }
 
 /// dockerd goes to Docker Hub itself when its mirror, the daemon, answers 500 or is down.
@@ -105,7 +99,7 @@ async fn dockerd_falls_back_to_docker_hub_when_the_daemon_answers_500_or_is_down
     .unwrap();
     let pulled_from_hub = |log: &damselfly_integration::AccessLog| {
         let (big, _) = image.largest_blob();
-        log.matching(&big).iter().filter(|e| e.method == "GET" && e.user_agent.starts_with("docker/")).count()
+        log.gets(&big).iter().filter(|e| e.user_agent.starts_with("docker/")).count()
     };
 
     dockerd.docker(&["pull", "damselfly-fallback:v1"]).await.expect("the pull falls back to Docker Hub");

@@ -9,9 +9,7 @@
 use std::path::Path;
 
 use damselfly_hosts_gen::cli::{run, ContainerdArgs, HostsGenArgs, RegistriesConfArgs, Runtime};
-use damselfly_integration::{
-    sha256_digest, skopeo, AccessLog, BrokenDaemon, Containerd, Image, Mirror, MirrorOpts, Registry,
-};
+use damselfly_integration::{sha256_digest, skopeo, BrokenDaemon, Containerd, Image, Mirror, MirrorOpts, Registry};
 
 fn args(config_path: &std::path::Path, registry: &str, mirror: &str) -> HostsGenArgs {
     HostsGenArgs {
@@ -65,10 +63,7 @@ async fn containerd_pulls_through_the_daemon_with_the_users_hosts_toml_merged_an
     // Through the daemon: the origin sees the daemon fetch every blob, and containerd none.
     ctd.pull(&image.reference).await.unwrap();
     let log = origin.settled_access_log().await;
-    for (digest, _) in &image.blobs {
-        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
-        assert!(!gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
-    }
+    assert!(log.blobs_fetched_only_by(&image.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
 
     // The daemon gone: containerd goes down the list to the registry itself.
     mirror.shutdown().await;
@@ -76,7 +71,7 @@ async fn containerd_pulls_through_the_daemon_with_the_users_hosts_toml_merged_an
     alone.pull(&image.reference).await.expect("the pull falls back to the registry");
     let log = origin.settled_access_log().await;
     let (big, _) = image.largest_blob();
-    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+    assert!(log.fetched_by(&big, "containerd/"));
 
     let mut restore = gen.clone();
     if let Runtime::Containerd(a) = &mut restore.runtime {
@@ -100,7 +95,7 @@ async fn containerd_falls_back_to_the_registry_when_the_daemon_answers_500() {
     assert!(broken.hits() > 0, "containerd never asked the daemon");
     let log = origin.settled_access_log().await;
     let (big, _) = image.largest_blob();
-    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+    assert!(log.fetched_by(&big, "containerd/"));
 }
 
 /// Writes the skopeo drop-in for `registries` through the daemon at `mirror` (`HOST:PORT`).
@@ -130,14 +125,6 @@ async fn skopeo_copy(conf: &Path, image: &Image, dest: &Path) {
     }
 }
 
-/// Whether every blob GET of `image` that reached `origin` came from `user_agent`.
-fn blob_gets_all_from(log: &AccessLog, image: &Image, user_agent: &str) -> bool {
-    image.blobs.iter().all(|(digest, _)| {
-        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
-        !gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with(user_agent))
-    })
-}
-
 /// skopeo sends a mirror neither `ns` nor a header: the drop-in names each registry in the
 /// mirror's path, and one daemon, whose own default registry has none of these images, serves
 /// both registries. With the daemon gone, skopeo goes to each registry itself.
@@ -160,7 +147,7 @@ async fn skopeo_pulls_two_registries_through_one_daemon_with_a_generated_drop_in
     skopeo_copy(&conf, &image_two, &work.path().join("two")).await;
     for (origin, image) in [(&one, &image_one), (&two, &image_two)] {
         let log = origin.settled_access_log().await;
-        assert!(blob_gets_all_from(&log, image, "damselfly/"), "{:#?}", log.matching("/blobs/"));
+        assert!(log.blobs_fetched_only_by(&image.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
     }
     assert_eq!(elsewhere.settled_access_log().await.count("GET", "/blobs/"), 0);
 
@@ -174,7 +161,7 @@ async fn skopeo_pulls_two_registries_through_one_daemon_with_a_generated_drop_in
     skopeo_copy(&conf, &image_one, &work.path().join("alone")).await;
     let log = one.settled_access_log().await;
     let (big, _) = image_one.largest_blob();
-    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("skopeo/")), "no fallback");
+    assert!(log.fetched_by(&big, "skopeo/"), "no fallback");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +175,7 @@ async fn skopeo_falls_back_to_the_registry_when_the_daemon_answers_500() {
     skopeo_copy(&conf, &image, &work.path().join("out")).await;
     assert!(broken.hits() > 0, "skopeo never asked the daemon");
     let log = origin.settled_access_log().await;
-    assert!(blob_gets_all_from(&log, &image, "skopeo/"), "{:#?}", log.matching("/blobs/"));
+    assert!(log.blobs_fetched_only_by(&image.blobs, "skopeo/"), "{:#?}", log.matching("/blobs/"));
 }
 
 /// Kubelet pulls through containerd's CRI plugin, which reads hosts files only where its
@@ -218,7 +205,7 @@ async fn the_cri_plugin_pulls_through_the_daemon_once_hosts_gen_sets_config_path
     let node = Containerd::start_cri(generate(mirror.url())).await.unwrap();
     node.cri_pull(&image.reference).await.expect("the CRI pull succeeds");
     let log = origin.settled_access_log().await;
-    assert!(blob_gets_all_from(&log, &image, "damselfly/"), "{:#?}", log.matching("/blobs/"));
+    assert!(log.blobs_fetched_only_by(&image.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
 
     let daemon_url = mirror.url();
     mirror.shutdown().await;
@@ -226,5 +213,5 @@ async fn the_cri_plugin_pulls_through_the_daemon_once_hosts_gen_sets_config_path
     alone.cri_pull(&image.reference).await.expect("the CRI pull falls back to the registry");
     let log = origin.settled_access_log().await;
     let (big, _) = image.largest_blob();
-    assert!(log.matching(&big).iter().any(|e| e.method == "GET" && e.user_agent.starts_with("containerd/")));
+    assert!(log.fetched_by(&big, "containerd/"));
 }

@@ -3,15 +3,6 @@
 
 use damselfly_integration::{skopeo, Containerd, Mirror, MirrorOpts, Registry, TestCa};
 
-/// Whether every blob GET of `blobs` that reached the origin came from the daemon.
-fn all_from_the_daemon(origin: &Registry, blobs: &[(String, u64)]) -> bool {
-    let log = origin.access_log();
-    blobs.iter().all(|(digest, _)| {
-        let gets: Vec<_> = log.matching(digest).into_iter().filter(|e| e.method == "GET").collect();
-        !gets.is_empty() && gets.iter().all(|e| e.user_agent.starts_with("damselfly/"))
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_and_skopeo_pull_through_the_mirror_over_https() {
     let work = tempfile::tempdir().unwrap();
@@ -43,8 +34,8 @@ async fn containerd_and_skopeo_pull_through_the_mirror_over_https() {
     );
     std::fs::write(hosts.join("hosts.toml"), toml).unwrap();
     ctd.pull(&for_ctr.reference).await.unwrap();
-    origin.settled_access_log().await;
-    assert!(all_from_the_daemon(&origin, &for_ctr.blobs), "{:#?}", origin.access_log().matching("/blobs/"));
+    let log = origin.settled_access_log().await;
+    assert!(log.blobs_fetched_only_by(&for_ctr.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
 
     // skopeo: the mirror entry is not insecure; the CA comes from the certificate directory.
     let certs = work.path().join("certs");
@@ -64,6 +55,6 @@ async fn containerd_and_skopeo_pull_through_the_mirror_over_https() {
     let src = format!("docker://{}", for_skopeo.reference);
     let (conf, certs) = (conf.to_string_lossy(), certs.to_string_lossy());
     skopeo(&["--registries-conf", &conf, "copy", "--src-cert-dir", &certs, &src, &dest]).await.unwrap();
-    origin.settled_access_log().await;
-    assert!(all_from_the_daemon(&origin, &for_skopeo.blobs), "{:#?}", origin.access_log().matching("/blobs/"));
+    let log = origin.settled_access_log().await;
+    assert!(log.blobs_fetched_only_by(&for_skopeo.blobs, "damselfly/"), "{:#?}", log.matching("/blobs/"));
 }

@@ -18,11 +18,7 @@ fn through(origin: &Registry, mode: Mode, daemon: &str, health: &str) -> serde_j
 
 /// Whether any GET of the blob reached the origin from someone other than the daemon.
 fn read_directly(origin: &Registry, image: &NydusImage) -> bool {
-    origin
-        .access_log()
-        .matching(&image.blob_digest)
-        .iter()
-        .any(|e| e.method == "GET" && !e.user_agent.starts_with("damselfly/"))
+    origin.access_log().gets(&image.blob_digest).iter().any(|e| !e.user_agent.starts_with("damselfly/"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,7 +46,7 @@ async fn proxied_blob_reads_come_from_the_cache_and_other_requests_are_forwarded
 
     let log = origin.settled_access_log().await;
     log.assert_copies_at_most(&[(big.clone(), size)], 1.05);
-    let blob_gets: Vec<_> = log.matching(&big).into_iter().filter(|e| e.method == "GET").collect();
+    let blob_gets = log.gets(&big);
     assert!(blob_gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{blob_gets:#?}");
     let forwarded = log.matching("/manifests/v1");
     assert!(forwarded.iter().any(|e| e.user_agent == "proxy-test/1"), "{forwarded:#?}");
@@ -143,7 +143,7 @@ async fn an_intercepted_tls_registry_is_read_through_the_cache() {
 
     let log = origin.settled_access_log().await;
     log.assert_copies_at_most(&[(big.clone(), size)], 1.05);
-    let gets: Vec<_> = log.matching(&big).into_iter().filter(|e| e.method == "GET").collect();
+    let gets = log.gets(&big);
     assert!(gets.iter().all(|e| e.user_agent.starts_with("damselfly/")), "{gets:#?}");
     assert!(log.matching("/manifests/v1").iter().any(|e| e.user_agent == "proxy-test/1"));
     let metrics = mirror.metrics().await.unwrap();

@@ -145,15 +145,12 @@ enum Pem {
 
 fn read_pem(path: &Path, what: Pem) -> Result<Vec<u8>, ClusterError> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
     let fail = |e: &dyn std::fmt::Display| ClusterError::Tls(format!("{}: {e}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| fail(&e))?;
     match what {
         Pem::Certificates => {
-            let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(|e| fail(&e))?;
-            if certs.is_empty() {
-                return Err(fail(&"no PEM certificate in it"));
-            }
+            damselfly_serve::pem_certificates(&bytes).map_err(|e| fail(&e))?;
         }
         Pem::Key => {
             PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| fail(&e))?;

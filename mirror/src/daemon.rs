@@ -119,7 +119,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
             })
             .collect(),
         allow_registries: config.allow_registries.clone(),
-        extra_roots: extra_roots.iter().map(|c| c.to_vec()).collect(),
+        extra_roots: extra_roots.clone(),
         connect_timeout: Duration::from_secs(5),
         read_timeout: crate::upstream::READ_TIMEOUT,
     })?;
@@ -340,14 +340,9 @@ fn proxy_env_naming(api: SocketAddr, env: impl Fn(&str) -> Option<String>) -> Op
 
 /// The PEM certificates in `file`, at least one.
 fn read_certificates(file: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, DaemonError> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
     let fail = |e: &dyn std::fmt::Display| DaemonError::Tls(format!("{}: {e}", file.display()));
     let pem = std::fs::read(file).map_err(|e| fail(&e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| fail(&e))?;
-    match certs.is_empty() {
-        true => Err(fail(&"no PEM certificate in it")),
-        false => Ok(certs),
-    }
+    damselfly_serve::pem_certificates(&pem).map_err(|e| fail(&e))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::activity::{Activity, Limits, Watched};
+use crate::activity::{until_idle, Activity, Limits, Watched};
 
 /// Request heads larger than this are refused (431) before any routing.
 const MAX_HEAD_BYTES: usize = 32 << 10;
@@ -155,8 +156,8 @@ impl Conn {
         let activity = Activity::new();
         let stream = Watched::new(stream, activity.clone());
         let Some(tls) = tls else {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-            return log_end(peer, until_idle(conn, &activity, idle, &shutdown).await);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            return log_end(peer, run(std::pin::pin!(conn), &activity, idle, &shutdown).await);
         };
         // A handshake left unfinished neither holds up shutdown nor lasts past its timeout.
         let stream = tokio::select! {
@@ -167,18 +168,17 @@ impl Conn {
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             },
         };
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-        log_end(peer, until_idle(conn, &activity, idle, &shutdown).await);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        log_end(peer, run(std::pin::pin!(conn), &activity, idle, &shutdown).await);
     }
 }
 
-/// Runs `conn` until it ends, or until it moved no byte for `timeout`. At `shutdown` it is
-/// asked to finish what it is answering and take nothing new (the accept loop drops it if it
-/// is not done within the drain timeout).
-async fn until_idle<I, S, B>(
-    conn: auto::UpgradeableConnection<'static, I, S, TokioExecutor>,
+/// Serves `conn` until it ends or sits idle; at `shutdown` it finishes what it is answering
+/// and takes nothing new, for at most the drain timeout.
+async fn run<I, S, B>(
+    conn: Pin<&mut auto::UpgradeableConnection<'_, I, S, TokioExecutor>>,
     activity: &Activity,
-    timeout: Duration,
+    idle: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -188,23 +188,11 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut conn = std::pin::pin!(conn);
-    let mut draining = false;
-    loop {
-        let left = timeout.saturating_sub(activity.idle());
-        if left.is_zero() {
-            tracing::debug!("closing an idle connection");
-            return Ok(());
-        }
-        tokio::select! {
-            ended = conn.as_mut() => return ended,
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tokio::time::sleep(left) => {}
-        }
-    }
+    let drain = |conn: Pin<&mut auto::UpgradeableConnection<'_, I, S, TokioExecutor>>| {
+        conn.graceful_shutdown();
+        true
+    };
+    until_idle(conn, activity, idle, shutdown, drain, DRAIN_TIMEOUT).await.unwrap_or(Ok(()))
 }
 
 fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {

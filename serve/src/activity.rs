@@ -1,8 +1,10 @@
 //! Bounds on connections: how many a server holds at once, and how long one may sit idle. A
 //! connection is idle when no byte moved either way: a response streaming a blob is busy, a
 //! keep-alive connection (HTTP/1 or HTTP/2) nobody uses is not, and neither is a client that
-//! stopped reading.
+//! stopped reading. [`until_idle`] drives a connection (or a tunnel) under that rule and the
+//! shutdown signal.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 /// How many connections a server holds at once (more wait in the kernel's backlog until one
 /// closes), and how long one may move no byte before it is closed.
@@ -109,5 +112,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Drives `work` until it ends (its output), or until it moved no byte for `idle` (by
+/// `activity`): `None`. At `shutdown`, `drain` is called once and says whether to let `work`
+/// finish what it is doing (for at most `drain_for` more) or to drop it at once.
+pub async fn until_idle<F: Future>(
+    mut work: Pin<&mut F>,
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &CancellationToken,
+    mut drain: impl FnMut(Pin<&mut F>) -> bool,
+    drain_for: Duration,
+) -> Option<F::Output> {
+    let mut draining: Option<Instant> = None;
+    loop {
+        let mut left = idle.saturating_sub(activity.idle());
+        if let Some(since) = draining {
+            left = left.min(drain_for.saturating_sub(since.elapsed()));
+        }
+        if left.is_zero() {
+            tracing::debug!(draining = draining.is_some(), "closing an idle connection");
+            return None;
+        }
+        tokio::select! {
+            done = work.as_mut() => return Some(done),
+            _ = shutdown.cancelled(), if draining.is_none() => {
+                if !drain(work.as_mut()) {
+                    return None;
+                }
+                draining = Some(Instant::now());
+            }
+            _ = tokio::time::sleep(left) => {}
+        }
     }
 }

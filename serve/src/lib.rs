@@ -11,7 +11,7 @@ mod logging;
 mod tls;
 
 pub use accept::{serve, serve_limited, serve_with, PeerAddr};
-pub use activity::{Activity, Limits, Watched};
+pub use activity::{until_idle, Activity, Limits, Watched};
 pub use endpoints::{health, metrics, text, OPENMETRICS};
 pub use logging::{check_log_level, init_logging, LogFormat};
-pub use tls::server_tls;
+pub use tls::{pem_certificates, server_config, server_tls};

@@ -11,13 +11,19 @@ use tokio_rustls::TlsAcceptor;
 /// The acceptor for `cert_pem` (the chain, leaf first) and `key_pem`; `Err` says what is wrong
 /// with them.
 pub fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, String> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
-    if chain.is_empty() {
-        return Err("certificate: no PEM certificate in it".to_owned());
-    }
+    let chain = pem_certificates(cert_pem).map_err(|e| format!("certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    let config = server_config(chain, key, &[b"h2", b"http/1.1"])?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A server's TLS for `chain` (leaf first) and `key`, offering `alpn`: TLS 1.2 and 1.3, no
+/// client certificates.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -25,8 +31,17 @@ pub fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, String
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| format!("certificate and key: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The certificates of a PEM file, at least one.
+pub fn pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    match certs.is_empty() {
+        true => Err("no PEM certificate in it".to_owned()),
+        false => Ok(certs),
+    }
 }
 
 #[cfg(test)]

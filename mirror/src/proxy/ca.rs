@@ -17,7 +17,7 @@ use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::rustls::ServerConfig;
 
 /// Minted certificates kept; more hosts than this mint again.
 const MINTED: usize = 1024;
@@ -88,14 +88,8 @@ impl InterceptCa {
         let cert = params.signed_by(&key, &self.issuer, &self.key).map_err(|e| format!("{host}: {e}"))?;
         let chain = vec![cert.der().clone(), CertificateDer::from(self.issuer.der().to_vec())];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| format!("{host}: {e}"))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/1.1 only: the requests inside are handled one connection at a time.
+        let config = damselfly_serve::server_config(chain, key, &[b"http/1.1"]).map_err(|e| format!("{host}: {e}"))?;
         let config = Arc::new(config);
         self.minted.lock().unwrap_or_else(|e| e.into_inner()).put(host, (Instant::now(), config.clone()));
         Ok(config)
@@ -143,6 +137,7 @@ fn this_year() -> i32 {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use tokio_rustls::rustls;
 
     #[test]
     fn a_generated_ca_is_kept_owner_only_and_reused() {

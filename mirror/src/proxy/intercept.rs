@@ -8,14 +8,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use damselfly_serve::{Activity, Watched};
+use damselfly_serve::{until_idle, Activity, Watched};
 use http::uri::Authority;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 
-use super::tunnel::{connected, until_idle};
+use super::tunnel::{connected, DRAIN_TIMEOUT, IDLE_TIMEOUT};
 use super::{Client, Proxy, ProxyError, Target};
 use crate::api::response::Body;
 
@@ -29,10 +29,10 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<B>,
         authority: Authority,
+        port: u16,
         client: Client,
     ) -> Result<Response<Body>, ProxyError> {
         let host = authority.host().to_owned();
-        let port = authority.port_u16().unwrap_or(443);
         // Refused now, not request by request inside: the client learns it from the CONNECT.
         self.reach("https", &host, port, client)?;
         let slot = self.tunnels.take(client.ip)?;
@@ -62,34 +62,39 @@ impl Proxy {
                 hyper::server::conn::http1::Connection::graceful_shutdown(conn);
                 true
             };
-            until_idle(std::pin::pin!(conn), &activity, &shutdown, drain).await;
+            until_idle(std::pin::pin!(conn), &activity, IDLE_TIMEOUT, &shutdown, drain, DRAIN_TIMEOUT).await;
         });
         Ok(connected())
     }
 
     /// One request inside an intercepted tunnel to `authority`.
-    async fn inner(&self, mut req: Request<Incoming>, authority: &Authority, client: Client) -> Response<Body> {
+    async fn inner(&self, req: Request<Incoming>, authority: &Authority, client: Client) -> Response<Body> {
+        let (kind, answer) = self.inner_answer(req, authority, client).await;
+        self.respond(kind, answer)
+    }
+
+    async fn inner_answer(
+        &self,
+        mut req: Request<Incoming>,
+        authority: &Authority,
+        client: Client,
+    ) -> (&'static str, Result<Response<Body>, ProxyError>) {
+        if req.method() == http::Method::CONNECT {
+            return ("refused", Err(ProxyError::NotInTunnel(http::Method::CONNECT)));
+        }
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         // The default port is left out, as clients write the URL (and the Host header) too.
         let authority = match authority.port_u16() {
             Some(443) => authority.host(),
             _ => authority.as_str(),
         };
-        let (kind, answer) = match format!("https://{authority}{target}").parse::<Uri>() {
-            _ if req.method() == http::Method::CONNECT => {
-                ("refused", Err(ProxyError::NotInTunnel(http::Method::CONNECT)))
-            }
-            Ok(uri) => {
-                *req.uri_mut() = uri;
-                match Target::of(req.uri(), true) {
-                    Ok(target) => self.serve_target(req, target, client).await,
-                    Err(e) => ("refused", Err(e)),
-                }
-            }
-            Err(_) => ("refused", Err(ProxyError::BadRequest("the request's target is not a valid path"))),
+        let Ok(uri) = format!("https://{authority}{target}").parse::<Uri>() else {
+            return ("refused", Err(ProxyError::BadRequest("the request's target is not a valid path")));
         };
-        let resp = answer.unwrap_or_else(ProxyError::into_response);
-        self.count(kind, &resp);
-        resp
+        *req.uri_mut() = uri;
+        match Target::of(req.uri(), true) {
+            Ok(target) => self.serve_target(req, target, client).await,
+            Err(e) => ("refused", Err(e)),
+        }
     }
 }

@@ -162,7 +162,7 @@ impl Proxy {
             intercept,
             ca: config.ca.clone(),
             upstream_tls,
-            tunnels: tunnel::TunnelSlots::new(),
+            tunnels: tunnel::TunnelSlots::default(),
             running: TaskTracker::new(),
             requests,
             shutdown,
@@ -191,6 +191,11 @@ impl Proxy {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (kind, answer) = self.clone().dispatch(req).await;
+        self.respond(kind, answer)
+    }
+
+    /// The one place an answer (served as `kind`) becomes a response, and is counted.
+    fn respond(&self, kind: &'static str, answer: Result<Response<Body>, ProxyError>) -> Response<Body> {
         let (kind, resp) = match answer {
             Ok(resp) => (kind, resp),
             Err(e) => {
@@ -198,7 +203,7 @@ impl Proxy {
                 ("refused", e.into_response())
             }
         };
-        self.count(kind, &resp);
+        self.requests.get_or_create(&Labels { kind, status: resp.status().as_u16() }).inc();
         resp
     }
 
@@ -255,19 +260,12 @@ impl Proxy {
         ("forward", self.forward(req, target, client).await)
     }
 
-    fn count(&self, kind: &'static str, resp: &Response<Body>) {
-        self.requests.get_or_create(&Labels { kind, status: resp.status().as_u16() }).inc();
-    }
-
     /// Whether `peer` may use the proxy, and whether it is on this host.
     fn client_allowed(&self, peer: Option<IpAddr>) -> Result<Client, ProxyError> {
         let Some(ip) = peer else {
             return Err(ProxyError::ClientNotAllowed(IpAddr::from([0, 0, 0, 0])));
         };
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = ip.to_canonical();
         if ip.is_loopback() {
             return Ok(Client { ip, local: true });
         }

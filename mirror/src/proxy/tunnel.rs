@@ -6,25 +6,22 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use damselfly_serve::{Activity, Watched};
+use damselfly_serve::{until_idle, Activity, Watched};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use super::{Client, Proxy, ProxyError};
 use crate::api::response::{empty, Body};
 
 /// A tunnel that moves no byte for this long is closed, as idle connections are.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What a tunnel asked to finish at shutdown gets before it is dropped, as connections get.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tunnels open at once; more are refused (503).
 const MAX_TUNNELS: usize = 1024;
 /// Tunnels one client address may hold open at once.
@@ -37,13 +34,13 @@ impl Proxy {
         req: Request<B>,
         client: Client,
     ) -> (&'static str, Result<Response<Body>, ProxyError>) {
-        let authority = match connect_target(&req) {
+        let (authority, port) = match connect_target(&req) {
             Ok(a) => a,
             Err(e) => return ("refused", Err(e)),
         };
         match self.intercept.covers(authority.host()) {
-            true => ("intercept", self.intercept(req, authority, client).await),
-            false => ("tunnel", self.tunnel(req, authority, client).await),
+            true => ("intercept", self.intercept(req, authority, port, client).await),
+            false => ("tunnel", self.tunnel(req, authority, port, client).await),
         }
     }
 
@@ -51,9 +48,9 @@ impl Proxy {
         &self,
         req: Request<B>,
         authority: Authority,
+        port: u16,
         client: Client,
     ) -> Result<Response<Body>, ProxyError> {
-        let port = authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
         let host = authority.host().to_owned();
         let slot = self.tunnels.take(client.ip)?;
         let reach = self.reach("https", &host, port, client)?;
@@ -69,7 +66,9 @@ impl Proxy {
             let mut upstream = Watched::new(upstream, activity.clone());
             let mut client = TokioIo::new(upgraded);
             let copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
-            if let Some(Err(e)) = until_idle(copy, &activity, &shutdown, |_| false).await {
+            // At shutdown a tunnel has nothing to finish: it ends at once.
+            let ended = until_idle(copy, &activity, IDLE_TIMEOUT, &shutdown, |_| false, DRAIN_TIMEOUT).await;
+            if let Some(Err(e)) = ended {
                 tracing::debug!(%authority, error = %e, "tunnel ended with an error");
             }
         });
@@ -77,44 +76,37 @@ impl Proxy {
     }
 }
 
-/// Tunnels open at once: in all, and per client address.
-pub(super) struct TunnelSlots {
-    total: Arc<Semaphore>,
-    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
+/// Tunnels open at once, by client address (the total is their sum).
+#[derive(Default)]
+pub(super) struct TunnelSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
 
 /// One open tunnel, given back when dropped.
 pub(super) struct Slot {
-    _total: OwnedSemaphorePermit,
     ip: IpAddr,
-    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl TunnelSlots {
-    pub(super) fn new() -> TunnelSlots {
-        TunnelSlots { total: Arc::new(Semaphore::new(MAX_TUNNELS)), per_client: Arc::default() }
-    }
-
     /// A slot for a tunnel of `ip`, or `Busy` when all of them, or all of its own, are taken.
     pub(super) fn take(&self, ip: IpAddr) -> Result<Slot, ProxyError> {
-        let total = self.total.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
-        let mut counts = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= MAX_TUNNELS_PER_CLIENT {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        let own = open.entry(ip).or_insert(0);
+        if total >= MAX_TUNNELS || *own >= MAX_TUNNELS_PER_CLIENT {
             return Err(ProxyError::Busy);
         }
-        *count += 1;
-        Ok(Slot { _total: total, ip, per_client: self.per_client.clone() })
+        *own += 1;
+        Ok(Slot { ip, open: self.0.clone() })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(own) = open.get_mut(&self.ip) {
+            *own -= 1;
+            if *own == 0 {
+                open.remove(&self.ip);
             }
         }
     }
@@ -139,46 +131,14 @@ impl Proxy {
     }
 }
 
-/// Drives `work` until it ends (its output), or until nothing moved for the idle timeout
-/// (`activity`), or the daemon shuts down (`None`). At shutdown `drain` is called once; it
-/// says whether to go on driving `work` (to let it finish gracefully) or to drop it now.
-pub(super) async fn until_idle<F: Future>(
-    mut work: Pin<&mut F>,
-    activity: &Activity,
-    shutdown: &CancellationToken,
-    mut drain: impl FnMut(Pin<&mut F>) -> bool,
-) -> Option<F::Output> {
-    let mut draining: Option<Instant> = None;
-    loop {
-        let mut left = IDLE_TIMEOUT.saturating_sub(activity.idle());
-        if let Some(since) = draining {
-            left = left.min(DRAIN_TIMEOUT.saturating_sub(since.elapsed()));
-        }
-        if left.is_zero() {
-            tracing::debug!("closing an idle or draining tunnel");
-            return None;
-        }
-        tokio::select! {
-            done = work.as_mut() => return Some(done),
-            _ = shutdown.cancelled(), if draining.is_none() => {
-                if !drain(work.as_mut()) {
-                    return None;
-                }
-                draining = Some(Instant::now());
-            }
-            _ = tokio::time::sleep(left) => {}
-        }
-    }
-}
-
-/// `CONNECT host:port`'s authority; a port is required and nothing else is allowed.
-fn connect_target<B>(req: &Request<B>) -> Result<Authority, ProxyError> {
+/// `CONNECT host:port`'s authority and port; a port is required and nothing else is allowed.
+fn connect_target<B>(req: &Request<B>) -> Result<(Authority, u16), ProxyError> {
     let authority = req.uri().authority().cloned().ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
-    authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
+    let port = authority.port_u16().ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
     if req.uri().path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
         return Err(ProxyError::BadRequest("CONNECT takes host:port only"));
     }
-    Ok(authority)
+    Ok((authority, port))
 }
 
 /// The answer that hands the connection over to the tunnel.
@@ -194,7 +154,7 @@ mod tests {
 
     #[test]
     fn one_client_holds_at_most_its_share_of_tunnels() {
-        let slots = TunnelSlots::new();
+        let slots = TunnelSlots::default();
         let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
         let mut held: Vec<Slot> = (0..MAX_TUNNELS_PER_CLIENT).map(|_| slots.take(a).expect("slot")).collect();
         assert!(matches!(slots.take(a), Err(ProxyError::Busy)));

@@ -185,9 +185,7 @@ impl AllowList {
             None => p == host_port || (!p.contains(':') && p == host),
         })
     }
-}
 
-impl AllowList {
     /// Whether an entry names `host[:port]` exactly (no wildcard, the same port).
     pub fn names(&self, host_port: &str) -> bool {
         self.patterns.iter().any(|p| p == host_port)

@@ -17,8 +17,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
 pub(crate) use select::canonical_credential_host as canonical_host;
 pub(crate) use select::{cidr_contains, parse_cidr};
+pub use select::{RegistryEndpoint, RegistryId, RegistryNameError, SchemePolicy, DOCKER_HUB_HOST};
+
+use guard::{AddrClass, AllowList, Reach};
+use select::InsecureSet;
+use transport::{PreparedRequest, Transport};
 
 /// Whether `host[:port]` names this host or its network by itself (an address literal,
 /// `localhost`).
@@ -28,11 +35,6 @@ pub fn names_internal(host_port: &str) -> bool {
         None => select::is_loopback(host_port),
     }
 }
-pub use select::{RegistryEndpoint, RegistryId, RegistryNameError, SchemePolicy, DOCKER_HUB_HOST};
-
-use guard::{AddrClass, AllowList, Reach};
-use select::InsecureSet;
-use transport::{PreparedRequest, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -111,8 +113,8 @@ pub struct UpstreamConfig {
     /// their own, shorter stall timer; this bounds everything else (HEADs, manifests, tokens,
     /// pass-through bodies).
     pub read_timeout: Duration,
-    /// DER CA certificates trusted for TLS besides the bundled public roots.
-    pub extra_roots: Vec<Vec<u8>>,
+    /// CA certificates trusted for TLS besides the bundled public roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use url::Url;
 
 use super::guard::{self, Reach};
@@ -154,7 +155,7 @@ impl Transport {
     pub(crate) fn new(
         connect_timeout: Duration,
         read_timeout: Duration,
-        extra_roots: &[Vec<u8>],
+        extra_roots: &[CertificateDer<'static>],
     ) -> Result<Self, UpstreamError> {
         let roots = extra_roots
             .iter()
