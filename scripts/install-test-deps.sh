@@ -2,8 +2,8 @@
 # Installs the external programs the test suite drives: a real registry (docker-registry), real
 # pull clients (skopeo, containerd/ctr, dockerd), the small tools the scripts use, and a Python venv with
 # the CRI client kubelet's pulls are tested with (PyPI container-runtime-interface-api), at
-# $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too), and
-# nydusd with nydus-image.
+# $DAMSELFLY_TEST_VENV (default ~/.cache/damselfly/test-venv; the tests look there too),
+# nydusd with nydus-image, PostgreSQL (the shared job store) and Chromium (the console).
 # Idempotent: a tool that is already on PATH is not reinstalled, the venv is kept once it
 # works, and apt-get update runs at most once per call.
 set -euo pipefail
@@ -29,6 +29,8 @@ declare -A PKG_FOR_CMD=(
   [iptables]=iptables
   [ip]=iproute2
   [tc]=iproute2
+  # The console is checked in a headless browser.
+  [chromium]=chromium
 )
 
 missing=()
@@ -38,6 +40,12 @@ for cmd in "${!PKG_FOR_CMD[@]}"; do
     [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
   fi
 done
+
+# PostgreSQL's server binaries live off PATH, in /usr/lib/postgresql/<version>/bin; the tests
+# find them there and run a private server as the postgres user.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+  missing+=(postgresql)
+fi
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then SUDO=(sudo); fi
@@ -60,6 +68,7 @@ else
   for cmd in "${!PKG_FOR_CMD[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || { echo "install-test-deps: $cmd still missing" >&2; exit 1; }
   done
+  compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || { echo "install-test-deps: postgres still missing" >&2; exit 1; }
 fi
 
 # The CRI client, pinned. Debian's python3 makes venvs only with python3-venv installed.

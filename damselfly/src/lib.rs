@@ -1,11 +1,11 @@
 //! The `damselfly` command line: one subcommand per part, each parsed by the crate that
-//! implements it (`damselfly-mirror`, `damselfly-scheduler`, `damselfly-hosts-gen`). `main.rs`
+//! implements it (`damselfly-mirror`, `damselfly-control` for the scheduler and preheat, `damselfly-hosts-gen`). `main.rs`
 //! runs the one chosen.
 
 use clap::{Parser, Subcommand};
+use damselfly_control::cli::{PreheatArgs, SchedulerArgs};
 use damselfly_hosts_gen::cli::HostsGenArgs;
 use damselfly_mirror::cli::MirrorArgs;
-use damselfly_scheduler::cli::SchedulerArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "damselfly", version, about = "Peer-to-peer container registry mirror")]
@@ -22,6 +22,8 @@ pub enum Command {
     Mirror(MirrorArgs),
     /// Run a scheduler that steers the node daemons of a cluster.
     Scheduler(SchedulerArgs),
+    /// Preheat an image: have the cluster's peers fetch its blobs before anyone pulls it.
+    Preheat(PreheatArgs),
     /// Point a container runtime at the daemon (merging into its configuration), or put it back.
     HostsGen(HostsGenArgs),
 }

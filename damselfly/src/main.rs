@@ -21,11 +21,15 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Scheduler(args) => {
-            init_logging(args.log_format, &args.log_level);
+            init_logging(args.core.log_format, &args.core.log_level);
             runtime.block_on(async {
                 let stop = stop_signal()?;
-                damselfly_scheduler::cli::run(args, stop).await.context("the scheduler failed")
+                damselfly_control::cli::run(args, stop).await.context("the scheduler failed")
             })
+        }
+        Command::Preheat(args) => {
+            runtime.block_on(damselfly_control::cli::preheat(&args)).context("preheat failed")?;
+            Ok(())
         }
         Command::HostsGen(args) => {
             damselfly_hosts_gen::cli::run(&args, &mut std::io::stdout()).context("hosts-gen failed")

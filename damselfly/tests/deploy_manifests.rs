@@ -56,9 +56,12 @@ fn every_manifest_runs_a_valid_command_line() {
                     assert!(!cfg.schedulers.is_empty(), "{}: a cluster node without a scheduler", path.display());
                 }
                 Command::Scheduler(s) => {
-                    s.to_config().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    s.core.to_config().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    s.control_config(false).map(drop).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
-                Command::HostsGen(_) => panic!("{}: the manifests run no hosts-gen", path.display()),
+                Command::HostsGen(_) | Command::Preheat(_) => {
+                    panic!("{}: the manifests run no hosts-gen or preheat", path.display())
+                }
             }
             commands += 1;
         }

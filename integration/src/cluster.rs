@@ -38,11 +38,21 @@ impl Cluster {
         nodes: usize,
         tweak: impl Fn(usize, MirrorOpts) -> MirrorOpts,
     ) -> Result<Cluster> {
-        crate::util::init_logs();
         let mut scheds = Vec::new();
         for _ in 0..schedulers {
             scheds.push(Scheduler::start([127, 0, 0, 1], SECRET).await?);
         }
+        Self::start_with(origin, scheds, nodes, tweak).await
+    }
+
+    /// The same with schedulers the caller started (with a control plane, say).
+    pub async fn start_with(
+        origin: &Registry,
+        scheds: Vec<Scheduler>,
+        nodes: usize,
+        tweak: impl Fn(usize, MirrorOpts) -> MirrorOpts,
+    ) -> Result<Cluster> {
+        crate::util::init_logs();
         let urls: Vec<String> = scheds.iter().map(Scheduler::url).collect();
         let mut started = Vec::new();
         for i in 0..nodes {

@@ -35,6 +35,7 @@ pub mod liar;
 pub mod metrics;
 pub mod mirror;
 pub mod nydus;
+pub mod postgres;
 pub mod registry;
 pub mod scheduler;
 pub mod skopeo;

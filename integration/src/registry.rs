@@ -63,27 +63,39 @@ impl Image {
 impl Registry {
     /// Starts a registry on a free loopback port and waits until `GET /v2/` answers 200.
     pub async fn start() -> Result<Registry> {
-        Registry::start_with(None, IpAddr::from([127, 0, 0, 1])).await
+        Registry::start_with(None, IpAddr::from([127, 0, 0, 1]), String::new()).await
+    }
+
+    /// A registry that sends its event notifications (pushes, pulls) to `endpoint` with
+    /// `Authorization: <authorization>`, as `notifications.endpoints` configures.
+    pub async fn start_notifying(endpoint: &str, authorization: &str) -> Result<Registry> {
+        let notify = format!(
+            "notifications:\n  endpoints:\n    - name: damselfly\n      url: {endpoint}\n      \
+             headers: {{Authorization: [\"{authorization}\"]}}\n      timeout: 2s\n      threshold: 3\n      \
+             backoff: 1s\n"
+        );
+        Registry::start_with(None, IpAddr::from([127, 0, 0, 1]), notify).await
     }
 
     /// The same, serving HTTPS with this PEM certificate and key.
     pub async fn start_tls(cert: &Path, key: &Path) -> Result<Registry> {
-        Registry::start_with(Some((cert.to_owned(), key.to_owned())), IpAddr::from([127, 0, 0, 1])).await
+        Registry::start_with(Some((cert.to_owned(), key.to_owned())), IpAddr::from([127, 0, 0, 1]), String::new()).await
     }
 
     /// HTTPS on `ip` (an address of this host): clients that never send loopback traffic
     /// through a proxy, such as Go's, then send it through theirs.
     pub async fn start_tls_at(ip: IpAddr, cert: &Path, key: &Path) -> Result<Registry> {
-        Registry::start_with(Some((cert.to_owned(), key.to_owned())), ip).await
+        Registry::start_with(Some((cert.to_owned(), key.to_owned())), ip, String::new()).await
     }
 
-    async fn start_with(tls: Option<Tls>, ip: IpAddr) -> Result<Registry> {
+    /// `extra` is appended to the registry's configuration.
+    async fn start_with(tls: Option<Tls>, ip: IpAddr, extra: String) -> Result<Registry> {
         let dir = tempfile::Builder::new().prefix("damselfly-registry-").tempdir()?;
         let mut last_err = anyhow!("no attempt");
         // The port is free when picked but another process may grab it before the registry
         // binds; the registry then exits, and we retry with another port.
         for _attempt in 0..5 {
-            match Self::try_start(&dir, tls.as_ref(), ip).await {
+            match Self::try_start(&dir, tls.as_ref(), ip, &extra).await {
                 Ok((child, addr, log_path)) => {
                     let tls = tls.is_some();
                     return Ok(Registry { child, addr, dir, log_path, client: client_for(tls), tls });
@@ -94,7 +106,12 @@ impl Registry {
         Err(last_err.context("starting docker-registry"))
     }
 
-    async fn try_start(dir: &TempDir, tls: Option<&Tls>, ip: IpAddr) -> Result<(Child, SocketAddr, PathBuf)> {
+    async fn try_start(
+        dir: &TempDir,
+        tls: Option<&Tls>,
+        ip: IpAddr,
+        extra: &str,
+    ) -> Result<(Child, SocketAddr, PathBuf)> {
         let port = free_loopback_port();
         let addr = SocketAddr::new(ip, port);
         let storage = dir.path().join("storage");
@@ -108,7 +125,7 @@ impl Registry {
                 "version: 0.1\n\
                  log: {{level: info}}\n\
                  storage:\n  filesystem: {{rootdirectory: {storage}}}\n  delete: {{enabled: true}}\n\
-                 http:\n  addr: {addr}\n  secret: {secret}\n{tls}",
+                 http:\n  addr: {addr}\n  secret: {secret}\n{tls}{extra}",
                 storage = storage.display(),
                 secret = random_token(),
                 tls = match tls {
@@ -212,22 +229,34 @@ impl Registry {
     /// Builds a small random image (two tiny layers, plus a `big_mib` MiB random layer if
     /// non-zero) with `scripts/mkoci.py` and pushes it with skopeo.
     pub async fn push_image(&self, repo: &str, tag: &str, big_mib: u32) -> Result<Image> {
+        self.push_layout(repo, tag, big_mib, None).await
+    }
+
+    /// Like [`Registry::push_image`], but `tag` names an image index with one image per
+    /// platform (`linux/amd64,linux/arm64`), each with layers of its own; the image's blobs are
+    /// those of every platform, its manifest digest the index's.
+    pub async fn push_index(&self, repo: &str, tag: &str, big_mib: u32, platforms: &str) -> Result<Image> {
+        self.push_layout(repo, tag, big_mib, Some(platforms)).await
+    }
+
+    async fn push_layout(&self, repo: &str, tag: &str, big_mib: u32, platforms: Option<&str>) -> Result<Image> {
         let layout = self.dir.path().join("layouts").join(random_token());
-        let out = tokio::process::Command::new("python3")
-            .arg(scripts_dir().join("mkoci.py"))
-            .arg(&layout)
-            .arg(tag)
-            .arg(big_mib.to_string())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .context("running mkoci.py")?;
+        let mut mkoci = tokio::process::Command::new("python3");
+        mkoci.arg(scripts_dir().join("mkoci.py")).arg(&layout).arg(tag).arg(big_mib.to_string());
+        if let Some(p) = platforms {
+            mkoci.arg(p);
+        }
+        let out = mkoci.kill_on_drop(true).output().await.context("running mkoci.py")?;
         ensure!(out.status.success(), "mkoci.py failed: {}", String::from_utf8_lossy(&out.stderr));
         let manifest_digest = String::from_utf8(out.stdout)?.trim().to_owned();
 
         let reference = format!("{}/{repo}:{tag}", self.host());
-        let out = tokio::process::Command::new("skopeo")
-            .args(["copy", "--dest-tls-verify=false"])
+        let mut skopeo = tokio::process::Command::new("skopeo");
+        skopeo.args(["copy", "--dest-tls-verify=false"]);
+        if platforms.is_some() {
+            skopeo.arg("--all");
+        }
+        let out = skopeo
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{reference}"))
             .env_remove("http_proxy")
@@ -238,27 +267,47 @@ impl Registry {
             .context("running skopeo copy")?;
         ensure!(out.status.success(), "skopeo push of {reference} failed: {}", String::from_utf8_lossy(&out.stderr));
 
-        let hex = manifest_digest.strip_prefix("sha256:").context("manifest digest")?;
-        let manifest_bytes = std::fs::read(layout.join("blobs/sha256").join(hex))?;
-        let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes)?;
+        let read = |digest: &str| -> Result<Vec<u8>> {
+            let hex = digest.strip_prefix("sha256:").context("manifest digest")?;
+            Ok(std::fs::read(layout.join("blobs/sha256").join(hex))?)
+        };
+        let manifest_bytes = read(&manifest_digest)?;
+        let top: serde_json::Value = serde_json::from_slice(&manifest_bytes)?;
+        let manifests = match top["manifests"].as_array() {
+            Some(children) => children
+                .iter()
+                .map(|c| {
+                    serde_json::from_slice(&read(c["digest"].as_str().context("child digest")?)?).map_err(Into::into)
+                })
+                .collect::<Result<Vec<serde_json::Value>>>()?,
+            None => vec![top.clone()],
+        };
         let descriptor = |d: &serde_json::Value| -> Result<(String, u64)> {
             Ok((
                 d["digest"].as_str().context("descriptor digest")?.to_owned(),
                 d["size"].as_u64().context("descriptor size")?,
             ))
         };
-        let mut blobs = vec![descriptor(&manifest["config"])?];
-        for layer in manifest["layers"].as_array().context("manifest layers")? {
-            blobs.push(descriptor(layer)?);
+        let mut blobs = Vec::new();
+        for manifest in &manifests {
+            blobs.push(descriptor(&manifest["config"])?);
+            for layer in manifest["layers"].as_array().context("manifest layers")? {
+                blobs.push(descriptor(layer)?);
+            }
         }
         // The layout may hold 100 MiB; the registry has its own copy now.
         let _ = std::fs::remove_dir_all(&layout);
 
         // skopeo must have kept the manifest bytes, or every digest assertion would be off.
+        let accept = if platforms.is_some() {
+            "application/vnd.oci.image.index.v1+json"
+        } else {
+            "application/vnd.oci.image.manifest.v1+json"
+        };
         let resp = self
             .client
             .head(format!("{}/v2/{repo}/manifests/{tag}", self.url()))
-            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .header("Accept", accept)
             .send()
             .await?;
         let served = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok());

@@ -408,7 +408,7 @@ fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
 
 /// Root keeps the cache where packaged daemons keep state; a user runs without privileges in
 /// their own XDG data dir.
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let is_root = unsafe { libc::geteuid() } == 0;
     data_dir_for(is_root, std::env::var_os("HOME"), std::env::var_os("XDG_DATA_HOME"))

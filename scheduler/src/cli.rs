@@ -1,25 +1,22 @@
-//! `damselfly scheduler`: its flags, their translation into the scheduler's configuration,
-//! and the process's life (bind, serve until asked to stop, shut down). The `damselfly` binary
-//! only dispatches here.
+//! The scheduler's flags of `damselfly scheduler` and their translation into its
+//! configuration. The subcommand itself (these flags beside the control plane's, and the
+//! process's life) is `damselfly-control`'s, which composes the scheduler with its HTTP API.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use damselfly_serve::LogFormat;
-use tokio::net::TcpListener;
 
 use crate::config::{env_secret, secret_from, SchedulerConfig, SecretError, ServerTls};
-use crate::error::SchedulerError;
 
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerArgs {
     /// gRPC address node daemons connect to.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8002")]
     pub listen: SocketAddr,
-    /// HTTP address of /healthy and /metrics.
+    /// HTTP address of /healthy, /metrics, the preheat API and the console.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
     /// File holding the cluster secret (or DAMSELFLY_SCHEDULER_SECRET): nodes prove they
@@ -73,24 +70,6 @@ pub enum SchedulerArgsError {
     Zero(&'static str),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error(transparent)]
-    Start(#[from] SchedulerError),
-}
-
-/// Runs `damselfly scheduler` until `stop` resolves, then shuts down.
-pub async fn run(args: SchedulerArgs, stop: impl Future<Output = ()>) -> Result<(), SchedulerArgsError> {
-    let config = args.to_config()?;
-    let bind =
-        |addr| async move { TcpListener::bind(addr).await.map_err(|source| SchedulerArgsError::Bind { addr, source }) };
-    let grpc = bind(args.listen).await?;
-    let http = bind(args.http_listen).await?;
-    let running = crate::start(config, grpc, Some(http)).await?;
-    stop.await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
-    Ok(())
 }
 
 impl SchedulerArgs {

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 
-pub(crate) fn route(path: &str, metrics: &Metrics) -> Response<Full<Bytes>> {
+/// `/healthy` and `/metrics`; 404 elsewhere.
+pub fn route(path: &str, metrics: &Metrics) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => damselfly_serve::metrics(path, |out| metrics.encode_families(out)),
         _ => damselfly_serve::health(path, &["/healthy"]),

@@ -28,6 +28,7 @@ mod session;
 mod state;
 #[cfg(test)]
 mod tests;
+mod view;
 
 pub use config::{load_secret, SchedulerConfig, SecretError, ServerTls, SECRET_ENV};
 pub use download::DownloadHandle;
@@ -36,3 +37,7 @@ pub use metrics::{DecisionKind, Metrics};
 pub use scheduler::{Scheduler, SeedSubscription};
 pub use server::{start, Running};
 pub use service::SchedulerService;
+pub use view::{HostView, TaskView};
+
+/// The scheduler's own HTTP routes (`/healthy`, `/metrics`), for a server that adds its own.
+pub use http::route as http_route;

@@ -1,0 +1,177 @@
+//! The JSON API `damselfly preheat` and the console read: jobs with their per-blob progress,
+//! and the cluster as this scheduler sees it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::{Deserialize, Serialize};
+
+use super::{json, page, parse, parse_id, rfc3339, Api, ApiError};
+use crate::job::{
+    BlobProgress, Job, JobSpec, Origin, PeerResult, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT,
+};
+
+/// Tasks the cluster view lists.
+const MAX_TASKS: usize = 200;
+
+/// A job as the CLI and console show it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct JobView {
+    pub id: i64,
+    pub state: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
+    pub scope: String,
+    pub platforms: Vec<String>,
+    pub origin: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub error: String,
+    /// Which scheduler runs (or ran) it: `<its HTTP address>#<n>`.
+    pub runner: String,
+    pub blobs: Vec<BlobProgress>,
+    pub peers: Vec<PeerResult>,
+}
+
+/// What `POST /api/v1/jobs` takes.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct NewJob {
+    pub url: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub scope: String,
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HostRow {
+    pub id: String,
+    pub ip: String,
+    pub upload_port: u32,
+    pub idc: String,
+    pub location: String,
+    pub seed: bool,
+    pub seeding: bool,
+    pub load: u32,
+    pub slots: u32,
+    pub tasks: usize,
+    pub last_seen_secs: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub digest: String,
+    pub length: u64,
+    pub piece_count: u32,
+    pub holders: usize,
+    pub peers: usize,
+    pub origin_fetchers: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClusterView {
+    pub hosts: Vec<HostRow>,
+    pub tasks: Vec<TaskRow>,
+}
+
+pub fn view(job: &Job) -> JobView {
+    JobView {
+        id: job.id.0,
+        state: job.state.as_str().to_owned(),
+        kind: job.spec.target.as_str().to_owned(),
+        url: job.spec.url.clone(),
+        scope: job.spec.scope.as_str().to_owned(),
+        platforms: job.spec.platforms.clone(),
+        origin: job.spec.origin.as_str().to_owned(),
+        created_at: rfc3339(job.created_ms),
+        updated_at: rfc3339(job.updated_ms),
+        error: job.error.clone(),
+        runner: job.runner.clone(),
+        blobs: job.blobs.clone(),
+        peers: job.peers.clone(),
+    }
+}
+
+pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
+    let req: NewJob = parse(&body)?;
+    let bad = |m: String| ApiError::Unprocessable(m);
+    let target = match req.kind.as_str() {
+        "" => Target::Image,
+        k => Target::parse(k).ok_or_else(|| bad(format!("type {k:?} must be \"image\" or \"file\"")))?,
+    };
+    let scope = Scope::parse(&req.scope).ok_or_else(|| bad(format!("scope {:?} is not a scope", req.scope)))?;
+    if req.url.trim().is_empty() {
+        return Err(bad("url is required".to_owned()));
+    }
+    let timeout = match req.timeout_secs {
+        0 => DEFAULT_TIMEOUT,
+        s if Duration::from_secs(s) <= MAX_TIMEOUT => Duration::from_secs(s),
+        s => return Err(bad(format!("timeout_secs {s} is above {}", MAX_TIMEOUT.as_secs()))),
+    };
+    if req.platforms.iter().any(|p| p.split('/').count() < 2 || p.len() > 64) {
+        return Err(bad("platforms read os/arch[/variant]".to_owned()));
+    }
+    let spec = JobSpec {
+        target,
+        url: req.url.trim().to_owned(),
+        headers: req.headers,
+        scope,
+        platforms: req.platforms,
+        concurrency: DEFAULT_CONCURRENCY,
+        timeout,
+        origin: Origin::Console,
+    };
+    let id = api.create(&spec).await?;
+    let job = api.store.get(id).await?.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
+    Ok(json(StatusCode::CREATED, &view(&job)))
+}
+
+pub(super) async fn get(api: &Api, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let job = api.store.get(parse_id(id)?).await?.ok_or_else(|| ApiError::NoJob(id.to_owned()))?;
+    Ok(json(StatusCode::OK, &view(&job)))
+}
+
+/// Newest first, each with its blobs.
+pub(super) async fn list(api: &Api, query: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (limit, offset) = page(query);
+    let mut jobs = api.store.list(limit.min(100), offset).await?;
+    for job in &mut jobs {
+        job.blobs = api.store.blobs(job.id).await?;
+    }
+    Ok(json(StatusCode::OK, &jobs.iter().map(view).collect::<Vec<_>>()))
+}
+
+pub(super) fn cluster(api: &Api) -> Response<Full<Bytes>> {
+    let hosts = api.scheduler.hosts_view().into_iter().map(|h| HostRow {
+        id: h.id,
+        ip: h.ip,
+        upload_port: h.upload_port,
+        idc: h.idc,
+        location: h.location,
+        seed: h.seed,
+        seeding: h.seeding,
+        load: h.load,
+        slots: h.slots,
+        tasks: h.tasks,
+        last_seen_secs: h.last_seen_secs,
+    });
+    let tasks = api.scheduler.tasks_view(MAX_TASKS).into_iter().map(|t| TaskRow {
+        digest: t.digest,
+        length: t.length,
+        piece_count: t.piece_count,
+        holders: t.holders,
+        peers: t.peers,
+        origin_fetchers: t.origin_fetchers,
+    });
+    json(StatusCode::OK, &ClusterView { hosts: hosts.collect(), tasks: tasks.collect() })
+}

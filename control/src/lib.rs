@@ -1,0 +1,125 @@
+//! Damselfly's control plane, on the scheduler's HTTP port: Harbor-compatible preheat (both of
+//! Harbor's provider protocols), registry push notifications, the job store (SQLite embedded,
+//! PostgreSQL shared) and the runner that has the cluster's peers fetch each job's blobs.
+//!
+//! It sits above the scheduler: [`start`] takes a running [`Scheduler`] and serves its
+//! `/healthy` and `/metrics` beside the API. `damselfly scheduler` composes the two (`cli.rs`).
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod job;
+mod preheat;
+pub mod resolve;
+pub mod runner;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use damselfly_mirror::upstream::{Upstream, UpstreamConfig, UpstreamError};
+use damselfly_scheduler::Scheduler;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Credentials;
+use crate::job::Scope;
+use crate::runner::Runner;
+use crate::store::JobStore;
+
+/// How long a runner's claim on a job lasts without renewal: after a runner dies, its jobs
+/// wait this long for another.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+
+pub struct ControlConfig {
+    pub credentials: Credentials,
+    /// Which registries jobs may name, and how they are reached.
+    pub upstream: UpstreamConfig,
+    pub notification_scope: Scope,
+    pub lease: Duration,
+    /// Whether a job's `Authorization` may go to seeds (the gRPC port requires client
+    /// certificates).
+    pub forward_credentials: bool,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            credentials: Credentials::default(),
+            upstream: UpstreamConfig::default(),
+            notification_scope: Scope::SingleSeedPeer,
+            lease: DEFAULT_LEASE,
+            forward_credentials: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Running {
+    pub http_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    store: JobStore,
+}
+
+/// Serves the API on `http` and runs jobs from `store` on `scheduler`'s cluster.
+pub async fn start(
+    config: ControlConfig,
+    scheduler: Scheduler,
+    store: JobStore,
+    http: TcpListener,
+) -> Result<Running, ControlError> {
+    let http_addr = http.local_addr()?;
+    let upstream = Arc::new(Upstream::new(config.upstream)?);
+    let shutdown = CancellationToken::new();
+    let place = http_addr.to_string();
+    let runner = Runner::new(
+        store.clone(),
+        Arc::new(scheduler.clone()),
+        upstream,
+        &place,
+        config.lease,
+        config.forward_credentials,
+    );
+    let api = Arc::new(api::Api {
+        store: store.clone(),
+        scheduler,
+        credentials: config.credentials,
+        notification_scope: config.notification_scope,
+    });
+    if api.credentials.is_open() {
+        tracing::warn!("the preheat API takes requests without credentials (see --preheat-token-file)");
+    }
+    let tasks = vec![tokio::spawn(api::serve(http, api, shutdown.clone())), tokio::spawn(runner.run(shutdown.clone()))];
+    tracing::info!(http = %http_addr, "control plane started");
+    Ok(Running { http_addr, shutdown, tasks, store })
+}
+
+impl Running {
+    /// Stops serving and running jobs (releasing them for any scheduler to resume).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for mut task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        self.store.close().await;
+    }
+
+    /// Stops at once, as a crash would: claims are left to lapse.
+    pub fn kill(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}

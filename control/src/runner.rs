@@ -1,0 +1,360 @@
+//! Runs preheat jobs: claims those no live runner holds, resolves each to its blobs, asks the
+//! peers in scope to fetch them, and watches the scheduler's state until every peer in scope
+//! holds every blob whole and verified (`SUCCESS`), or the job's time runs out (`FAILURE`).
+//! Progress goes to the store as it changes, so any scheduler sharing the store answers polls.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use damselfly_mirror::upstream::Upstream;
+use damselfly_proto::v1::{SeedTask, Source};
+use damselfly_scheduler::{HostView, Scheduler};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{BlobProgress, Job, JobId, JobState, PeerResult, Scope};
+use crate::resolve::{authorization, resolve, ImageRef};
+use crate::store::{now_ms, Claim, JobStore, StoreError};
+
+/// How often the runner looks for jobs and at its jobs' peers.
+const TICK: Duration = Duration::from_secs(1);
+/// Jobs one scheduler runs at once.
+const MAX_RUNNING: usize = 16;
+/// A peer asked for a blob it does not hold after this long is asked again (its seed stream
+/// may have been full, or it restarted).
+const ASK_AGAIN: Duration = Duration::from_secs(20);
+/// How long a job waits for a peer in scope to appear before it fails.
+const NO_PEER_GRACE: Duration = Duration::from_secs(30);
+
+/// What the runner reads of the cluster and asks of it; the scheduler in production, a fake in
+/// unit tests.
+pub trait Cluster: Send + Sync + 'static {
+    fn hosts(&self) -> Vec<HostView>;
+    /// The hosts holding `digest` whole and verified, with the pieces each peer of the task
+    /// holds, and the task's piece count (0 if unknown).
+    fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32);
+    fn ask_seed(&self, host: &str, task: SeedTask) -> bool;
+}
+
+impl Cluster for Scheduler {
+    fn hosts(&self) -> Vec<HostView> {
+        self.hosts_view()
+    }
+
+    fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32) {
+        let req = damselfly_proto::v1::StatTaskRequest { digest: digest.to_owned() };
+        match self.stat_task(&req) {
+            Ok(s) => (s.peers.into_iter().map(|p| (p.host_id, p.pieces, p.finished)).collect(), s.piece_count),
+            Err(_) => (Vec::new(), 0),
+        }
+    }
+
+    fn ask_seed(&self, host: &str, task: SeedTask) -> bool {
+        Scheduler::ask_seed(self, host, task)
+    }
+}
+
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: JobStore,
+    cluster: Arc<dyn Cluster>,
+    upstream: Arc<Upstream>,
+    /// This runner's name in the store's claims: unique per process start.
+    name: String,
+    lease: Duration,
+    /// Whether a job's `Authorization` may go to seeds (only over a gRPC port that requires
+    /// client certificates, as for credentials nodes share).
+    forward_credentials: bool,
+}
+
+impl Runner {
+    /// `place` names where this runner runs (the scheduler's HTTP address) in the claims it
+    /// makes, so a job's record says which scheduler runs it.
+    pub fn new(
+        store: JobStore,
+        cluster: Arc<dyn Cluster>,
+        upstream: Arc<Upstream>,
+        place: &str,
+        lease: Duration,
+        forward_credentials: bool,
+    ) -> Runner {
+        let name = format!("{place}#{:08x}", rand::random::<u32>());
+        Runner { inner: Arc::new(Inner { store, cluster, upstream, name, lease, forward_credentials }) }
+    }
+
+    /// Claims and runs jobs until `shutdown`. Jobs still running then are released for any
+    /// scheduler to resume.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut mine: HashSet<JobId> = HashSet::new();
+        let mut ended = Vec::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                Some(id) = done_rx.recv() => { ended.push(id); }
+            }
+            for id in ended.drain(..) {
+                mine.remove(&id);
+            }
+            while running.try_join_next().is_some() {}
+            if mine.len() >= MAX_RUNNING {
+                continue;
+            }
+            let ids = match self.inner.store.claimable((MAX_RUNNING - mine.len()) as u32).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for preheat jobs");
+                    continue;
+                }
+            };
+            for id in ids {
+                if mine.contains(&id) {
+                    continue;
+                }
+                match self.inner.store.claim(id, &self.inner.name, self.inner.lease).await {
+                    Ok(Some(claim)) => {
+                        mine.insert(id);
+                        let job = JobRun { runner: self.inner.clone(), claim, shutdown: shutdown.clone() };
+                        let done = done_tx.clone();
+                        running.spawn(async move {
+                            job.run().await;
+                            let _ = done.send(id);
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(job = %id, error = %e, "cannot claim a preheat job"),
+                }
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+}
+
+struct JobRun {
+    runner: Arc<Inner>,
+    claim: Claim,
+    shutdown: CancellationToken,
+}
+
+/// How a job ended, if it did.
+enum Outcome {
+    Done(JobState, String, Vec<PeerResult>),
+    /// The lease went to another runner, or this scheduler shuts down.
+    Left,
+}
+
+impl JobRun {
+    async fn run(self) {
+        let id = self.claim.id;
+        tracing::info!(job = %id, "preheat job claimed");
+        let outcome = match self.drive().await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "preheat job left to the store's next claim");
+                Outcome::Left
+            }
+        };
+        let store = &self.runner.store;
+        match outcome {
+            Outcome::Done(state, error, peers) => match store.finish(&self.claim, state, &error, &peers).await {
+                Ok(true) => tracing::info!(job = %id, state = state.as_str(), error = %error, "preheat job ended"),
+                Ok(false) => tracing::info!(job = %id, "preheat job was taken over before it ended here"),
+                Err(e) => tracing::warn!(job = %id, error = %e, "cannot record the end of a preheat job"),
+            },
+            Outcome::Left => {
+                // Another scheduler may resume it at once rather than after the lease.
+                let _ = store.release(&self.claim).await;
+            }
+        }
+    }
+
+    async fn drive(&self) -> Result<Outcome, StoreError> {
+        let store = &self.runner.store;
+        let Some(job) = store.get(self.claim.id).await? else { return Ok(Outcome::Left) };
+        let (started_ms, resolved) = store.run_state(&self.claim).await?;
+        let deadline_ms = started_ms.saturating_add(i64::try_from(job.spec.timeout.as_millis()).unwrap_or(i64::MAX));
+        if job.spec.scope == Scope::AllPeers {
+            let why = "scope all_peers is not supported yet: use single_seed_peer or all_seed_peers";
+            return Ok(fail(why));
+        }
+        let image = match ImageRef::parse(&job.spec.url, job.spec.target, &self.runner.upstream) {
+            Ok(image) => image,
+            Err(e) => return Ok(fail(&e.to_string())),
+        };
+        if !resolved {
+            let auth = authorization(&job.spec.headers);
+            let found = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Left),
+                found = resolve(&self.runner.upstream, &image, job.spec.target, auth, &job.spec.platforms) => found,
+            };
+            match found {
+                Ok(blobs) => store.set_blobs(&self.claim, &blobs).await?,
+                Err(e) => return Ok(fail(&e.to_string())),
+            }
+        }
+        let mut blobs = store.blobs(self.claim.id).await?;
+        self.watch(&job, &image, &mut blobs, deadline_ms).await
+    }
+
+    /// Asks the peers in scope for the blobs and waits until they hold them all.
+    async fn watch(
+        &self,
+        job: &Job,
+        image: &ImageRef,
+        blobs: &mut [BlobProgress],
+        deadline_ms: i64,
+    ) -> Result<Outcome, StoreError> {
+        let store = &self.runner.store;
+        let cluster = &self.runner.cluster;
+        let source = Source {
+            registry: image.registry_url(),
+            repository: image.repository.clone(),
+            insecure: image.insecure(),
+            credential: match self.runner.forward_credentials {
+                true => authorization(&job.spec.headers)
+                    .and_then(|v| v.to_str().ok().map(str::to_owned))
+                    .unwrap_or_default(),
+                false => String::new(),
+            },
+        };
+        let concurrency = job.spec.concurrency.max(1) as usize;
+        let mut asked: HashMap<(usize, String), Instant> = HashMap::new();
+        let mut renewed = Instant::now();
+        let mut no_peer_since: Option<Instant> = None;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Left),
+                _ = tick.tick() => {}
+            }
+            if renewed.elapsed() >= self.runner.lease / 3 {
+                if !store.renew(&self.claim, self.runner.lease).await? {
+                    return Ok(Outcome::Left);
+                }
+                renewed = Instant::now();
+            }
+            let targets = peers_in_scope(&cluster.hosts(), job.spec.scope, &job.spec.url);
+            if targets.is_empty() {
+                let since = *no_peer_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= NO_PEER_GRACE {
+                    return Ok(fail("no seed peer is connected to this scheduler"));
+                }
+                continue;
+            }
+            no_peer_since = None;
+            let mut in_flight = 0;
+            for (i, blob) in blobs.iter_mut().enumerate() {
+                let (peers, piece_count) = cluster.holders(&blob.digest);
+                let mut next = blob.clone();
+                next.wanted = targets.len() as u32;
+                next.piece_count = piece_count;
+                next.holders = targets
+                    .iter()
+                    .filter(|t| peers.iter().any(|(h, _, fin)| *fin && h == &t.id))
+                    .map(|t| t.id.clone())
+                    .collect();
+                next.pieces_held = peers
+                    .iter()
+                    .filter(|(h, _, _)| targets.iter().any(|t| &t.id == h))
+                    .map(|(_, n, _)| u64::from(*n))
+                    .sum();
+                if next != *blob {
+                    store.set_progress(&self.claim, &next).await?;
+                    *blob = next;
+                }
+                if blob.is_held() {
+                    continue;
+                }
+                in_flight += 1;
+                if in_flight > concurrency {
+                    continue;
+                }
+                for t in targets.iter().filter(|t| !blob.holders.contains(&t.id)) {
+                    let due = asked.get(&(i, t.id.clone())).is_none_or(|at| at.elapsed() >= ASK_AGAIN);
+                    if due {
+                        let task =
+                            SeedTask { digest: blob.digest.clone(), length: blob.length, source: Some(source.clone()) };
+                        if cluster.ask_seed(&t.id, task) {
+                            asked.insert((i, t.id.clone()), Instant::now());
+                        }
+                    }
+                }
+            }
+            if blobs.iter().all(BlobProgress::is_held) {
+                let peers = targets.iter().map(|t| PeerResult {
+                    host_id: t.id.clone(),
+                    ip: t.ip.clone(),
+                    description: String::new(),
+                });
+                return Ok(Outcome::Done(JobState::Success, String::new(), peers.collect()));
+            }
+            if now_ms() >= deadline_ms {
+                return self.timed_out(job, blobs, &targets).await;
+            }
+        }
+    }
+
+    async fn timed_out(
+        &self,
+        job: &Job,
+        blobs: &mut [BlobProgress],
+        targets: &[HostView],
+    ) -> Result<Outcome, StoreError> {
+        let missing = blobs.iter().filter(|b| !b.is_held()).count();
+        for blob in blobs.iter_mut().filter(|b| !b.is_held()) {
+            blob.error = format!("held by {} of {} peers when the job timed out", blob.holders.len(), blob.wanted);
+            self.runner.store.set_progress(&self.claim, blob).await?;
+        }
+        let peers = targets.iter().map(|t| {
+            let lacking = blobs.iter().filter(|b| !b.holders.contains(&t.id)).count();
+            let description = match lacking {
+                0 => String::new(),
+                n => format!("{n} of {} blobs not held", blobs.len()),
+            };
+            PeerResult { host_id: t.id.clone(), ip: t.ip.clone(), description }
+        });
+        let why = format!(
+            "timed out after {} s: {missing} of {} blobs not yet held by every peer in scope",
+            job.spec.timeout.as_secs(),
+            blobs.len()
+        );
+        Ok(Outcome::Done(JobState::Failure, why, peers.collect()))
+    }
+}
+
+fn fail(why: &str) -> Outcome {
+    Outcome::Done(JobState::Failure, why.to_owned(), Vec::new())
+}
+
+/// The peers that must hold the job's blobs: seeds with a seed stream open here, all of them
+/// or the one the job's URL hashes to (so that every scheduler picks the same one while the
+/// seeds stay the same).
+pub fn peers_in_scope(hosts: &[HostView], scope: Scope, url: &str) -> Vec<HostView> {
+    let seeds = hosts.iter().filter(|h| h.seed && h.seeding);
+    match scope {
+        Scope::AllSeedPeers => seeds.cloned().collect(),
+        Scope::SingleSeedPeer => seeds
+            .max_by_key(|h| {
+                let mut hasher = DefaultHasher::new();
+                (url, &h.id).hash(&mut hasher);
+                hasher.finish()
+            })
+            .cloned()
+            .into_iter()
+            .collect(),
+        Scope::AllPeers => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

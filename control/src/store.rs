@@ -1,0 +1,383 @@
+//! The job store: preheat jobs and their per-blob progress in SQL, one code path for SQLite
+//! (a file in the scheduler's data dir, the default) and PostgreSQL (several schedulers
+//! sharing one), through sqlx's `any` driver. Only the table definitions differ.
+//!
+//! A job runs on one scheduler at a time: a runner claims it with one conditional `UPDATE`
+//! (both databases run it atomically: the second of two racing claims finds the lease taken
+//! and changes nothing), and renews the lease while it runs. A runner that dies stops
+//! renewing, and once its lease lapses another scheduler (or the same one restarted) claims
+//! the job and resumes it from its recorded blobs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::job::{BlobProgress, Job, JobId, JobSpec, JobState, Origin, PeerResult, Scope, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("job store: cannot create {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("job store: unsupported URL {0:?} (sqlite://PATH or postgres://…)")]
+    Url(String),
+    #[error("job store: row {0} holds an unreadable value ({1})")]
+    Corrupt(i64, &'static str),
+}
+
+/// Which database, for the few statements that differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct JobStore {
+    pool: AnyPool,
+}
+
+/// A job taken by a runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub id: JobId,
+    pub runner: String,
+}
+
+const JOB_COLUMNS: &str = "id, target, url, headers, scope, platforms, concurrency, timeout_ms, origin, state, \
+                           error, result, created_ms, updated_ms, runner";
+
+impl JobStore {
+    /// The default store: `jobs.db` in `data_dir`, created if missing.
+    pub async fn open_in(data_dir: &Path) -> Result<JobStore, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| StoreError::Dir { path: data_dir.display().to_string(), source })?;
+        let url = format!("sqlite://{}?mode=rwc", data_dir.join("jobs.db").display());
+        Self::open(&url).await
+    }
+
+    /// A store at `url`: `sqlite://PATH[?mode=rwc]` or `postgres://…`. Tables are created if
+    /// missing.
+    pub async fn open(url: &str) -> Result<JobStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Url(url.to_owned()));
+        };
+        // SQLite takes one writer at a time anyway; one connection avoids busy errors.
+        let connections = if backend == Backend::Sqlite { 1 } else { 8 };
+        let pool = AnyPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        let store = JobStore { pool };
+        store.migrate(backend).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, backend: Backend) -> Result<(), StoreError> {
+        let id = match backend {
+            Backend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+        };
+        if backend == Backend::Sqlite {
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&self.pool).await?;
+        }
+        let jobs = format!(
+            "CREATE TABLE IF NOT EXISTS preheat_jobs (
+                id {id},
+                target TEXT NOT NULL, url TEXT NOT NULL, headers TEXT NOT NULL, scope TEXT NOT NULL,
+                platforms TEXT NOT NULL, concurrency BIGINT NOT NULL, timeout_ms BIGINT NOT NULL,
+                origin TEXT NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL, result TEXT NOT NULL,
+                created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, started_ms BIGINT NOT NULL,
+                runner TEXT NOT NULL, lease_ms BIGINT NOT NULL, resolved BIGINT NOT NULL)"
+        );
+        for statement in [
+            jobs.as_str(),
+            "CREATE INDEX IF NOT EXISTS preheat_jobs_open ON preheat_jobs (state, lease_ms)",
+            "CREATE TABLE IF NOT EXISTS preheat_blobs (
+                job_id BIGINT NOT NULL, seq BIGINT NOT NULL, digest TEXT NOT NULL, length BIGINT NOT NULL,
+                media_type TEXT NOT NULL, platform TEXT NOT NULL, wanted BIGINT NOT NULL,
+                holders TEXT NOT NULL, pieces_held BIGINT NOT NULL, piece_count BIGINT NOT NULL,
+                error TEXT NOT NULL, PRIMARY KEY (job_id, digest))",
+        ] {
+            sqlx::query(statement).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, spec: &JobSpec) -> Result<JobId, StoreError> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "INSERT INTO preheat_jobs (target, url, headers, scope, platforms, concurrency, timeout_ms, origin,
+                state, error, result, created_ms, updated_ms, started_ms, runner, lease_ms, resolved)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '', '[]', $10, $10, 0, '', 0, 0) RETURNING id",
+        )
+        .bind(spec.target.as_str())
+        .bind(spec.url.clone())
+        .bind(json(&spec.headers))
+        .bind(spec.scope.as_str())
+        .bind(json(&spec.platforms))
+        .bind(i64::from(spec.concurrency))
+        .bind(millis(spec.timeout))
+        .bind(spec.origin.as_str())
+        .bind(JobState::Pending.as_str())
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(JobId(row.try_get(0)?))
+    }
+
+    /// The job with its blobs, or `None` if there is no such job.
+    pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM preheat_jobs WHERE id = $1"))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut job = job_from(&row)?;
+        job.blobs = self.blobs(id).await?;
+        Ok(Some(job))
+    }
+
+    /// The newest `limit` jobs after skipping `offset`, without their blobs.
+    pub async fn list(&self, limit: u32, offset: u32) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM preheat_jobs ORDER BY id DESC LIMIT $1 OFFSET $2"))
+            .bind(i64::from(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from).collect()
+    }
+
+    /// The newest job for this URL and scope, to spare Harbor's legacy client a second one.
+    pub async fn latest_for(&self, url: &str, scope: Scope) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM preheat_jobs WHERE url = $1 AND scope = $2 ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(url.to_owned())
+        .bind(scope.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut job = job_from(&row)?;
+        job.blobs = self.blobs(job.id).await?;
+        Ok(Some(job))
+    }
+
+    pub async fn blobs(&self, id: JobId) -> Result<Vec<BlobProgress>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT digest, length, media_type, platform, wanted, holders, pieces_held, piece_count, error
+             FROM preheat_blobs WHERE job_id = $1 ORDER BY seq",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BlobProgress {
+                    digest: r.try_get("digest")?,
+                    length: nonneg(r.try_get("length")?),
+                    media_type: r.try_get("media_type")?,
+                    platform: r.try_get("platform")?,
+                    wanted: nonneg(r.try_get("wanted")?) as u32,
+                    holders: serde_json::from_str(&r.try_get::<String, _>("holders")?)
+                        .map_err(|_| StoreError::Corrupt(id.0, "holders"))?,
+                    pieces_held: nonneg(r.try_get("pieces_held")?),
+                    piece_count: nonneg(r.try_get("piece_count")?) as u32,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` jobs no live runner holds, oldest first.
+    pub async fn claimable(&self, limit: u32) -> Result<Vec<JobId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM preheat_jobs WHERE state IN ('PENDING', 'RUNNING') AND lease_ms < $1 ORDER BY id LIMIT $2",
+        )
+        .bind(now_ms())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(JobId(r.try_get(0)?))).collect()
+    }
+
+    /// Takes job `id` for `runner` for `lease`, if no live runner holds it. The lease check is
+    /// in the statement itself, so of two schedulers racing for one job exactly one wins.
+    pub async fn claim(&self, id: JobId, runner: &str, lease: Duration) -> Result<Option<Claim>, StoreError> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE preheat_jobs SET runner = $1, lease_ms = $2, updated_ms = $3, state = 'RUNNING',
+                started_ms = CASE WHEN started_ms = 0 THEN $3 ELSE started_ms END
+             WHERE id = $4 AND state IN ('PENDING', 'RUNNING') AND lease_ms < $3",
+        )
+        .bind(runner.to_owned())
+        .bind(now + millis(lease))
+        .bind(now)
+        .bind(id.0)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then(|| Claim { id, runner: runner.to_owned() }))
+    }
+
+    /// Extends the claim's lease; false when the job is no longer the claim's (it lapsed and
+    /// another runner took it, or the job ended).
+    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE preheat_jobs SET lease_ms = $1 WHERE id = $2 AND runner = $3 AND state = 'RUNNING'")
+                .bind(now_ms() + millis(lease))
+                .bind(claim.id.0)
+                .bind(claim.runner.clone())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives the claimed job up for any runner to take at once (this scheduler stops).
+    pub async fn release(&self, claim: &Claim) -> Result<(), StoreError> {
+        sqlx::query("UPDATE preheat_jobs SET lease_ms = 0 WHERE id = $1 AND runner = $2 AND state = 'RUNNING'")
+            .bind(claim.id.0)
+            .bind(claim.runner.clone())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// When the claimed job first started running (Unix ms), and whether its blobs are known.
+    pub async fn run_state(&self, claim: &Claim) -> Result<(i64, bool), StoreError> {
+        let row = sqlx::query("SELECT started_ms, resolved FROM preheat_jobs WHERE id = $1")
+            .bind(claim.id.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? != 0))
+    }
+
+    /// Records the blobs the job resolved to, once.
+    pub async fn set_blobs(&self, claim: &Claim, blobs: &[BlobProgress]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let owned = sqlx::query("UPDATE preheat_jobs SET resolved = 1 WHERE id = $1 AND runner = $2 AND resolved = 0")
+            .bind(claim.id.0)
+            .bind(claim.runner.clone())
+            .execute(&mut *tx)
+            .await?;
+        if owned.rows_affected() == 1 {
+            for (seq, b) in blobs.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO preheat_blobs (job_id, seq, digest, length, media_type, platform, wanted, holders,
+                        pieces_held, piece_count, error) VALUES ($1, $2, $3, $4, $5, $6, 0, '[]', 0, 0, '')",
+                )
+                .bind(claim.id.0)
+                .bind(seq as i64)
+                .bind(b.digest.clone())
+                .bind(b.length as i64)
+                .bind(b.media_type.clone())
+                .bind(b.platform.clone())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records how far the peers are with one blob.
+    pub async fn set_progress(&self, claim: &Claim, blob: &BlobProgress) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE preheat_blobs SET wanted = $1, holders = $2, pieces_held = $3, piece_count = $4, error = $5
+             WHERE job_id = $6 AND digest = $7",
+        )
+        .bind(i64::from(blob.wanted))
+        .bind(json(&blob.holders))
+        .bind(blob.pieces_held as i64)
+        .bind(i64::from(blob.piece_count))
+        .bind(blob.error.clone())
+        .bind(claim.id.0)
+        .bind(blob.digest.clone())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends the claimed job; false if it was no longer the claim's.
+    pub async fn finish(
+        &self,
+        claim: &Claim,
+        state: JobState,
+        error: &str,
+        peers: &[PeerResult],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE preheat_jobs SET state = $1, error = $2, result = $3, updated_ms = $4, lease_ms = 0
+             WHERE id = $5 AND runner = $6 AND state = 'RUNNING'",
+        )
+        .bind(state.as_str())
+        .bind(error.to_owned())
+        .bind(json(&peers))
+        .bind(now_ms())
+        .bind(claim.id.0)
+        .bind(claim.runner.clone())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
+    let id: i64 = r.try_get("id")?;
+    let text = |name: &'static str| r.try_get::<String, _>(name);
+    let corrupt = |what| StoreError::Corrupt(id, what);
+    let headers: BTreeMap<String, String> = serde_json::from_str(&text("headers")?).map_err(|_| corrupt("headers"))?;
+    let spec = JobSpec {
+        target: Target::parse(&text("target")?).ok_or_else(|| corrupt("target"))?,
+        url: text("url")?,
+        headers,
+        scope: Scope::parse(&text("scope")?).ok_or_else(|| corrupt("scope"))?,
+        platforms: serde_json::from_str(&text("platforms")?).map_err(|_| corrupt("platforms"))?,
+        concurrency: nonneg(r.try_get("concurrency")?) as u32,
+        timeout: Duration::from_millis(nonneg(r.try_get("timeout_ms")?)),
+        origin: Origin::parse(&text("origin")?).ok_or_else(|| corrupt("origin"))?,
+    };
+    Ok(Job {
+        id: JobId(id),
+        spec,
+        state: JobState::parse(&text("state")?).ok_or_else(|| corrupt("state"))?,
+        created_ms: r.try_get("created_ms")?,
+        updated_ms: r.try_get("updated_ms")?,
+        error: text("error")?,
+        peers: serde_json::from_str(&text("result")?).map_err(|_| corrupt("result"))?,
+        runner: text("runner")?,
+        blobs: Vec::new(),
+    })
+}
+
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn nonneg(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! What the control plane (preheat jobs, the console) reads of the soft state, and the one
+//! thing it may ask of it: that a seed fetch a task. Views are snapshots taken under the lock
+//! and handed out as plain values, so nothing above holds the lock.
+
+use std::time::Instant;
+
+use crate::proto::SeedTask;
+use crate::scheduler::Scheduler;
+use crate::state::PeerState;
+
+/// A host as the console and the preheat runner see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    pub id: String,
+    pub ip: String,
+    pub upload_port: u32,
+    pub idc: String,
+    /// `region|zone|rack`.
+    pub location: String,
+    /// Announced itself a seed.
+    pub seed: bool,
+    /// Has a seed stream open here: it can be asked to fetch.
+    pub seeding: bool,
+    /// Children its peers serve now, and its upload slots.
+    pub load: u32,
+    pub slots: u32,
+    /// Tasks it has a peer in.
+    pub tasks: usize,
+    pub last_seen_secs: u64,
+}
+
+/// A task as the console sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskView {
+    pub digest: String,
+    pub length: u64,
+    pub piece_count: u32,
+    /// Peers that hold it whole and verified.
+    pub holders: usize,
+    /// Peers registered for it, holders included.
+    pub peers: usize,
+    /// Peers fetching it from the origin now.
+    pub origin_fetchers: usize,
+}
+
+impl Scheduler {
+    /// Every host this scheduler knows, by id.
+    pub fn hosts_view(&self) -> Vec<HostView> {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut hosts: Vec<HostView> = st
+            .hosts
+            .values()
+            .map(|h| HostView {
+                id: String::from(&*h.id),
+                ip: h.ip.clone(),
+                upload_port: h.port,
+                idc: h.idc.clone(),
+                location: h.location.join("|"),
+                seed: h.seed,
+                seeding: h.seed_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed()),
+                load: h.children,
+                slots: h.slots(),
+                tasks: h.tasks.len(),
+                last_seen_secs: now.saturating_duration_since(h.last_seen).as_secs(),
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.id.cmp(&b.id));
+        hosts
+    }
+
+    /// Up to `limit` tasks, those with the most peers first.
+    pub fn tasks_view(&self, limit: usize) -> Vec<TaskView> {
+        let st = self.lock();
+        let mut tasks: Vec<TaskView> = st
+            .tasks
+            .values()
+            .map(|t| TaskView {
+                digest: String::from(&*t.digest),
+                length: t.length,
+                piece_count: t.piece_count().unwrap_or(0),
+                holders: t.peers.iter().filter(|p| p.state == PeerState::Finished).count(),
+                peers: t.peers.len(),
+                origin_fetchers: t.origin_fetchers,
+            })
+            .collect();
+        tasks.sort_by(|a, b| b.peers.cmp(&a.peers).then_with(|| a.digest.cmp(&b.digest)));
+        tasks.truncate(limit);
+        tasks
+    }
+
+    /// Asks seed `host` to fetch `task` from its origin, as the scheduler does when a download
+    /// waits for a seed. False when the host has no open seed stream here or its queue is full.
+    pub fn ask_seed(&self, host: &str, task: SeedTask) -> bool {
+        let st = self.lock();
+        let Some((_, tx)) = st.hosts.get(host).filter(|h| h.seed).and_then(|h| h.seed_stream.as_ref()) else {
+            return false;
+        };
+        tx.try_send(task).is_ok()
+    }
+}
