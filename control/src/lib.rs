@@ -95,6 +95,7 @@ pub async fn start(
         scheduler,
         credentials: config.credentials,
         notification_scope: config.notification_scope,
+        address: place,
     });
     if api.credentials.is_open() {
         tracing::warn!("the preheat API takes requests without credentials (see --preheat-token-file)");

@@ -39,6 +39,7 @@ enum Backend {
 #[derive(Clone)]
 pub struct JobStore {
     pool: AnyPool,
+    backend: Backend,
 }
 
 /// A job taken by a runner.
@@ -78,7 +79,7 @@ impl JobStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await?;
-        let store = JobStore { pool };
+        let store = JobStore { pool, backend };
         store.migrate(backend).await?;
         Ok(store)
     }
@@ -112,6 +113,14 @@ impl JobStore {
             sqlx::query(statement).execute(&self.pool).await?;
         }
         Ok(())
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
     }
 
     pub async fn create(&self, spec: &JobSpec) -> Result<JobId, StoreError> {

@@ -25,6 +25,7 @@
 //! metrics, never only on "the pull succeeded".
 
 pub mod broken;
+pub mod chromium;
 pub mod cluster;
 pub mod containerd;
 pub mod dockerd;

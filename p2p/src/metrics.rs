@@ -73,6 +73,11 @@ impl Metrics {
         self.sent_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);
     }
 
+    /// Bytes sent to clients so far from `from`.
+    pub fn sent_from(&self, from: ByteSource) -> u64 {
+        self.sent_bytes.get_or_create(&SourceLabel { source: from.label() }).get()
+    }
+
     /// `n` bytes from `from` came into the store.
     pub fn fetched(&self, from: ByteSource, n: u64) {
         self.fetched_bytes.get_or_create(&SourceLabel { source: from.label() }).inc_by(n);

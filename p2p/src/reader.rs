@@ -86,6 +86,8 @@ struct Cursor {
     /// Bytes below this offset arrived while this reader waited for them: they count as
     /// fetched, not cached, even if the piece is complete by the time they are sent.
     fetched_until: u64,
+    /// A client receives the bytes (they count as sent).
+    to_client: bool,
 }
 
 /// What a read delivers to its client.
@@ -96,6 +98,8 @@ pub enum Delivery {
     Whole,
     /// A part (a range), which no digest covers.
     Part,
+    /// Nobody: the bytes only fill the cache (`fill`), and are not counted as sent.
+    Fill,
 }
 
 /// Streams `range` of the task to a client receiving it as `delivery`. The stream ends with an
@@ -111,7 +115,18 @@ pub fn read(
     let start = if range.start <= range.end && range.end <= len {
         let id = task.reader_open(range.start);
         let full = delivery == Delivery::Whole;
-        Ok(Cursor { task, id, pos: range.start, end: range.end, full, source, waited_on: None, fetched_until: 0 })
+        let to_client = delivery != Delivery::Fill;
+        Ok(Cursor {
+            task,
+            id,
+            pos: range.start,
+            end: range.end,
+            full,
+            source,
+            waited_on: None,
+            fetched_until: 0,
+            to_client,
+        })
     } else {
         Err(ReadError::OutOfRange { start: range.start, end: range.end, len })
     };
@@ -150,7 +165,7 @@ pub async fn fill(task: TaskRef, source: Arc<dyn Source>) {
     }
     let _filling = Filling(task.clone());
     let len = task.len();
-    let mut s = std::pin::pin!(read(task, 0..len, Delivery::Part, source));
+    let mut s = std::pin::pin!(read(task, 0..len, Delivery::Fill, source));
     while let Some(r) = s.next().await {
         if r.is_err() {
             break;
@@ -180,7 +195,9 @@ impl Cursor {
                     } else {
                         ByteSource::Origin
                     };
-                    self.task.metrics.sent(from, n);
+                    if self.to_client {
+                        self.task.metrics.sent(from, n);
+                    }
                     if let Some(chunk) = staged {
                         return Ok(chunk.slice(..n as usize));
                     }

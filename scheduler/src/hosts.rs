@@ -43,6 +43,8 @@ pub(crate) struct Host {
     pub corrupt: Vec<(Id, Instant)>,
     /// Tasks this host has a peer in, so leaving costs its own peers and not a scan.
     pub tasks: Set<Id>,
+    /// Bytes the node says it sent its clients from the origin, peers and its cache.
+    pub served: [u64; 3],
     /// The node that announced this id first (see `damselfly_proto::member`); `None` for a
     /// host announced without an owner token, which anyone may act for.
     pub owner: Option<Owner>,
@@ -70,6 +72,7 @@ impl Host {
             blocked_until: None,
             tasks: Set::default(),
             owner: None,
+            served: [0; 3],
         }
     }
 

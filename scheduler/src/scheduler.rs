@@ -403,6 +403,7 @@ fn upsert_host(st: &mut SoftState, env: &Env, h: proto::Host, key: &[u8; token::
             (host.ip, host.port, host.idc, host.location) = (h.ip, h.upload_port, h.idc, location);
             (host.slots, host.seed, host.last_seen) = (h.upload_slots, h.seed, env.now);
             host.peer_tls = h.peer_tls;
+            host.served = served(h.served);
             if !host.seed && host.seed_stream.take().is_some() {
                 st.seeds.remove(&id);
             }
@@ -418,9 +419,14 @@ fn upsert_host(st: &mut SoftState, env: &Env, h: proto::Host, key: &[u8; token::
         slots: h.upload_slots,
         seed: h.seed,
         peer_tls: h.peer_tls,
+        served: served(h.served),
         ..Host::new(id.clone(), token::Minter::new(key), env.now)
     });
     (id, ix)
+}
+
+fn served(s: Option<proto::ServedBytes>) -> [u64; 3] {
+    s.map_or([0; 3], |s| [s.origin, s.peer, s.cache])
 }
 
 fn parse_task(t: &TaskInfo) -> Result<(&TaskInfo, Vec<Sha>), SchedulerError> {

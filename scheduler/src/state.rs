@@ -204,6 +204,8 @@ pub(crate) struct Task {
     pub peers: Vec<Peer>,
     index: Map<Id, usize>,
     pub origin_fetchers: usize,
+    /// Peers ever sent to the origin for this task: about the copies the origin served.
+    pub origin_grants: u32,
     pub waiting: Set<Id>,
     pub seed: Option<SeedTrigger>,
     /// A candidate appeared or an origin slot freed: waiting peers must be decided again.
@@ -229,6 +231,7 @@ impl Task {
             peers: Vec::new(),
             index: Map::default(),
             origin_fetchers: 0,
+            origin_grants: 0,
             waiting: Set::default(),
             seed: None,
             wake: false,
@@ -325,6 +328,7 @@ impl Task {
         if !self.peers[i].origin_slot {
             self.peers[i].origin_slot = true;
             self.origin_fetchers += 1;
+            self.origin_grants = self.origin_grants.saturating_add(1);
         }
     }
 

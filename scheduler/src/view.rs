@@ -27,6 +27,10 @@ pub struct HostView {
     /// Tasks it has a peer in.
     pub tasks: usize,
     pub last_seen_secs: u64,
+    /// Bytes it says it sent its clients: from the origin, from peers, from its cache.
+    pub served_origin: u64,
+    pub served_peer: u64,
+    pub served_cache: u64,
 }
 
 /// A task as the console sees it.
@@ -41,6 +45,8 @@ pub struct TaskView {
     pub peers: usize,
     /// Peers fetching it from the origin now.
     pub origin_fetchers: usize,
+    /// Peers ever sent to the origin for it.
+    pub origin_fetches: u32,
 }
 
 impl Scheduler {
@@ -63,6 +69,9 @@ impl Scheduler {
                 slots: h.slots(),
                 tasks: h.tasks.len(),
                 last_seen_secs: now.saturating_duration_since(h.last_seen).as_secs(),
+                served_origin: h.served[0],
+                served_peer: h.served[1],
+                served_cache: h.served[2],
             })
             .collect();
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
@@ -82,6 +91,7 @@ impl Scheduler {
                 holders: t.peers.iter().filter(|p| p.state == PeerState::Finished).count(),
                 peers: t.peers.len(),
                 origin_fetchers: t.origin_fetchers,
+                origin_fetches: t.origin_grants,
             })
             .collect();
         tasks.sort_by(|a, b| b.peers.cmp(&a.peers).then_with(|| a.digest.cmp(&b.digest)));

@@ -3,6 +3,7 @@
 //! notifications (`notify.rs`), and the JSON API the CLI and the console read (`v1.rs`).
 //! Errors become responses in one place (`ApiError::into_response`).
 
+mod console;
 mod legacy;
 mod notify;
 mod oapi;
@@ -34,6 +35,8 @@ pub struct Api {
     pub credentials: Credentials,
     /// The scope of jobs a registry's push notification starts.
     pub notification_scope: Scope,
+    /// This scheduler's HTTP address, as its runner names itself in job claims.
+    pub address: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,8 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("request body larger than {MAX_BODY} bytes")]
     TooLarge,
+    #[error("request bodies must be JSON (Content-Type: application/json)")]
+    NotJson,
     #[error("reading the request body: {0}")]
     Body(String),
     #[error(transparent)]
@@ -66,6 +71,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Body(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(e) => {
                 tracing::warn!(error = %e, "job store failed a request");
@@ -108,10 +114,20 @@ impl Api {
                 return Ok(damselfly_scheduler::http_route(&path, self.scheduler.metrics()))
             }
             (&Method::GET, ["_ping"] | ["health"]) => return Ok(damselfly_serve::text(StatusCode::OK, "OK")),
+            (&Method::GET, ["console.js"] | ["console.css"]) => {
+                return console::static_asset(&path).ok_or(ApiError::NotFound)
+            }
             _ => {}
         }
         if !self.credentials.admits(req.headers(), req.uri().query()) {
-            return Err(ApiError::Unauthorized);
+            let mut resp = ApiError::Unauthorized.into_response();
+            // A browser asks for Basic credentials itself when told to.
+            let challenge = match self.credentials.basic.is_some() {
+                true => "Basic realm=\"damselfly\"",
+                false => "Bearer realm=\"damselfly\"",
+            };
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            return Ok(resp);
         }
         let query = req.uri().query().unwrap_or("").to_owned();
         match (method, segments.as_slice()) {
@@ -124,7 +140,8 @@ impl Api {
             (Method::GET, ["api", "v1", "jobs"]) => v1::list(self, &query).await,
             (Method::POST, ["api", "v1", "jobs"]) => v1::create(self, body(req).await?).await,
             (Method::GET, ["api", "v1", "jobs", id]) => v1::get(self, id).await,
-            (Method::GET, ["api", "v1", "cluster"]) => Ok(v1::cluster(self)),
+            (Method::GET, ["api", "v1", "cluster"]) => v1::cluster(self).await,
+            (Method::GET, [""] | ["console"]) => Ok(console::page()),
             (_, ["oapi", "v1", "jobs", ..] | ["preheats", ..] | ["registry", "notifications"] | ["api", "v1", ..]) => {
                 Err(ApiError::Method)
             }
@@ -139,7 +156,16 @@ impl Api {
     }
 }
 
+/// A POST's body, which must be JSON: a cross-site form cannot send that type, so a browser
+/// holding Basic credentials for the console cannot be made to start jobs by another page.
 async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let json_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| {
+        let essence = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    });
+    if !json_type {
+        return Err(ApiError::NotJson);
+    }
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY) {
         return Err(ApiError::TooLarge);

@@ -18,9 +18,10 @@ async fn serve_api(credentials: Credentials) -> Served {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = JobStore::open_in(dir.path()).await.expect("store");
     let scheduler = Scheduler::new(SchedulerConfig::for_cluster(None, true).expect("config"));
-    let api = Arc::new(Api { store, scheduler, credentials, notification_scope: Scope::AllSeedPeers });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let address = listener.local_addr().expect("addr").to_string();
+    let url = format!("http://{address}");
+    let api = Arc::new(Api { store, scheduler, credentials, notification_scope: Scope::AllSeedPeers, address });
     let stop = CancellationToken::new();
     tokio::spawn(serve(listener, api, stop.clone()));
     Served { url, stop, _dir: dir }
@@ -164,4 +165,55 @@ async fn a_manifest_push_notification_starts_one_job_and_a_blob_push_none() {
     // The registry retries; a pending job for the same manifest is not started twice.
     let (_, again) = call("POST", &format!("{}/registry/notifications", s.url), Some(&envelope), None).await;
     assert_eq!(again["jobs"], json!([]));
+}
+
+#[tokio::test]
+async fn a_post_that_is_not_json_starts_nothing() {
+    let s = serve_api(Credentials::default()).await;
+    let form = "{\"url\":\"http://r.example/v2/a/manifests/1\"}";
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/jobs", s.url))
+        .header("Content-Type", "text/plain")
+        .body(form)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 415);
+    let resp = reqwest::Client::new().post(format!("{}/preheats", s.url)).body(form).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 415, "no Content-Type at all");
+    let (_, listed) = call("GET", &format!("{}/api/v1/jobs", s.url), None, None).await;
+    assert_eq!(listed, json!([]));
+    let events = reqwest::Client::new()
+        .post(format!("{}/registry/notifications", s.url))
+        .header("Content-Type", "application/vnd.docker.distribution.events.v1+json")
+        .body("{\"events\":[]}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(events.status().as_u16(), 200, "the registry's own JSON type is JSON");
+}
+
+#[tokio::test]
+async fn the_console_page_asks_for_the_credential_and_loads_nothing_from_elsewhere() {
+    let creds = Credentials::from_texts(None, Some("admin:pw"), None).expect("creds");
+    let s = serve_api(creds).await;
+    let client = reqwest::Client::new();
+    let denied = client.get(format!("{}/", s.url)).send().await.expect("send");
+    assert_eq!(denied.status().as_u16(), 401);
+    assert_eq!(denied.headers()["www-authenticate"], "Basic realm=\"damselfly\"", "a browser prompts for Basic");
+    let page = client.get(format!("{}/", s.url)).basic_auth("admin", Some("pw")).send().await.expect("send");
+    assert_eq!(page.status().as_u16(), 200);
+    let policy = page.headers()["content-security-policy"].to_str().expect("policy").to_owned();
+    assert!(policy.contains("default-src 'none'") && policy.contains("script-src 'self'"), "{policy}");
+    let html = page.text().await.expect("html");
+    let external = ["src=\"http", "href=\"http", "src=\"//", "href=\"//"].iter().any(|a| html.contains(a));
+    assert!(html.contains("preheat-form") && !external, "no external asset");
+    for asset in ["/console.js", "/console.css"] {
+        let resp = client.get(format!("{}{asset}", s.url)).send().await.expect("send");
+        assert_eq!(resp.status().as_u16(), 200, "{asset} holds no data and needs no credential");
+    }
+    let cluster =
+        client.get(format!("{}/api/v1/cluster", s.url)).basic_auth("admin", Some("pw")).send().await.expect("send");
+    let cluster: Value = serde_json::from_str(&cluster.text().await.expect("body")).expect("json");
+    assert_eq!(cluster["schedulers"][0]["job_store"], "sqlite");
 }

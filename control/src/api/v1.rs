@@ -66,6 +66,9 @@ pub struct HostRow {
     pub slots: u32,
     pub tasks: usize,
     pub last_seen_secs: u64,
+    pub served_origin: u64,
+    pub served_peer: u64,
+    pub served_cache: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -76,10 +79,24 @@ pub struct TaskRow {
     pub holders: usize,
     pub peers: usize,
     pub origin_fetchers: usize,
+    pub origin_fetches: u32,
+}
+
+/// A scheduler serving this control plane's job store.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SchedulerRow {
+    /// Its HTTP address.
+    pub address: String,
+    /// `sqlite` or `postgres`.
+    pub job_store: String,
+    /// Whether it ran one of the recent jobs.
+    pub runs_jobs: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ClusterView {
+    /// This scheduler first, then the others that ran recent jobs from the same store.
+    pub schedulers: Vec<SchedulerRow>,
     pub hosts: Vec<HostRow>,
     pub tasks: Vec<TaskRow>,
 }
@@ -151,7 +168,26 @@ pub(super) async fn list(api: &Api, query: &str) -> Result<Response<Full<Bytes>>
     Ok(json(StatusCode::OK, &jobs.iter().map(view).collect::<Vec<_>>()))
 }
 
-pub(super) fn cluster(api: &Api) -> Response<Full<Bytes>> {
+pub(super) async fn cluster(api: &Api) -> Result<Response<Full<Bytes>>, ApiError> {
+    let job_store = api.store.backend().to_owned();
+    let recent = api.store.list(100, 0).await?;
+    let mut places: Vec<String> = Vec::new();
+    for job in &recent {
+        let place = job.runner.split('#').next().unwrap_or("");
+        if !place.is_empty() && !places.iter().any(|p| p == place) {
+            places.push(place.to_owned());
+        }
+    }
+    let mut schedulers = vec![SchedulerRow {
+        address: api.address.clone(),
+        job_store: job_store.clone(),
+        runs_jobs: places.contains(&api.address),
+    }];
+    schedulers.extend(places.into_iter().filter(|p| *p != api.address).map(|address| SchedulerRow {
+        address,
+        job_store: job_store.clone(),
+        runs_jobs: true,
+    }));
     let hosts = api.scheduler.hosts_view().into_iter().map(|h| HostRow {
         id: h.id,
         ip: h.ip,
@@ -164,6 +200,9 @@ pub(super) fn cluster(api: &Api) -> Response<Full<Bytes>> {
         slots: h.slots,
         tasks: h.tasks,
         last_seen_secs: h.last_seen_secs,
+        served_origin: h.served_origin,
+        served_peer: h.served_peer,
+        served_cache: h.served_cache,
     });
     let tasks = api.scheduler.tasks_view(MAX_TASKS).into_iter().map(|t| TaskRow {
         digest: t.digest,
@@ -172,6 +211,7 @@ pub(super) fn cluster(api: &Api) -> Response<Full<Bytes>> {
         holders: t.holders,
         peers: t.peers,
         origin_fetchers: t.origin_fetchers,
+        origin_fetches: t.origin_fetches,
     });
-    json(StatusCode::OK, &ClusterView { hosts: hosts.collect(), tasks: tasks.collect() })
+    Ok(json(StatusCode::OK, &ClusterView { schedulers, hosts: hosts.collect(), tasks: tasks.collect() }))
 }

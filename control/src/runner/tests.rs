@@ -38,6 +38,9 @@ impl Cluster for FakeCluster {
             slots: 4,
             tasks: 0,
             last_seen_secs: 0,
+            served_origin: 0,
+            served_peer: 0,
+            served_cache: 0,
         };
         let mut hosts: Vec<HostView> = self.seeds.iter().map(|s| seed(s)).collect();
         hosts.push(HostView { seed: false, seeding: false, ..seed("ordinary") });

@@ -37,7 +37,7 @@ pub use upload::parse_path as parse_piece_path;
 
 use crate::digest::Digest;
 use crate::share::StoreEvent;
-use crate::source::{Source, SourceSpec};
+use crate::source::{ByteSource, Source, SourceSpec};
 use crate::store::Store;
 use crate::task::TaskRef;
 use download::{Download, Mode};
@@ -304,6 +304,16 @@ impl Node {
             seed: self.cfg.seed,
             upload_rate: self.cfg.upload_rate.unwrap_or(0),
             peer_tls: self.cfg.peer_tls,
+            served: Some(self.served()),
+        }
+    }
+
+    fn served(&self) -> proto::ServedBytes {
+        let m = self.store.metrics();
+        proto::ServedBytes {
+            origin: m.sent_from(ByteSource::Origin),
+            peer: m.sent_from(ByteSource::Peer),
+            cache: m.sent_from(ByteSource::Cache),
         }
     }
 
