@@ -35,7 +35,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// The hosts holding `digest` whole and verified, with the pieces each peer of the task
     /// holds, and the task's piece count (0 if unknown).
     fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32);
+    /// Asks a seed to fetch from the origin (the seed scopes).
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool;
+    /// Asks any node to hold a task, from its peers first (`all_peers`).
+    fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool;
 }
 
 impl Cluster for Scheduler {
@@ -53,6 +56,10 @@ impl Cluster for Scheduler {
 
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool {
         Scheduler::ask_seed(self, host, task)
+    }
+
+    fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
+        Scheduler::ask_to_hold(self, host, task)
     }
 }
 
@@ -183,10 +190,6 @@ impl JobRun {
         let Some(job) = store.get(self.claim.id).await? else { return Ok(Outcome::Left) };
         let (started_ms, resolved) = store.run_state(&self.claim).await?;
         let deadline_ms = started_ms.saturating_add(i64::try_from(job.spec.timeout.as_millis()).unwrap_or(i64::MAX));
-        if job.spec.scope == Scope::AllPeers {
-            let why = "scope all_peers is not supported yet: use single_seed_peer or all_seed_peers";
-            return Ok(fail(why));
-        }
         let image = match ImageRef::parse(&job.spec.url, job.spec.target, &self.runner.upstream) {
             Ok(image) => image,
             Err(e) => return Ok(fail(&e.to_string())),
@@ -247,7 +250,11 @@ impl JobRun {
             if targets.is_empty() {
                 let since = *no_peer_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= NO_PEER_GRACE {
-                    return Ok(fail("no seed peer is connected to this scheduler"));
+                    let why = match job.spec.scope {
+                        Scope::AllPeers => "no node is connected to this scheduler",
+                        Scope::SingleSeedPeer | Scope::AllSeedPeers => "no seed peer is connected to this scheduler",
+                    };
+                    return Ok(fail(why));
                 }
                 continue;
             }
@@ -284,7 +291,11 @@ impl JobRun {
                     if due {
                         let task =
                             SeedTask { digest: blob.digest.clone(), length: blob.length, source: Some(source.clone()) };
-                        if cluster.ask_seed(&t.id, task) {
+                        let sent = match job.spec.scope {
+                            Scope::AllPeers => cluster.ask_to_hold(&t.id, task),
+                            Scope::SingleSeedPeer | Scope::AllSeedPeers => cluster.ask_seed(&t.id, task),
+                        };
+                        if sent {
                             asked.insert((i, t.id.clone()), Instant::now());
                         }
                     }
@@ -338,7 +349,7 @@ fn fail(why: &str) -> Outcome {
 
 /// The peers that must hold the job's blobs: seeds with a seed stream open here, all of them
 /// or the one the job's URL hashes to (so that every scheduler picks the same one while the
-/// seeds stay the same).
+/// seeds stay the same); or every node with a preheat stream open here.
 pub fn peers_in_scope(hosts: &[HostView], scope: Scope, url: &str) -> Vec<HostView> {
     let seeds = hosts.iter().filter(|h| h.seed && h.seeding);
     match scope {
@@ -352,7 +363,7 @@ pub fn peers_in_scope(hosts: &[HostView], scope: Scope, url: &str) -> Vec<HostVi
             .cloned()
             .into_iter()
             .collect(),
-        Scope::AllPeers => Vec::new(),
+        Scope::AllPeers => hosts.iter().filter(|h| h.preheating).cloned().collect(),
     }
 }
 

@@ -394,3 +394,48 @@ async fn a_job_naming_a_registry_outside_the_allow_list_or_unreachable_fails_wit
     let mut sched = sched;
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn an_all_peers_preheat_puts_every_blob_on_every_node_for_one_origin_copy() {
+    let origin = Registry::start().await.unwrap();
+    let image = origin.push_image("everyone/app", "v1", 4).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), with_pat).await.unwrap();
+    let cluster = Cluster::start_with(&origin, vec![sched], 4, |i, o| if i == 0 { o.seed() } else { o }).await.unwrap();
+    let sched = &cluster.schedulers[0];
+    let api = sched.http_url();
+    poll_until("every node's preheat stream", Duration::from_secs(20), || {
+        let url = format!("{api}/api/v1/cluster");
+        async move {
+            let c = get_json(&url).await?;
+            let open = c["hosts"].as_array().map_or(0, |h| h.iter().filter(|h| h["preheating"] == true).count());
+            Ok((open == 4).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+
+    let (status, created) =
+        harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&harbor_job(&origin, &image, "all_peers"))).await.unwrap();
+    assert_eq!(status, 200, "{created}");
+    let done = poll_oapi(sched, created["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    let mut hosts: Vec<String> = done["result"]["job_states"][0]["results"][0]["success_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["hostname"].as_str().map(str::to_owned))
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, (0..4).map(node_id).collect::<Vec<_>>());
+    // Four nodes hold the image; the origin served it about once.
+    origin.settled_access_log().await.assert_copies_at_most(&image.blobs, 1.05);
+    for i in 0..4 {
+        let files = damselfly_integration::util::walk_files(cluster.node(i).data_dir());
+        for (digest, _) in &image.blobs {
+            let hex = digest.trim_start_matches("sha256:");
+            assert!(files.iter().any(|p| p.to_string_lossy().contains(hex)), "node {i} holds {digest}");
+        }
+    }
+    cluster.shutdown().await;
+}

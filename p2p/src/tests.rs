@@ -599,7 +599,9 @@ async fn background_fill_walks_a_blob_once_however_many_reads_ask() {
     for f in fills {
         f.await.unwrap();
     }
-    assert_eq!(read_bytes(&store), data.len() as u64, "one fill walked the blob, the others stood aside");
+    let fetched = src.sent.load(std::sync::atomic::Ordering::SeqCst) as u64;
+    assert_eq!(fetched, data.len() as u64, "one fill walked the blob, the others stood aside");
+    assert_eq!(read_bytes(&store), 0, "a fill sends nothing to a client");
     // Pieces count once the writer has them on disk.
     for _ in 0..100 {
         if t.is_complete() {
@@ -610,7 +612,7 @@ async fn background_fill_walks_a_blob_once_however_many_reads_ask() {
     assert!(t.is_complete());
     // A complete task needs no fill at all.
     reader::fill(t.clone(), src.clone()).await;
-    assert_eq!(read_bytes(&store), data.len() as u64);
+    assert_eq!(src.sent.load(std::sync::atomic::Ordering::SeqCst) as u64, data.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

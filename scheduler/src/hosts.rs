@@ -32,6 +32,8 @@ pub(crate) struct Host {
     /// EWMA of bytes/s children measured from this host; 0 until the first report.
     pub throughput: f64,
     pub seed_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
+    /// Where preheats send tasks for this host to fetch like a client would.
+    pub preheat_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
     pub idc: String,
     /// `region|zone|rack` split into its labels once, not per score.
     pub location: Vec<String>,
@@ -66,6 +68,7 @@ impl Host {
             last_seen: now,
             streams: 0,
             seed_stream: None,
+            preheat_stream: None,
             children: 0,
             throughput: 0.0,
             corrupt: Vec::new(),
@@ -79,6 +82,7 @@ impl Host {
     pub fn alive(&self, now: Instant, announce_interval: Duration) -> bool {
         self.streams > 0
             || self.seed_stream.is_some()
+            || self.preheat_stream.is_some()
             || now.saturating_duration_since(self.last_seen) < announce_interval.saturating_mul(3)
     }
 

@@ -34,7 +34,7 @@ pub use config::{load_secret, SchedulerConfig, SecretError, ServerTls, SECRET_EN
 pub use download::DownloadHandle;
 pub use error::SchedulerError;
 pub use metrics::{DecisionKind, Metrics};
-pub use scheduler::{Scheduler, SeedSubscription};
+pub use scheduler::{Scheduler, TaskSubscription};
 pub use server::{start, Running};
 pub use service::SchedulerService;
 pub use view::{HostView, TaskView};

@@ -234,8 +234,17 @@ impl Scheduler {
     }
 
     /// Opens the stream of tasks a seed host is asked to fetch from the origin.
-    pub fn seed_tasks(&self, req: &proto::SeedTasksRequest) -> Result<SeedSubscription, SchedulerError> {
-        check_id("host id", &req.host_id)?;
+    pub fn seed_tasks(&self, req: &proto::SeedTasksRequest) -> Result<TaskSubscription, SchedulerError> {
+        self.open_tasks(&req.host_id, TaskStream::Seed)
+    }
+
+    /// Opens the stream of tasks preheats ask a host to fetch, as it would for a client.
+    pub fn preheat_tasks(&self, req: &proto::PreheatTasksRequest) -> Result<TaskSubscription, SchedulerError> {
+        self.open_tasks(&req.host_id, TaskStream::Preheat)
+    }
+
+    fn open_tasks(&self, host_id: &str, kind: TaskStream) -> Result<TaskSubscription, SchedulerError> {
+        check_id("host id", host_id)?;
         let (tx, rx) = mpsc::channel(SEED_QUEUE);
         let (host, gen) = self.with(|st, env| {
             if st.shut {
@@ -243,15 +252,25 @@ impl Scheduler {
             }
             let gen = st.next_gen;
             st.next_gen += 1;
-            let h = st.hosts.get_mut(req.host_id.as_str()).filter(|h| h.seed);
-            let h = h.ok_or_else(|| SchedulerError::precondition("not a seed host; announce with seed=true first"))?;
-            h.seed_stream = Some((gen, tx));
+            let h =
+                match kind {
+                    TaskStream::Seed => st.hosts.get_mut(host_id).filter(|h| h.seed).ok_or_else(|| {
+                        SchedulerError::precondition("not a seed host; announce with seed=true first")
+                    })?,
+                    TaskStream::Preheat => st
+                        .hosts
+                        .get_mut(host_id)
+                        .ok_or_else(|| SchedulerError::precondition("unknown host; announce it first"))?,
+                };
+            *kind.slot(h) = Some((gen, tx));
             h.last_seen = env.now;
             let id = h.id.clone();
-            st.seeds.insert(id.clone());
+            if kind == TaskStream::Seed {
+                st.seeds.insert(id.clone());
+            }
             Ok((id, gen))
         })?;
-        Ok(SeedSubscription { rx, sched: self.clone(), host, gen })
+        Ok(TaskSubscription { rx, sched: self.clone(), host, gen, kind })
     }
 
     /// Drops hosts silent for three announce intervals with no stream open, with their peers.
@@ -299,21 +318,25 @@ impl Scheduler {
             }
             for h in st.hosts.values_mut() {
                 h.seed_stream = None;
+                h.preheat_stream = None;
             }
             st.seeds.clear();
         });
     }
 
-    fn seed_closed(&self, host: &Id, gen: u64) {
+    fn stream_closed(&self, kind: TaskStream, host: &Id, gen: u64) {
         self.with(|st, env| {
-            let Some(h) = st.hosts.get_mut(host).filter(|h| h.seed_stream.as_ref().is_some_and(|(g, _)| *g == gen))
-            else {
+            let Some(h) = st.hosts.get_mut(host) else { return };
+            let slot = kind.slot(h);
+            if slot.as_ref().is_none_or(|(g, _)| *g != gen) {
                 return;
-            };
-            h.seed_stream = None;
+            }
+            *slot = None;
             h.last_seen = env.now;
-            st.seeds.remove(host);
-            st.seed_ended(env, host);
+            if kind == TaskStream::Seed {
+                st.seeds.remove(host);
+                st.seed_ended(env, host);
+            }
         });
     }
 }
@@ -370,6 +393,7 @@ impl SoftState {
         self.seeds.remove(host);
         let Some(h) = self.hosts.get_mut(host) else { return };
         h.seed_stream = None;
+        h.preheat_stream = None;
         let tasks: Vec<Id> = h.tasks.iter().cloned().collect();
         for digest in tasks {
             self.drop_peer(env, &digest, host);
@@ -438,21 +462,41 @@ fn parse_task(t: &TaskInfo) -> Result<(&TaskInfo, Vec<Sha>), SchedulerError> {
     Ok((t, shas.ok_or_else(|| SchedulerError::invalid(format!("bad piece sha256 in {}", t.digest)))?))
 }
 
-/// The tasks a seed is asked to fetch. Dropping it closes the seed's stream.
-pub struct SeedSubscription {
+/// Which of a host's task streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskStream {
+    /// A seed's: fetch from the origin for the cluster.
+    Seed,
+    /// Any member's: hold a preheated task.
+    Preheat,
+}
+
+impl TaskStream {
+    fn slot(self, h: &mut Host) -> &mut Option<(u64, mpsc::Sender<SeedTask>)> {
+        match self {
+            TaskStream::Seed => &mut h.seed_stream,
+            TaskStream::Preheat => &mut h.preheat_stream,
+        }
+    }
+}
+
+/// The tasks a host is asked to fetch on one of its task streams. Dropping it closes the
+/// stream.
+pub struct TaskSubscription {
     rx: mpsc::Receiver<SeedTask>,
     sched: Scheduler,
     host: Id,
     gen: u64,
+    kind: TaskStream,
 }
 
-impl SeedSubscription {
+impl TaskSubscription {
     pub async fn recv(&mut self) -> Option<SeedTask> {
         self.rx.recv().await
     }
 }
 
-impl futures_util::Stream for SeedSubscription {
+impl futures_util::Stream for TaskSubscription {
     type Item = SeedTask;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SeedTask>> {
@@ -460,8 +504,8 @@ impl futures_util::Stream for SeedSubscription {
     }
 }
 
-impl Drop for SeedSubscription {
+impl Drop for TaskSubscription {
     fn drop(&mut self) {
-        self.sched.seed_closed(&self.host, self.gen);
+        self.sched.stream_closed(self.kind, &self.host, self.gen);
     }
 }

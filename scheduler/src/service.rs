@@ -234,6 +234,18 @@ impl scheduler_server::Scheduler for SchedulerService {
         let sub = self.core.seed_tasks(req.get_ref())?;
         Ok(Response::new(Box::pin(sub.map(Ok))))
     }
+
+    type PreheatTasksStream = BoxStream<SeedTask>;
+
+    async fn preheat_tasks(
+        &self,
+        req: Request<proto::PreheatTasksRequest>,
+    ) -> Result<Response<Self::PreheatTasksStream>, Status> {
+        let caller = self.caller(&req)?;
+        self.act_for(&caller, &req.get_ref().host_id, "preheat_tasks")?;
+        let sub = self.core.preheat_tasks(req.get_ref())?;
+        Ok(Response::new(Box::pin(sub.map(Ok))))
+    }
 }
 
 /// One download stream: applies the client's requests and yields the responses they queue.

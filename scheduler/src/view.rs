@@ -19,8 +19,10 @@ pub struct HostView {
     pub location: String,
     /// Announced itself a seed.
     pub seed: bool,
-    /// Has a seed stream open here: it can be asked to fetch.
+    /// Has a seed stream open here: it can be asked to fetch from the origin.
     pub seeding: bool,
+    /// Has a preheat stream open here: it can be asked to hold a task.
+    pub preheating: bool,
     /// Children its peers serve now, and its upload slots.
     pub load: u32,
     pub slots: u32,
@@ -65,6 +67,7 @@ impl Scheduler {
                 location: h.location.join("|"),
                 seed: h.seed,
                 seeding: h.seed_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed()),
+                preheating: h.preheat_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed()),
                 load: h.children,
                 slots: h.slots(),
                 tasks: h.tasks.len(),
@@ -106,6 +109,14 @@ impl Scheduler {
         let Some((_, tx)) = st.hosts.get(host).filter(|h| h.seed).and_then(|h| h.seed_stream.as_ref()) else {
             return false;
         };
+        tx.try_send(task).is_ok()
+    }
+
+    /// Asks `host` to hold `task`, fetching it as for a client (from peers first). False when
+    /// the host has no open preheat stream here or its queue is full.
+    pub fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
+        let st = self.lock();
+        let Some((_, tx)) = st.hosts.get(host).and_then(|h| h.preheat_stream.as_ref()) else { return false };
         tx.try_send(task).is_ok()
     }
 }

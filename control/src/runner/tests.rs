@@ -12,11 +12,21 @@ struct FakeCluster {
     lazy: bool,
     held: Mutex<HashSet<(String, String)>>,
     asked: Mutex<Vec<(String, SeedTask)>>,
+    /// Hosts asked through their seed stream, and through their preheat stream.
+    seed_asks: Mutex<Vec<String>>,
+    held_asks: Mutex<Vec<String>>,
 }
 
 impl FakeCluster {
     fn new(seeds: &[&'static str], lazy: bool) -> Arc<FakeCluster> {
-        Arc::new(FakeCluster { seeds: seeds.to_vec(), lazy, held: Mutex::default(), asked: Mutex::default() })
+        Arc::new(FakeCluster {
+            seeds: seeds.to_vec(),
+            lazy,
+            held: Mutex::default(),
+            asked: Mutex::default(),
+            seed_asks: Mutex::default(),
+            held_asks: Mutex::default(),
+        })
     }
 
     fn asked_hosts(&self) -> HashSet<String> {
@@ -34,6 +44,7 @@ impl Cluster for FakeCluster {
             location: String::new(),
             seed: true,
             seeding: true,
+            preheating: true,
             load: 0,
             slots: 4,
             tasks: 0,
@@ -44,6 +55,7 @@ impl Cluster for FakeCluster {
         };
         let mut hosts: Vec<HostView> = self.seeds.iter().map(|s| seed(s)).collect();
         hosts.push(HostView { seed: false, seeding: false, ..seed("ordinary") });
+        hosts.push(HostView { seed: false, seeding: false, preheating: false, ..seed("unreachable") });
         hosts
     }
 
@@ -53,7 +65,19 @@ impl Cluster for FakeCluster {
         (peers, 2)
     }
 
+    fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
+        self.held_asks.lock().expect("lock").push(host.to_owned());
+        self.ask(host, task)
+    }
+
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool {
+        self.seed_asks.lock().expect("lock").push(host.to_owned());
+        self.ask(host, task)
+    }
+}
+
+impl FakeCluster {
+    fn ask(&self, host: &str, task: SeedTask) -> bool {
         if !self.lazy {
             self.held.lock().expect("lock").insert((host.to_owned(), task.digest.clone()));
         }
@@ -137,6 +161,7 @@ async fn an_all_seeds_job_waits_for_every_seed() {
     assert_eq!(done.state, JobState::Success);
     assert_eq!(cluster.asked_hosts(), HashSet::from(["seed-a".to_owned(), "seed-b".to_owned()]));
     assert_eq!(done.succeeded_peers().count(), 2);
+    assert!(cluster.held_asks.lock().expect("lock").is_empty(), "seeds are asked on their seed streams");
 }
 
 #[tokio::test]
@@ -157,16 +182,19 @@ async fn a_job_whose_seeds_never_fetch_fails_at_its_timeout_with_each_blobs_reas
 }
 
 #[tokio::test]
-async fn all_peers_is_refused_with_the_reason_until_nodes_take_tasks() {
+async fn an_all_peers_job_waits_for_every_node_with_a_preheat_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = JobStore::open_in(dir.path()).await.expect("store");
     let id = job(&store, Scope::AllPeers, Duration::from_secs(60)).await;
+    let cluster = FakeCluster::new(&["seed-a"], false);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(runner(&store, FakeCluster::new(&["s"], false), DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
+    let task = tokio::spawn(runner(&store, cluster.clone(), DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
     let done = until_done(&store, id).await;
     stop.cancel();
     task.await.expect("runner");
-    assert!(done.state == JobState::Failure && done.error.contains("all_peers"), "{}", done.error);
+    assert_eq!(done.state, JobState::Success, "{}", done.error);
+    assert_eq!(cluster.asked_hosts(), HashSet::from(["seed-a".to_owned(), "ordinary".to_owned()]));
+    assert!(cluster.seed_asks.lock().expect("lock").is_empty(), "nobody is sent to the origin by the job");
 }
 
 #[tokio::test]
@@ -202,6 +230,7 @@ fn every_scheduler_picks_the_same_single_seed() {
     assert_eq!(pick(&hosts), first);
     assert!(peers_in_scope(&hosts, Scope::AllSeedPeers, "u").iter().all(|h| h.seed));
     assert_eq!(peers_in_scope(&hosts, Scope::AllSeedPeers, "u").len(), 4);
+    assert_eq!(peers_in_scope(&hosts, Scope::AllPeers, "u").len(), 5, "every node with a preheat stream");
 }
 
 const DEFAULT_LEASE_FOR_TESTS: Duration = Duration::from_secs(5);

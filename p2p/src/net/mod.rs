@@ -171,6 +171,15 @@ struct Poisoned {
     reported: bool,
 }
 
+/// Which task stream asked for a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asked {
+    /// The seed stream: the cluster waits for this seed to fetch from the origin.
+    Seed,
+    /// The preheat stream: a preheat wants every node to hold the task.
+    Preheat,
+}
+
 pub struct Node {
     pub(crate) cfg: NodeConfig,
     pub(crate) store: Store,
@@ -270,8 +279,11 @@ impl Node {
         *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         for i in 0..node.schedulers.len() {
             tokio::spawn(node.clone().announce_loop(i));
-            if node.cfg.seed && node.cfg.seed_source.is_some() {
-                tokio::spawn(node.clone().seed_loop(i));
+            if node.cfg.seed_source.is_some() {
+                if node.cfg.seed {
+                    tokio::spawn(node.clone().task_loop(i, Asked::Seed));
+                }
+                tokio::spawn(node.clone().task_loop(i, Asked::Preheat));
             }
         }
         Ok(node)
@@ -394,22 +406,27 @@ impl Node {
 
     /// Seed peers: fetch what the scheduler asks for, the usual way, so that others can take
     /// it from here.
-    async fn seed_loop(self: Arc<Self>, i: usize) {
+    /// Keeps one of scheduler `i`'s task streams open and takes the tasks it sends.
+    async fn task_loop(self: Arc<Self>, i: usize, asked: Asked) {
         loop {
             // Until the announcement went through, the scheduler would refuse the stream.
             let mut wait = Duration::from_millis(200);
             if self.schedulers.is_announced(i) {
                 wait = Duration::from_secs(1);
-                match self.schedulers.seed_tasks(i, &self.cfg.host_id).await {
+                let opened = match asked {
+                    Asked::Seed => self.schedulers.seed_tasks(i, &self.cfg.host_id).await,
+                    Asked::Preheat => self.schedulers.preheat_tasks(i, &self.cfg.host_id).await,
+                };
+                match opened {
                     Ok(mut stream) => {
-                        tracing::debug!(scheduler = %self.schedulers.url(i), "taking seed tasks");
+                        tracing::debug!(scheduler = %self.schedulers.url(i), ?asked, "taking tasks");
                         loop {
                             let next = tokio::select! {
                                 _ = self.shutdown.cancelled() => return,
                                 next = stream.message() => next,
                             };
                             match next {
-                                Ok(Some(t)) => self.seed(t),
+                                Ok(Some(t)) => self.fetch_asked(t, asked),
                                 _ => break,
                             }
                         }
@@ -418,9 +435,11 @@ impl Node {
                     // role. The node still works as an ordinary one; asking every second
                     // would only repeat the refusal.
                     Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                        tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), "not taken as a seed");
+                        tracing::warn!(scheduler = %self.schedulers.url(i), error = %s.message(), ?asked, "task stream refused");
                         wait = REFUSED_RETRY;
                     }
+                    // An older scheduler without preheat streams.
+                    Err(s) if s.code() == tonic::Code::Unimplemented => wait = REFUSED_RETRY,
                     Err(_) => {}
                 }
             }
@@ -431,7 +450,9 @@ impl Node {
         }
     }
 
-    fn seed(&self, t: proto::SeedTask) {
+    /// Fetches a task a scheduler asked for through the store, as for a client: a seed's from
+    /// the origin (the scheduler sends its own download there), a preheat's from peers first.
+    fn fetch_asked(&self, t: proto::SeedTask, asked: Asked) {
         let (Ok(digest), Some(src), Some(seeder)) = (Digest::parse(&t.digest), t.source, &self.cfg.seed_source) else {
             return;
         };
@@ -447,7 +468,7 @@ impl Node {
         if source.supplier().is_some_and(|s| !task.claim_supplier(&s)) {
             return;
         }
-        tracing::info!(%digest, "seeding on the scheduler's request");
+        tracing::info!(%digest, ?asked, "fetching on the scheduler's request");
         tokio::spawn(crate::reader::fill(task, source));
     }
 

@@ -267,6 +267,15 @@ mod tests {
         ) -> Result<Response<Self::SeedTasksStream>, Status> {
             self.0.seed_tasks(r).await
         }
+
+        type PreheatTasksStream = Boxed<proto::SeedTask>;
+
+        async fn preheat_tasks(
+            &self,
+            r: Request<proto::PreheatTasksRequest>,
+        ) -> Result<Response<Self::PreheatTasksStream>, Status> {
+            self.0.preheat_tasks(r).await
+        }
     }
 
     /// Opens downloads of `D` and `E` for host `h` through `urls`' first scheduler; returns

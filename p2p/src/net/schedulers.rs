@@ -321,6 +321,16 @@ impl Schedulers {
             .map_err(|_| tonic::Status::deadline_exceeded("seed stream timed out"))??;
         Ok(resp.into_inner())
     }
+
+    /// Opens scheduler `i`'s stream of tasks preheats ask this host to hold.
+    pub async fn preheat_tasks(&self, i: usize, host_id: &str) -> Result<Streaming<proto::SeedTask>, tonic::Status> {
+        let req = proto::PreheatTasksRequest { host_id: host_id.to_owned() };
+        let mut client = self.endpoints[i].client.clone();
+        let resp = tokio::time::timeout(CALL_TIMEOUT, client.preheat_tasks(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("preheat stream timed out"))??;
+        Ok(resp.into_inner())
+    }
 }
 
 #[cfg(test)]

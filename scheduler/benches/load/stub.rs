@@ -102,4 +102,13 @@ impl Scheduler for TransportOnly {
     async fn seed_tasks(&self, _: Request<proto::SeedTasksRequest>) -> Result<Response<Self::SeedTasksStream>, Status> {
         Err(Status::unimplemented("stub"))
     }
+
+    type PreheatTasksStream = BoxStream<proto::SeedTask>;
+
+    async fn preheat_tasks(
+        &self,
+        _: Request<proto::PreheatTasksRequest>,
+    ) -> Result<Response<Self::PreheatTasksStream>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
 }

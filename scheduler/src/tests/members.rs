@@ -101,3 +101,27 @@ async fn an_insecure_cluster_takes_calls_without_proof_but_keeps_owners_apart() 
     assert_eq!(anonymous.code(), Code::PermissionDenied);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_a_hosts_owner_opens_its_preheat_stream() {
+    let (running, mut client) = scheduler(false).await;
+    let open = |host: &str, owner: u8, secret: Option<&[u8]>| {
+        signed(proto::PreheatTasksRequest { host_id: "node-1".into() }, host, owner, secret, now())
+    };
+    let stranger = client.preheat_tasks(Request::new(proto::PreheatTasksRequest { host_id: "node-1".into() })).await;
+    assert_eq!(stranger.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    // Unknown until announced.
+    let early = client.preheat_tasks(open("node-1", 1, Some(SECRET))).await;
+    assert_eq!(early.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+    client.announce_host(signed(announce_of("node-1"), "node-1", 1, Some(SECRET), now())).await.expect("announce");
+    let other = client.preheat_tasks(open("node-1", 2, Some(SECRET))).await;
+    assert_eq!(other.err().map(|s| s.code()), Some(Code::PermissionDenied), "another member's owner token");
+    let mut stream = client.preheat_tasks(open("node-1", 1, Some(SECRET))).await.expect("the owner").into_inner();
+    let task = proto::SeedTask { digest: super::D.into(), length: 5, source: None };
+    assert!(running.scheduler().ask_to_hold("node-1", task.clone()));
+    assert_eq!(stream.message().await.expect("message"), Some(task.clone()));
+    assert!(!running.scheduler().ask_seed("node-1", task), "not a seed");
+    let view = running.scheduler().hosts_view();
+    assert!(view[0].preheating && !view[0].seeding, "{view:?}");
+    running.shutdown().await;
+}

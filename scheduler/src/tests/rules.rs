@@ -304,7 +304,7 @@ fn only_seed_hosts_may_open_the_seed_stream() {
     assert!(matches!(err, Some(crate::SchedulerError::FailedPrecondition(_))));
 }
 
-impl crate::SeedSubscription {
+impl crate::TaskSubscription {
     fn rx_try(&mut self) -> Option<proto::SeedTask> {
         use futures_util::FutureExt;
         self.recv().now_or_never().flatten()
