@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers that read network input (targets in fuzz/fuzz_targets/: route, range,
-# challenge, digest, upload, scheduler) with libFuzzer, coverage-guided.
+# challenge, digest, upload, scheduler, preheat) with libFuzzer, coverage-guided.
 #
 #   scripts/fuzz.sh [SECONDS]          build, then run each target for SECONDS (default 10;
 #                                      0 only builds)
@@ -34,7 +34,7 @@ if ! [[ $seconds =~ ^[0-9]+$ ]]; then
   echo "usage: scripts/fuzz.sh [--asan] [SECONDS]" >&2
   exit 2
 fi
-read -r -a targets <<<"${FUZZ_TARGETS:-route range challenge digest upload scheduler}"
+read -r -a targets <<<"${FUZZ_TARGETS:-route range challenge digest upload scheduler preheat}"
 # libFuzzer options shared by both modes: a hang longer than 10 s is a finding too.
 opts=(-max_total_time="$seconds" -timeout=10 -max_len=4096 -print_final_stats=1)
 

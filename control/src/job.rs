@@ -111,10 +111,14 @@ impl Target {
 /// Who asked for a job; the legacy protocol's ids are the same numbers as strings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Origin {
+    /// Harbor ≥ 2.12 (`/oapi/v1/jobs`).
     OpenApi,
+    /// Harbor 2.1–2.11 (`/preheats`).
     Legacy,
+    /// A registry's push notification.
     Notification,
-    Console,
+    /// The JSON API: `damselfly preheat` or the console's form.
+    Api,
 }
 
 impl Origin {
@@ -123,12 +127,12 @@ impl Origin {
             Origin::OpenApi => "oapi",
             Origin::Legacy => "legacy",
             Origin::Notification => "notification",
-            Origin::Console => "console",
+            Origin::Api => "api",
         }
     }
 
     pub fn parse(s: &str) -> Option<Origin> {
-        [Origin::OpenApi, Origin::Legacy, Origin::Notification, Origin::Console].into_iter().find(|o| o.as_str() == s)
+        [Origin::OpenApi, Origin::Legacy, Origin::Notification, Origin::Api].into_iter().find(|o| o.as_str() == s)
     }
 }
 
@@ -148,6 +152,12 @@ pub struct JobSpec {
     /// How long the job may run before it fails.
     pub timeout: Duration,
     pub origin: Origin,
+}
+
+/// Of a request's headers, those a job keeps: `Authorization`, the one the registry is sent.
+/// Nothing else is stored with the job.
+pub fn registry_headers(headers: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    headers.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case("authorization")).collect()
 }
 
 /// Blobs asked of the peers at once when the request leaves it at 0.
@@ -230,7 +240,7 @@ mod tests {
         for s in [Scope::SingleSeedPeer, Scope::AllSeedPeers, Scope::AllPeers] {
             assert_eq!(Scope::parse(s.as_str()), Some(s));
         }
-        for o in [Origin::OpenApi, Origin::Legacy, Origin::Notification, Origin::Console] {
+        for o in [Origin::OpenApi, Origin::Legacy, Origin::Notification, Origin::Api] {
             assert_eq!(Origin::parse(o.as_str()), Some(o));
         }
         assert_eq!(Scope::parse(""), Some(Scope::SingleSeedPeer));

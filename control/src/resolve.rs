@@ -136,21 +136,53 @@ pub async fn resolve(
     }
     let (bytes, media_type) = reader.manifest(&image.reference).await?;
     let mut blobs = Vec::new();
-    if is_index(&media_type, &bytes) {
-        let what = format!("the index {}", image.reference);
-        let index = ImageIndex::from_reader(&bytes[..])
-            .map_err(|e| ResolveError::Manifest { what: what.clone(), reason: e.to_string() })?;
-        let chosen = choose(index.manifests(), platforms)?;
-        for (platform, digest) in chosen {
-            let (bytes, _) = reader.manifest(&digest).await?;
-            blobs.extend(manifest_blobs(&bytes, &digest, &platform)?);
+    match read_manifest(&bytes, &media_type, &image.reference, platforms)? {
+        Manifest::Index(chosen) => {
+            for (platform, digest) in chosen {
+                let (bytes, media_type) = reader.manifest(&digest).await?;
+                match read_manifest(&bytes, &media_type, &digest, &[])? {
+                    Manifest::Image(found) => {
+                        blobs.extend(found.into_iter().map(|b| BlobProgress { platform: platform.clone(), ..b }))
+                    }
+                    Manifest::Index(_) => {
+                        let what = format!("the manifest {digest}");
+                        return Err(ResolveError::Manifest { what, reason: "an index inside an index".to_owned() });
+                    }
+                }
+            }
         }
-    } else {
-        blobs.extend(manifest_blobs(&bytes, &image.reference, "")?);
+        Manifest::Image(found) => blobs.extend(found),
     }
     let mut seen = HashSet::new();
     blobs.retain(|b: &BlobProgress| seen.insert(b.digest.clone()));
     Ok(blobs)
+}
+
+/// What a manifest's bytes say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Manifest {
+    /// An index: the manifests chosen for the platforms asked for, as (`os/arch[/variant]`,
+    /// digest).
+    Index(Vec<(String, String)>),
+    /// An image: its config and layers.
+    Image(Vec<BlobProgress>),
+}
+
+/// Reads a manifest or index a registry sent for `reference` (`media_type` from its
+/// `Content-Type`), choosing an index's manifests for `platforms` (all when empty).
+pub fn read_manifest(
+    bytes: &[u8],
+    media_type: &str,
+    reference: &str,
+    platforms: &[String],
+) -> Result<Manifest, ResolveError> {
+    if is_index(media_type, bytes) {
+        let what = format!("the index {reference}");
+        let index =
+            ImageIndex::from_reader(bytes).map_err(|e| ResolveError::Manifest { what, reason: e.to_string() })?;
+        return Ok(Manifest::Index(choose(index.manifests(), platforms)?));
+    }
+    manifest_blobs(bytes, reference, "").map(Manifest::Image)
 }
 
 fn is_index(media_type: &str, bytes: &[u8]) -> bool {
@@ -201,7 +233,10 @@ fn manifest_blobs(bytes: &[u8], reference: &str, platform: &str) -> Result<Vec<B
     let manifest = ImageManifest::from_reader(bytes)
         .map_err(|e| ResolveError::Manifest { what: what.clone(), reason: e.to_string() })?;
     if matches!(manifest.media_type(), Some(MediaType::ImageIndex)) {
-        return Err(ResolveError::Manifest { what, reason: "an index inside an index".to_owned() });
+        return Err(ResolveError::Manifest {
+            what,
+            reason: "an index where an image manifest was expected".to_owned(),
+        });
     }
     let descriptors = std::iter::once(manifest.config()).chain(manifest.layers());
     descriptors

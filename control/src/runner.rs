@@ -192,7 +192,7 @@ impl JobRun {
         let deadline_ms = started_ms.saturating_add(i64::try_from(job.spec.timeout.as_millis()).unwrap_or(i64::MAX));
         let image = match ImageRef::parse(&job.spec.url, job.spec.target, &self.runner.upstream) {
             Ok(image) => image,
-            Err(e) => return Ok(fail(&e.to_string())),
+            Err(e) => return Ok(fail(&reason(&e))),
         };
         if !resolved {
             let auth = authorization(&job.spec.headers);
@@ -202,7 +202,7 @@ impl JobRun {
             };
             match found {
                 Ok(blobs) => store.set_blobs(&self.claim, &blobs).await?,
-                Err(e) => return Ok(fail(&e.to_string())),
+                Err(e) => return Ok(fail(&reason(&e))),
             }
         }
         let mut blobs = store.blobs(self.claim.id).await?;
@@ -345,6 +345,20 @@ impl JobRun {
 
 fn fail(why: &str) -> Outcome {
     Outcome::Done(JobState::Failure, why.to_owned(), Vec::new())
+}
+
+/// An error with its causes, as a job's reason: "cannot send" alone says little.
+fn reason(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// The peers that must hold the job's blobs: seeds with a seed stream open here, all of them

@@ -21,7 +21,7 @@ use crate::job::{BlobProgress, Job, JobId, JobSpec, JobState, Origin, PeerResult
 pub enum StoreError {
     #[error("job store: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("job store: cannot create {path}: {source}")]
+    #[error("job store: cannot create or open {path}: {source}")]
     Dir { path: String, source: std::io::Error },
     #[error("job store: unsupported URL {0:?} (sqlite://PATH or postgres://…)")]
     Url(String),
@@ -53,11 +53,18 @@ const JOB_COLUMNS: &str = "id, target, url, headers, scope, platforms, concurren
                            error, result, created_ms, updated_ms, runner";
 
 impl JobStore {
-    /// The default store: `jobs.db` in `data_dir`, created if missing.
+    /// The default store: `jobs.db` in `data_dir`, created if missing. Jobs hold the
+    /// registry credentials they were given, so the file is the owner's only (SQLite gives its
+    /// journal files the database's mode).
     pub async fn open_in(data_dir: &Path) -> Result<JobStore, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| StoreError::Dir { path: data_dir.display().to_string(), source })?;
-        let url = format!("sqlite://{}?mode=rwc", data_dir.join("jobs.db").display());
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        let dir_err = |source| StoreError::Dir { path: data_dir.display().to_string(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).map_err(dir_err)?;
+        let file = data_dir.join("jobs.db");
+        let file_err = |source| StoreError::Dir { path: file.display().to_string(), source };
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&file).map_err(file_err)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(file_err)?;
+        let url = format!("sqlite://{}?mode=rwc", file.display());
         Self::open(&url).await
     }
 

@@ -150,7 +150,7 @@ async fn the_console_shows_the_cluster_and_starts_a_preheat_from_its_form() {
     let job = api("GET", &format!("{base}/api/v1/jobs/{form_id}"), None).await;
     assert_eq!(
         (job["url"].as_str(), job["scope"].as_str(), job["origin"].as_str()),
-        (Some(manifest("v2").as_str()), Some("all_seed_peers"), Some("console"))
+        (Some(manifest("v2").as_str()), Some("all_seed_peers"), Some("api"))
     );
     origin.settled_access_log().await.assert_copies_at_most(&second.blobs, 1.05);
     browser

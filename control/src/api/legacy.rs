@@ -10,7 +10,9 @@ use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
 use super::{json, parse, parse_id, rfc3339, Api, ApiError};
-use crate::job::{Job, JobSpec, JobState, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT};
+use crate::job::{
+    registry_headers, Job, JobSpec, JobState, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT,
+};
 
 #[derive(Debug, Deserialize)]
 struct CreatePreheat {
@@ -40,8 +42,9 @@ struct Status {
     error_msg: String,
 }
 
-pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
-    let req: CreatePreheat = parse(&body)?;
+/// The job a request body asks for, checked.
+pub(super) fn spec(body: &[u8]) -> Result<JobSpec, ApiError> {
+    let req: CreatePreheat = parse(body)?;
     let target = match req.kind.as_str() {
         "" | "image" => Target::Image,
         "file" => Target::File,
@@ -50,10 +53,23 @@ pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes
     if req.url.trim().is_empty() {
         return Err(ApiError::Unprocessable("url is required".to_owned()));
     }
-    let url = req.url.trim().to_owned();
+    Ok(JobSpec {
+        target,
+        url: req.url.trim().to_owned(),
+        headers: registry_headers(req.headers.unwrap_or_default()),
+        scope: Scope::SingleSeedPeer,
+        platforms: Vec::new(),
+        concurrency: DEFAULT_CONCURRENCY,
+        timeout: DEFAULT_TIMEOUT,
+        origin: Origin::Legacy,
+    })
+}
+
+pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
+    let spec = spec(&body)?;
     // Harbor asks again for an image it preheated before: a job still under way is that
     // job, and one whose blobs every peer still holds is already done.
-    if let Some(previous) = api.store.latest_for(&url, Scope::SingleSeedPeer).await? {
+    if let Some(previous) = api.store.latest_for(&spec.url, spec.scope).await? {
         let still_held = previous.state == JobState::Success && held_now(api, &previous);
         if still_held {
             return Ok(json(StatusCode::ALREADY_REPORTED, &Created { id: previous.id.to_string() }));
@@ -62,16 +78,6 @@ pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes
             return Ok(json(StatusCode::OK, &Created { id: previous.id.to_string() }));
         }
     }
-    let spec = JobSpec {
-        target,
-        url,
-        headers: req.headers.unwrap_or_default(),
-        scope: Scope::SingleSeedPeer,
-        platforms: Vec::new(),
-        concurrency: DEFAULT_CONCURRENCY,
-        timeout: DEFAULT_TIMEOUT,
-        origin: Origin::Legacy,
-    };
     let id = api.create(&spec).await?;
     Ok(json(StatusCode::OK, &Created { id: id.to_string() }))
 }

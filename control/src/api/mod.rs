@@ -156,6 +156,30 @@ impl Api {
     }
 }
 
+/// The endpoints that take a job request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /oapi/v1/jobs`
+    OpenApi,
+    /// `POST /preheats`
+    Legacy,
+    /// `POST /api/v1/jobs`
+    Api,
+    /// `POST /registry/notifications`
+    Notification,
+}
+
+/// The jobs a request body to `endpoint` asks for, checked as the handlers check them (for
+/// the fuzz target; the handlers call the same functions).
+pub fn read_request(endpoint: Endpoint, body: &[u8]) -> Result<Vec<JobSpec>, ApiError> {
+    match endpoint {
+        Endpoint::OpenApi => oapi::spec(body).map(|s| vec![s]),
+        Endpoint::Legacy => legacy::spec(body).map(|s| vec![s]),
+        Endpoint::Api => v1::spec(body).map(|s| vec![s]),
+        Endpoint::Notification => notify::specs(body, Scope::SingleSeedPeer),
+    }
+}
+
 /// A POST's body, which must be JSON: a cross-site form cannot send that type, so a browser
 /// holding Basic credentials for the console cannot be made to start jobs by another page.
 async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {

@@ -9,7 +9,7 @@ use http_body_util::Full;
 use serde::Deserialize;
 
 use super::{json, parse, Api, ApiError};
-use crate::job::{JobSpec, Origin, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT};
+use crate::job::{JobSpec, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT};
 
 /// Events one envelope may start jobs for.
 const MAX_EVENTS: usize = 100;
@@ -36,23 +36,28 @@ struct EventTarget {
     url: String,
 }
 
-pub(super) async fn receive(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
-    let envelope: Envelope = parse(&body)?;
-    let mut started = Vec::new();
-    for event in envelope.events.iter().take(MAX_EVENTS) {
-        let Some(target) = event.target.as_ref().filter(|t| event.action == "push" && is_manifest(t)) else {
-            continue;
-        };
-        let spec = JobSpec {
+/// The jobs an envelope asks for: one per manifest push, at most [`MAX_EVENTS`].
+pub(super) fn specs(body: &[u8], scope: Scope) -> Result<Vec<JobSpec>, ApiError> {
+    let envelope: Envelope = parse(body)?;
+    let pushes = envelope.events.into_iter().take(MAX_EVENTS).filter(|e| e.action == "push");
+    let targets = pushes.filter_map(|e| e.target).filter(is_manifest);
+    Ok(targets
+        .map(|target| JobSpec {
             target: Target::Image,
-            url: target.url.clone(),
+            url: target.url,
             headers: Default::default(),
-            scope: api.notification_scope,
+            scope,
             platforms: Vec::new(),
             concurrency: DEFAULT_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
             origin: Origin::Notification,
-        };
+        })
+        .collect())
+}
+
+pub(super) async fn receive(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut started = Vec::new();
+    for spec in specs(&body, api.notification_scope)? {
         // A pending job for the same manifest will preheat it anyway.
         if let Some(previous) = api.store.latest_for(&spec.url, spec.scope).await? {
             if !previous.state.is_done() {

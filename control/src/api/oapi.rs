@@ -12,7 +12,9 @@ use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
 use super::{json, page, parse, parse_id, rfc3339, Api, ApiError};
-use crate::job::{Job, JobSpec, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+use crate::job::{
+    registry_headers, Job, JobSpec, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT,
+};
 
 /// The cluster id reported in results: this control plane serves one cluster.
 const CLUSTER_ID: u64 = 1;
@@ -51,14 +53,19 @@ struct PreheatArgs {
 }
 
 pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
-    let req: CreateJob = parse(&body)?;
-    if req.kind != "preheat" {
-        return Err(ApiError::Unprocessable(format!("job type {:?} is not supported; only \"preheat\"", req.kind)));
-    }
-    let spec = spec_from(&req.args, Origin::OpenApi)?;
+    let spec = spec(&body)?;
     let id = api.create(&spec).await?;
     let job = api.store.get(id).await?.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
     Ok(json(StatusCode::OK, &render(&job)))
+}
+
+/// The job a request body asks for, checked.
+pub(super) fn spec(body: &[u8]) -> Result<JobSpec, ApiError> {
+    let req: CreateJob = parse(body)?;
+    if req.kind != "preheat" {
+        return Err(ApiError::Unprocessable(format!("job type {:?} is not supported; only \"preheat\"", req.kind)));
+    }
+    spec_from(&req.args, Origin::OpenApi)
 }
 
 fn spec_from(args: &PreheatArgs, origin: Origin) -> Result<JobSpec, ApiError> {
@@ -93,7 +100,7 @@ fn spec_from(args: &PreheatArgs, origin: Origin) -> Result<JobSpec, ApiError> {
     Ok(JobSpec {
         target,
         url: args.url.trim().to_owned(),
-        headers: args.headers.clone().unwrap_or_default(),
+        headers: registry_headers(args.headers.clone().unwrap_or_default()),
         scope,
         platforms,
         concurrency,

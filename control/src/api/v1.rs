@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{json, page, parse, parse_id, rfc3339, Api, ApiError};
 use crate::job::{
-    BlobProgress, Job, JobSpec, Origin, PeerResult, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT,
+    registry_headers, BlobProgress, Job, JobSpec, Origin, PeerResult, Scope, Target, DEFAULT_CONCURRENCY,
+    DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 
 /// Tasks the cluster view lists.
@@ -121,7 +122,15 @@ pub fn view(job: &Job) -> JobView {
 }
 
 pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
-    let req: NewJob = parse(&body)?;
+    let spec = spec(&body)?;
+    let id = api.create(&spec).await?;
+    let job = api.store.get(id).await?.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
+    Ok(json(StatusCode::CREATED, &view(&job)))
+}
+
+/// The job a request body asks for, checked.
+pub(super) fn spec(body: &[u8]) -> Result<JobSpec, ApiError> {
+    let req: NewJob = parse(body)?;
     let bad = |m: String| ApiError::Unprocessable(m);
     let target = match req.kind.as_str() {
         "" => Target::Image,
@@ -139,19 +148,16 @@ pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes
     if req.platforms.iter().any(|p| p.split('/').count() < 2 || p.len() > 64) {
         return Err(bad("platforms read os/arch[/variant]".to_owned()));
     }
-    let spec = JobSpec {
+    Ok(JobSpec {
         target,
         url: req.url.trim().to_owned(),
-        headers: req.headers,
+        headers: registry_headers(req.headers),
         scope,
         platforms: req.platforms,
         concurrency: DEFAULT_CONCURRENCY,
         timeout,
-        origin: Origin::Console,
-    };
-    let id = api.create(&spec).await?;
-    let job = api.store.get(id).await?.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
-    Ok(json(StatusCode::CREATED, &view(&job)))
+        origin: Origin::Api,
+    })
 }
 
 pub(super) async fn get(api: &Api, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {

@@ -32,6 +32,9 @@ async fn a_job_reads_back_as_it_was_created_and_survives_reopening() {
     assert_eq!(listed, vec![b, a]);
     store.close().await;
     let reopened = JobStore::open_in(dir.path()).await.expect("reopen");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("jobs.db")).expect("file").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "jobs hold registry credentials: owner only");
     assert_eq!(reopened.get(a).await.expect("get").map(|j| j.spec), Some(spec("http://r/v2/a/manifests/1")));
     let c = reopened.create(&spec("http://r/v2/c/manifests/1")).await.expect("create");
     assert!(c > b, "ids are never reused");
