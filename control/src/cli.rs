@@ -27,11 +27,12 @@ pub struct SchedulerArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// A PostgreSQL database shared by several schedulers (`postgres://user:pass@host/db`),
-    /// instead of the SQLite file in --data-dir.
-    #[arg(long, value_name = "URL")]
+    /// instead of the SQLite file in --data-dir. The environment keeps its password out of
+    /// the process list.
+    #[arg(long, value_name = "URL", env = "DAMSELFLY_JOB_STORE", hide_env_values = true)]
     pub job_store: Option<String>,
     /// File holding the Bearer token the preheat API, notifications and console ask for
-    /// (Harbor's OAUTH auth mode).
+    /// (Harbor's OAUTH auth mode); or DAMSELFLY_PREHEAT_TOKEN.
     #[arg(long, value_name = "FILE")]
     pub preheat_token_file: Option<PathBuf>,
     /// File holding `user:password` for HTTP Basic (Harbor's BASIC auth mode).
@@ -53,7 +54,14 @@ pub struct SchedulerArgs {
     /// Which peers a registry's push notification has preheat the pushed image.
     #[arg(long, value_enum, value_name = "SCOPE", default_value = "single-seed-peer")]
     pub notification_scope: Scope,
+    /// Serve the preheat API, notifications and the console without any credential, to
+    /// whoever reaches --http-listen (a lab on a closed network only).
+    #[arg(long)]
+    pub insecure_preheat_api: bool,
 }
+
+/// The preheat token from the environment, when no file names one.
+pub const PREHEAT_TOKEN_ENV: &str = "DAMSELFLY_PREHEAT_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -61,8 +69,15 @@ pub enum RunError {
     Args(#[from] SchedulerArgsError),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Credential { path: PathBuf, source: CredentialError },
+    #[error("{from}: {source}")]
+    Credential { from: String, source: CredentialError },
+    #[error(
+        "the preheat API needs a credential (--preheat-token-file, --preheat-basic-auth-file, \
+         --preheat-header-file or DAMSELFLY_PREHEAT_TOKEN), or --insecure-preheat-api to serve it to anyone"
+    )]
+    NoCredential,
+    #[error("the preheat token is still the example's placeholder: replace it (e.g. openssl rand -hex 32)")]
+    PlaceholderToken,
     #[error("--upstream-ca-file {path}: {reason}")]
     Ca { path: PathBuf, reason: String },
     #[error("cannot bind {addr}: {source}")]
@@ -102,21 +117,44 @@ impl SchedulerArgs {
     }
 
     pub fn control_config(&self, forward_credentials: bool) -> Result<ControlConfig, RunError> {
+        self.control_config_with(forward_credentials, std::env::var(PREHEAT_TOKEN_ENV).ok())
+    }
+
+    fn control_config_with(
+        &self,
+        forward_credentials: bool,
+        env_token: Option<String>,
+    ) -> Result<ControlConfig, RunError> {
         let text = |path: &Option<PathBuf>| -> Result<Option<String>, RunError> {
             path.as_deref().map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned())).transpose()
         };
-        let (bearer, basic, header) =
-            (text(&self.preheat_token_file)?, text(&self.preheat_basic_auth_file)?, text(&self.preheat_header_file)?);
-        let credentials =
-            Credentials::from_texts(bearer.as_deref(), basic.as_deref(), header.as_deref()).map_err(|source| {
-                let path = [&self.preheat_token_file, &self.preheat_basic_auth_file, &self.preheat_header_file]
-                    .into_iter()
-                    .flatten()
-                    .next()
-                    .cloned()
-                    .unwrap_or_default();
-                RunError::Credential { path, source }
-            })?;
+        let from = |path: &Option<PathBuf>, env: &str| {
+            path.as_ref().map_or_else(|| env.to_owned(), |p| p.display().to_string())
+        };
+        let token = match text(&self.preheat_token_file)? {
+            Some(t) => Some(t),
+            None => env_token,
+        };
+        let check = |result: Result<Credentials, CredentialError>, from: String| {
+            result.map_err(|source| RunError::Credential { from, source })
+        };
+        let bearer = check(
+            Credentials::from_texts(token.as_deref(), None, None),
+            from(&self.preheat_token_file, PREHEAT_TOKEN_ENV),
+        )?;
+        let basic = text(&self.preheat_basic_auth_file)?;
+        let basic =
+            check(Credentials::from_texts(None, basic.as_deref(), None), from(&self.preheat_basic_auth_file, ""))?;
+        let header = text(&self.preheat_header_file)?;
+        let header =
+            check(Credentials::from_texts(None, None, header.as_deref()), from(&self.preheat_header_file, ""))?;
+        let credentials = Credentials { bearer: bearer.bearer, basic: basic.basic, header: header.header };
+        if credentials.bearer.as_deref().is_some_and(|t| t.starts_with("replace-me")) {
+            return Err(RunError::PlaceholderToken);
+        }
+        if credentials.is_open() && !self.insecure_preheat_api {
+            return Err(RunError::NoCredential);
+        }
         let extra_roots = match &self.upstream_ca_file {
             Some(path) => damselfly_serve::pem_certificates(&read(path)?)
                 .map_err(|e| RunError::Ca { path: path.clone(), reason: e.to_string() })?,
@@ -128,7 +166,7 @@ impl SchedulerArgs {
                 allow_registries: self.allow_registries.clone(),
                 insecure_registries: self.insecure_registries.clone(),
                 extra_roots,
-                ..UpstreamConfig::default()
+                ..crate::control_upstream()
             },
             notification_scope: self.notification_scope,
             lease: DEFAULT_LEASE,
@@ -160,21 +198,45 @@ mod tests {
             std::fs::write(&p, text).expect("write");
             p.to_str().expect("utf-8").to_owned()
         };
-        let (token, basic) = (file("token", "tok\n"), file("basic", "nocolon"));
+        let (token, basic, good_basic) = (file("token", "tok\n"), file("basic", "nocolon"), file("b2", "a:b"));
         let parse = |argv: &[&str]| {
             let all: Vec<&str> = ["scheduler", "--insecure-cluster"].iter().chain(argv).copied().collect();
             Cli::try_parse_from(all).expect("parses").args
         };
-        let config = parse(&["--preheat-token-file", &token]).control_config(false).expect("config");
+        let config = parse(&["--preheat-token-file", &token]).control_config_with(false, None).expect("config");
         assert_eq!(config.credentials.bearer.as_deref(), Some("tok"));
-        let err = parse(&["--preheat-basic-auth-file", &basic]).control_config(false).map(drop).expect_err("bad basic");
-        assert!(err.to_string().contains("user:password"), "{err}");
-        let err =
-            parse(&["--preheat-token-file", "/nonexistent"]).control_config(false).map(drop).expect_err("missing");
+        let both = parse(&["--preheat-token-file", &token, "--preheat-basic-auth-file", &good_basic]);
+        let both = both.control_config_with(false, None).expect("config").credentials;
+        assert!(both.bearer.is_some() && both.basic.is_some());
+        let err = parse(&["--preheat-token-file", &token, "--preheat-basic-auth-file", &basic])
+            .control_config_with(false, None)
+            .map(drop)
+            .expect_err("bad basic");
+        assert!(err.to_string().contains("user:password") && err.to_string().contains("basic"), "{err}");
+        let err = parse(&["--preheat-token-file", "/nonexistent"])
+            .control_config_with(false, None)
+            .map(drop)
+            .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent"), "{err}");
+        let placeholder = parse(&[]).control_config_with(false, Some("replace-me-with-openssl-rand-hex-32".into()));
+        assert!(matches!(placeholder.map(drop), Err(RunError::PlaceholderToken)));
+        let from_env = parse(&[]).control_config_with(false, Some("env-token".into())).expect("env");
+        assert_eq!(from_env.credentials.bearer.as_deref(), Some("env-token"));
         let defaults = parse(&[]);
         assert_eq!(defaults.notification_scope, Scope::SingleSeedPeer);
         assert!(defaults.data_dir().ends_with("scheduler"));
-        assert!(defaults.control_config(false).expect("open").credentials.is_open());
+    }
+
+    #[test]
+    fn the_preheat_api_is_open_only_when_asked_to_be() {
+        let parse = |argv: &[&str]| {
+            let all: Vec<&str> = ["scheduler", "--insecure-cluster"].iter().chain(argv).copied().collect();
+            Cli::try_parse_from(all).expect("parses").args
+        };
+        let err = parse(&[]).control_config_with(false, None).map(drop).expect_err("no credential");
+        assert!(err.to_string().contains("--insecure-preheat-api"), "{err}");
+        let open = parse(&["--insecure-preheat-api"]).control_config_with(false, None).expect("open");
+        assert!(open.credentials.is_open());
+        assert!(!open.upstream.internal_by_address, "jobs reach internal addresses only where named");
     }
 }

@@ -137,7 +137,7 @@ impl Origin {
 }
 
 /// What a job asks for, as the store keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct JobSpec {
     pub target: Target,
     pub url: String,
@@ -154,6 +154,22 @@ pub struct JobSpec {
     pub origin: Origin,
 }
 
+/// Keeps the credentials a job carries out of logs and panic messages.
+impl fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("target", &self.target)
+            .field("url", &self.url)
+            .field("headers", &self.headers.keys().map(|k| (k, "<redacted>")).collect::<Vec<_>>())
+            .field("scope", &self.scope)
+            .field("platforms", &self.platforms)
+            .field("concurrency", &self.concurrency)
+            .field("timeout", &self.timeout)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
 /// Of a request's headers, those a job keeps: `Authorization`, the one the registry is sent.
 /// Nothing else is stored with the job.
 pub fn registry_headers(headers: BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -162,6 +178,10 @@ pub fn registry_headers(headers: BTreeMap<String, String>) -> BTreeMap<String, S
 
 /// Blobs asked of the peers at once when the request leaves it at 0.
 pub const DEFAULT_CONCURRENCY: u32 = 8;
+/// Most blobs a request may have asked of the peers at once.
+pub const MAX_CONCURRENCY: u32 = 64;
+/// Most blobs one job may preheat; an image with more fails.
+pub const MAX_BLOBS: usize = 5000;
 /// A job's run time when the request leaves it at 0: Harbor stops polling after 30 minutes.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Longest run time a request may ask for.
@@ -190,6 +210,19 @@ impl BlobProgress {
     pub fn is_held(&self) -> bool {
         self.wanted > 0 && self.holders.len() as u32 >= self.wanted
     }
+}
+
+/// A job's blobs summed up, for lists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub blobs: u64,
+    /// Blobs every peer in scope holds.
+    pub held: u64,
+    /// Bytes the peers in scope must hold in all, and hold (of whole blobs).
+    pub bytes: u64,
+    pub bytes_held: u64,
+    /// Blobs with a failure.
+    pub failed: u64,
 }
 
 /// A peer in a finished job's result (Harbor's `success_tasks` and `failure_tasks`).

@@ -48,12 +48,19 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             credentials: Credentials::default(),
-            upstream: UpstreamConfig::default(),
+            upstream: control_upstream(),
             notification_scope: Scope::SingleSeedPeer,
             lease: DEFAULT_LEASE,
             forward_credentials: false,
         }
     }
+}
+
+/// The upstream rules of the control plane: the mirror's, except that a registry named by an
+/// internal address is reached there only if the operator named it (`--allow-registry`), as
+/// a job's URL may come from anyone who reaches the API.
+pub fn control_upstream() -> UpstreamConfig {
+    UpstreamConfig { internal_by_address: false, ..UpstreamConfig::default() }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +88,7 @@ pub async fn start(
     let http_addr = http.local_addr()?;
     let upstream = Arc::new(Upstream::new(config.upstream)?);
     let shutdown = CancellationToken::new();
-    let place = http_addr.to_string();
+    let place = place(http_addr);
     let runner = Runner::new(
         store.clone(),
         Arc::new(scheduler.clone()),
@@ -103,6 +110,23 @@ pub async fn start(
     let tasks = vec![tokio::spawn(api::serve(http, api, shutdown.clone())), tokio::spawn(runner.run(shutdown.clone()))];
     tracing::info!(http = %http_addr, "control plane started");
     Ok(Running { http_addr, shutdown, tasks, store })
+}
+
+/// How this scheduler names itself in job claims and the console: its HTTP address, or the
+/// host's name and the port when it listens on every address (as in a container).
+fn place(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer it is given.
+    let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
+    let host = ok
+        .then(|| std::ffi::CStr::from_bytes_until_nul(&name).ok().and_then(|c| c.to_str().ok()).map(str::to_owned))
+        .flatten()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| addr.ip().to_string());
+    format!("{host}:{}", addr.port())
 }
 
 impl Running {

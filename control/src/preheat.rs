@@ -209,17 +209,16 @@ impl Show {
 /// Bytes the peers in scope must hold, and hold so far (whole blobs by their length, blobs
 /// under way by their pieces).
 fn bytes(job: &JobView) -> (u64, u64) {
-    job.blobs.iter().fold((0, 0), |(total, done), b| {
-        let wanted = u64::from(b.wanted.max(1));
-        let want = b.length * wanted;
+    job.blobs.iter().fold((0u64, 0u64), |(total, done), b| {
+        let want = b.length.saturating_mul(u64::from(b.wanted.max(1)));
         let have = if b.is_held() {
             want
         } else if b.piece_count > 0 {
-            (b.length as u128 * u128::from(b.pieces_held) / u128::from(b.piece_count)).min(want as u128) as u64
+            (u128::from(b.length) * u128::from(b.pieces_held) / u128::from(b.piece_count)).min(u128::from(want)) as u64
         } else {
             0
         };
-        (total + want, done + have)
+        (total.saturating_add(want), done.saturating_add(have))
     })
 }
 

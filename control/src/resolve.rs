@@ -58,36 +58,9 @@ impl ImageRef {
     /// Reads `url` (`scheme://host[:port]/v2/<repo>/manifests/<ref>`, or `/blobs/<digest>` for
     /// a file) and picks its registry by the upstream rules.
     pub fn parse(url: &str, target: Target, upstream: &Upstream) -> Result<ImageRef, ResolveError> {
-        let bad = |why| ResolveError::Url(url.to_owned(), why);
-        let parsed = url::Url::parse(url).map_err(|_| bad("not a URL"))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(bad("the scheme must be http or https"));
-        }
-        let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
-        let authority = match parsed.port() {
-            Some(port) => format!("{}://{host}:{port}", parsed.scheme()),
-            None => format!("{}://{host}", parsed.scheme()),
-        };
-        let (kind, shape) = match target {
-            Target::Image => ("/manifests/", "an image URL names /v2/<repository>/manifests/<reference>"),
-            Target::File => {
-                ("/blobs/", "only registry blobs (/v2/<repository>/blobs/<digest>) can be preheated as files")
-            }
-        };
-        let path = parsed.path().strip_prefix("/v2/").ok_or_else(|| bad(shape))?;
-        let (repository, reference) = path.rsplit_once(kind).ok_or_else(|| bad(shape))?;
-        if !damselfly_mirror::oci::route::is_valid_name(repository) {
-            return Err(bad("the repository name is not valid"));
-        }
-        let reference_ok = match target {
-            Target::Image => is_tag(reference) || damselfly_proto::Digest::parse(reference).is_ok(),
-            Target::File => damselfly_proto::Digest::parse(reference).is_ok(),
-        };
-        if !reference_ok {
-            return Err(bad("the reference is neither a tag nor a sha256 digest"));
-        }
+        let (authority, repository, reference) = split(url, target)?;
         let registry = upstream.select(Some(&authority), None)?;
-        Ok(ImageRef { registry, repository: repository.to_owned(), reference: reference.to_owned() })
+        Ok(ImageRef { registry, repository, reference })
     }
 
     /// The registry as seeds are told it: a base URL.
@@ -102,6 +75,49 @@ impl ImageRef {
     pub fn insecure(&self) -> bool {
         self.registry.scheme != SchemePolicy::Https
     }
+}
+
+/// Whether `url` reads as a job of `target` may name it, before any registry is chosen: what
+/// the API checks when a job is created.
+pub fn check_url(url: &str, target: Target) -> Result<(), ResolveError> {
+    split(url, target).map(drop)
+}
+
+/// A job URL's `scheme://host[:port]`, repository and reference.
+fn split(url: &str, target: Target) -> Result<(String, String, String), ResolveError> {
+    let bad = |why| ResolveError::Url(url.chars().take(200).collect(), why);
+    if url.len() > crate::store::MAX_URL {
+        return Err(bad("the URL is too long"));
+    }
+    let parsed = url::Url::parse(url).map_err(|_| bad("not a URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad("credentials go in the headers, not the URL"));
+    }
+    let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
+    let authority = match parsed.port() {
+        Some(port) => format!("{}://{host}:{port}", parsed.scheme()),
+        None => format!("{}://{host}", parsed.scheme()),
+    };
+    let (kind, shape) = match target {
+        Target::Image => ("/manifests/", "an image URL names /v2/<repository>/manifests/<reference>"),
+        Target::File => ("/blobs/", "only registry blobs (/v2/<repository>/blobs/<digest>) can be preheated as files"),
+    };
+    let path = parsed.path().strip_prefix("/v2/").ok_or_else(|| bad(shape))?;
+    let (repository, reference) = path.rsplit_once(kind).ok_or_else(|| bad(shape))?;
+    if !damselfly_mirror::oci::route::is_valid_name(repository) {
+        return Err(bad("the repository name is not valid"));
+    }
+    let reference_ok = match target {
+        Target::Image => is_tag(reference) || damselfly_proto::Digest::parse(reference).is_ok(),
+        Target::File => damselfly_proto::Digest::parse(reference).is_ok(),
+    };
+    if !reference_ok {
+        return Err(bad("the reference is neither a tag nor a sha256 digest"));
+    }
+    Ok((authority, repository.to_owned(), reference.to_owned()))
 }
 
 fn is_tag(s: &str) -> bool {

@@ -4,7 +4,6 @@
 //! Progress goes to the store as it changes, so any scheduler sharing the store answers polls.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,9 @@ use damselfly_scheduler::{HostView, Scheduler};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{BlobProgress, Job, JobId, JobState, PeerResult, Scope};
+use sha2::{Digest as _, Sha256};
+
+use crate::job::{BlobProgress, Job, JobId, JobState, PeerResult, Scope, MAX_BLOBS, MAX_CONCURRENCY};
 use crate::resolve::{authorization, resolve, ImageRef};
 use crate::store::{now_ms, Claim, JobStore, StoreError};
 
@@ -27,6 +28,10 @@ const MAX_RUNNING: usize = 16;
 const ASK_AGAIN: Duration = Duration::from_secs(20);
 /// How long a job waits for a peer in scope to appear before it fails.
 const NO_PEER_GRACE: Duration = Duration::from_secs(30);
+/// Ended jobs are kept this long, then forgotten.
+pub const RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often ended jobs past [`RETAIN`] are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// What the runner reads of the cluster and asks of it; the scheduler in production, a fake in
 /// unit tests.
@@ -104,6 +109,7 @@ impl Runner {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut pruned: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -114,6 +120,15 @@ impl Runner {
                 mine.remove(&id);
             }
             while running.try_join_next().is_some() {}
+            if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                pruned = Some(Instant::now());
+                let before = now_ms().saturating_sub(i64::try_from(RETAIN.as_millis()).unwrap_or(i64::MAX));
+                match self.inner.store.prune(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "forgot preheat jobs that ended over a week ago"),
+                    Err(e) => tracing::warn!(error = %e, "cannot forget old preheat jobs"),
+                }
+            }
             if mine.len() >= MAX_RUNNING {
                 continue;
             }
@@ -150,13 +165,17 @@ impl Runner {
 struct JobRun {
     runner: Arc<Inner>,
     claim: Claim,
+    /// Cancelled when this scheduler shuts down.
     shutdown: CancellationToken,
 }
 
 /// How a job ended, if it did.
 enum Outcome {
     Done(JobState, String, Vec<PeerResult>),
-    /// The lease went to another runner, or this scheduler shuts down.
+    /// This scheduler shuts down: the job is released for any scheduler to resume.
+    Released,
+    /// The lease went to another runner, or the store failed: the job is left to whoever
+    /// claims it after the lease.
     Left,
 }
 
@@ -164,13 +183,19 @@ impl JobRun {
     async fn run(self) {
         let id = self.claim.id;
         tracing::info!(job = %id, "preheat job claimed");
-        let outcome = match self.drive().await {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::warn!(job = %id, error = %e, "preheat job left to the store's next claim");
-                Outcome::Left
-            }
+        // Renewed on a task of its own, so a slow registry (resolving) cannot let the lease
+        // lapse under a live runner; losing it stops this run.
+        let lost = CancellationToken::new();
+        // Aborted when this run ends or is dropped (a runner stopped outright).
+        let _renewer = AbortOnDrop(tokio::spawn(renew(self.runner.clone(), self.claim.clone(), lost.clone())));
+        let outcome = tokio::select! {
+            _ = lost.cancelled() => Ok(Outcome::Left),
+            outcome = self.drive() => outcome,
         };
+        let outcome = outcome.unwrap_or_else(|e| {
+            tracing::warn!(job = %id, error = %e, "preheat job left for the next claim after its lease");
+            Outcome::Left
+        });
         let store = &self.runner.store;
         match outcome {
             Outcome::Done(state, error, peers) => match store.finish(&self.claim, state, &error, &peers).await {
@@ -178,10 +203,10 @@ impl JobRun {
                 Ok(false) => tracing::info!(job = %id, "preheat job was taken over before it ended here"),
                 Err(e) => tracing::warn!(job = %id, error = %e, "cannot record the end of a preheat job"),
             },
-            Outcome::Left => {
-                // Another scheduler may resume it at once rather than after the lease.
+            Outcome::Released => {
                 let _ = store.release(&self.claim).await;
             }
+            Outcome::Left => {}
         }
     }
 
@@ -190,6 +215,11 @@ impl JobRun {
         let Some(job) = store.get(self.claim.id).await? else { return Ok(Outcome::Left) };
         let (started_ms, resolved) = store.run_state(&self.claim).await?;
         let deadline_ms = started_ms.saturating_add(i64::try_from(job.spec.timeout.as_millis()).unwrap_or(i64::MAX));
+        // Checked first: a job that cannot get further (its store writes fail, its runners
+        // keep dying) still ends.
+        if now_ms() >= deadline_ms {
+            return Ok(fail(&format!("timed out after {} s", job.spec.timeout.as_secs())));
+        }
         let image = match ImageRef::parse(&job.spec.url, job.spec.target, &self.runner.upstream) {
             Ok(image) => image,
             Err(e) => return Ok(fail(&reason(&e))),
@@ -197,15 +227,29 @@ impl JobRun {
         if !resolved {
             let auth = authorization(&job.spec.headers);
             let found = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(Outcome::Left),
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Released),
                 found = resolve(&self.runner.upstream, &image, job.spec.target, auth, &job.spec.platforms) => found,
             };
             match found {
-                Ok(blobs) => store.set_blobs(&self.claim, &blobs).await?,
+                Ok(blobs) if blobs.is_empty() => return Ok(fail("the image has no blobs")),
+                Ok(blobs) if blobs.len() > MAX_BLOBS => {
+                    return Ok(fail(&format!(
+                        "the image has {} blobs; a preheat takes at most {MAX_BLOBS}",
+                        blobs.len()
+                    )))
+                }
+                Ok(blobs) => {
+                    if !store.set_blobs(&self.claim, &blobs).await? {
+                        return Ok(Outcome::Left);
+                    }
+                }
                 Err(e) => return Ok(fail(&reason(&e))),
             }
         }
         let mut blobs = store.blobs(self.claim.id).await?;
+        if blobs.is_empty() {
+            return Ok(fail("the job's blobs were not recorded"));
+        }
         self.watch(&job, &image, &mut blobs, deadline_ms).await
     }
 
@@ -223,30 +267,38 @@ impl JobRun {
             registry: image.registry_url(),
             repository: image.repository.clone(),
             insecure: image.insecure(),
+            credential: String::new(),
+        };
+        // The registry credential goes to seeds only, and only over mutual TLS: an ordinary
+        // node asked to hold a blob takes it from peers, or from the origin anonymously.
+        let seed_source = Source {
             credential: match self.runner.forward_credentials {
                 true => authorization(&job.spec.headers)
                     .and_then(|v| v.to_str().ok().map(str::to_owned))
                     .unwrap_or_default(),
                 false => String::new(),
             },
+            ..source.clone()
         };
-        let concurrency = job.spec.concurrency.max(1) as usize;
+        let concurrency = job.spec.concurrency.clamp(1, MAX_CONCURRENCY) as usize;
         let mut asked: HashMap<(usize, String), Instant> = HashMap::new();
-        let mut renewed = Instant::now();
         let mut no_peer_since: Option<Instant> = None;
+        // The peers in scope, chosen once they are there: all seeds or all nodes are those of
+        // that moment (one that leaves afterwards fails the job at its timeout, named); the one
+        // seed is chosen again if it leaves.
+        let mut targets: Vec<HostView> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(Outcome::Left),
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Released),
                 _ = tick.tick() => {}
             }
-            if renewed.elapsed() >= self.runner.lease / 3 {
-                if !store.renew(&self.claim, self.runner.lease).await? {
-                    return Ok(Outcome::Left);
-                }
-                renewed = Instant::now();
+            let hosts = cluster.hosts();
+            let single_gone = job.spec.scope == Scope::SingleSeedPeer
+                && targets.first().is_some_and(|t| !hosts.iter().any(|h| h.id == t.id && h.seeding));
+            if targets.is_empty() || single_gone {
+                targets = peers_in_scope(&hosts, job.spec.scope, &job.spec.url);
             }
-            let targets = peers_in_scope(&cluster.hosts(), job.spec.scope, &job.spec.url);
             if targets.is_empty() {
                 let since = *no_peer_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= NO_PEER_GRACE {
@@ -288,16 +340,20 @@ impl JobRun {
                 }
                 for t in targets.iter().filter(|t| !blob.holders.contains(&t.id)) {
                     let due = asked.get(&(i, t.id.clone())).is_none_or(|at| at.elapsed() >= ASK_AGAIN);
-                    if due {
-                        let task =
-                            SeedTask { digest: blob.digest.clone(), length: blob.length, source: Some(source.clone()) };
-                        let sent = match job.spec.scope {
-                            Scope::AllPeers => cluster.ask_to_hold(&t.id, task),
-                            Scope::SingleSeedPeer | Scope::AllSeedPeers => cluster.ask_seed(&t.id, task),
-                        };
-                        if sent {
-                            asked.insert((i, t.id.clone()), Instant::now());
-                        }
+                    if !due {
+                        continue;
+                    }
+                    let task = |source: &Source| SeedTask {
+                        digest: blob.digest.clone(),
+                        length: blob.length,
+                        source: Some(source.clone()),
+                    };
+                    let sent = match job.spec.scope {
+                        Scope::AllPeers => cluster.ask_to_hold(&t.id, task(&source)),
+                        Scope::SingleSeedPeer | Scope::AllSeedPeers => cluster.ask_seed(&t.id, task(&seed_source)),
+                    };
+                    if sent {
+                        asked.insert((i, t.id.clone()), Instant::now());
                     }
                 }
             }
@@ -343,6 +399,31 @@ impl JobRun {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews `claim` every third of the lease until it is lost (then cancels `lost`).
+async fn renew(runner: Arc<Inner>, claim: Claim, lost: CancellationToken) {
+    loop {
+        tokio::time::sleep(runner.lease / 3).await;
+        match runner.store.renew(&claim, runner.lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(job = %claim.id, "preheat job's lease was lost");
+                lost.cancel();
+                return;
+            }
+            // A store that fails briefly: the lease still has two thirds left.
+            Err(e) => tracing::warn!(job = %claim.id, error = %e, "cannot renew a preheat job's lease"),
+        }
+    }
+}
+
 fn fail(why: &str) -> Outcome {
     Outcome::Done(JobState::Failure, why.to_owned(), Vec::new())
 }
@@ -368,11 +449,14 @@ pub fn peers_in_scope(hosts: &[HostView], scope: Scope, url: &str) -> Vec<HostVi
     let seeds = hosts.iter().filter(|h| h.seed && h.seeding);
     match scope {
         Scope::AllSeedPeers => seeds.cloned().collect(),
+        // A hash every scheduler computes alike, whatever it was built with.
         Scope::SingleSeedPeer => seeds
             .max_by_key(|h| {
-                let mut hasher = DefaultHasher::new();
-                (url, &h.id).hash(&mut hasher);
-                hasher.finish()
+                let mut hasher = Sha256::new();
+                hasher.update(url.as_bytes());
+                hasher.update([0]);
+                hasher.update(h.id.as_bytes());
+                <[u8; 32]>::from(hasher.finalize())
             })
             .cloned()
             .into_iter()

@@ -8,14 +8,14 @@
 //! renewing, and once its lease lapses another scheduler (or the same one restarted) claims
 //! the job and resumes it from its recorded blobs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::job::{BlobProgress, Job, JobId, JobSpec, JobState, Origin, PeerResult, Scope, Target};
+use crate::job::{BlobProgress, Job, JobId, JobSpec, JobState, Origin, PeerResult, Scope, Summary, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -23,7 +23,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("job store: cannot create or open {path}: {source}")]
     Dir { path: String, source: std::io::Error },
-    #[error("job store: unsupported URL {0:?} (sqlite://PATH or postgres://…)")]
+    /// Only the URL's scheme is kept: the rest may hold a password.
+    #[error("job store: unsupported URL scheme {0:?} (sqlite://PATH or postgres://…)")]
     Url(String),
     #[error("job store: row {0} holds an unreadable value ({1})")]
     Corrupt(i64, &'static str),
@@ -77,7 +78,7 @@ impl JobStore {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Backend::Postgres
         } else {
-            return Err(StoreError::Url(url.to_owned()));
+            return Err(StoreError::Url(url.split(':').next().unwrap_or_default().chars().take(32).collect()));
         };
         // SQLite takes one writer at a time anyway; one connection avoids busy errors.
         let connections = if backend == Backend::Sqlite { 1 } else { 8 };
@@ -113,7 +114,7 @@ impl JobStore {
             "CREATE INDEX IF NOT EXISTS preheat_jobs_open ON preheat_jobs (state, lease_ms)",
             "CREATE TABLE IF NOT EXISTS preheat_blobs (
                 job_id BIGINT NOT NULL, seq BIGINT NOT NULL, digest TEXT NOT NULL, length BIGINT NOT NULL,
-                media_type TEXT NOT NULL, platform TEXT NOT NULL, wanted BIGINT NOT NULL,
+                media_type TEXT NOT NULL, platform TEXT NOT NULL, wanted BIGINT NOT NULL, held BIGINT NOT NULL,
                 holders TEXT NOT NULL, pieces_held BIGINT NOT NULL, piece_count BIGINT NOT NULL,
                 error TEXT NOT NULL, PRIMARY KEY (job_id, digest))",
         ] {
@@ -138,7 +139,7 @@ impl JobStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '', '[]', $10, $10, 0, '', 0, 0) RETURNING id",
         )
         .bind(spec.target.as_str())
-        .bind(spec.url.clone())
+        .bind(text(&spec.url, MAX_URL))
         .bind(json(&spec.headers))
         .bind(spec.scope.as_str())
         .bind(json(&spec.platforms))
@@ -277,53 +278,60 @@ impl JobStore {
         Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? != 0))
     }
 
-    /// Records the blobs the job resolved to, once.
-    pub async fn set_blobs(&self, claim: &Claim, blobs: &[BlobProgress]) -> Result<(), StoreError> {
+    /// Records the blobs the job resolved to, once; false if the job is no longer the claim's.
+    pub async fn set_blobs(&self, claim: &Claim, blobs: &[BlobProgress]) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let owned = sqlx::query("UPDATE preheat_jobs SET resolved = 1 WHERE id = $1 AND runner = $2 AND resolved = 0")
             .bind(claim.id.0)
             .bind(claim.runner.clone())
             .execute(&mut *tx)
             .await?;
-        if owned.rows_affected() == 1 {
+        let owned = owned.rows_affected() == 1;
+        if owned {
             for (seq, b) in blobs.iter().enumerate() {
                 sqlx::query(
-                    "INSERT INTO preheat_blobs (job_id, seq, digest, length, media_type, platform, wanted, holders,
-                        pieces_held, piece_count, error) VALUES ($1, $2, $3, $4, $5, $6, 0, '[]', 0, 0, '')",
+                    "INSERT INTO preheat_blobs (job_id, seq, digest, length, media_type, platform, wanted, held,
+                        holders, pieces_held, piece_count, error) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, '[]', 0, 0, '')",
                 )
                 .bind(claim.id.0)
                 .bind(seq as i64)
-                .bind(b.digest.clone())
-                .bind(b.length as i64)
-                .bind(b.media_type.clone())
-                .bind(b.platform.clone())
+                .bind(text(&b.digest, 100))
+                .bind(i64::try_from(b.length).unwrap_or(i64::MAX))
+                .bind(text(&b.media_type, 256))
+                .bind(text(&b.platform, 64))
                 .execute(&mut *tx)
                 .await?;
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(owned)
     }
 
     /// Records how far the peers are with one blob.
     pub async fn set_progress(&self, claim: &Claim, blob: &BlobProgress) -> Result<(), StoreError> {
+        // Only the claim's runner writes: one that lost its lease must not overwrite another's.
         sqlx::query(
-            "UPDATE preheat_blobs SET wanted = $1, holders = $2, pieces_held = $3, piece_count = $4, error = $5
-             WHERE job_id = $6 AND digest = $7",
+            "UPDATE preheat_blobs SET wanted = $1, held = $2, holders = $3, pieces_held = $4, piece_count = $5,
+                error = $6
+             WHERE job_id = $7 AND digest = $8
+               AND EXISTS (SELECT 1 FROM preheat_jobs WHERE id = $7 AND runner = $9 AND state = 'RUNNING')",
         )
         .bind(i64::from(blob.wanted))
+        .bind(blob.holders.len() as i64)
         .bind(json(&blob.holders))
-        .bind(blob.pieces_held as i64)
+        .bind(i64::try_from(blob.pieces_held).unwrap_or(i64::MAX))
         .bind(i64::from(blob.piece_count))
-        .bind(blob.error.clone())
+        .bind(text(&blob.error, 1024))
         .bind(claim.id.0)
         .bind(blob.digest.clone())
+        .bind(claim.runner.clone())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Ends the claimed job; false if it was no longer the claim's.
+    /// Ends the claimed job, forgetting the credentials it carried; false if it was no longer
+    /// the claim's.
     pub async fn finish(
         &self,
         claim: &Claim,
@@ -332,11 +340,11 @@ impl JobStore {
         peers: &[PeerResult],
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE preheat_jobs SET state = $1, error = $2, result = $3, updated_ms = $4, lease_ms = 0
+            "UPDATE preheat_jobs SET state = $1, error = $2, result = $3, updated_ms = $4, lease_ms = 0, headers = '{}'
              WHERE id = $5 AND runner = $6 AND state = 'RUNNING'",
         )
         .bind(state.as_str())
-        .bind(error.to_owned())
+        .bind(text(error, 2048))
         .bind(json(&peers))
         .bind(now_ms())
         .bind(claim.id.0)
@@ -344,6 +352,67 @@ impl JobStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Jobs not yet ended.
+    pub async fn open_count(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM preheat_jobs WHERE state IN ('PENDING', 'RUNNING')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(nonneg(row.try_get(0)?))
+    }
+
+    /// Forgets jobs that ended before `before_ms` (Unix ms), with their blobs; returns how many.
+    pub async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended = "SELECT id FROM preheat_jobs WHERE state IN ('SUCCESS', 'FAILURE') AND updated_ms < $1";
+        sqlx::query(&format!("DELETE FROM preheat_blobs WHERE job_id IN ({ended})"))
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM preheat_jobs WHERE state IN ('SUCCESS', 'FAILURE') AND updated_ms < $1")
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Each listed job's blobs summed up, in one query.
+    pub async fn summaries(&self, jobs: &[JobId]) -> Result<HashMap<JobId, Summary>, StoreError> {
+        let (Some(low), Some(high)) = (jobs.iter().min(), jobs.iter().max()) else { return Ok(HashMap::new()) };
+        // Sums cast back to BIGINT: PostgreSQL sums BIGINTs as NUMERIC.
+        let rows = sqlx::query(
+            "SELECT job_id, COUNT(*) AS blobs,
+                CAST(SUM(CASE WHEN wanted > 0 AND held >= wanted THEN 1 ELSE 0 END) AS BIGINT) AS held,
+                CAST(SUM(length * CASE WHEN wanted > 0 THEN wanted ELSE 1 END) AS BIGINT) AS bytes,
+                CAST(SUM(CASE WHEN wanted > 0 AND held >= wanted THEN length * wanted ELSE 0 END) AS BIGINT)
+                    AS bytes_held,
+                CAST(SUM(CASE WHEN error <> '' THEN 1 ELSE 0 END) AS BIGINT) AS failed
+             FROM preheat_blobs WHERE job_id >= $1 AND job_id <= $2 GROUP BY job_id",
+        )
+        .bind(low.0)
+        .bind(high.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in &rows {
+            let id = JobId(r.try_get("job_id")?);
+            if jobs.contains(&id) {
+                let count = |name: &str| r.try_get::<i64, _>(name).map(nonneg);
+                out.insert(
+                    id,
+                    Summary {
+                        blobs: count("blobs")?,
+                        held: count("held")?,
+                        bytes: count("bytes")?,
+                        bytes_held: count("bytes_held")?,
+                        failed: count("failed")?,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     pub async fn close(&self) {
@@ -377,6 +446,15 @@ fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
         runner: text("runner")?,
         blobs: Vec::new(),
     })
+}
+
+/// Longest URL a job may name.
+pub const MAX_URL: usize = 2048;
+
+/// Text from the network as stored: NUL removed (PostgreSQL refuses it in TEXT), at most `max`
+/// characters.
+fn text(s: &str, max: usize) -> String {
+    s.chars().filter(|c| *c != '\0').take(max).collect()
 }
 
 fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {

@@ -40,6 +40,8 @@ fn every_manifest_runs_a_valid_command_line() {
     // What the manifests' Secret holds once the user replaced its placeholder. The only test in
     // this binary: nothing else reads the environment meanwhile.
     unsafe { std::env::set_var(damselfly_scheduler::SECRET_ENV, "a-cluster-secret-of-32-bytes-....") };
+    // And the preheat token's.
+    unsafe { std::env::set_var(damselfly_control::cli::PREHEAT_TOKEN_ENV, "a-preheat-token") };
     let mut commands = 0;
     for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
         let path = entry.expect("entry").path();

@@ -15,8 +15,10 @@ use serde_json::{json, Value};
 
 const PAT: &str = "console-token";
 
+/// The test registries are on loopback: named, as an operator would name an internal one.
 fn with_pat(c: &mut ControlConfig) {
     c.credentials = Credentials::from_texts(Some(PAT), None, None).expect("credentials");
+    c.upstream.allow_registries = vec!["127.0.0.1".to_owned()];
 }
 
 async fn api(method: &str, url: &str, body: Option<Value>) -> Value {
@@ -159,7 +161,7 @@ async fn the_console_shows_the_cluster_and_starts_a_preheat_from_its_form() {
         .unwrap();
 
     // Whatever a job's URL holds is shown as text.
-    let hostile = "http://x.example/v2/a/manifests/<img src=x onerror=\"window.pwned=1\">";
+    let hostile = "http://x.example/v2/a/manifests/1?<img src=x onerror=\"window.pwned=1\">";
     api("POST", &format!("{base}/api/v1/jobs"), Some(json!({"url": hostile}))).await;
     browser
         .wait_for("the hostile job", "document.querySelector('#job-table').innerText.includes('onerror')", long)

@@ -20,13 +20,16 @@ use serde_json::{json, Value};
 /// Harbor's personal access token, as configured on the scheduler.
 const PAT: &str = "harbor-personal-access-token";
 
+/// The test registries are on loopback: named, as an operator would name an internal one.
 fn with_pat(c: &mut ControlConfig) {
     c.credentials = Credentials::from_texts(Some(PAT), None, None).expect("credentials");
+    c.upstream.allow_registries = vec!["127.0.0.1".to_owned()];
     c.lease = Duration::from_secs(2);
 }
 
 fn open(c: &mut ControlConfig) {
     c.lease = Duration::from_secs(2);
+    c.upstream.allow_registries = vec!["127.0.0.1".to_owned()];
 }
 
 fn only_named_registry(c: &mut ControlConfig) {
@@ -391,6 +394,38 @@ async fn a_job_naming_a_registry_outside_the_allow_list_or_unreachable_fails_wit
     .unwrap();
     let reason = failed["result"]["job_states"][0]["error"].as_str().unwrap();
     assert!(reason.contains("127.0.0.1:1"), "{reason}");
+    let mut sched = sched;
+    sched.stop().await;
+
+    // Any registry allowed, but an internal address nobody named is not reached: the registry
+    // there sees no request.
+    let internal = Registry::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fn any_registry(c: &mut ControlConfig) {
+        c.upstream.allow_registries = Vec::new();
+    }
+    let sched =
+        Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), any_registry).await.unwrap();
+    let api = sched.http_url();
+    let job = json!({"type": "preheat", "args": {"url": format!("{}/v2/a/manifests/1", internal.url())}});
+    let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let failed = poll_until("the job to fail", Duration::from_secs(60), || {
+        let u = format!("{api}/oapi/v1/jobs/{id}");
+        async move {
+            let (_, j) = harbor("GET", &u, None).await?;
+            Ok((j["state"] == "FAILURE").then_some(j))
+        }
+    })
+    .await
+    .unwrap();
+    let reason = failed["result"]["job_states"][0]["error"].as_str().unwrap();
+    assert!(reason.contains("not allowed"), "{reason}");
+    assert_eq!(
+        internal.settled_access_log().await.count("GET", "/v2/a/"),
+        0,
+        "the scheduler reached an internal address"
+    );
     let mut sched = sched;
     sched.stop().await;
 }

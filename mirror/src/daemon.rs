@@ -122,6 +122,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         extra_roots: extra_roots.clone(),
         connect_timeout: Duration::from_secs(5),
         read_timeout: crate::upstream::READ_TIMEOUT,
+        internal_by_address: true,
     })?;
     let app = Arc::new(App {
         upstream,

@@ -1,6 +1,6 @@
-//! What the control plane (preheat jobs, the console) reads of the soft state, and the one
-//! thing it may ask of it: that a seed fetch a task. Views are snapshots taken under the lock
-//! and handed out as plain values, so nothing above holds the lock.
+//! What the control plane (preheat jobs, the console) reads of the soft state, and what it may
+//! ask of it: that a seed fetch a task from the origin, or that a node hold one. Views are
+//! snapshots taken under the lock and handed out as plain values, so nothing above holds it.
 
 use std::time::Instant;
 
@@ -83,8 +83,9 @@ impl Scheduler {
 
     /// Up to `limit` tasks, those with the most peers first.
     pub fn tasks_view(&self, limit: usize) -> Vec<TaskView> {
-        let st = self.lock();
-        let mut tasks: Vec<TaskView> = st
+        // Copied out under the lock, sorted after it.
+        let mut tasks: Vec<TaskView> = self
+            .lock()
             .tasks
             .values()
             .map(|t| TaskView {

@@ -14,7 +14,7 @@ use crate::job::{
     registry_headers, Job, JobSpec, JobState, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 struct CreatePreheat {
     #[serde(rename = "type", default)]
     kind: String,
@@ -74,7 +74,8 @@ pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes
         if still_held {
             return Ok(json(StatusCode::ALREADY_REPORTED, &Created { id: previous.id.to_string() }));
         }
-        if !previous.state.is_done() {
+        // Only a job with the same credentials: one without them may fail where this would not.
+        if !previous.state.is_done() && previous.spec.headers == spec.headers {
             return Ok(json(StatusCode::OK, &Created { id: previous.id.to_string() }));
         }
     }

@@ -22,11 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Credentials;
 use crate::job::{JobId, JobSpec, Scope};
+use crate::resolve::check_url;
 use crate::store::{JobStore, StoreError};
 use damselfly_scheduler::Scheduler;
 
 /// Request bodies larger than this are refused.
 const MAX_BODY: usize = 1 << 20;
+/// Jobs waiting or running, over all schedulers of the store, beyond which new ones are
+/// refused (429).
+pub const MAX_OPEN_JOBS: u64 = 1000;
 
 /// What every handler shares.
 pub struct Api {
@@ -55,6 +59,8 @@ pub enum ApiError {
     TooLarge,
     #[error("request bodies must be JSON (Content-Type: application/json)")]
     NotJson,
+    #[error("{MAX_OPEN_JOBS} jobs are waiting or running; try again later")]
+    Busy,
     #[error("reading the request body: {0}")]
     Body(String),
     #[error(transparent)]
@@ -72,6 +78,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Body(_) => StatusCode::BAD_REQUEST,
             ApiError::Store(e) => {
                 tracing::warn!(error = %e, "job store failed a request");
@@ -149,7 +156,13 @@ impl Api {
         }
     }
 
+    /// Records a job: its URL must read as one (a registry the rules refuse fails the job
+    /// later, with the reason), and the store must not be full of open jobs.
     pub(crate) async fn create(&self, spec: &JobSpec) -> Result<JobId, ApiError> {
+        check_url(&spec.url, spec.target).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+        if self.store.open_count().await? >= MAX_OPEN_JOBS {
+            return Err(ApiError::Busy);
+        }
         let id = self.store.create(spec).await?;
         tracing::info!(job = %id, url = %spec.url, scope = spec.scope.as_str(), origin = spec.origin.as_str(), "preheat job created");
         Ok(id)

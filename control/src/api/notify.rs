@@ -40,7 +40,11 @@ struct EventTarget {
 pub(super) fn specs(body: &[u8], scope: Scope) -> Result<Vec<JobSpec>, ApiError> {
     let envelope: Envelope = parse(body)?;
     let pushes = envelope.events.into_iter().take(MAX_EVENTS).filter(|e| e.action == "push");
-    let targets = pushes.filter_map(|e| e.target).filter(is_manifest);
+    // A URL that reads as no manifest is skipped: the registry would only send it again.
+    let targets = pushes
+        .filter_map(|e| e.target)
+        .filter(is_manifest)
+        .filter(|t| crate::resolve::check_url(&t.url, Target::Image).is_ok());
     Ok(targets
         .map(|target| JobSpec {
             target: Target::Image,

@@ -13,13 +13,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{json, page, parse, parse_id, rfc3339, Api, ApiError};
 use crate::job::{
-    registry_headers, Job, JobSpec, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT,
+    registry_headers, Job, JobSpec, Origin, Scope, Target, DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_CONCURRENCY,
+    MAX_TIMEOUT,
 };
 
 /// The cluster id reported in results: this control plane serves one cluster.
 const CLUSTER_ID: u64 = 1;
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 struct CreateJob {
     #[serde(rename = "type")]
     kind: String,
@@ -29,7 +30,7 @@ struct CreateJob {
     scheduler_cluster_ids: Option<Vec<u64>>,
 }
 
-#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[derive(Deserialize, Serialize, Clone, Default)]
 struct PreheatArgs {
     #[serde(rename = "type", default)]
     kind: String,
@@ -85,8 +86,8 @@ fn spec_from(args: &PreheatArgs, origin: Origin) -> Result<JobSpec, ApiError> {
     };
     let concurrency = match args.concurrent_count {
         0 => DEFAULT_CONCURRENCY,
-        n @ 1..=1000 => n as u32,
-        n => return bad(format!("args.concurrent_count {n} must be between 0 and 1000")),
+        n if n > 0 && n <= i64::from(MAX_CONCURRENCY) => n as u32,
+        n => return bad(format!("args.concurrent_count {n} must be between 0 and {MAX_CONCURRENCY}")),
     };
     let timeout = match args.timeout {
         0 => DEFAULT_TIMEOUT,

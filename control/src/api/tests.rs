@@ -153,14 +153,16 @@ async fn a_manifest_push_notification_starts_one_job_and_a_blob_push_none() {
         {"id": "2", "action": "pull", "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
             "url": "http://r.example/v2/a/manifests/sha256:bb"}},
         {"id": "3", "action": "push", "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "url": "http://r.example/v2/a/manifests/sha256:cc"}},
+            "url": format!("http://r.example/v2/a/manifests/sha256:{}", "c".repeat(64))}},
+        {"id": "4", "action": "push", "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "url": "http://r.example/v2/a/manifests/sha256:not-a-digest"}},
     ]})
     .to_string();
     let (status, reply) = call("POST", &format!("{}/registry/notifications", s.url), Some(&envelope), None).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["jobs"].as_array().map(Vec::len), Some(1));
     let (_, jobs) = call("GET", &format!("{}/api/v1/jobs", s.url), None, None).await;
-    assert_eq!(jobs[0]["url"], "http://r.example/v2/a/manifests/sha256:cc");
+    assert_eq!(jobs[0]["url"], format!("http://r.example/v2/a/manifests/sha256:{}", "c".repeat(64)));
     assert_eq!((jobs[0]["origin"].as_str(), jobs[0]["scope"].as_str()), (Some("notification"), Some("all_seed_peers")));
     // The registry retries; a pending job for the same manifest is not started twice.
     let (_, again) = call("POST", &format!("{}/registry/notifications", s.url), Some(&envelope), None).await;
@@ -216,4 +218,45 @@ async fn the_console_page_asks_for_the_credential_and_loads_nothing_from_elsewhe
         client.get(format!("{}/api/v1/cluster", s.url)).basic_auth("admin", Some("pw")).send().await.expect("send");
     let cluster: Value = serde_json::from_str(&cluster.text().await.expect("body")).expect("json");
     assert_eq!(cluster["schedulers"][0]["job_store"], "sqlite");
+}
+
+#[tokio::test]
+async fn a_url_that_names_no_image_is_refused_before_any_job_exists() {
+    let s = serve_api(Credentials::default()).await;
+    for url in [
+        "not a url",
+        "ftp://r.example/v2/a/manifests/1",
+        "https://u:p@r.example/v2/a/manifests/1",
+        "https://r.example/a",
+    ] {
+        let body = json!({"type": "preheat", "args": {"url": url}}).to_string();
+        let (status, reply) = call("POST", &format!("{}/oapi/v1/jobs", s.url), Some(&body), None).await;
+        assert_eq!(status, 422, "{url}: {reply}");
+    }
+    let long = format!("https://r.example/v2/a/manifests/1?{}", "x".repeat(4000));
+    let (status, _) =
+        call("POST", &format!("{}/api/v1/jobs", s.url), Some(&json!({"url": long}).to_string()), None).await;
+    assert_eq!(status, 422);
+    let (_, listed) = call("GET", &format!("{}/api/v1/jobs", s.url), None, None).await;
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test]
+async fn a_store_full_of_open_jobs_refuses_more_with_429() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = JobStore::open_in(dir.path()).await.expect("store");
+    let spec = oapi::spec(harbor_job("http://r.example/v2/a/manifests/1").as_bytes()).expect("spec");
+    for _ in 0..MAX_OPEN_JOBS {
+        store.create(&spec).await.expect("create");
+    }
+    let scheduler = Scheduler::new(SchedulerConfig::for_cluster(None, true).expect("config"));
+    let api = Api {
+        store,
+        scheduler,
+        credentials: Credentials::default(),
+        notification_scope: Scope::AllSeedPeers,
+        address: String::new(),
+    };
+    assert!(matches!(api.create(&spec).await, Err(ApiError::Busy)));
+    assert_eq!(ApiError::Busy.into_response().status(), StatusCode::TOO_MANY_REQUESTS);
 }

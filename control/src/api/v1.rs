@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{json, page, parse, parse_id, rfc3339, Api, ApiError};
 use crate::job::{
-    registry_headers, BlobProgress, Job, JobSpec, Origin, PeerResult, Scope, Target, DEFAULT_CONCURRENCY,
-    DEFAULT_TIMEOUT, MAX_TIMEOUT,
+    registry_headers, BlobProgress, Job, JobId, JobSpec, Origin, PeerResult, Scope, Summary, Target,
+    DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 
 /// Tasks the cluster view lists.
@@ -34,6 +34,8 @@ pub struct JobView {
     pub error: String,
     /// Which scheduler runs (or ran) it: `<its HTTP address>#<n>`.
     pub runner: String,
+    pub summary: Summary,
+    /// Each blob and its progress; empty in lists (see `summary`).
     pub blobs: Vec<BlobProgress>,
     pub peers: Vec<PeerResult>,
 }
@@ -103,7 +105,7 @@ pub struct ClusterView {
     pub tasks: Vec<TaskRow>,
 }
 
-pub fn view(job: &Job) -> JobView {
+pub fn view(job: &Job, summary: Summary) -> JobView {
     JobView {
         id: job.id.0,
         state: job.state.as_str().to_owned(),
@@ -116,6 +118,7 @@ pub fn view(job: &Job) -> JobView {
         updated_at: rfc3339(job.updated_ms),
         error: job.error.clone(),
         runner: job.runner.clone(),
+        summary,
         blobs: job.blobs.clone(),
         peers: job.peers.clone(),
     }
@@ -125,7 +128,7 @@ pub(super) async fn create(api: &Api, body: Bytes) -> Result<Response<Full<Bytes
     let spec = spec(&body)?;
     let id = api.create(&spec).await?;
     let job = api.store.get(id).await?.ok_or_else(|| ApiError::NoJob(id.to_string()))?;
-    Ok(json(StatusCode::CREATED, &view(&job)))
+    Ok(json(StatusCode::CREATED, &view(&job, summarize(&job.blobs))))
 }
 
 /// The job a request body asks for, checked.
@@ -162,17 +165,34 @@ pub(super) fn spec(body: &[u8]) -> Result<JobSpec, ApiError> {
 
 pub(super) async fn get(api: &Api, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let job = api.store.get(parse_id(id)?).await?.ok_or_else(|| ApiError::NoJob(id.to_owned()))?;
-    Ok(json(StatusCode::OK, &view(&job)))
+    Ok(json(StatusCode::OK, &view(&job, summarize(&job.blobs))))
 }
 
-/// Newest first, each with its blobs.
+/// Newest first, each with its blobs summed up (one query for all).
 pub(super) async fn list(api: &Api, query: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let (limit, offset) = page(query);
-    let mut jobs = api.store.list(limit.min(100), offset).await?;
-    for job in &mut jobs {
-        job.blobs = api.store.blobs(job.id).await?;
+    let jobs = api.store.list(limit.min(100), offset).await?;
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let summaries = api.store.summaries(&ids).await?;
+    let views = jobs.iter().map(|j| view(j, summaries.get(&j.id).copied().unwrap_or_default()));
+    Ok(json(StatusCode::OK, &views.collect::<Vec<_>>()))
+}
+
+/// The same sums as the store's, for a job read with its blobs.
+fn summarize(blobs: &[BlobProgress]) -> Summary {
+    let mut s = Summary { blobs: blobs.len() as u64, ..Summary::default() };
+    for b in blobs {
+        let want = b.length.saturating_mul(u64::from(b.wanted.max(1)));
+        s.bytes = s.bytes.saturating_add(want);
+        if b.is_held() {
+            s.held += 1;
+            s.bytes_held = s.bytes_held.saturating_add(want);
+        }
+        if !b.error.is_empty() {
+            s.failed += 1;
+        }
     }
-    Ok(json(StatusCode::OK, &jobs.iter().map(view).collect::<Vec<_>>()))
+    s
 }
 
 pub(super) async fn cluster(api: &Api) -> Result<Response<Full<Bytes>>, ApiError> {

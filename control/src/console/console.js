@@ -4,7 +4,12 @@
 
 const params = new URLSearchParams(location.search);
 const token = params.get("access_token") || sessionStorage.getItem("damselfly-token");
-if (params.get("access_token")) sessionStorage.setItem("damselfly-token", params.get("access_token"));
+if (params.get("access_token")) {
+  sessionStorage.setItem("damselfly-token", params.get("access_token"));
+  // Out of the address bar and the history.
+  params.delete("access_token");
+  history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : ""));
+}
 
 async function api(path, options = {}) {
   const headers = Object.assign({ Accept: "application/json" }, options.headers || {});
@@ -64,22 +69,19 @@ function bar(parts, total) {
   return b;
 }
 
+// Failed blobs of jobs that have some, read from each job's detail (lists carry sums only).
+const failures = new Map();
+
 function jobProgress(job) {
   const td = document.createElement("td");
-  const held = job.blobs.filter((b) => b.wanted > 0 && b.holders.length >= b.wanted).length;
-  const total = job.blobs.reduce((n, b) => n + b.length * Math.max(b.wanted, 1), 0);
-  const done = job.blobs.reduce((n, b) => {
-    const want = b.length * Math.max(b.wanted, 1);
-    if (b.wanted > 0 && b.holders.length >= b.wanted) return n + want;
-    return n + (b.piece_count > 0 ? Math.min(want, (b.length * b.pieces_held) / b.piece_count) : 0);
-  }, 0);
-  td.appendChild(bar([[done, "done"]], total));
-  td.appendChild(el("div", held + " / " + job.blobs.length + " blobs · " + bytes(done) + " of " + bytes(total)));
-  const failures = job.blobs.filter((b) => b.error);
-  if (job.error || failures.length) {
+  const sum = job.summary;
+  td.appendChild(bar([[sum.bytes_held, "done"]], sum.bytes));
+  td.appendChild(el("div", sum.held + " / " + sum.blobs + " blobs · " + bytes(sum.bytes_held) + " of " + bytes(sum.bytes)));
+  const failed = failures.get(job.id) || [];
+  if (job.error || failed.length) {
     const list = el("ul", null, "failures");
     if (job.error) list.appendChild(el("li", job.error));
-    for (const b of failures) list.appendChild(el("li", (b.platform ? b.platform + " " : "") + b.digest.slice(0, 19) + ": " + b.error));
+    for (const b of failed) list.appendChild(el("li", (b.platform ? b.platform + " " : "") + b.digest.slice(0, 19) + ": " + b.error));
     td.appendChild(list);
   }
   return td;
@@ -133,6 +135,11 @@ function render(cluster, jobs) {
 async function refresh() {
   try {
     const [cluster, jobs] = await Promise.all([api("/api/v1/cluster"), api("/api/v1/jobs?limit=50")]);
+    const withFailures = jobs.filter((j) => j.summary.failed > 0 && !failures.has(j.id)).slice(0, 5);
+    for (const j of withFailures) {
+      const detail = await api("/api/v1/jobs/" + j.id);
+      failures.set(j.id, detail.blobs.filter((b) => b.error));
+    }
     render(cluster, jobs);
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::job::Summary;
 
 fn spec(url: &str) -> JobSpec {
     JobSpec {
@@ -86,4 +87,43 @@ async fn blobs_are_recorded_once_and_their_progress_updates() {
 #[tokio::test]
 async fn only_sqlite_and_postgres_urls_open() {
     assert!(matches!(JobStore::open("mysql://x").await, Err(StoreError::Url(_))));
+}
+
+#[tokio::test]
+async fn ended_jobs_are_summed_and_forgotten_after_their_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = JobStore::open_in(dir.path()).await.expect("open");
+    let id = store.create(&spec("http://r/v2/a/manifests/1")).await.expect("create");
+    let claim = store.claim(id, "one", Duration::from_secs(10)).await.expect("claim").expect("claimed");
+    // Text from a registry may hold NUL, which PostgreSQL refuses: stored without it.
+    let odd = BlobProgress { media_type: "type\0with nul".into(), ..blob('a') };
+    assert!(store.set_blobs(&claim, &[odd, blob('b')]).await.expect("blobs"));
+    assert_eq!(store.blobs(id).await.expect("blobs")[0].media_type, "typewith nul");
+    let mut held = blob('b');
+    (held.wanted, held.holders) = (1, vec!["seed".into()]);
+    store.set_progress(&claim, &held).await.expect("progress");
+    let sums = store.summaries(&[id]).await.expect("sums");
+    assert_eq!(sums[&id], Summary { blobs: 2, held: 1, bytes: 20, bytes_held: 10, failed: 0 });
+    // A runner that lost the job writes nothing.
+    let stale = Claim { id, runner: "gone".into() };
+    store.set_progress(&stale, &BlobProgress { error: "late".into(), ..blob('a') }).await.expect("ignored");
+    assert_eq!(store.blobs(id).await.expect("blobs")[0].error, "");
+    assert!(!store.set_blobs(&stale, &[blob('c')]).await.expect("not the claim's"));
+    assert_eq!(store.open_count().await.expect("count"), 1);
+    assert!(store.finish(&claim, JobState::Success, "", &[]).await.expect("finish"));
+    assert!(
+        store.get(id).await.expect("get").expect("job").spec.headers.is_empty(),
+        "credentials forgotten at the end"
+    );
+    assert_eq!(store.open_count().await.expect("count"), 0);
+    assert_eq!(store.prune(now_ms() - 60_000).await.expect("prune"), 0, "ended a moment ago");
+    assert_eq!(store.prune(now_ms() + 1).await.expect("prune"), 1);
+    assert_eq!(store.get(id).await.expect("get"), None);
+    assert!(store.blobs(id).await.expect("blobs").is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_store_url_does_not_echo_its_password() {
+    let err = JobStore::open("mysql://user:hunter2@db/x").await.map(drop).expect_err("refused");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
 }

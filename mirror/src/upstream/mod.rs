@@ -115,6 +115,11 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     /// CA certificates trusted for TLS besides the bundled public roots.
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Whether a registry named by an internal address (an address literal of this host or
+    /// its network, `localhost`) is reached there though the operator did not name it: so for
+    /// the node daemon, whose clients are on the node; not for the scheduler's control plane,
+    /// whose callers may be anywhere on the network.
+    pub internal_by_address: bool,
 }
 
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,6 +134,7 @@ impl Default for UpstreamConfig {
             extra_roots: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             read_timeout: READ_TIMEOUT,
+            internal_by_address: true,
         }
     }
 }
@@ -206,6 +212,7 @@ pub struct Upstream {
     transport: Transport,
     auth: auth::Authenticator,
     connect_timeout: Duration,
+    internal_by_address: bool,
 }
 
 impl Upstream {
@@ -239,6 +246,7 @@ impl Upstream {
             transport: Transport::new(cfg.connect_timeout, cfg.read_timeout, &cfg.extra_roots)?,
             connect_timeout: cfg.connect_timeout,
             auth: auth::Authenticator::default(),
+            internal_by_address: cfg.internal_by_address,
         })
     }
 
@@ -273,9 +281,11 @@ impl Upstream {
     }
 
     /// Which addresses requests for `registry` may reach: internal ones only for a registry
-    /// that is internal itself (an address literal, `localhost`) or that the operator named.
+    /// that is internal itself (an address literal, `localhost`, unless `internal_by_address`
+    /// is off) or that the operator named.
     fn reach_of(&self, registry: &RegistryEndpoint) -> Reach {
-        match names_internal(&registry.host) || self.operator_named(registry) {
+        let by_address = self.internal_by_address && names_internal(&registry.host);
+        match by_address || self.operator_named(registry) {
             true => Reach::Private,
             false => Reach::Public,
         }
@@ -318,6 +328,12 @@ impl Upstream {
     pub async fn send(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {
         let mut prepared = PreparedRequest::new(req.registry, req.method, &req.repo, &req.path, req.headers)?;
         prepared.reach = self.reach_of(&prepared.endpoint);
+        // The resolver guards names; an address literal is checked here (redirects and realms
+        // are checked as they are followed).
+        let literal = select::host_ip(&prepared.endpoint.host);
+        if literal.is_some_and(|ip| !guard::allows(prepared.reach, ip)) {
+            return Err(UpstreamError::NotAllowed(prepared.endpoint.host));
+        }
         if let Some(auth) = req.client_auth {
             let response = self.transport.execute(&prepared, Some(&auth)).await?;
             return Ok(UpstreamReply { response, credential: CredentialKind::Client });

@@ -56,6 +56,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(60);
 const POISONED_FOR: Duration = Duration::from_secs(600);
 /// Poisoned tasks remembered at once; the oldest is forgotten first.
 const MAX_POISONED: usize = 1024;
+/// Tasks a scheduler asked for (seed and preheat streams) fetched at once; the rest wait.
+const ASKED_FETCHES: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -193,6 +195,8 @@ pub struct Node {
     pub(crate) upload_limit: Option<RateLimit>,
     pub(crate) download_limit: Option<RateLimit>,
     pub(crate) upload_slots: Arc<Semaphore>,
+    /// Bounds the fetches schedulers ask for ([`ASKED_FETCHES`]).
+    asked_fetches: Arc<Semaphore>,
     pub(crate) metrics: NetMetrics,
     shutdown: CancellationToken,
     upload_server: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -262,6 +266,7 @@ impl Node {
             upload_limit: cfg.upload_rate.map(RateLimit::new),
             download_limit: cfg.download_rate.map(RateLimit::new),
             upload_slots: Arc::new(Semaphore::new(cfg.max_uploads.max(1))),
+            asked_fetches: Arc::new(Semaphore::new(ASKED_FETCHES)),
             metrics,
             shutdown,
             upload_server: Mutex::new(None),
@@ -469,7 +474,11 @@ impl Node {
             return;
         }
         tracing::info!(%digest, ?asked, "fetching on the scheduler's request");
-        tokio::spawn(crate::reader::fill(task, source));
+        let slots = self.asked_fetches.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else { return };
+            crate::reader::fill(task, source).await;
+        });
     }
 
     pub(crate) fn check_token(&self, token: &str, digest: &Digest) -> Result<String, token::TokenError> {
