@@ -94,6 +94,25 @@ async fn poll_oapi(sched: &Scheduler, id: i64) -> Result<Value> {
     .await
 }
 
+/// Creates a job for `url` as Harbor would and waits for it to fail; returns its reason.
+async fn fails(api: &str, url: &str) -> Result<String> {
+    let job = json!({"type": "preheat", "args": {"url": url}});
+    let (status, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await?;
+    ensure!(status == 200, "{status} {created}");
+    let id = created["id"].as_i64().context("id")?;
+    let job_url = format!("{api}/oapi/v1/jobs/{id}");
+    let failed = poll_until("the job to fail", Duration::from_secs(60), || {
+        let u = job_url.clone();
+        async move {
+            let (_, j) = harbor("GET", &u, None).await?;
+            ensure!(j["state"] != "SUCCESS", "{j}");
+            Ok((j["state"] == "FAILURE").then_some(j))
+        }
+    })
+    .await?;
+    Ok(failed["result"]["job_states"][0]["error"].as_str().context("error")?.to_owned())
+}
+
 /// The job Harbor ≥ 2.12 posts for `image` on `origin`, field for field.
 fn harbor_job(origin: &Registry, image: &Image, scope: &str) -> Value {
     json!({
@@ -346,27 +365,7 @@ async fn a_job_naming_a_registry_outside_the_allow_list_or_unreachable_fails_wit
     let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), only_named_registry)
         .await
         .unwrap();
-    let api = sched.http_url();
-    let run = |url: String| {
-        let api = api.clone();
-        async move {
-            let job = json!({"type": "preheat", "args": {"url": url}});
-            let (status, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await?;
-            ensure!(status == 200, "{status} {created}");
-            let id = created["id"].as_i64().context("id")?;
-            let job_url = format!("{api}/oapi/v1/jobs/{id}");
-            poll_until("the job to fail", Duration::from_secs(30), || {
-                let u = job_url.clone();
-                async move {
-                    let (_, j) = harbor("GET", &u, None).await?;
-                    Ok((j["state"] == "FAILURE").then_some(j))
-                }
-            })
-            .await
-        }
-    };
-    let outside = run("https://registry.other.example/v2/a/manifests/1".to_owned()).await.unwrap();
-    let reason = outside["result"]["job_states"][0]["error"].as_str().unwrap();
+    let reason = fails(&sched.http_url(), "https://registry.other.example/v2/a/manifests/1").await.unwrap();
     assert!(reason.contains("not allowed"), "{reason}");
     let mut sched = sched;
     sched.stop().await;
@@ -379,20 +378,7 @@ async fn a_job_naming_a_registry_outside_the_allow_list_or_unreachable_fails_wit
     let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), allow_unreachable)
         .await
         .unwrap();
-    let api = sched.http_url();
-    let job = json!({"type": "preheat", "args": {"url": "http://127.0.0.1:1/v2/a/manifests/1"}});
-    let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
-    let id = created["id"].as_i64().unwrap();
-    let failed = poll_until("the job to fail", Duration::from_secs(60), || {
-        let u = format!("{api}/oapi/v1/jobs/{id}");
-        async move {
-            let (_, j) = harbor("GET", &u, None).await?;
-            Ok((j["state"] == "FAILURE").then_some(j))
-        }
-    })
-    .await
-    .unwrap();
-    let reason = failed["result"]["job_states"][0]["error"].as_str().unwrap();
+    let reason = fails(&sched.http_url(), "http://127.0.0.1:1/v2/a/manifests/1").await.unwrap();
     assert!(reason.contains("127.0.0.1:1"), "{reason}");
     let mut sched = sched;
     sched.stop().await;
@@ -406,20 +392,7 @@ async fn a_job_naming_a_registry_outside_the_allow_list_or_unreachable_fails_wit
     }
     let sched =
         Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), any_registry).await.unwrap();
-    let api = sched.http_url();
-    let job = json!({"type": "preheat", "args": {"url": format!("{}/v2/a/manifests/1", internal.url())}});
-    let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
-    let id = created["id"].as_i64().unwrap();
-    let failed = poll_until("the job to fail", Duration::from_secs(60), || {
-        let u = format!("{api}/oapi/v1/jobs/{id}");
-        async move {
-            let (_, j) = harbor("GET", &u, None).await?;
-            Ok((j["state"] == "FAILURE").then_some(j))
-        }
-    })
-    .await
-    .unwrap();
-    let reason = failed["result"]["job_states"][0]["error"].as_str().unwrap();
+    let reason = fails(&sched.http_url(), &format!("{}/v2/a/manifests/1", internal.url())).await.unwrap();
     assert!(reason.contains("not allowed"), "{reason}");
     assert_eq!(
         internal.settled_access_log().await.count("GET", "/v2/a/"),

@@ -168,8 +168,9 @@ pub struct MirrorArgs {
     /// Named registries may be on private addresses; others only on public ones.
     #[arg(long = "allow-registry", value_name = "PATTERN")]
     pub allow_registries: Vec<String>,
-    /// Registry a seed fetches from when a scheduler asks (repeatable; `*` for any) [default:
-    /// the registries named by --registry-mirror, --insecure-registry and --registry-auth].
+    /// Registry this node fetches from when a scheduler asks: as a seed, or for a preheat of
+    /// every node (repeatable; `*` for any) [default: the registries named by
+    /// --registry-mirror, --insecure-registry and --registry-auth].
     #[arg(long = "seed-registry", value_name = "HOST[:PORT]")]
     pub seed_registries: Vec<String>,
     /// Upload limit per second, e.g. 100MiB [default: unlimited].

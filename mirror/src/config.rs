@@ -105,8 +105,8 @@ pub struct MirrorConfig {
     pub idc: String,
     pub location: String,
     pub seed: bool,
-    /// Registries (`HOST[:PORT]`, or `*` for any) a seed fetches from when a scheduler asks.
-    /// Empty: the registries this daemon names elsewhere (`registry_mirror`,
+    /// Registries (`HOST[:PORT]`, or `*` for any) this node fetches from when a scheduler asks:
+    /// as a seed, or for a preheat of every node. Empty: the registries this daemon names elsewhere (`registry_mirror`,
     /// `insecure_registries`, `registry_auth`).
     pub seed_registries: Vec<String>,
     pub upload_rate_limit: Option<ByteSize>,

@@ -9,7 +9,7 @@ use crate::scheduler::Scheduler;
 use crate::state::PeerState;
 
 /// A host as the console and the preheat runner see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HostView {
     pub id: String,
     pub ip: String,
@@ -36,7 +36,7 @@ pub struct HostView {
 }
 
 /// A task as the console sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TaskView {
     pub digest: String,
     pub length: u64,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use damselfly_scheduler::{HostView, TaskView};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::{Deserialize, Serialize};
@@ -56,36 +57,6 @@ pub struct NewJob {
     pub timeout_secs: u64,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct HostRow {
-    pub id: String,
-    pub ip: String,
-    pub upload_port: u32,
-    pub idc: String,
-    pub location: String,
-    pub seed: bool,
-    pub seeding: bool,
-    pub preheating: bool,
-    pub load: u32,
-    pub slots: u32,
-    pub tasks: usize,
-    pub last_seen_secs: u64,
-    pub served_origin: u64,
-    pub served_peer: u64,
-    pub served_cache: u64,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct TaskRow {
-    pub digest: String,
-    pub length: u64,
-    pub piece_count: u32,
-    pub holders: usize,
-    pub peers: usize,
-    pub origin_fetchers: usize,
-    pub origin_fetches: u32,
-}
-
 /// A scheduler serving this control plane's job store.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SchedulerRow {
@@ -97,12 +68,13 @@ pub struct SchedulerRow {
     pub runs_jobs: bool,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// `GET /api/v1/cluster`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct ClusterView {
     /// This scheduler first, then the others that ran recent jobs from the same store.
     pub schedulers: Vec<SchedulerRow>,
-    pub hosts: Vec<HostRow>,
-    pub tasks: Vec<TaskRow>,
+    pub hosts: Vec<HostView>,
+    pub tasks: Vec<TaskView>,
 }
 
 pub fn view(job: &Job, summary: Summary) -> JobView {
@@ -215,31 +187,6 @@ pub(super) async fn cluster(api: &Api) -> Result<Response<Full<Bytes>>, ApiError
         job_store: job_store.clone(),
         runs_jobs: true,
     }));
-    let hosts = api.scheduler.hosts_view().into_iter().map(|h| HostRow {
-        id: h.id,
-        ip: h.ip,
-        upload_port: h.upload_port,
-        idc: h.idc,
-        location: h.location,
-        seed: h.seed,
-        seeding: h.seeding,
-        preheating: h.preheating,
-        load: h.load,
-        slots: h.slots,
-        tasks: h.tasks,
-        last_seen_secs: h.last_seen_secs,
-        served_origin: h.served_origin,
-        served_peer: h.served_peer,
-        served_cache: h.served_cache,
-    });
-    let tasks = api.scheduler.tasks_view(MAX_TASKS).into_iter().map(|t| TaskRow {
-        digest: t.digest,
-        length: t.length,
-        piece_count: t.piece_count,
-        holders: t.holders,
-        peers: t.peers,
-        origin_fetchers: t.origin_fetchers,
-        origin_fetches: t.origin_fetches,
-    });
-    Ok(json(StatusCode::OK, &ClusterView { schedulers, hosts: hosts.collect(), tasks: tasks.collect() }))
+    let (hosts, tasks) = (api.scheduler.hosts_view(), api.scheduler.tasks_view(MAX_TASKS));
+    Ok(json(StatusCode::OK, &ClusterView { schedulers, hosts, tasks }))
 }

@@ -125,17 +125,23 @@ async fn until_done(store: &JobStore, id: JobId) -> Job {
     panic!("job {id} did not end");
 }
 
-#[tokio::test]
-async fn a_single_seed_job_succeeds_once_one_seed_holds_every_blob() {
+/// Runs one job of `scope` and `timeout` on `cluster` until it ends.
+async fn run_one(scope: Scope, timeout: Duration, cluster: Arc<FakeCluster>) -> Job {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = JobStore::open_in(dir.path()).await.expect("store");
-    let id = job(&store, Scope::SingleSeedPeer, Duration::from_secs(60)).await;
-    let cluster = FakeCluster::new(&["seed-a", "seed-b"], false);
+    let id = job(&store, scope, timeout).await;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(runner(&store, cluster.clone(), DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
+    let task = tokio::spawn(runner(&store, cluster, DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
     let done = until_done(&store, id).await;
     stop.cancel();
     task.await.expect("runner");
+    done
+}
+
+#[tokio::test]
+async fn a_single_seed_job_succeeds_once_one_seed_holds_every_blob() {
+    let cluster = FakeCluster::new(&["seed-a", "seed-b"], false);
+    let done = run_one(Scope::SingleSeedPeer, Duration::from_secs(60), cluster.clone()).await;
     assert_eq!(done.state, JobState::Success, "{}", done.error);
     assert_eq!(cluster.asked_hosts().len(), 1, "one seed asked");
     let seed = cluster.asked_hosts().into_iter().next().expect("a seed");
@@ -149,15 +155,8 @@ async fn a_single_seed_job_succeeds_once_one_seed_holds_every_blob() {
 
 #[tokio::test]
 async fn an_all_seeds_job_waits_for_every_seed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = JobStore::open_in(dir.path()).await.expect("store");
-    let id = job(&store, Scope::AllSeedPeers, Duration::from_secs(60)).await;
     let cluster = FakeCluster::new(&["seed-a", "seed-b"], false);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner(&store, cluster.clone(), DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
-    let done = until_done(&store, id).await;
-    stop.cancel();
-    task.await.expect("runner");
+    let done = run_one(Scope::AllSeedPeers, Duration::from_secs(60), cluster.clone()).await;
     assert_eq!(done.state, JobState::Success);
     assert_eq!(cluster.asked_hosts(), HashSet::from(["seed-a".to_owned(), "seed-b".to_owned()]));
     assert_eq!(done.succeeded_peers().count(), 2);
@@ -166,15 +165,8 @@ async fn an_all_seeds_job_waits_for_every_seed() {
 
 #[tokio::test]
 async fn a_job_whose_seeds_never_fetch_fails_at_its_timeout_with_each_blobs_reason() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = JobStore::open_in(dir.path()).await.expect("store");
-    let id = job(&store, Scope::SingleSeedPeer, Duration::from_secs(2)).await;
     let cluster = FakeCluster::new(&["seed-a"], true);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner(&store, cluster, DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
-    let done = until_done(&store, id).await;
-    stop.cancel();
-    task.await.expect("runner");
+    let done = run_one(Scope::SingleSeedPeer, Duration::from_secs(2), cluster.clone()).await;
     assert_eq!(done.state, JobState::Failure);
     assert!(done.error.contains("timed out") && done.error.contains("2 of 2 blobs"), "{}", done.error);
     assert!(done.blobs.iter().all(|b| b.error.contains("held by 0 of 1")), "{:?}", done.blobs);
@@ -183,15 +175,8 @@ async fn a_job_whose_seeds_never_fetch_fails_at_its_timeout_with_each_blobs_reas
 
 #[tokio::test]
 async fn an_all_peers_job_waits_for_every_node_with_a_preheat_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = JobStore::open_in(dir.path()).await.expect("store");
-    let id = job(&store, Scope::AllPeers, Duration::from_secs(60)).await;
     let cluster = FakeCluster::new(&["seed-a"], false);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner(&store, cluster.clone(), DEFAULT_LEASE_FOR_TESTS).run(stop.clone()));
-    let done = until_done(&store, id).await;
-    stop.cancel();
-    task.await.expect("runner");
+    let done = run_one(Scope::AllPeers, Duration::from_secs(60), cluster.clone()).await;
     assert_eq!(done.state, JobState::Success, "{}", done.error);
     assert_eq!(cluster.asked_hosts(), HashSet::from(["seed-a".to_owned(), "ordinary".to_owned()]));
     assert!(cluster.seed_asks.lock().expect("lock").is_empty(), "nobody is sent to the origin by the job");
