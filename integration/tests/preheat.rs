@@ -195,7 +195,7 @@ async fn harbors_current_protocol_preheats_an_index_and_a_later_pull_fetches_no_
 #[tokio::test]
 async fn harbors_legacy_protocol_preheats_and_reports_an_image_already_preheated() {
     let origin = Registry::start().await.unwrap();
-    let image = origin.push_image("legacy/app", "v1", 1).await.unwrap();
+    let image = origin.push_index("legacy/app", "v1", 1, "linux/amd64,linux/arm64").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), with_pat).await.unwrap();
     let cluster = Cluster::start_with(&origin, vec![sched], 1, |_, o| o.seed()).await.unwrap();
