@@ -52,7 +52,7 @@ pub struct SchedulerArgs {
     #[arg(long, value_name = "FILE")]
     pub upstream_ca_file: Option<PathBuf>,
     /// Which peers a registry's push notification has preheat the pushed image.
-    #[arg(long, value_enum, value_name = "SCOPE", default_value = "single-seed-peer")]
+    #[arg(long, value_enum, value_name = "SCOPE", default_value = "single_seed_peer")]
     pub notification_scope: Scope,
     /// Serve the preheat API, notifications and the console without any credential, to
     /// whoever reaches --http-listen (a lab on a closed network only).

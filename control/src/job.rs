@@ -54,10 +54,13 @@ impl JobState {
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// One seed peer, picked by the image's URL.
+    #[value(name = "single_seed_peer", alias = "single-seed-peer")]
     SingleSeedPeer,
     /// Every seed peer with a seed stream open.
+    #[value(name = "all_seed_peers", alias = "all-seed-peers")]
     AllSeedPeers,
     /// Every node of the cluster.
+    #[value(name = "all_peers", alias = "all-peers")]
     AllPeers,
 }
 
@@ -264,6 +267,15 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_spells_scopes_as_harbor_does() {
+        use clap::ValueEnum;
+        for s in [Scope::SingleSeedPeer, Scope::AllSeedPeers, Scope::AllPeers] {
+            assert_eq!(Scope::from_str(s.as_str(), false), Ok(s));
+            assert_eq!(Scope::from_str(&s.as_str().replace('_', "-"), false), Ok(s));
+        }
+    }
 
     #[test]
     fn names_round_trip() {

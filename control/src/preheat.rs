@@ -18,7 +18,7 @@ pub struct PreheatArgs {
     /// the manifest's URL (`https://registry/v2/<repository>/manifests/<tag>`).
     pub image: String,
     /// Which peers must hold it.
-    #[arg(long, value_enum, default_value = "single-seed-peer")]
+    #[arg(long, value_enum, default_value = "single_seed_peer")]
     pub scope: Scope,
     /// `os/arch[/variant]` of a multi-platform image; repeatable. Default: every platform.
     #[arg(long = "platform", value_name = "OS/ARCH")]
