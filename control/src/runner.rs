@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use damselfly_mirror::upstream::Upstream;
 use damselfly_proto::v1::{SeedTask, Source};
-use damselfly_scheduler::{HostView, Scheduler};
+use damselfly_scheduler::{Holding, HostView, Scheduler};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -37,9 +37,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// unit tests.
 pub trait Cluster: Send + Sync + 'static {
     fn hosts(&self) -> Vec<HostView>;
-    /// The hosts holding `digest` whole and verified, with the pieces each peer of the task
-    /// holds, and the task's piece count (0 if unknown).
-    fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32);
+    /// Who holds the blob of `digest` and `length`.
+    fn holding(&self, digest: &str, length: u64) -> Holding;
     /// Asks a seed to fetch from the origin (the seed scopes).
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool;
     /// Asks any node to hold a task, from its peers first (`all_peers`).
@@ -51,12 +50,8 @@ impl Cluster for Scheduler {
         self.hosts_view()
     }
 
-    fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32) {
-        let req = damselfly_proto::v1::StatTaskRequest { digest: digest.to_owned() };
-        match self.stat_task(&req) {
-            Ok(s) => (s.peers.into_iter().map(|p| (p.host_id, p.pieces, p.finished)).collect(), s.piece_count),
-            Err(_) => (Vec::new(), 0),
-        }
+    fn holding(&self, digest: &str, length: u64) -> Holding {
+        Scheduler::holding(self, digest, length)
     }
 
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool {
@@ -313,10 +308,12 @@ impl JobRun {
             no_peer_since = None;
             let mut in_flight = 0;
             for (i, blob) in blobs.iter_mut().enumerate() {
-                let (peers, piece_count) = cluster.holders(&blob.digest);
+                let Holding { peers, piece_count, quarantined } = cluster.holding(&blob.digest, blob.length);
                 let mut next = blob.clone();
                 next.wanted = targets.len() as u32;
                 next.piece_count = piece_count;
+                // Shown while it lasts; the peers fetch it again from the origin meanwhile.
+                next.error = quarantined.map(|why| format!("quarantined by the scheduler: {why}")).unwrap_or_default();
                 next.holders = targets
                     .iter()
                     .filter(|t| peers.iter().any(|(h, _, fin)| *fin && h == &t.id))
@@ -379,7 +376,11 @@ impl JobRun {
     ) -> Result<Outcome, StoreError> {
         let missing = blobs.iter().filter(|b| !b.is_held()).count();
         for blob in blobs.iter_mut().filter(|b| !b.is_held()) {
-            blob.error = format!("held by {} of {} peers when the job timed out", blob.holders.len(), blob.wanted);
+            let held = format!("held by {} of {} peers when the job timed out", blob.holders.len(), blob.wanted);
+            blob.error = match blob.error.is_empty() {
+                true => held,
+                false => format!("{}; {held}", blob.error),
+            };
             self.runner.store.set_progress(&self.claim, blob).await?;
         }
         let peers = targets.iter().map(|t| {

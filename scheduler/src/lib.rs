@@ -37,7 +37,7 @@ pub use metrics::{DecisionKind, Metrics};
 pub use scheduler::{Scheduler, TaskSubscription};
 pub use server::{start, Running};
 pub use service::SchedulerService;
-pub use view::{HostView, TaskView};
+pub use view::{Holding, HostView, TaskView};
 
 /// The scheduler's own HTTP routes (`/healthy`, `/metrics`), for a server that adds its own.
 pub use http::route as http_route;

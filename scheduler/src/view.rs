@@ -51,7 +51,37 @@ pub struct TaskView {
     pub origin_fetches: u32,
 }
 
+/// Who holds a blob: the peers of the task of that digest and length.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// Each peer's host, the pieces it holds, and whether it finished (verified) the task.
+    pub peers: Vec<(String, u32, bool)>,
+    pub piece_count: u32,
+    /// Why the task is quarantined, if it is.
+    pub quarantined: Option<String>,
+}
+
 impl Scheduler {
+    /// The peers of the task of `digest` with `length`: the digest's task, or the task apart
+    /// that downloads of this length joined when a member registered the digest with another
+    /// length first (`download.rs`, `task_key`).
+    pub fn holding(&self, digest: &str, length: u64) -> Holding {
+        let st = self.lock();
+        let apart = format!("{digest}#{length}");
+        let main = st.tasks.get(digest).filter(|t| t.length == 0 || length == 0 || t.length == length);
+        let Some(task) = main.or_else(|| st.tasks.get(apart.as_str())) else { return Holding::default() };
+        let count = task.piece_count();
+        Holding {
+            peers: task
+                .peers
+                .iter()
+                .map(|p| (String::from(&*p.host), p.held_count(count), p.state == PeerState::Finished))
+                .collect(),
+            piece_count: count.unwrap_or(0),
+            quarantined: task.quarantined.clone(),
+        }
+    }
+
     /// Every host this scheduler knows, by id.
     pub fn hosts_view(&self) -> Vec<HostView> {
         let now = Instant::now();

@@ -88,10 +88,9 @@ fn held_now(api: &Api, job: &Job) -> bool {
     let peers: Vec<&str> = job.succeeded_peers().map(|p| p.host_id.as_str()).collect();
     !peers.is_empty()
         && job.blobs.iter().all(|b| {
-            let req = damselfly_proto::v1::StatTaskRequest { digest: b.digest.clone() };
-            api.scheduler
-                .stat_task(&req)
-                .is_ok_and(|s| peers.iter().all(|h| s.peers.iter().any(|p| p.finished && p.host_id == *h)))
+            let holding = api.scheduler.holding(&b.digest, b.length);
+            holding.quarantined.is_none()
+                && peers.iter().all(|h| holding.peers.iter().any(|(host, _, finished)| *finished && host == h))
         })
 }
 

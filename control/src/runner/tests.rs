@@ -15,6 +15,8 @@ struct FakeCluster {
     /// Hosts asked through their seed stream, and through their preheat stream.
     seed_asks: Mutex<Vec<String>>,
     held_asks: Mutex<Vec<String>>,
+    /// Every task quarantined, with this reason.
+    quarantine: Mutex<Option<String>>,
 }
 
 impl FakeCluster {
@@ -26,6 +28,7 @@ impl FakeCluster {
             asked: Mutex::default(),
             seed_asks: Mutex::default(),
             held_asks: Mutex::default(),
+            quarantine: Mutex::default(),
         })
     }
 
@@ -59,10 +62,10 @@ impl Cluster for FakeCluster {
         hosts
     }
 
-    fn holders(&self, digest: &str) -> (Vec<(String, u32, bool)>, u32) {
+    fn holding(&self, digest: &str, _length: u64) -> Holding {
         let held = self.held.lock().expect("lock");
         let peers = held.iter().filter(|(_, d)| d == digest).map(|(h, _)| (h.clone(), 2, true)).collect();
-        (peers, 2)
+        Holding { peers, piece_count: 2, quarantined: self.quarantine.lock().expect("lock").clone() }
     }
 
     fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
@@ -171,6 +174,21 @@ async fn a_job_whose_seeds_never_fetch_fails_at_its_timeout_with_each_blobs_reas
     assert!(done.error.contains("timed out") && done.error.contains("2 of 2 blobs"), "{}", done.error);
     assert!(done.blobs.iter().all(|b| b.error.contains("held by 0 of 1")), "{:?}", done.blobs);
     assert_eq!(done.failed_peers().map(|p| p.description.clone()).collect::<Vec<_>>(), vec!["2 of 2 blobs not held"]);
+}
+
+#[tokio::test]
+async fn a_quarantined_blob_says_so_in_the_jobs_failure() {
+    let cluster = FakeCluster::new(&["seed-a"], true);
+    *cluster.quarantine.lock().expect("lock") = Some("its digests failed".into());
+    let done = run_one(Scope::SingleSeedPeer, Duration::from_secs(2), cluster).await;
+    assert_eq!(done.state, JobState::Failure);
+    let errors: Vec<&str> = done.blobs.iter().map(|b| b.error.as_str()).collect();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("quarantined by the scheduler: its digests failed") && e.contains("timed out")),
+        "{errors:?}"
+    );
 }
 
 #[tokio::test]

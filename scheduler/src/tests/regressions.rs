@@ -45,6 +45,25 @@ fn a_wrong_length_registered_first_keeps_nobody_from_sharing_the_content() {
 }
 
 #[test]
+fn a_blob_is_held_under_its_own_length_though_a_member_registered_another_first() {
+    let s = sched(|_| {});
+    announce(&s, host("x"), vec![]);
+    let _bad = Dl::register(&s, Register { length: u64::from(N) * PS + 1, ..reg("x") });
+    announce(&s, host("c"), vec![]);
+    let mut c = Dl::register(&s, reg("c"));
+    c.take();
+    for i in 0..N {
+        c.piece(i, "", &sha(1));
+    }
+    // The preheat runner asks by digest and length: the task apart, not the first one.
+    let real = s.holding(D, u64::from(N) * PS);
+    assert_eq!(real.peers.iter().map(|(h, n, _)| (h.as_str(), *n)).collect::<Vec<_>>(), [("c", N)]);
+    let wrong = s.holding(D, u64::from(N) * PS + 1);
+    assert_eq!(wrong.peers.iter().map(|(h, _, _)| h.as_str()).collect::<Vec<_>>(), ["x"]);
+    assert_eq!(s.holding(&sha(7), 1), crate::Holding::default());
+}
+
+#[test]
 fn another_length_than_a_verified_one_is_refused() {
     let s = sched(|_| {});
     let mut a = Dl::open(&s, host("a"));
