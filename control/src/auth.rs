@@ -49,28 +49,7 @@ impl Credentials {
         basic: Option<&str>,
         header: Option<&str>,
     ) -> Result<Credentials, CredentialError> {
-        let trim = |s: &str| s.trim_end_matches(['\r', '\n']).to_owned();
-        let bearer = bearer.map(trim);
-        if bearer.as_deref() == Some("") {
-            return Err(CredentialError::Empty("the preheat token"));
-        }
-        let basic = basic.map(trim);
-        if basic.as_deref().is_some_and(|b| b.split_once(':').is_none_or(|(u, _)| u.is_empty())) {
-            return Err(CredentialError::Basic);
-        }
-        let header = match header.map(trim) {
-            None => None,
-            Some(line) => {
-                let (name, value) = line.split_once(':').ok_or(CredentialError::Header)?;
-                let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| CredentialError::Header)?;
-                let value = value.trim().to_owned();
-                if value.is_empty() {
-                    return Err(CredentialError::Empty("the header credential's value"));
-                }
-                Some((name, value))
-            }
-        };
-        Ok(Credentials { bearer, basic, header })
+        Ok(Credentials { bearer: read_bearer(bearer)?, basic: read_basic(basic)?, header: read_header(header)? })
     }
 
     /// Whether a request with these headers and query may pass.
@@ -98,6 +77,37 @@ impl Credentials {
             }
         }
         false
+    }
+}
+
+fn trim(s: &str) -> &str {
+    s.trim_end_matches(['\r', '\n'])
+}
+
+/// A token file's contents.
+pub fn read_bearer(text: Option<&str>) -> Result<Option<String>, CredentialError> {
+    match text.map(trim) {
+        Some("") => Err(CredentialError::Empty("the preheat token")),
+        t => Ok(t.map(str::to_owned)),
+    }
+}
+
+/// A `user:password` file's contents.
+pub fn read_basic(text: Option<&str>) -> Result<Option<String>, CredentialError> {
+    match text.map(trim) {
+        Some(b) if b.split_once(':').is_none_or(|(u, _)| u.is_empty()) => Err(CredentialError::Basic),
+        b => Ok(b.map(str::to_owned)),
+    }
+}
+
+/// A `Name: value` file's contents.
+pub fn read_header(text: Option<&str>) -> Result<Option<(http::HeaderName, String)>, CredentialError> {
+    let Some(line) = text.map(trim) else { return Ok(None) };
+    let (name, value) = line.split_once(':').ok_or(CredentialError::Header)?;
+    let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| CredentialError::Header)?;
+    match value.trim() {
+        "" => Err(CredentialError::Empty("the header credential's value")),
+        value => Ok(Some((name, value.to_owned()))),
     }
 }
 

@@ -11,7 +11,7 @@ use damselfly_mirror::upstream::UpstreamConfig;
 use damselfly_scheduler::cli::{SchedulerArgs as CoreArgs, SchedulerArgsError};
 use tokio::net::TcpListener;
 
-use crate::auth::{CredentialError, Credentials};
+use crate::auth::{self, CredentialError, Credentials};
 use crate::job::Scope;
 use crate::store::{JobStore, StoreError};
 use crate::{ControlConfig, ControlError, DEFAULT_LEASE};
@@ -128,27 +128,19 @@ impl SchedulerArgs {
         let text = |path: &Option<PathBuf>| -> Result<Option<String>, RunError> {
             path.as_deref().map(|p| read(p).map(|b| String::from_utf8_lossy(&b).into_owned())).transpose()
         };
-        let from = |path: &Option<PathBuf>, env: &str| {
-            path.as_ref().map_or_else(|| env.to_owned(), |p| p.display().to_string())
+        // A bad credential is named by where it came from.
+        let bad = |path: &Option<PathBuf>, env: &str| {
+            let from = path.as_ref().map_or_else(|| env.to_owned(), |p| p.display().to_string());
+            move |source| RunError::Credential { from, source }
         };
-        let token = match text(&self.preheat_token_file)? {
-            Some(t) => Some(t),
-            None => env_token,
+        let token = text(&self.preheat_token_file)?.or(env_token);
+        let credentials = Credentials {
+            bearer: auth::read_bearer(token.as_deref()).map_err(bad(&self.preheat_token_file, PREHEAT_TOKEN_ENV))?,
+            basic: auth::read_basic(text(&self.preheat_basic_auth_file)?.as_deref())
+                .map_err(bad(&self.preheat_basic_auth_file, ""))?,
+            header: auth::read_header(text(&self.preheat_header_file)?.as_deref())
+                .map_err(bad(&self.preheat_header_file, ""))?,
         };
-        let check = |result: Result<Credentials, CredentialError>, from: String| {
-            result.map_err(|source| RunError::Credential { from, source })
-        };
-        let bearer = check(
-            Credentials::from_texts(token.as_deref(), None, None),
-            from(&self.preheat_token_file, PREHEAT_TOKEN_ENV),
-        )?;
-        let basic = text(&self.preheat_basic_auth_file)?;
-        let basic =
-            check(Credentials::from_texts(None, basic.as_deref(), None), from(&self.preheat_basic_auth_file, ""))?;
-        let header = text(&self.preheat_header_file)?;
-        let header =
-            check(Credentials::from_texts(None, None, header.as_deref()), from(&self.preheat_header_file, ""))?;
-        let credentials = Credentials { bearer: bearer.bearer, basic: basic.basic, header: header.header };
         if credentials.bearer.as_deref().is_some_and(|t| t.starts_with("replace-me")) {
             return Err(RunError::PlaceholderToken);
         }

@@ -3,19 +3,18 @@
 //! holds every blob whole and verified (`SUCCESS`), or the job's time runs out (`FAILURE`).
 //! Progress goes to the store as it changes, so any scheduler sharing the store answers polls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use damselfly_mirror::upstream::Upstream;
 use damselfly_proto::v1::{SeedTask, Source};
 use damselfly_scheduler::{Holding, HostView, Scheduler};
+use sha2::{Digest as _, Sha256};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use sha2::{Digest as _, Sha256};
-
-use crate::job::{BlobProgress, Job, JobId, JobState, PeerResult, Scope, MAX_BLOBS, MAX_CONCURRENCY};
+use crate::job::{BlobProgress, Job, JobState, PeerResult, Scope, MAX_BLOBS, MAX_CONCURRENCY};
 use crate::resolve::{authorization, resolve, ImageRef};
 use crate::store::{now_ms, Claim, JobStore, StoreError};
 
@@ -98,21 +97,16 @@ impl Runner {
     /// Claims and runs jobs until `shutdown`. Jobs still running then are released for any
     /// scheduler to resume.
     pub async fn run(self, shutdown: CancellationToken) {
+        // The jobs this runner holds; a claim is refused for a job whose lease is live, so a
+        // job it holds is never claimed twice here.
         let mut running: JoinSet<()> = JoinSet::new();
-        let mut mine: HashSet<JobId> = HashSet::new();
-        let mut ended = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut pruned: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
-                Some(id) = done_rx.recv() => { ended.push(id); }
-            }
-            for id in ended.drain(..) {
-                mine.remove(&id);
             }
             while running.try_join_next().is_some() {}
             if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
@@ -124,10 +118,11 @@ impl Runner {
                     Err(e) => tracing::warn!(error = %e, "cannot forget old preheat jobs"),
                 }
             }
-            if mine.len() >= MAX_RUNNING {
+            let free = MAX_RUNNING.saturating_sub(running.len());
+            if free == 0 {
                 continue;
             }
-            let ids = match self.inner.store.claimable((MAX_RUNNING - mine.len()) as u32).await {
+            let ids = match self.inner.store.claimable(free as u32).await {
                 Ok(ids) => ids,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot look for preheat jobs");
@@ -135,18 +130,10 @@ impl Runner {
                 }
             };
             for id in ids {
-                if mine.contains(&id) {
-                    continue;
-                }
                 match self.inner.store.claim(id, &self.inner.name, self.inner.lease).await {
                     Ok(Some(claim)) => {
-                        mine.insert(id);
                         let job = JobRun { runner: self.inner.clone(), claim, shutdown: shutdown.clone() };
-                        let done = done_tx.clone();
-                        running.spawn(async move {
-                            job.run().await;
-                            let _ = done.send(id);
-                        });
+                        running.spawn(job.run());
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(job = %id, error = %e, "cannot claim a preheat job"),
@@ -178,13 +165,10 @@ impl JobRun {
     async fn run(self) {
         let id = self.claim.id;
         tracing::info!(job = %id, "preheat job claimed");
-        // Renewed on a task of its own, so a slow registry (resolving) cannot let the lease
-        // lapse under a live runner; losing it stops this run.
-        let lost = CancellationToken::new();
-        // Aborted when this run ends or is dropped (a runner stopped outright).
-        let _renewer = AbortOnDrop(tokio::spawn(renew(self.runner.clone(), self.claim.clone(), lost.clone())));
+        // Renewed beside the run, so a slow registry (resolving) cannot let the lease lapse under
+        // a live runner; losing it stops this run.
         let outcome = tokio::select! {
-            _ = lost.cancelled() => Ok(Outcome::Left),
+            () = renew(&self.runner, &self.claim) => Ok(Outcome::Left),
             outcome = self.drive() => outcome,
         };
         let outcome = outcome.unwrap_or_else(|e| {
@@ -400,23 +384,14 @@ impl JobRun {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Renews `claim` every third of the lease until it is lost (then cancels `lost`).
-async fn renew(runner: Arc<Inner>, claim: Claim, lost: CancellationToken) {
+/// Renews `claim` every third of the lease; returns once it is lost.
+async fn renew(runner: &Inner, claim: &Claim) {
     loop {
         tokio::time::sleep(runner.lease / 3).await;
-        match runner.store.renew(&claim, runner.lease).await {
+        match runner.store.renew(claim, runner.lease).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(job = %claim.id, "preheat job's lease was lost");
-                lost.cancel();
                 return;
             }
             // A store that fails briefly: the lease still has two thirds left.

@@ -51,8 +51,9 @@ pub enum ApiError {
     NoJob(String),
     #[error("method not allowed")]
     Method,
+    /// `basic`: the credential is HTTP Basic, which a browser asks for itself when told to.
     #[error("unauthorized")]
-    Unauthorized,
+    Unauthorized { basic: bool },
     #[error("{0}")]
     Unprocessable(String),
     #[error("request body larger than {MAX_BODY} bytes")]
@@ -74,7 +75,7 @@ impl ApiError {
         let status = match &self {
             ApiError::NotFound | ApiError::NoJob(_) => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -86,9 +87,12 @@ impl ApiError {
             }
         };
         let mut resp = json(status, &serde_json::json!({ "errors": self.to_string() }));
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"damselfly\""));
+        if let ApiError::Unauthorized { basic } = self {
+            let challenge = match basic {
+                true => "Basic realm=\"damselfly\"",
+                false => "Bearer realm=\"damselfly\"",
+            };
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         resp
     }
@@ -127,14 +131,7 @@ impl Api {
             _ => {}
         }
         if !self.credentials.admits(req.headers(), req.uri().query()) {
-            let mut resp = ApiError::Unauthorized.into_response();
-            // A browser asks for Basic credentials itself when told to.
-            let challenge = match self.credentials.basic.is_some() {
-                true => "Basic realm=\"damselfly\"",
-                false => "Bearer realm=\"damselfly\"",
-            };
-            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-            return Ok(resp);
+            return Err(ApiError::Unauthorized { basic: self.credentials.basic.is_some() });
         }
         let query = req.uri().query().unwrap_or("").to_owned();
         match (method, segments.as_slice()) {

@@ -1,10 +1,10 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use damselfly_mirror::upstream::UpstreamConfig;
 
 use super::*;
-use crate::job::{JobSpec, Origin, Target};
+use crate::job::{JobId, JobSpec, Origin, Target};
 
 /// Seeds that fetch what they are asked for at once (or never, when `lazy`).
 struct FakeCluster {
