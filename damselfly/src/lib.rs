@@ -3,6 +3,7 @@
 //! runs the one chosen.
 
 use clap::{Parser, Subcommand};
+use damselfly_cache::cli::CacheArgs;
 use damselfly_control::cli::{PreheatArgs, SchedulerArgs};
 use damselfly_hosts_gen::cli::HostsGenArgs;
 use damselfly_mirror::cli::MirrorArgs;
@@ -26,6 +27,8 @@ pub enum Command {
     Preheat(PreheatArgs),
     /// Point a container runtime at the daemon (merging into its configuration), or put it back.
     HostsGen(HostsGenArgs),
+    /// The P2P cache: import a file under an id, export it on any node, stat, delete, list.
+    Cache(CacheArgs),
 }
 
 #[cfg(test)]

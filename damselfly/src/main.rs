@@ -34,6 +34,13 @@ fn main() -> anyhow::Result<()> {
         Command::HostsGen(args) => {
             damselfly_hosts_gen::cli::run(&args, &mut std::io::stdout()).context("hosts-gen failed")
         }
+        Command::Cache(args) => match runtime.block_on(damselfly_cache::cli::run(&args)) {
+            Ok(()) => Ok(()),
+            Err(failure) => {
+                eprintln!("damselfly cache: {}", failure.message);
+                std::process::exit(failure.code);
+            }
+        },
     }
 }
 

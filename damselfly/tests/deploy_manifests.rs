@@ -61,8 +61,8 @@ fn every_manifest_runs_a_valid_command_line() {
                     s.core.to_config().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     s.control_config(false).map(drop).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 }
-                Command::HostsGen(_) | Command::Preheat(_) => {
-                    panic!("{}: the manifests run no hosts-gen or preheat", path.display())
+                Command::HostsGen(_) | Command::Preheat(_) | Command::Cache(_) => {
+                    panic!("{}: the manifests run no hosts-gen, preheat or cache", path.display())
                 }
             }
             commands += 1;

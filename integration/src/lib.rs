@@ -14,6 +14,7 @@
 //! - [`Mirror`]: the daemon under test, in-process ([`Mirror::start`]) or as the `damselfly`
 //!   binary ([`Mirror::spawn_binary`]);
 //! - [`Scheduler`]: the scheduler, in-process, restartable on its address;
+//! - [`cache_cli::cache`]: `damselfly cache` (the binary) against a daemon's data directory;
 //! - [`Metrics`]: a Prometheus text scraper;
 //! - [`FaultProxy`]: a TCP proxy that cuts or corrupts upstream responses;
 //! - [`TokenAuthFront`]: Docker token auth in front of the (anonymous) real registry;
@@ -25,6 +26,7 @@
 //! metrics, never only on "the pull succeeded".
 
 pub mod broken;
+pub mod cache_cli;
 pub mod chromium;
 pub mod cluster;
 pub mod containerd;

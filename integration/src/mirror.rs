@@ -279,7 +279,7 @@ impl Mirror {
 }
 
 /// `target/<profile>/damselfly`: the test executable is `target/<profile>/deps/<test>-<hash>`.
-fn damselfly_binary() -> Result<PathBuf> {
+pub fn damselfly_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().and_then(Path::parent).context("test executable location")?;
     let binary = profile_dir.join("damselfly");

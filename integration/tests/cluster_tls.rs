@@ -224,7 +224,9 @@ async fn only_a_node_with_a_certificate_for_the_seed_name_is_taken_as_a_seed() {
     // can neither demote the seed by announcing it as an ordinary host nor make it leave.
     let mut as_impostor = grpc_as(&url, &ca, &impostor_cert.0, &impostor_cert.1).await;
     let host = proto::Host { id: seed_id.clone(), ip: "127.0.0.2".into(), upload_port: 1, ..Default::default() };
-    let announce = as_impostor.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![] }).await;
+    let announce = as_impostor
+        .announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![], ..Default::default() })
+        .await;
     assert_eq!(announce.unwrap_err().code(), tonic::Code::PermissionDenied);
     let withdraw = proto::WithdrawTaskRequest { host_id: seed_id.clone(), digest: first.clone() };
     assert_eq!(as_impostor.withdraw_task(withdraw).await.unwrap_err().code(), tonic::Code::PermissionDenied);

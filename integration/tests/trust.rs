@@ -202,7 +202,8 @@ async fn a_member_announcing_digests_of_its_own_is_found_out_and_cleared() {
             ..Default::default()
         };
         let task = TaskInfo { digest: digest.clone(), length: size, piece_size: piece, piece_sha256: list.clone() };
-        let mut req = tonic::Request::new(AnnounceHostRequest { host: Some(host), tasks: vec![task] });
+        let mut req =
+            tonic::Request::new(AnnounceHostRequest { host: Some(host), tasks: vec![task], ..Default::default() });
         let owner = OwnerToken::new([9; 32]);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         let md = req.metadata_mut();

@@ -50,6 +50,8 @@ pub struct ClusterParts<'a> {
     pub upload: TcpListener,
     pub registry: &'a mut Registry,
     pub shutdown: CancellationToken,
+    /// The P2P cache on this node: its names are announced, and schedulers ask it for replicas.
+    pub cache: Arc<damselfly_cache::Cache>,
 }
 
 pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
@@ -87,6 +89,7 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         max_uploads: config.max_uploads,
         stall_timeout: STALL_TIMEOUT,
         seed_source: Some(Arc::new(Seeder { app: parts.app.clone(), allowed: SeedRegistries::of(config) })),
+        cache: Some(parts.cache.clone()),
     };
     tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
     let metrics = NetMetrics::register(parts.registry);

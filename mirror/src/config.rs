@@ -406,25 +406,7 @@ fn validate_registry_url(value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Root keeps the cache where packaged daemons keep state; a user runs without privileges in
-/// their own XDG data dir.
-pub fn default_data_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    data_dir_for(is_root, std::env::var_os("HOME"), std::env::var_os("XDG_DATA_HOME"))
-}
-
-fn data_dir_for(is_root: bool, home: Option<std::ffi::OsString>, xdg: Option<std::ffi::OsString>) -> PathBuf {
-    let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
-    let (home, xdg) = (nonempty(home), nonempty(xdg));
-    match (is_root, home, xdg) {
-        // No HOME usually means a service manager started us: use the system location.
-        (true, _, _) | (false, None, _) => PathBuf::from("/var/lib/damselfly"),
-        // The XDG spec says relative values are invalid and must be ignored.
-        (false, Some(_), Some(x)) if x.is_absolute() => x.join("damselfly"),
-        (false, Some(h), _) => h.join(".local/share/damselfly"),
-    }
-}
+pub use damselfly_p2p::data_dir::default_data_dir;
 
 /// A byte count. Parses `512MiB`/`50GiB` (binary), `10GB`/`100MB` (decimal) and plain bytes;
 /// in TOML either a string or an integer.

@@ -72,6 +72,10 @@ pub enum DaemonError {
     Proxy(String),
     #[error("mirror TLS: {0}")]
     Tls(String),
+    #[error("P2P cache: {0}")]
+    Cache(#[from] damselfly_cache::CacheError),
+    #[error("P2P cache socket: {0}")]
+    CacheSocket(std::io::Error),
 }
 
 pub struct Running {
@@ -102,6 +106,9 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         },
         store_metrics,
     )?;
+    // The store's lock is held now: no other daemon serves this data directory's socket.
+    let cache = damselfly_cache::Cache::open(store.clone(), &config.data_dir)?;
+    let admin = damselfly_cache::server::bind(&config.data_dir).map_err(DaemonError::CacheSocket)?;
     let extra_roots = match &config.upstream_ca_file {
         Some(file) => read_certificates(file)?,
         None => Vec::new(),
@@ -175,8 +182,11 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
                 upload,
                 registry: &mut registry,
                 shutdown: shutdown.clone(),
+                cache: cache.clone(),
             };
-            Some(crate::cluster::join(parts).await?)
+            let node = crate::cluster::join(parts).await?;
+            cache.attach(&node);
+            Some(node)
         }
         None => None,
     };
@@ -228,6 +238,8 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
             shutdown.clone(),
         )),
         tokio::spawn(serve(listeners.metrics, metrics, shutdown.clone())),
+        tokio::spawn(damselfly_cache::server::serve(cache.clone(), admin, shutdown.clone())),
+        tokio::spawn(cache.expire(shutdown.clone())),
     ];
     tracing::info!(api = %addrs.0, health = %addrs.1, metrics = %addrs.2, data_dir = %config.data_dir.display(), "damselfly mirror started");
     Ok(Running {

@@ -2,7 +2,9 @@
 //! pieces, stored one file per task with crash-safe metadata, and the fetch engine that fills
 //! them from a [`Source`] while any number of readers stream the bytes as they land.
 
+pub mod data_dir;
 mod fetch;
+pub mod import;
 pub mod meta;
 pub mod metrics;
 pub mod net;

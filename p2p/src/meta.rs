@@ -44,6 +44,9 @@ pub struct TaskMeta {
     /// `Task::claim_supplier`). Absent in metadata written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supplier: Option<String>,
+    /// Kept until it is let go (the P2P cache names it): never evicted to make room.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// 2: `supplier` is the supplier's full name as its `Source` gives it (for the mirror, a
@@ -109,6 +112,7 @@ mod tests {
             media_type: None,
             public_in: BTreeMap::new(),
             supplier: Some("registry.example".into()),
+            kept: true,
         }
     }
 

@@ -70,6 +70,17 @@ struct Index {
     opened: usize,
 }
 
+impl Index {
+    /// What tasks that cannot be evicted now (read or fetched, or kept) count.
+    fn in_use(&self) -> u64 {
+        self.lru
+            .iter()
+            .filter(|(_, e)| e.kept || e.task.as_ref().is_some_and(|t| t.is_pinned()))
+            .map(|(_, e)| e.charged)
+            .sum()
+    }
+}
+
 /// Tasks kept open (a file descriptor and a memory map each) when nothing uses them. Without
 /// a bound, every blob read since start-up held both, and a daemon under the common limit of
 /// 1,024 open files ran out of them.
@@ -85,6 +96,8 @@ enum Lookup {
 
 struct Entry {
     len: u64,
+    /// Never evicted (the P2P cache names it).
+    kept: bool,
     /// What the task counts against the quota: the bytes it holds, in filesystem blocks, and
     /// a block of metadata (see [`charge_of`]). It follows what arrives, not the length a
     /// registry announced, so a made-up length cannot empty the cache.
@@ -120,7 +133,7 @@ impl Store {
         for meta in found {
             let charged = charge_of(meta.stored_bytes());
             index.used += charged;
-            index.lru.put(meta.digest.clone(), Entry { len: meta.len, charged, task: None });
+            index.lru.put(meta.digest.clone(), Entry { len: meta.len, kept: meta.kept, charged, task: None });
         }
         metrics.cache_bytes.set(index.used as i64);
         metrics.cache_tasks.set(index.lru.len() as i64);
@@ -215,8 +228,7 @@ impl Store {
         }
         // Too big for the cache or the disk, or for what the tasks in use leave of the cache:
         // stream it through. Nothing is evicted for a length yet, only for bytes that arrive.
-        let in_use: u64 =
-            index.lru.iter().filter_map(|(_, e)| e.task.as_ref().filter(|t| t.is_pinned()).map(|_| e.charged)).sum();
+        let in_use = index.in_use();
         let disk_full = free_disk(&self.inner.dir).is_some_and(|free| free < len + DISK_HEADROOM);
         if len > self.inner.quota.saturating_sub(in_use) || disk_full {
             return Err(StoreError::NoSpace(len));
@@ -225,7 +237,7 @@ impl Store {
         self.inner.make_room(&mut index, charged, true)?;
         let task = Arc::new(self.inner.create(digest, len, media_type)?);
         index.used += charged;
-        index.lru.put(digest.clone(), Entry { len, charged, task: Some(task.clone()) });
+        index.lru.put(digest.clone(), Entry { len, kept: false, charged, task: Some(task.clone()) });
         let pinned = TaskRef::pin(task);
         close_idle(&mut index);
         self.inner.publish(&index);
@@ -240,6 +252,137 @@ impl Store {
         }
         task.fill_verified(bytes)?;
         Ok(task)
+    }
+
+    /// Keeps the task of `digest` from eviction (`true`), or lets it be evicted again. False
+    /// when the store does not hold it.
+    pub fn keep(&self, digest: &Digest, kept: bool) -> Result<bool, StoreError> {
+        let Some(task) = self.get(digest)? else { return Ok(false) };
+        task.set_kept(kept);
+        if let Some(entry) = self.inner.index().lru.peek_mut(digest) {
+            entry.kept = kept;
+        }
+        Ok(true)
+    }
+
+    /// The digests of every kept task.
+    pub fn kept(&self) -> Vec<Digest> {
+        self.inner.index().lru.iter().filter(|(_, e)| e.kept).map(|(d, _)| d.clone()).collect()
+    }
+
+    /// Deletes the task of `digest`: its readers fail, its files go, and whoever the store
+    /// shares pieces with hears it was withdrawn. False when the store does not hold it.
+    pub fn remove(&self, digest: &Digest) -> bool {
+        let mut index = self.inner.index();
+        let Some(entry) = index.lru.pop(digest) else { return false };
+        index.used -= entry.charged;
+        if let Some(task) = entry.task {
+            task.fail("deleted");
+        }
+        self.inner.delete_files(digest);
+        self.inner.publish(&index);
+        drop(index);
+        self.inner.emit(StoreEvent::Withdrawn(digest.clone()));
+        true
+    }
+
+    /// A new read-only descriptor of the verified content of `digest`, to copy it out;
+    /// `None` when the store does not hold it whole and verified.
+    pub fn open_verified(&self, digest: &Digest) -> Result<Option<(File, u64)>, StoreError> {
+        let Some(task) = self.get(digest)? else { return Ok(None) };
+        if !task.is_verified() {
+            return Ok(None);
+        }
+        let file = File::open(self.inner.paths(digest).0)?;
+        Ok(Some((file, task.len())))
+    }
+
+    /// Where an import places its file before [`Store::adopt`] (a temporary the next start
+    /// removes if it is left behind).
+    pub(crate) fn import_path(&self) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .dir
+            .join("tasks")
+            .join(Algorithm::Sha256.name())
+            .join(format!("import-{}-{n}.tmp", std::process::id()))
+    }
+
+    /// Whether `len` more bytes could be kept: within the quota beside what cannot be evicted,
+    /// and within the disk's free space.
+    pub(crate) fn has_room(&self, len: u64) -> Result<(), StoreError> {
+        let in_use = self.inner.index().in_use();
+        let disk_full = free_disk(&self.inner.dir).is_some_and(|free| free < len + DISK_HEADROOM);
+        if charge_of(len) > self.inner.quota.saturating_sub(in_use) || disk_full {
+            return Err(StoreError::NoSpace(len));
+        }
+        Ok(())
+    }
+
+    /// Makes the file at `placed` (in the store's directory, verified by the caller against
+    /// `digest`, its pieces recorded in `pieces`) the kept, verified task of `digest`, and
+    /// announces it. A verified task of that digest already here is kept instead, and the file
+    /// removed; an unverified one is dropped for it.
+    pub(crate) fn adopt(
+        &self,
+        placed: &Path,
+        digest: &Digest,
+        layout: Layout,
+        pieces: Vec<crate::meta::PieceRecord>,
+    ) -> Result<TaskRef, StoreError> {
+        if let Some(task) = self.get(digest)? {
+            if task.is_verified() {
+                let _ = fs::remove_file(placed);
+                self.keep(digest, true)?;
+                return Ok(task);
+            }
+            task.abandon("replaced by an import of the same content");
+        }
+        let charged = charge_of(layout.len);
+        let mut index = self.inner.index();
+        if let Err(e) = self.inner.make_room(&mut index, charged, true) {
+            let _ = fs::remove_file(placed);
+            return Err(e);
+        }
+        let (data, meta_path) = self.inner.paths(digest);
+        let meta = TaskMeta {
+            version: META_VERSION,
+            digest: digest.clone(),
+            len: layout.len,
+            piece_size: layout.piece_size,
+            pieces: pieces.into_iter().map(Some).collect(),
+            verified: true,
+            last_access: now_secs(),
+            media_type: None,
+            public_in: Default::default(),
+            supplier: None,
+            kept: true,
+        };
+        let installed = fs::rename(placed, &data)
+            .and_then(|()| meta.store(&meta_path))
+            .and_then(|()| OpenOptions::new().read(true).write(true).open(&data))
+            .map_err(StoreError::Io)
+            .and_then(|file| {
+                Task::from_meta(meta, file, meta_path, self.inner.metrics.clone(), Arc::downgrade(&self.inner))
+            });
+        let task = match installed {
+            Ok(task) => Arc::new(task),
+            Err(e) => {
+                let _ = fs::remove_file(placed);
+                self.inner.delete_files(digest);
+                return Err(e);
+            }
+        };
+        index.used += charged;
+        index.lru.put(digest.clone(), Entry { len: layout.len, kept: true, charged, task: Some(task.clone()) });
+        let pinned = TaskRef::pin(task);
+        close_idle(&mut index);
+        self.inner.publish(&index);
+        drop(index);
+        pinned.announce_if_ready();
+        Ok(pinned)
     }
 
     /// Shares this store's pieces: from now on `fetcher` fills missing pieces, every piece
@@ -369,6 +512,7 @@ impl Inner {
             media_type: media_type.map(str::to_owned),
             public_in: Default::default(),
             supplier: None,
+            kept: false,
         };
         meta.store(&meta_path)?;
         Task::from_meta(meta, file, meta_path, self.metrics.clone(), Arc::downgrade(self))
@@ -409,7 +553,7 @@ impl Inner {
                 .lru
                 .iter()
                 .rev()
-                .find(|(_, e)| e.task.as_ref().is_none_or(|t| !t.is_pinned()))
+                .find(|(_, e)| !e.kept && e.task.as_ref().is_none_or(|t| !t.is_pinned()))
                 .map(|(d, _)| d.clone());
             let Some(victim) = victim else { return Err(StoreError::NoSpace(len)) };
             if let Some(entry) = index.lru.pop(&victim) {

@@ -1,7 +1,9 @@
 //! What a node and a scheduler must agree on, and nothing else: the gRPC protocol
 //! (`scheduler.proto`, as [`v1`]), how a node proves it belongs to the cluster ([`member`]), the upload tokens a scheduler mints and a parent checks
-//! ([`token`]), and the content digest that names every task ([`digest`]).
+//! ([`token`]), the content digest that names every task ([`digest`]), and how the P2P cache
+//! names content ([`cache_name`]).
 
+pub mod cache_name;
 pub mod digest;
 pub mod member;
 pub mod token;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use damselfly_proto::member::Owner;
 use tokio::sync::mpsc;
 
-use crate::proto::SeedTask;
+use crate::proto::{HoldTask, SeedTask};
 use crate::state::{Id, Map, Set};
 use crate::token::Minter;
 
@@ -33,7 +33,7 @@ pub(crate) struct Host {
     pub throughput: f64,
     pub seed_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
     /// Where preheats send tasks for this host to fetch like a client would.
-    pub preheat_stream: Option<(u64, mpsc::Sender<SeedTask>)>,
+    pub preheat_stream: Option<(u64, mpsc::Sender<HoldTask>)>,
     pub idc: String,
     /// `region|zone|rack` split into its labels once, not per score.
     pub location: Vec<String>,

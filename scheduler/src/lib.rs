@@ -8,6 +8,7 @@
 // The protocol and the tokens are shared with the nodes (`damselfly-proto`).
 use damselfly_proto::{token, v1 as proto};
 
+mod cache;
 pub mod cli;
 mod config;
 mod conn;

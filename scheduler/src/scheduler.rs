@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{check_entry, check_key};
 use crate::config::SchedulerConfig;
 use crate::decide::{parse_sha, pin_all, Env, SEED_WAIT};
 use crate::download::{channel, check_digest, check_id, DownloadHandle, MAX_PIECES};
@@ -19,7 +20,7 @@ use crate::error::SchedulerError;
 use crate::hosts::{Host, HostIx};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SessionTx};
-use crate::proto::{self, DownloadResponse, Register, SeedTask, TaskInfo};
+use crate::proto::{self, DownloadResponse, HoldTask, Register, SeedTask, TaskInfo};
 use crate::select::location_labels;
 use crate::state::{content_digest, piece_count, Id, PeerState, Sha, SoftState};
 use crate::token;
@@ -109,6 +110,12 @@ impl Scheduler {
             return Err(SchedulerError::invalid(format!("more than {MAX_ANNOUNCED_TASKS} tasks")));
         }
         let tasks = req.tasks.iter().map(parse_task).collect::<Result<Vec<_>, _>>()?;
+        if req.cache_entries.len() > MAX_ANNOUNCED_TASKS {
+            return Err(SchedulerError::invalid(format!("more than {MAX_ANNOUNCED_TASKS} cache entries")));
+        }
+        // Entries a bad one among them would refuse are left out, not the announcement.
+        let entries: Vec<proto::CacheEntry> =
+            req.cache_entries.into_iter().filter(|e| check_entry(e).is_ok()).collect();
         let key = token::upload_key(&self.inner.config.secret, &host.id);
         self.with(|st, env| {
             match st.hosts.get(&host.id) {
@@ -124,6 +131,10 @@ impl Scheduler {
             }
             for (info, shas) in tasks {
                 st.announce_task(env, &id, hix, info, &shas);
+            }
+            for entry in entries {
+                // Another put named the key with other content first: that one stands.
+                let _ = st.put_cache_entry(&id, entry, env.now);
             }
             Ok(())
         })?;
@@ -234,19 +245,32 @@ impl Scheduler {
     }
 
     /// Opens the stream of tasks a seed host is asked to fetch from the origin.
-    pub fn seed_tasks(&self, req: &proto::SeedTasksRequest) -> Result<TaskSubscription, SchedulerError> {
-        self.open_tasks(&req.host_id, TaskStream::Seed)
-    }
-
-    /// Opens the stream of tasks preheats ask a host to fetch, as it would for a client.
-    pub fn preheat_tasks(&self, req: &proto::PreheatTasksRequest) -> Result<TaskSubscription, SchedulerError> {
-        self.open_tasks(&req.host_id, TaskStream::Preheat)
-    }
-
-    fn open_tasks(&self, host_id: &str, kind: TaskStream) -> Result<TaskSubscription, SchedulerError> {
-        check_id("host id", host_id)?;
+    pub fn seed_tasks(&self, req: &proto::SeedTasksRequest) -> Result<TaskSubscription<SeedTask>, SchedulerError> {
+        check_id("host id", &req.host_id)?;
         let (tx, rx) = mpsc::channel(SEED_QUEUE);
-        let (host, gen) = self.with(|st, env| {
+        let (host, gen) = self.open_stream(&req.host_id, TaskStream::Seed, |h, gen| h.seed_stream = Some((gen, tx)))?;
+        Ok(TaskSubscription { rx, sched: self.clone(), host, gen, kind: TaskStream::Seed })
+    }
+
+    /// Opens the stream of what preheats and the P2P cache ask a host to hold (or drop).
+    pub fn preheat_tasks(
+        &self,
+        req: &proto::PreheatTasksRequest,
+    ) -> Result<TaskSubscription<HoldTask>, SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        let (tx, rx) = mpsc::channel(SEED_QUEUE);
+        let (host, gen) =
+            self.open_stream(&req.host_id, TaskStream::Preheat, |h, gen| h.preheat_stream = Some((gen, tx)))?;
+        Ok(TaskSubscription { rx, sched: self.clone(), host, gen, kind: TaskStream::Preheat })
+    }
+
+    fn open_stream(
+        &self,
+        host_id: &str,
+        kind: TaskStream,
+        set: impl FnOnce(&mut Host, u64),
+    ) -> Result<(Id, u64), SchedulerError> {
+        self.with(|st, env| {
             if st.shut {
                 return Err(SchedulerError::ShuttingDown);
             }
@@ -262,15 +286,50 @@ impl Scheduler {
                         .get_mut(host_id)
                         .ok_or_else(|| SchedulerError::precondition("unknown host; announce it first"))?,
                 };
-            *kind.slot(h) = Some((gen, tx));
+            set(h, gen);
             h.last_seen = env.now;
             let id = h.id.clone();
             if kind == TaskStream::Seed {
                 st.seeds.insert(id.clone());
             }
             Ok((id, gen))
-        })?;
-        Ok(TaskSubscription { rx, sched: self.clone(), host, gen, kind })
+        })
+    }
+
+    /// `req.host_id` keeps a P2P cache entry.
+    pub fn put_cache_entry(&self, req: proto::PutCacheEntryRequest) -> Result<(), SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        let entry = req.entry.ok_or_else(|| SchedulerError::invalid("cache entry missing"))?;
+        check_entry(&entry)?;
+        self.with(|st, env| {
+            let host = st
+                .host_id(&req.host_id)
+                .ok_or_else(|| SchedulerError::precondition("unknown host; announce it first"))?;
+            st.put_cache_entry(&host, entry, env.now)?;
+            st.place_replicas(env.now);
+            Ok(())
+        })
+    }
+
+    /// What a P2P cache key names, and who keeps it.
+    pub fn stat_cache_entry(
+        &self,
+        req: &proto::StatCacheEntryRequest,
+    ) -> Result<proto::StatCacheEntryResponse, SchedulerError> {
+        check_key(&req.key)?;
+        let stat = self.lock().stat_cache_entry(&req.key);
+        Ok(stat.map_or_else(Default::default, |s| proto::StatCacheEntryResponse {
+            entry: Some(s.entry),
+            holders: s.holders,
+        }))
+    }
+
+    /// A host no longer keeps a P2P cache entry, or (`everywhere`) nobody may.
+    pub fn drop_cache_entry(&self, req: &proto::DropCacheEntryRequest) -> Result<(), SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        check_key(&req.key)?;
+        self.with(|st, env| st.drop_cache_entry(&req.host_id, &req.key, req.everywhere, env.now));
+        Ok(())
     }
 
     /// Drops hosts silent for three announce intervals with no stream open, with their peers.
@@ -304,6 +363,7 @@ impl Scheduler {
         if expire {
             self.expire(now);
         }
+        self.with_at(now, |st, _| st.place_replicas(now));
     }
 
     /// Ends every stream (downloads and seeds) and refuses new ones: for shutdown.
@@ -327,11 +387,9 @@ impl Scheduler {
     fn stream_closed(&self, kind: TaskStream, host: &Id, gen: u64) {
         self.with(|st, env| {
             let Some(h) = st.hosts.get_mut(host) else { return };
-            let slot = kind.slot(h);
-            if slot.as_ref().is_none_or(|(g, _)| *g != gen) {
+            if !kind.close(h, gen) {
                 return;
             }
-            *slot = None;
             h.last_seen = env.now;
             if kind == TaskStream::Seed {
                 st.seeds.remove(host);
@@ -399,6 +457,7 @@ impl SoftState {
             self.drop_peer(env, &digest, host);
         }
         self.hosts.remove(host);
+        self.cache_host_left(host);
         self.seed_ended(env, host);
     }
 
@@ -472,39 +531,47 @@ enum TaskStream {
 }
 
 impl TaskStream {
-    fn slot(self, h: &mut Host) -> &mut Option<(u64, mpsc::Sender<SeedTask>)> {
-        match self {
-            TaskStream::Seed => &mut h.seed_stream,
-            TaskStream::Preheat => &mut h.preheat_stream,
+    /// Closes the host's stream of this kind if it is the one opened as `gen`.
+    fn close(self, h: &mut Host, gen: u64) -> bool {
+        let open = match self {
+            TaskStream::Seed => h.seed_stream.as_ref().map(|(g, _)| *g),
+            TaskStream::Preheat => h.preheat_stream.as_ref().map(|(g, _)| *g),
+        };
+        if open != Some(gen) {
+            return false;
         }
+        match self {
+            TaskStream::Seed => h.seed_stream = None,
+            TaskStream::Preheat => h.preheat_stream = None,
+        }
+        true
     }
 }
 
-/// The tasks a host is asked to fetch on one of its task streams. Dropping it closes the
-/// stream.
-pub struct TaskSubscription {
-    rx: mpsc::Receiver<SeedTask>,
+/// What a host is asked to do on one of its task streams. Dropping it closes the stream.
+pub struct TaskSubscription<T> {
+    rx: mpsc::Receiver<T>,
     sched: Scheduler,
     host: Id,
     gen: u64,
     kind: TaskStream,
 }
 
-impl TaskSubscription {
-    pub async fn recv(&mut self) -> Option<SeedTask> {
+impl<T> TaskSubscription<T> {
+    pub async fn recv(&mut self) -> Option<T> {
         self.rx.recv().await
     }
 }
 
-impl futures_util::Stream for TaskSubscription {
-    type Item = SeedTask;
+impl<T> futures_util::Stream for TaskSubscription<T> {
+    type Item = T;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SeedTask>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
         self.get_mut().rx.poll_recv(cx)
     }
 }
 
-impl Drop for TaskSubscription {
+impl<T> Drop for TaskSubscription<T> {
     fn drop(&mut self) {
         self.sched.stream_closed(self.kind, &self.host, self.gen);
     }

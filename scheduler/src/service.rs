@@ -15,7 +15,7 @@ use crate::identity::SeedName;
 use crate::metrics::OpenStream;
 use crate::proto::download_request::Kind as Req;
 use crate::proto::scheduler_server::{self, SchedulerServer};
-use crate::proto::{self, DownloadRequest, DownloadResponse, SeedTask, SessionRequest, SessionResponse};
+use crate::proto::{self, DownloadRequest, DownloadResponse, HoldTask, SeedTask, SessionRequest, SessionResponse};
 use crate::scheduler::Scheduler;
 use crate::session::{ActFor, SessionStream};
 
@@ -235,7 +235,7 @@ impl scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(Box::pin(sub.map(Ok))))
     }
 
-    type PreheatTasksStream = BoxStream<SeedTask>;
+    type PreheatTasksStream = BoxStream<HoldTask>;
 
     async fn preheat_tasks(
         &self,
@@ -245,6 +245,34 @@ impl scheduler_server::Scheduler for SchedulerService {
         self.act_for(&caller, &req.get_ref().host_id, "preheat_tasks")?;
         let sub = self.core.preheat_tasks(req.get_ref())?;
         Ok(Response::new(Box::pin(sub.map(Ok))))
+    }
+
+    async fn put_cache_entry(
+        &self,
+        req: Request<proto::PutCacheEntryRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.act_for(&self.caller(&req)?, &req.get_ref().host_id, "put_cache_entry")?;
+        self.core.put_cache_entry(req.into_inner())?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn stat_cache_entry(
+        &self,
+        req: Request<proto::StatCacheEntryRequest>,
+    ) -> Result<Response<proto::StatCacheEntryResponse>, Status> {
+        self.caller(&req)?;
+        Ok(Response::new(self.core.stat_cache_entry(req.get_ref())?))
+    }
+
+    async fn drop_cache_entry(
+        &self,
+        req: Request<proto::DropCacheEntryRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        // Any member may drop a name everywhere, as any may import one: names are the
+        // cluster's (docs/security.md).
+        self.act_for(&self.caller(&req)?, &req.get_ref().host_id, "drop_cache_entry")?;
+        self.core.drop_cache_entry(req.get_ref())?;
+        Ok(Response::new(proto::Empty {}))
     }
 }
 

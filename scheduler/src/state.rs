@@ -399,6 +399,8 @@ pub(crate) struct SoftState {
     /// Streams are refused once shutdown began.
     pub shut: bool,
     pub next_expiry: Option<Instant>,
+    /// The P2P cache's names (`cache.rs`).
+    pub cache: crate::cache::CacheEntries,
 }
 
 impl SoftState {
@@ -413,6 +415,7 @@ impl SoftState {
             rng,
             shut: false,
             next_expiry: None,
+            cache: Default::default(),
         }
     }
 

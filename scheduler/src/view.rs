@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::proto::SeedTask;
+use crate::proto::{hold_task, SeedTask};
 use crate::scheduler::Scheduler;
 use crate::state::PeerState;
 
@@ -146,8 +146,6 @@ impl Scheduler {
     /// Asks `host` to hold `task`, fetching it as for a client (from peers first). False when
     /// the host has no open preheat stream here or its queue is full.
     pub fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
-        let st = self.lock();
-        let Some((_, tx)) = st.hosts.get(host).and_then(|h| h.preheat_stream.as_ref()) else { return false };
-        tx.try_send(task).is_ok()
+        self.lock().ask_host(host, hold_task::Kind::Fetch(task))
     }
 }

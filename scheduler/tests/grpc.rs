@@ -37,7 +37,7 @@ async fn client(r: &Running) -> SchedulerClient<Channel> {
 async fn announce(c: &mut SchedulerClient<Channel>, id: &str) -> proto::AnnounceHostResponse {
     let host =
         proto::Host { id: id.into(), ip: "127.0.0.1".into(), upload_port: 4000, upload_slots: 4, ..Default::default() };
-    c.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![] })
+    c.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![], ..Default::default() })
         .await
         .expect("announce")
         .into_inner()

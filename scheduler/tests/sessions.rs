@@ -29,7 +29,9 @@ async fn client(r: &Running) -> SchedulerClient<Channel> {
     let mut c = SchedulerClient::connect(format!("http://{}", r.grpc_addr)).await.expect("connect");
     for id in ["a", "b"] {
         let host = proto::Host { id: id.into(), ip: "127.0.0.1".into(), upload_port: 4000, ..Default::default() };
-        c.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![] }).await.expect("announce");
+        c.announce_host(proto::AnnounceHostRequest { host: Some(host), tasks: vec![], ..Default::default() })
+            .await
+            .expect("announce");
     }
     c
 }

@@ -184,17 +184,6 @@ fn port_zero_and_distinct_ips_do_not_collide() {
 }
 
 #[test]
-fn default_data_dir_rules() {
-    let os = |s: &str| Some(std::ffi::OsString::from(s));
-    assert_eq!(data_dir_for(true, os("/root"), None), PathBuf::from("/var/lib/damselfly"));
-    assert_eq!(data_dir_for(false, None, os("/x")), PathBuf::from("/var/lib/damselfly"));
-    assert_eq!(data_dir_for(false, os("/home/u"), None), PathBuf::from("/home/u/.local/share/damselfly"));
-    assert_eq!(data_dir_for(false, os("/home/u"), os("/xdg")), PathBuf::from("/xdg/damselfly"));
-    assert_eq!(data_dir_for(false, os("/home/u"), os("rel")), PathBuf::from("/home/u/.local/share/damselfly"));
-    assert_eq!(data_dir_for(false, os(""), None), PathBuf::from("/var/lib/damselfly"));
-}
-
-#[test]
 fn sizes_parse() {
     let cases = [
         ("50GiB", 50 << 30),

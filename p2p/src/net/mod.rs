@@ -65,6 +65,22 @@ pub enum NetError {
     Config(String),
     #[error("no scheduler reachable: {0}")]
     NoScheduler(String),
+    /// A scheduler refused the call, saying why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub use damselfly_proto::v1::CacheEntry;
+
+/// What the P2P cache keeps on this node, handed to the node by whoever composes it (the cache
+/// sits above the node): the entries to announce, and what schedulers ask of it.
+pub trait CacheKeeper: Send + Sync + 'static {
+    /// Every entry this node keeps, announced with the host.
+    fn entries(&self) -> Vec<CacheEntry>;
+    /// A scheduler asks this node to keep a replica of `entry`.
+    fn keep(&self, entry: CacheEntry);
+    /// A scheduler asks this node to drop the entry under `key` (deleted everywhere).
+    fn drop_entry(&self, key: &str);
 }
 
 /// A way to fetch content from its origin on a scheduler's request (seed peers).
@@ -104,6 +120,8 @@ pub struct NodeConfig {
     /// No bytes from any parent (and no news) for this long: take the rest from the origin.
     pub stall_timeout: Duration,
     pub seed_source: Option<Arc<dyn SeedSource>>,
+    /// The P2P cache on this node, if it runs one.
+    pub cache: Option<Arc<dyn CacheKeeper>>,
 }
 
 /// How this node verifies `https://` schedulers, and the certificate it shows those that
@@ -284,10 +302,10 @@ impl Node {
         *node.upload_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         for i in 0..node.schedulers.len() {
             tokio::spawn(node.clone().announce_loop(i));
-            if node.cfg.seed_source.is_some() {
-                if node.cfg.seed {
-                    tokio::spawn(node.clone().task_loop(i, Asked::Seed));
-                }
+            if node.cfg.seed && node.cfg.seed_source.is_some() {
+                tokio::spawn(node.clone().task_loop(i, Asked::Seed));
+            }
+            if node.cfg.seed_source.is_some() || node.cfg.cache.is_some() {
                 tokio::spawn(node.clone().task_loop(i, Asked::Preheat));
             }
         }
@@ -340,7 +358,8 @@ impl Node {
         // Reads metadata files of tasks not in memory: off the runtime threads.
         let store = self.store.clone();
         let metas = tokio::task::spawn_blocking(move || store.verified_tasks(MAX_ANNOUNCED)).await.unwrap_or_default();
-        self.announce_tasks(i, metas.into_iter().map(task_info).collect()).await
+        let entries = self.cfg.cache.as_ref().map(|c| c.entries()).unwrap_or_default();
+        self.announce_with(i, metas.into_iter().map(task_info).collect(), entries).await
     }
 
     /// A task just became complete and verified here: tell the other schedulers now rather
@@ -364,7 +383,16 @@ impl Node {
     }
 
     async fn announce_tasks(&self, i: usize, tasks: Vec<proto::TaskInfo>) -> Result<Duration, tonic::Status> {
-        let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks };
+        self.announce_with(i, tasks, Vec::new()).await
+    }
+
+    async fn announce_with(
+        &self,
+        i: usize,
+        tasks: Vec<proto::TaskInfo>,
+        cache_entries: Vec<CacheEntry>,
+    ) -> Result<Duration, tonic::Status> {
+        let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks, cache_entries };
         match self.schedulers.announce(i, req).await {
             Ok(resp) => {
                 if let Ok(key) = <[u8; KEY_LEN]>::try_from(resp.upload_key.as_slice()) {
@@ -418,9 +446,13 @@ impl Node {
             let mut wait = Duration::from_millis(200);
             if self.schedulers.is_announced(i) {
                 wait = Duration::from_secs(1);
-                let opened = match asked {
-                    Asked::Seed => self.schedulers.seed_tasks(i, &self.cfg.host_id).await,
-                    Asked::Preheat => self.schedulers.preheat_tasks(i, &self.cfg.host_id).await,
+                use futures_util::StreamExt;
+                type Tasks = futures_util::stream::BoxStream<'static, Result<proto::HoldTask, tonic::Status>>;
+                let opened: Result<Tasks, tonic::Status> = match asked {
+                    Asked::Seed => self.schedulers.seed_tasks(i, &self.cfg.host_id).await.map(|s| {
+                        s.map(|t| t.map(|t| proto::HoldTask { kind: Some(proto::hold_task::Kind::Fetch(t)) })).boxed()
+                    }),
+                    Asked::Preheat => self.schedulers.preheat_tasks(i, &self.cfg.host_id).await.map(|s| s.boxed()),
                 };
                 match opened {
                     Ok(mut stream) => {
@@ -428,11 +460,21 @@ impl Node {
                         loop {
                             let next = tokio::select! {
                                 _ = self.shutdown.cancelled() => return,
-                                next = stream.message() => next,
+                                next = stream.next() => next,
                             };
-                            match next {
-                                Ok(Some(t)) => self.fetch_asked(t, asked),
-                                _ => break,
+                            match next.and_then(Result::ok).and_then(|t| t.kind) {
+                                Some(proto::hold_task::Kind::Fetch(t)) => self.fetch_asked(t, asked),
+                                Some(proto::hold_task::Kind::Keep(entry)) => {
+                                    if let Some(cache) = &self.cfg.cache {
+                                        cache.keep(entry);
+                                    }
+                                }
+                                Some(proto::hold_task::Kind::Drop(key)) => {
+                                    if let Some(cache) = &self.cfg.cache {
+                                        cache.drop_entry(&key);
+                                    }
+                                }
+                                None => break,
                             }
                         }
                     }
@@ -479,6 +521,73 @@ impl Node {
             let Ok(_slot) = slots.acquire_owned().await else { return };
             crate::reader::fill(task, source).await;
         });
+    }
+
+    /// Tells every scheduler this node keeps `entry`, announcing its content first (so that
+    /// the piece digests are pinned before anyone is asked for a replica). Fails when no
+    /// scheduler took it, or one refused it (the name stands for other content there).
+    pub async fn put_cache_entry(&self, entry: CacheEntry) -> Result<(), NetError> {
+        let tasks: Vec<proto::TaskInfo> = Digest::parse(&entry.digest)
+            .ok()
+            .and_then(|d| self.store.get(&d).ok().flatten())
+            .map(|t| t.meta())
+            .filter(|m| m.verified)
+            .map(task_info)
+            .into_iter()
+            .collect();
+        let mut last = None;
+        let mut took = false;
+        for i in 0..self.schedulers.len() {
+            if let Err(s) = self.announce_with(i, tasks.clone(), Vec::new()).await {
+                last = Some(NetError::NoScheduler(s.message().to_owned()));
+                continue;
+            }
+            let req = proto::PutCacheEntryRequest { host_id: self.cfg.host_id.clone(), entry: Some(entry.clone()) };
+            match self.schedulers.put_cache_entry(i, req).await {
+                Ok(()) => took = true,
+                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
+                    return Err(NetError::Refused(s.message().to_owned()))
+                }
+                Err(s) => {
+                    self.schedulers.failed(i, &s);
+                    last = Some(NetError::NoScheduler(s.message().to_owned()));
+                }
+            }
+        }
+        match (took, last) {
+            (true, _) => Ok(()),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(NetError::NoScheduler("no scheduler configured".to_owned())),
+        }
+    }
+
+    /// What the cluster says the entry under `key` is, and which hosts keep it.
+    pub async fn stat_cache_entry(&self, key: &str) -> Result<Option<(CacheEntry, Vec<String>)>, NetError> {
+        let resp = self.schedulers.stat_cache_entry(key).await?;
+        Ok(resp.entry.map(|e| (e, resp.holders)))
+    }
+
+    /// Tells every scheduler this node no longer keeps the entry under `key`; `everywhere`:
+    /// asks them to have every holder drop it. Fails when no scheduler heard it.
+    pub async fn drop_cache_entry(&self, key: &str, everywhere: bool) -> Result<(), NetError> {
+        let mut heard = false;
+        let mut last = None;
+        for i in 0..self.schedulers.len() {
+            let req =
+                proto::DropCacheEntryRequest { host_id: self.cfg.host_id.clone(), key: key.to_owned(), everywhere };
+            match self.schedulers.drop_cache_entry(i, req).await {
+                Ok(()) => heard = true,
+                Err(s) => {
+                    self.schedulers.failed(i, &s);
+                    last = Some(s.message().to_owned());
+                }
+            }
+        }
+        if heard {
+            Ok(())
+        } else {
+            Err(NetError::NoScheduler(last.unwrap_or_else(|| "no scheduler configured".to_owned())))
+        }
     }
 
     pub(crate) fn check_token(&self, token: &str, digest: &Digest) -> Result<String, token::TokenError> {

@@ -268,13 +268,34 @@ mod tests {
             self.0.seed_tasks(r).await
         }
 
-        type PreheatTasksStream = Boxed<proto::SeedTask>;
+        type PreheatTasksStream = Boxed<proto::HoldTask>;
 
         async fn preheat_tasks(
             &self,
             r: Request<proto::PreheatTasksRequest>,
         ) -> Result<Response<Self::PreheatTasksStream>, Status> {
             self.0.preheat_tasks(r).await
+        }
+
+        async fn put_cache_entry(
+            &self,
+            r: Request<proto::PutCacheEntryRequest>,
+        ) -> Result<Response<proto::Empty>, Status> {
+            self.0.put_cache_entry(r).await
+        }
+
+        async fn stat_cache_entry(
+            &self,
+            r: Request<proto::StatCacheEntryRequest>,
+        ) -> Result<Response<proto::StatCacheEntryResponse>, Status> {
+            self.0.stat_cache_entry(r).await
+        }
+
+        async fn drop_cache_entry(
+            &self,
+            r: Request<proto::DropCacheEntryRequest>,
+        ) -> Result<Response<proto::Empty>, Status> {
+            self.0.drop_cache_entry(r).await
         }
     }
 
@@ -287,7 +308,7 @@ mod tests {
             let s = &s;
             async move {
                 let host = proto::Host { id: "h".into(), ip: "127.0.0.1".into(), upload_port: 1, ..Default::default() };
-                let _ = s.announce(i, proto::AnnounceHostRequest { host: Some(host), tasks: vec![] }).await;
+                let _ = s.announce(i, proto::AnnounceHostRequest { host: Some(host), ..Default::default() }).await;
             }
         };
         let (mut firsts, mut open) = (Vec::new(), Vec::new());

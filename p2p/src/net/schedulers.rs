@@ -322,14 +322,52 @@ impl Schedulers {
         Ok(resp.into_inner())
     }
 
-    /// Opens scheduler `i`'s stream of tasks preheats ask this host to hold.
-    pub async fn preheat_tasks(&self, i: usize, host_id: &str) -> Result<Streaming<proto::SeedTask>, tonic::Status> {
+    /// Opens scheduler `i`'s stream of what preheats and the P2P cache ask this host to hold.
+    pub async fn preheat_tasks(&self, i: usize, host_id: &str) -> Result<Streaming<proto::HoldTask>, tonic::Status> {
         let req = proto::PreheatTasksRequest { host_id: host_id.to_owned() };
         let mut client = self.endpoints[i].client.clone();
         let resp = tokio::time::timeout(CALL_TIMEOUT, client.preheat_tasks(req))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("preheat stream timed out"))??;
         Ok(resp.into_inner())
+    }
+
+    pub async fn put_cache_entry(&self, i: usize, req: proto::PutCacheEntryRequest) -> Result<(), tonic::Status> {
+        let mut client = self.endpoints[i].client.clone();
+        tokio::time::timeout(CALL_TIMEOUT, client.put_cache_entry(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("cache entry put timed out"))??;
+        Ok(())
+    }
+
+    /// Asks the schedulers, in the key's order, what `key` names; the first that answers
+    /// says (every scheduler hears every put).
+    pub async fn stat_cache_entry(&self, key: &str) -> Result<proto::StatCacheEntryResponse, NetError> {
+        let mut last = None;
+        for i in self.ranked(key).into_iter().filter(|&i| !self.endpoints[i].is_down()) {
+            let req = proto::StatCacheEntryRequest { key: key.to_owned() };
+            let mut client = self.endpoints[i].client.clone();
+            match tokio::time::timeout(CALL_TIMEOUT, client.stat_cache_entry(req)).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(s)) => {
+                    self.failed(i, &s);
+                    last = Some(s.message().to_owned());
+                }
+                Err(_) => {
+                    self.endpoints[i].set_down(true);
+                    last = Some("timed out".to_owned());
+                }
+            }
+        }
+        Err(NetError::NoScheduler(last.unwrap_or_else(|| "every scheduler is down".to_owned())))
+    }
+
+    pub async fn drop_cache_entry(&self, i: usize, req: proto::DropCacheEntryRequest) -> Result<(), tonic::Status> {
+        let mut client = self.endpoints[i].client.clone();
+        tokio::time::timeout(CALL_TIMEOUT, client.drop_cache_entry(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("cache entry drop timed out"))??;
+        Ok(())
     }
 }
 
@@ -423,7 +461,7 @@ pub(crate) mod tests {
             async move {
                 let started = Instant::now();
                 let announce = |i| {
-                    let req = proto::AnnounceHostRequest { host: Some(host.clone()), tasks: vec![] };
+                    let req = proto::AnnounceHostRequest { host: Some(host.clone()), ..Default::default() };
                     async move {
                         let _ = s.announce(i, req).await;
                     }

@@ -70,6 +70,8 @@ struct TaskState {
     dirty: bool,
     last_flush: Instant,
     last_access: u64,
+    /// Never evicted (see `TaskMeta::kept`).
+    kept: bool,
 }
 
 impl TaskState {
@@ -163,6 +165,7 @@ impl Task {
             dirty: false,
             last_flush: Instant::now(),
             last_access: meta.last_access,
+            kept: meta.kept,
         };
         Ok(Task {
             digest: meta.digest,
@@ -389,7 +392,7 @@ impl Task {
 
     /// Once the task is verified and every piece digest known, whoever the store shares its
     /// pieces with hears that it holds the whole task.
-    fn announce_if_ready(&self) {
+    pub(crate) fn announce_if_ready(&self) {
         if !self.is_shared() {
             return;
         }
@@ -594,7 +597,19 @@ impl Task {
             media_type,
             public_in,
             supplier,
+            kept: st.kept,
         }
+    }
+
+    /// Keeps the task from eviction, or lets it go (the store's index follows: `Store::keep`).
+    pub(crate) fn set_kept(&self, kept: bool) {
+        let mut st = self.lock();
+        if st.kept != kept {
+            st.kept = kept;
+            st.dirty = true;
+        }
+        drop(st);
+        self.flush();
     }
 
     /// Persists the metadata if it changed. Errors are logged: the bytes are still served and

@@ -323,7 +323,10 @@ fn over_grpc(serving: Serving) -> Run {
         }
         let announces = futures_util::stream::iter(0..n).map(|i| {
             let mut c = clients[i % CONNECTIONS].clone();
-            async move { c.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![] }).await }
+            async move {
+                c.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![], ..Default::default() })
+                    .await
+            }
         });
         announces.buffer_unordered(CONCURRENCY).for_each(|r| async move { r.map(drop).expect("announce") }).await;
         // A node opens its session when it joins and keeps it: not part of a download's cost.
@@ -461,7 +464,8 @@ fn in_process() {
     let rss_before = rss_bytes();
     let s = Scheduler::new(SchedulerConfig::default());
     for i in 0..n {
-        s.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![] }).expect("announce");
+        s.announce_host(proto::AnnounceHostRequest { host: Some(host(i)), tasks: vec![], ..Default::default() })
+            .expect("announce");
     }
     let cpu = thread_cpu();
     let mut open = Vec::with_capacity(n);

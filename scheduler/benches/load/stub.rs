@@ -103,12 +103,30 @@ impl Scheduler for TransportOnly {
         Err(Status::unimplemented("stub"))
     }
 
-    type PreheatTasksStream = BoxStream<proto::SeedTask>;
+    type PreheatTasksStream = BoxStream<proto::HoldTask>;
 
     async fn preheat_tasks(
         &self,
         _: Request<proto::PreheatTasksRequest>,
     ) -> Result<Response<Self::PreheatTasksStream>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn put_cache_entry(&self, _: Request<proto::PutCacheEntryRequest>) -> Result<Response<proto::Empty>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn stat_cache_entry(
+        &self,
+        _: Request<proto::StatCacheEntryRequest>,
+    ) -> Result<Response<proto::StatCacheEntryResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn drop_cache_entry(
+        &self,
+        _: Request<proto::DropCacheEntryRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
         Err(Status::unimplemented("stub"))
     }
 }

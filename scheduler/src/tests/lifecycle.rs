@@ -88,8 +88,9 @@ fn a_restarted_scheduler_hands_out_an_announced_task_with_its_digests() {
     drop(first);
     let s = sched(|_| {});
     assert!(!stat(&s).known);
-    let resp =
-        s.announce_host(proto::AnnounceHostRequest { host: Some(host("h")), tasks: vec![info] }).expect("announce");
+    let resp = s
+        .announce_host(proto::AnnounceHostRequest { host: Some(host("h")), tasks: vec![info], ..Default::default() })
+        .expect("announce");
     assert_eq!(resp.upload_key, token::upload_key(b"test secret", "h").to_vec());
     assert_eq!(resp.announce_interval_secs, 30);
     let mut c = Dl::open(&s, host("c"));
@@ -232,12 +233,18 @@ fn leaving_withdrawing_and_deleting_reschedule_or_end_downloads() {
 #[test]
 fn other_calls_validate_their_input() {
     let s = sched(|_| {});
-    assert!(s.announce_host(proto::AnnounceHostRequest { host: None, tasks: vec![] }).is_err());
-    assert!(s.announce_host(proto::AnnounceHostRequest { host: Some(host("")), tasks: vec![] }).is_err());
+    assert!(s.announce_host(proto::AnnounceHostRequest { host: None, tasks: vec![], ..Default::default() }).is_err());
+    assert!(s
+        .announce_host(proto::AnnounceHostRequest { host: Some(host("")), tasks: vec![], ..Default::default() })
+        .is_err());
     let bad_sha = TaskInfo { digest: D.into(), piece_sha256: vec!["nope".into()], ..Default::default() };
-    assert!(s.announce_host(proto::AnnounceHostRequest { host: Some(host("a")), tasks: vec![bad_sha] }).is_err());
+    assert!(s
+        .announce_host(proto::AnnounceHostRequest { host: Some(host("a")), tasks: vec![bad_sha], ..Default::default() })
+        .is_err());
     let many = vec![TaskInfo { digest: D.into(), ..Default::default() }; 10_001];
-    assert!(s.announce_host(proto::AnnounceHostRequest { host: Some(host("a")), tasks: many }).is_err());
+    assert!(s
+        .announce_host(proto::AnnounceHostRequest { host: Some(host("a")), tasks: many, ..Default::default() })
+        .is_err());
     assert!(s.stat_task(&proto::StatTaskRequest { digest: String::new() }).is_err());
     assert!(s.withdraw_task(&proto::WithdrawTaskRequest { host_id: "a".into(), digest: String::new() }).is_err());
     assert!(s.leave_host(&proto::LeaveHostRequest { host_id: String::new() }).is_err());

@@ -40,7 +40,7 @@ fn signed<T>(msg: T, host: &str, owner: u8, secret: Option<&[u8]>, at: u64) -> R
 }
 
 fn announce_of(id: &str) -> AnnounceHostRequest {
-    AnnounceHostRequest { host: Some(super::host(id)), tasks: vec![] }
+    AnnounceHostRequest { host: Some(super::host(id)), tasks: vec![], ..Default::default() }
 }
 
 #[tokio::test]
@@ -119,7 +119,8 @@ async fn only_a_hosts_owner_opens_its_preheat_stream() {
     let mut stream = client.preheat_tasks(open("node-1", 1, Some(SECRET))).await.expect("the owner").into_inner();
     let task = proto::SeedTask { digest: super::D.into(), length: 5, source: None };
     assert!(running.scheduler().ask_to_hold("node-1", task.clone()));
-    assert_eq!(stream.message().await.expect("message"), Some(task.clone()));
+    let held = proto::HoldTask { kind: Some(proto::hold_task::Kind::Fetch(task.clone())) };
+    assert_eq!(stream.message().await.expect("message"), Some(held));
     assert!(!running.scheduler().ask_seed("node-1", task), "not a seed");
     let view = running.scheduler().hosts_view();
     assert!(view[0].preheating && !view[0].seeding, "{view:?}");

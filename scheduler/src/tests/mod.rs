@@ -35,7 +35,7 @@ pub(crate) fn at(id: &str, idc: &str, location: &str) -> proto::Host {
 }
 
 pub(crate) fn announce(s: &Scheduler, h: proto::Host, tasks: Vec<TaskInfo>) {
-    s.announce_host(proto::AnnounceHostRequest { host: Some(h), tasks }).expect("announce");
+    s.announce_host(proto::AnnounceHostRequest { host: Some(h), tasks, ..Default::default() }).expect("announce");
 }
 
 /// A host that holds the test task completely.

@@ -85,7 +85,9 @@ fn a_made_up_digest_or_a_piece_of_an_unknown_count_is_refused() {
         assert!(matches!(r.err(), Some(SchedulerError::InvalidArgument(_))), "{digest}");
     }
     let info = TaskInfo { digest: "garbage".into(), ..Default::default() };
-    assert!(s.announce_host(proto::AnnounceHostRequest { host: Some(host("x")), tasks: vec![info] }).is_err());
+    assert!(s
+        .announce_host(proto::AnnounceHostRequest { host: Some(host("x")), tasks: vec![info], ..Default::default() })
+        .is_err());
     // No length: a piece number has nothing to be checked against and would size the list.
     let mut dl = Dl::register(&s, Register { length: 0, piece_size: 0, ..reg("x") });
     let far = proto::PieceFinished { number: 99_999, sha256: sha(7), ..Default::default() };

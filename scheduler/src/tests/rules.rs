@@ -304,8 +304,8 @@ fn only_seed_hosts_may_open_the_seed_stream() {
     assert!(matches!(err, Some(crate::SchedulerError::FailedPrecondition(_))));
 }
 
-impl crate::TaskSubscription {
-    fn rx_try(&mut self) -> Option<proto::SeedTask> {
+impl<T> crate::TaskSubscription<T> {
+    fn rx_try(&mut self) -> Option<T> {
         use futures_util::FutureExt;
         self.recv().now_or_never().flatten()
     }

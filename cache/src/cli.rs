@@ -1,0 +1,459 @@
+//! `damselfly cache`: the admin socket's client. Names are checked here before the daemon is
+//! asked; an export is written by this process (a clone or a copy of the descriptor the
+//! daemon passes) into a temporary file beside the target, synced and renamed over it.
+
+use std::fs::File;
+use std::io::{self, IsTerminal};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use damselfly_p2p::data_dir::default_data_dir;
+use damselfly_proto::cache_name::CacheName;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::protocol::{EntryInfo, ErrorKind, Phase, Reply, Request};
+use crate::server::socket_path;
+use crate::wire::Conn;
+
+/// Exit status of a command that found no such entry.
+pub const EXIT_NOT_FOUND: i32 = 3;
+/// Exit status of any other failure.
+pub const EXIT_FAILED: i32 = 1;
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+    /// The data directory of the daemon to ask (the daemon's own default when not given).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print the result as one JSON object on stdout, and no progress.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Import a file into the P2P cache under an id (and a tag).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        name: NameArgs,
+        /// Nodes that should keep it, this one included; the cluster has the others fetch it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        replicas: u32,
+        /// Every holder drops it after this long (`90s`, `30m`, `12h`, `7d`); kept until
+        /// deleted when not given.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+    },
+    /// Write the content an id names to a file, fetching it from peers if this node lacks it.
+    Export {
+        #[command(flatten)]
+        name: NameArgs,
+        /// Where to write it; replaced atomically.
+        #[arg(short = 'O', long = "output", value_name = "PATH")]
+        output: PathBuf,
+    },
+    /// What an id names: length, digest, holders, created, expiry.
+    Stat {
+        #[command(flatten)]
+        name: NameArgs,
+        /// As this node keeps it, without asking the scheduler.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Drop an id here, or everywhere.
+    Delete {
+        #[command(flatten)]
+        name: NameArgs,
+        /// Have every node that keeps it drop it.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The entries this node keeps.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// `[A-Za-z0-9._-]`, 1 to 128 characters.
+    #[arg(long)]
+    pub id: String,
+    /// `[A-Za-z0-9._-]`, up to 128 characters.
+    #[arg(long, default_value = "")]
+    pub tag: String,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: a number and a unit (s, m, h, d), such as 12h"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    match n.checked_mul(secs) {
+        Some(0) => Err("the time to live must be more than 0".into()),
+        Some(t) => Ok(Duration::from_secs(t)),
+        None => Err(format!("{s:?} is too long")),
+    }
+}
+
+/// A failed command: the message for stderr and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: i32,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), code: EXIT_FAILED }
+    }
+}
+
+/// A connection to the daemon's admin socket.
+pub struct Client {
+    conn: Conn,
+}
+
+impl Client {
+    /// Connects to the daemon serving `data_dir`; says plainly when none does.
+    pub async fn connect(data_dir: &Path) -> Result<Client, Failure> {
+        let path = socket_path(data_dir);
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => Ok(Client { conn: Conn::new(s) }),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                Err(Failure::new(format!(
+                    "no damselfly daemon is running with data directory {} (no one answers at {})",
+                    data_dir.display(),
+                    path.display()
+                )))
+            }
+            Err(e) => Err(Failure::new(format!("cannot reach the daemon at {}: {e}", path.display()))),
+        }
+    }
+
+    /// Sends `req` (with `fd`), hands progress lines to `progress`, and returns the final reply
+    /// with the descriptor that came with it.
+    pub async fn call(
+        &mut self,
+        req: &Request,
+        fd: Option<&File>,
+        mut progress: impl FnMut(Phase, u64, u64),
+    ) -> Result<(Reply, Option<OwnedFd>), Failure> {
+        let lost = |e: io::Error| Failure::new(format!("the daemon: {e}"));
+        self.conn.send(req, fd.map(|f| f.as_fd())).await.map_err(lost)?;
+        loop {
+            match self.conn.recv::<Reply>().await.map_err(lost)? {
+                Some(Reply::Progress { phase, done, total }) => progress(phase, done, total),
+                Some(reply) => return Ok((reply, self.conn.take_fd())),
+                None => return Err(Failure::new("the daemon closed the connection")),
+            }
+        }
+    }
+}
+
+/// Runs the command; the exit status on failure says why.
+pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let name = |n: &NameArgs| CacheName::new(&n.id, &n.tag).map_err(|e| Failure::new(e.to_string()));
+    // Everything that can be checked here is, before the daemon is asked.
+    let (req, file, output) = match &args.command {
+        CacheCommand::Import { file, name: n, replicas, ttl } => {
+            let n = name(n)?;
+            let f = File::open(file).map_err(|e| Failure::new(format!("{}: {e}", file.display())))?;
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                return Err(Failure::new(format!("{}: not a regular file", file.display())));
+            }
+            let req = Request::Import {
+                id: n.id().into(),
+                tag: n.tag().into(),
+                replicas: *replicas,
+                ttl_secs: ttl.map(|t| t.as_secs()),
+            };
+            (req, Some(f), None)
+        }
+        CacheCommand::Export { name: n, output } => {
+            let n = name(n)?;
+            (Request::Export { id: n.id().into(), tag: n.tag().into() }, None, Some(Output::check(output)?))
+        }
+        CacheCommand::Stat { name: n, local } => {
+            let n = name(n)?;
+            (Request::Stat { id: n.id().into(), tag: n.tag().into(), local: *local }, None, None)
+        }
+        CacheCommand::Delete { name: n, all } => {
+            let n = name(n)?;
+            (Request::Delete { id: n.id().into(), tag: n.tag().into(), all: *all }, None, None)
+        }
+        CacheCommand::List => (Request::List, None, None),
+    };
+    let mut client = Client::connect(&data_dir).await?;
+    let mut show = Show::new(!args.json);
+    let (reply, fd) = client.call(&req, file.as_ref(), |phase, done, total| show.progress(phase, done, total)).await?;
+    show.done();
+    match reply {
+        Reply::Error { kind, message } => {
+            let code = if kind == ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_FAILED };
+            Err(Failure { message, code })
+        }
+        Reply::Ready { entry, from_peers } => {
+            let (Some(fd), Some(output)) = (fd, output) else {
+                return Err(Failure::new("the daemon sent no content"));
+            };
+            let how = output.write(File::from(fd), entry.length, &mut show)?;
+            print(
+                args.json,
+                &serde_json::json!({"exported": entry, "path": output.path, "from_peers": from_peers, "written_by": how}),
+                || {
+                    format!(
+                        "{} → {} ({} bytes, {}; {how})",
+                        name_of(&entry),
+                        output.path.display(),
+                        entry.length,
+                        if from_peers { "from peers" } else { "held here" }
+                    )
+                },
+            );
+            Ok(())
+        }
+        Reply::Imported { entry, placement } => {
+            print(args.json, &serde_json::json!({"imported": entry, "placement": placement}), || {
+                let mut s = format!("{} = {} ({} bytes, {placement})", name_of(&entry), entry.digest, entry.length);
+                if let Some(h) = &entry.holders {
+                    s += &format!("; kept on {} of {} nodes", h.len(), entry.replicas);
+                }
+                s
+            });
+            Ok(())
+        }
+        Reply::Stat { entry } => {
+            print(args.json, &serde_json::json!({"entry": entry}), || describe(&entry));
+            Ok(())
+        }
+        Reply::Deleted { everywhere } => {
+            print(args.json, &serde_json::json!({"deleted": everywhere_label(everywhere)}), || {
+                format!("deleted {}", everywhere_label(everywhere))
+            });
+            Ok(())
+        }
+        Reply::Entries { entries } => {
+            print(args.json, &serde_json::json!({"entries": entries}), || {
+                entries.iter().map(describe).collect::<Vec<_>>().join("\n")
+            });
+            Ok(())
+        }
+        Reply::Progress { .. } => Err(Failure::new("the daemon sent progress as an answer")),
+    }
+}
+
+fn everywhere_label(everywhere: bool) -> &'static str {
+    if everywhere {
+        "everywhere"
+    } else {
+        "here"
+    }
+}
+
+fn print(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        let t = text();
+        if !t.is_empty() {
+            println!("{t}");
+        }
+    }
+}
+
+fn name_of(e: &EntryInfo) -> String {
+    if e.tag.is_empty() {
+        e.id.clone()
+    } else {
+        format!("{}:{}", e.id, e.tag)
+    }
+}
+
+fn describe(e: &EntryInfo) -> String {
+    let mut s = format!("{}\tlength {}\tdigest {}\tcreated {}", name_of(e), e.length, e.digest, secs(e.created_ms));
+    match e.expires_ms {
+        Some(t) => s += &format!("\texpires {}", secs(t)),
+        None => s += "\tno expiry",
+    }
+    s += &format!("\treplicas {}", e.replicas);
+    if let Some(h) = &e.holders {
+        s += &format!("\tholders {}", if h.is_empty() { "-".to_owned() } else { h.join(",") });
+    }
+    s
+}
+
+/// Seconds since the Unix epoch, as a plain number a script or `date -d @N` reads.
+fn secs(ms: u64) -> String {
+    format!("@{}", ms / 1000)
+}
+
+/// Progress on a terminal, nothing elsewhere but the final lines (`--json` keeps stdout clean
+/// and stderr quiet).
+struct Show {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    phase: Option<Phase>,
+}
+
+impl Show {
+    fn new(enabled: bool) -> Show {
+        let terminal = std::io::stderr().is_terminal();
+        Show { bar: None, lines: enabled && !terminal, phase: None }.with_bar(enabled && terminal)
+    }
+
+    fn with_bar(mut self, on: bool) -> Show {
+        if on {
+            let bar = ProgressBar::new(0);
+            let style =
+                ProgressStyle::with_template("{prefix:9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+            bar.set_style(style);
+            self.bar = Some(bar);
+        }
+        self
+    }
+
+    fn progress(&mut self, phase: Phase, done: u64, total: u64) {
+        let label = match phase {
+            Phase::Hashing => "hashing",
+            Phase::Fetching => "fetching",
+            Phase::Replicas => "replicas",
+            Phase::Copying => "writing",
+        };
+        if let Some(bar) = &self.bar {
+            if self.phase != Some(phase) {
+                bar.reset();
+                bar.set_prefix(label);
+                if phase == Phase::Replicas {
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix:9} [{bar:30}] {pos}/{len} nodes")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                    );
+                }
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        } else if self.lines && self.phase != Some(phase) {
+            eprintln!("{label}…");
+        }
+        self.phase = Some(phase);
+    }
+
+    fn done(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        self.phase = None;
+    }
+}
+
+/// The file an export writes.
+struct Output {
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Output {
+    /// Refuses a target whose directory does not exist before anything is fetched.
+    fn check(path: &Path) -> Result<Output, Failure> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(Failure::new(format!("{}: the directory {} does not exist", path.display(), dir.display())));
+        }
+        if path.is_dir() {
+            return Err(Failure::new(format!("{}: is a directory", path.display())));
+        }
+        Ok(Output { path: path.to_owned(), dir })
+    }
+
+    /// Writes `len` bytes of `src` to a temporary file beside the target (a clone where the
+    /// filesystem allows, else an in-kernel copy), syncs it and renames it over the target.
+    /// Nothing is left at the target or beside it on failure. Returns how it was written.
+    fn write(&self, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
+        let file_name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = self.dir.join(format!(".{file_name}.damselfly-{}.tmp", std::process::id()));
+        let fail = |e: io::Error| Failure::new(format!("{}: {e}", self.path.display()));
+        let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp).map_err(fail)?;
+        let written = copy(&src, &out, len, show).and_then(|how| {
+            out.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            File::open(&self.dir)?.sync_all()?;
+            Ok(how)
+        });
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e)
+        })
+    }
+}
+
+fn copy(src: &File, out: &File, len: u64, show: &mut Show) -> io::Result<&'static str> {
+    // SAFETY: FICLONE on two descriptors we own; no memory is involved.
+    if unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok("reflink");
+    }
+    let mut done = 0u64;
+    while done < len {
+        let chunk = (len - done).min(64 << 20) as usize;
+        // SAFETY: copy_file_range between two descriptors we own, offsets advanced by the kernel.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the content ended early"));
+        }
+        done += n as u64;
+        show.progress(Phase::Copying, done, len);
+    }
+    Ok("copy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_read_with_their_units() {
+        assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn an_export_into_a_missing_directory_is_refused_before_anything_is_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Output::check(&dir.path().join("nope/out")).is_err());
+        assert!(Output::check(dir.path()).is_err());
+        assert!(Output::check(&dir.path().join("out")).is_ok());
+    }
+}

@@ -1,0 +1,419 @@
+//! The P2P cache on one node: its names ([`Index`]) over the store's tasks, what the admin
+//! socket asks of it, and what schedulers ask of it (replicas to keep, names to drop).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use damselfly_p2p::import::Placement;
+use damselfly_p2p::net::{CacheEntry, CacheKeeper, Node};
+use damselfly_p2p::source::SourceError;
+use damselfly_p2p::{Source, SourceResponse, Store, TaskRef};
+use damselfly_proto::cache_name::CacheName;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CacheError;
+use crate::index::{Entry, Index};
+use crate::protocol::{EntryInfo, Phase, Reply};
+
+/// Replicas an import may ask for (the scheduler's bound too).
+pub const MAX_REPLICAS: u32 = 64;
+/// How long an import waits for its replicas before it reports how many there are so far
+/// (the schedulers go on placing them).
+const REPLICA_WAIT: Duration = Duration::from_secs(300);
+/// Replicas fetched at once on a scheduler's request; the others wait.
+const REPLICA_FETCHES: usize = 4;
+/// Fills in a row that brought no new piece before an export gives up.
+const MAX_STUCK: u32 = 3;
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Where progress lines go while a request runs.
+pub type ProgressTx = mpsc::Sender<Reply>;
+
+pub struct Cache {
+    me: Weak<Cache>,
+    store: Store,
+    index: Index,
+    /// The node, once the daemon joined a cluster (it holds this cache, so weakly).
+    node: OnceLock<Weak<Node>>,
+    /// Keys of replicas being fetched, so that a repeated ask is taken once.
+    replicating: Mutex<HashSet<String>>,
+    replica_slots: Arc<Semaphore>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The source of content that has none: what peers do not deliver cannot be had.
+struct NoOrigin;
+
+impl Source for NoOrigin {
+    fn fetch(&self, _: Option<std::ops::Range<u64>>) -> BoxFuture<'static, Result<SourceResponse, SourceError>> {
+        Box::pin(async { Err(SourceError::fatal("P2P cache content has no origin; only peers hold it")) })
+    }
+}
+
+impl Cache {
+    /// The cache over `store`, its names read from `data_dir`. Names whose content is gone are
+    /// dropped, and kept content that no name holds any more may be evicted again.
+    pub fn open(store: Store, data_dir: &Path) -> Result<Arc<Cache>, CacheError> {
+        let index = Index::open(&data_dir.join("cache").join("entries"))?;
+        for e in index.list() {
+            let held = store.get(&e.digest)?.is_some_and(|t| t.is_verified());
+            if !held {
+                tracing::warn!(id = %e.id, tag = %e.tag, "the content of a cache entry is gone; dropping the entry");
+                index.remove(&e.key());
+            } else {
+                store.keep(&e.digest, true)?;
+            }
+        }
+        for digest in store.kept() {
+            if !index.names(&digest) {
+                store.keep(&digest, false)?;
+            }
+        }
+        Ok(Arc::new_cyclic(|me| Cache {
+            me: me.clone(),
+            store,
+            index,
+            node: OnceLock::new(),
+            replicating: Mutex::new(HashSet::new()),
+            replica_slots: Arc::new(Semaphore::new(REPLICA_FETCHES)),
+        }))
+    }
+
+    /// The daemon joined a cluster: names go to its schedulers, content comes from its peers.
+    pub fn attach(&self, node: &Arc<Node>) {
+        let _ = self.node.set(Arc::downgrade(node));
+    }
+
+    fn node(&self) -> Option<Arc<Node>> {
+        self.node.get()?.upgrade()
+    }
+
+    /// Imports `file` under `name`: hashed once, placed in the store without a copy where the
+    /// filesystem allows, kept, and told to the cluster, which places `replicas − 1` more.
+    pub async fn import(
+        &self,
+        name: CacheName,
+        file: File,
+        replicas: u32,
+        ttl: Option<Duration>,
+        progress: &ProgressTx,
+    ) -> Result<(EntryInfo, Placement), CacheError> {
+        if replicas == 0 || replicas > MAX_REPLICAS {
+            return Err(CacheError::BadRequest(format!("replicas must be 1 to {MAX_REPLICAS}")));
+        }
+        let node = self.node();
+        if replicas > 1 && node.is_none() {
+            return Err(CacheError::BadRequest("replicas need a cluster, and this daemon runs alone".into()));
+        }
+        let total = file.metadata()?.len();
+        let store = self.store.clone();
+        let tx = progress.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            let last = Mutex::new(Instant::now());
+            store.import(&file, &|done| {
+                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= PROGRESS_EVERY {
+                    *last = Instant::now();
+                    let _ = tx.try_send(Reply::Progress { phase: Phase::Hashing, done, total });
+                }
+            })
+        })
+        .await
+        .map_err(|e| CacheError::Io(std::io::Error::other(e)))??;
+        let digest = imported.task.digest().clone();
+        let key = name.key();
+        if let Some(e) = self.index.get(&key).filter(|e| !e.expired(now_ms())) {
+            if e.digest != digest {
+                self.let_go(&digest);
+                return Err(CacheError::Conflict(format!(
+                    "{name} names other content here ({}); delete it first",
+                    e.digest
+                )));
+            }
+            // The same content under the same name: the first import's terms stand.
+            return Ok((e.info(None), imported.placement));
+        }
+        let now = now_ms();
+        let entry = Entry {
+            id: name.id().to_owned(),
+            tag: name.tag().to_owned(),
+            digest: digest.clone(),
+            length: imported.task.len(),
+            created_ms: now,
+            expires_ms: ttl.map_or(0, |t| now.saturating_add(t.as_millis() as u64).max(1)),
+            replicas,
+        };
+        if let Err(e) = self.index.insert(entry.clone()) {
+            self.let_go(&digest);
+            return Err(e.into());
+        }
+        drop(imported.task);
+        let Some(node) = node else { return Ok((entry.info(None), imported.placement)) };
+        match node.put_cache_entry(entry.to_proto()).await {
+            Ok(()) => {}
+            Err(e @ damselfly_p2p::net::NetError::Refused(_)) => {
+                self.drop_local(&key);
+                return Err(e.into());
+            }
+            // Kept here all the same; the next announcement tells the schedulers.
+            Err(e) => tracing::warn!(error = %e, entry = %name, "no scheduler heard of the import yet"),
+        }
+        let holders = if replicas > 1 { self.wait_for_replicas(&node, &entry, progress).await } else { None };
+        Ok((entry.info(holders), imported.placement))
+    }
+
+    /// Waits until the cluster says `entry` has its replicas (or for [`REPLICA_WAIT`]);
+    /// returns the holders last heard of.
+    async fn wait_for_replicas(&self, node: &Node, entry: &Entry, progress: &ProgressTx) -> Option<Vec<String>> {
+        let deadline = Instant::now() + REPLICA_WAIT;
+        let key = entry.key();
+        let mut holders = None;
+        loop {
+            if let Ok(Some((_, h))) = node.stat_cache_entry(&key).await {
+                let reply =
+                    Reply::Progress { phase: Phase::Replicas, done: h.len() as u64, total: entry.replicas.into() };
+                let _ = progress.try_send(reply);
+                let done = h.len() >= entry.replicas as usize;
+                holders = Some(h);
+                if done {
+                    return holders;
+                }
+            }
+            if Instant::now() >= deadline {
+                return holders;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A read-only descriptor of the content `name` names, fetched from peers first if this
+    /// node does not hold it; and whether it was.
+    pub async fn export(&self, name: &CacheName, progress: &ProgressTx) -> Result<(File, EntryInfo, bool), CacheError> {
+        let entry = self.find(name).await?;
+        if let Some((file, _)) = self.store.open_verified(&entry.digest)? {
+            return Ok((file, entry.info(None), false));
+        }
+        if self.node().is_none() {
+            return Err(CacheError::NotFound(name.to_string()));
+        }
+        self.fetch(&entry, Some(progress)).await?;
+        let (file, _) = self
+            .store
+            .open_verified(&entry.digest)?
+            .ok_or_else(|| CacheError::Fetch("the content was dropped as soon as it arrived".into()))?;
+        Ok((file, entry.info(None), true))
+    }
+
+    /// The entry `name` names: this node's, or the cluster's.
+    async fn find(&self, name: &CacheName) -> Result<Entry, CacheError> {
+        let key = name.key();
+        if let Some(e) = self.index.get(&key).filter(|e| !e.expired(now_ms())) {
+            return Ok(e);
+        }
+        let node = self.node().ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+        let (entry, _) = node.stat_cache_entry(&key).await?.ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+        Entry::from_proto(&entry).map_err(|e| CacheError::Cluster(format!("the scheduler's entry for {name}: {e}")))
+    }
+
+    /// Takes the content of `entry` from peers into the store, every piece verified against
+    /// the digests pinned for it and the whole against its digest.
+    async fn fetch(&self, entry: &Entry, progress: Option<&ProgressTx>) -> Result<TaskRef, CacheError> {
+        let mut stuck = 0;
+        let mut last = None;
+        loop {
+            let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
+            if task.is_verified() {
+                return Ok(task);
+            }
+            let fill = damselfly_p2p::reader::fill(task.clone(), Arc::new(NoOrigin));
+            tokio::pin!(fill);
+            loop {
+                tokio::select! {
+                    () = &mut fill => break,
+                    () = tokio::time::sleep(PROGRESS_EVERY) => {
+                        if let Some(tx) = progress {
+                            let _ = tx.try_send(Reply::Progress { phase: Phase::Fetching, done: held(&task), total: entry.length });
+                        }
+                    }
+                }
+            }
+            if task.is_verified() {
+                return Ok(task);
+            }
+            let now = held(&task);
+            if task.is_complete() {
+                // Hashed as a whole after the last piece: wait for the verdict.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            if last == Some(now) {
+                stuck += 1;
+            } else {
+                (stuck, last) = (0, Some(now));
+            }
+            if stuck >= MAX_STUCK {
+                return Err(CacheError::Fetch(format!(
+                    "no peer delivered the rest of {}: {now} of {} bytes arrived",
+                    entry.digest, entry.length
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// What `name` is: as this node keeps it (`local`, or with no cluster), or as the cluster
+    /// says, with its holders.
+    pub async fn stat(&self, name: &CacheName, local: bool) -> Result<EntryInfo, CacheError> {
+        let key = name.key();
+        let node = self.node().filter(|_| !local);
+        let Some(node) = node else {
+            let e = self.index.get(&key).filter(|e| !e.expired(now_ms()));
+            return e.map(|e| e.info(None)).ok_or_else(|| CacheError::NotFound(name.to_string()));
+        };
+        let (entry, holders) =
+            node.stat_cache_entry(&key).await?.ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+        let entry = Entry::from_proto(&entry).map_err(CacheError::Cluster)?;
+        Ok(entry.info(Some(holders)))
+    }
+
+    /// Drops `name` here, and with `all` on every node that keeps it.
+    pub async fn delete(&self, name: &CacheName, all: bool) -> Result<(), CacheError> {
+        let key = name.key();
+        let here = self.index.get(&key).is_some();
+        let node = self.node();
+        if all {
+            let node =
+                node.ok_or_else(|| CacheError::BadRequest("--all needs a cluster, and this daemon runs alone".into()))?;
+            if !here && node.stat_cache_entry(&key).await?.is_none() {
+                return Err(CacheError::NotFound(name.to_string()));
+            }
+            node.drop_cache_entry(&key, true).await?;
+            self.drop_local(&key);
+            return Ok(());
+        }
+        if !here {
+            return Err(CacheError::NotFound(format!("{name} on this node")));
+        }
+        self.drop_local(&key);
+        if let Some(node) = node {
+            if let Err(e) = node.drop_cache_entry(&key, false).await {
+                tracing::warn!(error = %e, entry = %name, "no scheduler heard the entry was dropped here");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<EntryInfo> {
+        let now = now_ms();
+        self.index.list().into_iter().filter(|e| !e.expired(now)).map(|e| e.info(None)).collect()
+    }
+
+    /// Forgets the name under `key` here, and its content if no other name holds it.
+    fn drop_local(&self, key: &str) {
+        if let Some(e) = self.index.remove(key) {
+            self.let_go(&e.digest);
+        }
+    }
+
+    /// Deletes `digest` unless a name holds it.
+    fn let_go(&self, digest: &damselfly_p2p::Digest) {
+        if !self.index.names(digest) {
+            self.store.remove(digest);
+        }
+    }
+
+    /// Drops entries as their time runs out, until `shutdown`.
+    pub async fn expire(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            for e in self.index.expired(now_ms()) {
+                tracing::info!(id = %e.id, tag = %e.tag, "cache entry expired; dropping it");
+                self.drop_local(&e.key());
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Fetches a replica a scheduler asked for, keeps it and says so.
+    async fn replicate(self: Arc<Self>, entry: Entry) {
+        let key = entry.key();
+        if let Ok(_slot) = self.replica_slots.clone().acquire_owned().await {
+            match self.fetch(&entry, None).await {
+                Ok(task) => {
+                    let kept = self
+                        .store
+                        .keep(task.digest(), true)
+                        .and_then(|_| self.index.insert(entry.clone()).map_err(Into::into));
+                    drop(task);
+                    match (kept, self.node()) {
+                        (Ok(()), Some(node)) => {
+                            tracing::info!(id = %entry.id, tag = %entry.tag, "keeping a replica of a cache entry");
+                            if let Err(e) = node.put_cache_entry(entry.to_proto()).await {
+                                tracing::warn!(error = %e, id = %entry.id, "no scheduler heard of the replica yet");
+                            }
+                        }
+                        (Err(e), _) => tracing::warn!(error = %e, id = %entry.id, "cannot keep a replica"),
+                        (Ok(()), None) => {}
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, id = %entry.id, "cannot fetch a replica"),
+            }
+        }
+        self.replicating.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    }
+}
+
+/// Bytes of `task` present.
+fn held(task: &TaskRef) -> u64 {
+    let layout = task.layout();
+    task.present_pieces().iter().map(|&i| layout.piece_range(i as usize)).map(|r| r.end - r.start).sum()
+}
+
+impl CacheKeeper for Cache {
+    fn entries(&self) -> Vec<CacheEntry> {
+        let now = now_ms();
+        self.index.list().into_iter().filter(|e| !e.expired(now)).map(|e| e.to_proto()).collect()
+    }
+
+    fn keep(&self, entry: CacheEntry) {
+        let entry = match Entry::from_proto(&entry) {
+            Ok(e) if !e.expired(now_ms()) => e,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "a scheduler asked to keep a malformed cache entry");
+                return;
+            }
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        let key = entry.key();
+        if self.index.get(&key).is_some_and(|e| e.digest == entry.digest) {
+            // Held already: the scheduler may have missed the put.
+            if let Some(node) = self.node() {
+                tokio::spawn(async move { drop(node.put_cache_entry(entry.to_proto()).await) });
+            }
+            return;
+        }
+        if !self.replicating.lock().unwrap_or_else(|e| e.into_inner()).insert(key) {
+            return;
+        }
+        tokio::spawn(me.replicate(entry));
+    }
+
+    fn drop_entry(&self, key: &str) {
+        if self.index.get(key).is_some() {
+            tracing::info!(key, "a scheduler asked to drop a cache entry deleted everywhere");
+            self.drop_local(key);
+        }
+    }
+}

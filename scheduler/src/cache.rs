@@ -1,0 +1,221 @@
+//! The P2P cache's names: which content an (id, tag) names, which hosts keep it, and which
+//! others are asked to keep a replica until the entry's replica count is met. Soft like the
+//! rest of the state: holders announce their entries again after a restart.
+//!
+//! Every scheduler a node knows hears every put, so every one of them may place replicas;
+//! they pick hosts in one order (seeds first, then by a hash of the key and the host id), so
+//! that several schedulers ask the same hosts instead of one each.
+
+use std::time::{Duration, Instant};
+
+use damselfly_proto::cache_name::{is_key, CacheName};
+use sha2::{Digest as _, Sha256};
+
+use crate::download::check_digest;
+use crate::error::SchedulerError;
+use crate::proto::{hold_task, CacheEntry, HoldTask};
+use crate::state::{Id, Map, SoftState};
+
+/// Entries one scheduler keeps; more are refused until some expire or are deleted.
+const MAX_ENTRIES: usize = 100_000;
+/// Replicas an entry may ask for.
+pub const MAX_REPLICAS: u32 = 64;
+/// Entries deleted everywhere, remembered so that a holder that missed the drop and announces
+/// the entry again is told to drop it.
+const MAX_DELETED: usize = 10_000;
+const DELETED_FOR: Duration = Duration::from_secs(24 * 3600);
+/// A host asked for a replica counts as one for this long before it holds it.
+const ASK_PATIENCE: Duration = Duration::from_secs(30);
+/// A host that was asked and did not come is not asked again for this long.
+const ASK_AGAIN: Duration = Duration::from_secs(300);
+
+#[derive(Default)]
+pub(crate) struct CacheEntries {
+    records: Map<String, Record>,
+    /// Key → the creation time of the entry deleted, and when.
+    deleted: Map<String, (u64, Instant)>,
+}
+
+struct Record {
+    entry: CacheEntry,
+    holders: Vec<Id>,
+    /// Hosts asked for a replica, and when.
+    asked: Vec<(Id, Instant)>,
+}
+
+/// What a scheduler says of an entry.
+pub(crate) struct Stat {
+    pub entry: CacheEntry,
+    pub holders: Vec<String>,
+}
+
+/// Checks an entry as a member sent it.
+pub(crate) fn check_entry(e: &CacheEntry) -> Result<(), SchedulerError> {
+    let name = CacheName::new(&e.id, &e.tag).map_err(|err| SchedulerError::invalid(format!("cache entry: {err}")))?;
+    if name.key() != e.key {
+        return Err(SchedulerError::invalid("cache entry: the key is not the one its id and tag give"));
+    }
+    check_digest(&e.digest)?;
+    if e.replicas == 0 || e.replicas > MAX_REPLICAS {
+        return Err(SchedulerError::invalid(format!("cache entry: replicas must be 1 to {MAX_REPLICAS}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_key(key: &str) -> Result<(), SchedulerError> {
+    if is_key(key) {
+        Ok(())
+    } else {
+        Err(SchedulerError::invalid("cache key: not 64 lower-case hex digits"))
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn expired(e: &CacheEntry, now_ms: u64) -> bool {
+    e.expires_ms != 0 && e.expires_ms <= now_ms
+}
+
+impl SoftState {
+    /// `host` keeps `entry` (checked by the caller). An entry another put named with other
+    /// content is refused; one deleted everywhere since it was created is dropped at `host`.
+    pub(crate) fn put_cache_entry(&mut self, host: &Id, entry: CacheEntry, now: Instant) -> Result<(), SchedulerError> {
+        let now_ms = now_ms();
+        if expired(&entry, now_ms) {
+            return Ok(());
+        }
+        let cache = &mut self.cache;
+        cache.deleted.retain(|_, (_, at)| now.saturating_duration_since(*at) < DELETED_FOR);
+        if cache.deleted.get(&entry.key).is_some_and(|(created, _)| entry.created_ms <= *created) {
+            self.ask_host(host, hold_task::Kind::Drop(entry.key));
+            return Ok(());
+        }
+        if let Some(r) = cache.records.get_mut(&entry.key) {
+            if expired(&r.entry, now_ms) {
+                cache.records.remove(&entry.key);
+            } else {
+                if r.entry.digest != entry.digest || r.entry.length != entry.length {
+                    return Err(SchedulerError::precondition(format!(
+                        "{} names other content ({}) in the cluster; delete it everywhere first",
+                        name_of(&r.entry),
+                        r.entry.digest
+                    )));
+                }
+                if !r.holders.contains(host) {
+                    r.holders.push(host.clone());
+                }
+                r.asked.retain(|(h, _)| h != host);
+                // The first import's terms stand: a replica repeats them, and an older
+                // announcement must not shorten them.
+                if entry.created_ms < r.entry.created_ms {
+                    r.entry = entry;
+                }
+                return Ok(());
+            }
+        }
+        if cache.records.len() >= MAX_ENTRIES {
+            return Err(SchedulerError::Exhausted(format!("the scheduler holds {MAX_ENTRIES} cache entries")));
+        }
+        let key = entry.key.clone();
+        cache.records.insert(key, Record { entry, holders: vec![host.clone()], asked: Vec::new() });
+        Ok(())
+    }
+
+    /// The entry under `key` and its live holders.
+    pub(crate) fn stat_cache_entry(&self, key: &str) -> Option<Stat> {
+        let r = self.cache.records.get(key).filter(|r| !expired(&r.entry, now_ms()))?;
+        let holders = r.holders.iter().filter(|h| self.hosts.get(h).is_some()).map(|h| String::from(&**h)).collect();
+        Some(Stat { entry: r.entry.clone(), holders })
+    }
+
+    /// `host` no longer keeps the entry under `key`; `everywhere`: nobody does, and every
+    /// holder is asked to drop it.
+    pub(crate) fn drop_cache_entry(&mut self, host: &str, key: &str, everywhere: bool, now: Instant) {
+        if !everywhere {
+            if let Some(r) = self.cache.records.get_mut(key) {
+                r.holders.retain(|h| &**h != host);
+            }
+            return;
+        }
+        let Some(r) = self.cache.records.remove(key) else { return };
+        if self.cache.deleted.len() >= MAX_DELETED {
+            let oldest = self.cache.deleted.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.cache.deleted.remove(&k);
+            }
+        }
+        self.cache.deleted.insert(key.to_owned(), (r.entry.created_ms, now));
+        for h in r.holders.iter().chain(r.asked.iter().map(|(h, _)| h)) {
+            if &**h != host {
+                self.ask_host(h, hold_task::Kind::Drop(key.to_owned()));
+            }
+        }
+    }
+
+    /// A host left: it keeps nothing any more.
+    pub(crate) fn cache_host_left(&mut self, host: &str) {
+        for r in self.cache.records.values_mut() {
+            r.holders.retain(|h| &**h != host);
+            r.asked.retain(|(h, _)| &**h != host);
+        }
+    }
+
+    /// Forgets expired entries and asks hosts for the replicas entries lack.
+    pub(crate) fn place_replicas(&mut self, now: Instant) {
+        let now_ms = now_ms();
+        self.cache.records.retain(|_, r| !expired(&r.entry, now_ms));
+        let mut asks = Vec::new();
+        for r in self.cache.records.values_mut() {
+            r.holders.retain(|h| self.hosts.get(h).is_some());
+            r.asked.retain(|(_, at)| now.saturating_duration_since(*at) < ASK_AGAIN);
+            let pending = r.asked.iter().filter(|(_, at)| now.saturating_duration_since(*at) < ASK_PATIENCE).count();
+            let mut needed = (r.entry.replicas as usize).saturating_sub(r.holders.len() + pending);
+            if needed == 0 {
+                continue;
+            }
+            let mut candidates: Vec<(bool, [u8; 8], Id)> = self
+                .hosts
+                .values()
+                .filter(|h| h.preheat_stream.as_ref().is_some_and(|(_, tx)| !tx.is_closed()) && !h.blocked(now))
+                .filter(|h| !r.holders.contains(&h.id) && !r.asked.iter().any(|(a, _)| *a == h.id))
+                .map(|h| (!h.seed, rank(&r.entry.key, &h.id), h.id.clone()))
+                .collect();
+            candidates.sort_unstable();
+            for (_, _, host) in candidates {
+                if needed == 0 {
+                    break;
+                }
+                needed -= 1;
+                r.asked.push((host.clone(), now));
+                asks.push((host, r.entry.clone()));
+            }
+        }
+        for (host, entry) in asks {
+            tracing::info!(%host, entry = %name_of(&entry), "asking for a replica of a cache entry");
+            self.ask_host(&host, hold_task::Kind::Keep(entry));
+        }
+    }
+
+    /// Sends `kind` on `host`'s preheat stream; false when it has none or its queue is full.
+    pub(crate) fn ask_host(&self, host: &str, kind: hold_task::Kind) -> bool {
+        let Some((_, tx)) = self.hosts.get(host).and_then(|h| h.preheat_stream.as_ref()) else { return false };
+        tx.try_send(HoldTask { kind: Some(kind) }).is_ok()
+    }
+}
+
+fn rank(key: &str, host: &str) -> [u8; 8] {
+    let h = Sha256::new().chain_update(key.as_bytes()).chain_update(b"|").chain_update(host.as_bytes()).finalize();
+    let mut out = [0; 8];
+    out.copy_from_slice(&h[..8]);
+    out
+}
+
+fn name_of(e: &CacheEntry) -> String {
+    if e.tag.is_empty() {
+        e.id.clone()
+    } else {
+        format!("{}:{}", e.id, e.tag)
+    }
+}
