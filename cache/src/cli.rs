@@ -196,7 +196,9 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
     };
     let mut client = Client::connect(&data_dir).await?;
     let mut show = Show::new(!args.json);
+    let started = std::time::Instant::now();
     let (reply, fd) = client.call(&req, file.as_ref(), |phase, done, total| show.progress(phase, done, total)).await?;
+    let answered = started.elapsed();
     show.done();
     match reply {
         Reply::Error { kind, message } => {
@@ -207,20 +209,23 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
             let (Some(fd), Some(output)) = (fd, output) else {
                 return Err(Failure::new("the daemon sent no content"));
             };
+            let writing = std::time::Instant::now();
             let how = output.write(File::from(fd), entry.length, &mut show)?;
-            print(
-                args.json,
-                &serde_json::json!({"exported": entry, "path": output.path, "from_peers": from_peers, "written_by": how}),
-                || {
-                    format!(
-                        "{} → {} ({} bytes, {}; {how})",
-                        name_of(&entry),
-                        output.path.display(),
-                        entry.length,
-                        if from_peers { "from peers" } else { "held here" }
-                    )
-                },
-            );
+            show.done();
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let json = serde_json::json!({
+                "exported": entry, "path": output.path, "from_peers": from_peers, "written_by": how,
+                "daemon_ms": ms(answered), "write_ms": ms(writing.elapsed()),
+            });
+            print(args.json, &json, || {
+                format!(
+                    "{} → {} ({} bytes, {}; {how})",
+                    name_of(&entry),
+                    output.path.display(),
+                    entry.length,
+                    if from_peers { "from peers" } else { "held here" }
+                )
+            });
             Ok(())
         }
         Reply::Imported { entry, placement } => {
@@ -293,23 +298,24 @@ fn describe(e: &EntryInfo) -> String {
     s
 }
 
-/// Seconds since the Unix epoch, as a plain number a script or `date -d @N` reads.
+/// An RFC 3339 time in UTC, to the second.
 fn secs(ms: u64) -> String {
-    format!("@{}", ms / 1000)
+    let at = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| format!("@{}", ms / 1000))
 }
 
-/// Progress on a terminal, nothing elsewhere but the final lines (`--json` keeps stdout clean
-/// and stderr quiet).
+/// Progress: a bar on a terminal, a plain line a second elsewhere, nothing with `--json`.
 struct Show {
     bar: Option<ProgressBar>,
     lines: bool,
     phase: Option<Phase>,
+    last_line: Option<std::time::Instant>,
 }
 
 impl Show {
     fn new(enabled: bool) -> Show {
         let terminal = std::io::stderr().is_terminal();
-        Show { bar: None, lines: enabled && !terminal, phase: None }.with_bar(enabled && terminal)
+        Show { bar: None, lines: enabled && !terminal, phase: None, last_line: None }.with_bar(enabled && terminal)
     }
 
     fn with_bar(mut self, on: bool) -> Show {
@@ -346,8 +352,15 @@ impl Show {
             }
             bar.set_length(total);
             bar.set_position(done);
-        } else if self.lines && self.phase != Some(phase) {
-            eprintln!("{label}…");
+        } else if self.lines {
+            let due = self.phase != Some(phase)
+                || done >= total
+                || self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due {
+                let unit = if phase == Phase::Replicas { "nodes" } else { "bytes" };
+                eprintln!("{label}: {done} of {total} {unit}");
+                self.last_line = Some(std::time::Instant::now());
+            }
         }
         self.phase = Some(phase);
     }

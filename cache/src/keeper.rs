@@ -27,8 +27,10 @@ pub const MAX_REPLICAS: u32 = 64;
 const REPLICA_WAIT: Duration = Duration::from_secs(300);
 /// Replicas fetched at once on a scheduler's request; the others wait.
 const REPLICA_FETCHES: usize = 4;
-/// Fills in a row that brought no new piece before an export gives up.
-const MAX_STUCK: u32 = 3;
+/// Rounds in a row that brought no new piece before an export gives up.
+const MAX_STUCK: u32 = 5;
+/// How long a round that brought no new piece waits before the next.
+const STUCK_WAIT: Duration = Duration::from_secs(1);
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -252,7 +254,7 @@ impl Cache {
             let now = held(&task);
             if task.is_complete() {
                 // Hashed as a whole after the last piece: wait for the verdict.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                task.verdict().await;
                 continue;
             }
             if last == Some(now) {
@@ -266,7 +268,9 @@ impl Cache {
                     entry.digest, entry.length
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Another fill of the same task (a replica, a second export) may be running: it
+            // is not stuck while pieces arrive.
+            tokio::time::sleep(STUCK_WAIT).await;
         }
     }
 

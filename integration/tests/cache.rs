@@ -262,3 +262,59 @@ async fn bad_input_gets_a_clear_message_and_a_non_zero_exit() {
     assert!(dev.stderr.contains("not a regular file"), "{dev:?}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_changes_while_it_is_imported_is_refused_and_nothing_is_kept() {
+    let (_origin, cluster) = three_nodes().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = write_file(dir.path(), "growing", 64 * MIB as usize);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (file, stop) = (file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(file).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                f.write_all(&[7; 4096]).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let import = run(&cluster, 0, &["import", file.to_str().unwrap(), "--id", "moving"]).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    assert_eq!(import.code, 1, "{import:?}");
+    assert!(import.stderr.contains("changed while it was imported"), "{import:?}");
+    assert_eq!(run(&cluster, 0, &["stat", "--id", "moving", "--local"]).await.code, NOT_FOUND);
+    let files = damselfly_integration::walk_files(cluster.node(0).data_dir());
+    assert!(!files.iter().any(|f| f.extension().is_some_and(|e| e == "data" || e == "tmp")), "{files:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_reach_the_admin_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_origin, cluster) = three_nodes().await;
+    let data = cluster.node(0).data_dir();
+    let admin = data.join("admin");
+    assert_eq!(std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(admin.join("cache.sock")).unwrap().permissions().mode() & 0o777, 0o600);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED the other-user half: it needs root to run a client as nobody");
+        cluster.shutdown().await;
+        return;
+    }
+    // A local user other than the daemon's tries to talk to the socket.
+    let probe = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\nelse:\n    print('connected')\n";
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", probe])
+        .arg(admin.join("cache.sock"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "refused", "{out:?}");
+    cluster.shutdown().await;
+}

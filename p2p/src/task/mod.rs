@@ -214,6 +214,23 @@ impl Task {
         self.lock().pieces.all_present()
     }
 
+    /// Waits until the task is verified, failed, or lacks a piece: after its last piece
+    /// landed, the whole is hashed before anyone may say it is verified.
+    pub async fn verdict(&self) {
+        let mut changed = self.progress.subscribe();
+        loop {
+            {
+                let st = self.lock();
+                if st.verification.is_verified() || st.failed.is_some() || !st.pieces.all_present() {
+                    return;
+                }
+            }
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Whether anyone holds this task pinned (a reader, a fetch): it is not evicted then.
     pub(crate) fn is_pinned(&self) -> bool {
         self.pins.load(Ordering::SeqCst) > 0

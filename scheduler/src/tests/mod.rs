@@ -1,5 +1,6 @@
 //! Rule tests: the scheduler driven in-process, as a node would over gRPC.
 
+mod cache;
 mod lifecycle;
 mod members;
 mod pins;

@@ -1,0 +1,140 @@
+//! The P2P cache's names: what a put records, who is asked for replicas and in what order,
+//! what a conflicting put, a deletion and a departed host do.
+
+use std::time::Instant;
+
+use damselfly_proto::cache_name::CacheName;
+
+use super::{announce, host, sched, D};
+use crate::proto::{self, hold_task::Kind as Hold, CacheEntry, HoldTask};
+use crate::{Scheduler, SchedulerError, TaskSubscription};
+
+fn entry(id: &str, replicas: u32) -> CacheEntry {
+    CacheEntry {
+        key: CacheName::new(id, "").unwrap().key(),
+        id: id.into(),
+        tag: String::new(),
+        digest: D.into(),
+        length: 10,
+        created_ms: crate::cache::now_ms(),
+        expires_ms: 0,
+        replicas,
+    }
+}
+
+fn put(s: &Scheduler, host: &str, e: &CacheEntry) -> Result<(), SchedulerError> {
+    s.put_cache_entry(proto::PutCacheEntryRequest { host_id: host.into(), entry: Some(e.clone()) })
+}
+
+fn holders(s: &Scheduler, e: &CacheEntry) -> Vec<String> {
+    let stat = s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap();
+    let mut h = stat.holders;
+    h.sort();
+    h
+}
+
+fn stream(s: &Scheduler, id: &str) -> TaskSubscription<HoldTask> {
+    s.preheat_tasks(&proto::PreheatTasksRequest { host_id: id.into() }).expect("preheat stream")
+}
+
+fn next(sub: &mut TaskSubscription<HoldTask>) -> Option<Hold> {
+    use futures_util::FutureExt;
+    sub.recv().now_or_never().flatten().and_then(|t| t.kind)
+}
+
+#[test]
+fn replicas_go_to_seeds_first_and_then_to_no_one_else() {
+    let s = sched(|_| {});
+    for id in ["a", "b", "c"] {
+        announce(&s, host(id), vec![]);
+    }
+    announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
+    let mut subs: Vec<_> = ["b", "c", "seed"].iter().map(|h| (h.to_string(), stream(&s, h))).collect();
+    let e = entry("model", 2);
+    put(&s, "a", &e).unwrap();
+    let asked: Vec<String> =
+        subs.iter_mut().filter_map(|(h, sub)| matches!(next(sub), Some(Hold::Keep(_))).then(|| h.clone())).collect();
+    assert_eq!(asked, ["seed"], "one replica wanted, a seed first");
+    // Asked already and within its time: nobody else is asked on the next rounds.
+    s.tick(Instant::now());
+    assert!(subs.iter_mut().all(|(_, sub)| next(sub).is_none()));
+    put(&s, "seed", &e).unwrap();
+    assert_eq!(holders(&s, &e), ["a", "seed"]);
+}
+
+#[test]
+fn a_name_for_other_content_is_refused_and_the_first_stands() {
+    let s = sched(|_| {});
+    announce(&s, host("a"), vec![]);
+    announce(&s, host("b"), vec![]);
+    let e = entry("data", 1);
+    put(&s, "a", &e).unwrap();
+    let other = CacheEntry { digest: format!("sha256:{}", "b".repeat(64)), ..e.clone() };
+    assert!(matches!(put(&s, "b", &other), Err(SchedulerError::FailedPrecondition(_))));
+    let stat = s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap();
+    assert_eq!(stat.entry.unwrap().digest, D);
+    // A key that is not its name's, or a bad name, is refused outright.
+    assert!(put(&s, "b", &CacheEntry { key: "0".repeat(64), ..e.clone() }).is_err());
+    assert!(put(&s, "b", &CacheEntry { id: "../x".into(), ..e.clone() }).is_err());
+    assert!(put(&s, "b", &CacheEntry { replicas: 0, ..e }).is_err());
+}
+
+#[test]
+fn a_deleted_entry_is_dropped_by_its_holders_and_not_revived_by_a_late_announcement() {
+    let s = sched(|_| {});
+    announce(&s, host("a"), vec![]);
+    announce(&s, host("b"), vec![]);
+    let mut b = stream(&s, "b");
+    let e = entry("old", 1);
+    put(&s, "a", &e).unwrap();
+    put(&s, "b", &e).unwrap();
+    s.drop_cache_entry(&proto::DropCacheEntryRequest { host_id: "a".into(), key: e.key.clone(), everywhere: true })
+        .unwrap();
+    assert_eq!(next(&mut b), Some(Hold::Drop(e.key.clone())));
+    assert!(s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap().entry.is_none());
+    // b missed it and announces the entry again: it is told once more, and nothing comes back.
+    s.announce_host(proto::AnnounceHostRequest {
+        host: Some(host("b")),
+        cache_entries: vec![e.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(next(&mut b), Some(Hold::Drop(e.key.clone())));
+    assert!(s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap().entry.is_none());
+    // Imported again after the deletion: a new entry.
+    let again = CacheEntry { created_ms: e.created_ms + 1, ..e };
+    put(&s, "a", &again).unwrap();
+    assert_eq!(holders(&s, &again), ["a"]);
+}
+
+#[test]
+fn a_host_that_leaves_holds_nothing_and_a_replacement_is_asked() {
+    let s = sched(|_| {});
+    for id in ["a", "b", "c"] {
+        announce(&s, host(id), vec![]);
+    }
+    let _b = stream(&s, "b");
+    let mut c = stream(&s, "c");
+    let e = entry("kept", 2);
+    put(&s, "a", &e).unwrap();
+    put(&s, "b", &e).unwrap();
+    assert!(next(&mut c).is_none(), "two holders already");
+    s.leave_host(&proto::LeaveHostRequest { host_id: "a".into() }).unwrap();
+    assert_eq!(holders(&s, &e), ["b"]);
+    s.tick(Instant::now());
+    assert!(matches!(next(&mut c), Some(Hold::Keep(k)) if k.key == e.key));
+}
+
+#[test]
+fn an_expired_entry_is_gone() {
+    let s = sched(|_| {});
+    announce(&s, host("a"), vec![]);
+    let e = CacheEntry { expires_ms: crate::cache::now_ms() + 50, ..entry("brief", 1) };
+    put(&s, "a", &e).unwrap();
+    assert_eq!(holders(&s, &e), ["a"]);
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    assert!(s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap().entry.is_none());
+    // Announcing an expired entry records nothing.
+    put(&s, "a", &e).unwrap();
+    assert!(s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key }).unwrap().entry.is_none());
+}
