@@ -22,6 +22,10 @@ use crate::wire::Conn;
 pub const EXIT_NOT_FOUND: i32 = 3;
 /// Exit status of any other failure.
 pub const EXIT_FAILED: i32 = 1;
+/// Exit status of an import that is kept here but not yet on as many nodes as it asked.
+pub const EXIT_REPLICAS_SHORT: i32 = 4;
+/// The longest time to live: a hundred years.
+const MAX_TTL: u64 = 100 * 365 * 86_400;
 
 #[derive(Debug, Args)]
 pub struct CacheArgs {
@@ -100,8 +104,8 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     };
     match n.checked_mul(secs) {
         Some(0) => Err("the time to live must be more than 0".into()),
-        Some(t) => Ok(Duration::from_secs(t)),
-        None => Err(format!("{s:?} is too long")),
+        Some(t) if t <= MAX_TTL => Ok(Duration::from_secs(t)),
+        _ => Err(format!("{s:?} is longer than a hundred years")),
     }
 }
 
@@ -128,7 +132,7 @@ impl Client {
     pub async fn connect(data_dir: &Path) -> Result<Client, Failure> {
         let path = socket_path(data_dir);
         match tokio::net::UnixStream::connect(&path).await {
-            Ok(s) => Ok(Client { conn: Conn::new(s) }),
+            Ok(s) => Ok(Client { conn: Conn::client(s) }),
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
                 Err(Failure::new(format!(
                     "no damselfly daemon is running with data directory {} (no one answers at {})",
@@ -210,7 +214,17 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
                 return Err(Failure::new("the daemon sent no content"));
             };
             let writing = std::time::Instant::now();
-            let how = output.write(File::from(fd), entry.length, &mut show)?;
+            // Interrupted, the half-written file beside the target goes with the command.
+            let tmp = output.tmp.clone();
+            let interrupted = tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = std::fs::remove_file(&tmp);
+                    std::process::exit(130);
+                }
+            });
+            let written = output.write(File::from(fd), entry.length, &mut show);
+            interrupted.abort();
+            let how = written?;
             show.done();
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             let json = serde_json::json!({
@@ -236,6 +250,16 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
                 }
                 s
             });
+            let kept_on = entry.holders.as_ref().map_or(1, Vec::len);
+            if kept_on < entry.replicas as usize {
+                return Err(Failure {
+                    message: format!(
+                        "imported, but kept on {kept_on} of {} nodes so far; the cluster goes on asking (see `damselfly cache stat`)",
+                        entry.replicas
+                    ),
+                    code: EXIT_REPLICAS_SHORT,
+                });
+            }
             Ok(())
         }
         Reply::Stat { entry } => {
@@ -377,6 +401,8 @@ impl Show {
 struct Output {
     path: PathBuf,
     dir: PathBuf,
+    /// Where it is written first, beside it.
+    tmp: PathBuf,
 }
 
 impl Output {
@@ -392,25 +418,26 @@ impl Output {
         if path.is_dir() {
             return Err(Failure::new(format!("{}: is a directory", path.display())));
         }
-        Ok(Output { path: path.to_owned(), dir })
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{file_name}.damselfly-{}.tmp", std::process::id()));
+        Ok(Output { path: path.to_owned(), dir, tmp })
     }
 
     /// Writes `len` bytes of `src` to a temporary file beside the target (a clone where the
     /// filesystem allows, else an in-kernel copy), syncs it and renames it over the target.
     /// Nothing is left at the target or beside it on failure. Returns how it was written.
     fn write(&self, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
-        let file_name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = self.dir.join(format!(".{file_name}.damselfly-{}.tmp", std::process::id()));
+        let tmp = &self.tmp;
         let fail = |e: io::Error| Failure::new(format!("{}: {e}", self.path.display()));
-        let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp).map_err(fail)?;
+        let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(tmp).map_err(fail)?;
         let written = copy(&src, &out, len, show).and_then(|how| {
             out.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
+            std::fs::rename(tmp, &self.path)?;
             File::open(&self.dir)?.sync_all()?;
             Ok(how)
         });
         written.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp);
             fail(e)
         })
     }
@@ -436,11 +463,33 @@ fn copy(src: &File, out: &File, len: u64, show: &mut Show) -> io::Result<&'stati
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            // Another filesystem (EXDEV), or one without the call: read and write.
+            let unsupported =
+                matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS));
+            if done == 0 && unsupported {
+                return read_write(src, out, len, show);
+            }
+            return Err(e);
         }
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the content ended early"));
         }
+        done += n as u64;
+        show.progress(Phase::Copying, done, len);
+    }
+    Ok("copy")
+}
+
+/// Copies `len` bytes from the start of `src` to `out` through a buffer.
+fn read_write(src: &File, out: &File, len: u64, show: &mut Show) -> io::Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], done)?;
+        out.write_all_at(&buf[..n], done)?;
         done += n as u64;
         show.progress(Phase::Copying, done, len);
     }
@@ -460,6 +509,7 @@ mod tests {
         assert!(parse_ttl("1w").is_err());
         assert!(parse_ttl("h").is_err());
         assert!(parse_ttl("99999999999999999999d").is_err());
+        assert!(parse_ttl("36501d").is_err());
     }
 
     #[test]
@@ -468,5 +518,17 @@ mod tests {
         assert!(Output::check(&dir.path().join("nope/out")).is_err());
         assert!(Output::check(dir.path()).is_err());
         assert!(Output::check(&dir.path().join("out")).is_ok());
+    }
+
+    #[test]
+    fn a_copy_to_another_filesystem_falls_back_to_read_and_write() {
+        let mut src = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut src, &vec![9u8; 5 << 20]).unwrap();
+        let out = tempfile::tempfile().unwrap();
+        let mut show = Show::new(false);
+        assert_eq!(read_write(&src, &out, 5 << 20, &mut show).unwrap(), "copy");
+        let mut back = vec![0u8; 5 << 20];
+        std::os::unix::fs::FileExt::read_exact_at(&out, &mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 9));
     }
 }

@@ -84,6 +84,14 @@ impl Entry {
     }
 }
 
+/// What [`Index::claim`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    New(Entry),
+    Held(Entry),
+    Taken(Entry),
+}
+
 pub struct Index {
     dir: PathBuf,
     entries: Mutex<HashMap<String, Entry>>,
@@ -130,15 +138,24 @@ impl Index {
         all
     }
 
-    /// Records `entry` (on disk first).
-    pub fn insert(&self, entry: Entry) -> io::Result<()> {
+    /// Records `entry` under its name unless the name is taken: by an entry of other content
+    /// (`Taken`), or of the same (`Held`, the first one's terms stand). Checked and recorded
+    /// under one lock, on disk first, so two imports of one name cannot both win.
+    pub fn claim(&self, entry: Entry, now_ms: u64) -> io::Result<Claim> {
         let key = entry.key();
+        let mut entries = self.lock();
+        if let Some(e) = entries.get(&key).filter(|e| !e.expired(now_ms)) {
+            return Ok(if e.digest == entry.digest { Claim::Held(e.clone()) } else { Claim::Taken(e.clone()) });
+        }
         let path = self.dir.join(format!("{key}.json"));
         let tmp = self.dir.join(format!("{key}.json.tmp"));
-        fs::write(&tmp, serde_json::to_vec(&entry).map_err(io::Error::other)?)?;
+        let mut f = fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec(&entry).map_err(io::Error::other)?)?;
+        f.sync_all()?;
         fs::rename(&tmp, &path)?;
-        self.lock().insert(key, entry);
-        Ok(())
+        fs::File::open(&self.dir)?.sync_all()?;
+        entries.insert(key, entry.clone());
+        Ok(Claim::New(entry))
     }
 
     pub fn remove(&self, key: &str) -> Option<Entry> {
@@ -180,8 +197,8 @@ mod tests {
     fn entries_survive_a_reopen_and_strangers_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(dir.path()).unwrap();
-        index.insert(entry("a")).unwrap();
-        index.insert(entry("b")).unwrap();
+        index.claim(entry("a"), 0).unwrap();
+        index.claim(entry("b"), 0).unwrap();
         index.remove(&entry("b").key());
         fs::write(dir.path().join(format!("{}.json", "0".repeat(64))), serde_json::to_vec(&entry("c")).unwrap())
             .unwrap();
@@ -189,6 +206,13 @@ mod tests {
         let again = Index::open(dir.path()).unwrap();
         assert_eq!(again.list(), vec![entry("a")]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(again.claim(entry("a"), 0).unwrap(), Claim::Held(entry("a")));
+        let other = Entry { digest: entry("x").digest, ..entry("a") };
+        assert_eq!(again.claim(other, 0).unwrap(), Claim::Taken(entry("a")));
+        // An expired entry gives its name up.
+        let brief = Entry { id: "b".into(), expires_ms: 5, ..entry("b") };
+        assert!(matches!(again.claim(brief.clone(), 1).unwrap(), Claim::New(_)));
+        assert!(matches!(again.claim(entry("b"), 10).unwrap(), Claim::New(_)));
     }
 
     #[test]

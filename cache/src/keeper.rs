@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CacheError;
-use crate::index::{Entry, Index};
+use crate::index::{Claim, Entry, Index};
 use crate::protocol::{EntryInfo, Phase, Reply};
 
 /// Replicas an import may ask for (the scheduler's bound too).
@@ -33,6 +33,12 @@ const MAX_STUCK: u32 = 5;
 const STUCK_WAIT: Duration = Duration::from_secs(1);
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// Replica asks taken at once (fetching or waiting to); more are declined, and a scheduler
+/// asks another host.
+const MAX_REPLICA_ASKS: usize = 256;
+/// Replicas other nodes' imports ask of this one are kept while all kept content stays within
+/// this share of the cache quota: a member cannot fill every node's disk with its content.
+const REPLICA_SHARE: (u64, u64) = (1, 2);
 
 /// Where progress lines go while a request runs.
 pub type ProgressTx = mpsc::Sender<Reply>;
@@ -46,6 +52,9 @@ pub struct Cache {
     /// Keys of replicas being fetched, so that a repeated ask is taken once.
     replicating: Mutex<HashSet<String>>,
     replica_slots: Arc<Semaphore>,
+    /// Held while a name is given to content (claimed and its content kept) and while content
+    /// no name holds is let go, so that neither happens in the middle of the other.
+    naming: Mutex<()>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -87,6 +96,7 @@ impl Cache {
             node: OnceLock::new(),
             replicating: Mutex::new(HashSet::new()),
             replica_slots: Arc::new(Semaphore::new(REPLICA_FETCHES)),
+            naming: Mutex::new(()),
         }))
     }
 
@@ -133,17 +143,6 @@ impl Cache {
         .map_err(|e| CacheError::Io(std::io::Error::other(e)))??;
         let digest = imported.task.digest().clone();
         let key = name.key();
-        if let Some(e) = self.index.get(&key).filter(|e| !e.expired(now_ms())) {
-            if e.digest != digest {
-                self.let_go(&digest);
-                return Err(CacheError::Conflict(format!(
-                    "{name} names other content here ({}); delete it first",
-                    e.digest
-                )));
-            }
-            // The same content under the same name: the first import's terms stand.
-            return Ok((e.info(None), imported.placement));
-        }
         let now = now_ms();
         let entry = Entry {
             id: name.id().to_owned(),
@@ -151,14 +150,26 @@ impl Cache {
             digest: digest.clone(),
             length: imported.task.len(),
             created_ms: now,
-            expires_ms: ttl.map_or(0, |t| now.saturating_add(t.as_millis() as u64).max(1)),
+            expires_ms: ttl.map_or(0, |t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
             replicas,
         };
-        if let Err(e) = self.index.insert(entry.clone()) {
-            self.let_go(&digest);
-            return Err(e.into());
-        }
         drop(imported.task);
+        let entry = match self.name(entry, now) {
+            Ok(Claim::New(e)) => e,
+            // The same content under the same name: the first import's terms stand.
+            Ok(Claim::Held(e)) => e,
+            Ok(Claim::Taken(e)) => {
+                self.let_go(&digest);
+                return Err(CacheError::Conflict(format!(
+                    "{name} names other content here ({}); delete it first",
+                    e.digest
+                )));
+            }
+            Err(e) => {
+                self.let_go(&digest);
+                return Err(e);
+            }
+        };
         let Some(node) = node else { return Ok((entry.info(None), imported.placement)) };
         match node.put_cache_entry(entry.to_proto()).await {
             Ok(()) => {}
@@ -197,6 +208,20 @@ impl Cache {
         }
     }
 
+    /// Gives `entry` its name unless the name is taken, and keeps its content, which must
+    /// still be here: content no name held could have been let go since it arrived.
+    fn name(&self, entry: Entry, now_ms: u64) -> Result<Claim, CacheError> {
+        let _naming = self.naming.lock().unwrap_or_else(|e| e.into_inner());
+        let claim = self.index.claim(entry, now_ms)?;
+        if let Claim::New(e) | Claim::Held(e) = &claim {
+            if !self.store.keep(&e.digest, true)? {
+                self.index.remove(&e.key());
+                return Err(CacheError::Fetch("the content was let go as it arrived; try again".into()));
+            }
+        }
+        Ok(claim)
+    }
+
     /// A read-only descriptor of the content `name` names, fetched from peers first if this
     /// node does not hold it; and whether it was.
     pub async fn export(&self, name: &CacheName, progress: &ProgressTx) -> Result<(File, EntryInfo, bool), CacheError> {
@@ -208,6 +233,10 @@ impl Cache {
             return Err(CacheError::NotFound(name.to_string()));
         }
         self.fetch(&entry, Some(progress)).await?;
+        // Named here (its content was lost, say): kept again.
+        if self.index.get(&entry.key()).is_some_and(|e| e.digest == entry.digest) {
+            self.store.keep(&entry.digest, true)?;
+        }
         let (file, _) = self
             .store
             .open_verified(&entry.digest)?
@@ -251,12 +280,14 @@ impl Cache {
             if task.is_verified() {
                 return Ok(task);
             }
-            let now = held(&task);
             if task.is_complete() {
                 // Hashed as a whole after the last piece: wait for the verdict.
                 task.verdict().await;
-                continue;
+                if task.is_verified() {
+                    return Ok(task);
+                }
             }
+            let now = held(&task);
             if last == Some(now) {
                 stuck += 1;
             } else {
@@ -328,10 +359,12 @@ impl Cache {
         }
     }
 
-    /// Deletes `digest` unless a name holds it.
+    /// Lets go of `digest` unless a name holds it or it is arriving for one (`Store::release`:
+    /// deleted, or only evictable again if a registry's client read it too).
     fn let_go(&self, digest: &damselfly_p2p::Digest) {
+        let _naming = self.naming.lock().unwrap_or_else(|e| e.into_inner());
         if !self.index.names(digest) {
-            self.store.remove(digest);
+            self.store.release(digest);
         }
     }
 
@@ -349,16 +382,23 @@ impl Cache {
         }
     }
 
+    /// Whether this node has room for a replica of `length` bytes (see [`REPLICA_SHARE`]).
+    fn room_for_replica(&self, length: u64) -> bool {
+        let (kept, quota) = self.store.kept_bytes();
+        kept.saturating_add(length) <= quota / REPLICA_SHARE.1 * REPLICA_SHARE.0
+    }
+
     /// Fetches a replica a scheduler asked for, keeps it and says so.
     async fn replicate(self: Arc<Self>, entry: Entry) {
         let key = entry.key();
         if let Ok(_slot) = self.replica_slots.clone().acquire_owned().await {
             match self.fetch(&entry, None).await {
                 Ok(task) => {
-                    let kept = self
-                        .store
-                        .keep(task.digest(), true)
-                        .and_then(|_| self.index.insert(entry.clone()).map_err(Into::into));
+                    let kept = match self.name(entry.clone(), now_ms()) {
+                        Ok(Claim::New(_) | Claim::Held(_)) => Ok(()),
+                        Ok(Claim::Taken(e)) => Err(CacheError::Conflict(format!("the name is {} here", e.digest))),
+                        Err(e) => Err(e),
+                    };
                     drop(task);
                     match (kept, self.node()) {
                         (Ok(()), Some(node)) => {
@@ -408,8 +448,15 @@ impl CacheKeeper for Cache {
             }
             return;
         }
-        if !self.replicating.lock().unwrap_or_else(|e| e.into_inner()).insert(key) {
+        if !self.room_for_replica(entry.length) {
+            tracing::warn!(id = %entry.id, length = entry.length, "declining a replica: kept content would pass half the cache quota");
             return;
+        }
+        {
+            let mut replicating = self.replicating.lock().unwrap_or_else(|e| e.into_inner());
+            if replicating.len() >= MAX_REPLICA_ASKS || !replicating.insert(key) {
+                return;
+            }
         }
         tokio::spawn(me.replicate(entry));
     }

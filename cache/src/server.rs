@@ -24,6 +24,8 @@ use crate::wire::Conn;
 const MAX_CLIENTS: usize = 64;
 /// A client that sends nothing for this long between requests is closed.
 const IDLE: Duration = Duration::from_secs(300);
+/// A client that reads nothing of a reply for this long is closed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The socket's path for the daemon whose data directory is `data_dir`.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -106,15 +108,22 @@ async fn client(cache: Arc<Cache>, stream: UnixStream) -> io::Result<()> {
         let mut op = tokio::spawn(handle(cache.clone(), req, fd, tx));
         let (reply, file) = loop {
             tokio::select! {
-                Some(p) = rx.recv() => conn.send(&p, None).await?,
+                Some(p) = rx.recv() => send(&mut conn, &p, None).await?,
                 done = &mut op => break done.unwrap_or_else(|e| (CacheError::Io(io::Error::other(e)).reply(), None)),
             }
         };
         while let Ok(p) = rx.try_recv() {
-            conn.send(&p, None).await?;
+            send(&mut conn, &p, None).await?;
         }
-        conn.send(&reply, file.as_ref().map(|f| f.as_fd())).await?;
+        send(&mut conn, &reply, file.as_ref().map(|f| f.as_fd())).await?;
     }
+}
+
+/// Sends a reply, giving up on a client that stops reading.
+async fn send(conn: &mut Conn, reply: &Reply, fd: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<()> {
+    tokio::time::timeout(SEND_TIMEOUT, conn.send(reply, fd))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
 }
 
 /// One request, its final reply, and the descriptor that goes with it (an export's).

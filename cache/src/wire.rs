@@ -11,8 +11,10 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-/// Longest line either side accepts.
+/// Longest request the daemon accepts.
 pub const MAX_LINE: usize = 1 << 20;
+/// Longest reply a client accepts (a list of many entries).
+pub const MAX_REPLY: usize = 256 << 20;
 /// Descriptors one message may carry.
 const MAX_FDS: usize = 4;
 
@@ -20,11 +22,18 @@ pub struct Conn {
     stream: UnixStream,
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    max_line: usize,
 }
 
 impl Conn {
+    /// A connection that reads lines of at most [`MAX_LINE`] bytes.
     pub fn new(stream: UnixStream) -> Conn {
-        Conn { stream, buf: Vec::new(), fds: VecDeque::new() }
+        Conn { stream, buf: Vec::new(), fds: VecDeque::new(), max_line: MAX_LINE }
+    }
+
+    /// A client's connection, which reads replies of up to [`MAX_REPLY`] bytes.
+    pub fn client(stream: UnixStream) -> Conn {
+        Conn { max_line: MAX_REPLY, ..Conn::new(stream) }
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -58,7 +67,7 @@ impl Conn {
                     .map(Some)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")));
             }
-            if self.buf.len() > MAX_LINE {
+            if self.buf.len() > self.max_line {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "message too long"));
             }
             let mut chunk = [0u8; 16 << 10];

@@ -78,8 +78,10 @@ async fn content_imported_on_one_node_is_exported_on_two_others_from_peers() {
     let export = run(&cluster, 1, &["export", "--id", "model", "--tag", "v1", "-O", again_path, "--json"]).await;
     assert_eq!(export.ok().json()["from_peers"], false);
     assert!(std::fs::read(&again).unwrap() == bytes);
-    // The importing node exports without a peer.
-    let local = dir.path().join("local");
+    // The importing node exports without a peer, here onto another filesystem (tmpfs), where
+    // the kernel cannot copy between the two.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let local = shm.path().join("local");
     run(&cluster, 0, &["export", "--id", "model", "--tag", "v1", "-O", local.to_str().unwrap()]).await.ok();
     assert!(std::fs::read(&local).unwrap() == bytes);
     let listed = run(&cluster, 0, &["list", "--json"]).await.ok().json();
@@ -316,5 +318,28 @@ async fn another_user_cannot_reach_the_admin_socket() {
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "refused", "{out:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_file_changed_after_its_import_is_dropped_and_never_written_back() {
+    let (_origin, cluster) = three_nodes().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, mut bytes) = write_file(dir.path(), "linked", 6 * MIB as usize);
+    let imported = run(&cluster, 0, &["import", file.to_str().unwrap(), "--id", "linked", "--json"]).await.ok().json();
+    assert_eq!(imported["placement"], "hard link", "{imported}");
+    // Its owner changes it in place afterwards.
+    bytes[100] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let out = dir.path().join("out");
+    let export = run(&cluster, 1, &["export", "--id", "linked", "-O", out.to_str().unwrap()]).await;
+    assert_eq!(export.code, 1, "{export:?}");
+    assert!(!out.exists(), "an export that failed left a file");
+    // The node found its piece changed and dropped the content rather than fetch it again
+    // into the user's file.
+    let m0 = cluster.metrics(0).await.unwrap();
+    assert_eq!(m0.sum("damselfly_cache_tasks", &[]), 0.0, "{:?}", m0.with_prefix("damselfly_cache"));
+    assert!(std::fs::read(&file).unwrap() == bytes, "the user's file was written");
     cluster.shutdown().await;
 }

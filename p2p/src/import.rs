@@ -83,7 +83,7 @@ impl Store {
         let layout = Layout::new(meta.size());
         self.has_room(layout.len)?;
         let path = self.import_path();
-        let placed = place(src, &path, meta.uid());
+        let placed = place(src, &path, &meta);
         let result = placed.and_then(|(placement, dest)| {
             let placed_at = stamp(src)?;
             // A clone cannot change under the hash: hash it. A link is the file itself.
@@ -115,10 +115,12 @@ impl Store {
     }
 }
 
-/// Puts `src` at `path`: a reflink, else a hard link (only for a file of the daemon's own
-/// user, which the store may then open for writing like its other files), else an empty file
-/// the hash pass copies into.
-fn place(src: &File, path: &Path, owner: u32) -> Result<(Placement, File), ImportError> {
+/// Puts `src` at `path`: a reflink, else a hard link, else an empty file the hash pass copies
+/// into. A hard link shares the file with its owner, so only a file nobody else can change
+/// gets one: the daemon's own user's, writable by no group or other user, and with no other
+/// name. The store never writes into a kept task's file (it drops the task instead), so the
+/// link never changes the user's file either.
+fn place(src: &File, path: &Path, meta: &std::fs::Metadata) -> Result<(Placement, File), ImportError> {
     let create = || OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path);
     let dest = create()?;
     // SAFETY: FICLONE on two descriptors we own; no memory is involved.
@@ -127,7 +129,8 @@ fn place(src: &File, path: &Path, owner: u32) -> Result<(Placement, File), Impor
         return Ok((Placement::Reflink, dest));
     }
     // SAFETY: geteuid has no preconditions.
-    if owner == unsafe { libc::geteuid() } {
+    let own = meta.uid() == unsafe { libc::geteuid() };
+    if own && meta.mode() & 0o022 == 0 && meta.nlink() == 1 {
         std::fs::remove_file(path)?;
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", src.as_raw_fd()));
         if linkat_follow(&by_fd, path).is_ok() {

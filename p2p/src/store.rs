@@ -286,6 +286,26 @@ impl Store {
         true
     }
 
+    /// Lets go of a task the P2P cache kept: deleted, unless a registry's client read it too
+    /// (its provenance says so), in which case it is only evictable again like any cached blob.
+    pub fn release(&self, digest: &Digest) {
+        let from_registry = self.lookup(digest, Lookup::Peek).ok().flatten().is_some_and(|t| {
+            let m = t.meta();
+            m.supplier.is_some() || !m.public_in.is_empty() || m.media_type.is_some()
+        });
+        if from_registry {
+            let _ = self.keep(digest, false);
+        } else {
+            self.remove(digest);
+        }
+    }
+
+    /// Bytes kept tasks count against the quota, and the quota.
+    pub fn kept_bytes(&self) -> (u64, u64) {
+        let index = self.inner.index();
+        (index.lru.iter().filter(|(_, e)| e.kept).map(|(_, e)| e.charged).sum(), self.inner.quota)
+    }
+
     /// A new read-only descriptor of the verified content of `digest`, to copy it out;
     /// `None` when the store does not hold it whole and verified.
     pub fn open_verified(&self, digest: &Digest) -> Result<Option<(File, u64)>, StoreError> {
@@ -342,6 +362,23 @@ impl Store {
         }
         let charged = charge_of(layout.len);
         let mut index = self.inner.index();
+        // Another task of this digest may have been made since the look above (a client's
+        // fetch): a verified one stands; any other goes, under this same lock.
+        if let Some(entry) = index.lru.peek(digest) {
+            if entry.task.as_ref().is_some_and(|t| t.is_verified()) {
+                let task = entry.task.clone().map(TaskRef::pin);
+                drop(index);
+                let _ = fs::remove_file(placed);
+                self.keep(digest, true)?;
+                return task.ok_or(StoreError::Io(io::Error::other("the task went away")));
+            }
+            if let Some(old) = index.lru.pop(digest) {
+                index.used -= old.charged;
+                if let Some(task) = old.task {
+                    task.fail("replaced by an import of the same content");
+                }
+            }
+        }
         if let Err(e) = self.inner.make_room(&mut index, charged, true) {
             let _ = fs::remove_file(placed);
             return Err(e);

@@ -14,10 +14,14 @@ use sha2::{Digest as _, Sha256};
 use crate::download::check_digest;
 use crate::error::SchedulerError;
 use crate::proto::{hold_task, CacheEntry, HoldTask};
-use crate::state::{Id, Map, SoftState};
+use crate::state::{Id, Map, PeerState, Set, SoftState};
 
 /// Entries one scheduler keeps; more are refused until some expire or are deleted.
 const MAX_ENTRIES: usize = 100_000;
+/// Entries one host may keep here.
+const MAX_HOST_ENTRIES: usize = 10_000;
+/// Entries lacking replicas looked at per round, in turn: the rest wait for the next rounds.
+const PLACE_PER_ROUND: usize = 32;
 /// Replicas an entry may ask for.
 pub const MAX_REPLICAS: u32 = 64;
 /// Entries deleted everywhere, remembered so that a holder that missed the drop and announces
@@ -34,6 +38,43 @@ pub(crate) struct CacheEntries {
     records: Map<String, Record>,
     /// Key → the creation time of the entry deleted, and when.
     deleted: Map<String, (u64, Instant)>,
+    /// Keys each host keeps, so that a host's leaving or full announcement costs its own
+    /// entries, not a scan of all.
+    held: Map<Id, Set<String>>,
+    /// Entries that may lack replicas: the only ones a round looks at.
+    short: Short,
+}
+
+/// Keys in turn: each round takes the next few, and puts back those still lacking replicas.
+#[derive(Default)]
+struct Short {
+    set: Set<String>,
+    queue: std::collections::VecDeque<String>,
+}
+
+impl Short {
+    fn insert(&mut self, key: &str) {
+        if self.set.insert(key.to_owned()) {
+            self.queue.push_back(key.to_owned());
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        // Its place in the queue is skipped when it comes up.
+        self.set.remove(key);
+    }
+
+    /// Up to `n` keys, taken off the queue.
+    fn take(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(key) = self.queue.pop_front() else { break };
+            if self.set.remove(&key) {
+                out.push(key);
+            }
+        }
+        out
+    }
 }
 
 struct Record {
@@ -81,13 +122,26 @@ fn expired(e: &CacheEntry, now_ms: u64) -> bool {
 impl SoftState {
     /// `host` keeps `entry` (checked by the caller). An entry another put named with other
     /// content is refused; one deleted everywhere since it was created is dropped at `host`.
-    pub(crate) fn put_cache_entry(&mut self, host: &Id, entry: CacheEntry, now: Instant) -> Result<(), SchedulerError> {
+    pub(crate) fn put_cache_entry(&mut self, host: &Id, entry: CacheEntry) -> Result<(), SchedulerError> {
         let now_ms = now_ms();
         if expired(&entry, now_ms) {
             return Ok(());
         }
+        // A host keeps only content it announced whole and verified, of the entry's length: a
+        // name cannot send others after content nobody holds.
+        let holds = self.tasks.get(entry.digest.as_str()).is_some_and(|t| {
+            t.length == entry.length && t.idx(&**host).is_some_and(|i| t.peers[i].state == PeerState::Finished)
+        });
+        if !holds {
+            return Err(SchedulerError::precondition(format!(
+                "{host} has not announced {} ({} bytes) whole and verified",
+                entry.digest, entry.length
+            )));
+        }
         let cache = &mut self.cache;
-        cache.deleted.retain(|_, (_, at)| now.saturating_duration_since(*at) < DELETED_FOR);
+        if cache.held.get(host).is_some_and(|h| h.len() >= MAX_HOST_ENTRIES && !h.contains(&entry.key)) {
+            return Err(SchedulerError::Exhausted(format!("{host} keeps {MAX_HOST_ENTRIES} cache entries here")));
+        }
         if cache.deleted.get(&entry.key).is_some_and(|(created, _)| entry.created_ms <= *created) {
             self.ask_host(host, hold_task::Kind::Drop(entry.key));
             return Ok(());
@@ -107,6 +161,7 @@ impl SoftState {
                     r.holders.push(host.clone());
                 }
                 r.asked.retain(|(h, _)| h != host);
+                cache.held.entry(host.clone()).or_default().insert(entry.key.clone());
                 // The first import's terms stand: a replica repeats them, and an older
                 // announcement must not shorten them.
                 if entry.created_ms < r.entry.created_ms {
@@ -119,8 +174,34 @@ impl SoftState {
             return Err(SchedulerError::Exhausted(format!("the scheduler holds {MAX_ENTRIES} cache entries")));
         }
         let key = entry.key.clone();
+        cache.held.entry(host.clone()).or_default().insert(key.clone());
+        if entry.replicas > 1 {
+            cache.short.insert(&key);
+        }
         cache.records.insert(key, Record { entry, holders: vec![host.clone()], asked: Vec::new() });
         Ok(())
+    }
+
+    /// A host's full list of entries (in its periodic announcement): those it no longer lists
+    /// it no longer keeps.
+    pub(crate) fn cache_entries_of(&mut self, host: &Id, listed: &Set<String>) {
+        let gone: Vec<String> =
+            self.cache.held.get(host).map_or_else(Vec::new, |h| h.difference(listed).cloned().collect());
+        for key in gone {
+            self.cache_holder_gone(host, &key);
+        }
+    }
+
+    /// `host` no longer keeps the entry under `key`.
+    fn cache_holder_gone(&mut self, host: &str, key: &str) {
+        let cache = &mut self.cache;
+        if let Some(h) = cache.held.get_mut(host) {
+            h.remove(key);
+        }
+        if let Some(r) = cache.records.get_mut(key) {
+            r.holders.retain(|h| &**h != host);
+            cache.short.insert(key);
+        }
     }
 
     /// The entry under `key` and its live holders.
@@ -134,12 +215,21 @@ impl SoftState {
     /// holder is asked to drop it.
     pub(crate) fn drop_cache_entry(&mut self, host: &str, key: &str, everywhere: bool, now: Instant) {
         if !everywhere {
-            if let Some(r) = self.cache.records.get_mut(key) {
-                r.holders.retain(|h| &**h != host);
+            self.cache_holder_gone(host, key);
+            // It dropped it on purpose: asked again only after a while, like a host that did
+            // not come.
+            if let (Some(id), Some(r)) = (self.host_id(host), self.cache.records.get_mut(key)) {
+                r.asked.push((id, now));
             }
             return;
         }
         let Some(r) = self.cache.records.remove(key) else { return };
+        self.cache.short.remove(key);
+        for h in &r.holders {
+            if let Some(held) = self.cache.held.get_mut(h) {
+                held.remove(key);
+            }
+        }
         if self.cache.deleted.len() >= MAX_DELETED {
             let oldest = self.cache.deleted.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone());
             if let Some(k) = oldest {
@@ -156,20 +246,46 @@ impl SoftState {
 
     /// A host left: it keeps nothing any more.
     pub(crate) fn cache_host_left(&mut self, host: &str) {
-        for r in self.cache.records.values_mut() {
-            r.holders.retain(|h| &**h != host);
-            r.asked.retain(|(h, _)| &**h != host);
+        let keys = self.cache.held.remove(host).unwrap_or_default();
+        for key in keys {
+            if let Some(r) = self.cache.records.get_mut(&key) {
+                r.holders.retain(|h| &**h != host);
+                self.cache.short.insert(&key);
+            }
         }
     }
 
-    /// Forgets expired entries and asks hosts for the replicas entries lack.
-    pub(crate) fn place_replicas(&mut self, now: Instant) {
+    /// Forgets expired entries and old deletions (`expire`), and asks hosts for the replicas
+    /// entries lack, a bounded number of entries at a time.
+    pub(crate) fn place_replicas(&mut self, now: Instant, expire: bool) {
         let now_ms = now_ms();
-        self.cache.records.retain(|_, r| !expired(&r.entry, now_ms));
+        if expire {
+            let CacheEntries { records, held, short, deleted } = &mut self.cache;
+            records.retain(|key, r| {
+                let keep = !expired(&r.entry, now_ms);
+                if !keep {
+                    short.remove(key);
+                    for h in &r.holders {
+                        if let Some(set) = held.get_mut(h) {
+                            set.remove(key);
+                        }
+                    }
+                }
+                keep
+            });
+            deleted.retain(|_, (_, at)| now.saturating_duration_since(*at) < DELETED_FOR);
+        }
+        let keys = self.cache.short.take(PLACE_PER_ROUND);
         let mut asks = Vec::new();
-        for r in self.cache.records.values_mut() {
+        for key in keys {
+            let Some(r) = self.cache.records.get_mut(&key) else { continue };
             r.holders.retain(|h| self.hosts.get(h).is_some());
             r.asked.retain(|(_, at)| now.saturating_duration_since(*at) < ASK_AGAIN);
+            if r.holders.len() >= r.entry.replicas as usize {
+                continue;
+            }
+            // Looked at again in a later round until it has its replicas.
+            self.cache.short.insert(&key);
             let pending = r.asked.iter().filter(|(_, at)| now.saturating_duration_since(*at) < ASK_PATIENCE).count();
             let mut needed = (r.entry.replicas as usize).saturating_sub(r.holders.len() + pending);
             if needed == 0 {

@@ -113,6 +113,8 @@ impl Scheduler {
         if req.cache_entries.len() > MAX_ANNOUNCED_TASKS {
             return Err(SchedulerError::invalid(format!("more than {MAX_ANNOUNCED_TASKS} cache entries")));
         }
+        let listed: Option<crate::state::Set<String>> =
+            req.all_cache_entries.then(|| req.cache_entries.iter().map(|e| e.key.clone()).collect());
         // Entries a bad one among them would refuse are left out, not the announcement.
         let entries: Vec<proto::CacheEntry> =
             req.cache_entries.into_iter().filter(|e| check_entry(e).is_ok()).collect();
@@ -132,9 +134,12 @@ impl Scheduler {
             for (info, shas) in tasks {
                 st.announce_task(env, &id, hix, info, &shas);
             }
+            if let Some(listed) = &listed {
+                st.cache_entries_of(&id, listed);
+            }
             for entry in entries {
                 // Another put named the key with other content first: that one stands.
-                let _ = st.put_cache_entry(&id, entry, env.now);
+                let _ = st.put_cache_entry(&id, entry);
             }
             Ok(())
         })?;
@@ -305,8 +310,8 @@ impl Scheduler {
             let host = st
                 .host_id(&req.host_id)
                 .ok_or_else(|| SchedulerError::precondition("unknown host; announce it first"))?;
-            st.put_cache_entry(&host, entry, env.now)?;
-            st.place_replicas(env.now);
+            st.put_cache_entry(&host, entry)?;
+            st.place_replicas(env.now, false);
             Ok(())
         })
     }
@@ -363,7 +368,7 @@ impl Scheduler {
         if expire {
             self.expire(now);
         }
-        self.with_at(now, |st, _| st.place_replicas(now));
+        self.with_at(now, |st, _| st.place_replicas(now, true));
     }
 
     /// Ends every stream (downloads and seeds) and refuses new ones: for shutdown.

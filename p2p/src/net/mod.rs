@@ -358,7 +358,7 @@ impl Node {
         // Reads metadata files of tasks not in memory: off the runtime threads.
         let store = self.store.clone();
         let metas = tokio::task::spawn_blocking(move || store.verified_tasks(MAX_ANNOUNCED)).await.unwrap_or_default();
-        let entries = self.cfg.cache.as_ref().map(|c| c.entries()).unwrap_or_default();
+        let entries = self.cfg.cache.as_ref().map(|c| c.entries());
         self.announce_with(i, metas.into_iter().map(task_info).collect(), entries).await
     }
 
@@ -383,16 +383,20 @@ impl Node {
     }
 
     async fn announce_tasks(&self, i: usize, tasks: Vec<proto::TaskInfo>) -> Result<Duration, tonic::Status> {
-        self.announce_with(i, tasks, Vec::new()).await
+        self.announce_with(i, tasks, None).await
     }
 
+    /// Announces the host with `tasks`, and with `cache_entries` when they are every entry
+    /// the node keeps.
     async fn announce_with(
         &self,
         i: usize,
         tasks: Vec<proto::TaskInfo>,
-        cache_entries: Vec<CacheEntry>,
+        cache_entries: Option<Vec<CacheEntry>>,
     ) -> Result<Duration, tonic::Status> {
-        let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks, cache_entries };
+        let all_cache_entries = cache_entries.is_some();
+        let cache_entries = cache_entries.unwrap_or_default();
+        let req = proto::AnnounceHostRequest { host: Some(self.host()), tasks, cache_entries, all_cache_entries };
         match self.schedulers.announce(i, req).await {
             Ok(resp) => {
                 if let Ok(key) = <[u8; KEY_LEN]>::try_from(resp.upload_key.as_slice()) {
@@ -538,7 +542,7 @@ impl Node {
         let mut last = None;
         let mut took = false;
         for i in 0..self.schedulers.len() {
-            if let Err(s) = self.announce_with(i, tasks.clone(), Vec::new()).await {
+            if let Err(s) = self.announce_with(i, tasks.clone(), None).await {
                 last = Some(NetError::NoScheduler(s.message().to_owned()));
                 continue;
             }

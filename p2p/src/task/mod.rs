@@ -521,11 +521,18 @@ impl Task {
         self.store.upgrade().is_some_and(|s| s.direct_io)
     }
 
-    /// Drops present piece `i` (its state locked by the caller).
-    fn demote(&self, st: &mut TaskState, i: usize) {
+    /// Drops present piece `i` (its state locked by the caller), to be fetched again. A kept
+    /// task is never written again (its file may be an imported file's other name): true means
+    /// the caller must discard it instead, once it let go of the lock.
+    #[must_use]
+    fn demote(&self, st: &mut TaskState, i: usize) -> bool {
+        if st.kept {
+            return true;
+        }
         if st.demote(i) {
             self.metrics.piece_failed("corrupt");
         }
+        false
     }
 
     /// Writes all of `bytes` (already verified by the caller) and marks the task complete.

@@ -91,7 +91,11 @@ impl Task {
             Err(e) => format!("could not be read ({e})"),
         };
         tracing::warn!(digest = %self.digest, piece = i, "piece {why}; fetching it again");
-        self.demote(&mut st, i);
+        if self.demote(&mut st, i) {
+            drop(st);
+            self.metrics.piece_failed("corrupt");
+            self.discard(&format!("piece {i} of a kept task {why}"));
+        }
     }
 
     /// Asks the kernel to read piece `i` and the next one from disk in large requests: a piece
@@ -193,8 +197,12 @@ impl Task {
                 // The piece goes missing and is fetched again; the hash starts over then.
                 tracing::warn!(digest = %self.digest, piece = i, error = %e, "piece could not be read; fetching it again");
                 let mut st = self.lock();
-                self.demote(&mut st, i);
+                let discard = self.demote(&mut st, i);
                 st.verification.ahead_running = false;
+                drop(st);
+                if discard {
+                    self.discard(&format!("piece {i} of a kept task could not be read"));
+                }
                 return;
             }
             ahead.next += 1;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use damselfly_proto::cache_name::CacheName;
 
-use super::{announce, host, sched, D};
+use super::{announce, holder, host, sched, D, N, PS};
 use crate::proto::{self, hold_task::Kind as Hold, CacheEntry, HoldTask};
 use crate::{Scheduler, SchedulerError, TaskSubscription};
 
@@ -15,7 +15,7 @@ fn entry(id: &str, replicas: u32) -> CacheEntry {
         id: id.into(),
         tag: String::new(),
         digest: D.into(),
-        length: 10,
+        length: u64::from(N) * PS,
         created_ms: crate::cache::now_ms(),
         expires_ms: 0,
         replicas,
@@ -45,7 +45,8 @@ fn next(sub: &mut TaskSubscription<HoldTask>) -> Option<Hold> {
 #[test]
 fn replicas_go_to_seeds_first_and_then_to_no_one_else() {
     let s = sched(|_| {});
-    for id in ["a", "b", "c"] {
+    holder(&s, host("a"));
+    for id in ["b", "c"] {
         announce(&s, host(id), vec![]);
     }
     announce(&s, proto::Host { seed: true, ..host("seed") }, vec![]);
@@ -58,6 +59,9 @@ fn replicas_go_to_seeds_first_and_then_to_no_one_else() {
     // Asked already and within its time: nobody else is asked on the next rounds.
     s.tick(Instant::now());
     assert!(subs.iter_mut().all(|(_, sub)| next(sub).is_none()));
+    // A replica counts once its host holds the content verified.
+    assert!(put(&s, "seed", &e).is_err(), "the seed does not hold it yet");
+    holder(&s, proto::Host { seed: true, ..host("seed") });
     put(&s, "seed", &e).unwrap();
     assert_eq!(holders(&s, &e), ["a", "seed"]);
 }
@@ -65,11 +69,18 @@ fn replicas_go_to_seeds_first_and_then_to_no_one_else() {
 #[test]
 fn a_name_for_other_content_is_refused_and_the_first_stands() {
     let s = sched(|_| {});
-    announce(&s, host("a"), vec![]);
-    announce(&s, host("b"), vec![]);
+    holder(&s, host("a"));
+    let other_digest = format!("sha256:{}", "b".repeat(64));
+    let other_task = proto::TaskInfo {
+        digest: other_digest.clone(),
+        length: u64::from(N) * PS,
+        piece_size: PS,
+        piece_sha256: vec![],
+    };
+    announce(&s, host("b"), vec![other_task]);
     let e = entry("data", 1);
     put(&s, "a", &e).unwrap();
-    let other = CacheEntry { digest: format!("sha256:{}", "b".repeat(64)), ..e.clone() };
+    let other = CacheEntry { digest: other_digest, ..e.clone() };
     assert!(matches!(put(&s, "b", &other), Err(SchedulerError::FailedPrecondition(_))));
     let stat = s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key.clone() }).unwrap();
     assert_eq!(stat.entry.unwrap().digest, D);
@@ -82,8 +93,8 @@ fn a_name_for_other_content_is_refused_and_the_first_stands() {
 #[test]
 fn a_deleted_entry_is_dropped_by_its_holders_and_not_revived_by_a_late_announcement() {
     let s = sched(|_| {});
-    announce(&s, host("a"), vec![]);
-    announce(&s, host("b"), vec![]);
+    holder(&s, host("a"));
+    holder(&s, host("b"));
     let mut b = stream(&s, "b");
     let e = entry("old", 1);
     put(&s, "a", &e).unwrap();
@@ -110,9 +121,9 @@ fn a_deleted_entry_is_dropped_by_its_holders_and_not_revived_by_a_late_announcem
 #[test]
 fn a_host_that_leaves_holds_nothing_and_a_replacement_is_asked() {
     let s = sched(|_| {});
-    for id in ["a", "b", "c"] {
-        announce(&s, host(id), vec![]);
-    }
+    holder(&s, host("a"));
+    holder(&s, host("b"));
+    announce(&s, host("c"), vec![]);
     let _b = stream(&s, "b");
     let mut c = stream(&s, "c");
     let e = entry("kept", 2);
@@ -128,7 +139,7 @@ fn a_host_that_leaves_holds_nothing_and_a_replacement_is_asked() {
 #[test]
 fn an_expired_entry_is_gone() {
     let s = sched(|_| {});
-    announce(&s, host("a"), vec![]);
+    holder(&s, host("a"));
     let e = CacheEntry { expires_ms: crate::cache::now_ms() + 50, ..entry("brief", 1) };
     put(&s, "a", &e).unwrap();
     assert_eq!(holders(&s, &e), ["a"]);
@@ -137,4 +148,27 @@ fn an_expired_entry_is_gone() {
     // Announcing an expired entry records nothing.
     put(&s, "a", &e).unwrap();
     assert!(s.stat_cache_entry(&proto::StatCacheEntryRequest { key: e.key }).unwrap().entry.is_none());
+}
+
+#[test]
+fn a_host_that_no_longer_lists_an_entry_no_longer_holds_it_and_is_not_asked_again_at_once() {
+    let s = sched(|_| {});
+    holder(&s, host("a"));
+    holder(&s, host("b"));
+    let mut b = stream(&s, "b");
+    let e = entry("listed", 2);
+    put(&s, "a", &e).unwrap();
+    put(&s, "b", &e).unwrap();
+    // b's periodic announcement lists nothing: it dropped the entry.
+    let full = proto::AnnounceHostRequest { host: Some(host("b")), all_cache_entries: true, ..Default::default() };
+    s.announce_host(full).unwrap();
+    assert_eq!(holders(&s, &e), ["a"]);
+    // A local delete says so too, and the host that deleted it is not asked straight back.
+    put(&s, "b", &e).unwrap();
+    s.drop_cache_entry(&proto::DropCacheEntryRequest { host_id: "b".into(), key: e.key.clone(), everywhere: false })
+        .unwrap();
+    assert_eq!(holders(&s, &e), ["a"]);
+    while next(&mut b).is_some() {}
+    s.tick(Instant::now());
+    assert!(next(&mut b).is_none());
 }
