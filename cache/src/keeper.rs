@@ -312,7 +312,13 @@ impl Cache {
         let node = self.node().filter(|_| !local);
         let Some(node) = node else {
             let e = self.index.get(&key).filter(|e| !e.expired(now_ms()));
-            return e.map(|e| e.info(None)).ok_or_else(|| CacheError::NotFound(name.to_string()));
+            let e = e.ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+            // Its content failed a check and was dropped since: the name goes too.
+            if !self.store.get(&e.digest)?.is_some_and(|t| t.is_verified()) {
+                self.drop_local(&key);
+                return Err(CacheError::NotFound(name.to_string()));
+            }
+            return Ok(e.info(None));
         };
         let (entry, holders) =
             node.stat_cache_entry(&key).await?.ok_or_else(|| CacheError::NotFound(name.to_string()))?;

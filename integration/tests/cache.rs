@@ -32,6 +32,17 @@ fn write_file(dir: &Path, name: &str, len: usize) -> (std::path::PathBuf, Vec<u8
     (path, bytes)
 }
 
+/// Whether no node keeps `id` (and, with `no_content`, no node holds any task either).
+async fn held_nowhere(cluster: &Cluster, id: &str, no_content: bool) -> bool {
+    for node in 0..3 {
+        let tasks = cluster.metrics(node).await.map_or(1.0, |m| m.sum("damselfly_cache_tasks", &[]));
+        if (no_content && tasks > 0.0) || run(cluster, node, &["stat", "--id", id, "--local"]).await.code != NOT_FOUND {
+            return false;
+        }
+    }
+    true
+}
+
 async fn fetched_from_peers(cluster: &Cluster, i: usize) -> f64 {
     cluster.metrics(i).await.unwrap().sum("damselfly_fetched_bytes_total", &[("source", "peer")])
 }
@@ -123,17 +134,8 @@ async fn an_entry_past_its_ttl_is_dropped_on_every_holder() {
     assert_eq!(imported["imported"]["holders"].as_array().unwrap().len(), 3, "{imported}");
     assert!(imported["imported"]["expires_ms"].as_u64().is_some());
     // Every holder drops the name and the content on its own clock.
-    poll_until("the entry to expire everywhere", Duration::from_secs(20), || {
-        let cluster = &cluster;
-        async move {
-            for node in 0..3 {
-                let held = cluster.metrics(node).await?.sum("damselfly_cache_tasks", &[]);
-                if held > 0.0 || run(cluster, node, &["stat", "--id", "build", "--local"]).await.code != NOT_FOUND {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        }
+    poll_until("the entry to expire everywhere", Duration::from_secs(20), || async {
+        Ok(held_nowhere(&cluster, "build", true).await.then_some(()))
     })
     .await
     .unwrap();
@@ -166,16 +168,8 @@ async fn delete_all_makes_stat_fail_on_every_node() {
     assert_eq!(run(&cluster, outsider, &["delete", "--id", "doomed"]).await.code, NOT_FOUND);
 
     run(&cluster, outsider, &["delete", "--id", "doomed", "--all"]).await.ok();
-    poll_until("every holder to drop it", Duration::from_secs(10), || {
-        let cluster = &cluster;
-        async move {
-            for node in 0..3 {
-                if run(cluster, node, &["stat", "--id", "doomed", "--local"]).await.code != NOT_FOUND {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        }
+    poll_until("every holder to drop it", Duration::from_secs(10), || async {
+        Ok(held_nowhere(&cluster, "doomed", false).await.then_some(()))
     })
     .await
     .unwrap();
@@ -341,5 +335,7 @@ async fn a_linked_file_changed_after_its_import_is_dropped_and_never_written_bac
     let m0 = cluster.metrics(0).await.unwrap();
     assert_eq!(m0.sum("damselfly_cache_tasks", &[]), 0.0, "{:?}", m0.with_prefix("damselfly_cache"));
     assert!(std::fs::read(&file).unwrap() == bytes, "the user's file was written");
+    // The name without its content goes too.
+    assert_eq!(run(&cluster, 0, &["stat", "--id", "linked", "--local"]).await.code, NOT_FOUND);
     cluster.shutdown().await;
 }

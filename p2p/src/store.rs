@@ -437,10 +437,23 @@ impl Store {
         self.inner.sharing.get().is_some()
     }
 
-    /// Up to `max` verified tasks whose piece digests are all known, most recently used first,
-    /// for announcing to schedulers. Reads metadata files: call it off the runtime threads.
+    /// Up to `max` verified tasks whose piece digests are all known, kept ones first (a
+    /// scheduler takes a P2P cache name only from a host that announced its content), then the
+    /// most recently used, for announcing to schedulers. Reads metadata files: call it off the
+    /// runtime threads.
     pub fn verified_tasks(&self, max: usize) -> Vec<TaskMeta> {
-        self.metas().filter(|m| m.verified && has_piece_digests(m)).take(max).collect()
+        let announced = |m: &TaskMeta| m.verified && has_piece_digests(m);
+        let kept: Vec<TaskMeta> = self
+            .kept()
+            .iter()
+            .filter_map(|d| self.lookup(d, Lookup::Peek).ok().flatten().map(|t| t.meta()))
+            .filter(announced)
+            .take(max)
+            .collect();
+        let rest = max - kept.len();
+        let mut metas = kept;
+        metas.extend(self.metas().filter(|m| announced(m) && !m.kept).take(rest));
+        metas
     }
 
     /// Gives every verified task that has no piece digests (cached while the node was alone)
