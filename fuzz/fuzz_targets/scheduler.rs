@@ -1,10 +1,14 @@
 //! What a scheduler reads from the network: membership proofs, and any sequence of announce,
-//! register and download messages, however malformed, applied to one scheduler. Nothing may
-//! panic, and the scheduler keeps answering.
+//! register, download and P2P cache messages, however malformed, applied to one scheduler,
+//! with its periodic upkeep (replica placement) between them. Nothing may panic, and the
+//! scheduler keeps answering.
 #![no_main]
 
 use damselfly_proto::member::{JoinKey, OwnerToken};
-use damselfly_proto::v1::{download_request::Kind, AnnounceHostRequest, DownloadRequest, Register};
+use damselfly_proto::v1::{
+    download_request::Kind, AnnounceHostRequest, DownloadRequest, DropCacheEntryRequest, PreheatTasksRequest,
+    PutCacheEntryRequest, Register, StatCacheEntryRequest,
+};
 use damselfly_scheduler::{Scheduler, SchedulerConfig};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -18,10 +22,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let scheduler = Scheduler::new(SchedulerConfig { secret: b"fuzz".to_vec(), ..SchedulerConfig::default() });
     let mut downloads = Vec::new();
+    let mut streams = Vec::new();
     // Messages are length-prefixed (one byte) and typed (one byte) chunks of the input.
     let mut rest = data;
     while rest.len() >= 2 {
-        let (kind, len) = (rest[0] % 3, usize::from(rest[1]));
+        let (kind, len) = (rest[0] % 7, usize::from(rest[1]));
         let body = &rest[2..(2 + len).min(rest.len())];
         rest = &rest[(2 + len).min(rest.len())..];
         match kind {
@@ -37,6 +42,28 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
+            3 => {
+                if let Ok(req) = PutCacheEntryRequest::decode(body) {
+                    let _ = scheduler.put_cache_entry(req);
+                }
+            }
+            4 => {
+                if let Ok(req) = DropCacheEntryRequest::decode(body) {
+                    let _ = scheduler.drop_cache_entry(&req);
+                }
+                scheduler.tick(std::time::Instant::now());
+            }
+            5 => {
+                if let Ok(req) = StatCacheEntryRequest::decode(body) {
+                    let _ = scheduler.stat_cache_entry(&req);
+                }
+                // A host that takes what it is asked to hold or drop.
+                if let Ok(req) = PreheatTasksRequest::decode(body) {
+                    if let Ok(sub) = scheduler.preheat_tasks(&req) {
+                        streams.push(sub);
+                    }
+                }
+            }
             _ => {
                 let Ok(req) = DownloadRequest::decode(body) else { continue };
                 if matches!(req.kind, Some(Kind::Register(_))) || downloads.is_empty() {
@@ -48,5 +75,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     drop(downloads);
+    drop(streams);
     let _ = scheduler.stat_task(&damselfly_proto::v1::StatTaskRequest { digest: "sha256:00".into() });
 });
