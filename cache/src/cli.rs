@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use damselfly_p2p::data_dir::default_data_dir;
-use damselfly_proto::cache_name::CacheName;
+use damselfly_proto::cache_name::{label, CacheName, MAX_REPLICAS};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::protocol::{EntryInfo, ErrorKind, Phase, Reply, Request};
@@ -47,7 +47,7 @@ pub enum CacheCommand {
         #[command(flatten)]
         name: NameArgs,
         /// Nodes that should keep it, this one included; the cluster has the others fetch it.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPLICAS)))]
         replicas: u32,
         /// Every holder drops it after this long (`90s`, `30m`, `12h`, `7d`); kept until
         /// deleted when not given.
@@ -302,11 +302,7 @@ fn print(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
 }
 
 fn name_of(e: &EntryInfo) -> String {
-    if e.tag.is_empty() {
-        e.id.clone()
-    } else {
-        format!("{}:{}", e.id, e.tag)
-    }
+    label(&e.id, &e.tag)
 }
 
 fn describe(e: &EntryInfo) -> String {

@@ -36,7 +36,7 @@ impl Entry {
     }
 
     pub fn expired(&self, now_ms: u64) -> bool {
-        self.expires_ms != 0 && self.expires_ms <= now_ms
+        damselfly_proto::cache_name::expired(self.expires_ms, now_ms)
     }
 
     pub fn to_proto(&self) -> CacheEntry {

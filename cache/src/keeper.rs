@@ -11,7 +11,7 @@ use damselfly_p2p::import::Placement;
 use damselfly_p2p::net::{CacheEntry, CacheKeeper, Node};
 use damselfly_p2p::source::SourceError;
 use damselfly_p2p::{Source, SourceResponse, Store, TaskRef};
-use damselfly_proto::cache_name::CacheName;
+use damselfly_proto::cache_name::{now_ms, CacheName, MAX_REPLICAS};
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,6 @@ use crate::error::CacheError;
 use crate::index::{Claim, Entry, Index};
 use crate::protocol::{EntryInfo, Phase, Reply};
 
-/// Replicas an import may ask for (the scheduler's bound too).
-pub const MAX_REPLICAS: u32 = 64;
 /// How long an import waits for its replicas before it reports how many there are so far
 /// (the schedulers go on placing them).
 const REPLICA_WAIT: Duration = Duration::from_secs(300);
@@ -55,10 +53,6 @@ pub struct Cache {
     /// Held while a name is given to content (claimed and its content kept) and while content
     /// no name holds is let go, so that neither happens in the middle of the other.
     naming: Mutex<()>,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The source of content that has none: what peers do not deliver cannot be had.
@@ -365,8 +359,9 @@ impl Cache {
         }
     }
 
-    /// Lets go of `digest` unless a name holds it or it is arriving for one (`Store::release`:
-    /// deleted, or only evictable again if a registry's client read it too).
+    /// Lets go of `digest` unless a name holds it (`Store::release`: deleted, or only evictable
+    /// again if a registry's client read it too). Under the naming lock, so that content being
+    /// named meanwhile is not let go.
     fn let_go(&self, digest: &damselfly_p2p::Digest) {
         let _naming = self.naming.lock().unwrap_or_else(|e| e.into_inner());
         if !self.index.names(digest) {

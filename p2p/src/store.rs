@@ -274,16 +274,9 @@ impl Store {
     /// shares pieces with hears it was withdrawn. False when the store does not hold it.
     pub fn remove(&self, digest: &Digest) -> bool {
         let mut index = self.inner.index();
-        let Some(entry) = index.lru.pop(digest) else { return false };
-        index.used -= entry.charged;
-        if let Some(task) = entry.task {
-            task.fail("deleted");
-        }
-        self.inner.delete_files(digest);
+        let removed = self.inner.forget(&mut index, digest, Some("deleted"));
         self.inner.publish(&index);
-        drop(index);
-        self.inner.emit(StoreEvent::Withdrawn(digest.clone()));
-        true
+        removed
     }
 
     /// Lets go of a task the P2P cache kept: deleted, unless a registry's client read it too
@@ -606,15 +599,8 @@ impl Inner {
                 .find(|(_, e)| !e.kept && e.task.as_ref().is_none_or(|t| !t.is_pinned()))
                 .map(|(d, _)| d.clone());
             let Some(victim) = victim else { return Err(StoreError::NoSpace(len)) };
-            if let Some(entry) = index.lru.pop(&victim) {
-                index.used -= entry.charged;
-                if let Some(task) = entry.task {
-                    task.fail("evicted");
-                }
-            }
-            self.delete_files(&victim);
+            self.forget(index, &victim, Some("evicted"));
             self.metrics.evictions.inc();
-            self.emit(StoreEvent::Withdrawn(victim.clone()));
             tracing::info!(digest = %victim, "evicted from the cache");
         }
         Ok(())
@@ -625,14 +611,24 @@ impl Inner {
         let mut index = self.index();
         let same = index.lru.peek(digest).and_then(|e| e.task.as_ref()).is_some_and(|t| std::ptr::eq(&**t, task));
         if same {
-            if let Some(entry) = index.lru.pop(digest) {
-                index.used -= entry.charged;
-            }
-            self.delete_files(digest);
+            // Failed already, with its own reason.
+            self.forget(&mut index, digest, None);
             self.publish(&index);
-            drop(index);
-            self.emit(StoreEvent::Withdrawn(digest.clone()));
         }
+    }
+
+    /// Takes `digest` out of the index and off the disk, failing its readers with `why`, and
+    /// tells whoever the store shares pieces with that it is withdrawn. False when the index
+    /// does not hold it.
+    fn forget(&self, index: &mut Index, digest: &Digest, why: Option<&str>) -> bool {
+        let Some(entry) = index.lru.pop(digest) else { return false };
+        index.used -= entry.charged;
+        if let (Some(task), Some(why)) = (entry.task, why) {
+            task.fail(why);
+        }
+        self.delete_files(digest);
+        self.emit(StoreEvent::Withdrawn(digest.clone()));
+        true
     }
 
     fn delete_files(&self, digest: &Digest) {

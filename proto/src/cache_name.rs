@@ -1,10 +1,32 @@
 //! How the P2P cache names content: an id and a tag chosen by the user, and the key derived
-//! from them that nodes and schedulers name the entry by.
+//! from them that nodes and schedulers name the entry by; and the terms every holder reads
+//! alike (the replica bound, the clock of creation and expiry times).
 
 use sha2::{Digest as _, Sha256};
 
 /// Longest id or tag.
 pub const MAX_NAME: usize = 128;
+/// Replicas an entry may ask for.
+pub const MAX_REPLICAS: u32 = 64;
+
+/// Now, as entries' times are written: milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether an entry that expires at `expires_ms` (0: never) has expired at `now_ms`.
+pub fn expired(expires_ms: u64, now_ms: u64) -> bool {
+    expires_ms != 0 && expires_ms <= now_ms
+}
+
+/// How a name is shown: `id`, or `id:tag`.
+pub fn label(id: &str, tag: &str) -> String {
+    if tag.is_empty() {
+        id.to_owned()
+    } else {
+        format!("{id}:{tag}")
+    }
+}
 
 /// Why an id or a tag was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,11 +80,7 @@ impl CacheName {
 
 impl std::fmt::Display for CacheName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.tag.is_empty() {
-            f.write_str(&self.id)
-        } else {
-            write!(f, "{}:{}", self.id, self.tag)
-        }
+        f.write_str(&label(&self.id, &self.tag))
     }
 }
 

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use damselfly_proto::cache_name::{is_key, CacheName};
+pub(crate) use damselfly_proto::cache_name::now_ms;
+use damselfly_proto::cache_name::{is_key, label, CacheName, MAX_REPLICAS};
 use sha2::{Digest as _, Sha256};
 
 use crate::download::check_digest;
@@ -22,8 +23,6 @@ const MAX_ENTRIES: usize = 100_000;
 const MAX_HOST_ENTRIES: usize = 10_000;
 /// Entries lacking replicas looked at per round, in turn: the rest wait for the next rounds.
 const PLACE_PER_ROUND: usize = 32;
-/// Replicas an entry may ask for.
-pub const MAX_REPLICAS: u32 = 64;
 /// Entries deleted everywhere, remembered so that a holder that missed the drop and announces
 /// the entry again is told to drop it.
 const MAX_DELETED: usize = 10_000;
@@ -111,12 +110,8 @@ pub(crate) fn check_key(key: &str) -> Result<(), SchedulerError> {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 fn expired(e: &CacheEntry, now_ms: u64) -> bool {
-    e.expires_ms != 0 && e.expires_ms <= now_ms
+    damselfly_proto::cache_name::expired(e.expires_ms, now_ms)
 }
 
 impl SoftState {
@@ -329,9 +324,5 @@ fn rank(key: &str, host: &str) -> [u8; 8] {
 }
 
 fn name_of(e: &CacheEntry) -> String {
-    if e.tag.is_empty() {
-        e.id.clone()
-    } else {
-        format!("{}:{}", e.id, e.tag)
-    }
+    label(&e.id, &e.tag)
 }
