@@ -24,8 +24,6 @@ pub const EXIT_NOT_FOUND: i32 = 3;
 pub const EXIT_FAILED: i32 = 1;
 /// Exit status of an import that is kept here but not yet on as many nodes as it asked.
 pub const EXIT_REPLICAS_SHORT: i32 = 4;
-/// The longest time to live: a hundred years.
-const MAX_TTL: u64 = 100 * 365 * 86_400;
 
 #[derive(Debug, Args)]
 pub struct CacheArgs {
@@ -51,7 +49,7 @@ pub enum CacheCommand {
         replicas: u32,
         /// Every holder drops it after this long (`90s`, `30m`, `12h`, `7d`); kept until
         /// deleted when not given.
-        #[arg(long, value_parser = parse_ttl)]
+        #[arg(long, value_parser = damselfly_proto::cache_name::parse_ttl)]
         ttl: Option<Duration>,
     },
     /// Write the content an id names to a file, fetching it from peers if this node lacks it.
@@ -90,23 +88,6 @@ pub struct NameArgs {
     /// `[A-Za-z0-9._-]`, up to 128 characters.
     #[arg(long, default_value = "")]
     pub tag: String,
-}
-
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: a number and a unit (s, m, h, d), such as 12h"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
-    };
-    match n.checked_mul(secs) {
-        Some(0) => Err("the time to live must be more than 0".into()),
-        Some(t) if t <= MAX_TTL => Ok(Duration::from_secs(t)),
-        _ => Err(format!("{s:?} is longer than a hundred years")),
-    }
 }
 
 /// A failed command: the message for stderr and the exit status.
@@ -312,6 +293,9 @@ fn describe(e: &EntryInfo) -> String {
         None => s += "\tno expiry",
     }
     s += &format!("\treplicas {}", e.replicas);
+    if let Some(url) = &e.url {
+        s += &format!("\turl {url}");
+    }
     if let Some(h) = &e.holders {
         s += &format!("\tholders {}", if h.is_empty() { "-".to_owned() } else { h.join(",") });
     }
@@ -495,18 +479,6 @@ fn read_write(src: &File, out: &File, len: u64, show: &mut Show) -> io::Result<&
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ttls_read_with_their_units() {
-        assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert!(parse_ttl("0s").is_err());
-        assert!(parse_ttl("1w").is_err());
-        assert!(parse_ttl("h").is_err());
-        assert!(parse_ttl("99999999999999999999d").is_err());
-        assert!(parse_ttl("36501d").is_err());
-    }
 
     #[test]
     fn an_export_into_a_missing_directory_is_refused_before_anything_is_asked() {

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use damselfly_p2p::net::CacheEntry;
 use damselfly_p2p::Digest;
-use damselfly_proto::cache_name::CacheName;
+use damselfly_proto::cache_name::{url_agrees, CacheName};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::EntryInfo;
@@ -26,6 +26,9 @@ pub struct Entry {
     /// 0: never expires.
     pub expires_ms: u64,
     pub replicas: u32,
+    /// The plain URL a preheated file came from; empty for an import.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
 }
 
 impl Entry {
@@ -49,6 +52,7 @@ impl Entry {
             created_ms: self.created_ms,
             expires_ms: self.expires_ms,
             replicas: self.replicas,
+            url: self.url.clone(),
         }
     }
 
@@ -59,6 +63,9 @@ impl Entry {
             return Err("the key is not its id's and tag's".into());
         }
         let digest = Digest::parse(&e.digest).map_err(|err| err.to_string())?;
+        if !url_agrees(&e.id, &e.url) {
+            return Err("a preheated file's id is its URL's, and only its".into());
+        }
         Ok(Entry {
             id: e.id.clone(),
             tag: e.tag.clone(),
@@ -67,6 +74,7 @@ impl Entry {
             created_ms: e.created_ms,
             expires_ms: e.expires_ms,
             replicas: e.replicas.max(1),
+            url: e.url.clone(),
         })
     }
 
@@ -79,6 +87,7 @@ impl Entry {
             created_ms: self.created_ms,
             expires_ms: (self.expires_ms != 0).then_some(self.expires_ms),
             replicas: self.replicas,
+            url: (!self.url.is_empty()).then(|| self.url.clone()),
             holders,
         }
     }
@@ -190,6 +199,7 @@ mod tests {
             created_ms: 1,
             expires_ms: 0,
             replicas: 1,
+            url: String::new(),
         }
     }
 

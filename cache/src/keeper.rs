@@ -3,22 +3,23 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use damselfly_p2p::import::Placement;
-use damselfly_p2p::net::{CacheEntry, CacheKeeper, Node};
+use damselfly_p2p::net::{CacheEntry, CacheKeeper, Node, UrlTask};
 use damselfly_p2p::source::SourceError;
 use damselfly_p2p::{Source, SourceResponse, Store, TaskRef};
-use damselfly_proto::cache_name::{now_ms, CacheName, MAX_REPLICAS};
+use damselfly_proto::cache_name::{now_ms, CacheName, MAX_REPLICAS, URL_ID_PREFIX};
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CacheError;
 use crate::index::{Claim, Entry, Index};
 use crate::protocol::{EntryInfo, Phase, Reply};
+use crate::url::{incoming_dir, UrlOrigin};
 
 /// How long an import waits for its replicas before it reports how many there are so far
 /// (the schedulers go on placing them).
@@ -53,6 +54,10 @@ pub struct Cache {
     /// Held while a name is given to content (claimed and its content kept) and while content
     /// no name holds is let go, so that neither happens in the middle of the other.
     naming: Mutex<()>,
+    /// How preheated files are fetched from their origins, on seeds.
+    origin: OnceLock<Arc<dyn UrlOrigin>>,
+    /// Where preheated files arrive before they are imported.
+    incoming: PathBuf,
 }
 
 /// The source of content that has none: what peers do not deliver cannot be had.
@@ -83,6 +88,9 @@ impl Cache {
                 store.keep(&digest, false)?;
             }
         }
+        let incoming = incoming_dir(data_dir);
+        let _ = std::fs::remove_dir_all(&incoming);
+        std::fs::create_dir_all(&incoming)?;
         Ok(Arc::new_cyclic(|me| Cache {
             me: me.clone(),
             store,
@@ -91,6 +99,8 @@ impl Cache {
             replicating: Mutex::new(HashSet::new()),
             replica_slots: Arc::new(Semaphore::new(REPLICA_FETCHES)),
             naming: Mutex::new(()),
+            origin: OnceLock::new(),
+            incoming,
         }))
     }
 
@@ -99,8 +109,29 @@ impl Cache {
         let _ = self.node.set(Arc::downgrade(node));
     }
 
+    /// This daemon fetches preheated files from their origins through `origin` (seeds).
+    pub fn set_url_origin(&self, origin: Arc<dyn UrlOrigin>) {
+        let _ = self.origin.set(origin);
+    }
+
     fn node(&self) -> Option<Arc<Node>> {
         self.node.get()?.upgrade()
+    }
+
+    pub(crate) fn me(&self) -> Option<Arc<Cache>> {
+        self.me.upgrade()
+    }
+
+    pub(crate) fn url_origin(&self) -> Option<Arc<dyn UrlOrigin>> {
+        self.origin.get().cloned()
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn incoming(&self) -> &Path {
+        &self.incoming
     }
 
     /// Imports `file` under `name`: hashed once, placed in the store without a copy where the
@@ -113,6 +144,11 @@ impl Cache {
         ttl: Option<Duration>,
         progress: &ProgressTx,
     ) -> Result<(EntryInfo, Placement), CacheError> {
+        if name.id().starts_with(URL_ID_PREFIX) {
+            return Err(CacheError::BadRequest(format!(
+                "ids starting with {URL_ID_PREFIX:?} name preheated files; choose another"
+            )));
+        }
         if replicas == 0 || replicas > MAX_REPLICAS {
             return Err(CacheError::BadRequest(format!("replicas must be 1 to {MAX_REPLICAS}")));
         }
@@ -146,9 +182,10 @@ impl Cache {
             created_ms: now,
             expires_ms: ttl.map_or(0, |t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
             replicas,
+            url: String::new(),
         };
         drop(imported.task);
-        let entry = match self.name(entry, now) {
+        let entry = match self.name_content(entry, now) {
             Ok(Claim::New(e)) => e,
             // The same content under the same name: the first import's terms stand.
             Ok(Claim::Held(e)) => e,
@@ -204,7 +241,7 @@ impl Cache {
 
     /// Gives `entry` its name unless the name is taken, and keeps its content, which must
     /// still be here: content no name held could have been let go since it arrived.
-    fn name(&self, entry: Entry, now_ms: u64) -> Result<Claim, CacheError> {
+    pub(crate) fn name_content(&self, entry: Entry, now_ms: u64) -> Result<Claim, CacheError> {
         let _naming = self.naming.lock().unwrap_or_else(|e| e.into_inner());
         let claim = self.index.claim(entry, now_ms)?;
         if let Claim::New(e) | Claim::Held(e) = &claim {
@@ -219,14 +256,37 @@ impl Cache {
     /// A read-only descriptor of the content `name` names, fetched from peers first if this
     /// node does not hold it; and whether it was.
     pub async fn export(&self, name: &CacheName, progress: &ProgressTx) -> Result<(File, EntryInfo, bool), CacheError> {
-        let entry = self.find(name).await?;
+        let (file, entry, fetched) = self.open_content(&name.key(), &name.to_string(), Some(progress)).await?;
+        Ok((file, entry.info(None), fetched))
+    }
+
+    /// The content of the entry under `key` (a preheated file's, for the HTTP proxy), fetched
+    /// from peers first if this node does not hold it; `None` when the cluster has no such
+    /// entry.
+    pub async fn open_key(&self, key: &str) -> Result<Option<(File, EntryInfo)>, CacheError> {
+        match self.open_content(key, key, None).await {
+            Ok((file, entry, _)) => Ok(Some((file, entry.info(None)))),
+            Err(CacheError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A read-only descriptor of the content of the entry under `key` (called `what` in
+    /// errors), and whether it had to be fetched.
+    async fn open_content(
+        &self,
+        key: &str,
+        what: &str,
+        progress: Option<&ProgressTx>,
+    ) -> Result<(File, Entry, bool), CacheError> {
+        let entry = self.find(key, what).await?;
         if let Some((file, _)) = self.store.open_verified(&entry.digest)? {
-            return Ok((file, entry.info(None), false));
+            return Ok((file, entry, false));
         }
         if self.node().is_none() {
-            return Err(CacheError::NotFound(name.to_string()));
+            return Err(CacheError::NotFound(what.to_owned()));
         }
-        self.fetch(&entry, Some(progress)).await?;
+        self.fetch(&entry, progress).await?;
         // Named here (its content was lost, say): kept again.
         if self.index.get(&entry.key()).is_some_and(|e| e.digest == entry.digest) {
             self.store.keep(&entry.digest, true)?;
@@ -235,18 +295,22 @@ impl Cache {
             .store
             .open_verified(&entry.digest)?
             .ok_or_else(|| CacheError::Fetch("the content was dropped as soon as it arrived".into()))?;
-        Ok((file, entry.info(None), true))
+        Ok((file, entry, true))
     }
 
-    /// The entry `name` names: this node's, or the cluster's.
-    async fn find(&self, name: &CacheName) -> Result<Entry, CacheError> {
-        let key = name.key();
-        if let Some(e) = self.index.get(&key).filter(|e| !e.expired(now_ms())) {
+    /// The entry under `key` (called `what` in errors): this node's, or the cluster's.
+    async fn find(&self, key: &str, what: &str) -> Result<Entry, CacheError> {
+        if let Some(e) = self.index.get(key).filter(|e| !e.expired(now_ms())) {
             return Ok(e);
         }
-        let node = self.node().ok_or_else(|| CacheError::NotFound(name.to_string()))?;
-        let (entry, _) = node.stat_cache_entry(&key).await?.ok_or_else(|| CacheError::NotFound(name.to_string()))?;
-        Entry::from_proto(&entry).map_err(|e| CacheError::Cluster(format!("the scheduler's entry for {name}: {e}")))
+        let node = self.node().ok_or_else(|| CacheError::NotFound(what.to_owned()))?;
+        let (entry, _) = node.stat_cache_entry(key).await?.ok_or_else(|| CacheError::NotFound(what.to_owned()))?;
+        let entry = Entry::from_proto(&entry)
+            .map_err(|e| CacheError::Cluster(format!("the scheduler's entry for {what}: {e}")))?;
+        match entry.key() == key {
+            true => Ok(entry),
+            false => Err(CacheError::Cluster(format!("the scheduler answered another entry for {what}"))),
+        }
     }
 
     /// Takes the content of `entry` from peers into the store, every piece verified against
@@ -384,18 +448,50 @@ impl Cache {
     }
 
     /// Whether this node has room for a replica of `length` bytes (see [`REPLICA_SHARE`]).
-    fn room_for_replica(&self, length: u64) -> bool {
+    pub(crate) fn room_for_replica(&self, length: u64) -> bool {
         let (kept, quota) = self.store.kept_bytes();
         kept.saturating_add(length) <= quota / REPLICA_SHARE.1 * REPLICA_SHARE.0
+    }
+
+    /// Marks `key` as being fetched; false when it is already, or too many are.
+    pub(crate) fn start_replica(&self, key: &str) -> bool {
+        let mut replicating = self.replicating.lock().unwrap_or_else(|e| e.into_inner());
+        replicating.len() < MAX_REPLICA_ASKS && replicating.insert(key.to_owned())
+    }
+
+    pub(crate) fn end_replica(&self, key: &str) {
+        self.replicating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
+    /// One of the slots replicas (and preheated files) are fetched in.
+    pub(crate) async fn replica_slot(&self) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        self.replica_slots.clone().acquire_owned().await
+    }
+
+    /// The live entry under `key` here, if its content is held.
+    pub(crate) fn held_entry(&self, key: &str) -> Option<Entry> {
+        let e = self.index.get(key).filter(|e| !e.expired(now_ms()))?;
+        self.store.get(&e.digest).ok().flatten().is_some_and(|t| t.is_verified()).then_some(e)
+    }
+
+    /// Tells the schedulers this node keeps `entry` (in the background).
+    pub(crate) fn tell_schedulers(&self, entry: Entry) {
+        if let Some(node) = self.node() {
+            tokio::spawn(async move {
+                if let Err(e) = node.put_cache_entry(entry.to_proto()).await {
+                    tracing::warn!(error = %e, id = %entry.id, "no scheduler took the cache entry yet");
+                }
+            });
+        }
     }
 
     /// Fetches a replica a scheduler asked for, keeps it and says so.
     async fn replicate(self: Arc<Self>, entry: Entry) {
         let key = entry.key();
-        if let Ok(_slot) = self.replica_slots.clone().acquire_owned().await {
+        if let Ok(_slot) = self.replica_slot().await {
             match self.fetch(&entry, None).await {
                 Ok(task) => {
-                    let kept = match self.name(entry.clone(), now_ms()) {
+                    let kept = match self.name_content(entry.clone(), now_ms()) {
                         Ok(Claim::New(_) | Claim::Held(_)) => Ok(()),
                         Ok(Claim::Taken(e)) => Err(CacheError::Conflict(format!("the name is {} here", e.digest))),
                         Err(e) => Err(e),
@@ -415,7 +511,7 @@ impl Cache {
                 Err(e) => tracing::warn!(error = %e, id = %entry.id, "cannot fetch a replica"),
             }
         }
-        self.replicating.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.end_replica(&key);
     }
 }
 
@@ -444,22 +540,20 @@ impl CacheKeeper for Cache {
         let key = entry.key();
         if self.index.get(&key).is_some_and(|e| e.digest == entry.digest) {
             // Held already: the scheduler may have missed the put.
-            if let Some(node) = self.node() {
-                tokio::spawn(async move { drop(node.put_cache_entry(entry.to_proto()).await) });
-            }
+            self.tell_schedulers(entry);
             return;
         }
         if !self.room_for_replica(entry.length) {
             tracing::warn!(id = %entry.id, length = entry.length, "declining a replica: kept content would pass half the cache quota");
             return;
         }
-        {
-            let mut replicating = self.replicating.lock().unwrap_or_else(|e| e.into_inner());
-            if replicating.len() >= MAX_REPLICA_ASKS || !replicating.insert(key) {
-                return;
-            }
+        if self.start_replica(&key) {
+            tokio::spawn(me.replicate(entry));
         }
-        tokio::spawn(me.replicate(entry));
+    }
+
+    fn fetch_url(&self, task: UrlTask) {
+        self.fetch_url_asked(task);
     }
 
     fn drop_entry(&self, key: &str) {

@@ -18,6 +18,7 @@ pub mod index;
 mod keeper;
 pub mod protocol;
 pub mod server;
+pub mod url;
 pub mod wire;
 
 pub use error::CacheError;

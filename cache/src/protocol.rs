@@ -101,6 +101,9 @@ pub struct EntryInfo {
     /// When every holder drops it; absent: never.
     pub expires_ms: Option<u64>,
     pub replicas: u32,
+    /// The plain URL a preheated file came from; absent for an import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Host ids that keep it, as the scheduler says; absent for a local answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holders: Option<Vec<String>>,

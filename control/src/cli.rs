@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 use damselfly_mirror::upstream::UpstreamConfig;
@@ -51,6 +52,10 @@ pub struct SchedulerArgs {
     /// PEM CA certificates trusted for registries besides the bundled public roots.
     #[arg(long, value_name = "FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// How long nodes keep a file preheated from a plain URL (a job of type `file`): a number
+    /// and a unit (s, m, h, d).
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = damselfly_proto::cache_name::parse_ttl)]
+    pub preheat_file_ttl: Duration,
     /// Which peers a registry's push notification has preheat the pushed image.
     #[arg(long, value_enum, value_name = "SCOPE", default_value = "single_seed_peer")]
     pub notification_scope: Scope,
@@ -163,6 +168,7 @@ impl SchedulerArgs {
             notification_scope: self.notification_scope,
             lease: DEFAULT_LEASE,
             forward_credentials,
+            file_ttl: self.preheat_file_ttl,
         })
     }
 }

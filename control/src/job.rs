@@ -89,8 +89,9 @@ impl Scope {
 pub enum Target {
     /// `…/v2/<repo>/manifests/<reference>`: an image, its index resolved to platforms.
     Image,
-    /// A plain URL. Only a registry blob (`…/v2/<repo>/blobs/<digest>`) can be preheated, as
-    /// the cluster keys content by digest.
+    /// A file: a registry blob (`…/v2/<repo>/blobs/<digest>`), fetched by digest like an
+    /// image's; or any other URL, kept in the nodes' P2P caches under the URL and the version
+    /// its origin shows (`runner/file.rs`).
     File,
 }
 

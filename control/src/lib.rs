@@ -32,6 +32,8 @@ use crate::store::JobStore;
 /// How long a runner's claim on a job lasts without renewal: after a runner dies, its jobs
 /// wait this long for another.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// How long the nodes keep a file preheated from a plain URL, unless told otherwise.
+pub const DEFAULT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct ControlConfig {
     pub credentials: Credentials,
@@ -42,6 +44,8 @@ pub struct ControlConfig {
     /// Whether a job's `Authorization` may go to seeds (the gRPC port requires client
     /// certificates).
     pub forward_credentials: bool,
+    /// How long the nodes keep a file preheated from a plain URL.
+    pub file_ttl: Duration,
 }
 
 impl Default for ControlConfig {
@@ -52,6 +56,7 @@ impl Default for ControlConfig {
             notification_scope: Scope::SingleSeedPeer,
             lease: DEFAULT_LEASE,
             forward_credentials: false,
+            file_ttl: DEFAULT_FILE_TTL,
         }
     }
 }
@@ -96,6 +101,7 @@ pub async fn start(
         &place,
         config.lease,
         config.forward_credentials,
+        config.file_ttl,
     );
     let api = Arc::new(api::Api {
         store: store.clone(),

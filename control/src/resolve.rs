@@ -7,8 +7,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use damselfly_mirror::upstream::{RegistryEndpoint, SchemePolicy, Upstream, UpstreamError, UpstreamRequest};
+use damselfly_proto::cache_name::UrlVersion;
 use futures_util::StreamExt;
-use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, ETAG, LAST_MODIFIED};
 use http::{HeaderMap, Method, StatusCode};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest as _, Sha256};
@@ -29,8 +30,10 @@ const MANIFEST_TYPES: [&str; 4] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("the URL {0:?} is not a registry URL: {1}")]
+    #[error("the URL {0:?} cannot be preheated: {1}")]
     Url(String, &'static str),
+    #[error("the origin shows neither a strong ETag nor a Last-Modified date for {0}: nobody could tell the cluster's copy from a newer file")]
+    NoVersion(String),
     #[error("the registry cannot be used: {0}")]
     Upstream(#[from] UpstreamError),
     #[error("the registry answered {status} for {what}")]
@@ -56,7 +59,8 @@ pub struct ImageRef {
 
 impl ImageRef {
     /// Reads `url` (`scheme://host[:port]/v2/<repo>/manifests/<ref>`, or `/blobs/<digest>` for
-    /// a file) and picks its registry by the upstream rules.
+    /// a file in a registry; see [`plain_file`] for others) and picks its registry by the
+    /// upstream rules.
     pub fn parse(url: &str, target: Target, upstream: &Upstream) -> Result<ImageRef, ResolveError> {
         let (authority, repository, reference) = split(url, target)?;
         let registry = upstream.select(Some(&authority), None)?;
@@ -80,11 +84,23 @@ impl ImageRef {
 /// Whether `url` reads as a job of `target` may name it, before any registry is chosen: what
 /// the API checks when a job is created.
 pub fn check_url(url: &str, target: Target) -> Result<(), ResolveError> {
-    split(url, target).map(drop)
+    match target {
+        Target::Image => split(url, target).map(drop),
+        Target::File => split(url, target).map(drop).or_else(|_| parse_http(url).map(drop)),
+    }
 }
 
-/// A job URL's `scheme://host[:port]`, repository and reference.
-fn split(url: &str, target: Target) -> Result<(String, String, String), ResolveError> {
+/// The URL of a file job that names no registry blob, in its canonical spelling (the one its
+/// name in the P2P cache is made of); `None` for an image or a registry blob.
+pub fn plain_file(url: &str, target: Target) -> Result<Option<String>, ResolveError> {
+    if target != Target::File || split(url, target).is_ok() {
+        return Ok(None);
+    }
+    parse_http(url).map(|u| Some(u.to_string()))
+}
+
+/// An `http` or `https` URL with a host and no credentials, within the length a job may have.
+fn parse_http(url: &str) -> Result<url::Url, ResolveError> {
     let bad = |why| ResolveError::Url(url.chars().take(200).collect(), why);
     if url.len() > crate::store::MAX_URL {
         return Err(bad("the URL is too long"));
@@ -96,6 +112,16 @@ fn split(url: &str, target: Target) -> Result<(String, String, String), ResolveE
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(bad("credentials go in the headers, not the URL"));
     }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Ok(parsed)
+}
+
+/// A job URL's `scheme://host[:port]`, repository and reference.
+fn split(url: &str, target: Target) -> Result<(String, String, String), ResolveError> {
+    let bad = |why| ResolveError::Url(url.chars().take(200).collect(), why);
+    let parsed = parse_http(url)?;
     let host = parsed.host_str().ok_or_else(|| bad("no host"))?;
     let authority = match parsed.port() {
         Some(port) => format!("{}://{host}:{port}", parsed.scheme()),
@@ -103,7 +129,7 @@ fn split(url: &str, target: Target) -> Result<(String, String, String), ResolveE
     };
     let (kind, shape) = match target {
         Target::Image => ("/manifests/", "an image URL names /v2/<repository>/manifests/<reference>"),
-        Target::File => ("/blobs/", "only registry blobs (/v2/<repository>/blobs/<digest>) can be preheated as files"),
+        Target::File => ("/blobs/", "a registry blob's URL names /v2/<repository>/blobs/<digest>"),
     };
     let path = parsed.path().strip_prefix("/v2/").ok_or_else(|| bad(shape))?;
     let (repository, reference) = path.rsplit_once(kind).ok_or_else(|| bad(shape))?;
@@ -133,6 +159,31 @@ pub fn authorization(headers: &BTreeMap<String, String>) -> Option<HeaderValue> 
     let mut v = HeaderValue::from_str(value).ok()?;
     v.set_sensitive(true);
     Some(v)
+}
+
+/// A file at a plain URL, as its origin shows it to the job's credential: the version a
+/// preheat keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHead {
+    pub url: String,
+    pub version: UrlVersion,
+}
+
+/// Asks the origin of a plain URL (a `HEAD`, with the job's `Authorization`) for the file's
+/// length and version.
+pub async fn head_file(upstream: &Upstream, url: &str, auth: Option<HeaderValue>) -> Result<FileHead, ResolveError> {
+    let response = upstream.send_url(Method::HEAD, url, HeaderMap::new(), auth.as_ref()).await?;
+    if response.status() != StatusCode::OK {
+        return Err(ResolveError::Status { status: response.status(), what: url.to_owned() });
+    }
+    let text = |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let length = text(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()).filter(|&n| n > 0);
+    let Some(length) = length else {
+        return Err(ResolveError::Body { what: url.to_owned(), reason: "no usable Content-Length".to_owned() });
+    };
+    let version = UrlVersion::from_headers(text(ETAG), text(LAST_MODIFIED), length)
+        .ok_or_else(|| ResolveError::NoVersion(url.to_owned()))?;
+    Ok(FileHead { url: url.to_owned(), version })
 }
 
 /// The blobs `image` stands for: a file's one blob, or an image's configs and layers for the

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use damselfly_mirror::upstream::Upstream;
-use damselfly_proto::v1::{SeedTask, Source};
+use damselfly_proto::v1::{CacheEntry, SeedTask, Source, UrlTask};
 use damselfly_scheduler::{Holding, HostView, Scheduler};
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{BlobProgress, Job, JobState, PeerResult, Scope, MAX_BLOBS, MAX_CONCURRENCY};
-use crate::resolve::{authorization, resolve, ImageRef};
+use crate::resolve::{authorization, plain_file, resolve, ImageRef};
 use crate::store::{now_ms, Claim, JobStore, StoreError};
 
 /// How often the runner looks for jobs and at its jobs' peers.
@@ -42,6 +42,12 @@ pub trait Cluster: Send + Sync + 'static {
     fn ask_seed(&self, host: &str, task: SeedTask) -> bool;
     /// Asks any node to hold a task, from its peers first (`all_peers`).
     fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool;
+    /// Asks a seed to fetch a file at a plain URL into its P2P cache.
+    fn ask_to_fetch_url(&self, host: &str, task: UrlTask) -> bool;
+    /// Asks any node to keep a replica of a P2P cache entry, from its peers.
+    fn ask_to_keep(&self, host: &str, entry: CacheEntry) -> bool;
+    /// The P2P cache entry under `key`, and the hosts that keep it.
+    fn cache_entry(&self, key: &str) -> Option<(CacheEntry, Vec<String>)>;
 }
 
 impl Cluster for Scheduler {
@@ -60,6 +66,18 @@ impl Cluster for Scheduler {
     fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
         Scheduler::ask_to_hold(self, host, task)
     }
+
+    fn ask_to_fetch_url(&self, host: &str, task: UrlTask) -> bool {
+        Scheduler::ask_to_fetch_url(self, host, task)
+    }
+
+    fn ask_to_keep(&self, host: &str, entry: CacheEntry) -> bool {
+        Scheduler::ask_to_keep(self, host, entry)
+    }
+
+    fn cache_entry(&self, key: &str) -> Option<(CacheEntry, Vec<String>)> {
+        Scheduler::cache_entry(self, key)
+    }
 }
 
 #[derive(Clone)]
@@ -77,6 +95,8 @@ struct Inner {
     /// Whether a job's `Authorization` may go to seeds (only over a gRPC port that requires
     /// client certificates, as for credentials nodes share).
     forward_credentials: bool,
+    /// How long a preheated file is kept in the nodes' P2P caches.
+    file_ttl: Duration,
 }
 
 impl Runner {
@@ -89,9 +109,10 @@ impl Runner {
         place: &str,
         lease: Duration,
         forward_credentials: bool,
+        file_ttl: Duration,
     ) -> Runner {
         let name = format!("{place}#{:08x}", rand::random::<u32>());
-        Runner { inner: Arc::new(Inner { store, cluster, upstream, name, lease, forward_credentials }) }
+        Runner { inner: Arc::new(Inner { store, cluster, upstream, name, lease, forward_credentials, file_ttl }) }
     }
 
     /// Claims and runs jobs until `shutdown`. Jobs still running then are released for any
@@ -198,6 +219,11 @@ impl JobRun {
         // keep dying) still ends.
         if now_ms() >= deadline_ms {
             return Ok(fail(&format!("timed out after {} s", job.spec.timeout.as_secs())));
+        }
+        match plain_file(&job.spec.url, job.spec.target) {
+            Ok(Some(url)) => return self.drive_file(&job, &url, deadline_ms).await,
+            Ok(None) => {}
+            Err(e) => return Ok(fail(&reason(&e))),
         }
         let image = match ImageRef::parse(&job.spec.url, job.spec.target, &self.runner.upstream) {
             Ok(image) => image,
@@ -441,5 +467,6 @@ pub fn peers_in_scope(hosts: &[HostView], scope: Scope, url: &str) -> Vec<HostVi
     }
 }
 
+mod file;
 #[cfg(test)]
 mod tests;

@@ -38,6 +38,7 @@ pub mod liar;
 pub mod metrics;
 pub mod mirror;
 pub mod nydus;
+pub mod origin;
 pub mod postgres;
 pub mod registry;
 pub mod scheduler;

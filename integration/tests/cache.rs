@@ -224,6 +224,10 @@ async fn bad_input_gets_a_clear_message_and_a_non_zero_exit() {
     let bad = run(&cluster, 0, &["import", file, "--id", "../etc"]).await;
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("only letters, digits"), "{bad:?}");
+    // Names of files preheated from URLs are the cluster's.
+    let taken = run(&cluster, 0, &["import", file, "--id", "url.model"]).await;
+    assert_eq!(taken.code, 1);
+    assert!(taken.stderr.contains("name preheated files"), "{taken:?}");
     let long = "a".repeat(129);
     assert!(run(&cluster, 0, &["stat", "--id", &long]).await.stderr.contains("longer than 128"));
 

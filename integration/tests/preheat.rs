@@ -11,6 +11,7 @@ use damselfly_control::auth::Credentials;
 use damselfly_control::ControlConfig;
 use damselfly_integration::cluster::{node_id, Cluster, SECRET};
 use damselfly_integration::containerd::Containerd;
+use damselfly_integration::origin::FileOrigin;
 use damselfly_integration::postgres::Postgres;
 use damselfly_integration::registry::{Image, Registry};
 use damselfly_integration::scheduler::Scheduler;
@@ -445,5 +446,157 @@ async fn an_all_peers_preheat_puts_every_blob_on_every_node_for_one_origin_copy(
             assert!(files.iter().any(|p| p.to_string_lossy().contains(hex)), "node {i} holds {digest}");
         }
     }
+    cluster.shutdown().await;
+}
+
+/// A job of type `file` for a plain URL, as Harbor's client shapes a job.
+fn file_job(url: &str, scope: &str, authorization: Option<&str>) -> Value {
+    let headers = authorization.map_or_else(|| json!({}), |a| json!({"Authorization": a}));
+    json!({
+        "type": "preheat",
+        "args": {"type": "file", "url": url, "tag": "", "filtered_query_params": "", "headers": headers,
+                 "scope": scope, "concurrent_count": 0, "timeout": 0},
+        "scheduler_cluster_ids": [1]
+    })
+}
+
+/// A client that sends plain HTTP through node `i`'s proxy.
+fn through_node(cluster: &Cluster, i: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(cluster.node(i).url()).expect("proxy url"))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// A cluster of `nodes` (the first a seed) whose proxies look for `.bin` files among
+/// preheated ones and whose seed may fetch from any origin; returns it with its scheduler's
+/// API and the directory of its job store.
+async fn file_cluster(
+    origin: &Registry,
+    nodes: usize,
+    tweak: fn(&mut ControlConfig),
+) -> (Cluster, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), tweak).await.unwrap();
+    let cluster = Cluster::start_with(origin, vec![sched], nodes, |i, mut o| {
+        o.config.proxy_rules = vec!["blobs/sha256.*".to_owned(), r"\.bin$".to_owned()];
+        o.config.seed_registries = vec!["*".to_owned()];
+        if i == 0 {
+            o.seed()
+        } else {
+            o
+        }
+    })
+    .await
+    .unwrap();
+    let api = cluster.schedulers[0].http_url();
+    let want = nodes;
+    poll_until("every node's preheat stream", Duration::from_secs(20), || {
+        let url = format!("{api}/api/v1/cluster");
+        async move {
+            let c = get_json(&url).await?;
+            let open = c["hosts"].as_array().map_or(0, |h| h.iter().filter(|h| h["preheating"] == true).count());
+            Ok((open == want).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    (cluster, api, dir)
+}
+
+#[tokio::test]
+async fn a_file_preheated_from_a_plain_url_is_served_through_the_proxy_without_another_origin_copy() {
+    let registry = Registry::start().await.unwrap();
+    let files = FileOrigin::start().await.unwrap();
+    let data = damselfly_integration::util::random_bytes(6 << 20);
+    files.put("model.bin", &data).unwrap();
+    let (cluster, api, _jobs) = file_cluster(&registry, 3, with_pat).await;
+    let url = files.url("model.bin");
+
+    let (status, created) =
+        harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&file_job(&url, "all_peers", None))).await.unwrap();
+    assert_eq!(status, 200, "{created}");
+    let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    let mut hosts: Vec<String> = done["result"]["job_states"][0]["results"][0]["success_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["hostname"].as_str().map(str::to_owned))
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, (0..3).map(node_id).collect::<Vec<_>>());
+    // One copy from the origin, by the seed; the others took it from peers.
+    assert_eq!(files.requests("GET", "model.bin").len(), 1, "{:?}", files.access_log());
+    for i in 1..3 {
+        let m = cluster.metrics(i).await.unwrap();
+        assert!(m.sum("damselfly_fetched_bytes_total", &[("source", "peer")]) >= data.len() as f64, "node {i}");
+    }
+
+    // A client of a node's proxy gets the file from the cluster: the origin sees a HEAD only.
+    let resp = through_node(&cluster, 2).get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("via").and_then(|v| v.to_str().ok()), Some("1.1 damselfly"));
+    assert!(resp.bytes().await.unwrap() == data, "the preheated bytes");
+    assert_eq!(files.requests("GET", "model.bin").len(), 1, "{:?}", files.access_log());
+    assert!(!files.requests("HEAD", "model.bin").is_empty());
+    let m = cluster.metrics(2).await.unwrap();
+    assert_eq!(m.sum("damselfly_proxy_requests_total", &[("kind", "preheated"), ("status", "200")]), 1.0);
+
+    // The file changes at its origin: the proxy never serves the old one.
+    let newer = damselfly_integration::util::random_bytes((6 << 20) + 1);
+    files.put("model.bin", &newer).unwrap();
+    let resp = through_node(&cluster, 1).get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.unwrap() == newer, "the origin's current file");
+    assert_eq!(files.requests("GET", "model.bin").len(), 2, "forwarded to the origin");
+    cluster.shutdown().await;
+}
+
+/// Lets a job's `Authorization` travel to the seed, as a cluster with client certificates does.
+fn with_pat_forwarding(c: &mut ControlConfig) {
+    with_pat(c);
+    c.forward_credentials = true;
+}
+
+#[tokio::test]
+async fn a_preheated_private_file_is_served_only_to_clients_its_origin_lets_read_it() {
+    use damselfly_integration::origin::PRIVATE_TOKEN;
+    let registry = Registry::start().await.unwrap();
+    let files = FileOrigin::start().await.unwrap();
+    let data = damselfly_integration::util::random_bytes(3 << 20);
+    files.put("private/weights.bin", &data).unwrap();
+    let (cluster, api, _jobs) = file_cluster(&registry, 2, with_pat_forwarding).await;
+    let url = files.url("private/weights.bin");
+    let bearer = format!("Bearer {PRIVATE_TOKEN}");
+
+    // A missing file and one asked for without the credential fail with the origin's answer.
+    for (url, status) in [(files.url("nowhere.bin"), "404"), (url.clone(), "401")] {
+        let job = file_job(&url, "single_seed_peer", None);
+        let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
+        let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
+        assert_eq!(done["state"], "FAILURE");
+        assert!(done["result"]["job_states"][0]["error"].as_str().unwrap().contains(status), "{done}");
+    }
+
+    let job = file_job(&url, "all_peers", Some(&bearer));
+    let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
+    let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(done["state"], "SUCCESS", "{done}");
+    assert_eq!(files.requests("GET", "private/weights.bin").iter().filter(|a| a.status == 200).count(), 1);
+
+    // Without the token the origin refuses the client, and so does the proxy.
+    let resp = through_node(&cluster, 1).get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = through_node(&cluster, 1).get(&url).header("Authorization", &bearer).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.unwrap() == data);
+    assert_eq!(
+        files.requests("GET", "private/weights.bin").iter().filter(|a| a.status == 200).count(),
+        1,
+        "served from the cluster: {:?}",
+        files.access_log()
+    );
     cluster.shutdown().await;
 }

@@ -6,8 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use damselfly_cache::url::{UrlOrigin, UrlRequest, UrlResponse};
 use damselfly_p2p::net::{ClusterTls, NetError, NetMetrics, Node, NodeConfig, OwnerToken, SeedSource};
 use damselfly_p2p::{Digest, Source, SourceSpec, Store};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -91,6 +94,11 @@ pub async fn join(parts: ClusterParts<'_>) -> Result<Arc<Node>, ClusterError> {
         seed_source: Some(Arc::new(Seeder { app: parts.app.clone(), allowed: SeedRegistries::of(config) })),
         cache: Some(parts.cache.clone()),
     };
+    if config.seed {
+        parts
+            .cache
+            .set_url_origin(Arc::new(FileOrigin { app: parts.app.clone(), allowed: SeedRegistries::of(config) }));
+    }
     tracing::info!(host_id = %cfg.host_id, advertise = %advertise_ip, upload = %upload_addr, seed = cfg.seed, "joining the cluster");
     let metrics = NetMetrics::register(parts.registry);
     Ok(Node::start(cfg, parts.store.clone(), parts.upload, metrics, parts.shutdown)?)
@@ -305,6 +313,52 @@ impl SeedSource for Seeder {
         });
         let target = Target { registry, repo: spec.repository.clone(), client_auth, digest: digest.clone() };
         Some(Arc::new(UpstreamSource::for_seed(self.app.clone(), target)))
+    }
+}
+
+/// How a seed fetches a preheated file from its origin: through the upstream rules, from the
+/// hosts it seeds from only (`seed_registries`), with the job's credential if the scheduler
+/// passed one on, never the daemon's configured ones.
+struct FileOrigin {
+    app: Arc<App>,
+    allowed: SeedRegistries,
+}
+
+impl UrlOrigin for FileOrigin {
+    fn get(&self, req: UrlRequest) -> BoxFuture<'static, Result<UrlResponse, String>> {
+        let app = self.app.clone();
+        let host = app.upstream.select_url(&req.url).ok().map(|(endpoint, _)| endpoint);
+        let allowed = host.as_ref().is_some_and(|h| self.allowed.allows(&h.host));
+        Box::pin(async move {
+            let Some(host) = host else { return Err(format!("{}: not a URL this node may fetch", req.url)) };
+            if !allowed {
+                return Err(format!("{} is outside seed_registries", host.host));
+            }
+            let mut headers = http::HeaderMap::new();
+            let mut put = |name: http::header::HeaderName, value: &Option<String>| {
+                if let Some(v) = value.as_deref().and_then(|v| http::HeaderValue::from_str(v).ok()) {
+                    headers.insert(name, v);
+                }
+            };
+            put(http::header::IF_MATCH, &req.if_match);
+            put(http::header::IF_UNMODIFIED_SINCE, &req.if_unmodified_since);
+            let auth = req.authorization.as_deref().and_then(|a| http::HeaderValue::from_str(a).ok()).map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+            let resp = app
+                .upstream
+                .send_url(http::Method::GET, &req.url, headers, auth.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            let text =
+                |name| resp.headers().get(name).and_then(|v: &http::HeaderValue| v.to_str().ok()).map(str::to_owned);
+            let (etag, last_modified) = (text(http::header::ETAG), text(http::header::LAST_MODIFIED));
+            let status = resp.status().as_u16();
+            let length = resp.content_length();
+            let body = resp.bytes_stream().map(|c| c.map_err(|e| e.to_string())).boxed();
+            Ok(UrlResponse { status, etag, last_modified, length, body })
+        })
     }
 }
 

@@ -206,6 +206,7 @@ pub async fn start(config: MirrorConfig, listeners: Listeners) -> Result<Running
         intercept: config.proxy_intercept.clone(),
         ca,
         extra_roots,
+        files: Some(cache.clone()),
     };
     let proxy = {
         let mut registry = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -19,6 +19,27 @@ pub fn expired(expires_ms: u64, now_ms: u64) -> bool {
     expires_ms != 0 && expires_ms <= now_ms
 }
 
+/// The longest time to live: a hundred years.
+const MAX_TTL: u64 = 100 * 365 * 86_400;
+
+/// A time to live as typed: a number and a unit (s, m, h, d), such as `12h`.
+pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: a number and a unit (s, m, h, d), such as 12h"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    match n.checked_mul(secs) {
+        Some(0) => Err("the time to live must be more than 0".into()),
+        Some(t) if t <= MAX_TTL => Ok(std::time::Duration::from_secs(t)),
+        _ => Err(format!("{s:?} is longer than a hundred years")),
+    }
+}
+
 /// How a name is shown: `id`, or `id:tag`.
 pub fn label(id: &str, tag: &str) -> String {
     if tag.is_empty() {
@@ -94,6 +115,67 @@ fn check(what: &'static str, s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// What a preheated file's name is made of: its URL and the version of it its origin showed.
+///
+/// A URL names whatever its origin serves at the moment, so a file is named by the URL and a
+/// validator together: a strong `ETag`, else `Last-Modified`, with the length. Content that
+/// changes at its origin gets a new name, and a client is served the cluster's copy only when
+/// the origin still shows the same version to it. A weak `ETag` promises no byte equality and
+/// is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlVersion {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub length: u64,
+}
+
+/// The id every preheated file's name starts with. Such names are the cluster's: an import may
+/// not take one, and a scheduler takes a new one only from a seed.
+pub const URL_ID_PREFIX: &str = "url.";
+
+impl UrlVersion {
+    /// The version an origin's headers show; `None` when they carry no usable validator.
+    pub fn from_headers(etag: Option<&str>, last_modified: Option<&str>, length: u64) -> Option<UrlVersion> {
+        let usable = |v: &&str| !v.is_empty() && v.len() <= 1024 && v.bytes().all(|b| (0x20..0x7f).contains(&b));
+        let etag = etag.filter(usable).filter(|e| e.starts_with('"') && e.ends_with('"') && e.len() >= 2);
+        let last_modified = last_modified.filter(usable);
+        match (etag, last_modified) {
+            (Some(e), _) => Some(UrlVersion { etag: Some(e.to_owned()), last_modified: None, length }),
+            (None, Some(lm)) => Some(UrlVersion { etag: None, last_modified: Some(lm.to_owned()), length }),
+            (None, None) => None,
+        }
+    }
+
+    /// The name of `url` (in its canonical spelling) at this version: `url.<sha256 of the
+    /// URL>`, tagged with a sha256 of the validator and the length.
+    pub fn name(&self, url: &str) -> CacheName {
+        let id = format!("{URL_ID_PREFIX}{}", url_hash(url));
+        let mut tag = Sha256::new().chain_update(b"damselfly-url-version-v1\0");
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) => tag.update(format!("etag\0{e}")),
+            (None, Some(lm)) => tag.update(format!("last-modified\0{lm}")),
+            (None, None) => tag.update(b"none"),
+        }
+        tag.update(format!("\0{}", self.length));
+        let tag: String = tag.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        CacheName { id, tag }
+    }
+}
+
+/// Whether an entry's id and URL agree: a preheated file's id is its URL's, and only such an
+/// id comes with a URL (empty for an import).
+pub fn url_agrees(id: &str, url: &str) -> bool {
+    match id.strip_prefix(URL_ID_PREFIX) {
+        Some(hash) => !url.is_empty() && hash == url_hash(url),
+        None => url.is_empty(),
+    }
+}
+
+fn url_hash(url: &str) -> String {
+    let h = Sha256::new().chain_update(b"damselfly-url-v1\0").chain_update(url.as_bytes()).finalize();
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Whether `key` looks like a key ([`CacheName::key`]): 64 lower-case hex digits.
 pub fn is_key(key: &str) -> bool {
     key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -122,6 +204,41 @@ mod tests {
         assert_ne!(k("a", ""), k("a", "latest"));
         assert!(is_key(&k("a", "")));
         assert!(!is_key("ABC"));
+    }
+
+    #[test]
+    fn a_url_is_named_by_its_strong_validator_and_length() {
+        let v = |e: Option<&str>, lm: Option<&str>, n| UrlVersion::from_headers(e, lm, n);
+        let url = "http://files.example/model.bin";
+        let a = v(Some("\"abc\""), Some("Mon, 07 Dec 2026 10:00:00 GMT"), 10).unwrap();
+        assert_eq!(a.last_modified, None, "a strong ETag is enough");
+        assert!(v(Some("W/\"abc\""), None, 10).is_none(), "a weak ETag promises no bytes");
+        assert!(v(None, None, 10).is_none());
+        let lm = v(Some("W/\"abc\""), Some("Mon, 07 Dec 2026 10:00:00 GMT"), 10).unwrap();
+        assert_eq!(lm.etag, None);
+        let name = a.name(url);
+        assert!(CacheName::new(name.id(), name.tag()).is_ok(), "a name every holder accepts");
+        assert!(url_agrees(name.id(), url));
+        assert!(!url_agrees(name.id(), "http://files.example/other.bin"));
+        assert!(!url_agrees(name.id(), ""), "a URL's id without the URL");
+        assert!(!url_agrees("model", url), "an import's id with a URL");
+        assert!(url_agrees("model", ""));
+        assert_ne!(name.key(), v(Some("\"abc\""), None, 11).unwrap().name(url).key(), "another length");
+        assert_ne!(name.key(), v(Some("\"abd\""), None, 10).unwrap().name(url).key(), "another version");
+        assert_eq!(name.key(), v(Some("\"abc\""), None, 10).unwrap().name(url).key());
+        assert_ne!(name.key(), lm.name(url).key());
+    }
+
+    #[test]
+    fn ttls_read_with_their_units() {
+        assert_eq!(parse_ttl("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_ttl("30m"), Ok(std::time::Duration::from_secs(1800)));
+        assert_eq!(parse_ttl("7d"), Ok(std::time::Duration::from_secs(7 * 86_400)));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("99999999999999999999d").is_err());
+        assert!(parse_ttl("36501d").is_err());
     }
 
     proptest! {

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 pub(crate) use damselfly_proto::cache_name::now_ms;
-use damselfly_proto::cache_name::{is_key, label, CacheName, MAX_REPLICAS};
+use damselfly_proto::cache_name::{is_key, label, url_agrees, CacheName, MAX_REPLICAS};
 use sha2::{Digest as _, Sha256};
 
 use crate::download::check_digest;
@@ -19,6 +19,8 @@ use crate::state::{Id, Map, PeerState, Set, SoftState};
 
 /// Entries one scheduler keeps; more are refused until some expire or are deleted.
 const MAX_ENTRIES: usize = 100_000;
+/// Longest URL a preheated file's entry may carry.
+const MAX_URL: usize = 4096;
 /// Entries one host may keep here.
 const MAX_HOST_ENTRIES: usize = 10_000;
 /// Entries lacking replicas looked at per round, in turn: the rest wait for the next rounds.
@@ -96,6 +98,9 @@ pub(crate) fn check_entry(e: &CacheEntry) -> Result<(), SchedulerError> {
         return Err(SchedulerError::invalid("cache entry: the key is not the one its id and tag give"));
     }
     check_digest(&e.digest)?;
+    if !url_agrees(&e.id, &e.url) || e.url.len() > MAX_URL {
+        return Err(SchedulerError::invalid("cache entry: a preheated file's id is its URL's, and only its"));
+    }
     if e.replicas == 0 || e.replicas > MAX_REPLICAS {
         return Err(SchedulerError::invalid(format!("cache entry: replicas must be 1 to {MAX_REPLICAS}")));
     }
@@ -165,6 +170,16 @@ impl SoftState {
                 return Ok(());
             }
         }
+        // What a URL names is only the cluster's word: a member could name its own bytes for a
+        // URL that clients fetch through the proxy. So a preheated file is named by a seed,
+        // which fetched it from its origin; others may only hold what it named.
+        if !entry.url.is_empty() && !self.hosts.get(host).is_some_and(|h| h.seed) {
+            return Err(SchedulerError::precondition(format!(
+                "{host} is no seed: only a seed names a preheated file ({})",
+                entry.url
+            )));
+        }
+        let cache = &mut self.cache;
         if cache.records.len() >= MAX_ENTRIES {
             return Err(SchedulerError::Exhausted(format!("the scheduler holds {MAX_ENTRIES} cache entries")));
         }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::proto::{hold_task, SeedTask};
+use crate::proto::{hold_task, CacheEntry, SeedTask, UrlTask};
 use crate::scheduler::Scheduler;
 use crate::state::PeerState;
 
@@ -147,5 +147,25 @@ impl Scheduler {
     /// the host has no open preheat stream here or its queue is full.
     pub fn ask_to_hold(&self, host: &str, task: SeedTask) -> bool {
         self.lock().ask_host(host, hold_task::Kind::Fetch(task))
+    }
+
+    /// Asks `host` to fetch a file at a plain URL from its origin into its P2P cache (a seed,
+    /// for a preheat). False when the host has no open preheat stream here or its queue is full.
+    pub fn ask_to_fetch_url(&self, host: &str, task: UrlTask) -> bool {
+        let st = self.lock();
+        if !st.hosts.get(host).is_some_and(|h| h.seed) {
+            return false;
+        }
+        st.ask_host(host, hold_task::Kind::FetchUrl(task))
+    }
+
+    /// Asks `host` to keep a replica of a P2P cache entry, from its peers.
+    pub fn ask_to_keep(&self, host: &str, entry: CacheEntry) -> bool {
+        self.lock().ask_host(host, hold_task::Kind::Keep(entry))
+    }
+
+    /// The P2P cache entry under `key`, and the hosts here that keep it.
+    pub fn cache_entry(&self, key: &str) -> Option<(CacheEntry, Vec<String>)> {
+        self.lock().stat_cache_entry(key).map(|s| (s.entry, s.holders))
     }
 }

@@ -32,9 +32,23 @@ fn urls_a_preheat_cannot_use_are_refused_with_the_reason() {
     assert!(refused("https://registry.example/v2/a/tags/list", Target::Image).contains("manifests"));
     assert!(refused("https://registry.example/v2/A/manifests/1", Target::Image).contains("repository"));
     assert!(refused("https://registry.example/v2/a/manifests/-x", Target::Image).contains("reference"));
-    assert!(refused("https://example.com/model.bin", Target::File).contains("only registry blobs"));
     assert!(refused("https://other.example/v2/a/manifests/1", Target::Image).contains("not allowed"));
     assert!(refused("http://169.254.169.254/v2/a/manifests/1", Target::Image).contains("not allowed"));
+}
+
+#[test]
+fn a_file_job_names_a_registry_blob_or_a_plain_url() {
+    let blob = format!("https://r.example/v2/a/blobs/{D}");
+    assert_eq!(plain_file(&blob, Target::File).expect("ok"), None, "a registry blob");
+    assert_eq!(plain_file("https://r.example/v2/a/manifests/1", Target::Image).expect("ok"), None);
+    let plain = plain_file("HTTPS://Files.Example:443/models/a.bin?v=1", Target::File).expect("ok");
+    assert_eq!(plain.as_deref(), Some("https://files.example/models/a.bin?v=1"), "in its canonical spelling");
+    assert!(check_url("https://files.example/models/a.bin", Target::File).is_ok());
+    assert!(check_url("https://files.example/models/a.bin", Target::Image).is_err());
+    for bad in ["ftp://files.example/a", "https://user:pw@files.example/a", "not a url"] {
+        assert!(plain_file(bad, Target::File).is_err(), "{bad}");
+        assert!(check_url(bad, Target::File).is_err(), "{bad}");
+    }
 }
 
 fn descriptor(platform: Option<(&str, &str, Option<&str>)>, digest: char) -> serde_json::Value {

@@ -77,6 +77,19 @@ impl Cluster for FakeCluster {
         self.seed_asks.lock().expect("lock").push(host.to_owned());
         self.ask(host, task)
     }
+
+    // Files at plain URLs need an origin to HEAD: the integration tests drive them.
+    fn ask_to_fetch_url(&self, _: &str, _: UrlTask) -> bool {
+        false
+    }
+
+    fn ask_to_keep(&self, _: &str, _: CacheEntry) -> bool {
+        false
+    }
+
+    fn cache_entry(&self, _: &str) -> Option<(CacheEntry, Vec<String>)> {
+        None
+    }
 }
 
 impl FakeCluster {
@@ -114,7 +127,7 @@ async fn job(store: &JobStore, scope: Scope, timeout: Duration) -> JobId {
 
 fn runner(store: &JobStore, cluster: Arc<FakeCluster>, lease: Duration) -> Runner {
     let upstream = Arc::new(Upstream::new(UpstreamConfig::default()).expect("upstream"));
-    Runner::new(store.clone(), cluster, upstream, "test", lease, false)
+    Runner::new(store.clone(), cluster, upstream, "test", lease, false, crate::DEFAULT_FILE_TTL)
 }
 
 async fn until_done(store: &JobStore, id: JobId) -> Job {

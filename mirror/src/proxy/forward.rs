@@ -36,7 +36,7 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-const VIA_VALUE: &str = "1.1 damselfly";
+pub(super) const VIA_VALUE: &str = "1.1 damselfly";
 
 impl Proxy {
     pub(super) async fn forward<B>(

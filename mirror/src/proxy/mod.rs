@@ -23,6 +23,7 @@
 mod ca;
 mod forward;
 mod intercept;
+mod preheated;
 mod rules;
 mod tunnel;
 
@@ -113,6 +114,8 @@ pub struct ProxyConfig {
     pub ca: Option<Arc<InterceptCa>>,
     /// DER certificates trusted for upstream TLS besides the bundled roots.
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// The P2P cache, where plain URLs matching a rule are looked for among preheated files.
+    pub files: Option<Arc<damselfly_cache::Cache>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +131,7 @@ pub struct Proxy {
     intercept: Intercept,
     ca: Option<Arc<InterceptCa>>,
     upstream_tls: forward::UpstreamTls,
+    files: Option<Arc<damselfly_cache::Cache>>,
     tunnels: tunnel::TunnelSlots,
     /// The tunnels and intercepted connections running, so that shutdown waits for them.
     running: TaskTracker,
@@ -152,7 +156,7 @@ impl Proxy {
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "damselfly_proxy_requests",
-            "HTTP proxy requests by how they were served (cache, forward, tunnel, refused) and status",
+            "HTTP proxy requests by how they were served (cache, preheated, forward, tunnel, refused) and status",
             requests.clone(),
         );
         Ok(Proxy {
@@ -162,6 +166,7 @@ impl Proxy {
             intercept,
             ca: config.ca.clone(),
             upstream_tls,
+            files: config.files.clone(),
             tunnels: tunnel::TunnelSlots::default(),
             running: TaskTracker::new(),
             requests,
@@ -256,6 +261,11 @@ impl Proxy {
                 return ("refused", Err(ProxyError::Destination(refused)));
             }
             return ("cache", Ok(self.cached(req, &target).await));
+        }
+        if self.may_be_preheated(&req, &target) {
+            if let Some(resp) = self.preheated(&req, &target, client).await {
+                return ("preheated", Ok(resp));
+            }
         }
         ("forward", self.forward(req, target, client).await)
     }
@@ -366,6 +376,11 @@ struct Target {
 }
 
 impl Target {
+    /// The whole URL, as the rules are matched against.
+    fn url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.origin_form)
+    }
+
     /// The target of `uri`; `https` only inside an intercepted tunnel (clients send https
     /// URLs to a proxy with CONNECT).
     fn of(uri: &Uri, intercepted: bool) -> Result<Target, ProxyError> {

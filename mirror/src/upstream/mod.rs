@@ -323,6 +323,37 @@ impl Upstream {
         guard::connect(host, port, reach, self.connect_timeout).await
     }
 
+    /// The host a plain URL names, by the rules [`Upstream::select`] applies to a registry
+    /// named by that URL's scheme and authority.
+    pub fn select_url(&self, url: &str) -> Result<(RegistryEndpoint, url::Url), UpstreamError> {
+        let bad = |why: &str| UpstreamError::InvalidRequest(format!("{url:?}: {why}"));
+        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let authority = transport::authority(&parsed).ok_or_else(|| bad("no host"))?;
+        let endpoint = self.select(Some(&format!("{}://{authority}", parsed.scheme())), None)?;
+        Ok((endpoint, parsed))
+    }
+
+    /// Sends one GET or HEAD for a file at a plain URL (a preheated file) by the rules a
+    /// registry named by that URL's scheme and host is reached by: the allow-list, addresses
+    /// never reached, the reach its host gets. `auth` is sent as it is; the daemon's configured
+    /// credentials never are.
+    pub async fn send_url(
+        &self,
+        method: http::Method,
+        url: &str,
+        headers: http::HeaderMap,
+        auth: Option<&http::HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let (endpoint, parsed) = self.select_url(url)?;
+        let mut prepared = PreparedRequest::plain(endpoint, method, &parsed[url::Position::BeforePath..], headers)?;
+        prepared.reach = self.reach_of(&prepared.endpoint);
+        let literal = select::host_ip(&prepared.endpoint.host);
+        if literal.is_some_and(|ip| !guard::allows(prepared.reach, ip)) {
+            return Err(UpstreamError::NotAllowed(prepared.endpoint.host));
+        }
+        self.transport.execute(&prepared, auth).await
+    }
+
     /// Sends one GET/HEAD upstream with the right credentials (see the module docs). Any status,
     /// including 401, is a successful reply; errors are transport, token and input failures.
     pub async fn send(&self, req: UpstreamRequest) -> Result<UpstreamReply, UpstreamError> {

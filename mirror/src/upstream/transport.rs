@@ -50,6 +50,29 @@ impl PreparedRequest {
         Ok(PreparedRequest { endpoint, method, path: full, headers: forwardable(headers), reach: Reach::Public })
     }
 
+    /// A request for a file at a plain URL's `path` (with its query), as `url::Url` spells it:
+    /// already free of dot segments.
+    pub(crate) fn plain(
+        endpoint: RegistryEndpoint,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<Self, UpstreamError> {
+        if method != Method::GET && method != Method::HEAD {
+            return Err(UpstreamError::InvalidRequest(format!("method {method} is not forwarded")));
+        }
+        if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) || path.contains(['#', '\\']) {
+            return Err(UpstreamError::InvalidRequest(format!("{path:?}: not a plain URL's path")));
+        }
+        Ok(PreparedRequest {
+            endpoint,
+            method,
+            path: path.to_owned(),
+            headers: forwardable(headers),
+            reach: Reach::Public,
+        })
+    }
+
     /// `GET /v2/` of the same registry, with the same reach: where a registry that keeps
     /// its challenge off its other answers says how to authenticate.
     pub(crate) fn api_root(&self) -> PreparedRequest {

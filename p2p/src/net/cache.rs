@@ -6,7 +6,7 @@ use damselfly_proto::v1 as proto;
 use super::{task_info, NetError, Node};
 use crate::digest::Digest;
 
-pub use damselfly_proto::v1::CacheEntry;
+pub use damselfly_proto::v1::{CacheEntry, UrlTask};
 
 /// What the P2P cache keeps on this node, handed to the node by whoever composes it (the cache
 /// sits above the node): the entries to announce, and what schedulers ask of it.
@@ -17,6 +17,9 @@ pub trait CacheKeeper: Send + Sync + 'static {
     fn keep(&self, entry: CacheEntry);
     /// A scheduler asks this node to drop the entry under `key` (deleted everywhere).
     fn drop_entry(&self, key: &str);
+    /// A scheduler asks this seed to fetch a file at a plain URL from its origin and keep it
+    /// under the URL's name (a preheat).
+    fn fetch_url(&self, task: UrlTask);
 }
 
 impl Node {

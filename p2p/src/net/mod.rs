@@ -71,7 +71,7 @@ pub enum NetError {
     Refused(String),
 }
 
-pub use cache::{CacheEntry, CacheKeeper};
+pub use cache::{CacheEntry, CacheKeeper, UrlTask};
 
 /// A way to fetch content from its origin on a scheduler's request (seed peers).
 pub trait SeedSource: Send + Sync + 'static {
@@ -466,6 +466,14 @@ impl Node {
                                 Some(proto::hold_task::Kind::Drop(key)) => {
                                     if let Some(cache) = &self.cfg.cache {
                                         cache.drop_entry(&key);
+                                    }
+                                }
+                                Some(proto::hold_task::Kind::FetchUrl(task)) => {
+                                    match (&self.cfg.cache, self.cfg.seed) {
+                                        (Some(cache), true) => cache.fetch_url(task),
+                                        _ => {
+                                            tracing::warn!(url = %task.url, "asked to fetch a file from its origin, which only seeds with a P2P cache do")
+                                        }
                                     }
                                 }
                                 None => break,

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use damselfly_proto::cache_name::CacheName;
+use damselfly_proto::cache_name::{CacheName, UrlVersion};
 
 use super::{announce, holder, host, sched, D, N, PS};
 use crate::proto::{self, hold_task::Kind as Hold, CacheEntry, HoldTask};
@@ -19,6 +19,7 @@ fn entry(id: &str, replicas: u32) -> CacheEntry {
         created_ms: crate::cache::now_ms(),
         expires_ms: 0,
         replicas,
+        url: String::new(),
     }
 }
 
@@ -64,6 +65,25 @@ fn replicas_go_to_seeds_first_and_then_to_no_one_else() {
     holder(&s, proto::Host { seed: true, ..host("seed") });
     put(&s, "seed", &e).unwrap();
     assert_eq!(holders(&s, &e), ["a", "seed"]);
+}
+
+#[test]
+fn only_a_seed_names_a_preheated_file_and_others_may_then_hold_it() {
+    let s = sched(|_| {});
+    holder(&s, host("member"));
+    holder(&s, proto::Host { seed: true, ..host("seed") });
+    let url = "http://files.example/model.bin";
+    let name = UrlVersion::from_headers(Some("\"v1\""), None, u64::from(N) * PS).unwrap().name(url);
+    let e =
+        CacheEntry { key: name.key(), id: name.id().into(), tag: name.tag().into(), url: url.into(), ..entry("x", 1) };
+    // A member cannot name its bytes for a URL, nor take a URL's id without the URL.
+    assert!(put(&s, "member", &e).is_err());
+    assert!(put(&s, "member", &CacheEntry { url: String::new(), ..e.clone() }).is_err());
+    assert!(put(&s, "seed", &CacheEntry { url: "http://files.example/other.bin".into(), ..e.clone() }).is_err());
+    assert!(holders(&s, &e).is_empty());
+    put(&s, "seed", &e).unwrap();
+    put(&s, "member", &e).unwrap();
+    assert_eq!(holders(&s, &e), ["member", "seed"]);
 }
 
 #[test]
