@@ -156,15 +156,33 @@ impl Index {
         if let Some(e) = entries.get(&key).filter(|e| !e.expired(now_ms)) {
             return Ok(if e.digest == entry.digest { Claim::Held(e.clone()) } else { Claim::Taken(e.clone()) });
         }
+        self.write(&key, &entry)?;
+        entries.insert(key, entry.clone());
+        Ok(Claim::New(entry))
+    }
+
+    /// Moves the expiry of a preheated file's entry to `expires_ms` if that is later (a
+    /// preheat of the same version again); returns the entry as it stands.
+    pub fn renew(&self, key: &str, expires_ms: u64) -> io::Result<Option<Entry>> {
+        let mut entries = self.lock();
+        let Some(e) = entries.get_mut(key) else { return Ok(None) };
+        if !e.url.is_empty() && e.expires_ms != 0 && (expires_ms == 0 || expires_ms > e.expires_ms) {
+            let renewed = Entry { expires_ms, ..e.clone() };
+            self.write(key, &renewed)?;
+            *e = renewed;
+        }
+        Ok(Some(e.clone()))
+    }
+
+    /// Writes `entry`'s file by rename, synced.
+    fn write(&self, key: &str, entry: &Entry) -> io::Result<()> {
         let path = self.dir.join(format!("{key}.json"));
         let tmp = self.dir.join(format!("{key}.json.tmp"));
         let mut f = fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec(&entry).map_err(io::Error::other)?)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec(entry).map_err(io::Error::other)?)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
-        fs::File::open(&self.dir)?.sync_all()?;
-        entries.insert(key, entry.clone());
-        Ok(Claim::New(entry))
+        fs::File::open(&self.dir)?.sync_all()
     }
 
     pub fn remove(&self, key: &str) -> Option<Entry> {

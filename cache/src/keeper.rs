@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use damselfly_p2p::import::Placement;
 use damselfly_p2p::net::{CacheEntry, CacheKeeper, Node, UrlTask};
 use damselfly_p2p::source::SourceError;
-use damselfly_p2p::{Source, SourceResponse, Store, TaskRef};
+use damselfly_p2p::{Delivery, ReadError, Source, SourceResponse, Store, TaskRef};
 use damselfly_proto::cache_name::{now_ms, CacheName, MAX_REPLICAS, URL_ID_PREFIX};
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -24,17 +24,18 @@ use crate::url::{incoming_dir, UrlOrigin};
 /// How long an import waits for its replicas before it reports how many there are so far
 /// (the schedulers go on placing them).
 const REPLICA_WAIT: Duration = Duration::from_secs(300);
-/// Replicas fetched at once on a scheduler's request; the others wait.
-const REPLICA_FETCHES: usize = 4;
+/// Entries fetched at once on a scheduler's request (replicas, preheated files); the others
+/// wait.
+const FETCHES: usize = 4;
 /// Rounds in a row that brought no new piece before an export gives up.
 const MAX_STUCK: u32 = 5;
 /// How long a round that brought no new piece waits before the next.
 const STUCK_WAIT: Duration = Duration::from_secs(1);
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
-/// Replica asks taken at once (fetching or waiting to); more are declined, and a scheduler
-/// asks another host.
-const MAX_REPLICA_ASKS: usize = 256;
+/// Asks taken at once (fetching or waiting to); more are declined, and a scheduler asks
+/// another host, or again.
+const MAX_FETCH_ASKS: usize = 256;
 /// Replicas other nodes' imports ask of this one are kept while all kept content stays within
 /// this share of the cache quota: a member cannot fill every node's disk with its content.
 const REPLICA_SHARE: (u64, u64) = (1, 2);
@@ -42,15 +43,19 @@ const REPLICA_SHARE: (u64, u64) = (1, 2);
 /// Where progress lines go while a request runs.
 pub type ProgressTx = mpsc::Sender<Reply>;
 
+/// An entry's content as it is read out (see [`Cache::read_key`]).
+pub type ContentStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, ReadError>> + Send>>;
+
 pub struct Cache {
     me: Weak<Cache>,
     store: Store,
     index: Index,
     /// The node, once the daemon joined a cluster (it holds this cache, so weakly).
     node: OnceLock<Weak<Node>>,
-    /// Keys of replicas being fetched, so that a repeated ask is taken once.
-    replicating: Mutex<HashSet<String>>,
-    replica_slots: Arc<Semaphore>,
+    /// Keys of entries being fetched (replicas, preheated files), so that a repeated ask is
+    /// taken once.
+    fetching: Mutex<HashSet<String>>,
+    fetch_slots: Arc<Semaphore>,
     /// Held while a name is given to content (claimed and its content kept) and while content
     /// no name holds is let go, so that neither happens in the middle of the other.
     naming: Mutex<()>,
@@ -96,8 +101,8 @@ impl Cache {
             store,
             index,
             node: OnceLock::new(),
-            replicating: Mutex::new(HashSet::new()),
-            replica_slots: Arc::new(Semaphore::new(REPLICA_FETCHES)),
+            fetching: Mutex::new(HashSet::new()),
+            fetch_slots: Arc::new(Semaphore::new(FETCHES)),
             naming: Mutex::new(()),
             origin: OnceLock::new(),
             incoming,
@@ -114,7 +119,7 @@ impl Cache {
         let _ = self.origin.set(origin);
     }
 
-    fn node(&self) -> Option<Arc<Node>> {
+    pub(crate) fn node(&self) -> Option<Arc<Node>> {
         self.node.get()?.upgrade()
     }
 
@@ -260,15 +265,22 @@ impl Cache {
         Ok((file, entry.info(None), fetched))
     }
 
-    /// The content of the entry under `key` (a preheated file's, for the HTTP proxy), fetched
-    /// from peers first if this node does not hold it; `None` when the cluster has no such
-    /// entry.
-    pub async fn open_key(&self, key: &str) -> Result<Option<(File, EntryInfo)>, CacheError> {
-        match self.open_content(key, key, None).await {
-            Ok((file, entry, _)) => Ok(Some((file, entry.info(None)))),
-            Err(CacheError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
+    /// The content of the entry under `key` (a preheated file's, for the HTTP proxy) as it
+    /// can be read now: from this node's store, or from peers as they deliver it, every piece
+    /// checked against its pinned digest and the last byte held until the whole matched its
+    /// digest. `None` when neither this node nor the cluster has such an entry.
+    pub async fn read_key(&self, key: &str) -> Result<Option<(EntryInfo, ContentStream)>, CacheError> {
+        let entry = match self.find(key, key).await {
+            Ok(e) => e,
+            Err(CacheError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
+        if !task.is_verified() && self.node().is_none() {
+            return Ok(None);
         }
+        let stream = damselfly_p2p::read(task, 0..entry.length, Delivery::Whole, Arc::new(NoOrigin));
+        Ok(Some((entry.info(None), Box::pin(stream))))
     }
 
     /// A read-only descriptor of the content of the entry under `key` (called `what` in
@@ -426,7 +438,7 @@ impl Cache {
     /// Lets go of `digest` unless a name holds it (`Store::release`: deleted, or only evictable
     /// again if a registry's client read it too). Under the naming lock, so that content being
     /// named meanwhile is not let go.
-    fn let_go(&self, digest: &damselfly_p2p::Digest) {
+    pub(crate) fn let_go(&self, digest: &damselfly_p2p::Digest) {
         let _naming = self.naming.lock().unwrap_or_else(|e| e.into_inner());
         if !self.index.names(digest) {
             self.store.release(digest);
@@ -453,19 +465,25 @@ impl Cache {
         kept.saturating_add(length) <= quota / REPLICA_SHARE.1 * REPLICA_SHARE.0
     }
 
-    /// Marks `key` as being fetched; false when it is already, or too many are.
-    pub(crate) fn start_replica(&self, key: &str) -> bool {
-        let mut replicating = self.replicating.lock().unwrap_or_else(|e| e.into_inner());
-        replicating.len() < MAX_REPLICA_ASKS && replicating.insert(key.to_owned())
+    /// Marks the entry under `key` as being fetched (a replica from peers, a preheated file
+    /// from its origin); false when it is already, or too many are.
+    pub(crate) fn start_fetch(&self, key: &str) -> bool {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        fetching.len() < MAX_FETCH_ASKS && fetching.insert(key.to_owned())
     }
 
-    pub(crate) fn end_replica(&self, key: &str) {
-        self.replicating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    pub(crate) fn end_fetch(&self, key: &str) {
+        self.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 
-    /// One of the slots replicas (and preheated files) are fetched in.
-    pub(crate) async fn replica_slot(&self) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
-        self.replica_slots.clone().acquire_owned().await
+    /// One of the slots entries asked for are fetched in.
+    pub(crate) async fn fetch_slot(&self) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        self.fetch_slots.clone().acquire_owned().await
+    }
+
+    /// See [`Index::renew`].
+    pub(crate) fn renew(&self, key: &str, expires_ms: u64) -> Result<Option<Entry>, CacheError> {
+        Ok(self.index.renew(key, expires_ms)?)
     }
 
     /// The live entry under `key` here, if its content is held.
@@ -488,7 +506,7 @@ impl Cache {
     /// Fetches a replica a scheduler asked for, keeps it and says so.
     async fn replicate(self: Arc<Self>, entry: Entry) {
         let key = entry.key();
-        if let Ok(_slot) = self.replica_slot().await {
+        if let Ok(_slot) = self.fetch_slot().await {
             match self.fetch(&entry, None).await {
                 Ok(task) => {
                     let kept = match self.name_content(entry.clone(), now_ms()) {
@@ -511,7 +529,7 @@ impl Cache {
                 Err(e) => tracing::warn!(error = %e, id = %entry.id, "cannot fetch a replica"),
             }
         }
-        self.end_replica(&key);
+        self.end_fetch(&key);
     }
 }
 
@@ -539,15 +557,20 @@ impl CacheKeeper for Cache {
         let Some(me) = self.me.upgrade() else { return };
         let key = entry.key();
         if self.index.get(&key).is_some_and(|e| e.digest == entry.digest) {
-            // Held already: the scheduler may have missed the put.
-            self.tell_schedulers(entry);
+            // Held already: the scheduler may have missed the put, and a preheated file asked
+            // for again is kept as long as the new job asks.
+            match self.renew(&key, entry.expires_ms) {
+                Ok(Some(e)) => self.tell_schedulers(e),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot renew a cache entry"),
+            }
             return;
         }
         if !self.room_for_replica(entry.length) {
             tracing::warn!(id = %entry.id, length = entry.length, "declining a replica: kept content would pass half the cache quota");
             return;
         }
-        if self.start_replica(&key) {
+        if self.start_fetch(&key) {
             tokio::spawn(me.replicate(entry));
         }
     }

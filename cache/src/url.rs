@@ -65,32 +65,54 @@ impl Cache {
             tracing::warn!(url = %task.url, "a scheduler asked for a file without a version");
             return;
         };
-        let name = version.name(&task.url);
-        let key = name.key();
-        if let Some(e) = self.held_entry(&key) {
-            self.tell_schedulers(e);
+        let key = version.name(&task.url).key();
+        if self.held_entry(&key).is_some() {
+            // Preheated again: kept for as long as this job asks.
+            match self.renew(&key, task.expires_ms) {
+                Ok(Some(e)) => self.tell_schedulers(e),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(url = %task.url, error = %e, "cannot renew a preheated file"),
+            }
             return;
         }
-        if !self.room_for_replica(task.length) {
-            tracing::warn!(url = %task.url, length = task.length, "declining to preheat a file: kept content would pass half the cache quota");
+        let Some(me) = self.me() else { return };
+        let refusal = match self.url_origin() {
+            None => Some("this node fetches no files from origins".to_owned()),
+            Some(_) if !self.room_for_replica(task.length) => {
+                Some(format!("{} bytes would take kept content past half this node's cache quota", task.length))
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(url = %task.url, reason = %why, "declining to preheat a file");
+            tokio::spawn(async move { me.report_failure(&key, &why).await });
             return;
         }
-        let (Some(me), Some(origin)) = (self.me(), self.url_origin()) else { return };
-        if !self.start_replica(&key) {
+        if !self.start_fetch(&key) {
             return;
         }
         tokio::spawn(async move {
-            if let Ok(_slot) = me.replica_slot().await {
+            if let (Ok(_slot), Some(origin)) = (me.fetch_slot().await, me.url_origin()) {
                 match me.preheat_file(&*origin, &task, &version).await {
                     Ok(entry) => {
                         tracing::info!(url = %task.url, digest = %entry.digest, "preheated a file from its origin");
                         me.tell_schedulers(entry);
                     }
-                    Err(e) => tracing::warn!(url = %task.url, error = %e, "cannot preheat a file"),
+                    Err(e) => {
+                        tracing::warn!(url = %task.url, error = %e, "cannot preheat a file");
+                        me.report_failure(&key, &e.to_string()).await;
+                    }
                 }
             }
-            me.end_replica(&key);
+            me.end_fetch(&key);
         });
+    }
+
+    /// Tells the schedulers why the file named `key` was not fetched, for the job's reason.
+    async fn report_failure(&self, key: &str, why: &str) {
+        if let Some(node) = self.node() {
+            node.failed_url_task(key, why).await;
+        }
     }
 
     /// Fetches the file into `incoming/`, imports it and names it.
@@ -117,14 +139,11 @@ impl Cache {
             return Err(CacheError::Fetch("the file changed at its origin since the preheat began".into()));
         }
         let path = self.incoming().join(format!("{}.part", name.key()));
-        let file = receive(&path, resp.body, version.length).await;
-        // The store holds its own name for the bytes (a link or a copy) once imported.
+        let imported = self.receive_and_import(&path, resp.body, version.length).await;
+        // Imported, the store has its own name for the bytes (a hard link of this file, which
+        // is the daemon's and nobody else's, or a copy); either way this one goes.
         let _ = std::fs::remove_file(&path);
-        let file = file?;
-        let store = self.store().clone();
-        let imported = tokio::task::spawn_blocking(move || store.import(&file, &|_| {}))
-            .await
-            .map_err(|e| CacheError::Io(std::io::Error::other(e)))??;
+        let imported = imported?;
         let now = now_ms();
         let entry = Entry {
             id: name.id().to_owned(),
@@ -137,10 +156,32 @@ impl Cache {
             url: task.url.clone(),
         };
         drop(imported.task);
-        match self.name_content(entry, now)? {
-            Claim::New(e) | Claim::Held(e) => Ok(e),
-            Claim::Taken(e) => Err(CacheError::Conflict(format!("the name is {} here", e.digest))),
+        let digest = entry.digest.clone();
+        match self.name_content(entry, now) {
+            Ok(Claim::New(e) | Claim::Held(e)) => Ok(e),
+            Ok(Claim::Taken(e)) => {
+                self.let_go(&digest);
+                Err(CacheError::Conflict(format!("the name is {} here", e.digest)))
+            }
+            Err(e) => {
+                self.let_go(&digest);
+                Err(e)
+            }
         }
+    }
+
+    async fn receive_and_import(
+        &self,
+        path: &Path,
+        body: BoxStream<'static, Result<Bytes, String>>,
+        length: u64,
+    ) -> Result<damselfly_p2p::import::Imported, CacheError> {
+        let file = receive(path, body, length).await?;
+        let store = self.store().clone();
+        tokio::task::spawn_blocking(move || store.import(&file, &|_| {}))
+            .await
+            .map_err(|e| CacheError::Io(std::io::Error::other(e)))?
+            .map_err(CacheError::from)
     }
 }
 

@@ -34,6 +34,10 @@ pub enum ResolveError {
     Url(String, &'static str),
     #[error("the origin shows neither a strong ETag nor a Last-Modified date for {0}: nobody could tell the cluster's copy from a newer file")]
     NoVersion(String),
+    #[error("the origin answered {status} for {url}")]
+    FileStatus { status: StatusCode, url: String },
+    #[error("the origin keeps {0} out of shared caches (Cache-Control private or no-store, or Vary)")]
+    NotShareable(String),
     #[error("the registry cannot be used: {0}")]
     Upstream(#[from] UpstreamError),
     #[error("the registry answered {status} for {what}")]
@@ -93,10 +97,15 @@ pub fn check_url(url: &str, target: Target) -> Result<(), ResolveError> {
 /// The URL of a file job that names no registry blob, in its canonical spelling (the one its
 /// name in the P2P cache is made of); `None` for an image or a registry blob.
 pub fn plain_file(url: &str, target: Target) -> Result<Option<String>, ResolveError> {
-    if target != Target::File || split(url, target).is_ok() {
+    if target != Target::File {
         return Ok(None);
     }
-    parse_http(url).map(|u| Some(u.to_string()))
+    let parsed = parse_http(url)?;
+    // Meant for a registry: its errors stand.
+    if parsed.path().starts_with("/v2/") && parsed.path().contains("/blobs/") {
+        return split(url, target).map(|_| None);
+    }
+    Ok(Some(parsed.to_string()))
 }
 
 /// An `http` or `https` URL with a host and no credentials, within the length a job may have.
@@ -115,6 +124,9 @@ fn parse_http(url: &str) -> Result<url::Url, ResolveError> {
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
     }
+    let mut parsed = parsed;
+    // Never sent to a server.
+    parsed.set_fragment(None);
     Ok(parsed)
 }
 
@@ -172,9 +184,12 @@ pub struct FileHead {
 /// Asks the origin of a plain URL (a `HEAD`, with the job's `Authorization`) for the file's
 /// length and version.
 pub async fn head_file(upstream: &Upstream, url: &str, auth: Option<HeaderValue>) -> Result<FileHead, ResolveError> {
-    let response = upstream.send_url(Method::HEAD, url, HeaderMap::new(), auth.as_ref()).await?;
+    let response = upstream.send_url(Method::HEAD, url, HeaderMap::new(), auth.as_ref(), None).await?;
     if response.status() != StatusCode::OK {
-        return Err(ResolveError::Status { status: response.status(), what: url.to_owned() });
+        return Err(ResolveError::FileStatus { status: response.status(), url: url.to_owned() });
+    }
+    if !damselfly_mirror::upstream::shared_caches_may_keep(response.headers()) {
+        return Err(ResolveError::NotShareable(url.to_owned()));
     }
     let text = |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let length = text(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()).filter(|&n| n > 0);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use damselfly_mirror::upstream::Upstream;
 use damselfly_proto::v1::{CacheEntry, SeedTask, Source, UrlTask};
-use damselfly_scheduler::{Holding, HostView, Scheduler};
+use damselfly_scheduler::{Holding, HostView, Scheduler, UrlFailure};
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn ask_to_keep(&self, host: &str, entry: CacheEntry) -> bool;
     /// The P2P cache entry under `key`, and the hosts that keep it.
     fn cache_entry(&self, key: &str) -> Option<(CacheEntry, Vec<String>)>;
+    /// What the seed asked to fetch the file named `key` said of its failure.
+    fn url_failure(&self, key: &str) -> Option<UrlFailure>;
 }
 
 impl Cluster for Scheduler {
@@ -77,6 +79,10 @@ impl Cluster for Scheduler {
 
     fn cache_entry(&self, key: &str) -> Option<(CacheEntry, Vec<String>)> {
         Scheduler::cache_entry(self, key)
+    }
+
+    fn url_failure(&self, key: &str) -> Option<UrlFailure> {
+        Scheduler::url_failure(self, key)
     }
 }
 

@@ -6,8 +6,8 @@
 
 use damselfly_proto::member::{JoinKey, OwnerToken};
 use damselfly_proto::v1::{
-    download_request::Kind, AnnounceHostRequest, DownloadRequest, DropCacheEntryRequest, PreheatTasksRequest,
-    PutCacheEntryRequest, Register, StatCacheEntryRequest,
+    download_request::Kind, AnnounceHostRequest, DownloadRequest, DropCacheEntryRequest, FailedUrlTaskRequest,
+    PreheatTasksRequest, PutCacheEntryRequest, Register, StatCacheEntryRequest, UrlTask,
 };
 use damselfly_scheduler::{Scheduler, SchedulerConfig};
 use libfuzzer_sys::fuzz_target;
@@ -50,6 +50,15 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 if let Ok(req) = DropCacheEntryRequest::decode(body) {
                     let _ = scheduler.drop_cache_entry(&req);
+                }
+                // A seed asked for a file (the URL field doubles as the host asked, so that both
+                // vary), and its report of failing to fetch it.
+                if let Ok(task) = UrlTask::decode(body) {
+                    let _ = scheduler.ask_to_fetch_url(&task.url, task.clone());
+                }
+                if let Ok(req) = FailedUrlTaskRequest::decode(body) {
+                    let _ = scheduler.failed_url_task(&req);
+                    let _ = scheduler.url_failure(&req.key);
                 }
                 scheduler.tick(std::time::Instant::now());
             }

@@ -18,7 +18,7 @@ const NGINX: &str = "/usr/sbin/nginx";
 /// The token `/private/` files need (`Authorization: Bearer <token>`).
 pub const PRIVATE_TOKEN: &str = "origin-private-token";
 
-pub struct FileOrigin {
+pub struct FileServer {
     child: Child,
     addr: SocketAddr,
     dir: TempDir,
@@ -33,8 +33,8 @@ pub struct Access {
     pub bytes: u64,
 }
 
-impl FileOrigin {
-    pub async fn start() -> Result<FileOrigin> {
+impl FileServer {
+    pub async fn start() -> Result<FileServer> {
         let dir = tempfile::Builder::new().prefix("damselfly-origin-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("files/private"))?;
         std::fs::write(dir.path().join("files/ready.txt"), b"ready")?;
@@ -42,7 +42,7 @@ impl FileOrigin {
         // The port may be taken between picking and binding: nginx then exits; try another.
         for _ in 0..5 {
             match start_at(&dir, free_loopback_port()).await {
-                Ok((child, addr)) => return Ok(FileOrigin { child, addr, dir }),
+                Ok((child, addr)) => return Ok(FileServer { child, addr, dir }),
                 Err(e) => last = e,
             }
         }
@@ -53,6 +53,13 @@ impl FileOrigin {
     pub fn put(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.dir.path().join("files").join(name);
         std::fs::write(path, bytes)?;
+        Ok(())
+    }
+
+    /// Sets the modification time of `/<name>` (which nginx's `ETag` and `Last-Modified` show).
+    pub fn touch(&self, name: &str, at: std::time::SystemTime) -> Result<()> {
+        let file = std::fs::File::options().write(true).open(self.dir.path().join("files").join(name))?;
+        file.set_modified(at)?;
         Ok(())
     }
 
@@ -87,7 +94,7 @@ impl FileOrigin {
     }
 }
 
-impl Drop for FileOrigin {
+impl Drop for FileServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

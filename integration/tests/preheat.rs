@@ -11,7 +11,7 @@ use damselfly_control::auth::Credentials;
 use damselfly_control::ControlConfig;
 use damselfly_integration::cluster::{node_id, Cluster, SECRET};
 use damselfly_integration::containerd::Containerd;
-use damselfly_integration::origin::FileOrigin;
+use damselfly_integration::origin::FileServer;
 use damselfly_integration::postgres::Postgres;
 use damselfly_integration::registry::{Image, Registry};
 use damselfly_integration::scheduler::Scheduler;
@@ -470,18 +470,22 @@ fn through_node(cluster: &Cluster, i: usize) -> reqwest::Client {
 }
 
 /// A cluster of `nodes` (the first a seed) whose proxies look for `.bin` files among
-/// preheated ones and whose seed may fetch from any origin; returns it with its scheduler's
-/// API and the directory of its job store.
+/// preheated ones; its seed fetches files from any origin when `any_origin`, else only from the
+/// registry it names (the default). Returns it with its scheduler's API and the directory of
+/// its job store.
 async fn file_cluster(
     origin: &Registry,
     nodes: usize,
+    any_origin: bool,
     tweak: fn(&mut ControlConfig),
 ) -> (Cluster, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start_with_control([127, 0, 0, 1], SECRET, &sqlite_url(dir.path()), tweak).await.unwrap();
     let cluster = Cluster::start_with(origin, vec![sched], nodes, |i, mut o| {
         o.config.proxy_rules = vec!["blobs/sha256.*".to_owned(), r"\.bin$".to_owned()];
-        o.config.seed_registries = vec!["*".to_owned()];
+        if any_origin {
+            o.config.seed_registries = vec!["*".to_owned()];
+        }
         if i == 0 {
             o.seed()
         } else {
@@ -505,19 +509,28 @@ async fn file_cluster(
     (cluster, api, dir)
 }
 
+/// Creates a file job and waits for it to end.
+async fn run_file_job(cluster: &Cluster, api: &str, job: &Value) -> Value {
+    let (status, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(job)).await.unwrap();
+    assert_eq!(status, 200, "{created}");
+    poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap()
+}
+
+/// Proxy requests node `i` served from preheated files.
+async fn served_preheated(cluster: &Cluster, i: usize) -> f64 {
+    cluster.metrics(i).await.unwrap().sum("damselfly_proxy_requests_total", &[("kind", "preheated"), ("status", "200")])
+}
+
 #[tokio::test]
 async fn a_file_preheated_from_a_plain_url_is_served_through_the_proxy_without_another_origin_copy() {
     let registry = Registry::start().await.unwrap();
-    let files = FileOrigin::start().await.unwrap();
+    let files = FileServer::start().await.unwrap();
     let data = damselfly_integration::util::random_bytes(6 << 20);
     files.put("model.bin", &data).unwrap();
-    let (cluster, api, _jobs) = file_cluster(&registry, 3, with_pat).await;
+    let (cluster, api, _jobs) = file_cluster(&registry, 3, true, with_pat).await;
     let url = files.url("model.bin");
 
-    let (status, created) =
-        harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&file_job(&url, "all_peers", None))).await.unwrap();
-    assert_eq!(status, 200, "{created}");
-    let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
+    let done = run_file_job(&cluster, &api, &file_job(&url, "all_peers", None)).await;
     assert_eq!(done["state"], "SUCCESS", "{done}");
     let mut hosts: Vec<String> = done["result"]["job_states"][0]["results"][0]["success_tasks"]
         .as_array()
@@ -541,16 +554,17 @@ async fn a_file_preheated_from_a_plain_url_is_served_through_the_proxy_without_a
     assert!(resp.bytes().await.unwrap() == data, "the preheated bytes");
     assert_eq!(files.requests("GET", "model.bin").len(), 1, "{:?}", files.access_log());
     assert!(!files.requests("HEAD", "model.bin").is_empty());
-    let m = cluster.metrics(2).await.unwrap();
-    assert_eq!(m.sum("damselfly_proxy_requests_total", &[("kind", "preheated"), ("status", "200")]), 1.0);
+    assert_eq!(served_preheated(&cluster, 2).await, 1.0);
 
-    // The file changes at its origin: the proxy never serves the old one.
-    let newer = damselfly_integration::util::random_bytes((6 << 20) + 1);
+    // The file changes at its origin, same length, a later time: never the old one.
+    let newer = damselfly_integration::util::random_bytes(6 << 20);
     files.put("model.bin", &newer).unwrap();
+    files.touch("model.bin", std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
     let resp = through_node(&cluster, 1).get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.bytes().await.unwrap() == newer, "the origin's current file");
     assert_eq!(files.requests("GET", "model.bin").len(), 2, "forwarded to the origin");
+    assert_eq!(served_preheated(&cluster, 1).await, 0.0);
     cluster.shutdown().await;
 }
 
@@ -564,39 +578,64 @@ fn with_pat_forwarding(c: &mut ControlConfig) {
 async fn a_preheated_private_file_is_served_only_to_clients_its_origin_lets_read_it() {
     use damselfly_integration::origin::PRIVATE_TOKEN;
     let registry = Registry::start().await.unwrap();
-    let files = FileOrigin::start().await.unwrap();
-    let data = damselfly_integration::util::random_bytes(3 << 20);
+    let files = FileServer::start().await.unwrap();
+    let data = damselfly_integration::util::random_bytes(9 << 20);
     files.put("private/weights.bin", &data).unwrap();
-    let (cluster, api, _jobs) = file_cluster(&registry, 2, with_pat_forwarding).await;
+    let (cluster, api, _jobs) = file_cluster(&registry, 2, true, with_pat_forwarding).await;
     let url = files.url("private/weights.bin");
     let bearer = format!("Bearer {PRIVATE_TOKEN}");
 
-    // A missing file and one asked for without the credential fail with the origin's answer.
-    for (url, status) in [(files.url("nowhere.bin"), "404"), (url.clone(), "401")] {
-        let job = file_job(&url, "single_seed_peer", None);
-        let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
-        let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
-        assert_eq!(done["state"], "FAILURE");
-        assert!(done["result"]["job_states"][0]["error"].as_str().unwrap().contains(status), "{done}");
-    }
+    // Asked for without the credential, the origin's answer is the job's reason.
+    let done = run_file_job(&cluster, &api, &file_job(&url, "single_seed_peer", None)).await;
+    assert_eq!(done["state"], "FAILURE");
+    assert!(done["result"]["job_states"][0]["error"].as_str().unwrap().contains("401"), "{done}");
 
-    let job = file_job(&url, "all_peers", Some(&bearer));
-    let (_, created) = harbor("POST", &format!("{api}/oapi/v1/jobs"), Some(&job)).await.unwrap();
-    let done = poll_oapi(&cluster.schedulers[0], created["id"].as_i64().unwrap()).await.unwrap();
+    // Only the seed keeps it: node 1's proxy streams it from the seed.
+    let done = run_file_job(&cluster, &api, &file_job(&url, "single_seed_peer", Some(&bearer))).await;
     assert_eq!(done["state"], "SUCCESS", "{done}");
-    assert_eq!(files.requests("GET", "private/weights.bin").iter().filter(|a| a.status == 200).count(), 1);
+    let origin_gets = || files.requests("GET", "private/weights.bin").iter().filter(|a| a.status == 200).count();
+    assert_eq!(origin_gets(), 1);
 
     // Without the token the origin refuses the client, and so does the proxy.
     let resp = through_node(&cluster, 1).get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+    assert_eq!(served_preheated(&cluster, 1).await, 0.0);
     let resp = through_node(&cluster, 1).get(&url).header("Authorization", &bearer).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.bytes().await.unwrap() == data);
-    assert_eq!(
-        files.requests("GET", "private/weights.bin").iter().filter(|a| a.status == 200).count(),
-        1,
-        "served from the cluster: {:?}",
-        files.access_log()
-    );
+    assert_eq!(served_preheated(&cluster, 1).await, 1.0);
+    assert_eq!(origin_gets(), 1, "served from the cluster: {:?}", files.access_log());
+    let m = cluster.metrics(1).await.unwrap();
+    assert!(m.sum("damselfly_fetched_bytes_total", &[("source", "peer")]) >= data.len() as f64);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_file_job_that_cannot_be_done_fails_at_once_with_the_reason() {
+    use damselfly_integration::origin::PRIVATE_TOKEN;
+    let registry = Registry::start().await.unwrap();
+    let files = FileServer::start().await.unwrap();
+    files.put("public.bin", b"public bytes").unwrap();
+    files.put("private/secret.bin", b"secret bytes").unwrap();
+    // The seed fetches from its registry only, and gets no job credential.
+    let (cluster, api, _jobs) = file_cluster(&registry, 1, false, with_pat).await;
+    let error = |done: &Value| done["result"]["job_states"][0]["error"].as_str().unwrap_or_default().to_owned();
+
+    let done = run_file_job(&cluster, &api, &file_job(&files.url("nowhere.bin"), "single_seed_peer", None)).await;
+    assert_eq!(done["state"], "FAILURE");
+    assert!(error(&done).contains("404"), "{done}");
+
+    let bearer = format!("Bearer {PRIVATE_TOKEN}");
+    let job = file_job(&files.url("private/secret.bin"), "single_seed_peer", Some(&bearer));
+    let done = run_file_job(&cluster, &api, &job).await;
+    assert_eq!(done["state"], "FAILURE");
+    assert!(error(&done).contains("needs the job's Authorization"), "{done}");
+
+    let started = std::time::Instant::now();
+    let done = run_file_job(&cluster, &api, &file_job(&files.url("public.bin"), "single_seed_peer", None)).await;
+    assert_eq!(done["state"], "FAILURE");
+    assert!(error(&done).contains("could not fetch") && error(&done).contains("seed_registries"), "{done}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the seed's reason ends the job");
+    assert!(files.requests("GET", "public.bin").is_empty());
     cluster.shutdown().await;
 }

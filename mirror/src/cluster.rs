@@ -348,7 +348,7 @@ impl UrlOrigin for FileOrigin {
             });
             let resp = app
                 .upstream
-                .send_url(http::Method::GET, &req.url, headers, auth.as_ref())
+                .send_url(http::Method::GET, &req.url, headers, auth.as_ref(), None)
                 .await
                 .map_err(|e| e.to_string())?;
             let text =

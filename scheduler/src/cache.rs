@@ -9,16 +9,22 @@
 use std::time::{Duration, Instant};
 
 pub(crate) use damselfly_proto::cache_name::now_ms;
-use damselfly_proto::cache_name::{is_key, label, url_agrees, CacheName, MAX_REPLICAS};
+use damselfly_proto::cache_name::{is_key, label, url_agrees, CacheName, UrlVersion, MAX_REPLICAS};
 use sha2::{Digest as _, Sha256};
 
 use crate::download::check_digest;
 use crate::error::SchedulerError;
-use crate::proto::{hold_task, CacheEntry, HoldTask};
+use crate::proto::{hold_task, CacheEntry, HoldTask, UrlTask};
 use crate::state::{Id, Map, PeerState, Set, SoftState};
 
 /// Entries one scheduler keeps; more are refused until some expire or are deleted.
 const MAX_ENTRIES: usize = 100_000;
+/// How long asks to fetch a file, and seeds' reports of failing to, are remembered; and how
+/// many at most.
+const URL_ASKS_FOR: Duration = Duration::from_secs(600);
+const MAX_URL_ASKS: usize = 1024;
+/// Longest reason a seed may give.
+const MAX_REASON: usize = 512;
 /// Longest URL a preheated file's entry may carry.
 const MAX_URL: usize = 4096;
 /// Entries one host may keep here.
@@ -44,6 +50,18 @@ pub(crate) struct CacheEntries {
     held: Map<Id, Set<String>>,
     /// Entries that may lack replicas: the only ones a round looks at.
     short: Short,
+    /// Files at plain URLs a seed was asked to fetch: key → the seed, and when.
+    url_asks: Map<String, (Id, Instant)>,
+    /// Why the seed asked could not: key → the seed, its reason, and when it said so.
+    url_failures: Map<String, UrlFailure>,
+}
+
+/// A seed's report that it could not fetch a file it was asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlFailure {
+    pub host: String,
+    pub reason: String,
+    pub at: Instant,
 }
 
 /// Keys in turn: each round takes the next few, and puts back those still lacking replicas.
@@ -163,8 +181,15 @@ impl SoftState {
                 r.asked.retain(|(h, _)| h != host);
                 cache.held.entry(host.clone()).or_default().insert(entry.key.clone());
                 // The first import's terms stand: a replica repeats them, and an older
-                // announcement must not shorten them.
-                if entry.created_ms < r.entry.created_ms {
+                // announcement must not shorten them. A preheated file preheated again is kept
+                // as long as its seed now says.
+                let renewed = !entry.url.is_empty()
+                    && r.entry.expires_ms != 0
+                    && (entry.expires_ms == 0 || entry.expires_ms > r.entry.expires_ms)
+                    && self.hosts.get(host).is_some_and(|h| h.seed);
+                if renewed {
+                    r.entry.expires_ms = entry.expires_ms;
+                } else if entry.created_ms < r.entry.created_ms {
                     r.entry = entry;
                 }
                 return Ok(());
@@ -270,7 +295,7 @@ impl SoftState {
     pub(crate) fn place_replicas(&mut self, now: Instant, expire: bool) {
         let now_ms = now_ms();
         if expire {
-            let CacheEntries { records, held, short, deleted } = &mut self.cache;
+            let CacheEntries { records, held, short, deleted, .. } = &mut self.cache;
             records.retain(|key, r| {
                 let keep = !expired(&r.entry, now_ms);
                 if !keep {
@@ -325,6 +350,46 @@ impl SoftState {
     }
 
     /// Sends `kind` on `host`'s preheat stream; false when it has none or its queue is full.
+    /// Asks seed `host` to fetch a file at a plain URL, and remembers that it did, so that the
+    /// seed's report of a failure is taken from it alone.
+    pub(crate) fn ask_to_fetch_url(&mut self, host: &str, task: UrlTask, now: Instant) -> bool {
+        let Some(id) = self.host_id(host).filter(|_| self.hosts.get(host).is_some_and(|h| h.seed)) else {
+            return false;
+        };
+        let version = UrlVersion::from_headers(
+            Some(task.etag.as_str()).filter(|e| !e.is_empty()),
+            Some(task.last_modified.as_str()).filter(|e| !e.is_empty()),
+            task.length,
+        );
+        let Some(key) = version.map(|v| v.name(&task.url).key()) else { return false };
+        let asks = &mut self.cache.url_asks;
+        asks.retain(|_, (_, at)| now.duration_since(*at) < URL_ASKS_FOR);
+        self.cache.url_failures.retain(|_, f| now.duration_since(f.at) < URL_ASKS_FOR);
+        if asks.len() >= MAX_URL_ASKS && !asks.contains_key(&key) {
+            return false;
+        }
+        if !self.ask_host(host, hold_task::Kind::FetchUrl(task)) {
+            return false;
+        }
+        self.cache.url_asks.insert(key, (id, now));
+        true
+    }
+
+    /// Seed `host` could not fetch the file named `key`: taken only from the seed asked for it.
+    pub(crate) fn failed_url_task(&mut self, host: &str, key: &str, reason: &str, now: Instant) {
+        let asked = self.cache.url_asks.get(key).is_some_and(|(h, _)| &**h == host);
+        if !asked {
+            return;
+        }
+        let reason: String = reason.chars().filter(|c| !c.is_control()).take(MAX_REASON).collect();
+        let failure = UrlFailure { host: host.to_owned(), reason, at: now };
+        self.cache.url_failures.insert(key.to_owned(), failure);
+    }
+
+    pub(crate) fn url_failure(&self, key: &str) -> Option<UrlFailure> {
+        self.cache.url_failures.get(key).cloned()
+    }
+
     pub(crate) fn ask_host(&self, host: &str, kind: hold_task::Kind) -> bool {
         let Some((_, tx)) = self.hosts.get(host).and_then(|h| h.preheat_stream.as_ref()) else { return false };
         tx.try_send(HoldTask { kind: Some(kind) }).is_ok()

@@ -31,6 +31,7 @@ mod state;
 mod tests;
 mod view;
 
+pub use cache::UrlFailure;
 pub use config::{load_secret, SchedulerConfig, SecretError, ServerTls, SECRET_ENV};
 pub use download::DownloadHandle;
 pub use error::SchedulerError;

@@ -329,6 +329,14 @@ impl Scheduler {
         }))
     }
 
+    /// A seed could not fetch a file it was asked for.
+    pub fn failed_url_task(&self, req: &proto::FailedUrlTaskRequest) -> Result<(), SchedulerError> {
+        check_id("host id", &req.host_id)?;
+        check_key(&req.key)?;
+        self.with(|st, env| st.failed_url_task(&req.host_id, &req.key, &req.reason, env.now));
+        Ok(())
+    }
+
     /// A host no longer keeps a P2P cache entry, or (`everywhere`) nobody may.
     pub fn drop_cache_entry(&self, req: &proto::DropCacheEntryRequest) -> Result<(), SchedulerError> {
         check_id("host id", &req.host_id)?;

@@ -274,6 +274,15 @@ impl scheduler_server::Scheduler for SchedulerService {
         self.core.drop_cache_entry(req.get_ref())?;
         Ok(Response::new(proto::Empty {}))
     }
+
+    async fn failed_url_task(
+        &self,
+        req: Request<proto::FailedUrlTaskRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.act_for(&self.caller(&req)?, &req.get_ref().host_id, "failed_url_task")?;
+        self.core.failed_url_task(req.get_ref())?;
+        Ok(Response::new(proto::Empty {}))
+    }
 }
 
 /// One download stream: applies the client's requests and yields the responses they queue.

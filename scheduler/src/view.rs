@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::cache::UrlFailure;
 use crate::proto::{hold_task, CacheEntry, SeedTask, UrlTask};
 use crate::scheduler::Scheduler;
 use crate::state::PeerState;
@@ -152,11 +153,12 @@ impl Scheduler {
     /// Asks `host` to fetch a file at a plain URL from its origin into its P2P cache (a seed,
     /// for a preheat). False when the host has no open preheat stream here or its queue is full.
     pub fn ask_to_fetch_url(&self, host: &str, task: UrlTask) -> bool {
-        let st = self.lock();
-        if !st.hosts.get(host).is_some_and(|h| h.seed) {
-            return false;
-        }
-        st.ask_host(host, hold_task::Kind::FetchUrl(task))
+        self.lock().ask_to_fetch_url(host, task, Instant::now())
+    }
+
+    /// What the seed asked to fetch the file named `key` reported of its failure, if it did.
+    pub fn url_failure(&self, key: &str) -> Option<UrlFailure> {
+        self.lock().url_failure(key)
     }
 
     /// Asks `host` to keep a replica of a P2P cache entry, from its peers.

@@ -45,6 +45,9 @@ fn a_file_job_names_a_registry_blob_or_a_plain_url() {
     assert_eq!(plain.as_deref(), Some("https://files.example/models/a.bin?v=1"), "in its canonical spelling");
     assert!(check_url("https://files.example/models/a.bin", Target::File).is_ok());
     assert!(check_url("https://files.example/models/a.bin", Target::Image).is_err());
+    let fragment = plain_file("https://files.example/a.bin#part", Target::File).expect("ok");
+    assert_eq!(fragment.as_deref(), Some("https://files.example/a.bin"), "a fragment is never sent");
+    assert!(plain_file("https://r.example/v2/a/blobs/sha512:00", Target::File).is_err(), "a registry blob's errors");
     for bad in ["ftp://files.example/a", "https://user:pw@files.example/a", "not a url"] {
         assert!(plain_file(bad, Target::File).is_err(), "{bad}");
         assert!(check_url(bad, Target::File).is_err(), "{bad}");

@@ -28,6 +28,20 @@ impl JobRun {
             Ok(head) => head,
             Err(e) => return Ok(fail(&reason(&e))),
         };
+        // The seed fetches without the job's credential unless it may have it: then the file
+        // must be one anybody may read.
+        if auth.is_some() && !self.runner.forward_credentials {
+            let anonymous = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Released),
+                head = head_file(&self.runner.upstream, url, None) => head,
+            };
+            if !anonymous.is_ok_and(|h| h.version == head.version) {
+                return Ok(fail(&format!(
+                    "{} needs the job's Authorization, which reaches seeds only over a gRPC port that requires client certificates (--tls-client-ca)",
+                    head.url
+                )));
+            }
+        }
         let key = head.version.name(&head.url).key();
         let expires_ms = u64::try_from(now_ms()).unwrap_or(0).saturating_add(self.runner.file_ttl.as_millis() as u64);
         let task = UrlTask {
@@ -74,6 +88,11 @@ impl JobRun {
                 asked.get(host).is_none_or(|at| at.elapsed() >= ASK_AGAIN)
             };
             let Some((entry, keepers)) = cluster.cache_entry(&key) else {
+                // The seed said why it could not, since it was asked.
+                let failed = cluster.url_failure(&key).filter(|f| asked.get(&f.host).is_some_and(|at| f.at >= *at));
+                if let Some(f) = failed {
+                    return Ok(fail(&format!("seed {} could not fetch {}: {}", f.host, head.url, f.reason)));
+                }
                 if due(&asked, &fetcher) && cluster.ask_to_fetch_url(&fetcher, task.clone()) {
                     asked.insert(fetcher, Instant::now());
                 }

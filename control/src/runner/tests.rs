@@ -90,6 +90,10 @@ impl Cluster for FakeCluster {
     fn cache_entry(&self, _: &str) -> Option<(CacheEntry, Vec<String>)> {
         None
     }
+
+    fn url_failure(&self, _: &str) -> Option<damselfly_scheduler::UrlFailure> {
+        None
+    }
 }
 
 impl FakeCluster {

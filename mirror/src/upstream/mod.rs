@@ -98,6 +98,20 @@ impl UpstreamError {
     }
 }
 
+/// Whether a response with these headers may come from a shared cache to whoever the origin
+/// showed it to: not one the origin keeps out of shared caches, nor one that varies with the
+/// request (the `HEAD` carried none of the client's headers but its `Authorization`).
+pub fn shared_caches_may_keep(headers: &http::HeaderMap) -> bool {
+    let forbidden = headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.split('=').next().unwrap_or("").trim().to_ascii_lowercase())
+        .any(|d| d == "private" || d == "no-store");
+    !forbidden && !headers.contains_key(http::header::VARY)
+}
+
 pub struct UpstreamConfig {
     /// The `--registry-mirror` URL, e.g. `https://index.docker.io`.
     pub default_registry: String,
@@ -335,18 +349,20 @@ impl Upstream {
 
     /// Sends one GET or HEAD for a file at a plain URL (a preheated file) by the rules a
     /// registry named by that URL's scheme and host is reached by: the allow-list, addresses
-    /// never reached, the reach its host gets. `auth` is sent as it is; the daemon's configured
-    /// credentials never are.
+    /// never reached, and the reach its host gets, or `reach` when the caller decided it (the
+    /// proxy, for its client). `auth` is sent as it is; the daemon's configured credentials
+    /// never are.
     pub async fn send_url(
         &self,
         method: http::Method,
         url: &str,
         headers: http::HeaderMap,
         auth: Option<&http::HeaderValue>,
+        reach: Option<Reach>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (endpoint, parsed) = self.select_url(url)?;
         let mut prepared = PreparedRequest::plain(endpoint, method, &parsed[url::Position::BeforePath..], headers)?;
-        prepared.reach = self.reach_of(&prepared.endpoint);
+        prepared.reach = reach.unwrap_or_else(|| self.reach_of(&prepared.endpoint));
         let literal = select::host_ip(&prepared.endpoint.host);
         if literal.is_some_and(|ip| !guard::allows(prepared.reach, ip)) {
             return Err(UpstreamError::NotAllowed(prepared.endpoint.host));

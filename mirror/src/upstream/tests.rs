@@ -462,3 +462,27 @@ async fn a_bare_401_reaches_the_client_with_the_challenge_its_credentials_need()
     let challenge = reply.response.headers().get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(challenge.as_deref(), Some(r#"Basic realm="quiet""#));
 }
+
+#[test]
+fn private_no_store_and_varying_responses_are_not_shared() {
+    let with = |name: http::header::HeaderName, value: &'static str| {
+        let mut h = http::HeaderMap::new();
+        h.insert(name, http::HeaderValue::from_static(value));
+        h
+    };
+    assert!(shared_caches_may_keep(&http::HeaderMap::new()));
+    assert!(shared_caches_may_keep(&with(http::header::CACHE_CONTROL, "public, max-age=60")));
+    assert!(!shared_caches_may_keep(&with(http::header::CACHE_CONTROL, "max-age=60, Private")));
+    assert!(!shared_caches_may_keep(&with(http::header::CACHE_CONTROL, "no-store")));
+    assert!(!shared_caches_may_keep(&with(http::header::CACHE_CONTROL, "private=\"set-cookie\"")));
+    assert!(!shared_caches_may_keep(&with(http::header::VARY, "Accept-Encoding")));
+}
+
+#[tokio::test]
+async fn a_plain_url_goes_only_where_the_callers_reach_allows() {
+    let up = Upstream::new(UpstreamConfig::default()).unwrap();
+    let refused = up.send_url(Method::HEAD, "http://127.0.0.1:9/file.bin", HeaderMap::new(), None, Some(Reach::Public));
+    assert!(matches!(refused.await, Err(UpstreamError::NotAllowed(_))));
+    let link_local = up.send_url(Method::HEAD, "http://169.254.169.254/latest", HeaderMap::new(), None, None);
+    assert!(matches!(link_local.await, Err(UpstreamError::NotAllowed(_))));
+}

@@ -25,7 +25,8 @@ pub trait CacheKeeper: Send + Sync + 'static {
 impl Node {
     /// Tells every scheduler this node keeps `entry`, announcing its content first (so that
     /// the piece digests are pinned before anyone is asked for a replica). Fails when no
-    /// scheduler took it, or one refused it (the name stands for other content there).
+    /// scheduler took it, or one refused it (the name stands for other content there); the
+    /// others are told all the same.
     pub async fn put_cache_entry(&self, entry: CacheEntry) -> Result<(), NetError> {
         let tasks: Vec<proto::TaskInfo> = Digest::parse(&entry.digest)
             .ok()
@@ -37,6 +38,7 @@ impl Node {
             .collect();
         let mut last = None;
         let mut took = false;
+        let mut refused = None;
         for i in 0..self.schedulers.len() {
             if let Err(s) = self.announce_with(i, tasks.clone(), None).await {
                 last = Some(NetError::NoScheduler(s.message().to_owned()));
@@ -46,13 +48,16 @@ impl Node {
             match self.schedulers.put_cache_entry(i, req).await {
                 Ok(()) => took = true,
                 Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
-                    return Err(NetError::Refused(s.message().to_owned()))
+                    refused = Some(NetError::Refused(s.message().to_owned()));
                 }
                 Err(s) => {
                     self.schedulers.failed(i, &s);
                     last = Some(NetError::NoScheduler(s.message().to_owned()));
                 }
             }
+        }
+        if let Some(refusal) = refused {
+            return Err(refusal);
         }
         match (took, last) {
             (true, _) => Ok(()),
@@ -65,6 +70,21 @@ impl Node {
     pub async fn stat_cache_entry(&self, key: &str) -> Result<Option<(CacheEntry, Vec<String>)>, NetError> {
         let resp = self.schedulers.stat_cache_entry(key).await?;
         Ok(resp.entry.map(|e| (e, resp.holders)))
+    }
+
+    /// Tells the schedulers this seed could not fetch the file a scheduler asked it for (named
+    /// `key`), and why.
+    pub async fn failed_url_task(&self, key: &str, reason: &str) {
+        for i in 0..self.schedulers.len() {
+            let req = proto::FailedUrlTaskRequest {
+                host_id: self.cfg.host_id.clone(),
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            };
+            if let Err(s) = self.schedulers.failed_url_task(i, req).await {
+                self.schedulers.failed(i, &s);
+            }
+        }
     }
 
     /// Tells every scheduler this node no longer keeps the entry under `key`; `everywhere`:

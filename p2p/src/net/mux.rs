@@ -297,6 +297,13 @@ mod tests {
         ) -> Result<Response<proto::Empty>, Status> {
             self.0.drop_cache_entry(r).await
         }
+
+        async fn failed_url_task(
+            &self,
+            r: Request<proto::FailedUrlTaskRequest>,
+        ) -> Result<Response<proto::Empty>, Status> {
+            self.0.failed_url_task(r).await
+        }
     }
 
     /// Opens downloads of `D` and `E` for host `h` through `urls`' first scheduler; returns

@@ -362,6 +362,14 @@ impl Schedulers {
         Err(NetError::NoScheduler(last.unwrap_or_else(|| "every scheduler is down".to_owned())))
     }
 
+    pub async fn failed_url_task(&self, i: usize, req: proto::FailedUrlTaskRequest) -> Result<(), tonic::Status> {
+        let mut client = self.endpoints[i].client.clone();
+        tokio::time::timeout(CALL_TIMEOUT, client.failed_url_task(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("report timed out"))??;
+        Ok(())
+    }
+
     pub async fn drop_cache_entry(&self, i: usize, req: proto::DropCacheEntryRequest) -> Result<(), tonic::Status> {
         let mut client = self.endpoints[i].client.clone();
         tokio::time::timeout(CALL_TIMEOUT, client.drop_cache_entry(req))

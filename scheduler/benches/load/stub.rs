@@ -129,4 +129,7 @@ impl Scheduler for TransportOnly {
     ) -> Result<Response<proto::Empty>, Status> {
         Err(Status::unimplemented("stub"))
     }
+    async fn failed_url_task(&self, _: Request<proto::FailedUrlTaskRequest>) -> Result<Response<proto::Empty>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
 }

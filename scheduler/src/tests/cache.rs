@@ -87,6 +87,37 @@ fn only_a_seed_names_a_preheated_file_and_others_may_then_hold_it() {
 }
 
 #[test]
+fn a_seeds_failure_to_fetch_a_file_is_heard_only_from_the_seed_asked() {
+    let s = sched(|_| {});
+    let seed = proto::Host { seed: true, ..host("seed") };
+    announce(&s, seed, vec![]);
+    announce(&s, host("member"), vec![]);
+    let mut seed_stream = stream(&s, "seed");
+    let _member_stream = stream(&s, "member");
+    let task = proto::UrlTask {
+        url: "http://files.example/model.bin".into(),
+        etag: "\"v1\"".into(),
+        length: 10,
+        ..Default::default()
+    };
+    let key = UrlVersion::from_headers(Some("\"v1\""), None, 10).unwrap().name(&task.url).key();
+    assert!(!s.ask_to_fetch_url("member", task.clone()), "only seeds fetch files");
+    assert!(s.ask_to_fetch_url("seed", task.clone()));
+    assert!(matches!(next(&mut seed_stream), Some(Hold::FetchUrl(t)) if t == task));
+    let report = |host: &str, reason: &str| proto::FailedUrlTaskRequest {
+        host_id: host.into(),
+        key: key.clone(),
+        reason: reason.into(),
+    };
+    s.failed_url_task(&report("member", "made up")).unwrap();
+    assert_eq!(s.url_failure(&key), None, "a host that was not asked is not heard");
+    s.failed_url_task(&report("seed", "the origin answered 412\u{7}")).unwrap();
+    let failure = s.url_failure(&key).expect("heard");
+    assert_eq!((failure.host.as_str(), failure.reason.as_str()), ("seed", "the origin answered 412"));
+    assert!(s.failed_url_task(&proto::FailedUrlTaskRequest { key: "x".into(), ..report("seed", "") }).is_err());
+}
+
+#[test]
 fn a_name_for_other_content_is_refused_and_the_first_stands() {
     let s = sched(|_| {});
     holder(&s, host("a"));
