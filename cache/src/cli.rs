@@ -180,51 +180,100 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
         CacheCommand::List => (Request::List, None, None),
     };
     let mut client = Client::connect(&data_dir).await?;
+    // An export's file beside its target: the daemon writes content from peers into it.
+    let out = output.as_ref().map(Output::create).transpose()?;
+    // Interrupted, the half-written file beside the target goes with the command.
+    let interrupted = output.as_ref().map(|o| {
+        let tmp = o.tmp.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = std::fs::remove_file(&tmp);
+                std::process::exit(130);
+            }
+        })
+    });
     let mut show = Show::new(!args.json);
     let started = std::time::Instant::now();
-    let (reply, fd) = client.call(&req, file.as_ref(), |phase, done, total| show.progress(phase, done, total)).await?;
+    let sent = file.as_ref().or(out.as_ref());
+    let called = client.call(&req, sent, |phase, done, total| show.progress(phase, done, total)).await;
     let answered = started.elapsed();
     show.done();
+    let finished = match (called, &output, out) {
+        (Ok((reply, fd)), Some(output), Some(out)) => {
+            let written = export_reply(reply, fd, output, out, &mut show);
+            if written.is_err() {
+                output.discard();
+            }
+            written.map(|exported| Some((exported, output)))
+        }
+        (Ok((reply, _)), _, _) => other_reply(reply, args.json).map(|()| None),
+        (Err(e), output, _) => {
+            if let Some(o) = output {
+                o.discard();
+            }
+            Err(e)
+        }
+    };
+    if let Some(i) = interrupted {
+        i.abort();
+    }
+    let Some(((entry, how, from_peers), output)) = finished? else { return Ok(()) };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let json = serde_json::json!({
+        "exported": entry, "path": output.path, "from_peers": from_peers, "written_by": how,
+        "daemon_ms": ms(answered), "write_ms": ms(started.elapsed().saturating_sub(answered)),
+    });
+    print(args.json, &json, || {
+        format!(
+            "{} → {} ({} bytes, {}; {how})",
+            name_of(&entry),
+            output.path.display(),
+            entry.length,
+            if from_peers { "from peers" } else { "held here" }
+        )
+    });
+    Ok(())
+}
+
+/// Finishes an export from the daemon's answer: content it wrote into `out` is put in place;
+/// content it holds (its descriptor beside the answer) is cloned or copied into `out` first.
+/// Returns the entry, how the file was written, and whether the content came from peers.
+fn export_reply(
+    reply: Reply,
+    fd: Option<OwnedFd>,
+    output: &Output,
+    out: File,
+    show: &mut Show,
+) -> Result<(EntryInfo, &'static str, bool), Failure> {
+    match reply {
+        Reply::Written { entry } => {
+            output.place()?;
+            Ok((entry, "written as peers delivered it", true))
+        }
+        Reply::Ready { entry, from_peers } => {
+            let fd = fd.ok_or_else(|| Failure::new("the daemon sent no content"))?;
+            let how = output.fill(&out, File::from(fd), entry.length, show)?;
+            show.done();
+            Ok((entry, how, from_peers))
+        }
+        Reply::Error { kind, message } => {
+            let code = if kind == ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_FAILED };
+            Err(Failure { message, code })
+        }
+        _ => Err(Failure::new("the daemon answered an export with something else")),
+    }
+}
+
+/// What the other commands print of the daemon's answer.
+fn other_reply(reply: Reply, json: bool) -> Result<(), Failure> {
     match reply {
         Reply::Error { kind, message } => {
             let code = if kind == ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_FAILED };
             Err(Failure { message, code })
         }
-        Reply::Ready { entry, from_peers } => {
-            let (Some(fd), Some(output)) = (fd, output) else {
-                return Err(Failure::new("the daemon sent no content"));
-            };
-            let writing = std::time::Instant::now();
-            // Interrupted, the half-written file beside the target goes with the command.
-            let tmp = output.tmp.clone();
-            let interrupted = tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    let _ = std::fs::remove_file(&tmp);
-                    std::process::exit(130);
-                }
-            });
-            let written = output.write(File::from(fd), entry.length, &mut show);
-            interrupted.abort();
-            let how = written?;
-            show.done();
-            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-            let json = serde_json::json!({
-                "exported": entry, "path": output.path, "from_peers": from_peers, "written_by": how,
-                "daemon_ms": ms(answered), "write_ms": ms(writing.elapsed()),
-            });
-            print(args.json, &json, || {
-                format!(
-                    "{} → {} ({} bytes, {}; {how})",
-                    name_of(&entry),
-                    output.path.display(),
-                    entry.length,
-                    if from_peers { "from peers" } else { "held here" }
-                )
-            });
-            Ok(())
-        }
+        Reply::Ready { .. } | Reply::Written { .. } => Err(Failure::new("the daemon sent content nobody asked for")),
         Reply::Imported { entry, placement } => {
-            print(args.json, &serde_json::json!({"imported": entry, "placement": placement}), || {
+            print(json, &serde_json::json!({"imported": entry, "placement": placement}), || {
                 let mut s = format!("{} = {} ({} bytes, {placement})", name_of(&entry), entry.digest, entry.length);
                 if let Some(h) = &entry.holders {
                     s += &format!("; kept on {} of {} nodes", h.len(), entry.replicas);
@@ -244,17 +293,17 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
             Ok(())
         }
         Reply::Stat { entry } => {
-            print(args.json, &serde_json::json!({"entry": entry}), || describe(&entry));
+            print(json, &serde_json::json!({"entry": entry}), || describe(&entry));
             Ok(())
         }
         Reply::Deleted { everywhere } => {
-            print(args.json, &serde_json::json!({"deleted": everywhere_label(everywhere)}), || {
+            print(json, &serde_json::json!({"deleted": everywhere_label(everywhere)}), || {
                 format!("deleted {}", everywhere_label(everywhere))
             });
             Ok(())
         }
         Reply::Entries { entries } => {
-            print(args.json, &serde_json::json!({"entries": entries}), || {
+            print(json, &serde_json::json!({"entries": entries}), || {
                 entries.iter().map(describe).collect::<Vec<_>>().join("\n")
             });
             Ok(())
@@ -403,23 +452,36 @@ impl Output {
         Ok(Output { path: path.to_owned(), dir, tmp })
     }
 
-    /// Writes `len` bytes of `src` to a temporary file beside the target (a clone where the
-    /// filesystem allows, else an in-kernel copy), syncs it and renames it over the target.
-    /// Nothing is left at the target or beside it on failure. Returns how it was written.
-    fn write(&self, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
-        let tmp = &self.tmp;
-        let fail = |e: io::Error| Failure::new(format!("{}: {e}", self.path.display()));
-        let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(tmp).map_err(fail)?;
-        let written = copy(&src, &out, len, show).and_then(|how| {
-            out.sync_all()?;
-            std::fs::rename(tmp, &self.path)?;
-            File::open(&self.dir)?.sync_all()?;
-            Ok(how)
-        });
-        written.map_err(|e| {
-            let _ = std::fs::remove_file(tmp);
-            fail(e)
-        })
+    /// Creates the temporary file beside the target (never an existing one).
+    fn create(&self) -> Result<File, Failure> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&self.tmp)
+            .map_err(|e| Failure::new(format!("{}: {e}", self.tmp.display())))
+    }
+
+    /// Writes `len` bytes of `src` into the temporary file `out` (a clone where the filesystem
+    /// allows, else an in-kernel copy), syncs it and puts it in place. Returns how it was
+    /// written.
+    fn fill(&self, out: &File, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
+        let how = copy(&src, out, len, show).and_then(|how| out.sync_all().map(|()| how));
+        let how = how.map_err(|e| Failure::new(format!("{}: {e}", self.path.display())))?;
+        self.place()?;
+        Ok(how)
+    }
+
+    /// Renames the written, synced temporary file over the target, and syncs the directory.
+    fn place(&self) -> Result<(), Failure> {
+        std::fs::rename(&self.tmp, &self.path)
+            .and_then(|()| File::open(&self.dir)?.sync_all())
+            .map_err(|e| Failure::new(format!("{}: {e}", self.path.display())))
+    }
+
+    /// Removes the temporary file: nothing is left beside the target on failure.
+    fn discard(&self) {
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 

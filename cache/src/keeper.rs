@@ -32,7 +32,7 @@ const MAX_STUCK: u32 = 5;
 /// How long a round that brought no new piece waits before the next.
 const STUCK_WAIT: Duration = Duration::from_secs(1);
 /// How often progress is reported.
-const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// Asks taken at once (fetching or waiting to); more are declined, and a scheduler asks
 /// another host, or again.
 const MAX_FETCH_ASKS: usize = 256;
@@ -42,6 +42,16 @@ const REPLICA_SHARE: (u64, u64) = (1, 2);
 
 /// Where progress lines go while a request runs.
 pub type ProgressTx = mpsc::Sender<Reply>;
+
+/// What an export hands the client.
+pub enum Exported {
+    /// Content this node held: a read-only descriptor.
+    Held(File, EntryInfo),
+    /// Content fetched from peers into the store first: a read-only descriptor.
+    Fetched(File, EntryInfo),
+    /// Content from peers, written into the client's file.
+    Written(EntryInfo),
+}
 
 /// An entry's content as it is read out (see [`Cache::read_key`]).
 pub type ContentStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, ReadError>> + Send>>;
@@ -258,11 +268,42 @@ impl Cache {
         Ok(claim)
     }
 
-    /// A read-only descriptor of the content `name` names, fetched from peers first if this
-    /// node does not hold it; and whether it was.
-    pub async fn export(&self, name: &CacheName, progress: &ProgressTx) -> Result<(File, EntryInfo, bool), CacheError> {
-        let (file, entry, fetched) = self.open_content(&name.key(), &name.to_string(), Some(progress)).await?;
-        Ok((file, entry.info(None), fetched))
+    /// The content `name` names, for an export into `out` (the client's file, if it passed
+    /// one): a read-only descriptor of it if this node holds it, for the client to clone or
+    /// copy; else written into `out` as peers deliver it (or, without `out`, fetched into the
+    /// store first and then handed out as held).
+    pub async fn export(
+        &self,
+        name: &CacheName,
+        out: Option<File>,
+        progress: &ProgressTx,
+    ) -> Result<Exported, CacheError> {
+        let key = name.key();
+        let what = name.to_string();
+        let entry = self.find(&key, &what).await?;
+        if let Some((file, _)) = self.store.open_verified(&entry.digest)? {
+            return Ok(Exported::Held(file, entry.info(None)));
+        }
+        let Some(out) = out else {
+            let (file, entry, _) = self.open_content(&key, &what, Some(progress)).await?;
+            return Ok(Exported::Fetched(file, entry.info(None)));
+        };
+        if self.node().is_none() {
+            return Err(CacheError::NotFound(what));
+        }
+        let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
+        let content = Box::pin(damselfly_p2p::read(task, 0..entry.length, Delivery::Whole, Arc::new(NoOrigin)));
+        crate::write_out::write_out(content, out, entry.length, progress).await?;
+        self.keep_if_named(&entry)?;
+        Ok(Exported::Written(entry.info(None)))
+    }
+
+    /// Keeps content that arrived for an entry this node names (its content was lost, say).
+    fn keep_if_named(&self, entry: &Entry) -> Result<(), CacheError> {
+        if self.index.get(&entry.key()).is_some_and(|e| e.digest == entry.digest) {
+            self.store.keep(&entry.digest, true)?;
+        }
+        Ok(())
     }
 
     /// The content of the entry under `key` (a preheated file's, for the HTTP proxy) as it
@@ -299,10 +340,7 @@ impl Cache {
             return Err(CacheError::NotFound(what.to_owned()));
         }
         self.fetch(&entry, progress).await?;
-        // Named here (its content was lost, say): kept again.
-        if self.index.get(&entry.key()).is_some_and(|e| e.digest == entry.digest) {
-            self.store.keep(&entry.digest, true)?;
-        }
+        self.keep_if_named(&entry)?;
         let (file, _) = self
             .store
             .open_verified(&entry.digest)?

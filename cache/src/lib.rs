@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod server;
 pub mod url;
 pub mod wire;
+mod write_out;
 
 pub use error::CacheError;
-pub use keeper::Cache;
+pub use keeper::{Cache, Exported};

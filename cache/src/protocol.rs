@@ -20,7 +20,11 @@ pub enum Request {
         #[serde(default)]
         ttl_secs: Option<u64>,
     },
-    /// Answered by [`Reply::Ready`] with a read-only descriptor of the content.
+    /// The client's temporary file for the content may come as a descriptor beside this line
+    /// (opened for writing, empty). Content held here is answered by [`Reply::Ready`] with a
+    /// read-only descriptor of it, for the client to clone or copy; content taken from peers
+    /// is written into the client's file as it arrives, answered by [`Reply::Written`] (or,
+    /// without the client's file, by [`Reply::Ready`] once it is held here).
     Export {
         id: String,
         #[serde(default)]
@@ -51,9 +55,10 @@ pub enum Phase {
     Hashing,
     /// Import: waiting for other nodes to hold replicas (`done` of `total` holders).
     Replicas,
-    /// Export: taking pieces from peers.
+    /// Export: taking pieces from peers (and writing them into the client's file).
     Fetching,
-    /// Export: the client writing the file (its own progress, never sent by the daemon).
+    /// Export: the client copying content held by the daemon (its own progress, never sent
+    /// by the daemon).
     Copying,
 }
 
@@ -73,6 +78,10 @@ pub enum Reply {
     Ready {
         entry: EntryInfo,
         from_peers: bool,
+    },
+    /// The content came from peers and is in the client's file, whole, verified and synced.
+    Written {
+        entry: EntryInfo,
     },
     Stat {
         entry: EntryInfo,

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CacheError;
-use crate::keeper::Cache;
+use crate::keeper::{Cache, Exported};
 use crate::protocol::{Reply, Request, SOCKET};
 use crate::wire::Conn;
 
@@ -105,17 +105,27 @@ async fn client(cache: Arc<Cache>, stream: UnixStream) -> io::Result<()> {
         };
         let fd = conn.take_fd();
         let (tx, mut rx) = mpsc::channel(16);
-        let mut op = tokio::spawn(handle(cache.clone(), req, fd, tx));
+        let mut op = Ongoing(tokio::spawn(handle(cache.clone(), req, fd, tx)));
         let (reply, file) = loop {
             tokio::select! {
                 Some(p) = rx.recv() => send(&mut conn, &p, None).await?,
-                done = &mut op => break done.unwrap_or_else(|e| (CacheError::Io(io::Error::other(e)).reply(), None)),
+                done = &mut op.0 => break done.unwrap_or_else(|e| (CacheError::Io(io::Error::other(e)).reply(), None)),
             }
         };
         while let Ok(p) = rx.try_recv() {
             send(&mut conn, &p, None).await?;
         }
         send(&mut conn, &reply, file.as_ref().map(|f| f.as_fd())).await?;
+    }
+}
+
+/// A request being carried out, stopped if its client goes away first (an export writing into
+/// a file the client removed, say).
+struct Ongoing(tokio::task::JoinHandle<(Reply, Option<File>)>);
+
+impl Drop for Ongoing {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -145,10 +155,11 @@ async fn handle(
         },
         Request::Export { id, tag } => match name(&id, &tag) {
             Err(e) => Err(e),
-            Ok(n) => cache
-                .export(&n, &progress)
-                .await
-                .map(|(file, entry, from_peers)| (Reply::Ready { entry, from_peers }, Some(file))),
+            Ok(n) => cache.export(&n, fd.map(File::from), &progress).await.map(|exported| match exported {
+                Exported::Held(file, entry) => (Reply::Ready { entry, from_peers: false }, Some(file)),
+                Exported::Fetched(file, entry) => (Reply::Ready { entry, from_peers: true }, Some(file)),
+                Exported::Written(entry) => (Reply::Written { entry }, None),
+            }),
         },
         Request::Stat { id, tag, local } => match name(&id, &tag) {
             Err(e) => Err(e),

@@ -74,6 +74,7 @@ async fn content_imported_on_one_node_is_exported_on_two_others_from_peers() {
             .ok()
             .json();
         assert_eq!(export["from_peers"], true);
+        assert_eq!(export["written_by"], "written as peers delivered it", "{export}");
         assert!(std::fs::read(&out).unwrap() == bytes, "node {node} exported other bytes");
         assert!(
             fetched_from_peers(&cluster, node).await >= bytes.len() as f64,
@@ -237,6 +238,8 @@ async fn bad_input_gets_a_clear_message_and_a_non_zero_exit() {
     let unknown = run(&cluster, 1, &["export", "--id", "nobody", "-O", out.to_str().unwrap()]).await;
     assert_eq!(unknown.code, NOT_FOUND, "{unknown:?}");
     assert!(!out.exists());
+    let beside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(!beside.iter().any(|n| n.to_string_lossy().ends_with(".tmp")), "nothing half-written: {beside:?}");
 
     run(&cluster, 0, &["import", file, "--id", "real"]).await.ok();
     let missing_dir = dir.path().join("no/such/dir/out");
