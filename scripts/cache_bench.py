@@ -18,10 +18,10 @@ Measured (each figure a median; the spread is printed beside it):
                         checked against its pinned digest, the whole against its sha256, the file
                         written beside OUT, synced and renamed
 An export's time is also split as its JSON reports it: the daemon's part (pieces from the peer,
-verified, in its store) and the client's (the copy beside OUT, fsync, rename).
+verified, written into the client's file as they arrive, synced) and the client's (the rename).
 References in the same run: `openssl dgst -sha256` of the 1 GiB file (one hash pass with the
-CPU's SHA extensions, the floor of an import) and `cp` of it plus `sync` (writing it once to disk,
-the floor of the client's part of an export).
+CPU's SHA extensions, the floor of an import, and of each of an export's two checks) and `cp` of
+it plus `sync` (writing it once to disk, the floor of an export's write).
 
 Run: python3 scripts/cache_bench.py [--size-mib 1024] [--repeat 3] [--stat-calls 2000] [--json out.json]
           [--daemon-arg=--cache-direct-io=false]
@@ -241,8 +241,8 @@ def main():
                 os.unlink(out)
                 os.unlink(src)
             rows[f"export {label(mib)} from a peer"] = spread(exports)
-            rows[f"… {label(mib)}: the daemon's part (peers, verify, store)"] = spread(daemon)
-            rows[f"… {label(mib)}: the client's part (copy, fsync, rename)"] = spread(write)
+            rows[f"… {label(mib)}: the daemon's part (peers, verify, write, fsync)"] = spread(daemon)
+            rows[f"… {label(mib)}: the client's part (rename)"] = spread(write)
     finally:
         cluster.stop()
     results["rows"] = rows

@@ -132,6 +132,14 @@ fn harbor_job(origin: &Registry, image: &Image, scope: &str) -> Value {
     })
 }
 
+/// The hosts a finished job names as having succeeded, sorted.
+fn succeeded_hosts(done: &Value) -> Vec<String> {
+    let tasks = done["result"]["job_states"][0]["results"][0]["success_tasks"].as_array().cloned().unwrap_or_default();
+    let mut hosts: Vec<String> = tasks.iter().filter_map(|t| t["hostname"].as_str().map(str::to_owned)).collect();
+    hosts.sort();
+    hosts
+}
+
 /// Blob GETs the origin answered so far (whole reads and ranges).
 fn blob_gets(origin: &Registry) -> usize {
     origin.access_log().entries.iter().filter(|e| e.method == "GET" && e.uri.contains("/blobs/")).count()
@@ -429,13 +437,7 @@ async fn an_all_peers_preheat_puts_every_blob_on_every_node_for_one_origin_copy(
     assert_eq!(status, 200, "{created}");
     let done = poll_oapi(sched, created["id"].as_i64().unwrap()).await.unwrap();
     assert_eq!(done["state"], "SUCCESS", "{done}");
-    let mut hosts: Vec<String> = done["result"]["job_states"][0]["results"][0]["success_tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["hostname"].as_str().map(str::to_owned))
-        .collect();
-    hosts.sort();
+    let hosts = succeeded_hosts(&done);
     assert_eq!(hosts, (0..4).map(node_id).collect::<Vec<_>>());
     // Four nodes hold the image; the origin served it about once.
     origin.settled_access_log().await.assert_copies_at_most(&image.blobs, 1.05);
@@ -532,13 +534,7 @@ async fn a_file_preheated_from_a_plain_url_is_served_through_the_proxy_without_a
 
     let done = run_file_job(&cluster, &api, &file_job(&url, "all_peers", None)).await;
     assert_eq!(done["state"], "SUCCESS", "{done}");
-    let mut hosts: Vec<String> = done["result"]["job_states"][0]["results"][0]["success_tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["hostname"].as_str().map(str::to_owned))
-        .collect();
-    hosts.sort();
+    let hosts = succeeded_hosts(&done);
     assert_eq!(hosts, (0..3).map(node_id).collect::<Vec<_>>());
     // One copy from the origin, by the seed; the others took it from peers.
     assert_eq!(files.requests("GET", "model.bin").len(), 1, "{:?}", files.access_log());
