@@ -231,6 +231,8 @@ def main():
                 ms, r = cluster.cache("B", "export", "--id", ident, "-O", out)
                 got = json.loads(r.stdout)
                 assert got["from_peers"] is True, got
+                # The split below describes this path: written by the daemon, renamed by the client.
+                assert got["written_by"] == "written as peers delivered it", got
                 if filecmp(src, out) is False:
                     raise SystemExit(f"export {ident}: the output differs from the input")
                 exports.append(ms)

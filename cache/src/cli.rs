@@ -180,36 +180,32 @@ pub async fn run(args: &CacheArgs) -> Result<(), Failure> {
         CacheCommand::List => (Request::List, None, None),
     };
     let mut client = Client::connect(&data_dir).await?;
-    // An export's file beside its target: the daemon writes content from peers into it.
+    // Interrupted, a half-written file beside the target goes with the command (watched for
+    // before the file exists, so that no signal comes between).
+    let interrupted = match &output {
+        Some(o) => Some(on_signal_remove(o.tmp.clone())?),
+        None => None,
+    };
+    // An export's file in the target's directory: the daemon writes content from peers into it.
     let out = output.as_ref().map(Output::create).transpose()?;
-    // Interrupted, the half-written file beside the target goes with the command.
-    let interrupted = output.as_ref().map(|o| {
-        let tmp = o.tmp.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                let _ = std::fs::remove_file(&tmp);
-                std::process::exit(130);
-            }
-        })
-    });
     let mut show = Show::new(!args.json);
     let started = std::time::Instant::now();
-    let sent = file.as_ref().or(out.as_ref());
+    let sent = file.as_ref().or(out.as_ref().map(|o| &o.file));
     let called = client.call(&req, sent, |phase, done, total| show.progress(phase, done, total)).await;
     let answered = started.elapsed();
     show.done();
     let finished = match (called, &output, out) {
         (Ok((reply, fd)), Some(output), Some(out)) => {
-            let written = export_reply(reply, fd, output, out, &mut show);
+            let written = export_reply(reply, fd, output, &out, &mut show);
             if written.is_err() {
-                output.discard();
+                output.discard(&out);
             }
             written.map(|exported| Some((exported, output)))
         }
         (Ok((reply, _)), _, _) => other_reply(reply, args.json).map(|()| None),
-        (Err(e), output, _) => {
-            if let Some(o) = output {
-                o.discard();
+        (Err(e), output, out) => {
+            if let (Some(o), Some(out)) = (output, out) {
+                o.discard(&out);
             }
             Err(e)
         }
@@ -242,17 +238,17 @@ fn export_reply(
     reply: Reply,
     fd: Option<OwnedFd>,
     output: &Output,
-    out: File,
+    out: &OutFile,
     show: &mut Show,
 ) -> Result<(EntryInfo, &'static str, bool), Failure> {
     match reply {
         Reply::Written { entry } => {
-            output.place()?;
+            output.place(out)?;
             Ok((entry, "written as peers delivered it", true))
         }
         Reply::Ready { entry, from_peers } => {
             let fd = fd.ok_or_else(|| Failure::new("the daemon sent no content"))?;
-            let how = output.fill(&out, File::from(fd), entry.length, show)?;
+            let how = output.fill(out, File::from(fd), entry.length, show)?;
             show.done();
             Ok((entry, how, from_peers))
         }
@@ -452,37 +448,82 @@ impl Output {
         Ok(Output { path: path.to_owned(), dir, tmp })
     }
 
-    /// Creates the temporary file beside the target (never an existing one).
-    fn create(&self) -> Result<File, Failure> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&self.tmp)
-            .map_err(|e| Failure::new(format!("{}: {e}", self.tmp.display())))
+    /// Creates the file the content is written into, in the target's directory: a file with
+    /// no name where the filesystem allows (an export killed at any point leaves nothing), else
+    /// a new one beside the target.
+    fn create(&self) -> Result<OutFile, Failure> {
+        let fail = |e: io::Error| Failure::new(format!("{}: {e}", self.path.display()));
+        let unnamed = std::fs::OpenOptions::new().write(true).mode(0o644).custom_flags(libc::O_TMPFILE).open(&self.dir);
+        if let Ok(file) = unnamed {
+            return Ok(OutFile { file, named: false });
+        }
+        let file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&self.tmp).map_err(fail)?;
+        Ok(OutFile { file, named: true })
     }
 
-    /// Writes `len` bytes of `src` into the temporary file `out` (a clone where the filesystem
-    /// allows, else an in-kernel copy), syncs it and puts it in place. Returns how it was
-    /// written.
-    fn fill(&self, out: &File, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
-        let how = copy(&src, out, len, show).and_then(|how| out.sync_all().map(|()| how));
+    /// Writes `len` bytes of `src` into `out` (a clone where the filesystem allows, else an
+    /// in-kernel copy), syncs it and puts it in place. Returns how it was written.
+    fn fill(&self, out: &OutFile, src: File, len: u64, show: &mut Show) -> Result<&'static str, Failure> {
+        let how = copy(&src, &out.file, len, show).and_then(|how| out.file.sync_all().map(|()| how));
         let how = how.map_err(|e| Failure::new(format!("{}: {e}", self.path.display())))?;
-        self.place()?;
+        self.place(out)?;
         Ok(how)
     }
 
-    /// Renames the written, synced temporary file over the target, and syncs the directory.
-    fn place(&self) -> Result<(), Failure> {
-        std::fs::rename(&self.tmp, &self.path)
-            .and_then(|()| File::open(&self.dir)?.sync_all())
-            .map_err(|e| Failure::new(format!("{}: {e}", self.path.display())))
+    /// Puts the written, synced file in place: named beside the target if it has no name yet,
+    /// renamed over the target, and the directory synced.
+    fn place(&self, out: &OutFile) -> Result<(), Failure> {
+        let fail = |e: io::Error| Failure::new(format!("{}: {e}", self.path.display()));
+        if !out.named {
+            let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{}", out.file.as_raw_fd()))
+                .map_err(|e| fail(io::Error::other(e)))?;
+            let tmp = std::ffi::CString::new(self.tmp.as_os_str().as_encoded_bytes())
+                .map_err(|e| fail(io::Error::other(e)))?;
+            // SAFETY: two NUL-terminated paths; linkat follows the descriptor's magic link.
+            let linked = unsafe {
+                libc::linkat(libc::AT_FDCWD, proc_path.as_ptr(), libc::AT_FDCWD, tmp.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+            };
+            if linked != 0 {
+                return Err(fail(io::Error::last_os_error()));
+            }
+        }
+        let placed = std::fs::rename(&self.tmp, &self.path).and_then(|()| File::open(&self.dir)?.sync_all());
+        placed.map_err(|e| {
+            let _ = std::fs::remove_file(&self.tmp);
+            fail(e)
+        })
     }
 
-    /// Removes the temporary file: nothing is left beside the target on failure.
-    fn discard(&self) {
-        let _ = std::fs::remove_file(&self.tmp);
+    /// Nothing is left beside the target on failure: a named file is removed (one with no
+    /// name goes with its descriptor).
+    fn discard(&self, out: &OutFile) {
+        if out.named {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
+}
+
+/// The file an export is written into.
+struct OutFile {
+    file: File,
+    /// Created beside the target under [`Output::tmp`], where files with no name cannot be.
+    named: bool,
+}
+
+/// Removes `tmp` and exits on SIGINT or SIGTERM, from now on.
+fn on_signal_remove(tmp: PathBuf) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |kind| signal(kind).map_err(|e| Failure::new(format!("cannot watch for signals: {e}")));
+    let (mut int, mut term) = (watch(SignalKind::interrupt())?, watch(SignalKind::terminate())?);
+    Ok(tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        let _ = std::fs::remove_file(&tmp);
+        std::process::exit(code);
+    }))
 }
 
 fn copy(src: &File, out: &File, len: u64, show: &mut Show) -> io::Result<&'static str> {

@@ -24,6 +24,9 @@ pub enum CacheError {
     Fetch(String),
     #[error("cache I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Writing the client's own file (an export's target) failed.
+    #[error("writing the exported file: {0}")]
+    Output(std::io::Error),
     #[error("{0}")]
     Store(StoreError),
 }
@@ -65,6 +68,7 @@ impl CacheError {
             CacheError::Changed => ErrorKind::Changed,
             CacheError::NoSpace(_) => ErrorKind::NoSpace,
             CacheError::Cluster(_) | CacheError::Fetch(_) => ErrorKind::Cluster,
+            CacheError::Output(_) => ErrorKind::Output,
             CacheError::Io(_) | CacheError::Store(_) => ErrorKind::Internal,
         }
     }

@@ -47,8 +47,6 @@ pub type ProgressTx = mpsc::Sender<Reply>;
 pub enum Exported {
     /// Content this node held: a read-only descriptor.
     Held(File, EntryInfo),
-    /// Content fetched from peers into the store first: a read-only descriptor.
-    Fetched(File, EntryInfo),
     /// Content from peers, written into the client's file.
     Written(EntryInfo),
 }
@@ -268,32 +266,34 @@ impl Cache {
         Ok(claim)
     }
 
-    /// The content `name` names, for an export into `out` (the client's file, if it passed
-    /// one): a read-only descriptor of it if this node holds it, for the client to clone or
-    /// copy; else written into `out` as peers deliver it (or, without `out`, fetched into the
-    /// store first and then handed out as held).
+    /// The content `name` names, for an export into `out` (the client's file): a read-only
+    /// descriptor of it if this node holds it, for the client to clone or copy; else written
+    /// into `out` as peers deliver it.
     pub async fn export(
         &self,
         name: &CacheName,
         out: Option<File>,
         progress: &ProgressTx,
     ) -> Result<Exported, CacheError> {
-        let key = name.key();
         let what = name.to_string();
-        let entry = self.find(&key, &what).await?;
+        let entry = self.find(&name.key(), &what).await?;
         if let Some((file, _)) = self.store.open_verified(&entry.digest)? {
             return Ok(Exported::Held(file, entry.info(None)));
         }
-        let Some(out) = out else {
-            let (file, entry, _) = self.open_content(&key, &what, Some(progress)).await?;
-            return Ok(Exported::Fetched(file, entry.info(None)));
-        };
+        let out = out.ok_or_else(|| CacheError::BadRequest("an export passes the file to write into".into()))?;
         if self.node().is_none() {
             return Err(CacheError::NotFound(what));
         }
-        let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
-        let content = Box::pin(damselfly_p2p::read(task, 0..entry.length, Delivery::Whole, Arc::new(NoOrigin)));
-        crate::write_out::write_out(content, out, entry.length, progress).await?;
+        if entry.length == 0 {
+            // Nothing to read, so nothing a digest would be checked on.
+            return Err(CacheError::Cluster(format!("the cluster's entry for {what} is empty")));
+        }
+        let open = |from: u64| -> Result<ContentStream, CacheError> {
+            // Anew each time: a fetch that gave up may have been followed by an eviction.
+            let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
+            Ok(Box::pin(damselfly_p2p::read(task, from..entry.length, Delivery::Whole, Arc::new(NoOrigin))))
+        };
+        crate::write_out::write_out(open, out, entry.length, progress).await?;
         self.keep_if_named(&entry)?;
         Ok(Exported::Written(entry.info(None)))
     }
@@ -324,30 +324,6 @@ impl Cache {
         Ok(Some((entry.info(None), Box::pin(stream))))
     }
 
-    /// A read-only descriptor of the content of the entry under `key` (called `what` in
-    /// errors), and whether it had to be fetched.
-    async fn open_content(
-        &self,
-        key: &str,
-        what: &str,
-        progress: Option<&ProgressTx>,
-    ) -> Result<(File, Entry, bool), CacheError> {
-        let entry = self.find(key, what).await?;
-        if let Some((file, _)) = self.store.open_verified(&entry.digest)? {
-            return Ok((file, entry, false));
-        }
-        if self.node().is_none() {
-            return Err(CacheError::NotFound(what.to_owned()));
-        }
-        self.fetch(&entry, progress).await?;
-        self.keep_if_named(&entry)?;
-        let (file, _) = self
-            .store
-            .open_verified(&entry.digest)?
-            .ok_or_else(|| CacheError::Fetch("the content was dropped as soon as it arrived".into()))?;
-        Ok((file, entry, true))
-    }
-
     /// The entry under `key` (called `what` in errors): this node's, or the cluster's.
     async fn find(&self, key: &str, what: &str) -> Result<Entry, CacheError> {
         if let Some(e) = self.index.get(key).filter(|e| !e.expired(now_ms())) {
@@ -365,7 +341,7 @@ impl Cache {
 
     /// Takes the content of `entry` from peers into the store, every piece verified against
     /// the digests pinned for it and the whole against its digest.
-    async fn fetch(&self, entry: &Entry, progress: Option<&ProgressTx>) -> Result<TaskRef, CacheError> {
+    async fn fetch(&self, entry: &Entry) -> Result<TaskRef, CacheError> {
         let mut stuck = 0;
         let mut last = None;
         loop {
@@ -373,18 +349,7 @@ impl Cache {
             if task.is_verified() {
                 return Ok(task);
             }
-            let fill = damselfly_p2p::reader::fill(task.clone(), Arc::new(NoOrigin));
-            tokio::pin!(fill);
-            loop {
-                tokio::select! {
-                    () = &mut fill => break,
-                    () = tokio::time::sleep(PROGRESS_EVERY) => {
-                        if let Some(tx) = progress {
-                            let _ = tx.try_send(Reply::Progress { phase: Phase::Fetching, done: held(&task), total: entry.length });
-                        }
-                    }
-                }
-            }
+            damselfly_p2p::reader::fill(task.clone(), Arc::new(NoOrigin)).await;
             if task.is_verified() {
                 return Ok(task);
             }
@@ -545,7 +510,7 @@ impl Cache {
     async fn replicate(self: Arc<Self>, entry: Entry) {
         let key = entry.key();
         if let Ok(_slot) = self.fetch_slot().await {
-            match self.fetch(&entry, None).await {
+            match self.fetch(&entry).await {
                 Ok(task) => {
                     let kept = match self.name_content(entry.clone(), now_ms()) {
                         Ok(Claim::New(_) | Claim::Held(_)) => Ok(()),

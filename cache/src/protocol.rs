@@ -20,11 +20,10 @@ pub enum Request {
         #[serde(default)]
         ttl_secs: Option<u64>,
     },
-    /// The client's temporary file for the content may come as a descriptor beside this line
-    /// (opened for writing, empty). Content held here is answered by [`Reply::Ready`] with a
-    /// read-only descriptor of it, for the client to clone or copy; content taken from peers
-    /// is written into the client's file as it arrives, answered by [`Reply::Written`] (or,
-    /// without the client's file, by [`Reply::Ready`] once it is held here).
+    /// The client's file for the content comes as a descriptor beside this line (empty, open
+    /// for writing). Content held here is answered by [`Reply::Ready`] with a read-only
+    /// descriptor of it, for the client to clone or copy; content taken from peers is written
+    /// into the client's file as it arrives, answered by [`Reply::Written`].
     Export {
         id: String,
         #[serde(default)]
@@ -133,6 +132,8 @@ pub enum ErrorKind {
     NoSpace,
     /// The cluster could not be asked, or could not deliver.
     Cluster,
+    /// The export's own file could not be written (its filesystem full, say).
+    Output,
     /// Anything else.
     Internal,
 }

@@ -1,6 +1,7 @@
 //! The admin socket: `<data-dir>/admin/cache.sock`, in a directory only the daemon's user can
 //! enter, and answering only that user or root (checked by the peer's credentials). Each
-//! request runs on a task of its own, so an import finishes even if its client goes away.
+//! request runs on a task of its own, so an import finishes even if its client goes away; an
+//! export, which writes into the client's file, stops.
 
 use std::fs::File;
 use std::io;
@@ -105,11 +106,12 @@ async fn client(cache: Arc<Cache>, stream: UnixStream) -> io::Result<()> {
         };
         let fd = conn.take_fd();
         let (tx, mut rx) = mpsc::channel(16);
-        let mut op = Ongoing(tokio::spawn(handle(cache.clone(), req, fd, tx)));
+        let export = matches!(req, Request::Export { .. });
+        let mut op = Ongoing { task: tokio::spawn(handle(cache.clone(), req, fd, tx)), abort_on_drop: export };
         let (reply, file) = loop {
             tokio::select! {
                 Some(p) = rx.recv() => send(&mut conn, &p, None).await?,
-                done = &mut op.0 => break done.unwrap_or_else(|e| (CacheError::Io(io::Error::other(e)).reply(), None)),
+                done = &mut op.task => break done.unwrap_or_else(|e| (CacheError::Io(io::Error::other(e)).reply(), None)),
             }
         };
         while let Ok(p) = rx.try_recv() {
@@ -119,13 +121,18 @@ async fn client(cache: Arc<Cache>, stream: UnixStream) -> io::Result<()> {
     }
 }
 
-/// A request being carried out, stopped if its client goes away first (an export writing into
-/// a file the client removed, say).
-struct Ongoing(tokio::task::JoinHandle<(Reply, Option<File>)>);
+/// A request being carried out. An export is stopped if its client goes away first (it would
+/// write into a file the client removed); an import goes on, and its content is kept.
+struct Ongoing {
+    task: tokio::task::JoinHandle<(Reply, Option<File>)>,
+    abort_on_drop: bool,
+}
 
 impl Drop for Ongoing {
     fn drop(&mut self) {
-        self.0.abort();
+        if self.abort_on_drop {
+            self.task.abort();
+        }
     }
 }
 
@@ -157,7 +164,6 @@ async fn handle(
             Err(e) => Err(e),
             Ok(n) => cache.export(&n, fd.map(File::from), &progress).await.map(|exported| match exported {
                 Exported::Held(file, entry) => (Reply::Ready { entry, from_peers: false }, Some(file)),
-                Exported::Fetched(file, entry) => (Reply::Ready { entry, from_peers: true }, Some(file)),
                 Exported::Written(entry) => (Reply::Written { entry }, None),
             }),
         },

@@ -346,3 +346,21 @@ async fn a_linked_file_changed_after_its_import_is_dropped_and_never_written_bac
     assert_eq!(run(&cluster, 0, &["stat", "--id", "linked", "--local"]).await.code, NOT_FOUND);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_cannot_finish_leaves_nothing_at_or_beside_its_target() {
+    let (_origin, mut cluster) = three_nodes().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = write_file(dir.path(), "only-here", 9 * MIB as usize);
+    run(&cluster, 0, &["import", file.to_str().unwrap(), "--id", "lonely"]).await.ok();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out");
+    // The only holder is gone: no peer can deliver the content.
+    cluster.kill(0).await;
+    let export = run(&cluster, 1, &["export", "--id", "lonely", "-O", out.to_str().unwrap()]).await;
+    assert_eq!(export.code, 1, "{export:?}");
+    let left: Vec<_> =
+        std::fs::read_dir(out_dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "nothing at the target or beside it: {left:?}");
+    cluster.shutdown().await;
+}
