@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use damselfly_p2p::net::CacheEntry;
 use damselfly_p2p::Digest;
-use damselfly_proto::cache_name::{url_agrees, CacheName};
+use damselfly_proto::cache_name::{later_expiry, url_agrees, CacheName};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::EntryInfo;
@@ -166,7 +166,7 @@ impl Index {
     pub fn renew(&self, key: &str, expires_ms: u64) -> io::Result<Option<Entry>> {
         let mut entries = self.lock();
         let Some(e) = entries.get_mut(key) else { return Ok(None) };
-        if !e.url.is_empty() && e.expires_ms != 0 && (expires_ms == 0 || expires_ms > e.expires_ms) {
+        if !e.url.is_empty() && later_expiry(e.expires_ms, expires_ms) {
             let renewed = Entry { expires_ms, ..e.clone() };
             self.write(key, &renewed)?;
             *e = renewed;

@@ -288,10 +288,10 @@ impl Cache {
             // Nothing to read, so nothing a digest would be checked on.
             return Err(CacheError::Cluster(format!("the cluster's entry for {what} is empty")));
         }
-        let open = |from: u64| -> Result<ContentStream, CacheError> {
-            // Anew each time: a fetch that gave up may have been followed by an eviction.
+        // Opened anew each time: a fetch that gave up may have been followed by an eviction.
+        let open = |from: u64| {
             let task = self.store.get_or_create(&entry.digest, entry.length, None)?;
-            Ok(Box::pin(damselfly_p2p::read(task, from..entry.length, Delivery::Whole, Arc::new(NoOrigin))))
+            Ok(from_peers(task, from..entry.length))
         };
         crate::write_out::write_out(open, out, entry.length, progress).await?;
         self.keep_if_named(&entry)?;
@@ -320,8 +320,7 @@ impl Cache {
         if !task.is_verified() && self.node().is_none() {
             return Ok(None);
         }
-        let stream = damselfly_p2p::read(task, 0..entry.length, Delivery::Whole, Arc::new(NoOrigin));
-        Ok(Some((entry.info(None), Box::pin(stream))))
+        Ok(Some((entry.info(None), from_peers(task, 0..entry.length))))
     }
 
     /// The entry under `key` (called `what` in errors): this node's, or the cluster's.
@@ -534,6 +533,12 @@ impl Cache {
         }
         self.end_fetch(&key);
     }
+}
+
+/// `range` of a task's content as a whole-content read: what the store holds, the rest as
+/// peers deliver it (there is no origin), the last byte held until the whole matched.
+fn from_peers(task: TaskRef, range: std::ops::Range<u64>) -> ContentStream {
+    Box::pin(damselfly_p2p::read(task, range, Delivery::Whole, Arc::new(NoOrigin)))
 }
 
 /// Bytes of `task` present.

@@ -57,11 +57,7 @@ impl Cache {
     /// is fetched unless this node keeps that version already, and either way the schedulers
     /// hear that it does.
     pub(crate) fn fetch_url_asked(&self, task: UrlTask) {
-        let Some(version) = UrlVersion::from_headers(
-            Some(task.etag.as_str()).filter(|e| !e.is_empty()),
-            Some(task.last_modified.as_str()).filter(|e| !e.is_empty()),
-            task.length,
-        ) else {
+        let Some(version) = UrlVersion::of_task(&task) else {
             tracing::warn!(url = %task.url, "a scheduler asked for a file without a version");
             return;
         };

@@ -307,13 +307,17 @@ impl SeedSource for Seeder {
         }
         // A credential came from the node whose client could read the blob (over TLS, through
         // the scheduler); without one the seed asks as anyone would.
-        let client_auth = spec.credential.as_deref().and_then(|c| http::HeaderValue::from_str(c).ok()).map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
+        let client_auth = spec.credential.as_deref().and_then(credential);
         let target = Target { registry, repo: spec.repository.clone(), client_auth, digest: digest.clone() };
         Some(Arc::new(UpstreamSource::for_seed(self.app.clone(), target)))
     }
+}
+
+/// A credential the scheduler passed on, as a header value kept out of logs.
+fn credential(value: &str) -> Option<http::HeaderValue> {
+    let mut v = http::HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// How a seed fetches a preheated file from its origin: through the upstream rules, from the
@@ -342,10 +346,7 @@ impl UrlOrigin for FileOrigin {
             };
             put(http::header::IF_MATCH, &req.if_match);
             put(http::header::IF_UNMODIFIED_SINCE, &req.if_unmodified_since);
-            let auth = req.authorization.as_deref().and_then(|a| http::HeaderValue::from_str(a).ok()).map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
+            let auth = req.authorization.as_deref().and_then(credential);
             let resp = app
                 .upstream
                 .send_url(http::Method::GET, &req.url, headers, auth.as_ref(), None)

@@ -4,6 +4,8 @@
 
 use sha2::{Digest as _, Sha256};
 
+use crate::v1::UrlTask;
+
 /// Longest id or tag.
 pub const MAX_NAME: usize = 128;
 /// Replicas an entry may ask for.
@@ -38,6 +40,11 @@ pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
         Some(t) if t <= MAX_TTL => Ok(std::time::Duration::from_secs(t)),
         _ => Err(format!("{s:?} is longer than a hundred years")),
     }
+}
+
+/// Whether an expiry of `new_ms` keeps an entry longer than `old_ms` does (0: never expires).
+pub fn later_expiry(old_ms: u64, new_ms: u64) -> bool {
+    old_ms != 0 && (new_ms == 0 || new_ms > old_ms)
 }
 
 /// How a name is shown: `id`, or `id:tag`.
@@ -144,6 +151,24 @@ impl UrlVersion {
             (None, Some(lm)) => Some(UrlVersion { etag: None, last_modified: Some(lm.to_owned()), length }),
             (None, None) => None,
         }
+    }
+
+    /// What a seed is asked to fetch: `url` at this version, until `expires_ms`.
+    pub fn task(&self, url: &str, authorization: String, expires_ms: u64) -> UrlTask {
+        UrlTask {
+            url: url.to_owned(),
+            authorization,
+            etag: self.etag.clone().unwrap_or_default(),
+            last_modified: self.last_modified.clone().unwrap_or_default(),
+            length: self.length,
+            expires_ms,
+        }
+    }
+
+    /// The version a seed is asked to fetch; `None` for a task that names none.
+    pub fn of_task(task: &UrlTask) -> Option<UrlVersion> {
+        let set = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+        UrlVersion::from_headers(set(&task.etag).as_deref(), set(&task.last_modified).as_deref(), task.length)
     }
 
     /// The name of `url` (in its canonical spelling) at this version: `url.<sha256 of the

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 pub(crate) use damselfly_proto::cache_name::now_ms;
-use damselfly_proto::cache_name::{is_key, label, url_agrees, CacheName, UrlVersion, MAX_REPLICAS};
+use damselfly_proto::cache_name::{is_key, label, later_expiry, url_agrees, CacheName, UrlVersion, MAX_REPLICAS};
 use sha2::{Digest as _, Sha256};
 
 use crate::download::check_digest;
@@ -184,8 +184,7 @@ impl SoftState {
                 // announcement must not shorten them. A preheated file preheated again is kept
                 // as long as its seed now says.
                 let renewed = !entry.url.is_empty()
-                    && r.entry.expires_ms != 0
-                    && (entry.expires_ms == 0 || entry.expires_ms > r.entry.expires_ms)
+                    && later_expiry(r.entry.expires_ms, entry.expires_ms)
                     && self.hosts.get(host).is_some_and(|h| h.seed);
                 if renewed {
                     r.entry.expires_ms = entry.expires_ms;
@@ -356,12 +355,7 @@ impl SoftState {
         let Some(id) = self.host_id(host).filter(|_| self.hosts.get(host).is_some_and(|h| h.seed)) else {
             return false;
         };
-        let version = UrlVersion::from_headers(
-            Some(task.etag.as_str()).filter(|e| !e.is_empty()),
-            Some(task.last_modified.as_str()).filter(|e| !e.is_empty()),
-            task.length,
-        );
-        let Some(key) = version.map(|v| v.name(&task.url).key()) else { return false };
+        let Some(key) = UrlVersion::of_task(&task).map(|v| v.name(&task.url).key()) else { return false };
         let asks = &mut self.cache.url_asks;
         asks.retain(|_, (_, at)| now.duration_since(*at) < URL_ASKS_FOR);
         self.cache.url_failures.retain(|_, f| now.duration_since(f.at) < URL_ASKS_FOR);

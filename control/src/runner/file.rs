@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use damselfly_proto::v1::UrlTask;
 use damselfly_scheduler::Holding;
 
 use super::{fail, peers_in_scope, reason, JobRun, Outcome, ASK_AGAIN, NO_PEER_GRACE, TICK};
@@ -44,18 +43,12 @@ impl JobRun {
         }
         let key = head.version.name(&head.url).key();
         let expires_ms = u64::try_from(now_ms()).unwrap_or(0).saturating_add(self.runner.file_ttl.as_millis() as u64);
-        let task = UrlTask {
-            url: head.url.clone(),
-            // As for registry blobs: only to seeds over mutual TLS.
-            authorization: match self.runner.forward_credentials {
-                true => auth.and_then(|v| v.to_str().ok().map(str::to_owned)).unwrap_or_default(),
-                false => String::new(),
-            },
-            etag: head.version.etag.clone().unwrap_or_default(),
-            last_modified: head.version.last_modified.clone().unwrap_or_default(),
-            length: head.version.length,
-            expires_ms,
+        // As for registry blobs: the credential goes only to seeds over mutual TLS.
+        let authorization = match self.runner.forward_credentials {
+            true => auth.and_then(|v| v.to_str().ok().map(str::to_owned)).unwrap_or_default(),
+            false => String::new(),
         };
+        let task = head.version.task(&head.url, authorization, expires_ms);
         // Recorded once the seed named the file; a resumed job finds it recorded.
         let mut blob: Option<BlobProgress> = store.blobs(self.claim.id).await?.into_iter().next();
         let mut asked: HashMap<String, Instant> = HashMap::new();

@@ -262,10 +262,8 @@ impl Proxy {
             }
             return ("cache", Ok(self.cached(req, &target).await));
         }
-        if self.may_be_preheated(&req, &target) {
-            if let Some(resp) = self.preheated(&req, &target, client).await {
-                return ("preheated", Ok(resp));
-            }
+        if let Some(resp) = self.preheated(&req, &target, client).await {
+            return ("preheated", Ok(resp));
         }
         ("forward", self.forward(req, target, client).await)
     }

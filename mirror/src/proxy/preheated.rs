@@ -30,17 +30,9 @@ const COPIED: [HeaderName; 6] =
     [ETAG, LAST_MODIFIED, CONTENT_TYPE, CONTENT_ENCODING, CONTENT_DISPOSITION, CACHE_CONTROL];
 
 impl Proxy {
-    /// Whether a plain request is one to look for among preheated files: a whole `GET` whose
-    /// URL matches a rule.
-    pub(super) fn may_be_preheated<B>(&self, req: &Request<B>, target: &Target) -> bool {
-        self.files.is_some()
-            && req.method() == Method::GET
-            && !FORWARDED.iter().any(|h| req.headers().contains_key(h))
-            && self.rules.matches(&target.url())
-    }
-
-    /// The file from the P2P cache, if a preheat put there the version the origin shows this
-    /// client; `None`: forward the request.
+    /// The file from the P2P cache, if the request is a whole `GET` whose URL matches a rule
+    /// and a preheat put there the version the origin shows this client; `None`: forward the
+    /// request.
     pub(super) async fn preheated<B>(
         &self,
         req: &Request<B>,
@@ -48,12 +40,19 @@ impl Proxy {
         client: Client,
     ) -> Option<Response<Body>> {
         let files = self.files.as_ref()?;
+        let url = target.url();
+        let candidate = req.method() == Method::GET
+            && !FORWARDED.iter().any(|h| req.headers().contains_key(h))
+            && self.rules.matches(&url);
+        if !candidate {
+            return None;
+        }
         // Where forwarding would go for this client, and nowhere else.
         let reach = self.reach(target.scheme.as_str(), &target.host, target.port, client).ok()?;
         if reach == Reach::Public && crate::upstream::names_internal(&target.host) {
             return None;
         }
-        let mut url = url::Url::parse(&target.url()).ok()?;
+        let mut url = url::Url::parse(&url).ok()?;
         url.set_fragment(None);
         let url = url.to_string();
         let auth = req.headers().get(AUTHORIZATION);
